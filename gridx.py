@@ -1,0 +1,2530 @@
+#!/usr/bin/env python3
+"""Grid-X: pool the idle CPUs and GPUs of a group's computers.
+
+A hub runs a WireGuard VPN and is the Docker Swarm manager; volunteers' PCs
+join the VPN and the swarm with a join bundle; jobs are swarm services placed
+where the resources that volunteers share are free.
+
+Usage:
+    gridx hub init --ip PUBLIC_IP          # on the hub, as root
+    gridx hub add-peer laptop              # writes gridx-laptop-bundle/
+    sudo ./join.sh                         # on the volunteer's machine
+    gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
+    gridx cluster
+
+Environment:
+    GRIDX_CONFIG_DIR   hub state folder (default /etc/gridx)
+    GRIDX_WG_DIR       WireGuard config folder (default /etc/wireguard)
+    GRIDX_MANAGER      run `gridx jobs` against this manager over SSH
+                       (user@host), for machines that are not the hub
+    NO_COLOR           no colour in messages
+
+Exit status:
+    0 ok, 1 the operation failed, 2 bad usage or input, 3 a precondition is
+    missing (not root, a tool not installed, Docker not running, hub not
+    initialised, manager unreachable), 130 interrupted.
+
+Standard library only: it shells out to wg, wg-quick, docker, ssh and
+ssh-keygen, through one helper, run().
+"""
+
+import os
+import sys
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+VERSION = "0.1.0"
+
+DEFAULT_INTERFACE = "gridx0"
+DEFAULT_PORT = 51820
+DEFAULT_SUBNET = "10.0.0.0/24"
+WG_MTU = 1420
+VXLAN_OVERHEAD = 50
+# Docker subtracts the VXLAN overhead from this value itself, so an overlay
+# created with the WireGuard MTU gives containers 1370 and fits the tunnel.
+OVERLAY_MTU = WG_MTU
+JOB_NETWORK = "gridx-jobs"
+SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
+# Candidate swarm address pools; the first that overlaps neither the VPN
+# subnet nor an address of this machine is used (Docker's own default,
+# 10.0.0.0/8, overlaps the VPN).
+ADDRESS_POOLS = ("10.96.0.0/12", "10.208.0.0/12", "172.80.0.0/12", "100.80.0.0/12")
+HANDSHAKE_SILENT_S = 180
+KEEPALIVE_S = 25
+FIREWALL_CHAIN = "GRIDX-INPUT"
+CONFIG_MARKER = "# Managed by gridx"
+PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
+
+RES_CPU = "gridx_cpu"
+RES_MEM = "gridx_mem"
+RES_GPU = "NVIDIA-GPU"
+
+LABEL_JOB = "gridx.job"
+LABEL_KIND = "gridx.kind"
+LABEL_CMD = "gridx.command"
+LABEL_CREATED = "gridx.created"
+LABEL_TOKEN = "gridx.token"
+LABEL_PORT = "gridx.port"
+DEFAULT_JOB_CPUS = 1.0
+DEFAULT_JOB_MEMORY = "1G"
+CONFIG_MAX_BYTES = 1000 * 1024  # swarmkit's limit for one config
+FRAMEWORK_IMAGES = {
+    "pytorch": "pytorch/pytorch:latest",
+    "tensorflow": "tensorflow/tensorflow:latest",
+}
+JUPYTER_IMAGE = "quay.io/jupyter/base-notebook:latest"
+
+INSTALL_HINTS = {
+    "wg": "wireguard-tools",
+    "wg-quick": "wireguard-tools",
+    "docker": "docker.io (Debian/Ubuntu), docker (Arch, Fedora)",
+    "ssh": "openssh-client (Debian/Ubuntu), openssh (Arch, Fedora)",
+    "ssh-keygen": "openssh-client (Debian/Ubuntu), openssh (Arch, Fedora)",
+    "iptables": "iptables",
+    "ip": "iproute2 (Debian/Ubuntu/Arch), iproute (Fedora)",
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def config_dir():
+    return os.environ.get("GRIDX_CONFIG_DIR") or "/etc/gridx"
+
+
+def wg_dir():
+    return os.environ.get("GRIDX_WG_DIR") or "/etc/wireguard"
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class GridxError(Exception):
+    """An expected failure: main() prints it as one line (and a hint)."""
+
+    def __init__(self, message, hint=None, code=EXIT_FAILED):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+def usage_error(message, hint=None):
+    return GridxError(message, hint, EXIT_USAGE)
+
+
+def precondition(message, hint=None):
+    return GridxError(message, hint, EXIT_PRECONDITION)
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+VERBOSE = False
+
+
+def _tag(name, colour):
+    if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[{colour}m{name}:\033[0m"
+    return f"{name}:"
+
+
+def info(message):
+    print(f"{_tag('info', '1;34')} {message}", file=sys.stderr)
+
+
+def warn(message):
+    print(f"{_tag('warning', '1;33')} {message}", file=sys.stderr)
+
+
+def print_json(document):
+    import json
+
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def print_table(headers, rows):
+    """Aligned columns, like `docker ps`."""
+    table = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def human_age(seconds):
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def human_mib(mib):
+    if mib >= 1024 and mib % 1024 == 0:
+        return f"{mib // 1024}G"
+    if mib >= 1024:
+        return f"{mib / 1024:.1f}G"
+    return f"{mib}M"
+
+
+# ---------------------------------------------------------------------------
+# Running commands
+# ---------------------------------------------------------------------------
+
+
+def host_env():
+    """The environment for child processes: the host's, not a frozen one.
+
+    A PyInstaller binary points LD_LIBRARY_PATH at its unpack folder; a child
+    `ssh` would then load the bundled libcrypto.
+    """
+    env = dict(os.environ)
+    if getattr(sys, "frozen", False):
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        env.pop("LD_LIBRARY_PATH", None)
+        if original:
+            env["LD_LIBRARY_PATH"] = original
+        for key in list(env):
+            if key.startswith("_PYI_") or key.startswith("_MEI") or key.startswith("STATICX_"):
+                del env[key]
+    return env
+
+
+def install_hint(tools):
+    packages = sorted({INSTALL_HINTS.get(tool, tool) for tool in tools})
+    return "install " + "; ".join(packages) + " (apt install / pacman -S / dnf install)"
+
+
+def need(*tools):
+    """Fail with exit 3 naming every missing tool and how to install it."""
+    import shutil
+
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise precondition(f"{', '.join(missing)} not found on PATH", install_hint(missing))
+
+
+def require_root():
+    if os.geteuid() != 0:
+        raise precondition("this command must run as root", "run it again with sudo")
+
+
+def run(argv, *, check=True, input=None, timeout=120, capture=True):
+    """Run one command (argv is a list, never a shell string).
+
+    Returns the CompletedProcess; raises GridxError when it cannot start,
+    times out, or (with check) exits non-zero.
+    """
+    import subprocess
+
+    if VERBOSE:
+        import shlex
+
+        print(f"[#] {shlex.join(argv)}", file=sys.stderr)
+    try:
+        result = subprocess.run(
+            argv,
+            input=input,
+            capture_output=capture,
+            text=True,
+            timeout=timeout,
+            env=host_env(),
+        )
+    except FileNotFoundError:
+        raise precondition(f"{argv[0]} not found on PATH", install_hint([argv[0]])) from None
+    except subprocess.TimeoutExpired:
+        raise GridxError(f"`{' '.join(argv[:3])}` did not finish within {timeout} s") from None
+    if check and result.returncode != 0:
+        raise command_error(argv, result)
+    return result
+
+
+def command_error(argv, result):
+    stderr = (result.stderr or "").strip()
+    if argv[0] == "docker" and (
+        "Cannot connect to the Docker daemon" in stderr or "Is the docker daemon running" in stderr
+    ):
+        return precondition(
+            "Docker is not running", "start it: systemctl start docker (or service docker start)"
+        )
+    if argv[0] == "docker" and "This node is not a swarm manager" in stderr:
+        return precondition(
+            "this machine's Docker is not a swarm manager",
+            "run this on the hub, or set GRIDX_MANAGER=root@HUB_VPN_IP",
+        )
+    last = " | ".join(stderr.splitlines()[-3:]) or "no error output"
+    shown = " ".join(argv[:4]) + (" …" if len(argv) > 4 else "")
+    return GridxError(f"`{shown}` failed (exit {result.returncode}): {last}")
+
+
+def docker_json_lines(argv):
+    """Run a docker command printing one JSON document per line."""
+    import json
+
+    output = run(argv).stdout
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# State on disk
+# ---------------------------------------------------------------------------
+
+
+def ensure_dir(path, mode=0o700):
+    os.makedirs(path, mode=mode, exist_ok=True)
+    os.chmod(path, mode)
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write a file so that readers see the old or the new content, whole."""
+    import tempfile
+
+    if isinstance(data, str):
+        data = data.encode()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_new_file(path, data, mode=0o600):
+    """Create a file that must not exist yet (keys are never overwritten)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_text(path):
+    with open(path) as handle:
+        return handle.read()
+
+
+class StateLock:
+    """One exclusive lock around every command that changes hub state."""
+
+    def __init__(self):
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        ensure_dir(config_dir())
+        self.handle = open(os.path.join(config_dir(), ".lock"), "a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def hub_config_path():
+    return os.path.join(config_dir(), "hub_config.json")
+
+
+def server_key_path():
+    return os.path.join(config_dir(), "server.key")
+
+
+def ssh_key_path():
+    return os.path.join(config_dir(), "ssh", "id_ed25519")
+
+
+def client_conf_path(name):
+    return os.path.join(config_dir(), "clients", f"{name}.conf")
+
+
+def bundles_dir():
+    return os.path.join(config_dir(), "bundles")
+
+
+def bundle_path(name, out_dir=None):
+    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-bundle")
+
+
+def wg_conf_path(interface):
+    return os.path.join(wg_dir(), f"{interface}.conf")
+
+
+# -- validators: each returns the normalised value or raises usage_error ----
+
+_DNS_LABEL = None
+
+
+def valid_name(name, what="peer name"):
+    import re
+
+    global _DNS_LABEL
+    if _DNS_LABEL is None:
+        _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    if not _DNS_LABEL.match(name or ""):
+        raise usage_error(
+            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and '-' "
+            "(a DNS label), starting and ending with a letter or digit",
+            "for example: laptop-anna",
+        )
+    return name
+
+
+def valid_interface(name):
+    import re
+
+    if not re.fullmatch(r"[a-zA-Z0-9_=+.-]{1,15}", name or "") or name in (".", ".."):
+        raise usage_error(
+            f"invalid interface name {name!r}: 1-15 characters of letters, digits and _=+.-",
+            "for example: --interface gridx0",
+        )
+    return name
+
+
+def valid_port(value):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535 or str(value).strip() != str(port):
+        raise usage_error(f"invalid port {value!r}: use a number from 1 to 65535", "for example: --port 51820")
+    return port
+
+
+def valid_public_ip(value):
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise usage_error(
+            f"invalid --ip {value!r}: give the hub's public IP address", "for example: --ip 203.0.113.7"
+        ) from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise usage_error(f"invalid --ip {value}: workers cannot reach it", "give the address workers dial")
+    return str(address)
+
+
+def valid_subnet(value):
+    import ipaddress
+
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as error:
+        raise usage_error(f"invalid --subnet {value!r}: {error}", "for example: --subnet 10.0.0.0/24") from None
+    if network.version != 4 or network.prefixlen > 30 or network.prefixlen < 8:
+        raise usage_error(
+            f"invalid --subnet {value}: use an IPv4 network from /8 to /30",
+            "for example: --subnet 10.0.0.0/24",
+        )
+    return str(network)
+
+
+def valid_wg_key(value, what="--pubkey"):
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(value or "", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32 or len(value) != 44:
+        raise usage_error(
+            f"invalid {what} {value!r}: a WireGuard key is 44 characters of base64",
+            "create one on the worker: wg genkey | tee private.key | wg pubkey",
+        )
+    return value
+
+
+def hub_ip_of(subnet):
+    import ipaddress
+
+    return str(next(ipaddress.ip_network(subnet).hosts()))
+
+
+# -- hub configuration --------------------------------------------------------
+
+
+class Peer:
+    """A worker registered on the hub. Immutable once made."""
+
+    __slots__ = ("name", "ip", "public_key", "key_on_hub", "added")
+
+    def __init__(self, name, ip, public_key, key_on_hub=True, added=""):
+        for slot, value in zip(self.__slots__, (name, ip, public_key, key_on_hub, added)):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Peer is immutable")
+
+    def to_dict(self):
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+class HubConfig:
+    """The hub's settings and peers, as saved in hub_config.json."""
+
+    FIELDS = ("interface", "public_ip", "port", "subnet", "hub_ip", "public_key", "address_pool", "created")
+
+    def __init__(self, interface, public_ip, port, subnet, hub_ip, public_key, address_pool, created, peers):
+        self.interface = interface
+        self.public_ip = public_ip
+        self.port = port
+        self.subnet = subnet
+        self.hub_ip = hub_ip
+        self.public_key = public_key
+        self.address_pool = address_pool
+        self.created = created
+        self.peers = dict(peers)
+
+    @property
+    def endpoint(self):
+        host = f"[{self.public_ip}]" if ":" in self.public_ip else self.public_ip
+        return f"{host}:{self.port}"
+
+    @property
+    def manager(self):
+        return f"{self.hub_ip}:2377"
+
+    def to_dict(self):
+        document = {field: getattr(self, field) for field in self.FIELDS}
+        document["version"] = 1
+        document["peers"] = {name: peer.to_dict() for name, peer in sorted(self.peers.items())}
+        return document
+
+    @classmethod
+    def from_dict(cls, document):
+        """Validate once on load, so the code inside can trust the types."""
+        try:
+            peers = {}
+            for name, item in document.get("peers", {}).items():
+                peers[name] = Peer(
+                    valid_name(item["name"]),
+                    item["ip"],
+                    valid_wg_key(item["public_key"], "peer key"),
+                    bool(item.get("key_on_hub", True)),
+                    item.get("added", ""),
+                )
+            return cls(
+                valid_interface(document["interface"]),
+                valid_public_ip(document["public_ip"]),
+                valid_port(document["port"]),
+                valid_subnet(document["subnet"]),
+                document["hub_ip"],
+                valid_wg_key(document["public_key"], "hub key"),
+                document.get("address_pool", ""),
+                document.get("created", ""),
+                peers,
+            )
+        except (KeyError, TypeError, GridxError) as error:
+            detail = error.message if isinstance(error, GridxError) else f"missing {error}"
+            raise GridxError(
+                f"{hub_config_path()} is damaged: {detail}",
+                "restore it from a backup, or start over with a new hub init",
+            ) from None
+
+
+def load_hub_config(required=True):
+    import json
+
+    path = hub_config_path()
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        if required:
+            raise precondition(
+                f"the hub is not initialised ({path} not found)", "run: gridx hub init --ip PUBLIC_IP"
+            ) from None
+        return None
+    except PermissionError:
+        raise precondition(f"cannot read {path}", "run it again with sudo") from None
+    try:
+        document = json.loads(text)
+    except ValueError as error:
+        raise GridxError(f"{path} is not valid JSON: {error}", "restore it from a backup") from None
+    return HubConfig.from_dict(document)
+
+
+def save_hub_config(config):
+    import json
+
+    ensure_dir(config_dir())
+    atomic_write(hub_config_path(), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", 0o600)
+
+
+def allocate_ip(config, requested=None):
+    """The requested address after checks, or the lowest free one."""
+    import ipaddress
+
+    network = ipaddress.ip_network(config.subnet)
+    used = {config.hub_ip} | {peer.ip for peer in config.peers.values()}
+    if requested is not None:
+        try:
+            address = ipaddress.ip_address(requested)
+        except ValueError:
+            raise usage_error(f"invalid --ip {requested!r}", f"give an address in {config.subnet}") from None
+        if address not in network or address in (network.network_address, network.broadcast_address):
+            raise usage_error(f"--ip {address} is not a host address of the VPN subnet {config.subnet}")
+        if str(address) == config.hub_ip:
+            raise usage_error(f"--ip {address} is the hub's own address", "leave out --ip to get a free one")
+        if str(address) in used:
+            owner = next(peer.name for peer in config.peers.values() if peer.ip == str(address))
+            raise usage_error(f"--ip {address} is already used by peer {owner!r}", "leave out --ip to get a free one")
+        return str(address)
+    for address in network.hosts():
+        if str(address) not in used:
+            return str(address)
+    raise usage_error(
+        f"the VPN subnet {config.subnet} is full ({len(config.peers)} peers)",
+        "remove a peer (gridx hub remove-peer NAME) or start a hub with a larger --subnet",
+    )
+
+
+# ---------------------------------------------------------------------------
+# WireGuard
+# ---------------------------------------------------------------------------
+
+
+def wg_genkey():
+    private = run(["wg", "genkey"]).stdout.strip()
+    public = run(["wg", "pubkey"], input=private + "\n").stdout.strip()
+    return private, public
+
+
+def wg_pubkey(private):
+    return run(["wg", "pubkey"], input=private + "\n").stdout.strip()
+
+
+def render_hub_wg_conf(config, private_key):
+    lines = [
+        f"{CONFIG_MARKER} (hub). Change peers with `gridx hub add-peer/remove-peer`;",
+        "# this file is rewritten from /etc/gridx/hub_config.json.",
+        "[Interface]",
+        f"Address = {config.hub_ip}/{config.subnet.split('/')[1]}",
+        f"ListenPort = {config.port}",
+        f"PrivateKey = {private_key}",
+        f"MTU = {WG_MTU}",
+        f"PostUp = {firewall_postup(config)}",
+        "",
+    ]
+    for peer in sorted(config.peers.values(), key=lambda p: _ip_sort_key(p.ip)):
+        lines += [f"# {peer.name}", "[Peer]", f"PublicKey = {peer.public_key}", f"AllowedIPs = {peer.ip}/32", ""]
+    return "\n".join(lines)
+
+
+def render_worker_wg_conf(config, peer, private_key, ssh_public_key=""):
+    prefix = config.subnet.split("/")[1]
+    lines = [
+        f"{CONFIG_MARKER} (worker). Written by the hub for peer {peer.name}.",
+        f"# gridx-name = {peer.name}",
+        f"# gridx-manager = {config.manager}",
+    ]
+    if ssh_public_key:
+        lines.append(f"# gridx-hub-ssh-key = {ssh_public_key}")
+    lines += [
+        "[Interface]",
+        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
+        f"Address = {peer.ip}/{prefix}",
+        f"MTU = {WG_MTU}",
+        "",
+        "[Peer]",
+        f"PublicKey = {config.public_key}",
+        f"Endpoint = {config.endpoint}",
+        f"AllowedIPs = {config.subnet}",
+        f"PersistentKeepalive = {KEEPALIVE_S}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ip_sort_key(ip):
+    return tuple(int(part) for part in ip.split("."))
+
+
+def write_hub_wg_conf(config):
+    ensure_dir(wg_dir())
+    private_key = read_text(server_key_path()).strip()
+    atomic_write(wg_conf_path(config.interface), render_hub_wg_conf(config, private_key), 0o600)
+
+
+def wg_dump(interface):
+    """`wg show IF dump` parsed: (interface public key, {peer key: info}).
+
+    Returns (None, {}) when the interface is down.
+    """
+    import time
+
+    result = run(["wg", "show", interface, "dump"], check=False)
+    if result.returncode != 0:
+        return None, {}
+    lines = result.stdout.splitlines()
+    public_key = lines[0].split("\t")[1] if lines else None
+    now = time.time()
+    peers = {}
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) < 8:
+            continue
+        handshake = int(fields[4])
+        peers[fields[0]] = {
+            "endpoint": None if fields[2] == "(none)" else fields[2],
+            "allowed_ips": fields[3],
+            "latest_handshake": handshake or None,
+            "handshake_age": int(now - handshake) if handshake else None,
+            "rx_bytes": int(fields[5]),
+            "tx_bytes": int(fields[6]),
+        }
+    return public_key, peers
+
+
+def wg_interface_up(interface):
+    return run(["wg", "show", interface, "public-key"], check=False).returncode == 0
+
+
+def systemd_running():
+    return os.path.isdir("/run/systemd/system")
+
+
+# ---------------------------------------------------------------------------
+# Swarm
+# ---------------------------------------------------------------------------
+
+
+def swarm_info():
+    import json
+
+    output = run(["docker", "info", "--format", "{{json .Swarm}}"]).stdout
+    return json.loads(output or "{}")
+
+
+def choose_address_pool(subnet, local_networks=()):
+    import ipaddress
+
+    vpn = ipaddress.ip_network(subnet)
+    taken = [vpn] + [ipaddress.ip_network(net, strict=False) for net in local_networks]
+    for candidate in ADDRESS_POOLS:
+        pool = ipaddress.ip_network(candidate)
+        if not any(pool.overlaps(net) for net in taken if net.version == 4):
+            return candidate
+    raise GridxError(
+        "every candidate swarm address pool overlaps the VPN subnet or a local network",
+        "choose another --subnet",
+    )
+
+
+def local_ipv4_networks():
+    import json
+
+    result = run(["ip", "-j", "-4", "addr", "show"], check=False)
+    if result.returncode != 0:
+        return []
+    networks = []
+    for link in json.loads(result.stdout or "[]"):
+        for addr in link.get("addr_info", []):
+            if addr.get("local") and not addr["local"].startswith("127."):
+                networks.append(f"{addr['local']}/{addr.get('prefixlen', 32)}")
+    return networks
+
+
+def worker_join_token(rotate=False):
+    argv = ["docker", "swarm", "join-token", "-q", "worker"]
+    if rotate:
+        argv.insert(3, "--rotate")
+    return run(argv).stdout.strip()
+
+
+def swarm_nodes():
+    """Every swarm node, inspected: two docker calls whatever their number."""
+    ids = run(["docker", "node", "ls", "-q"]).stdout.split()
+    if not ids:
+        return []
+    import json
+
+    return json.loads(run(["docker", "node", "inspect", *ids]).stdout)
+
+
+def node_summary(node):
+    """What gridx shows of a node: address, state, shared resources."""
+    description = node.get("Description", {})
+    resources = description.get("Resources", {}) or {}
+    shared = {"cpus": 0, "memory_mib": 0, "gpus": []}
+    for item in resources.get("GenericResources") or []:
+        discrete = item.get("DiscreteResourceSpec")
+        named = item.get("NamedResourceSpec")
+        if discrete and discrete.get("Kind") == RES_CPU:
+            shared["cpus"] = int(discrete.get("Value", 0))
+        elif discrete and discrete.get("Kind") == RES_MEM:
+            shared["memory_mib"] = int(discrete.get("Value", 0))
+        elif named and named.get("Kind") == RES_GPU:
+            shared["gpus"].append(named.get("Value"))
+        elif discrete and discrete.get("Kind") == RES_GPU:
+            shared["gpus"] += [f"gpu{i}" for i in range(int(discrete.get("Value", 0)))]
+    shared["gpus"].sort()
+    status = node.get("Status", {})
+    spec = node.get("Spec", {})
+    return {
+        "id": node.get("ID", ""),
+        "hostname": description.get("Hostname", ""),
+        "address": status.get("Addr", ""),
+        "state": status.get("State", "unknown"),
+        "availability": spec.get("Availability", ""),
+        "role": spec.get("Role", ""),
+        "manager": bool(node.get("ManagerStatus")),
+        "shared": shared,
+        "updated": node.get("UpdatedAt", ""),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Firewall
+# ---------------------------------------------------------------------------
+
+
+def firewall_rules(config):
+    """iptables-restore input: swarm ports answer on the VPN interface only."""
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]"]
+    lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
+    for proto, port in SWARM_PORTS:
+        lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def firewall_rules_path():
+    return os.path.join(config_dir(), "firewall.rules")
+
+
+def firewall_postup(config):
+    path = firewall_rules_path()
+    return (
+        f"iptables-restore -n {path}; "
+        f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
+    )
+
+
+def apply_firewall(config):
+    """Install the rules now; the interface's PostUp re-applies them at boot.
+
+    Returns True when something changed.
+    """
+    rules = firewall_rules(config)
+    path = firewall_rules_path()
+    old = read_text(path) if os.path.exists(path) else None
+    current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
+    hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
+    if old == rules and current.returncode == 0 and hooked:
+        return False
+    atomic_write(path, rules, 0o600)
+    run(["iptables-restore", "-n", path])
+    if not hooked:
+        run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
+    return True
+
+
+# ---------------------------------------------------------------------------
+# SSH
+# ---------------------------------------------------------------------------
+
+
+def ssh_public_key():
+    path = ssh_key_path() + ".pub"
+    try:
+        return read_text(path).strip()
+    except FileNotFoundError:
+        raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
+
+
+def ensure_ssh_key():
+    """Create the hub's keypair once; never replace it. True if created."""
+    path = ssh_key_path()
+    ensure_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        return False
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gridx-hub", "-f", path])
+    os.chmod(path, 0o600)
+    return True
+
+
+def ssh_argv(address, command=(), tty=False):
+    folder = os.path.dirname(ssh_key_path())
+    argv = [
+        "ssh",
+        "-i", ssh_key_path(),
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={os.path.join(folder, 'known_hosts')}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", "ConnectTimeout=10",
+    ]
+    if tty:
+        argv.append("-t")
+    else:
+        argv += ["-o", "BatchMode=yes"]
+    return argv + [f"root@{address}", *command]
+
+
+# ---------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------
+
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "lib.sh")
+
+
+def templates_dir():
+    """bundle_templates/ beside this file, or inside the frozen binary."""
+    base = getattr(sys, "_MEIPASS", None) or os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(base, "bundle_templates")
+
+
+def shell_quote(value):
+    return "'" + str(value).replace("'", "'\\''") + "'"
+
+
+def render_settings(settings):
+    lines = ["# Grid-X bundle settings: values only, read by join.sh, leave.sh and status.sh."]
+    lines += [f"{key}={shell_quote(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bundle_settings(config, peer, key_on_hub):
+    return {
+        "GRIDX_NAME": peer.name,
+        "GRIDX_INTERFACE": config.interface,
+        "GRIDX_VPN_IP": peer.ip,
+        "GRIDX_HUB_VPN_IP": config.hub_ip,
+        "GRIDX_HUB_ENDPOINT": config.endpoint,
+        "GRIDX_SUBNET": config.subnet,
+        "GRIDX_MANAGER": config.manager,
+        "GRIDX_NEEDS_PRIVATE_KEY": "0" if key_on_hub else "1",
+        "GRIDX_VERSION": VERSION,
+    }
+
+
+BUNDLE_README = """Grid-X join bundle for {name}
+
+This folder lets this computer share its CPUs, memory and GPUs with the
+Grid-X hub at {endpoint}. It holds secrets (a VPN key, a swarm token):
+keep it private.
+
+  sudo ./join.sh            join: asks how many CPUs, how much RAM and how
+                            many GPUs to share (or: --cpus 4 --memory 8G
+                            --gpus 0 --yes)
+  sudo ./status.sh          is the link up, is the node in the swarm
+  sudo ./leave.sh           leave and restore everything join changed
+{key_note}"""
+
+KEY_NOTE = """
+This bundle holds no private key (the hub admin added it with --pubkey).
+Give join.sh the key you created:  sudo ./join.sh --private-key private.key
+"""
+
+
+def write_bundle(folder, files):
+    """Write a bundle folder (0700) atomically, and a .tar.gz beside it.
+
+    files: {relative name: (content, mode)}. An existing bundle of the same
+    name is replaced whole.
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    parent = os.path.dirname(folder)
+    ensure_dir(parent)
+    staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    try:
+        os.chmod(staging, 0o700)
+        for name, (content, mode) in files.items():
+            path = os.path.join(staging, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content if isinstance(content, bytes) else content.encode())
+            os.chmod(path, mode)
+        archive = folder + ".tar.gz"
+        tmp_archive = archive + ".tmp"
+        fd = os.open(tmp_archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.add(staging, arcname=os.path.basename(folder))
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+        os.replace(tmp_archive, archive)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
+    files = {}
+    for script in BUNDLE_SCRIPTS:
+        path = os.path.join(templates_dir(), script)
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read()
+        except FileNotFoundError:
+            raise GridxError(f"bundle template {path} is missing", "reinstall gridx") from None
+        files[script] = (content, 0o644 if script == "lib.sh" else 0o755)
+    files["settings.env"] = (render_settings(bundle_settings(config, peer, key_on_hub)), 0o600)
+    files[f"{config.interface}.conf"] = (worker_conf, 0o600)
+    files["swarm-token"] = (token + "\n", 0o600)
+    files["hub_ssh.pub"] = (ssh_key + "\n", 0o644)
+    readme = BUNDLE_README.format(
+        name=peer.name, endpoint=config.endpoint, key_note="" if key_on_hub else KEY_NOTE
+    )
+    files["README.txt"] = (readme, 0o644)
+    return files
+
+
+def remove_bundle(name):
+    import shutil
+
+    folder = bundle_path(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in (folder + ".tar.gz", client_conf_path(name)):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+
+DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
+
+TERMINAL_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
+ACTIVE_TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+
+
+def docker(*args):
+    """argv for a docker call, against the remote manager when one is set."""
+    if DOCKER_HOST:
+        return ["docker", "-H", DOCKER_HOST, *args]
+    return ["docker", *args]
+
+
+def parse_cpus(value):
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        cpus = -1.0
+    if not cpus > 0 or cpus != cpus or cpus > 4096:
+        raise usage_error(f"invalid --cpus {value!r}: give a number of CPUs above 0", "for example: --cpus 2")
+    return cpus
+
+
+_SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory(value, flag="--memory"):
+    """'8G', '512M', '1.5g', '2GiB' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
+    if not match or not match.group(2):
+        raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 4 * 1024**2:
+        raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
+    return size
+
+
+def parse_count(value, flag, minimum):
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = minimum - 1
+    if count < minimum or str(value).strip() != str(count):
+        raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
+    return count
+
+
+def parse_env(items):
+    import re
+
+    pairs = []
+    for item in items or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
+        pairs.append(item)
+    return pairs
+
+
+def new_job_id(prefix="job"):
+    import secrets
+
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+class JobRequest:
+    """What a job asks for, validated from the command line."""
+
+    def __init__(self, cpus, memory, gpus):
+        import math
+
+        self.cpus = parse_cpus(cpus)
+        self.memory = parse_memory(memory)
+        self.gpus = parse_count(gpus, "--gpus", 0)
+        self.cpu_units = math.ceil(self.cpus)
+        self.memory_mib = math.ceil(self.memory / 1024**2)
+
+    def service_args(self):
+        args = [
+            "--generic-resource", f"{RES_CPU}={self.cpu_units}",
+            "--generic-resource", f"{RES_MEM}={self.memory_mib}",
+            "--limit-cpu", f"{self.cpus:g}",
+            "--limit-memory", str(self.memory),
+        ]
+        if self.gpus:
+            args += ["--generic-resource", f"{RES_GPU}={self.gpus}"]
+        return args
+
+    def describe(self):
+        text = f"{self.cpus:g} CPU, {human_mib(self.memory_mib)}"
+        return text + (f", {self.gpus} GPU" if self.gpus else "")
+
+
+def worker_nodes(nodes):
+    return [n for n in map(node_summary, nodes) if not n["manager"] or n["shared"]["cpus"]]
+
+
+def check_fits(request, nodes):
+    """Refuse at once a job no single worker could ever hold."""
+    workers = [n for n in worker_nodes(nodes) if n["shared"]["cpus"] and n["availability"] == "active"]
+    if not workers:
+        raise precondition(
+            "no worker shares resources yet", "add one: gridx hub add-peer NAME, then run its join.sh"
+        )
+    for node in workers:
+        shared = node["shared"]
+        if (
+            shared["cpus"] >= request.cpu_units
+            and shared["memory_mib"] >= request.memory_mib
+            and len(shared["gpus"]) >= request.gpus
+        ):
+            return
+    wants = [
+        (request.gpus, "GPU", lambda n: len(n["shared"]["gpus"]), str),
+        (request.cpu_units, "CPU", lambda n: n["shared"]["cpus"], str),
+        (request.memory_mib, "memory", lambda n: n["shared"]["memory_mib"], human_mib),
+    ]
+    for wanted, what, amount, show in wants:
+        biggest = max(workers, key=amount)
+        if wanted > amount(biggest):
+            raise usage_error(
+                f"no worker can hold this job: it asks for {show(wanted)} {what}, the biggest worker "
+                f"({biggest['hostname']}) shares {show(amount(biggest))}",
+                "a job runs on one worker; ask for less",
+            )
+    raise usage_error(
+        f"no single worker shares {request.describe()} at once", "a job runs on one worker; ask for less"
+    )
+
+
+def job_labels(job_id, kind, command, extra=()):
+    import time
+
+    labels = [
+        "--label", f"{LABEL_JOB}={job_id}",
+        "--label", f"{LABEL_KIND}={kind}",
+        "--label", f"{LABEL_CREATED}={int(time.time())}",
+    ]
+    if command:
+        labels += ["--label", f"{LABEL_CMD}={command}"]
+    for key, value in extra:
+        labels += ["--label", f"{key}={value}"]
+    return labels
+
+
+def job_command(command):
+    """One string runs under `sh -c`; several words run as given."""
+    if not command:
+        return [], ""
+    if len(command) == 1:
+        return ["sh", "-c", command[0]], command[0]
+    import shlex
+
+    return list(command), shlex.join(command)
+
+
+def existing_job_ids(ids):
+    """Which of these job IDs exist (one docker call)."""
+    found = run(docker("service", "ls", "--filter", f"label={LABEL_JOB}", "--format", "{{.Name}}")).stdout
+    return set(found.split()) & set(ids)
+
+
+def create_job(job_id, image, request, *, kind, command_argv, command_text, mode, replicas,
+               env=(), restart="none", extra_args=(), extra_labels=()):
+    argv = docker(
+        "service", "create", "--detach", "--quiet", "--no-resolve-image",
+        "--name", job_id,
+        "--mode", mode,
+        "--restart-condition", restart,
+        "--network", JOB_NETWORK,
+        *job_labels(job_id, kind, command_text, extra_labels),
+        *request.service_args(),
+    )
+    if mode == "replicated-job":
+        argv += ["--replicas", str(replicas)]
+    for item in env:
+        argv += ["--env", item]
+    argv += list(extra_args)
+    argv += [image, *command_argv]
+    run(argv)
+
+
+def list_job_services(job_ids=None):
+    """Inspect every Grid-X job service (two docker calls), or the named ones."""
+    import json
+
+    if job_ids is None:
+        job_ids = run(docker("service", "ls", "-q", "--filter", f"label={LABEL_JOB}")).stdout.split()
+        if not job_ids:
+            return []
+    result = run(docker("service", "inspect", *job_ids), check=False)
+    if result.returncode != 0:
+        if "no such service" in result.stderr.lower():
+            missing = [i for i in job_ids if i in result.stderr] or job_ids
+            raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
+        raise command_error(docker("service", "inspect"), result)
+    services = json.loads(result.stdout)
+    for service in services:
+        if LABEL_JOB not in service["Spec"].get("Labels", {}):
+            raise usage_error(f"{service['Spec']['Name']!r} is not a Grid-X job", "list the jobs: gridx jobs list")
+    return services
+
+
+def list_tasks(service_names):
+    """Every task of these services: one `docker service ps` call."""
+    if not service_names:
+        return []
+    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", *service_names))
+    for row in rows:
+        state, _, since = row.get("CurrentState", "").partition(" ")
+        row["state"] = state.lower()
+        row["since"] = since
+        row["service"] = row.get("Name", "").rsplit(".", 1)[0]
+        row["exit_code"] = exit_code_from(row)
+    return rows
+
+
+def exit_code_from(task):
+    import re
+
+    if task["state"] == "complete":
+        return 0
+    match = re.search(r"non-zero exit \((\d+)\)", task.get("Error", ""))
+    return int(match.group(1)) if match else None
+
+
+def service_request(service):
+    """(cpu units, memory MiB, gpus) a service reserves from generic resources."""
+    spec = service["Spec"]["TaskTemplate"].get("Resources", {}).get("Reservations", {})
+    wanted = {RES_CPU: 0, RES_MEM: 0, RES_GPU: 0}
+    for item in spec.get("GenericResources") or []:
+        discrete = item.get("DiscreteResourceSpec") or {}
+        if discrete.get("Kind") in wanted:
+            wanted[discrete["Kind"]] = int(discrete.get("Value", 0))
+    return wanted[RES_CPU], wanted[RES_MEM], wanted[RES_GPU]
+
+
+def job_summary(service, tasks):
+    """The stable --json shape of one job."""
+    spec = service["Spec"]
+    labels = spec.get("Labels", {})
+    mode = spec.get("Mode", {})
+    if "ReplicatedJob" in mode:
+        wanted = int(mode["ReplicatedJob"].get("TotalCompletions", 1))
+    else:
+        wanted = int(mode.get("Replicated", {}).get("Replicas", 1))
+    current = [t for t in tasks if t.get("DesiredState", "").lower() != "shutdown" or t["state"] in ("complete", "failed")]
+    latest = {}
+    for task in current:
+        slot = task.get("Name", "")
+        latest.setdefault(slot, task)
+    tasks_out = [
+        {
+            "id": t.get("ID", ""),
+            "name": t.get("Name", ""),
+            "node": t.get("Node", ""),
+            "state": t["state"],
+            "since": t["since"],
+            "error": t.get("Error", ""),
+            "exit_code": t["exit_code"],
+        }
+        for t in latest.values()
+    ]
+    cpu, mem, gpu = service_request(service)
+    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
+    return {
+        "id": spec["Name"],
+        "kind": labels.get(LABEL_KIND, "run"),
+        "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
+        "command": labels.get(LABEL_CMD, ""),
+        "created": int(labels.get(LABEL_CREATED, "0") or 0),
+        "replicas": wanted,
+        "cpus": limits.get("NanoCPUs", cpu * 10**9) / 10**9,
+        "memory_mib": mem,
+        "gpus": gpu,
+        "state": job_state(tasks_out, wanted, labels.get(LABEL_KIND, "run")),
+        "exit_code": job_exit_code(tasks_out),
+        "tasks": tasks_out,
+    }
+
+
+def job_state(tasks, wanted, kind):
+    states = [t["state"] for t in tasks]
+    if not states:
+        return "pending"
+    if any(s == "running" for s in states):
+        return "running"
+    if any(s in ("pending", "new", "allocated") for s in states):
+        return "pending"
+    if any(s in ACTIVE_TASK_STATES for s in states):
+        return "starting"
+    if any(s in ("failed", "rejected", "orphaned") for s in states):
+        return "failed"
+    if kind != "jupyter" and len([s for s in states if s == "complete"]) >= wanted:
+        return "complete"
+    return states[0]
+
+
+def job_exit_code(tasks):
+    codes = [t["exit_code"] for t in tasks if t["exit_code"] is not None]
+    if not codes:
+        return None
+    return next((code for code in codes if code), 0)
+
+
+def pending_reason(job, service, nodes_by_name, reserved):
+    """Why a pending job waits, in the user's terms."""
+    cpu, mem, gpu = service_request(service)
+    best = None
+    for name, node in nodes_by_name.items():
+        shared = node["shared"]
+        if not shared["cpus"]:
+            continue
+        used = reserved.get(name, (0, 0, 0))
+        free = (shared["cpus"] - used[0], shared["memory_mib"] - used[1], len(shared["gpus"]) - used[2])
+        if best is None or free > best[1]:
+            best = (name, free)
+    if best is None:
+        return "waiting: no worker is Ready"
+    name, free = best
+    if gpu and gpu > free[2]:
+        return f"waiting: {gpu} GPUs requested, {max(free[2], 0)} free on {name}"
+    if cpu > free[0]:
+        return f"waiting: {cpu} CPUs requested, {max(free[0], 0)} free on {name}"
+    if mem > free[1]:
+        return f"waiting: {human_mib(mem)} memory requested, {human_mib(max(free[1], 0))} free on {name}"
+    errors = [t["error"] for t in job["tasks"] if t["error"]]
+    return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
+
+
+def reserved_by_node(services, tasks):
+    """Resources held on each node (by hostname) by running job tasks."""
+    by_service = {s["Spec"]["Name"]: service_request(s) for s in services}
+    reserved = {}
+    for task in tasks:
+        if task["state"] not in ACTIVE_TASK_STATES or task["state"] in ("pending", "new", "allocated"):
+            continue
+        if task.get("DesiredState", "").lower() == "shutdown":
+            continue
+        cpu, mem, gpu = by_service.get(task["service"], (0, 0, 0))
+        held = reserved.get(task.get("Node", ""), (0, 0, 0))
+        reserved[task.get("Node", "")] = (held[0] + cpu, held[1] + mem, held[2] + gpu)
+    return reserved
+
+
+def wait_for_job(job_id, follow_logs=True, poll_s=0.3, timeout=None):
+    """Stream a job's logs until every task ends; return its exit status."""
+    import subprocess
+    import time
+
+    logs = None
+    if follow_logs:
+        logs = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id), env=host_env())
+    started = time.monotonic()
+    try:
+        while True:
+            services = list_job_services([job_id])
+            job = job_summary(services[0], list_tasks([job_id]))
+            if job["state"] in ("complete", "failed"):
+                break
+            if timeout and time.monotonic() - started > timeout:
+                raise GridxError(f"job {job_id} did not finish within {timeout} s")
+            time.sleep(poll_s)
+    finally:
+        if logs:
+            time.sleep(0.5)
+            logs.terminate()
+            logs.wait()
+    code = job["exit_code"]
+    if job["state"] == "failed" and code is None:
+        errors = "; ".join(t["error"] for t in job["tasks"] if t["error"])
+        warn(f"job {job_id} failed: {errors or 'no error reported'}")
+        return EXIT_FAILED
+    return code or 0
+
+
+def requeue_lost_jobs(down_node_names):
+    """Run again the unfinished jobs whose worker is gone.
+
+    Swarm (20.10) leaves a replicated-job task of a Down node "running" for
+    24 hours. A forced update starts a new iteration of the job on the
+    workers that are up; the old task is shut down when its node returns.
+    """
+    services = list_job_services()
+    tasks = list_tasks([s["Spec"]["Name"] for s in services])
+    lost = sorted({
+        t["service"] for t in tasks
+        if t.get("Node") in down_node_names
+        and t["state"] in ACTIVE_TASK_STATES
+        and t.get("DesiredState", "").lower() != "shutdown"
+    })
+    for job_id in lost:
+        run(docker("service", "update", "--detach", "--force", job_id))
+    return lost
+
+
+# ---------------------------------------------------------------------------
+# Commands: hub
+# ---------------------------------------------------------------------------
+
+
+def _now():
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def cmd_hub_init(args):
+    public_ip = valid_public_ip(args.ip)
+    port = valid_port(args.port)
+    subnet = valid_subnet(args.subnet)
+    interface = valid_interface(args.interface)
+    require_root()
+    need("wg", "wg-quick", "docker", "ssh-keygen", "iptables", "iptables-restore", "ip")
+    with StateLock():
+        existing = load_hub_config(required=False)
+        if existing:
+            wanted = (public_ip, port, subnet, interface)
+            have = (existing.public_ip, existing.port, existing.subnet, existing.interface)
+            if wanted != have:
+                raise usage_error(
+                    f"the hub is already initialised with --ip {existing.public_ip} --port {existing.port} "
+                    f"--subnet {existing.subnet} --interface {existing.interface}",
+                    "re-run init with those settings, or start over: gridx hub reset (every worker must "
+                    "join again)",
+                )
+        elif os.path.exists(wg_conf_path(interface)) and CONFIG_MARKER not in read_text(wg_conf_path(interface)):
+            raise precondition(
+                f"{wg_conf_path(interface)} exists and is not Grid-X's",
+                "choose another --interface, or move that file away",
+            )
+        changes = init_hub(existing, public_ip, port, subnet, interface)
+    if not changes:
+        info("the hub is already initialised: nothing changed")
+    else:
+        for change in changes:
+            info(change)
+    config = load_hub_config()
+    print(f"Hub ready: VPN {config.hub_ip} on {config.interface}, WireGuard {config.endpoint}, "
+          f"swarm manager {config.manager}")
+    print("Next: gridx hub add-peer NAME   (writes a join bundle for a volunteer)")
+    return EXIT_OK
+
+
+def init_hub(existing, public_ip, port, subnet, interface):
+    """Bring every piece of the hub to its wanted state; list what changed."""
+    changes = []
+    ensure_dir(config_dir())
+    ensure_dir(os.path.join(config_dir(), "clients"))
+    key_path = server_key_path()
+    if not os.path.exists(key_path):
+        private, public = wg_genkey()
+        write_new_file(key_path, private + "\n", 0o600)
+        changes.append("created the WireGuard server key")
+    else:
+        public = wg_pubkey(read_text(key_path).strip())
+    hub_ip = hub_ip_of(subnet)
+    if existing:
+        config = existing
+        config.public_key = public
+    else:
+        pool = choose_address_pool(subnet, local_ipv4_networks())
+        config = HubConfig(interface, public_ip, port, subnet, hub_ip, public, pool, _now(), {})
+    path = wg_conf_path(interface)
+    old = read_text(path) if os.path.exists(path) else None
+    new = render_hub_wg_conf(config, read_text(key_path).strip())
+    if old != new:
+        ensure_dir(wg_dir())
+        atomic_write(path, new, 0o600)
+        changes.append(f"wrote {path}")
+    if not os.path.exists(hub_config_path()) or existing is None:
+        save_hub_config(config)
+    if apply_firewall(config):
+        changes.append(f"firewall: swarm ports {', '.join(f'{p}/{q}' for q, p in SWARM_PORTS)} "
+                       f"answer on {interface} only")
+    if not wg_interface_up(interface):
+        run(["wg-quick", "up", interface], timeout=60)
+        changes.append(f"brought up {interface} ({hub_ip})")
+    if systemd_running():
+        unit = f"wg-quick@{interface}"
+        if run(["systemctl", "is-enabled", unit], check=False).stdout.strip() != "enabled":
+            run(["systemctl", "enable", unit])
+            changes.append(f"enabled {unit} at boot")
+    swarm = swarm_info()
+    state = swarm.get("LocalNodeState", "inactive")
+    if state == "inactive":
+        run([
+            "docker", "swarm", "init",
+            "--advertise-addr", hub_ip,
+            "--listen-addr", f"{hub_ip}:2377",
+            "--data-path-addr", hub_ip,
+            "--default-addr-pool", config.address_pool,
+            "--default-addr-pool-mask-length", "24",
+        ], timeout=60)
+        changes.append(f"initialised the swarm on {hub_ip}:2377 (address pool {config.address_pool})")
+    elif state == "active" and swarm.get("NodeAddr") != hub_ip:
+        raise precondition(
+            f"Docker is already in a swarm on {swarm.get('NodeAddr')}, not on the VPN address {hub_ip}",
+            "leave it first (docker swarm leave --force) or run the hub on another machine",
+        )
+    elif state != "active":
+        raise precondition(f"Docker's swarm state is {state!r}", "fix the swarm, then run init again")
+    if run(["docker", "network", "inspect", JOB_NETWORK], check=False).returncode != 0:
+        run([
+            "docker", "network", "create", "--driver", "overlay", "--attachable",
+            "--opt", f"com.docker.network.driver.mtu={OVERLAY_MTU}",
+            "--label", "gridx=1", JOB_NETWORK,
+        ])
+        changes.append(f"created the overlay network {JOB_NETWORK} (MTU {OVERLAY_MTU - VXLAN_OVERHEAD} inside)")
+    if ensure_ssh_key():
+        changes.append(f"created the hub's SSH key {ssh_key_path()}")
+    return changes
+
+
+def cmd_hub_reset(args):
+    require_root()
+    if not args.yes:
+        raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
+    import shutil
+
+    with StateLock():
+        config = load_hub_config()
+        if wg_interface_up(config.interface):
+            run(["wg-quick", "down", config.interface], check=False)
+        run(["docker", "swarm", "leave", "--force"], check=False)
+        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
+        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
+        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
+            if os.path.exists(path):
+                os.unlink(path)
+        for folder in ("clients", "bundles", "ssh"):
+            shutil.rmtree(os.path.join(config_dir(), folder), ignore_errors=True)
+    info("the hub is reset: no VPN, no swarm, no peers")
+    return EXIT_OK
+
+
+def cmd_hub_add_peer(args):
+    name = valid_name(args.name)
+    pubkey = valid_wg_key(args.pubkey) if args.pubkey is not None else None
+    if args.ip is not None:
+        import ipaddress
+
+        try:
+            ipaddress.IPv4Address(args.ip)
+        except ValueError:
+            raise usage_error(f"invalid --ip {args.ip!r}: give an IPv4 address of the VPN subnet") from None
+    out_dir = os.path.abspath(args.out) if args.out else None
+    require_root()
+    need("wg", "docker")
+    with StateLock():
+        config = load_hub_config()
+        if name in config.peers:
+            raise usage_error(f"peer {name!r} already exists ({config.peers[name].ip})",
+                              f"pick another name, or remove it first: gridx hub remove-peer {name}")
+        if pubkey and any(p.public_key == pubkey for p in config.peers.values()):
+            raise usage_error("that --pubkey already belongs to another peer", "each worker needs its own key")
+        ip = allocate_ip(config, args.ip)
+        if pubkey:
+            private = None
+        else:
+            private, pubkey = wg_genkey()
+        peer = Peer(name, ip, pubkey, private is not None, _now())
+        token = worker_join_token()
+        ssh_key = ssh_public_key()
+        worker_conf = render_worker_wg_conf(config, peer, private, ssh_key)
+        ensure_dir(os.path.join(config_dir(), "clients"))
+        atomic_write(client_conf_path(name), worker_conf, 0o600)
+        folder = bundle_path(name)
+        try:
+            write_bundle(folder, bundle_files(config, peer, worker_conf, token, ssh_key, private is not None))
+            run(["wg", "set", config.interface, "peer", pubkey, "allowed-ips", f"{ip}/32"])
+        except BaseException:
+            remove_bundle(name)
+            raise
+        config.peers[name] = peer
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+    copied = None
+    if out_dir:
+        import shutil
+
+        copied = bundle_path(name, out_dir)
+        if os.path.exists(copied):
+            shutil.rmtree(copied)
+        ensure_dir(out_dir, 0o755) if not os.path.isdir(out_dir) else None
+        shutil.copytree(folder, copied)
+        os.chmod(copied, 0o700)
+        shutil.copy2(folder + ".tar.gz", copied + ".tar.gz")
+    shown = copied or folder
+    if args.json:
+        print_json({"peer": peer.to_dict(), "bundle": shown, "archive": shown + ".tar.gz"})
+        return EXIT_OK
+    print(f"Added peer {name}: VPN address {ip}")
+    print(f"Bundle: {shown}/  (and {shown}.tar.gz)")
+    print("Next: copy the bundle to the volunteer's machine and run there:")
+    print(f"  cd gridx-{name}-bundle && sudo ./join.sh" + ("" if private else " --private-key private.key"))
+    return EXIT_OK
+
+
+def cmd_hub_remove_peer(args):
+    name = valid_name(args.name)
+    require_root()
+    need("wg", "docker")
+    with StateLock():
+        config = load_hub_config()
+        peer = config.peers.get(name)
+        if peer is None:
+            raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+        run(["wg", "set", config.interface, "peer", peer.public_key, "remove"])
+        nodes = [n for n in map(node_summary, swarm_nodes()) if n["address"] == peer.ip and not n["manager"]]
+        lost = []
+        if nodes:
+            lost = requeue_candidates({n["hostname"] for n in nodes})
+        for node in nodes:
+            run(["docker", "node", "rm", "--force", node["id"]])
+        worker_join_token(rotate=True)
+        del config.peers[name]
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+        remove_bundle(name)
+    info(f"removed peer {name} ({peer.ip}) from the VPN" + (" and the swarm" if nodes else ""))
+    if lost:
+        info(f"jobs that ran on it run again elsewhere: {', '.join(lost)}")
+    info("rotated the worker join token: bundles made before now no longer join")
+    return EXIT_OK
+
+
+def requeue_candidates(hostnames):
+    """Job services with unfinished tasks on these nodes (for the message)."""
+    services = list_job_services()
+    tasks = list_tasks([s["Spec"]["Name"] for s in services])
+    return sorted({t["service"] for t in tasks if t.get("Node") in hostnames and t["state"] in ACTIVE_TASK_STATES})
+
+
+def peer_rows(config):
+    """Everything list-peers and status show: one wg and two docker calls."""
+    _, live = wg_dump(config.interface)
+    try:
+        nodes = [node_summary(n) for n in swarm_nodes()]
+    except GridxError:
+        nodes = []
+    by_address = {}
+    for node in nodes:
+        current = by_address.get(node["address"])
+        if current is None or (current["state"] != "ready" and node["state"] == "ready"):
+            by_address[node["address"]] = node
+    rows = []
+    for peer in sorted(config.peers.values(), key=lambda p: _ip_sort_key(p.ip)):
+        wg = live.get(peer.public_key, {})
+        node = by_address.get(peer.ip)
+        rows.append({
+            "name": peer.name,
+            "ip": peer.ip,
+            "public_key": peer.public_key,
+            "live": peer.public_key in live,
+            "endpoint": wg.get("endpoint"),
+            "handshake_age": wg.get("handshake_age"),
+            "node": node["hostname"] if node else None,
+            "node_state": node["state"] if node else None,
+            "shared": node["shared"] if node else None,
+        })
+    return rows, nodes
+
+
+def cmd_hub_list_peers(args):
+    require_root()
+    need("wg", "docker")
+    config = load_hub_config()
+    rows, _ = peer_rows(config)
+    if args.json:
+        print_json({"peers": rows})
+        return EXIT_OK
+    if not rows:
+        print("No peers yet. Add one: gridx hub add-peer NAME")
+        return EXIT_OK
+    table = []
+    for row in rows:
+        shared = row["shared"]
+        table.append([
+            row["name"], row["ip"], row["public_key"][:10] + "…", row["endpoint"] or "-",
+            human_age(row["handshake_age"]), row["node_state"] or "not joined",
+            format_shared(shared) if shared else "-",
+        ])
+    print_table(["NAME", "VPN IP", "KEY", "ENDPOINT", "HANDSHAKE", "NODE", "SHARED"], table)
+    return EXIT_OK
+
+
+def format_shared(shared):
+    text = f"{shared['cpus']} CPU, {human_mib(shared['memory_mib'])}"
+    return text + (f", {len(shared['gpus'])} GPU" if shared["gpus"] else "")
+
+
+def cmd_hub_status(args):
+    require_root()
+    need("wg", "docker")
+    config = load_hub_config()
+    problems = []
+    interface_up = wg_interface_up(config.interface)
+    if not interface_up:
+        problems.append(f"the VPN interface {config.interface} is down (start it: wg-quick up {config.interface})")
+    swarm = swarm_info()
+    swarm_state = swarm.get("LocalNodeState", "inactive")
+    if swarm_state != "active" or not swarm.get("ControlAvailable"):
+        problems.append(f"the swarm is {swarm_state} on this machine, not an active manager")
+    rows, nodes = peer_rows(config) if swarm_state == "active" else ([], [])
+    for row in rows:
+        age = row["handshake_age"]
+        if age is None:
+            problems.append(f"peer {row['name']} ({row['ip']}) never shook hands")
+        elif age > HANDSHAKE_SILENT_S:
+            problems.append(f"peer {row['name']} ({row['ip']}) silent for {human_age(age)}")
+        if row["node_state"] != "ready":
+            problems.append(f"peer {row['name']}'s swarm node is {row['node_state'] or 'missing'}")
+    healthy = not problems
+    if args.json:
+        print_json({
+            "healthy": healthy,
+            "interface": {"name": config.interface, "up": interface_up, "address": config.hub_ip},
+            "swarm": {"state": swarm_state, "manager": bool(swarm.get("ControlAvailable")),
+                      "nodes": len(nodes)},
+            "peers": rows,
+            "problems": problems,
+        })
+    else:
+        ready = sum(1 for r in rows if r["node_state"] == "ready")
+        print(f"VPN {config.interface} {'up' if interface_up else 'DOWN'} ({config.hub_ip}, {config.endpoint})")
+        print(f"Swarm {swarm_state}, {len(nodes)} nodes; peers: {len(rows)}, {ready} Ready")
+        print("healthy" if healthy else "degraded")
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
+def cmd_hub_join_info(args):
+    name = valid_name(args.name)
+    require_root()
+    config = load_hub_config()
+    peer = config.peers.get(name)
+    if peer is None:
+        raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+    need("docker")
+    token = worker_join_token()
+    try:
+        conf = read_text(client_conf_path(name))
+    except FileNotFoundError:
+        raise GridxError(f"{client_conf_path(name)} is missing", f"re-add the peer: gridx hub remove-peer {name}") from None
+    if args.json:
+        print_json({"name": name, "ip": peer.ip, "manager": config.manager, "token": token,
+                    "wg_config": conf, "hub_ssh_key": ssh_public_key(), "bundle": bundle_path(name)})
+        return EXIT_OK
+    print(f"# Worker {name}: save the config below as {name}.conf on the worker, then run:")
+    print(f"#   sudo gridx worker join --wg-config {name}.conf --token {token}")
+    print(f"# or by hand: wg-quick up ./{name}.conf && docker swarm join --token {token} "
+          f"--advertise-addr {peer.ip} --data-path-addr {peer.ip} {config.manager}")
+    print(f"# The bundle with join.sh is {bundle_path(name)}/")
+    print(conf, end="" if conf.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def cmd_hub_ssh(args):
+    name = valid_name(args.name)
+    require_root()
+    need("ssh")
+    config = load_hub_config()
+    peer = config.peers.get(name)
+    if peer is None:
+        raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+    import subprocess
+
+    command = [c for c in args.command if c != "--"] if args.command else []
+    argv = ssh_argv(peer.ip, command, tty=not command and sys.stdin.isatty())
+    if VERBOSE:
+        print(f"[#] {' '.join(argv)}", file=sys.stderr)
+    return subprocess.call(argv, env=host_env())
+
+
+def cmd_hub_ssh_pubkey(args):
+    print(ssh_public_key())
+    return EXIT_OK
+
+
+def cmd_hub_watch(args):
+    """Run lost jobs again: the swarm alone leaves them on a Down node."""
+    import time
+
+    require_root()
+    need("docker")
+    interval = parse_count(args.interval, "--interval", 1)
+    grace = parse_count(args.down_after, "--down-after", 0)
+    down_since = {}
+    info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
+    while True:
+        try:
+            nodes = [node_summary(n) for n in swarm_nodes()]
+            now = time.monotonic()
+            down = {n["hostname"] for n in nodes if n["state"] == "down"}
+            for name in list(down_since):
+                if name not in down:
+                    del down_since[name]
+            for name in down:
+                down_since.setdefault(name, now)
+            expired = {name for name, since in down_since.items() if now - since >= grace}
+            if expired:
+                requeued = requeue_lost_jobs(expired)
+                if requeued:
+                    info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(requeued)}")
+        except GridxError as error:
+            warn(error.message)
+        if args.once:
+            return EXIT_OK
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# Commands: worker (they run the bundle scripts: one implementation)
+# ---------------------------------------------------------------------------
+
+
+def parse_worker_conf(text):
+    """Settings a bundle needs, read from a worker config written by the hub."""
+    import ipaddress
+
+    values, comments = {}, {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("# gridx-") and "=" in line:
+            key, _, value = line[2:].partition("=")
+            comments[key.strip()] = value.strip()
+        elif "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip().lower(), value.strip())
+    try:
+        interface = ipaddress.ip_interface(values["address"].split(",")[0].strip())
+        endpoint = values["endpoint"]
+        values["publickey"]
+    except (KeyError, ValueError):
+        raise usage_error(
+            "the WireGuard config lacks Address, Endpoint or PublicKey",
+            "use the file the hub admin gave you (gridx hub join-info --name NAME)",
+        ) from None
+    hub_ip = str(next(interface.network.hosts()))
+    key = values.get("privatekey", "")
+    return {
+        "GRIDX_NAME": comments.get("gridx-name") or os.uname().nodename.split(".")[0].lower(),
+        "GRIDX_INTERFACE": DEFAULT_INTERFACE,
+        "GRIDX_VPN_IP": str(interface.ip),
+        "GRIDX_HUB_VPN_IP": hub_ip,
+        "GRIDX_HUB_ENDPOINT": endpoint,
+        "GRIDX_SUBNET": str(interface.network),
+        "GRIDX_MANAGER": comments.get("gridx-manager") or f"{hub_ip}:2377",
+        "GRIDX_NEEDS_PRIVATE_KEY": "1" if key in ("", PRIVATE_KEY_PLACEHOLDER) else "0",
+        "GRIDX_VERSION": VERSION,
+    }, comments.get("gridx-hub-ssh-key", "")
+
+
+def materialise_bundle(settings=None, conf=None, token=None, ssh_key=""):
+    """The bundle scripts (and values, when given) in a private temp folder."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gridx-bundle-")
+    for script in BUNDLE_SCRIPTS:
+        target = os.path.join(folder, script)
+        shutil.copyfile(os.path.join(templates_dir(), script), target)
+        os.chmod(target, 0o644 if script == "lib.sh" else 0o755)
+    if settings:
+        atomic_write(os.path.join(folder, "settings.env"), render_settings(settings), 0o600)
+        atomic_write(os.path.join(folder, f"{settings['GRIDX_INTERFACE']}.conf"), conf, 0o600)
+        atomic_write(os.path.join(folder, "swarm-token"), token + "\n", 0o600)
+        if ssh_key:
+            atomic_write(os.path.join(folder, "hub_ssh.pub"), ssh_key + "\n", 0o644)
+    return folder
+
+
+def run_bundle_script(folder, script, arguments):
+    import shutil
+    import subprocess
+
+    need("bash")
+    argv = ["bash", os.path.join(folder, script), *arguments]
+    if VERBOSE:
+        print(f"[#] {' '.join(argv)}", file=sys.stderr)
+    try:
+        return subprocess.call(argv, env=host_env())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def share_flags(args):
+    flags = []
+    for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            flags += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "yes", False):
+        flags.append("--yes")
+    if getattr(args, "install_deps", False):
+        flags.append("--install-deps")
+    return flags
+
+
+def read_token(value):
+    token = (value or "").strip()
+    if not token.startswith("SWMTKN-"):
+        raise usage_error("invalid --token: a swarm join token starts with SWMTKN-",
+                          "ask the hub admin: gridx hub join-info --name NAME")
+    return token
+
+
+def cmd_worker_join(args):
+    try:
+        conf = read_text(args.wg_config)
+    except OSError as error:
+        raise usage_error(f"cannot read --wg-config {args.wg_config}: {error.strerror}") from None
+    token = read_token(args.token)
+    settings, ssh_key = parse_worker_conf(conf)
+    folder = materialise_bundle(settings, conf, token, args.ssh_key or ssh_key)
+    return run_bundle_script(folder, "join.sh", share_flags(args))
+
+
+def cmd_worker_setup(args):
+    if not sys.stdin.isatty():
+        raise usage_error("setup asks questions and needs a terminal",
+                          "without one use: gridx worker join --wg-config FILE --token TOKEN --yes")
+    print("Paste the WireGuard config the hub admin gave you, then an empty line:")
+    lines = []
+    while True:
+        line = input()
+        if not line.strip() and lines:
+            break
+        lines.append(line)
+    conf = "\n".join(lines) + "\n"
+    settings, ssh_key = parse_worker_conf(conf)
+    token = read_token(input("Swarm join token (SWMTKN-…): "))
+    folder = materialise_bundle(settings, conf, token, ssh_key)
+    return run_bundle_script(folder, "join.sh", share_flags(args))
+
+
+def cmd_worker_status(args):
+    return run_bundle_script(materialise_bundle(), "status.sh", ["--json"] if args.json else [])
+
+
+def cmd_worker_leave(args):
+    return run_bundle_script(materialise_bundle(), "leave.sh", ["--yes"] if args.yes else [])
+
+
+# ---------------------------------------------------------------------------
+# Commands: jobs
+# ---------------------------------------------------------------------------
+
+
+def set_manager(args):
+    """`gridx jobs` on a machine that is not the hub: docker over SSH."""
+    global DOCKER_HOST
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if manager:
+        DOCKER_HOST = manager if "://" in manager else f"ssh://{manager}"
+        need("docker", "ssh")
+    else:
+        need("docker")
+
+
+def validate_image(image):
+    if not image or not image.strip() or any(c.isspace() for c in image):
+        raise usage_error(f"invalid image {image!r}", "for example: python:3.11")
+    return image
+
+
+def new_job_name(args, prefix="job"):
+    if args.name:
+        return valid_name(args.name, "job name")
+    return new_job_id(prefix)
+
+
+def cmd_jobs_run(args):
+    image = validate_image(args.image)
+    request = JobRequest(args.cpus, args.memory, args.gpus)
+    env = parse_env(args.env)
+    replicas = parse_count(args.replicas, "--replicas", 1)
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    command_argv, command_text = job_command(command)
+    job_id = new_job_name(args)
+    set_manager(args)
+    if existing_job_ids([job_id]):
+        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
+    check_fits(request, swarm_nodes())
+    create_job(job_id, image, request, kind="run", command_argv=command_argv, command_text=command_text,
+               mode="replicated-job", replicas=replicas, env=env)
+    if not args.wait:
+        if args.json:
+            print_json({"id": job_id})
+        else:
+            print(job_id)
+            info(f"follow it: gridx jobs logs {job_id} -f   ·   gridx jobs status {job_id}")
+        return EXIT_OK
+    info(f"job {job_id} submitted ({request.describe()}); waiting for it to finish")
+    return wait_for_job(job_id)
+
+
+def cmd_jobs_train(args):
+    framework_image = FRAMEWORK_IMAGES[args.framework]
+    image = validate_image(args.image or framework_image)
+    request = JobRequest(args.cpus, args.memory, args.gpus)
+    env = parse_env(args.env)
+    script = args.script
+    is_url = script.startswith(("http://", "https://"))
+    content = None
+    if not is_url:
+        try:
+            with open(script, "rb") as handle:
+                content = handle.read(CONFIG_MAX_BYTES + 1)
+        except OSError as error:
+            raise usage_error(f"cannot read the script {script}: {error.strerror}",
+                              "give a local file or an http(s):// URL") from None
+        if len(content) > CONFIG_MAX_BYTES:
+            raise usage_error(
+                f"the script {script} is over {CONFIG_MAX_BYTES // 1024} KiB, the swarm config limit",
+                "serve it over http(s) and pass the URL, or build it into the image",
+            )
+    job_id = new_job_name(args, "train")
+    set_manager(args)
+    if existing_job_ids([job_id]):
+        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
+    check_fits(request, swarm_nodes())
+    import shlex
+
+    extra = []
+    if is_url:
+        fetch = ("import sys, urllib.request; "
+                 "urllib.request.urlretrieve(sys.argv[1], '/tmp/gridx-train.py')")
+        shell = f"python -c {shlex.quote(fetch)} {shlex.quote(script)} && exec python /tmp/gridx-train.py"
+    else:
+        config_name = f"{job_id}-script"
+        run(docker("config", "create", "--label", f"{LABEL_JOB}={job_id}", config_name, "-"),
+            input=content.decode("utf-8", "surrogateescape"))
+        extra = ["--config", f"source={config_name},target=/gridx/train.py,mode=0444"]
+        shell = "exec python /gridx/train.py"
+    try:
+        create_job(job_id, image, request, kind="train", command_argv=["sh", "-c", shell],
+                   command_text=f"train {script} ({args.framework})", mode="replicated-job", replicas=1,
+                   env=env, extra_args=extra)
+    except GridxError:
+        if not is_url:
+            run(docker("config", "rm", f"{job_id}-script"), check=False)
+        raise
+    if not args.wait:
+        print(job_id)
+        info(f"follow it: gridx jobs logs {job_id} -f")
+        return EXIT_OK
+    return wait_for_job(job_id)
+
+
+def cmd_jobs_jupyter(args):
+    image = validate_image(args.image or JUPYTER_IMAGE)
+    request = JobRequest(args.cpus, args.memory, args.gpus)
+    port = valid_port(args.port)
+    job_id = new_job_name(args, "jupyter")
+    set_manager(args)
+    if existing_job_ids([job_id]):
+        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
+    check_fits(request, swarm_nodes())
+    import secrets
+
+    token = secrets.token_hex(16)
+    command = [
+        "jupyter", "notebook", "--ip=0.0.0.0", f"--port={port}", "--no-browser", "--allow-root",
+    ]
+    create_job(
+        job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
+        mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
+        extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
+        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
+    )
+    info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
+    url = wait_for_jupyter(job_id, port, token, args.timeout)
+    if args.json:
+        print_json({"id": job_id, "url": url})
+    else:
+        print(url)
+        info(f"stop it: gridx jobs delete {job_id}")
+    return EXIT_OK
+
+
+def node_addresses():
+    return {n["hostname"]: n["address"] for n in map(node_summary, swarm_nodes())}
+
+
+def wait_for_jupyter(job_id, port, token, timeout):
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    addresses = None
+    while time.monotonic() < deadline:
+        tasks = [t for t in list_tasks([job_id]) if t["state"] == "running"]
+        if tasks:
+            if addresses is None or tasks[0]["Node"] not in addresses:
+                addresses = node_addresses()
+            address = addresses.get(tasks[0]["Node"])
+            url = f"http://{address}:{port}/?token={token}"
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
+                    return url
+            except (OSError, urllib.error.URLError):
+                pass
+        time.sleep(1)
+    raise GridxError(f"Jupyter ({job_id}) did not answer within {timeout} s",
+                     f"see why: gridx jobs status {job_id}; gridx jobs logs {job_id}")
+
+
+def jobs_overview(job_ids=None, with_nodes=False):
+    """Jobs and (optionally) nodes in a fixed number of docker calls."""
+    services = list_job_services(job_ids)
+    tasks = list_tasks([s["Spec"]["Name"] for s in services])
+    by_service = {}
+    for task in tasks:
+        by_service.setdefault(task["service"], []).append(task)
+    jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
+    nodes = [node_summary(n) for n in swarm_nodes()] if with_nodes else []
+    return services, tasks, jobs, nodes
+
+
+def cmd_jobs_list(args):
+    set_manager(args)
+    _, _, jobs, _ = jobs_overview()
+    jobs.sort(key=lambda j: j["created"])
+    if args.json:
+        print_json({"jobs": jobs})
+        return EXIT_OK
+    if not jobs:
+        print("No jobs. Submit one: gridx jobs run python:3.11 \"python -c 'print(2**100)'\"")
+        return EXIT_OK
+    rows = []
+    for job in jobs:
+        nodes = sorted({t["node"] for t in job["tasks"] if t["node"]})
+        exit_code = "" if job["exit_code"] is None else str(job["exit_code"])
+        rows.append([job["id"], job["kind"], job["image"], job["state"], exit_code, ",".join(nodes) or "-",
+                     (job["command"] or "")[:40]])
+    print_table(["ID", "KIND", "IMAGE", "STATE", "EXIT", "NODE", "COMMAND"], rows)
+    return EXIT_OK
+
+
+def cmd_jobs_status(args):
+    job_id = valid_name(args.job_id, "job ID")
+    set_manager(args)
+    services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
+    job = jobs[0]
+    by_name = {n["hostname"]: n for n in nodes}
+    if job["state"] == "pending":
+        _, all_tasks, _, _ = jobs_overview()
+        all_services = list_job_services()
+        job["reason"] = pending_reason(job, services[0], by_name, reserved_by_node(all_services, all_tasks))
+    task_ids = [t["id"] for t in job["tasks"]]
+    if task_ids:
+        import json
+
+        details = json.loads(run(docker("inspect", *task_ids)).stdout)
+        by_id = {d["ID"]: d for d in details}
+        for task in job["tasks"]:
+            detail = by_id.get(task["id"], {})
+            status = detail.get("Status", {})
+            container = status.get("ContainerStatus", {}) or {}
+            if task["state"] in TERMINAL_TASK_STATES and "ExitCode" in container:
+                task["exit_code"] = container["ExitCode"]
+            task["gpus"] = sorted(
+                r["NamedResourceSpec"]["Value"] for r in detail.get("AssignedGenericResources") or []
+                if r.get("NamedResourceSpec", {}).get("Kind") == RES_GPU
+            )
+            task["address"] = by_name.get(task["node"], {}).get("address", "")
+        job["exit_code"] = job_exit_code(job["tasks"])
+    if args.json:
+        print_json(job)
+        return EXIT_OK
+    print(f"Job:      {job['id']} ({job['kind']})")
+    print(f"Image:    {job['image']}")
+    if job["command"]:
+        print(f"Command:  {job['command']}")
+    print(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}" + (f", {job['gpus']} GPU" if job["gpus"] else ""))
+    print(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
+    if job.get("reason"):
+        print(f"Why:      {job['reason']}")
+    for task in job["tasks"]:
+        where = f"{task['node']} ({task.get('address', '')})" if task["node"] else "not placed"
+        line = f"  {task['name']}: {task['state']} {task['since']} on {where}"
+        if task.get("exit_code") is not None:
+            line += f", exit {task['exit_code']}"
+        if task.get("gpus"):
+            line += f", GPUs {','.join(task['gpus'])}"
+        if task["error"]:
+            line += f" — {task['error']}"
+        print(line)
+    return EXIT_OK
+
+
+def cmd_jobs_logs(args):
+    job_id = valid_name(args.job_id, "job ID")
+    set_manager(args)
+    list_job_services([job_id])
+    import subprocess
+
+    argv = docker("service", "logs", "--raw")
+    if args.follow:
+        argv.append("--follow")
+    if args.tail is not None:
+        argv += ["--tail", str(parse_count(args.tail, "--tail", 0))]
+    return subprocess.call(argv + [job_id], env=host_env())
+
+
+def cmd_jobs_delete(args):
+    import time
+
+    ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
+    set_manager(args)
+    services = list_job_services(ids)
+    tasks = list_tasks(ids)
+    running_jobs = sorted({
+        t["service"] for t in tasks
+        if t["state"] in ACTIVE_TASK_STATES and t.get("DesiredState", "").lower() != "shutdown"
+        and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t["service"])["Spec"]["Mode"]
+    })
+    # Docker 20.10 leaves the container of a running replicated-job behind
+    # when its service is removed (moby#44312): stop its tasks first by
+    # moving the job to a constraint no node meets.
+    for job_id in running_jobs:
+        run(docker("service", "update", "--detach", "--force",
+                   "--constraint-add", "node.labels.gridx-deleted==true", job_id))
+    deadline = time.monotonic() + 30
+    while running_jobs and time.monotonic() < deadline:
+        live = [t for t in list_tasks(running_jobs) if t["state"] in ("running", "starting", "preparing")]
+        if not live:
+            break
+        time.sleep(0.5)
+    run(docker("service", "rm", *ids))
+    configs = run(docker("config", "ls", "-q", *[a for i in ids for a in ("--filter", f"label={LABEL_JOB}={i}")])).stdout.split()
+    if configs:
+        run(docker("config", "rm", *configs), check=False)
+    for job_id in ids:
+        print(f"deleted {job_id}")
+    return EXIT_OK
+
+
+def cmd_cluster(args):
+    set_manager(args)
+    services, tasks, _, nodes = jobs_overview(with_nodes=True)
+    reserved = reserved_by_node(services, tasks)
+    rows, totals = [], {"cpus": 0, "memory_mib": 0, "gpus": 0, "used_cpus": 0, "used_memory_mib": 0, "used_gpus": 0}
+    document = []
+    for node in sorted(nodes, key=lambda n: (not n["manager"], n["address"])):
+        shared = node["shared"]
+        used = reserved.get(node["hostname"], (0, 0, 0))
+        entry = {
+            "hostname": node["hostname"], "address": node["address"], "state": node["state"],
+            "availability": node["availability"], "manager": node["manager"],
+            "shared": {"cpus": shared["cpus"], "memory_mib": shared["memory_mib"], "gpus": len(shared["gpus"]),
+                       "gpu_ids": shared["gpus"]},
+            "reserved": {"cpus": used[0], "memory_mib": used[1], "gpus": used[2]},
+            "free": {"cpus": shared["cpus"] - used[0], "memory_mib": shared["memory_mib"] - used[1],
+                     "gpus": len(shared["gpus"]) - used[2]},
+        }
+        document.append(entry)
+        if node["state"] == "ready":
+            totals["cpus"] += shared["cpus"]
+            totals["memory_mib"] += shared["memory_mib"]
+            totals["gpus"] += len(shared["gpus"])
+            totals["used_cpus"] += used[0]
+            totals["used_memory_mib"] += used[1]
+            totals["used_gpus"] += used[2]
+        role = "manager" if node["manager"] else "worker"
+        rows.append([
+            node["hostname"], node["address"], role, node["state"],
+            shared["cpus"], human_mib(shared["memory_mib"]), len(shared["gpus"]),
+            f"{used[0]}/{human_mib(used[1])}/{used[2]}",
+            f"{shared['cpus'] - used[0]}/{human_mib(shared['memory_mib'] - used[1])}/{len(shared['gpus']) - used[2]}",
+        ])
+    if args.json:
+        print_json({"nodes": document, "totals": totals})
+        return EXIT_OK
+    rows.append(["TOTAL (ready)", "", "", "", totals["cpus"], human_mib(totals["memory_mib"]), totals["gpus"],
+                 f"{totals['used_cpus']}/{human_mib(totals['used_memory_mib'])}/{totals['used_gpus']}",
+                 f"{totals['cpus'] - totals['used_cpus']}/"
+                 f"{human_mib(totals['memory_mib'] - totals['used_memory_mib'])}/"
+                 f"{totals['gpus'] - totals['used_gpus']}"])
+    print_table(["NODE", "VPN IP", "ROLE", "STATE", "CPUS", "MEMORY", "GPUS", "RESERVED c/m/g", "FREE c/m/g"], rows)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Argument parser
+# ---------------------------------------------------------------------------
+
+EXIT_CODES_HELP = """exit status: 0 ok, 1 the operation failed, 2 bad usage or input,
+  3 a precondition is missing (not root, tool not installed, Docker not running,
+  hub not initialised, manager unreachable), 130 interrupted"""
+
+
+class _Parser:
+    """Builds argparse parsers with an example in every --help."""
+
+    def __init__(self):
+        import argparse
+
+        self.argparse = argparse
+
+    def command(self, subparsers, name, handler, help_text, example, **kwargs):
+        parser = subparsers.add_parser(
+            name, help=help_text, description=help_text,
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+            formatter_class=self.argparse.RawDescriptionHelpFormatter, **kwargs,
+        )
+        parser.set_defaults(handler=handler)
+        return parser
+
+
+def add_json(parser):
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def add_manager(parser):
+    parser.add_argument("--manager", metavar="USER@HOST",
+                        help="run against this swarm manager over SSH (default: $GRIDX_MANAGER, else local)")
+
+
+def add_resources(parser, default_gpus="0"):
+    parser.add_argument("--cpus", default=str(DEFAULT_JOB_CPUS).rstrip("0").rstrip("."), help="CPUs to reserve (default 1)")
+    parser.add_argument("--memory", default=DEFAULT_JOB_MEMORY, help="memory to reserve, e.g. 512M, 8G (default 1G)")
+    parser.add_argument("--gpus", default=default_gpus, help="GPUs to reserve (default 0)")
+
+
+def add_share_flags(parser):
+    parser.add_argument("--cpus", help="CPUs to share (asked when missing)")
+    parser.add_argument("--memory", help="memory to share, e.g. 8G (asked when missing)")
+    parser.add_argument("--gpus", help="GPUs to share (asked when missing)")
+    parser.add_argument("--gpu-ids", help="which GPUs to share: GPU-…,GPU-…")
+    parser.add_argument("--private-key", help="the worker's WireGuard private key file (bundles made with --pubkey)")
+    parser.add_argument("--handshake-timeout", help="seconds to wait for the hub's handshake (default 30)")
+    parser.add_argument("--yes", "-y", action="store_true", help="accept the defaults, ask nothing")
+    parser.add_argument("--install-deps", action="store_true", help="install missing packages")
+
+
+def build_parser():
+    import argparse
+
+    maker = _Parser()
+    parser = argparse.ArgumentParser(
+        prog="gridx",
+        description="Grid-X: pool the idle CPUs and GPUs of a group's computers "
+                    "(WireGuard VPN + Docker Swarm).",
+        epilog="examples:\n"
+               "  sudo gridx hub init --ip 203.0.113.7\n"
+               "  sudo gridx hub add-peer laptop-anna\n"
+               "  gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --wait\n"
+               "  gridx cluster\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gridx {VERSION}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each command before it runs")
+    groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,cluster}")
+
+    hub = maker.command(groups, "hub", None, "the central server: VPN, swarm manager, peers, SSH",
+                        "sudo gridx hub init --ip 203.0.113.7")
+    hub_cmds = hub.add_subparsers(dest="command", metavar="COMMAND")
+    p = maker.command(hub_cmds, "init", cmd_hub_init, "set up the VPN, the swarm manager, SSH key and firewall",
+                      "sudo gridx hub init --ip 203.0.113.7 --subnet 10.0.0.0/24")
+    p.add_argument("--ip", required=True, help="the hub's public IP (workers dial it)")
+    p.add_argument("--port", default=str(DEFAULT_PORT), help=f"WireGuard UDP port (default {DEFAULT_PORT})")
+    p.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"VPN subnet (default {DEFAULT_SUBNET})")
+    p.add_argument("--interface", default=DEFAULT_INTERFACE, help=f"VPN interface (default {DEFAULT_INTERFACE})")
+    p = maker.command(hub_cmds, "add-peer", cmd_hub_add_peer, "add a worker and write its join bundle",
+                      "sudo gridx hub add-peer laptop-anna --out .")
+    p.add_argument("name", help="the worker's name (a DNS label)")
+    p.add_argument("--ip", help="VPN address to give it (default: the next free one)")
+    p.add_argument("--pubkey", help="the worker's WireGuard public key: its private key never exists on the hub")
+    p.add_argument("--out", help="also copy the bundle into this folder")
+    add_json(p)
+    p = maker.command(hub_cmds, "remove-peer", cmd_hub_remove_peer,
+                      "remove a worker from the VPN and the swarm, rotate the join token",
+                      "sudo gridx hub remove-peer laptop-anna")
+    p.add_argument("name")
+    p = maker.command(hub_cmds, "list-peers", cmd_hub_list_peers, "every peer: address, handshake, node, shares",
+                      "sudo gridx hub list-peers --json")
+    add_json(p)
+    p = maker.command(hub_cmds, "status", cmd_hub_status,
+                      "VPN and swarm health: exit 0 healthy, 1 degraded (for cron)", "sudo gridx hub status || alert")
+    add_json(p)
+    p = maker.command(hub_cmds, "join-info", cmd_hub_join_info, "print what a worker needs to join by hand",
+                      "sudo gridx hub join-info --name laptop-anna > laptop-anna.conf")
+    p.add_argument("--name", required=True)
+    add_json(p)
+    p = maker.command(hub_cmds, "ssh", cmd_hub_ssh, "SSH into a worker over the VPN with the hub's key",
+                      "sudo gridx hub ssh laptop-anna -- nvidia-smi")
+    p.add_argument("name")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
+    maker.command(hub_cmds, "ssh-pubkey", cmd_hub_ssh_pubkey, "print the hub's SSH public key",
+                  "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys")
+    p = maker.command(hub_cmds, "watch", cmd_hub_watch,
+                      "keep jobs alive: run again the jobs of workers that went down",
+                      "sudo gridx hub watch --interval 10 --down-after 30")
+    p.add_argument("--interval", default="10", help="seconds between checks (default 10)")
+    p.add_argument("--down-after", default="30", help="seconds a worker is down before its jobs move (default 30)")
+    p.add_argument("--once", action="store_true", help="check once and exit")
+    p = maker.command(hub_cmds, "reset", cmd_hub_reset, "remove the VPN, the swarm and every peer",
+                      "sudo gridx hub reset --yes")
+    p.add_argument("--yes", action="store_true", help="confirm")
+
+    worker = maker.command(groups, "worker", None, "a volunteer's machine: join, status, leave",
+                           "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --yes")
+    worker_cmds = worker.add_subparsers(dest="command", metavar="COMMAND")
+    p = maker.command(worker_cmds, "setup", cmd_worker_setup, "interactive: paste the config, answer the questions",
+                      "sudo gridx worker setup")
+    add_share_flags(p)
+    p = maker.command(worker_cmds, "join", cmd_worker_join, "join with a config file and a token",
+                      "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --gpus 0 --yes")
+    p.add_argument("--wg-config", required=True, help="the WireGuard config from the hub admin")
+    p.add_argument("--token", required=True, help="the swarm join token")
+    p.add_argument("--ssh-key", help="the hub's SSH public key (default: from the config)")
+    add_share_flags(p)
+    p = maker.command(worker_cmds, "status", cmd_worker_status, "link, handshake, swarm, shares: exit 0 healthy",
+                      "sudo gridx worker status --json")
+    add_json(p)
+    p = maker.command(worker_cmds, "leave", cmd_worker_leave, "leave and restore everything join changed",
+                      "sudo gridx worker leave")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
+
+    jobs = maker.command(groups, "jobs", None, "submit and follow jobs on the pooled cluster",
+                         "gridx jobs run python:3.11 \"python -c 'print(2**100)'\"")
+    jobs_cmds = jobs.add_subparsers(dest="command", metavar="COMMAND")
+    p = maker.command(jobs_cmds, "run", cmd_jobs_run, "run a batch job to completion",
+                      "gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --cpus 2 --memory 4G --wait")
+    p.add_argument("image")
+    p.add_argument("command", nargs="*",
+                   help="one string runs under sh -c; after --, words run as given")
+    add_resources(p)
+    p.add_argument("--name", help="job ID (default job-XXXXXX)")
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--replicas", default="1", help="how many copies run to completion (default 1)")
+    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_json(p)
+    add_manager(p)
+    p = maker.command(jobs_cmds, "jupyter", cmd_jobs_jupyter, "start a Jupyter server; prints its URL",
+                      "gridx jobs jupyter --cpus 2 --memory 4G --port 8888")
+    add_resources(p)
+    p.add_argument("--port", default="8888", help="port on the worker's VPN address (default 8888)")
+    p.add_argument("--image", help=f"image with Jupyter (default {JUPYTER_IMAGE})")
+    p.add_argument("--name", help="job ID (default jupyter-XXXXXX)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds to wait for it to answer (default 600)")
+    add_json(p)
+    add_manager(p)
+    p = maker.command(jobs_cmds, "train", cmd_jobs_train, "run a training script (URL or local file)",
+                      "gridx jobs train train.py --framework pytorch --gpus 1 --wait")
+    p.add_argument("script", help="an http(s) URL or a local file (sent as a swarm config)")
+    p.add_argument("--framework", required=True, choices=sorted(FRAMEWORK_IMAGES))
+    p.add_argument("--image", help="image to run it in (default: the framework's)")
+    add_resources(p)
+    p.add_argument("--name", help="job ID (default train-XXXXXX)")
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_manager(p)
+    p = maker.command(jobs_cmds, "list", cmd_jobs_list, "every job, from the swarm", "gridx jobs list --json")
+    add_json(p)
+    add_manager(p)
+    p = maker.command(jobs_cmds, "status", cmd_jobs_status, "placement, state, exit code, why it waits",
+                      "gridx jobs status job-3f9a1c")
+    p.add_argument("job_id")
+    add_json(p)
+    add_manager(p)
+    p = maker.command(jobs_cmds, "logs", cmd_jobs_logs, "a job's output", "gridx jobs logs job-3f9a1c -f")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", help="only the last N lines")
+    add_manager(p)
+    p = maker.command(jobs_cmds, "delete", cmd_jobs_delete, "stop a job on every worker and remove it",
+                      "gridx jobs delete job-3f9a1c")
+    p.add_argument("job_ids", nargs="+", metavar="job_id")
+    add_manager(p)
+    p = maker.command(jobs_cmds, "cluster", cmd_cluster, "every node: shared, reserved, free; totals",
+                      "gridx jobs cluster --json")
+    add_json(p)
+    add_manager(p)
+    p = maker.command(groups, "cluster", cmd_cluster, "shortcut for `gridx jobs cluster`", "gridx cluster")
+    add_json(p)
+    add_manager(p)
+    return parser, {"hub": hub, "worker": worker, "jobs": jobs}
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    global VERBOSE
+    parser, groups = build_parser()
+    args = parser.parse_args(argv)
+    VERBOSE = args.verbose
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        (groups.get(args.group) or parser).print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except GridxError as error:
+        print(f"{_tag('error', '1;31')} {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"{_tag('hint', '1;36')} {error.hint}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

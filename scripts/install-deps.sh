@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Install what Grid-X's tests and lab need, only when it is missing.
+#   scripts/install-deps.sh test   pytest, ruff (pip) and shellcheck (apt)
+#   scripts/install-deps.sh lab    Docker engine + compose, WireGuard tools,
+#                                  debootstrap; starts dockerd if not running
+# Debian/Ubuntu hosts (apt-get); elsewhere it says what to install.
+set -euo pipefail
+export LC_ALL=C DEBIAN_FRONTEND=noninteractive
+
+info() { printf 'info: %s\n' "$*" >&2; }
+fatal() { printf 'error: %s\n' "$*" >&2; exit 3; }
+
+APT_UPDATED=0
+apt_install() {
+	command -v apt-get >/dev/null 2>&1 || fatal "missing packages: $*; install them with your package manager"
+	[ "$(id -u)" -eq 0 ] || fatal "missing packages: $*; run as root or: sudo apt-get install $*"
+	if [ "$APT_UPDATED" -eq 0 ]; then
+		info "apt-get update"
+		apt-get update -qq >/dev/null
+		APT_UPDATED=1
+	fi
+	info "apt-get install $*"
+	apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# need_pkg COMMAND PACKAGE: queue PACKAGE when COMMAND is missing.
+MISSING=()
+need_pkg() {
+	command -v "$1" >/dev/null 2>&1 || MISSING+=("$2")
+}
+
+install_missing() {
+	if [ "${#MISSING[@]}" -gt 0 ]; then
+		apt_install "${MISSING[@]}"
+		MISSING=()
+	fi
+}
+
+python_module_missing() {
+	! python3 -c "import $1" >/dev/null 2>&1
+}
+
+install_test_deps() {
+	need_pkg shellcheck shellcheck
+	need_pkg bash bash
+	install_missing
+	local wanted=()
+	python_module_missing pytest && wanted+=("pytest")
+	python3 -m ruff --version >/dev/null 2>&1 || wanted+=("ruff")
+	if [ "${#wanted[@]}" -gt 0 ]; then
+		info "pip install ${wanted[*]}"
+		python3 -m pip install -q "${wanted[@]}" 2>/dev/null \
+			|| python3 -m pip install -q --break-system-packages "${wanted[@]}"
+	fi
+}
+
+docker_answers() {
+	timeout 10 docker info >/dev/null 2>&1
+}
+
+start_dockerd() {
+	docker_answers && return 0
+	command -v dockerd >/dev/null 2>&1 || return 1
+	if [ -d /run/systemd/system ]; then
+		systemctl start docker || true
+	elif [ -x /etc/init.d/docker ] && service docker start >/dev/null 2>&1; then
+		:
+	else
+		info "starting dockerd (log: /var/log/dockerd.log)"
+		setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+	fi
+	local _
+	for _ in $(seq 1 60); do
+		docker_answers && return 0
+		sleep 1
+	done
+	fatal "dockerd did not start: see /var/log/dockerd.log"
+}
+
+install_lab_deps() {
+	need_pkg dockerd docker.io
+	need_pkg docker docker.io
+	if ! docker compose version >/dev/null 2>&1; then
+		need_pkg docker-compose docker-compose
+	fi
+	need_pkg wg wireguard-tools
+	need_pkg wireguard-go wireguard-go
+	need_pkg debootstrap debootstrap
+	need_pkg ip iproute2
+	need_pkg iptables iptables
+	need_pkg ssh openssh-client
+	need_pkg curl curl
+	install_missing
+	start_dockerd
+}
+
+case "${1:-}" in
+	test) install_test_deps ;;
+	lab) install_lab_deps ;;
+	*) printf 'usage: %s test|lab\n' "$0" >&2; exit 2 ;;
+esac
