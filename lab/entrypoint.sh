@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Grid-X lab node entry point (hub and workers).
+#
+# Turns a non-privileged container (cap_add ALL minus SYS_RESOURCE, seccomp and
+# AppArmor unconfined, /dev/net/tun, device rule "a *:* rwm") into a small
+# machine that can run its own Docker engine and WireGuard:
+#   1. makes /sys, the cgroup hierarchies and /proc/sys writable;
+#   2. on cgroup v2 hosts, the usual docker-in-docker cgroup step;
+#   3. a fresh container forgets swarm state left in its /var/lib/docker volume
+#      by an earlier container (images are kept);
+#   4. starts sshd (host keys made here, unique per container);
+#   5. starts dockerd through Debian's init script (`service docker start`,
+#      so join.sh can `service docker restart` it), with
+#      DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 from /etc/default/docker;
+#   6. waits until `docker info` answers, then sleeps until SIGTERM.
+# Readiness: /run/gridx-lab.ready exists once dockerd answers.
+# Environment: GRIDX_LAB_DOCKER_WAIT (seconds to wait for dockerd, 60).
+set -euo pipefail
+export LC_ALL=C
+
+READY=/run/gridx-lab.ready
+INSTANCE=/etc/gridx-lab.instance
+
+info() { printf 'gridx-lab: %s\n' "$*"; }
+warn() { printf 'gridx-lab: warning: %s\n' "$*" >&2; }
+
+make_kernel_files_writable() {
+	# A plain `remount,rw` is refused inside a container; a bind remount works.
+	mount -o remount,bind,rw /sys 2>/dev/null || warn "could not remount /sys rw"
+	local dir
+	for dir in /sys/fs/cgroup /sys/fs/cgroup/*; do
+		if [ ! -d "$dir" ] || ! mountpoint -q "$dir"; then
+			continue
+		fi
+		mount -o remount,bind,rw "$dir" 2>/dev/null || warn "could not remount $dir rw"
+	done
+	# Docker mounts /proc/sys read-only over the real one: uncover it so
+	# dockerd and wg-quick can set sysctls.
+	if mountpoint -q /proc/sys; then
+		umount /proc/sys 2>/dev/null || warn "could not unmount /proc/sys"
+	fi
+}
+
+setup_cgroup_v2() {
+	# cgroup v2 host: move every process out of the root cgroup into a child so
+	# that controllers can be enabled for the cgroups dockerd creates.
+	[ -f /sys/fs/cgroup/cgroup.controllers ] || return 0
+	info "cgroup v2: enabling controllers for nested containers"
+	mkdir -p /sys/fs/cgroup/init
+	local pid
+	while read -r pid; do
+		echo "$pid" > /sys/fs/cgroup/init/cgroup.procs 2>/dev/null || :
+	done < /sys/fs/cgroup/cgroup.procs
+	local controllers
+	controllers=$(sed -e 's/ / +/g' -e 's/^/+/' /sys/fs/cgroup/cgroup.controllers)
+	echo "$controllers" > /sys/fs/cgroup/cgroup.subtree_control \
+		|| warn "could not enable cgroup controllers: $controllers"
+}
+
+forget_stale_swarm() {
+	# The engine's data lives on a named volume that outlives the container;
+	# the container's own files (/etc/gridx, /etc/wireguard, ~/.gridx) do not.
+	# A new container therefore starts outside any swarm, keeping the images.
+	if [ ! -e "$INSTANCE" ]; then
+		if [ -d /var/lib/docker/swarm ]; then
+			info "new container: removing swarm state left in /var/lib/docker"
+			rm -rf /var/lib/docker/swarm
+		fi
+		date +%s > "$INSTANCE"
+	fi
+}
+
+start_sshd() {
+	ssh-keygen -A >/dev/null
+	mkdir -p /run/sshd /root/.ssh
+	chmod 0700 /root/.ssh
+	rm -f /run/sshd.pid
+	/usr/sbin/sshd
+}
+
+start_dockerd() {
+	local wait=${GRIDX_LAB_DOCKER_WAIT:-60} i
+	# A restarted container keeps its /run: drop what the last dockerd left.
+	rm -rf "$READY" /run/docker.pid /run/docker-ssd.pid /run/docker.sock \
+		/run/docker /run/containerd /run/wireguard
+	service docker start >/dev/null
+	for ((i = 0; i < wait * 5; i++)); do
+		if docker info >/dev/null 2>&1; then
+			touch "$READY"
+			info "dockerd ready ($(docker info --format '{{.Driver}}'))"
+			return 0
+		fi
+		sleep 0.2
+	done
+	warn "dockerd did not answer within ${wait}s; last lines of /var/log/docker.log:"
+	tail -n 20 /var/log/docker.log >&2 || :
+	return 1
+}
+
+stop_all() {
+	info "stopping"
+	rm -f "$READY"
+	service docker stop >/dev/null 2>&1 || :
+	exit 0
+}
+
+main() {
+	make_kernel_files_writable
+	setup_cgroup_v2
+	forget_stale_swarm
+	start_sshd
+	trap stop_all TERM INT
+	start_dockerd || :
+	info "$(hostname) up"
+	sleep infinity &
+	wait $! || :
+	stop_all
+}
+
+main "$@"

@@ -1,0 +1,502 @@
+#!/usr/bin/env bash
+# Grid-X local lab: 1 hub + 3 workers as containers, each with its own Docker
+# engine, sshd and WireGuard (userspace wireguard-go where the kernel has no
+# module), on the private bridge network gridx-lab (172.29.240.0/24).
+#
+# Usage: ./test.sh COMMAND [ARGS]   (./test.sh help for the list)
+#
+# Environment:
+#   GRIDX_LAB_BASE_IMAGE  base image to build from (default: debian:bookworm-slim
+#                         when present or pullable, else gridx-lab-base:bookworm
+#                         built here with debootstrap)
+#   GRIDX_LAB_CACHE       where the debootstrap tree is kept (/var/cache/gridx-lab)
+#   GRIDX_LAB_MIRROR      Debian mirror for debootstrap (default: the one in
+#                         /etc/apt/sources.list.d, else http://deb.debian.org/debian)
+#   GRIDX_LAB_TIMEOUT     seconds to wait for every node's dockerd (120)
+#   NO_COLOR              plain output
+#
+# Exit status: 0 ok, 1 a step failed, 2 bad usage, 3 a prerequisite is missing.
+set -euo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PROJECT=gridx-lab
+PREFIX=gridx-lab-
+HUB=${PREFIX}hub
+WORKERS=(worker1 worker2 worker3)
+HUB_IP=172.29.240.10
+LAB_LABEL=io.gridx.lab
+BASE_PULL=debian:bookworm-slim
+BASE_LOCAL=gridx-lab-base:bookworm
+NODE_IMAGE=gridx-lab-node:latest
+HUB_IMAGE=gridx-lab-hub:latest
+JOB_IMAGES=(python:3.11)
+BUNDLE_DIR=/etc/gridx/bundles
+CACHE=${GRIDX_LAB_CACHE:-/var/cache/gridx-lab}
+TIMEOUT=${GRIDX_LAB_TIMEOUT:-120}
+# worker -> extra join.sh flags (worker3 shares two made-up GPUs)
+declare -A JOIN_EXTRA=([worker3]="--gpus 2 --gpu-ids GPU-fake-0000,GPU-fake-0001")
+JOIN_FLAGS=(--yes --cpus 4 --memory 4G)
+COMPOSE=()
+
+# ---------------------------------------------------------------- output ----
+
+if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then
+	BOLD=$'\e[1m' RED=$'\e[31m' YELLOW=$'\e[33m' RESET=$'\e[0m'
+else
+	BOLD='' RED='' YELLOW='' RESET=''
+fi
+info() { printf '%s[lab]%s %s\n' "$BOLD" "$RESET" "$*" >&2; }
+warn() { printf '%s[lab] warning:%s %s\n' "$YELLOW" "$RESET" "$*" >&2; }
+die() { # die CODE MESSAGE [HINT]
+	printf '%s[lab] error:%s %s\n' "$RED" "$RESET" "$2" >&2
+	[ -z "${3:-}" ] || printf '[lab] hint: %s\n' "$3" >&2
+	exit "$1"
+}
+echo_run() { printf '[#] %s\n' "$*" >&2; "$@"; }
+
+# stage NAME FUNCTION [ARGS...]: run a step and print how long it took.
+stage() {
+	local name=$1 t0=$EPOCHREALTIME
+	shift
+	info "== $name"
+	"$@"
+	info "== $name: done in $(elapsed "$t0")s"
+}
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+
+usage() {
+	cat <<EOF
+Usage: ./test.sh COMMAND [ARGS]
+
+Grid-X local lab: a hub and 3 workers as containers (each its own dockerd,
+sshd and WireGuard) on the private network 172.29.240.0/24.
+
+Commands:
+  start               build the images (base image too when it cannot be
+                      pulled), start the containers, wait for every dockerd
+  setup               hub init, add-peer + join.sh for worker1..3 (worker3
+                      shares 2 made-up GPUs), load the job images; idempotent
+  status              gridx hub status and docker node ls on the hub
+  ssh WORKER [CMD..]  gridx hub ssh WORKER [-- CMD] from the hub
+  add-external NAME   add a peer NAME and copy its bundle to ./gridx-NAME-bundle
+  test-job            run python:3.11 "python -c 'print(2**100)'" and wait
+  test-gpu            a --gpus 1 job (shows the GPU it got) and a --gpus 3 job
+                      that must be refused
+  cluster             gridx cluster on the hub
+  logs CONTAINER      docker logs of hub, worker1.. (or a full container name)
+  exec NODE CMD..     run CMD in a node container (docker exec)
+  clean               remove every container, volume, network and image of the lab
+  help                this text
+
+Typical: ./test.sh start && ./test.sh setup && ./test.sh test-job
+EOF
+}
+
+# ----------------------------------------------------------- prerequisites --
+
+need_cmd() {
+	command -v "$1" >/dev/null 2>&1 \
+		|| die 3 "'$1' is not installed" "${2:-apt-get install -y $1}"
+}
+
+need_docker() {
+	need_cmd docker docker.io
+	docker info >/dev/null 2>&1 \
+		|| die 3 "Docker is not running (docker info failed)" \
+			"start it: setsid dockerd >/var/log/dockerd.log 2>&1 &"
+}
+
+pick_compose() {
+	[ "${#COMPOSE[@]}" -eq 0 ] || return 0
+	if docker compose version >/dev/null 2>&1; then
+		COMPOSE=(docker compose)
+	elif command -v docker-compose >/dev/null 2>&1; then
+		COMPOSE=(docker-compose)
+	else
+		die 3 "neither 'docker compose' nor 'docker-compose' is installed" \
+			"apt-get install -y docker-compose"
+	fi
+}
+
+compose() {
+	pick_compose
+	"${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"
+}
+
+# node NAME -> container name (hub, worker1 or a full gridx-lab-* name)
+node() {
+	case $1 in
+		"$PREFIX"*) printf '%s\n' "$1" ;;
+		*) printf '%s%s\n' "$PREFIX" "$1" ;;
+	esac
+}
+
+in_node() { # in_node NAME CMD...
+	local c
+	c=$(node "$1")
+	shift
+	docker exec "$c" "$@"
+}
+
+gridx_hub() { docker exec "$HUB" gridx "$@"; }
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# -------------------------------------------------------------- base image --
+
+# The Debian mirror: GRIDX_LAB_MIRROR, else the first non-security Debian URI
+# in /etc/apt/sources.list(.d), else deb.debian.org.
+debian_mirror() {
+	if [ -n "${GRIDX_LAB_MIRROR:-}" ]; then
+		printf '%s\n' "$GRIDX_LAB_MIRROR"
+		return
+	fi
+	local uri
+	uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+		/etc/apt/sources.list.d/*.list 2>/dev/null \
+		| awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }
+		       /^deb / { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; break } }' \
+		| grep -E '/debian/?$' | head -n 1 || :)
+	printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
+
+build_base_image() {
+	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
+		"sudo ./test.sh start"
+	need_cmd debootstrap
+	local mirror rootfs=$CACHE/rootfs-bookworm
+	mirror=$(debian_mirror)
+	if [ ! -e "$rootfs/.gridx-complete" ]; then
+		info "debootstrap bookworm from $mirror into $rootfs (about a minute)"
+		rm -rf "$rootfs"
+		mkdir -p "$CACHE"
+		echo_run debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$CACHE/debootstrap.log" 2>&1 \
+			|| { tail -n 20 "$CACHE/debootstrap.log" >&2; die 1 "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+		rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+			"$rootfs"/var/cache/apt/*.bin
+		touch "$rootfs/.gridx-complete"
+	fi
+	info "docker import $rootfs as $BASE_LOCAL"
+	tar -C "$rootfs" --exclude=./.gridx-complete -c . \
+		| docker import --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
+			--change "LABEL $LAB_LABEL=1" - "$BASE_LOCAL" >/dev/null
+}
+
+# Prints the base image to build from; builds it when it cannot be pulled.
+ensure_base_image() {
+	if [ -n "${GRIDX_LAB_BASE_IMAGE:-}" ]; then
+		image_exists "$GRIDX_LAB_BASE_IMAGE" || docker pull "$GRIDX_LAB_BASE_IMAGE" >&2 \
+			|| die 1 "GRIDX_LAB_BASE_IMAGE=$GRIDX_LAB_BASE_IMAGE is neither here nor pullable"
+		BASE_IMAGE=$GRIDX_LAB_BASE_IMAGE
+	elif image_exists "$BASE_PULL"; then
+		BASE_IMAGE=$BASE_PULL
+	elif image_exists "$BASE_LOCAL"; then
+		BASE_IMAGE=$BASE_LOCAL
+	elif timeout 120 docker pull "$BASE_PULL" >&2; then
+		BASE_IMAGE=$BASE_PULL
+	else
+		warn "cannot pull $BASE_PULL: building $BASE_LOCAL locally with debootstrap"
+		build_base_image
+		BASE_IMAGE=$BASE_LOCAL
+	fi
+	info "base image: $BASE_IMAGE"
+}
+
+# ------------------------------------------------------------------ images --
+
+build_target() { # build_target TARGET TAG
+	# The build context is lab/ only (small, no .git); Dockerfile sits at the top.
+	local log
+	log=$(mktemp)
+	printf '[#] docker build --target %s -t %s (BASE_IMAGE=%s)\n' "$1" "$2" "$BASE_IMAGE" >&2
+	if ! docker build -f "$ROOT/Dockerfile" --target "$1" \
+		--build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$2" "$ROOT/lab" >"$log" 2>&1; then
+		tail -n 30 "$log" >&2
+		rm -f "$log"
+		die 1 "docker build --target $1 failed"
+	fi
+	rm -f "$log"
+}
+
+build_images() {
+	export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
+	docker buildx version >/dev/null 2>&1 && DOCKER_BUILDKIT=1
+	build_target node "$NODE_IMAGE"
+	build_target hub "$HUB_IMAGE"
+}
+
+# Job images: pulled where a registry answers, else built from the base image
+# (Debian bookworm's python3 is 3.11) and labelled as the lab's own.
+ensure_job_images() {
+	if image_exists python:3.11; then
+		info "job image python:3.11 present"
+	elif timeout 120 docker pull python:3.11 >&2; then
+		info "job image python:3.11 pulled"
+	else
+		info "cannot pull python:3.11: building it from $BASE_IMAGE"
+		build_target job-python python:3.11
+	fi
+}
+
+# ------------------------------------------------------------------ start ---
+
+wait_nodes_ready() {
+	local deadline=$((SECONDS + TIMEOUT)) n pending
+	while :; do
+		pending=()
+		for n in hub "${WORKERS[@]}"; do
+			in_node "$n" test -e /run/gridx-lab.ready 2>/dev/null || pending+=("$n")
+		done
+		[ "${#pending[@]}" -gt 0 ] || return 0
+		if [ "$SECONDS" -ge "$deadline" ]; then
+			for n in "${pending[@]}"; do
+				warn "$n: dockerd not ready; its log:"
+				docker logs --tail 20 "$(node "$n")" >&2 || :
+				in_node "$n" tail -n 20 /var/log/docker.log >&2 || :
+			done
+			die 1 "nodes not ready after ${TIMEOUT}s: ${pending[*]}" "./test.sh logs ${pending[0]}"
+		fi
+		sleep 0.5
+	done
+}
+
+cmd_start() {
+	need_docker
+	pick_compose
+	local t0=$EPOCHREALTIME
+	stage "base image" ensure_base_image
+	export GRIDX_LAB_BASE_IMAGE=$BASE_IMAGE
+	stage "build node + hub images" build_images
+	stage "job images" ensure_job_images
+	stage "compose up -d" compose up -d --no-build
+	stage "wait for dockerd in every node" wait_nodes_ready
+	info "lab up in $(elapsed "$t0")s; next: ./test.sh setup"
+}
+
+# ------------------------------------------------------------------ setup ---
+
+need_lab() {
+	need_docker
+	local state
+	state=$(docker inspect -f '{{.State.Running}}' "$HUB" 2>/dev/null || :)
+	[ "$state" = true ] || die 3 "the lab is not running" "./test.sh start"
+}
+
+hub_init() {
+	if docker exec "$HUB" test -e /etc/gridx/hub_config.json; then
+		info "hub already initialised"
+		return 0
+	fi
+	echo_run gridx_hub hub init --ip "$HUB_IP"
+}
+
+# bundle_path NAME: the bundle folder add-peer wrote on the hub. Adds the peer
+# first when it does not exist yet.
+bundle_path() {
+	local name=$1 out path=$BUNDLE_DIR/gridx-$1-bundle
+	if ! docker exec "$HUB" test -d "$path"; then
+		out=$(gridx_hub hub add-peer "$name" 2>&1) || { printf '%s\n' "$out" >&2; die 1 "add-peer $name failed"; }
+		printf '%s\n' "$out" >&2
+		if ! docker exec "$HUB" test -d "$path"; then
+			# add-peer printed somewhere else: take the first path it names.
+			path=$(printf '%s\n' "$out" | grep -oE "/[^ '\"]*gridx-$name-bundle" | head -n 1 || :)
+			if [ -z "$path" ] || ! docker exec "$HUB" test -d "$path"; then
+				die 1 "cannot find the bundle of $name on the hub"
+			fi
+		fi
+	fi
+	printf '%s\n' "$path"
+}
+
+# copy_bundle WORKER PATH: hub -> host -> worker:/root, modes kept (tar stream).
+copy_bundle() {
+	local worker=$1 path=$2
+	docker exec "$(node "$worker")" rm -rf "/root/$(basename "$path")"
+	docker cp "$HUB:$path" - | docker cp - "$(node "$worker"):/root/"
+}
+
+worker_joined() {
+	local state
+	state=$(in_node "$1" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)
+	[ "$state" = active ]
+}
+
+join_worker() {
+	local w=$1 path
+	if worker_joined "$w"; then
+		info "$w already in the swarm"
+		return 0
+	fi
+	path=$(bundle_path "$w")
+	copy_bundle "$w" "$path"
+	local extra=()
+	read -r -a extra <<<"${JOIN_EXTRA[$w]:-}"
+	echo_run in_node "$w" "/root/$(basename "$path")/join.sh" "${JOIN_FLAGS[@]}" "${extra[@]}"
+}
+
+load_images() {
+	local img id w
+	for img in "${JOB_IMAGES[@]}"; do
+		id=$(docker image inspect -f '{{.Id}}' "$img")
+		for w in "${WORKERS[@]}"; do
+			if [ "$(in_node "$w" docker image inspect -f '{{.Id}}' "$img" 2>/dev/null || :)" = "$id" ]; then
+				info "$w already has $img"
+				continue
+			fi
+			info "loading $img into $w"
+			docker save "$img" | docker exec -i "$(node "$w")" docker load -q >/dev/null
+		done
+	done
+}
+
+cmd_setup() {
+	need_lab
+	local t0=$EPOCHREALTIME w
+	wait_nodes_ready
+	stage "hub init" hub_init
+	for w in "${WORKERS[@]}"; do
+		stage "join $w" join_worker "$w"
+	done
+	stage "load job images into workers" load_images
+	info "lab set up in $(elapsed "$t0")s; next: ./test.sh status, ./test.sh test-job"
+}
+
+# --------------------------------------------------------------- commands ---
+
+cmd_status() {
+	need_lab
+	local rc=0
+	gridx_hub hub status || rc=$?
+	docker exec "$HUB" docker node ls || rc=1
+	return "$rc"
+}
+
+cmd_ssh() {
+	[ $# -ge 1 ] || die 2 "usage: ./test.sh ssh WORKER [CMD...]"
+	need_lab
+	local worker=$1 tty=()
+	shift
+	[ -t 0 ] && [ -t 1 ] && tty=(-it)
+	if [ $# -gt 0 ]; then
+		docker exec "${tty[@]}" "$HUB" gridx hub ssh "$worker" -- "$@"
+	else
+		docker exec "${tty[@]}" "$HUB" gridx hub ssh "$worker"
+	fi
+}
+
+cmd_add_external() {
+	[ $# -eq 1 ] || die 2 "usage: ./test.sh add-external NAME"
+	need_lab
+	local name=$1 path dest
+	path=$(bundle_path "$name")
+	dest=$PWD/$(basename "$path")
+	rm -rf "$dest" "$dest.tar.gz"
+	docker cp "$HUB:$path" "$PWD/"
+	docker cp "$HUB:$path.tar.gz" "$PWD/" 2>/dev/null || warn "no $path.tar.gz on the hub"
+	info "bundle for $name: $dest"
+	cat >&2 <<EOF
+[lab] Copy it to the machine that joins (it must reach $HUB_IP:51820/udp,
+[lab] i.e. sit on the gridx-lab network), then there:
+[lab]     cd $(basename "$path") && sudo ./join.sh
+[lab] and to leave again: sudo ./leave.sh
+EOF
+}
+
+cmd_test_job() {
+	need_lab
+	echo_run gridx_hub jobs run --wait python:3.11 "python -c 'print(2**100)'"
+}
+
+cmd_test_gpu() {
+	need_lab
+	if command -v nvidia-smi >/dev/null 2>&1; then
+		info "this machine's GPUs (the lab's workers share made-up ones):"
+		nvidia-smi -L || :
+	fi
+	info "a job asking for 1 GPU (worker3 shares GPU-fake-0000 and GPU-fake-0001)"
+	local prog='import os; print("GPU given:", os.environ.get("DOCKER_RESOURCE_NVIDIA-GPU", "none")); os.system("nvidia-smi -L 2>/dev/null")'
+	echo_run gridx_hub jobs run --wait --gpus 1 python:3.11 -- python -c "$prog"
+	info "a job asking for 3 GPUs must be refused (no worker shares 3)"
+	local out rc=0
+	out=$(gridx_hub jobs run --gpus 3 python:3.11 "nvidia-smi" 2>&1) || rc=$?
+	printf '%s\n' "$out"
+	[ "$rc" -ne 0 ] || die 1 "a --gpus 3 job was accepted; it should have been refused"
+	info "refused as expected (exit status $rc)"
+}
+
+cmd_cluster() {
+	need_lab
+	gridx_hub cluster "$@"
+}
+
+cmd_logs() {
+	[ $# -ge 1 ] || die 2 "usage: ./test.sh logs CONTAINER"
+	need_docker
+	local c
+	c=$(node "$1")
+	shift
+	docker logs "$@" "$c"
+	info "the inner dockerd's log: ./test.sh exec $1 tail /var/log/docker.log"
+}
+
+cmd_exec() {
+	[ $# -ge 2 ] || die 2 "usage: ./test.sh exec NODE CMD..."
+	need_lab
+	local c tty=()
+	c=$(node "$1")
+	shift
+	[ -t 0 ] && [ -t 1 ] && tty=(-it)
+	docker exec "${tty[@]}" "$c" "$@"
+}
+
+cmd_clean() {
+	need_docker
+	pick_compose
+	local t0=$EPOCHREALTIME
+	compose down -v --remove-orphans --timeout 5 || :
+	# Anything of the lab that compose did not remove (renamed services...).
+	{
+		docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"
+		docker ps -aq --filter "label=$LAB_LABEL" # extra nodes (tests' fresh node)
+	} | sort -u | xargs -r docker rm -f -v >/dev/null
+	docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT" \
+		| xargs -r docker volume rm >/dev/null
+	docker volume ls -q --filter "name=^$PREFIX" | xargs -r docker volume rm >/dev/null
+	docker network rm "$PROJECT" >/dev/null 2>&1 || :
+	# Every image built or imported here carries the label (base, node, hub,
+	# the local python:3.11), dangling rebuilds included.
+	docker images -aq --filter "label=$LAB_LABEL" | sort -u | xargs -r docker rmi -f >/dev/null
+	local b
+	for b in "$ROOT"/gridx-*-bundle "$ROOT"/gridx-*-bundle.tar.gz; do
+		[ -e "$b" ] || continue
+		info "removing $b (a bundle for the lab's VPN)"
+		rm -rf "$b"
+	done
+	info "lab removed in $(elapsed "$t0")s (the debootstrap tree stays in $CACHE)"
+}
+
+# ------------------------------------------------------------------- main ---
+
+main() {
+	[ $# -ge 1 ] || { usage >&2; exit 2; }
+	local cmd=$1
+	shift
+	case $cmd in
+		start) cmd_start "$@" ;;
+		setup) cmd_setup "$@" ;;
+		status) cmd_status "$@" ;;
+		ssh) cmd_ssh "$@" ;;
+		add-external) cmd_add_external "$@" ;;
+		test-job) cmd_test_job "$@" ;;
+		test-gpu) cmd_test_gpu "$@" ;;
+		cluster) cmd_cluster "$@" ;;
+		logs) cmd_logs "$@" ;;
+		exec) cmd_exec "$@" ;;
+		clean) cmd_clean "$@" ;;
+		help | -h | --help) usage ;;
+		*) usage >&2; die 2 "unknown command: $cmd" ;;
+	esac
+}
+
+main "$@"
