@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+#
+# status.sh - is this Grid-X worker healthy? Safe for cron: it never asks
+# anything, and has no colour when not on a terminal.
+#
+#   sudo ./status.sh          # a few lines for people
+#   sudo ./status.sh --json   # one JSON document (no jq or python needed)
+#
+# Healthy means: the VPN link is up, the last handshake with the hub is less
+# than 180 s old (WireGuard renews it every 2 minutes while traffic flows,
+# and PersistentKeepalive 25 keeps traffic flowing), and Docker's swarm
+# state is "active". Otherwise each reason is printed on stderr.
+#
+# --json fields: joined (bool), complete (bool, false after a join that
+# stopped midway), name, interface, vpn_ip, hub_vpn_ip, hub_endpoint,
+# manager, link_up (bool), handshake_age_s (int, null when none yet),
+# swarm_state (inactive/pending/active/error/locked/unknown), node_addr,
+# shared {cpus, memory_mib, gpu_ids [..]}, healthy (bool), problems [..].
+#
+# Reads: ${GRIDX_STATE_DIR:-$HOME/.gridx}/state.env (written by join.sh),
+#   settings.env beside this script when present, and the path overrides
+#   listed in lib.sh.
+#
+# Exit codes: 0 healthy, 1 not healthy or not joined, 2 bad usage, 3 not root.
+
+set -euo pipefail
+export LC_ALL=C
+
+GRIDX_PROG=status.sh
+GRIDX_BUNDLE_DIR=${BASH_SOURCE[0]%/*}
+[[ $GRIDX_BUNDLE_DIR != "${BASH_SOURCE[0]}" ]] || GRIDX_BUNDLE_DIR=.
+GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
+# shellcheck source=lib.sh
+. "$GRIDX_BUNDLE_DIR/lib.sh"
+
+HANDSHAKE_MAX_AGE=180
+OPT_JSON=0
+LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=()
+
+usage() {
+	cat <<EOF
+Usage: sudo ./status.sh [--json]
+
+Show whether this Grid-X worker is healthy: VPN link, handshake with the
+hub, swarm membership, and what it shares.
+
+Exit status: 0 healthy (link up, handshake less than $HANDSHAKE_MAX_AGE s old, swarm
+active), 1 not healthy or not joined (reasons on stderr), 2 bad usage,
+3 not root.
+EOF
+}
+
+parse_args() {
+	while (($#)); do
+		case $1 in
+		--json) OPT_JSON=1 ;;
+		-h | --help)
+			usage
+			exit 0
+			;;
+		*) fatal 2 "unknown option '$1'" "see $GRIDX_PROG --help" ;;
+		esac
+		shift
+	done
+}
+
+check_link() {
+	local iface=${ST[INTERFACE]:-gridx0}
+	if link_is_up "$iface"; then
+		LINK_UP=true
+	else
+		PROBLEMS+=("link $iface is down (bring it up: wg-quick up $iface)")
+	fi
+}
+
+check_handshake() {
+	local now
+	latest_handshake "${ST[INTERFACE]:-gridx0}" || true
+	if ((REPLY == 0)); then
+		[[ $LINK_UP == true ]] && PROBLEMS+=("no handshake with the hub yet (is the hub at ${ST[HUB_ENDPOINT]:-?} reachable over UDP?)")
+		return 0
+	fi
+	printf -v now '%(%s)T' -1
+	HANDSHAKE_AGE=$((now - REPLY))
+	((HANDSHAKE_AGE >= 0)) || HANDSHAKE_AGE=0
+	if ((HANDSHAKE_AGE >= HANDSHAKE_MAX_AGE)); then
+		PROBLEMS+=("last handshake with the hub ${HANDSHAKE_AGE} s ago (more than $HANDSHAKE_MAX_AGE s)")
+	fi
+}
+
+check_swarm() {
+	swarm_state
+	SWARM=$REPLY
+	if [[ $SWARM == active ]]; then
+		NODE_ADDR=$(docker info --format '{{.Swarm.NodeAddr}}' 2>/dev/null || true)
+	else
+		PROBLEMS+=("swarm state is $SWARM, not active")
+	fi
+}
+
+print_json() {
+	local healthy=$1 joined=$2 key p problems='' complete=false
+	[[ ${ST[COMPLETE]:-0} == 1 ]] && complete=true
+	printf '{"joined": %s, "complete": %s' "$joined" "$complete"
+	for key in NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER; do
+		json_str "${ST[$key]:-}"
+		printf ', "%s": %s' "${key,,}" "$REPLY"
+	done
+	json_str "$NODE_ADDR"
+	printf ', "link_up": %s, "handshake_age_s": %s, "swarm_state": "%s", "node_addr": %s' \
+		"$LINK_UP" "$HANDSHAKE_AGE" "$SWARM" "$REPLY"
+	json_str_list "${ST[SHARED_GPU_IDS]:-}"
+	printf ', "shared": {"cpus": %s, "memory_mib": %s, "gpu_ids": %s}' \
+		"${ST[SHARED_CPUS]:-0}" "${ST[SHARED_MEMORY_MIB]:-0}" "$REPLY"
+	for p in "${PROBLEMS[@]}"; do
+		json_str "$p"
+		problems+=${problems:+, }$REPLY
+	done
+	printf ', "healthy": %s, "problems": [%s]}\n' "$healthy" "$problems"
+}
+
+print_human() {
+	local age=never gpus=${ST[SHARED_GPU_IDS]:-}
+	[[ $HANDSHAKE_AGE != null ]] && age="$HANDSHAKE_AGE s ago"
+	printf 'Grid-X worker %s (%s)\n' "${ST[NAME]:-?}" "${ST[VPN_IP]:-?}"
+	printf '  link %-10s %s\n' "${ST[INTERFACE]:-gridx0}" "$([[ $LINK_UP == true ]] && printf up || printf down)"
+	printf '  handshake       %s (hub %s at %s)\n' "$age" "${ST[HUB_VPN_IP]:-?}" "${ST[HUB_ENDPOINT]:-?}"
+	printf '  swarm           %s (manager %s)\n' "$SWARM" "${ST[MANAGER]:-?}"
+	printf '  shared          %s CPUs, %s MiB, GPUs: %s\n' "${ST[SHARED_CPUS]:-?}" "${ST[SHARED_MEMORY_MIB]:-?}" "${gpus:-none}"
+}
+
+main() {
+	parse_args "$@"
+	ensure_root "reads the VPN's state" "$@"
+	init_paths
+	if [[ -f $GRIDX_BUNDLE_DIR/settings.env ]]; then load_settings; fi
+	if ! state_exists; then
+		PROBLEMS=("not joined (no $STATE_FILE)")
+		if ((OPT_JSON)); then print_json false false; fi
+		warn "${PROBLEMS[0]}"
+		exit 1
+	fi
+	load_state
+	[[ ${ST[COMPLETE]:-0} == 1 ]] || PROBLEMS+=("a join stopped midway: run leave.sh, then join.sh again")
+	check_link
+	check_handshake
+	check_swarm
+	local healthy=true p
+	((${#PROBLEMS[@]} == 0)) || healthy=false
+	if ((OPT_JSON)); then print_json "$healthy" true; else print_human; fi
+	if [[ $healthy == true ]]; then
+		((OPT_JSON)) || printf 'healthy\n'
+		exit 0
+	fi
+	for p in "${PROBLEMS[@]}"; do printf 'unhealthy: %s\n' "$p" >&2; done
+	exit 1
+}
+
+main "$@"

@@ -1,0 +1,923 @@
+"""The worker's bundle scripts (bundle_templates/*.sh), run for real with fake
+system commands.
+
+Each test builds a bundle in a temporary folder and a bin folder holding tiny
+shell stubs for wg, wg-quick, ip, docker, iptables, systemctl, service, nproc
+(and nvidia-smi / nvidia-container-runtime when a test wants GPUs) that log
+their argv to $FAKE/log and keep their state under $FAKE, plus links to the
+few real tools the scripts need. PATH is that folder alone, so the scripts run
+as on a volunteer's machine without Python (python3 and jq are linked in only
+by the tests that want them). Every path the scripts touch is pointed into
+the temporary folder through the GRIDX_* overrides; the real /etc is never
+read or written.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import pty
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPLATES = os.path.join(ROOT, "bundle_templates")
+SCRIPTS = ["join.sh", "leave.sh", "status.sh", "lib.sh"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts re-run themselves under sudo when not root")
+
+# Real tools the scripts (and the stubs) use; nothing else is on PATH.
+REAL_TOOLS = [
+    "bash", "env", "cat", "cp", "mv", "rm", "rmdir", "mkdir", "mktemp", "chmod", "sync", "sleep",
+    "date", "sha256sum", "tail", "touch", "ls", "stat", "uname", "grep", "basename",
+]
+
+PRIVATE_KEY = base64.b64encode(bytes(range(32))).decode()
+HUB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake gridx-hub"
+TOKEN = "SWMTKN-1-fake0123456789abcdefghijklmnopqrstuvwxyz-secretpart"
+KEY_LINE = 'from="10.0.0.1",no-agent-forwarding,no-X11-forwarding ' + HUB_KEY
+
+STUBS = {
+    "wg": r"""
+echo "wg $*" >>"$FAKE/log"
+if [[ $1 == show && $3 == latest-handshakes ]]; then
+    [[ -f $FAKE/links/$2 ]] || { echo "Unable to access interface: No such device" >&2; exit 1; }
+    h=0
+    if [[ -f $FAKE/handshake ]]; then h=$(<"$FAKE/handshake"); fi
+    [[ $h == now ]] && h=$(date +%s)
+    printf 'HUBPUBKEY=\t%s\n' "$h"
+elif [[ $1 == show && $3 == public-key ]]; then
+    echo WORKERPUBKEY=
+fi
+""",
+    "wg-quick": r"""
+echo "wg-quick $*" >>"$FAKE/log"
+[[ -f $FAKE/fail/wg-quick-$1 ]] && { echo "fake wg-quick $1 failure" >&2; exit 1; }
+conf=$2 iface=$(basename "$2" .conf)
+[[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
+hook() {  # run the config's PostUp/PostDown lines as wg-quick does
+    local line
+    while IFS= read -r line; do
+        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}"; fi
+    done <"$conf"
+}
+case $1 in
+up) [[ -f $FAKE/links/$iface ]] && { echo "wg-quick: \`$iface' already exists" >&2; exit 1; }
+    touch "$FAKE/links/$iface"; hook PostUp ;;
+down) [[ -f $FAKE/links/$iface ]] || { echo "wg-quick: \`$iface' is not a WireGuard interface" >&2; exit 1; }
+    rm -f "$FAKE/links/$iface"; hook PostDown ;;
+esac
+""",
+    "ip": r"""
+echo "ip $*" >>"$FAKE/log"
+iface=${@: -1}
+case "$*" in
+"link show dev "* | "-o link show dev "*)
+    if [[ -f $FAKE/links/$iface ]]; then
+        echo "5: $iface: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue state UNKNOWN mode DEFAULT"
+    else
+        echo "Device \"$iface\" does not exist." >&2; exit 1
+    fi ;;
+"link delete dev "*) rm -f "$FAKE/links/$iface" ;;
+esac
+""",
+    "docker": r"""
+echo "docker $*" >>"$FAKE/log"
+state=$(cat "$FAKE/swarm_state" 2>/dev/null || echo inactive)
+case $1 in
+info)
+    [[ -f $FAKE/fail/docker-info ]] && { echo "Cannot connect to the Docker daemon" >&2; exit 1; }
+    case "$*" in
+    *LocalNodeState*) echo "$state" ;;
+    *NodeAddr*) echo 10.0.0.2 ;;
+    *) echo "Server Version: 20.10.fake" ;;
+    esac ;;
+swarm)
+    case $2 in
+    join)
+        [[ -f $FAKE/fail/swarm-join ]] && { echo "Error response from daemon: invalid join token" >&2; exit 1; }
+        echo active >"$FAKE/swarm_state"; echo "This node joined a swarm as a worker." ;;
+    leave) echo inactive >"$FAKE/swarm_state"; echo "Node left the swarm." ;;
+    esac ;;
+esac
+""",
+    "iptables": r"""
+echo "iptables $*" >>"$FAKE/log"
+rules=$FAKE/iptables_rules
+touch "$rules"
+op=$1 chain=$2
+shift 2
+rule="$chain $*"
+case $op in
+-C) grep -qxF -- "$rule" "$rules" ;;
+-I | -A) echo "$rule" >>"$rules" ;;
+-D)
+    grep -qxF -- "$rule" "$rules" || { echo "iptables: Bad rule" >&2; exit 1; }
+    gone=0 kept=()
+    while IFS= read -r l; do
+        if [[ $gone == 0 && $l == "$rule" ]]; then gone=1; else kept+=("$l"); fi
+    done <"$rules"
+    printf '%s\n' "${kept[@]}" | grep -v '^$' >"$rules.new" || true
+    mv "$rules.new" "$rules" ;;
+-N) echo "iptables: Chain already exists." >&2; exit 1 ;;
+esac
+""",
+    "systemctl": r"""
+echo "systemctl $*" >>"$FAKE/log"
+[[ $1 == is-enabled ]] && exit 1
+[[ $1 == restart && -f $FAKE/fail/docker-restart ]] && exit 1
+exit 0
+""",
+    "service": r"""
+echo "service $*" >>"$FAKE/log"
+[[ -f $FAKE/fail/docker-restart ]] && exit 1
+exit 0
+""",
+    "nproc": r"""
+cat "$FAKE/nproc" 2>/dev/null || echo 4
+""",
+}
+
+NVIDIA_SMI = r"""
+echo "nvidia-smi $*" >>"$FAKE/log"
+cat "$FAKE/gpus"
+"""
+
+MEMINFO = "MemTotal:        8040708 kB\nMemFree:         1000000 kB\n"  # 7852 MiB
+MACHINE_MIB = 8040708 // 1024
+
+NVIDIA_TOML = """#accept-nvidia-visible-devices-as-volume-mounts = false
+disable-require = false
+#swarm-resource = "DOCKER_RESOURCE_GPU"
+
+[nvidia-container-cli]
+#root = "/run/nvidia/driver"
+ldconfig = "@/sbin/ldconfig.real"
+"""
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Lab:
+    """One fake machine: bundle, bin folder, fake state, overridden paths."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.bundle = tmp / "gridx-worker1-bundle"
+        self.bin = tmp / "bin"
+        self.fake = tmp / "fake"
+        self.etc = tmp / "etc"
+        self.home = tmp / "root"
+        self.state = self.home / ".gridx"
+        self.wg_dir = self.etc / "wireguard"
+        self.wg_conf = self.wg_dir / "gridx0.conf"
+        self.daemon_json = self.etc / "docker" / "daemon.json"
+        self.nvidia_toml = self.etc / "nvidia-container-runtime" / "config.toml"
+        self.auth_keys = self.home / ".ssh" / "authorized_keys"
+        for d in (self.bundle, self.bin, self.fake / "links", self.fake / "fail", self.etc, self.home):
+            d.mkdir(parents=True)
+        self.settings = {
+            "GRIDX_NAME": "worker1",
+            "GRIDX_INTERFACE": "gridx0",
+            "GRIDX_VPN_IP": "10.0.0.2",
+            "GRIDX_HUB_VPN_IP": "10.0.0.1",
+            "GRIDX_HUB_ENDPOINT": "203.0.113.7:51820",
+            "GRIDX_SUBNET": "10.0.0.0/24",
+            "GRIDX_MANAGER": "10.0.0.1:2377",
+            "GRIDX_NEEDS_PRIVATE_KEY": "0",
+            "GRIDX_VERSION": "0.1.0",
+        }
+        self.write_bundle()
+        for name, body in STUBS.items():
+            self.stub(name, body)
+        for tool in REAL_TOOLS:
+            self.link(tool)
+        (self.fake / "handshake").write_text("now")
+        (self.tmp / "meminfo").write_text(MEMINFO)
+
+    # -- setup helpers
+    def write_bundle(self, private_key=PRIVATE_KEY):
+        for s in SCRIPTS:
+            shutil.copy(os.path.join(TEMPLATES, s), self.bundle / s)
+        lines = ["%s='%s'" % kv for kv in self.settings.items()]
+        (self.bundle / "settings.env").write_text("\n".join(lines) + "\n")
+        (self.bundle / "gridx0.conf").write_text(
+            "[Interface]\nPrivateKey = %s\nAddress = 10.0.0.2/24\n\n[Peer]\n"
+            "PublicKey = HUBPUBKEY=\nEndpoint = 203.0.113.7:51820\nAllowedIPs = 10.0.0.0/24\n"
+            "PersistentKeepalive = 25\n" % private_key
+        )
+        (self.bundle / "swarm-token").write_text(TOKEN + "\n")
+        (self.bundle / "hub_ssh.pub").write_text(HUB_KEY + "\n")
+
+    def stub(self, name, body):
+        path = self.bin / name
+        path.write_text("#!/bin/bash\n" + body)
+        path.chmod(0o755)
+
+    def link(self, tool, target=None):
+        target = target or shutil.which(tool)
+        assert target, tool
+        dest = self.bin / tool
+        if not dest.exists():
+            dest.symlink_to(target)
+
+    def with_python3(self):
+        self.link("python3", sys.executable)
+
+    def with_jq(self):
+        if not shutil.which("jq"):
+            pytest.skip("jq not installed")
+        self.link("jq")
+
+    def with_gpus(self, *uuids):
+        (self.fake / "gpus").write_text("".join(u + "\n" for u in uuids))
+        self.stub("nvidia-smi", NVIDIA_SMI)
+
+    def fail(self, what):
+        (self.fake / "fail" / what).touch()
+
+    def unfail(self, what):
+        (self.fake / "fail" / what).unlink()
+
+    # -- running
+    def env(self, **extra):
+        env = {
+            "PATH": str(self.bin),
+            "HOME": str(self.home),
+            "FAKE": str(self.fake),
+            "GRIDX_WG_DIR": str(self.wg_dir),
+            "GRIDX_DOCKER_DAEMON_JSON": str(self.daemon_json),
+            "GRIDX_NVIDIA_CONFIG": str(self.nvidia_toml),
+            "GRIDX_AUTHORIZED_KEYS": str(self.auth_keys),
+            "GRIDX_STATE_DIR": str(self.state),
+            "GRIDX_MEMINFO": str(self.tmp / "meminfo"),
+            "GRIDX_SYSTEMD_RUN_DIR": str(self.tmp / "no-systemd"),
+            "GRIDX_DOCKER_WAIT": "3",
+        }
+        env.update(extra)
+        return env
+
+    def run(self, script, *args, env=None):
+        return subprocess.run(
+            [str(self.bundle / script), *args],
+            env=env or self.env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def join(self, *args, ok=True):
+        args = args or ("--cpus", "2", "--memory", "1G", "--yes")
+        r = self.run("join.sh", *args)
+        if ok:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    # -- looking
+    def log(self):
+        p = self.fake / "log"
+        return p.read_text().splitlines() if p.exists() else []
+
+    def iptables_rules(self):
+        p = self.fake / "iptables_rules"
+        return [x for x in p.read_text().splitlines() if x] if p.exists() else []
+
+    def link_up(self):
+        return (self.fake / "links" / "gridx0").exists()
+
+    def swarm_state(self):
+        p = self.fake / "swarm_state"
+        return p.read_text().strip() if p.exists() else "inactive"
+
+    def snapshot(self):
+        """Every file under the fake /etc and home, with its bytes' hash and mode."""
+        out = {}
+        for base in (self.etc, self.home):
+            for dirpath, dirnames, filenames in os.walk(base):
+                out[dirpath] = "dir %o" % stat.S_IMODE(os.stat(dirpath).st_mode)
+                for f in filenames:
+                    p = os.path.join(dirpath, f)
+                    out[p] = "%s %o" % (sha(p), stat.S_IMODE(os.stat(p).st_mode))
+        return out
+
+
+@pytest.fixture
+def lab(tmp_path):
+    return Lab(tmp_path)
+
+
+CHANGING = ("wg-quick", "docker swarm join", "docker swarm leave", "systemctl", "service", "iptables -I", "iptables -D")
+
+
+def assert_nothing_changed(lab, before):
+    assert lab.snapshot() == before
+    assert not [c for c in lab.log() if c.startswith(CHANGING)]
+    assert not lab.link_up()
+    assert lab.swarm_state() == "inactive"
+    assert lab.iptables_rules() == []
+
+
+# ---------------------------------------------------------------- lint ----
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shellcheck_clean(script):
+    r = subprocess.run(["shellcheck", "-S", "style", "-x", script], cwd=TEMPLATES, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_scripts_are_strict_and_documented():
+    for s in SCRIPTS:
+        text = open(os.path.join(TEMPLATES, s)).read()
+        assert text.split("\n")[2].startswith("# %s - " % s), s
+        if s != "lib.sh":
+            assert "set -euo pipefail" in text and "export LC_ALL=C" in text, s
+            assert text.rstrip().endswith('main "$@"'), s
+            assert os.access(os.path.join(TEMPLATES, s), os.X_OK), s
+
+
+@pytest.mark.parametrize("script", ["join.sh", "leave.sh", "status.sh"])
+def test_help(lab, script):
+    r = lab.run(script, "--help")
+    assert r.returncode == 0
+    assert "Usage:" in r.stdout and "Exit status" in r.stdout
+    assert lab.log() == []
+
+
+# ------------------------------------------------------ input validation ----
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--cpus", "0"], "--cpus 0"),
+        (["--cpus", "8X"], "--cpus '8X'"),
+        (["--cpus", "5"], "only 4 CPUs"),
+        (["--cpus", "-1"], "--cpus '-1'"),
+        (["--memory", "8X"], "--memory '8X'"),
+        (["--memory", "8"], "needs a unit"),
+        (["--memory", "0G"], "more than 0"),
+        (["--memory", "9G"], "only %d MiB" % MACHINE_MIB),
+        (["--gpus", "two"], "--gpus 'two'"),
+        (["--gpus", "1"], "no GPU found"),
+        (["--gpu-ids", "GPU-a,,GPU-b"], "--gpu-ids"),
+        (["--handshake-timeout", "0"], "--handshake-timeout"),
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+        (["--cpus"], "--cpus needs a value"),
+    ],
+)
+def test_bad_input_exits_2_and_changes_nothing(lab, args, says):
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text('{"log-level": "warn"}\n')
+    before = lab.snapshot()
+    full = {"--cpus": "2", "--memory": "1G"}
+    for i, a in enumerate(args):
+        if a in full and i + 1 < len(args):
+            full.pop(a)
+    rest = [x for kv in full.items() for x in kv]
+    r = lab.run("join.sh", *rest, *args, "--yes")
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], r.stderr
+    assert_nothing_changed(lab, before)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        ([], "--cpus"),
+        (["--cpus", "2"], "--memory"),
+        (["--cpus", "2", "--memory", "1G"], "--yes"),
+    ],
+)
+def test_no_terminal_missing_answer_names_the_flag(lab, args, flag):
+    before = lab.snapshot()
+    r = lab.run("join.sh", *args)
+    assert r.returncode == 2
+    assert "no terminal" in r.stderr and "pass " + flag in r.stderr, r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_no_terminal_gpus_asked_when_machine_has_gpus(lab):
+    lab.with_gpus("GPU-1111", "GPU-2222")
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
+    assert r.returncode == 2 and "pass --gpus" in r.stderr, r.stderr
+
+
+def test_missing_prerequisites_listed_at_once_with_install_commands(lab):
+    for tool in ("wg", "wg-quick", "docker", "iptables"):
+        (lab.bin / tool).unlink()
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
+    assert r.returncode == 3
+    assert "missing: wg/wg-quick docker iptables" in r.stderr
+    assert "apt-get install -y wireguard-tools docker.io iptables" in r.stderr
+    assert "pacman -S --needed wireguard-tools docker iptables" in r.stderr
+    assert "dnf install -y wireguard-tools moby-engine iptables" in r.stderr
+    assert "--install-deps" in r.stderr
+    assert "sshd is not installed" in r.stderr  # optional: a warning only
+    assert lab.snapshot() == before
+
+
+def test_docker_not_running_is_a_precondition(lab):
+    lab.fail("docker-info")
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
+    assert r.returncode == 3 and "Docker is installed but not running" in r.stderr
+
+
+# ----------------------------------------------------------- refusals ----
+
+def test_refuses_when_already_joined(lab):
+    lab.join()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "leave.sh" in r.stderr
+
+
+def test_refuses_when_interface_exists(lab):
+    (lab.fake / "links" / "gridx0").touch()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "interface named gridx0 already exists" in r.stderr
+    assert not lab.state.exists()
+
+
+def test_refuses_when_docker_already_in_a_swarm(lab):
+    (lab.fake / "swarm_state").write_text("active\n")
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "docker swarm leave" in r.stderr
+    assert not lab.state.exists()
+
+
+def test_refuses_other_wireguard_config_and_leaves_it_alone(lab):
+    lab.wg_dir.mkdir(mode=0o700)
+    lab.wg_conf.write_text("[Interface]\nPrivateKey = someone-elses\n")
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "already exists with other content" in r.stderr
+    assert_nothing_changed(lab, before)
+
+
+# ----------------------------------------------------------------- join ----
+
+def test_join_with_flags(lab):
+    (lab.wg_dir).mkdir(mode=0o700)
+    other = lab.wg_dir / "wg0.conf"
+    other.write_text("[Interface]\n# someone else's VPN\n")
+    r = lab.join("--cpus", "2", "--memory", "1536M", "--yes")
+    # WireGuard config: 0600, the bundle's with the firewall hooks; wg0 untouched
+    conf = lab.wg_conf.read_text()
+    assert stat.S_IMODE(lab.wg_conf.stat().st_mode) == 0o600
+    assert "PrivateKey = " + PRIVATE_KEY in conf and "Endpoint = 203.0.113.7:51820" in conf
+    assert "PostUp = iptables -N DOCKER-USER 2>/dev/null || true; iptables -I DOCKER-USER" in conf
+    assert other.read_text() == "[Interface]\n# someone else's VPN\n"
+    # daemon.json advertises what is shared
+    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1536"]}
+    log = lab.log()
+    assert "wg-quick up %s" % lab.wg_conf in log
+    assert "service docker restart" in log
+    assert (
+        "docker swarm join --token %s --advertise-addr 10.0.0.2 --listen-addr 10.0.0.2:2377 "
+        "--data-path-addr 10.0.0.2 10.0.0.1:2377" % TOKEN
+    ) in log
+    assert TOKEN not in r.stderr + r.stdout  # echoed as <hidden>
+    assert "[#] docker swarm join --token <hidden>" in r.stderr
+    # restart before join: the swarm must see the resources
+    assert log.index("service docker restart") < [i for i, c in enumerate(log) if "swarm join" in c][0]
+    # the hub's key, from its VPN address only; ~/.ssh 0700, file 0600
+    assert lab.auth_keys.read_text() == KEY_LINE + "\n"
+    assert stat.S_IMODE(lab.auth_keys.stat().st_mode) == 0o600
+    assert stat.S_IMODE(lab.auth_keys.parent.stat().st_mode) == 0o700
+    # published ports answer over the VPN only
+    assert lab.iptables_rules() == [
+        "DOCKER-USER -m conntrack --ctstate DNAT ! -i gridx0 -m comment --comment gridx -j DROP"
+    ]
+    # state, as shell values and as JSON
+    assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
+    env = (lab.state / "state.env").read_text()
+    assert "SHARED_CPUS='2'" in env and "COMPLETE='1'" in env
+    cfg = json.loads((lab.state / "worker_config.json").read_text())
+    assert cfg["name"] == "worker1" and cfg["vpn_ip"] == "10.0.0.2" and cfg["manager"] == "10.0.0.1:2377"
+    assert cfg["shared_cpus"] == 2 and cfg["shared_memory_mib"] == 1536 and cfg["shared_gpu_ids"] == []
+    assert cfg["complete"] is True and cfg["swarm_joined"] is True
+    assert cfg["daemon_json_backup"] == "absent"
+    # the Done block says what is shared and what to run next
+    assert "Done." in r.stdout and "status.sh" in r.stdout and "leave.sh" in r.stdout
+    assert "1536 MiB" in r.stdout
+    assert "no systemd here" in r.stderr
+
+
+def test_join_under_systemd_uses_systemctl_and_enables_boot_unit(lab):
+    (lab.tmp / "systemd").mkdir()
+    env = lab.env(GRIDX_SYSTEMD_RUN_DIR=str(lab.tmp / "systemd"))
+    r = lab.run("join.sh", "--cpus", "1", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 0, r.stderr
+    log = lab.log()
+    assert "systemctl restart docker" in log and "systemctl enable wg-quick@gridx0" in log
+    assert not [c for c in log if c.startswith("service")]
+    r = lab.run("leave.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "systemctl disable wg-quick@gridx0" in lab.log()
+
+
+def test_join_waits_for_handshake_then_says_what_to_check(lab):
+    (lab.fake / "handshake").unlink()
+    lab.settings["GRIDX_HUB_VPN_IP"] = "127.0.0.1"  # the nudge packet stays here
+    lab.write_bundle()
+    before = lab.snapshot()
+    t = time.time()
+    r = lab.join("--cpus", "1", "--memory", "1G", "--yes", "--handshake-timeout", "2", ok=False)
+    assert r.returncode == 1
+    assert time.time() - t < 15
+    assert "no handshake with the hub within 2 s" in r.stderr
+    assert "Endpoint = 203.0.113.7:51820" in r.stderr and "UDP port 51820" in r.stderr
+    assert "firewall" in r.stderr
+    assert "rolled back" in r.stderr
+    assert "wg-quick down %s" % lab.wg_conf in lab.log()
+    assert lab.snapshot() == before
+    assert not lab.link_up() and lab.iptables_rules() == []
+
+
+def test_prompts_on_a_terminal(lab):
+    """Answers typed at the prompts; a wrong answer is asked again."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execve(str(lab.bundle / "join.sh"), [str(lab.bundle / "join.sh")], lab.env())
+    out = b""
+    answers = [(b"How many CPUs", b"0\n"), (b"share at least 1 CPU", b"3\n"),
+               (b"How much memory", b"2G\n"), (b"Continue", b"\n")]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if answers and answers[0][0] in out:
+            os.write(fd, answers.pop(0)[1])
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert not answers, text
+    assert "[4]" in text  # the machine's CPUs offered as the default
+    assert json.loads(lab.daemon_json.read_text())["node-generic-resources"] == ["gridx_cpu=3", "gridx_mem=2048"]
+
+
+# ------------------------------------------------------- daemon.json merge ----
+
+EXISTING = b'{\n    "log-driver": "json-file",\n    "node-generic-resources": ["other=1", "gridx_cpu=9"],\n' \
+           b'    "runtimes": {"crun": {"path": "/usr/bin/crun"}}\n}'
+
+
+@pytest.mark.parametrize("tool", ["python3", "jq"])
+def test_merge_keeps_existing_keys_and_leave_restores_bytes(lab, tool):
+    getattr(lab, "with_" + tool)()
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_bytes(EXISTING)
+    lab.daemon_json.chmod(0o640)
+    before = lab.snapshot()
+    lab.join("--cpus", "3", "--memory", "2G", "--yes")
+    merged = json.loads(lab.daemon_json.read_text())
+    assert merged == {
+        "log-driver": "json-file",
+        "node-generic-resources": ["other=1", "gridx_cpu=3", "gridx_mem=2048"],
+        "runtimes": {"crun": {"path": "/usr/bin/crun"}},
+    }
+    assert stat.S_IMODE(lab.daemon_json.stat().st_mode) == 0o640
+    assert (lab.state / "backup" / "daemon.json").read_bytes() == EXISTING
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert lab.daemon_json.read_bytes() == EXISTING
+    assert lab.snapshot() == before
+    assert lab.log().count("service docker restart") == 2
+
+
+@pytest.mark.parametrize("tool", ["python3", "jq"])
+def test_merge_already_there_means_no_restart(lab, tool):
+    getattr(lab, "with_" + tool)()
+    lab.daemon_json.parent.mkdir()
+    original = b'{"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"], "debug": false}'
+    lab.daemon_json.write_bytes(original)
+    r = lab.join()
+    assert "Docker is not restarted" in r.stderr
+    assert lab.daemon_json.read_bytes() == original
+    assert not [c for c in lab.log() if "restart" in c]
+
+
+@pytest.mark.parametrize("tool", ["python3", "jq"])
+def test_merge_refuses_invalid_json_before_changing_anything(lab, tool):
+    getattr(lab, "with_" + tool)()
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text('{"log-driver": ')
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "daemon.json" in r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_no_python_no_jq_and_a_nonempty_file_stops_and_explains(lab):
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text('{"log-level": "warn"}\n')
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3
+    assert "neither python3 nor jq" in r.stderr
+    assert '"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"]' in r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_no_python_no_jq_keys_added_by_hand_are_accepted(lab):
+    lab.daemon_json.parent.mkdir()
+    text = '{"log-level": "warn",\n "node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"]}\n'
+    lab.daemon_json.write_text(text)
+    lab.join()
+    assert lab.daemon_json.read_text() == text
+    assert not [c for c in lab.log() if "restart" in c]
+
+
+def test_no_python_no_jq_empty_object_is_written(lab):
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text("{ }\n")
+    lab.join()
+    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"]}
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.daemon_json.read_text() == "{ }\n"
+
+
+# --------------------------------------------------------------- rollback ----
+
+def test_rollback_when_swarm_join_fails(lab):
+    lab.with_python3()
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_bytes(EXISTING)
+    lab.auth_keys.parent.mkdir(mode=0o700)
+    lab.auth_keys.write_bytes(b"ssh-rsa AAAAB3Nza... alice@laptop\nssh-ed25519 AAAAC3... bob")  # no final newline
+    lab.auth_keys.chmod(0o600)
+    sums = (sha(lab.daemon_json), sha(lab.auth_keys))
+    before = lab.snapshot()
+    lab.fail("swarm-join")
+    r = lab.join(ok=False)
+    assert r.returncode == 1
+    assert "could not join the swarm" in r.stderr and "rolled back" in r.stderr
+    assert (sha(lab.daemon_json), sha(lab.auth_keys)) == sums
+    assert not lab.wg_conf.exists() and not lab.state.exists()
+    log = lab.log()
+    assert "wg-quick down %s" % lab.wg_conf in log
+    assert log.count("service docker restart") == 2  # the change, and its undo
+    assert lab.snapshot() == before
+    assert not lab.link_up() and lab.iptables_rules() == []
+
+
+def test_rollback_when_docker_does_not_come_back(lab):
+    """The files go back at once; the restart that would apply them stays
+    pending in the record until leave.sh manages it."""
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text("{}")
+    before = lab.snapshot()
+    lab.fail("docker-restart")
+    r = lab.join(ok=False)
+    assert r.returncode == 1 and "leave.sh" in r.stderr
+    assert lab.daemon_json.read_text() == "{}" and not lab.wg_conf.exists() and not lab.link_up()
+    assert "DOCKER_RESTART_PENDING='1'" in (lab.state / "state.env").read_text()
+    lab.unfail("docker-restart")
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert lab.log().count("service docker restart") == 3  # join's, the rollback's, leave's
+    assert lab.snapshot() == before
+
+
+def test_failed_rollback_is_finished_by_leave(lab):
+    """A join whose rollback fails too keeps its record; leave.sh finishes it."""
+    lab.auth_keys.parent.mkdir(mode=0o700)
+    lab.auth_keys.write_text("ssh-rsa AAAA alice\n")
+    before = lab.snapshot()
+    lab.fail("swarm-join")
+    lab.fail("wg-quick-down")
+    r = lab.join(ok=False)
+    assert r.returncode == 1 and "leave.sh" in r.stderr
+    assert lab.link_up() and (lab.state / "state.env").exists()
+    again = lab.join(ok=False)
+    assert again.returncode == 3 and "stopped midway" in again.stderr
+    lab.unfail("wg-quick-down")
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert "stopped midway" in r.stderr
+    assert lab.snapshot() == before and not lab.link_up()
+
+
+# ------------------------------------------------------------------ leave ----
+
+def test_leave_restores_everything_byte_for_byte(lab):
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text("")  # present but empty: restored as such
+    lab.auth_keys.parent.mkdir(mode=0o755)
+    lab.auth_keys.write_bytes(b"# keys\nssh-rsa AAAA alice\n")
+    lab.auth_keys.chmod(0o644)
+    before = lab.snapshot()
+    lab.join()
+    assert lab.auth_keys.read_bytes() == b"# keys\nssh-rsa AAAA alice\n" + KEY_LINE.encode() + b"\n"
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert "Done." in r.stdout
+    assert lab.snapshot() == before
+    log = lab.log()
+    assert "docker swarm leave --force" in log and "wg-quick down %s" % lab.wg_conf in log
+    assert lab.swarm_state() == "inactive" and not lab.link_up() and lab.iptables_rules() == []
+
+
+def test_leave_removes_what_join_created(lab):
+    before = lab.snapshot()  # no ~/.ssh, no /etc/docker, no /etc/wireguard
+    lab.join()
+    assert lab.auth_keys.exists() and lab.daemon_json.exists() and lab.wg_conf.exists()
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.snapshot() == before
+
+
+def test_leave_keeps_lines_added_after_join(lab):
+    lab.auth_keys.parent.mkdir(mode=0o700)
+    lab.auth_keys.write_text("ssh-rsa AAAA alice\n")
+    lab.join()
+    with open(lab.auth_keys, "a") as f:
+        f.write("ssh-ed25519 BBBB carol\n")
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.auth_keys.read_text() == "ssh-rsa AAAA alice\nssh-ed25519 BBBB carol\n"
+
+
+def test_leave_twice_and_without_join_exit_0(lab):
+    r = lab.run("leave.sh")
+    assert r.returncode == 0 and "not joined, nothing to do" in r.stderr
+    lab.join()
+    assert lab.run("leave.sh", "--yes").returncode == 0  # gridx worker leave --yes passes it on
+    n = len(lab.log())
+    r = lab.run("leave.sh")
+    assert r.returncode == 0 and "not joined, nothing to do" in r.stderr
+    assert len(lab.log()) == n
+
+
+def test_leave_tolerates_steps_already_undone(lab):
+    lab.join()
+    # someone already took the link down and left the swarm by hand
+    (lab.fake / "links" / "gridx0").unlink()
+    (lab.fake / "swarm_state").write_text("inactive\n")
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert not lab.wg_conf.exists() and not lab.state.exists()
+    assert lab.iptables_rules() == []  # removed even though PostDown never ran
+    assert "docker swarm leave --force" not in lab.log()
+
+
+def test_join_leave_join_again(lab):
+    lab.join()
+    assert lab.run("leave.sh").returncode == 0
+    lab.join("--cpus", "4", "--memory", "2G", "--yes")
+    assert json.loads(lab.daemon_json.read_text())["node-generic-resources"] == ["gridx_cpu=4", "gridx_mem=2048"]
+
+
+# ---------------------------------------------------------------- status ----
+
+def test_status_healthy_and_json(lab):
+    lab.join()
+    r = lab.run("status.sh")
+    assert r.returncode == 0, r.stderr
+    assert "healthy" in r.stdout and "active" in r.stdout and "2 CPUs" in r.stdout
+    assert "\x1b[" not in r.stdout + r.stderr
+    r = lab.run("status.sh", "--json")
+    assert r.returncode == 0
+    doc = json.loads(r.stdout)
+    assert doc["healthy"] is True and doc["joined"] is True and doc["link_up"] is True
+    assert doc["swarm_state"] == "active" and doc["problems"] == []
+    assert 0 <= doc["handshake_age_s"] < 5
+    assert doc["shared"] == {"cpus": 2, "memory_mib": 1024, "gpu_ids": []}
+    assert doc["vpn_ip"] == "10.0.0.2" and doc["manager"] == "10.0.0.1:2377"
+
+
+def test_status_unhealthy_reasons(lab):
+    lab.join()
+    (lab.fake / "handshake").write_text(str(int(time.time()) - 300))
+    (lab.fake / "swarm_state").write_text("pending\n")
+    r = lab.run("status.sh", "--json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["healthy"] is False and doc["handshake_age_s"] >= 300 and doc["swarm_state"] == "pending"
+    assert "more than 180 s" in r.stderr and "swarm state is pending" in r.stderr
+    (lab.fake / "links" / "gridx0").unlink()
+    r = lab.run("status.sh")
+    assert r.returncode == 1 and "link gridx0 is down" in r.stderr
+
+
+def test_status_not_joined(lab):
+    r = lab.run("status.sh", "--json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["joined"] is False and doc["healthy"] is False
+
+
+# ------------------------------------------------------------------ GPUs ----
+
+def test_gpus_from_nvidia_smi(lab):
+    lab.with_gpus("GPU-aaaa", "GPU-bbbb")
+    r = lab.join("--cpus", "2", "--memory", "1G", "--gpus", "1", "--yes")
+    res = json.loads(lab.daemon_json.read_text())["node-generic-resources"]
+    assert res == ["gridx_cpu=2", "gridx_mem=1024", "NVIDIA-GPU=GPU-aaaa"]
+    assert "2 GPUs" in r.stderr and "nvidia-container-runtime is not installed" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--gpus", "3"], "only 2 GPUs"),
+        (["--gpu-ids", "GPU-zzzz"], "not on this machine"),
+        (["--gpus", "2", "--gpu-ids", "GPU-aaaa"], "--gpus 2 but --gpu-ids names 1"),
+        (["--gpu-ids", "GPU-aaaa,GPU-aaaa"], "named twice"),
+    ],
+)
+def test_gpu_answers_checked_against_nvidia_smi(lab, args, says):
+    lab.with_gpus("GPU-aaaa", "GPU-bbbb")
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "1", "--memory", "1G", *args, "--yes")
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_gpu_ids_by_index(lab):
+    lab.with_gpus("GPU-aaaa", "GPU-bbbb")
+    lab.join("--cpus", "1", "--memory", "1G", "--gpu-ids", "1", "--yes")
+    assert json.loads(lab.daemon_json.read_text())["node-generic-resources"][-1] == "NVIDIA-GPU=GPU-bbbb"
+
+
+def test_gpu_ids_without_nvidia_smi_accepted_with_warning(lab):
+    r = lab.join("--cpus", "1", "--memory", "1G", "--gpu-ids", "GPU-fake-0000,GPU-fake-0001", "--yes")
+    assert "unchecked" in r.stderr
+    assert "nvidia-container-runtime is not installed" in r.stderr
+    res = json.loads(lab.daemon_json.read_text())["node-generic-resources"]
+    assert res[2:] == ["NVIDIA-GPU=GPU-fake-0000", "NVIDIA-GPU=GPU-fake-0001"]
+    assert "default-runtime" not in json.loads(lab.daemon_json.read_text())
+
+
+def test_gpus_with_nvidia_runtime_set_default_runtime_and_swarm_resource(lab):
+    lab.with_python3()
+    lab.with_gpus("GPU-aaaa")
+    lab.stub("nvidia-container-runtime", "exit 0\n")
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_bytes(EXISTING)
+    lab.nvidia_toml.parent.mkdir()
+    lab.nvidia_toml.write_text(NVIDIA_TOML)
+    before = lab.snapshot()
+    lab.join("--cpus", "1", "--memory", "1G", "--gpus", "1", "--yes")
+    d = json.loads(lab.daemon_json.read_text())
+    assert d["default-runtime"] == "nvidia"
+    assert d["runtimes"] == {
+        "crun": {"path": "/usr/bin/crun"},
+        "nvidia": {"path": str(lab.bin / "nvidia-container-runtime"), "runtimeArgs": []},
+    }
+    assert d["node-generic-resources"][-1] == "NVIDIA-GPU=GPU-aaaa"
+    toml = lab.nvidia_toml.read_text().splitlines()
+    assert toml[2] == 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"'
+    assert toml[:2] == NVIDIA_TOML.splitlines()[:2] and toml[3:] == NVIDIA_TOML.splitlines()[3:]
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.snapshot() == before
+
+
+# ----------------------------------------------------------- private key ----
+
+def test_bundle_made_with_pubkey_needs_private_key(lab):
+    lab.settings["GRIDX_NEEDS_PRIVATE_KEY"] = "1"
+    lab.write_bundle(private_key="GRIDX_PRIVATE_KEY_PLACEHOLDER")
+    r = lab.join(ok=False)
+    assert r.returncode == 2 and "pass --private-key FILE" in r.stderr
+    keyfile = lab.tmp / "private.key"
+    keyfile.write_text("not a key\n")
+    r = lab.join("--cpus", "1", "--memory", "1G", "--private-key", str(keyfile), "--yes", ok=False)
+    assert r.returncode == 2 and "does not hold a WireGuard private key" in r.stderr
+    keyfile.write_text(PRIVATE_KEY + "\n")
+    keyfile.chmod(0o600)
+    lab.join("--cpus", "1", "--memory", "1G", "--private-key", str(keyfile), "--yes")
+    conf = lab.wg_conf.read_text()
+    assert "PrivateKey = " + PRIVATE_KEY in conf and "PLACEHOLDER" not in conf
+
+
+def test_private_key_refused_for_a_bundle_that_has_one(lab):
+    keyfile = lab.tmp / "private.key"
+    keyfile.write_text(PRIVATE_KEY + "\n")
+    r = lab.join("--cpus", "1", "--memory", "1G", "--private-key", str(keyfile), "--yes", ok=False)
+    assert r.returncode == 2 and "already holds its WireGuard key" in r.stderr
+
+
+# ------------------------------------------------------------- settings ----
+
+def test_settings_are_read_as_data_never_run(lab):
+    (lab.bundle / "settings.env").write_text("GRIDX_NAME=$(touch %s/pwned)\n" % lab.tmp)
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "is not a KEY='value' line" in r.stderr
+    assert not (lab.tmp / "pwned").exists()
