@@ -34,8 +34,27 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts re-run th
 
 # Real tools the scripts (and the stubs) use; nothing else is on PATH.
 REAL_TOOLS = [
-    "bash", "env", "cat", "cp", "mv", "rm", "rmdir", "mkdir", "mktemp", "chmod", "sync", "sleep",
-    "date", "sha256sum", "tail", "touch", "ls", "stat", "uname", "grep", "basename",
+    "bash",
+    "env",
+    "cat",
+    "cp",
+    "mv",
+    "rm",
+    "rmdir",
+    "mkdir",
+    "mktemp",
+    "chmod",
+    "sync",
+    "sleep",
+    "date",
+    "sha256sum",
+    "tail",
+    "touch",
+    "ls",
+    "stat",
+    "uname",
+    "grep",
+    "basename",
 ]
 
 PRIVATE_KEY = base64.b64encode(bytes(range(32))).decode()
@@ -303,7 +322,7 @@ class Lab:
         """Every file under the fake /etc and home, with its bytes' hash and mode."""
         out = {}
         for base in (self.etc, self.home):
-            for dirpath, dirnames, filenames in os.walk(base):
+            for dirpath, _dirnames, filenames in os.walk(base):
                 out[dirpath] = "dir %o" % stat.S_IMODE(os.stat(dirpath).st_mode)
                 for f in filenames:
                     p = os.path.join(dirpath, f)
@@ -328,6 +347,7 @@ def assert_nothing_changed(lab, before):
 
 
 # ---------------------------------------------------------------- lint ----
+
 
 @pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -355,6 +375,7 @@ def test_help(lab, script):
 
 
 # ------------------------------------------------------ input validation ----
+
 
 @pytest.mark.parametrize(
     "args, says",
@@ -436,6 +457,7 @@ def test_docker_not_running_is_a_precondition(lab):
 
 # ----------------------------------------------------------- refusals ----
 
+
 def test_refuses_when_already_joined(lab):
     lab.join()
     r = lab.join(ok=False)
@@ -466,6 +488,7 @@ def test_refuses_other_wireguard_config_and_leaves_it_alone(lab):
 
 
 # ----------------------------------------------------------------- join ----
+
 
 def test_join_with_flags(lab):
     (lab.wg_dir).mkdir(mode=0o700)
@@ -551,8 +574,12 @@ def test_prompts_on_a_terminal(lab):
     if pid == 0:  # child
         os.execve(str(lab.bundle / "join.sh"), [str(lab.bundle / "join.sh")], lab.env())
     out = b""
-    answers = [(b"How many CPUs", b"0\n"), (b"share at least 1 CPU", b"3\n"),
-               (b"How much memory", b"2G\n"), (b"Continue", b"\n")]
+    answers = [
+        (b"How many CPUs", b"0\n"),
+        (b"share at least 1 CPU", b"3\n"),
+        (b"How much memory", b"2G\n"),
+        (b"Continue", b"\n"),
+    ]
     deadline = time.time() + 30
     while time.time() < deadline:
         r, _, _ = select.select([fd], [], [], 0.5)
@@ -576,8 +603,10 @@ def test_prompts_on_a_terminal(lab):
 
 # ------------------------------------------------------- daemon.json merge ----
 
-EXISTING = b'{\n    "log-driver": "json-file",\n    "node-generic-resources": ["other=1", "gridx_cpu=9"],\n' \
-           b'    "runtimes": {"crun": {"path": "/usr/bin/crun"}}\n}'
+EXISTING = (
+    b'{\n    "log-driver": "json-file",\n    "node-generic-resources": ["other=1", "gridx_cpu=9"],\n'
+    b'    "runtimes": {"crun": {"path": "/usr/bin/crun"}}\n}'
+)
 
 
 @pytest.mark.parametrize("tool", ["python3", "jq"])
@@ -657,6 +686,7 @@ def test_no_python_no_jq_empty_object_is_written(lab):
 
 # --------------------------------------------------------------- rollback ----
 
+
 def test_rollback_when_swarm_join_fails(lab):
     lab.with_python3()
     lab.daemon_json.parent.mkdir()
@@ -717,6 +747,7 @@ def test_failed_rollback_is_finished_by_leave(lab):
 
 
 # ------------------------------------------------------------------ leave ----
+
 
 def test_leave_restores_everything_byte_for_byte(lab):
     lab.daemon_json.parent.mkdir()
@@ -786,6 +817,7 @@ def test_join_leave_join_again(lab):
 
 # ---------------------------------------------------------------- status ----
 
+
 def test_status_healthy_and_json(lab):
     lab.join()
     r = lab.run("status.sh")
@@ -824,6 +856,7 @@ def test_status_not_joined(lab):
 
 
 # ------------------------------------------------------------------ GPUs ----
+
 
 def test_gpus_from_nvidia_smi(lab):
     lab.with_gpus("GPU-aaaa", "GPU-bbbb")
@@ -891,6 +924,7 @@ def test_gpus_with_nvidia_runtime_set_default_runtime_and_swarm_resource(lab):
 
 # ----------------------------------------------------------- private key ----
 
+
 def test_bundle_made_with_pubkey_needs_private_key(lab):
     lab.settings["GRIDX_NEEDS_PRIVATE_KEY"] = "1"
     lab.write_bundle(private_key="GRIDX_PRIVATE_KEY_PLACEHOLDER")
@@ -915,6 +949,7 @@ def test_private_key_refused_for_a_bundle_that_has_one(lab):
 
 
 # ------------------------------------------------------------- settings ----
+
 
 def test_settings_are_read_as_data_never_run(lab):
     (lab.bundle / "settings.env").write_text("GRIDX_NAME=$(touch %s/pwned)\n" % lab.tmp)
