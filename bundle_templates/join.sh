@@ -178,10 +178,11 @@ memory_mib() {
 
 have_terminal() { [[ -t 0 ]]; }
 
-# ask PROMPT DEFAULT -> REPLY (the default on an empty answer)
+# ask PROMPT DEFAULT [SHOWN] -> REPLY (the default on an empty answer; SHOWN
+# is how the default is shown, the default itself when not given)
 ask() {
 	local answer
-	if ! read -r -p "$1 [$2]: " answer; then
+	if ! read -r -p "$1 [${3:-$2}]: " answer; then
 		printf '\n' >&2
 		fatal 2 "no answer to: $1"
 	fi
@@ -192,7 +193,7 @@ ask() {
 ask_yes() {
 	local shown=y/N
 	[[ $2 == y ]] && shown=Y/n
-	ask "$1 ($shown)" "$2"
+	ask "$1?" "$2" "$shown"
 	[[ $REPLY =~ ^[Yy]([Ee][Ss])?$ ]]
 }
 
@@ -735,7 +736,8 @@ step_wg_config() {
 }
 
 step_link_up() {
-	state_set LINK_UP 1 FIREWALL_RULE 1
+	firewall_rule "$IFACE"
+	state_set LINK_UP 1 FIREWALL_RULE "${FW_RULE[*]}"
 	cmd wg-quick up "$WG_CONF"
 }
 
@@ -888,7 +890,7 @@ step_done() {
 	((${#SHARED_GPUS[@]})) && gpus="${#SHARED_GPUS[@]}: ${SHARED_GPUS[*]}"
 	cat <<EOF
 
-${C_GREEN}${C_BOLD}Done.${C_OFF} $NAME ($VPN_IP) is a Grid-X worker. It shares:
+${O_GREEN}${O_BOLD}Done.${O_OFF} $NAME ($VPN_IP) is a Grid-X worker. It shares:
   CPUs     $SHARED_CPUS
   memory   $SHARED_MEM_MIB MiB
   GPUs     $gpus

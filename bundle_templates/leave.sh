@@ -72,7 +72,7 @@ leave() {
 	fi
 	info "leaving Grid-X: ${ST[NAME]:-this machine} (${ST[VPN_IP]:-?})"
 	undo_all || fatal 1 "some changes could not be undone (see above); their record stays in $STATE_FILE" "fix what is said above, then run $GRIDX_PROG again"
-	printf '%sDone.%s This machine left Grid-X; everything join.sh changed is back as it was.\n' "$C_GREEN$C_BOLD" "$C_OFF"
+	printf '%sDone.%s This machine left Grid-X; everything join.sh changed is back as it was.\n' "$O_GREEN$O_BOLD" "$O_OFF"
 }
 
 main() {

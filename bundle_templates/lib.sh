@@ -23,6 +23,12 @@
 # The caller sets GRIDX_BUNDLE_DIR (its own folder) and GRIDX_PROG (its name)
 # before sourcing this file.
 
+# Associative arrays, [[ -v array[key] ]] and empty arrays under set -u.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+	printf 'error: Grid-X needs bash 4.4 or newer (this is %s)\n' "$BASH_VERSION" >&2
+	exit 3
+fi
+
 # ---------------------------------------------------------------- output ----
 # Progress, warnings and errors go to stderr; results to stdout. Colour only
 # on a terminal and when NO_COLOR is unset.
@@ -31,6 +37,13 @@ if [[ -t 2 && -z ${NO_COLOR:-} ]]; then
 	C_BOLD=$'\e[1m' C_RED=$'\e[31m' C_YELLOW=$'\e[33m' C_GREEN=$'\e[32m' C_OFF=$'\e[0m'
 else
 	C_BOLD='' C_RED='' C_YELLOW='' C_GREEN='' C_OFF=''
+fi
+# The same for what goes to stdout (the "Done." blocks).
+# shellcheck disable=SC2034 # used by the scripts
+if [[ -t 1 && -z ${NO_COLOR:-} ]]; then
+	O_BOLD=$'\e[1m' O_GREEN=$'\e[32m' O_OFF=$'\e[0m'
+else
+	O_BOLD='' O_GREEN='' O_OFF=''
 fi
 
 info() { printf '%s\n' "$*" >&2; }
@@ -230,9 +243,10 @@ json_str_list() {
 #   NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
 #   SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS (comma-separated)
 #   and the changes, each present only while it is in effect:
-#   CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE CREATED_DOCKER_DIR
-#   DAEMON_JSON DAEMON_JSON_BACKUP (a file, or "absent") CREATED_NVIDIA_DIR
-#   NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP SWARM_JOINED AUTHORIZED_KEYS
+#   CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
+#   iptables arguments) CREATED_DOCKER_DIR DAEMON_JSON DAEMON_JSON_BACKUP (a
+#   file, or "absent") CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
+#   DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS
 #   AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP CREATED_SSH_DIR
 #   CREATED_AUTHORIZED_KEYS BOOT_UNIT
 
@@ -288,7 +302,7 @@ state_json() {
 		case $key in
 		SHARED_GPU_IDS) json_str_list "$value" ;;
 		SHARED_CPUS | SHARED_MEMORY_MIB) REPLY=$value ;;
-		COMPLETE | LINK_UP | FIREWALL_RULE | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
+		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
 			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
 			;;
@@ -330,9 +344,12 @@ swarm_state() {
 
 # The rule that keeps ports published by jobs on the VPN: forwarded traffic
 # that Docker DNATed to a container and that did not come in on the VPN
-# interface is dropped. FW_RULE=(args after "iptables -I DOCKER-USER").
+# interface is dropped. Only in the connection's original direction: the
+# container's replies come in on docker0 and belong to the DNATed connection
+# too (without --ctdir the VPN could not reach the port either; measured).
+# FW_RULE=(args after "iptables -I DOCKER-USER").
 firewall_rule() {
-	FW_RULE=(-m conntrack --ctstate DNAT ! -i "$1" -m comment --comment gridx -j DROP)
+	FW_RULE=(-m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i "$1" -m comment --comment gridx -j DROP)
 }
 
 firewall_rule_present() {
@@ -507,10 +524,12 @@ undo_link() {
 # away without it, and a rule join.sh added itself.
 undo_firewall() {
 	[[ -v ST[FIREWALL_RULE] ]] || return 0
-	local tries=0
+	local tries=0 rule
+	# the rule as join wrote it, whatever this version of the scripts writes
+	read -r -a rule <<<"${ST[FIREWALL_RULE]}"
 	if have_cmd iptables; then
-		while ((tries++ < 8)) && firewall_rule_present "${ST[INTERFACE]}"; do
-			cmd iptables -D DOCKER-USER "${FW_RULE[@]}" || return 1
+		while ((tries++ < 8)) && iptables -C DOCKER-USER "${rule[@]}" >/dev/null 2>&1; do
+			cmd iptables -D DOCKER-USER "${rule[@]}" || return 1
 		done
 	fi
 	state_unset FIREWALL_RULE

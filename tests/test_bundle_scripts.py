@@ -449,6 +449,23 @@ def test_missing_prerequisites_listed_at_once_with_install_commands(lab):
     assert lab.snapshot() == before
 
 
+def test_install_deps_installs_what_is_missing(lab):
+    stash = lab.tmp / "stash"
+    stash.mkdir()
+    for tool in ("wg", "wg-quick"):
+        (lab.bin / tool).rename(stash / tool)
+    lab.stub(
+        "apt-get",
+        'echo "apt-get $*" >>"$FAKE/log"\n'
+        '[[ $1 == install ]] && mv %s/wg %s/wg-quick "$(dirname "$0")"/\nexit 0\n' % (stash, stash),
+    )
+    lab.link("dirname")
+    r = lab.join("--cpus", "1", "--memory", "1G", "--install-deps", "--yes")
+    assert "[#] apt-get update" in r.stderr
+    assert "[#] env DEBIAN_FRONTEND=noninteractive apt-get install -y wireguard-tools" in r.stderr
+    assert lab.link_up()
+
+
 def test_docker_not_running_is_a_precondition(lab):
     lab.fail("docker-info")
     r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
@@ -520,7 +537,7 @@ def test_join_with_flags(lab):
     assert stat.S_IMODE(lab.auth_keys.parent.stat().st_mode) == 0o700
     # published ports answer over the VPN only
     assert lab.iptables_rules() == [
-        "DOCKER-USER -m conntrack --ctstate DNAT ! -i gridx0 -m comment --comment gridx -j DROP"
+        "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP"
     ]
     # state, as shell values and as JSON
     assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
