@@ -147,7 +147,7 @@ build_bootloader() {
 	sha256sum <"$sdist" | grep -q "^$STATICX_SDIST_SHA256 " \
 		|| fatal 1 "$sdist does not have the pinned sha256 $STATICX_SDIST_SHA256"
 	rm -rf "$src"
-	tar -C "$BUILD" -xzf "$sdist"
+	tar -C "$BUILD" --no-same-owner -xzf "$sdist"
 	(cd "$src" && cmd patch -s -p1 <"$PACKAGING/staticx-bootloader.patch")
 	(cd "$src" && PATH="$VENV/bin:$PATH" cmd scons -Q -s BOOTLOADER_CC=musl-gcc \
 		"STATICX_VERSION=$STATICX_VERSION" staticx/assets/release/bootloader)
