@@ -307,10 +307,11 @@ check_not_joined() {
 	*) fatal 3 "Docker on this machine is already in a swarm (state: $REPLY)" "leave it first with: docker swarm leave (--force on a manager; this stops its swarm services), then run join.sh again" ;;
 	esac
 	local route
-	route=$(ip -4 route show match "$HUB_VPN_IP" 2>/dev/null || true)
-	if [[ $route == *dev* && $route != *default* ]]; then
-		warn "this machine already has a route to $HUB_VPN_IP ($route): the VPN subnet may clash with a local network"
-	fi
+	while read -r route; do
+		if [[ -n $route && $route != default* ]]; then
+			warn "this machine already routes $HUB_VPN_IP ($route): the VPN subnet may clash with a local network"
+		fi
+	done < <(ip -4 route show match "$HUB_VPN_IP" 2>/dev/null || true)
 }
 
 # ------------------------------------------------------------------ answers ----
@@ -932,6 +933,7 @@ main() {
 	parse_args "$@"
 	ensure_root "changes the network and Docker settings" "$@"
 	init_paths
+	need_cmd mktemp sha256sum nproc
 	load_settings
 	check_bundle
 	check_prerequisites

@@ -82,7 +82,10 @@ cmd_secret() {
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
 
 need_cmd() {
-	have_cmd "$1" || fatal 3 "this needs '$1', which is not installed" "install it (see README.txt) and run $GRIDX_PROG again"
+	local tool
+	for tool in "$@"; do
+		have_cmd "$tool" || fatal 3 "$GRIDX_PROG needs '$tool', which is not installed" "install it with this system's package manager, then run $GRIDX_PROG again"
+	done
 }
 
 # Re-run the whole script under sudo when not root, saying why. Without a
@@ -119,7 +122,7 @@ init_paths() {
 	DAEMON_JSON=${GRIDX_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}
 	NVIDIA_CONFIG=${GRIDX_NVIDIA_CONFIG:-/etc/nvidia-container-runtime/config.toml}
 	AUTHORIZED_KEYS=${GRIDX_AUTHORIZED_KEYS:-$REPLY/.ssh/authorized_keys}
-	STATE_DIR=${GRIDX_STATE_DIR:-$HOME/.gridx}
+	STATE_DIR=${GRIDX_STATE_DIR:-${HOME:-$REPLY}/.gridx}
 	STATE_FILE=$STATE_DIR/state.env
 	STATE_JSON=$STATE_DIR/worker_config.json
 	BACKUP_DIR=$STATE_DIR/backup
@@ -444,9 +447,8 @@ undo_authorized_keys() {
 		printf '%s\n' "$line" >>"$expected"
 		if same_file "$path" "$expected"; then
 			if [[ $backup == absent ]]; then
-				: >"$expected"
 				printf '[#] remove the hub key line from %s\n' "$path" >&2
-				cat "$expected" >"$path"
+				: >"$path"
 			else
 				printf '[#] restore %s as it was before join\n' "$path" >&2
 				cat "$backup" >"$path"
@@ -468,7 +470,6 @@ undo_authorized_keys() {
 	if [[ ${ST[CREATED_SSH_DIR]:-0} == 1 && -d $dir ]]; then
 		if [[ -z $(ls -A "$dir") ]]; then cmd rmdir "$dir"; fi
 	fi
-	[[ -n ${ST[AUTHORIZED_KEYS_BACKUP]:-} ]] && rm -f "${ST[AUTHORIZED_KEYS_BACKUP]}"
 	state_unset AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS
 }
 
@@ -478,7 +479,8 @@ undo_swarm() {
 	case $REPLY in
 	inactive) ;;
 	unknown)
-		warn "Docker does not answer, so this machine cannot leave the swarm now" && return 1
+		warn "Docker does not answer, so this machine cannot leave the swarm now"
+		return 1
 		;;
 	*) cmd docker swarm leave --force || return 1 ;;
 	esac

@@ -134,6 +134,7 @@ main() {
 	ensure_root "reads the VPN's state" "$@"
 	init_paths
 	if [[ -f $GRIDX_BUNDLE_DIR/settings.env ]]; then load_settings; fi
+	need_cmd ip wg docker
 	if ! state_exists; then
 		PROBLEMS=("not joined (no $STATE_FILE)")
 		if ((OPT_JSON)); then print_json false false; fi
