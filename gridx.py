@@ -1223,8 +1223,23 @@ def list_tasks(service_names):
         row["state"] = state.lower()
         row["since"] = since
         row["service"] = row.get("Name", "").rsplit(".", 1)[0]
+        row["Error"] = row.get("Error", "").strip('"')
         row["exit_code"] = exit_code_from(row)
     return rows
+
+
+def is_current(task, batch=True):
+    """False for a task that was replaced: re-run, orphaned or restarted.
+
+    A batch job's task that ended by itself (even failed, desired state
+    Shutdown) stays current, so its exit status stays visible; a task that
+    Grid-X re-ran elsewhere has desired state Remove. A long-running
+    service's restarted tasks (desired Shutdown) are history.
+    """
+    desired = task.get("DesiredState", "").lower()
+    if desired == "remove" or task.get("state") == "orphaned":
+        return False
+    return batch or desired != "shutdown"
 
 
 def exit_code_from(task):
@@ -1256,11 +1271,13 @@ def job_summary(service, tasks):
         wanted = int(mode["ReplicatedJob"].get("TotalCompletions", 1))
     else:
         wanted = int(mode.get("Replicated", {}).get("Replicas", 1))
-    current = [t for t in tasks if t.get("DesiredState", "").lower() != "shutdown" or t["state"] in ("complete", "failed")]
-    latest = {}
-    for task in current:
-        slot = task.get("Name", "")
-        latest.setdefault(slot, task)
+    batch = "ReplicatedJob" in mode
+    current = [t for t in tasks if is_current(t, batch)]
+    if any(t["state"] != "rejected" for t in current):
+        # Docker 20.10's constraint enforcer also counts finished job tasks
+        # against a node's shared resources (moby#52652) and rejects extra
+        # tasks on node updates; the task that ran is the job's record.
+        current = [t for t in current if t["state"] != "rejected"]
     tasks_out = [
         {
             "id": t.get("ID", ""),
@@ -1271,7 +1288,7 @@ def job_summary(service, tasks):
             "error": t.get("Error", ""),
             "exit_code": t["exit_code"],
         }
-        for t in latest.values()
+        for t in current
     ]
     cpu, mem, gpu = service_request(service)
     limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
@@ -1347,7 +1364,7 @@ def reserved_by_node(services, tasks):
     for task in tasks:
         if task["state"] not in ACTIVE_TASK_STATES or task["state"] in ("pending", "new", "allocated"):
             continue
-        if task.get("DesiredState", "").lower() == "shutdown":
+        if not is_current(task):
             continue
         cpu, mem, gpu = by_service.get(task["service"], (0, 0, 0))
         held = reserved.get(task.get("Node", ""), (0, 0, 0))
@@ -1393,17 +1410,25 @@ def requeue_lost_jobs(down_node_names):
     24 hours. A forced update starts a new iteration of the job on the
     workers that are up; the old task is shut down when its node returns.
     """
+    lost = jobs_on_nodes(down_node_names)
+    rerun_jobs(lost)
+    return lost
+
+
+def jobs_on_nodes(hostnames):
+    """Job services with unfinished tasks on these nodes."""
     services = list_job_services()
     tasks = list_tasks([s["Spec"]["Name"] for s in services])
-    lost = sorted({
+    return sorted({
         t["service"] for t in tasks
-        if t.get("Node") in down_node_names
-        and t["state"] in ACTIVE_TASK_STATES
-        and t.get("DesiredState", "").lower() != "shutdown"
+        if t.get("Node") in hostnames and t["state"] in ACTIVE_TASK_STATES and is_current(t)
     })
-    for job_id in lost:
+
+
+def rerun_jobs(job_ids):
+    """A forced update starts the job again on the workers that are up."""
+    for job_id in job_ids:
         run(docker("service", "update", "--detach", "--force", job_id))
-    return lost
 
 
 # ---------------------------------------------------------------------------
@@ -1621,11 +1646,12 @@ def cmd_hub_remove_peer(args):
             raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
         run(["wg", "set", config.interface, "peer", peer.public_key, "remove"])
         nodes = [n for n in map(node_summary, swarm_nodes()) if n["address"] == peer.ip and not n["manager"]]
-        lost = []
-        if nodes:
-            lost = requeue_candidates({n["hostname"] for n in nodes})
+        # Swarm orphans the tasks of a removed node and, with restart
+        # condition none, never runs them again: Grid-X does.
+        lost = jobs_on_nodes({n["hostname"] for n in nodes}) if nodes else []
         for node in nodes:
             run(["docker", "node", "rm", "--force", node["id"]])
+        rerun_jobs(lost)
         worker_join_token(rotate=True)
         del config.peers[name]
         save_hub_config(config)
@@ -1636,13 +1662,6 @@ def cmd_hub_remove_peer(args):
         info(f"jobs that ran on it run again elsewhere: {', '.join(lost)}")
     info("rotated the worker join token: bundles made before now no longer join")
     return EXIT_OK
-
-
-def requeue_candidates(hostnames):
-    """Job services with unfinished tasks on these nodes (for the message)."""
-    services = list_job_services()
-    tasks = list_tasks([s["Spec"]["Name"] for s in services])
-    return sorted({t["service"] for t in tasks if t.get("Node") in hostnames and t["state"] in ACTIVE_TASK_STATES})
 
 
 def peer_rows(config):
@@ -1780,7 +1799,15 @@ def cmd_hub_ssh(args):
         raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
     import subprocess
 
-    command = [c for c in args.command if c != "--"] if args.command else []
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if len(command) > 1:
+        # ssh joins words with spaces for the remote shell; quote them so
+        # `-- sh -c 'exit 7'` runs as typed. One word stays a shell line.
+        import shlex
+
+        command = [shlex.join(command)]
     argv = ssh_argv(peer.ip, command, tty=not command and sys.stdin.isatty())
     if VERBOSE:
         print(f"[#] {' '.join(argv)}", file=sys.stderr)
@@ -2231,7 +2258,7 @@ def cmd_jobs_delete(args):
     tasks = list_tasks(ids)
     running_jobs = sorted({
         t["service"] for t in tasks
-        if t["state"] in ACTIVE_TASK_STATES and t.get("DesiredState", "").lower() != "shutdown"
+        if t["state"] in ACTIVE_TASK_STATES and is_current(t)
         and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t["service"])["Spec"]["Mode"]
     })
     # Docker 20.10 leaves the container of a running replicated-job behind
