@@ -45,8 +45,8 @@ test: deps
 	fi
 
 lint: deps
-	$(PYTHON) -m ruff check gridx.py tests
-	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh .ci/run
+	$(PYTHON) -m ruff check gridx.py tests packaging
+	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh packaging/*.sh .ci/run
 
 binary:
 	packaging/build.sh

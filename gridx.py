@@ -1011,7 +1011,9 @@ def remove_bundle(name):
 DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
 
 TERMINAL_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
-ACTIVE_TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+ACTIVE_TASK_STATES = (
+    "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
+)
 
 
 def docker(*args):
@@ -1775,7 +1777,8 @@ def cmd_hub_join_info(args):
     try:
         conf = read_text(client_conf_path(name))
     except FileNotFoundError:
-        raise GridxError(f"{client_conf_path(name)} is missing", f"re-add the peer: gridx hub remove-peer {name}") from None
+        raise GridxError(f"{client_conf_path(name)} is missing",
+                         f"re-add the peer: gridx hub remove-peer {name}, then add-peer") from None
     if args.json:
         print_json({"name": name, "ip": peer.ip, "manager": config.manager, "token": token,
                     "wg_config": conf, "hub_ssh_key": ssh_public_key(), "bundle": bundle_path(name)})
@@ -2218,7 +2221,8 @@ def cmd_jobs_status(args):
     print(f"Image:    {job['image']}")
     if job["command"]:
         print(f"Command:  {job['command']}")
-    print(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}" + (f", {job['gpus']} GPU" if job["gpus"] else ""))
+    gpus = f", {job['gpus']} GPU" if job["gpus"] else ""
+    print(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}{gpus}")
     print(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
     if job.get("reason"):
         print(f"Why:      {job['reason']}")
@@ -2274,7 +2278,8 @@ def cmd_jobs_delete(args):
             break
         time.sleep(0.5)
     run(docker("service", "rm", *ids))
-    configs = run(docker("config", "ls", "-q", *[a for i in ids for a in ("--filter", f"label={LABEL_JOB}={i}")])).stdout.split()
+    filters = [arg for job_id in ids for arg in ("--filter", f"label={LABEL_JOB}={job_id}")]
+    configs = run(docker("config", "ls", "-q", *filters)).stdout.split()
     if configs:
         run(docker("config", "rm", *configs), check=False)
     for job_id in ids:
@@ -2364,7 +2369,7 @@ def add_manager(parser):
 
 
 def add_resources(parser, default_gpus="0"):
-    parser.add_argument("--cpus", default=str(DEFAULT_JOB_CPUS).rstrip("0").rstrip("."), help="CPUs to reserve (default 1)")
+    parser.add_argument("--cpus", default=f"{DEFAULT_JOB_CPUS:g}", help="CPUs to reserve (default 1)")
     parser.add_argument("--memory", default=DEFAULT_JOB_MEMORY, help="memory to reserve, e.g. 512M, 8G (default 1G)")
     parser.add_argument("--gpus", default=default_gpus, help="GPUs to reserve (default 0)")
 

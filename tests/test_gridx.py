@@ -417,7 +417,9 @@ echo "$*" >> {log}
 case "$1 $2" in
   "service ls") echo "{names}" | tr ' ' '\\n' ;;
   "service inspect") cat {tmp_path}/services.json ;;
-  "service ps") for s in {names}; do echo '{{"ID":"t","Name":"'$s'.1","Node":"w1","DesiredState":"Complete","CurrentState":"Complete 1 second ago","Error":""}}'; done ;;
+  "service ps") for s in {names}; do
+      echo '{{"ID":"t","Name":"'$s'.1","Node":"w1","DesiredState":"Complete",'\
+'"CurrentState":"Complete 1 second ago","Error":""}}'; done ;;
 esac
 """)
         fake.chmod(0o755)
