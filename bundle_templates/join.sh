@@ -736,10 +736,17 @@ step_wg_config() {
 	atomic_write "$WG_CONF" 0600 <"$WORK/wg.conf"
 }
 
+# Where the kernel has no WireGuard, wg-quick starts wireguard-go, which stays
+# in this terminal's session: the hangup sent when the terminal (or sudo's
+# pty) closes would end it and the link with it (seen in the lab with
+# docker exec -it). Ignored signals stay ignored through wg-quick into it.
 step_link_up() {
 	firewall_rule "$IFACE"
 	state_set LINK_UP 1 FIREWALL_RULE "${FW_RULE[*]}"
-	cmd wg-quick up "$WG_CONF"
+	(
+		trap '' HUP
+		cmd wg-quick up "$WG_CONF"
+	)
 }
 
 step_wait_handshake() {

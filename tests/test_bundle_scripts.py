@@ -77,6 +77,7 @@ fi
 """,
     "wg-quick": r"""
 echo "wg-quick $*" >>"$FAKE/log"
+grep SigIgn /proc/$$/status >"$FAKE/wg-quick-$1.sigign"
 [[ -f $FAKE/fail/wg-quick-$1 ]] && { echo "fake wg-quick $1 failure" >&2; exit 1; }
 conf=$2 iface=$(basename "$2" .conf)
 [[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
@@ -522,6 +523,8 @@ def test_join_with_flags(lab):
     assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1536"]}
     log = lab.log()
     assert "wg-quick up %s" % lab.wg_conf in log
+    # a userspace wireguard-go must outlive the terminal: SIGHUP (bit 0) ignored
+    assert int((lab.fake / "wg-quick-up.sigign").read_text().split()[1], 16) & 1
     assert "service docker restart" in log
     assert (
         "docker swarm join --token %s --advertise-addr 10.0.0.2 --listen-addr 10.0.0.2:2377 "
