@@ -2341,24 +2341,6 @@ EXIT_CODES_HELP = """exit status: 0 ok, 1 the operation failed, 2 bad usage or i
   hub not initialised, manager unreachable), 130 interrupted"""
 
 
-class _Parser:
-    """Builds argparse parsers with an example in every --help."""
-
-    def __init__(self):
-        import argparse
-
-        self.argparse = argparse
-
-    def command(self, subparsers, name, handler, help_text, example, **kwargs):
-        parser = subparsers.add_parser(
-            name, help=help_text, description=help_text,
-            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
-            formatter_class=self.argparse.RawDescriptionHelpFormatter, **kwargs,
-        )
-        parser.set_defaults(handler=handler)
-        return parser
-
-
 def add_json(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -2385,10 +2367,192 @@ def add_share_flags(parser):
     parser.add_argument("--install-deps", action="store_true", help="install missing packages")
 
 
-def build_parser():
+def args_hub_init(p):
+    p.add_argument("--ip", required=True, help="the hub's public IP (workers dial it)")
+    p.add_argument("--port", default=str(DEFAULT_PORT), help=f"WireGuard UDP port (default {DEFAULT_PORT})")
+    p.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"VPN subnet (default {DEFAULT_SUBNET})")
+    p.add_argument("--interface", default=DEFAULT_INTERFACE, help=f"VPN interface (default {DEFAULT_INTERFACE})")
+
+
+def args_hub_add_peer(p):
+    p.add_argument("name", help="the worker's name (a DNS label)")
+    p.add_argument("--ip", help="VPN address to give it (default: the next free one)")
+    p.add_argument("--pubkey", help="the worker's WireGuard public key: its private key never exists on the hub")
+    p.add_argument("--out", help="also copy the bundle into this folder")
+    add_json(p)
+
+
+def args_name(p):
+    p.add_argument("name", help="the peer's name")
+
+
+def args_hub_join_info(p):
+    p.add_argument("--name", required=True, help="the peer's name")
+    add_json(p)
+
+
+def args_hub_ssh(p):
     import argparse
 
-    maker = _Parser()
+    p.add_argument("name", help="the peer's name")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
+
+
+def args_hub_watch(p):
+    p.add_argument("--interval", default="10", help="seconds between checks (default 10)")
+    p.add_argument("--down-after", default="30", help="seconds a worker is down before its jobs move (default 30)")
+    p.add_argument("--once", action="store_true", help="check once and exit")
+
+
+def args_yes(p):
+    p.add_argument("--yes", "-y", action="store_true", help="confirm, ask nothing")
+
+
+def args_worker_join(p):
+    p.add_argument("--wg-config", required=True, help="the WireGuard config from the hub admin")
+    p.add_argument("--token", required=True, help="the swarm join token")
+    p.add_argument("--ssh-key", help="the hub's SSH public key (default: from the config)")
+    add_share_flags(p)
+
+
+def args_jobs_run(p):
+    p.add_argument("image")
+    p.add_argument("command", nargs="*", help="one string runs under sh -c; after --, words run as given")
+    add_resources(p)
+    p.add_argument("--name", help="job ID (default job-XXXXXX)")
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--replicas", default="1", help="how many copies run to completion (default 1)")
+    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_json(p)
+    add_manager(p)
+
+
+def args_jobs_jupyter(p):
+    add_resources(p)
+    p.add_argument("--port", default="8888", help="port on the worker's VPN address (default 8888)")
+    p.add_argument("--image", help=f"image with Jupyter (default {JUPYTER_IMAGE})")
+    p.add_argument("--name", help="job ID (default jupyter-XXXXXX)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds to wait for it to answer (default 600)")
+    add_json(p)
+    add_manager(p)
+
+
+def args_jobs_train(p):
+    p.add_argument("script", help="an http(s) URL or a local file (sent as a swarm config)")
+    p.add_argument("--framework", required=True, choices=sorted(FRAMEWORK_IMAGES))
+    p.add_argument("--image", help="image to run it in (default: the framework's)")
+    add_resources(p)
+    p.add_argument("--name", help="job ID (default train-XXXXXX)")
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_manager(p)
+
+
+def args_json_manager(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_job_id(p):
+    p.add_argument("job_id")
+    add_json(p)
+    add_manager(p)
+
+
+def args_jobs_logs(p):
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", help="only the last N lines")
+    add_manager(p)
+
+
+def args_jobs_delete(p):
+    p.add_argument("job_ids", nargs="+", metavar="job_id")
+    add_manager(p)
+
+
+# group -> (help, example, {command: (handler, help, example, add_arguments)})
+COMMANDS = {
+    "hub": ("the central server: VPN, swarm manager, peers, SSH", "sudo gridx hub init --ip 203.0.113.7", {
+        "init": (cmd_hub_init, "set up the VPN, the swarm manager, SSH key and firewall",
+                 "sudo gridx hub init --ip 203.0.113.7 --subnet 10.0.0.0/24", args_hub_init),
+        "add-peer": (cmd_hub_add_peer, "add a worker and write its join bundle",
+                     "sudo gridx hub add-peer laptop-anna --out .", args_hub_add_peer),
+        "remove-peer": (cmd_hub_remove_peer, "remove a worker from the VPN and the swarm, rotate the join token",
+                        "sudo gridx hub remove-peer laptop-anna", args_name),
+        "list-peers": (cmd_hub_list_peers, "every peer: address, handshake, node, shares",
+                       "sudo gridx hub list-peers --json", add_json),
+        "status": (cmd_hub_status, "VPN and swarm health: exit 0 healthy, 1 degraded (for cron)",
+                   "sudo gridx hub status || alert", add_json),
+        "join-info": (cmd_hub_join_info, "print what a worker needs to join by hand",
+                      "sudo gridx hub join-info --name laptop-anna > laptop-anna.conf", args_hub_join_info),
+        "ssh": (cmd_hub_ssh, "SSH into a worker over the VPN with the hub's key",
+                "sudo gridx hub ssh laptop-anna -- nvidia-smi", args_hub_ssh),
+        "ssh-pubkey": (cmd_hub_ssh_pubkey, "print the hub's SSH public key",
+                       "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys", None),
+        "watch": (cmd_hub_watch, "keep jobs alive: run again the jobs of workers that went down",
+                  "sudo gridx hub watch --interval 10 --down-after 30", args_hub_watch),
+        "reset": (cmd_hub_reset, "remove the VPN, the swarm and every peer", "sudo gridx hub reset --yes", args_yes),
+    }),
+    "worker": ("a volunteer's machine: join, status, leave",
+               "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --yes", {
+        "setup": (cmd_worker_setup, "interactive: paste the config, answer the questions",
+                  "sudo gridx worker setup", add_share_flags),
+        "join": (cmd_worker_join, "join with a config file and a token",
+                 "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --gpus 0 --yes",
+                 args_worker_join),
+        "status": (cmd_worker_status, "link, handshake, swarm, shares: exit 0 healthy",
+                   "sudo gridx worker status --json", add_json),
+        "leave": (cmd_worker_leave, "leave and restore everything join changed", "sudo gridx worker leave", args_yes),
+    }),
+    "jobs": ("submit and follow jobs on the pooled cluster", "gridx jobs run python:3.11 \"python -c 'print(2**100)'\"", {
+        "run": (cmd_jobs_run, "run a batch job to completion",
+                "gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --cpus 2 --memory 4G --wait", args_jobs_run),
+        "jupyter": (cmd_jobs_jupyter, "start a Jupyter server; prints its URL",
+                    "gridx jobs jupyter --cpus 2 --memory 4G --port 8888", args_jobs_jupyter),
+        "train": (cmd_jobs_train, "run a training script (URL or local file)",
+                  "gridx jobs train train.py --framework pytorch --gpus 1 --wait", args_jobs_train),
+        "list": (cmd_jobs_list, "every job, from the swarm", "gridx jobs list --json", args_json_manager),
+        "status": (cmd_jobs_status, "placement, state, exit code, why it waits",
+                   "gridx jobs status job-3f9a1c", args_job_id),
+        "logs": (cmd_jobs_logs, "a job's output", "gridx jobs logs job-3f9a1c -f", args_jobs_logs),
+        "delete": (cmd_jobs_delete, "stop a job on every worker and remove it",
+                   "gridx jobs delete job-3f9a1c", args_jobs_delete),
+        "cluster": (cmd_cluster, "every node: shared, reserved, free; totals",
+                    "gridx jobs cluster --json", args_json_manager),
+    }),
+}
+CLUSTER_SHORTCUT = (cmd_cluster, "shortcut for `gridx jobs cluster`", "gridx cluster", args_json_manager)
+
+
+def _selected(argv):
+    """The first two words of argv that are not options: group, command."""
+    words = [word for word in argv if not word.startswith("-")]
+    return (words + [None, None])[:2]
+
+
+def build_parser(argv=()):
+    """The argument parser, built only as deep as argv needs.
+
+    Building every subcommand's arguments costs more than Python's own
+    start-up; `gridx --help` and `gridx hub init` need one branch each.
+    """
+    import argparse
+
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    def command(subparsers, name, handler, help_text, example, add_arguments, full):
+        if not full:
+            return subparsers.add_parser(name, help=help_text)
+        parser = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=formatter,
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+        )
+        parser.set_defaults(handler=handler)
+        if add_arguments:
+            add_arguments(parser)
+        return parser
+
     parser = argparse.ArgumentParser(
         prog="gridx",
         description="Grid-X: pool the idle CPUs and GPUs of a group's computers "
@@ -2398,136 +2562,23 @@ def build_parser():
                "  sudo gridx hub add-peer laptop-anna\n"
                "  gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --wait\n"
                "  gridx cluster\n\n" + EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"gridx {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each command before it runs")
     groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,cluster}")
-
-    hub = maker.command(groups, "hub", None, "the central server: VPN, swarm manager, peers, SSH",
-                        "sudo gridx hub init --ip 203.0.113.7")
-    hub_cmds = hub.add_subparsers(dest="command", metavar="COMMAND")
-    p = maker.command(hub_cmds, "init", cmd_hub_init, "set up the VPN, the swarm manager, SSH key and firewall",
-                      "sudo gridx hub init --ip 203.0.113.7 --subnet 10.0.0.0/24")
-    p.add_argument("--ip", required=True, help="the hub's public IP (workers dial it)")
-    p.add_argument("--port", default=str(DEFAULT_PORT), help=f"WireGuard UDP port (default {DEFAULT_PORT})")
-    p.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"VPN subnet (default {DEFAULT_SUBNET})")
-    p.add_argument("--interface", default=DEFAULT_INTERFACE, help=f"VPN interface (default {DEFAULT_INTERFACE})")
-    p = maker.command(hub_cmds, "add-peer", cmd_hub_add_peer, "add a worker and write its join bundle",
-                      "sudo gridx hub add-peer laptop-anna --out .")
-    p.add_argument("name", help="the worker's name (a DNS label)")
-    p.add_argument("--ip", help="VPN address to give it (default: the next free one)")
-    p.add_argument("--pubkey", help="the worker's WireGuard public key: its private key never exists on the hub")
-    p.add_argument("--out", help="also copy the bundle into this folder")
-    add_json(p)
-    p = maker.command(hub_cmds, "remove-peer", cmd_hub_remove_peer,
-                      "remove a worker from the VPN and the swarm, rotate the join token",
-                      "sudo gridx hub remove-peer laptop-anna")
-    p.add_argument("name")
-    p = maker.command(hub_cmds, "list-peers", cmd_hub_list_peers, "every peer: address, handshake, node, shares",
-                      "sudo gridx hub list-peers --json")
-    add_json(p)
-    p = maker.command(hub_cmds, "status", cmd_hub_status,
-                      "VPN and swarm health: exit 0 healthy, 1 degraded (for cron)", "sudo gridx hub status || alert")
-    add_json(p)
-    p = maker.command(hub_cmds, "join-info", cmd_hub_join_info, "print what a worker needs to join by hand",
-                      "sudo gridx hub join-info --name laptop-anna > laptop-anna.conf")
-    p.add_argument("--name", required=True)
-    add_json(p)
-    p = maker.command(hub_cmds, "ssh", cmd_hub_ssh, "SSH into a worker over the VPN with the hub's key",
-                      "sudo gridx hub ssh laptop-anna -- nvidia-smi")
-    p.add_argument("name")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
-    maker.command(hub_cmds, "ssh-pubkey", cmd_hub_ssh_pubkey, "print the hub's SSH public key",
-                  "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys")
-    p = maker.command(hub_cmds, "watch", cmd_hub_watch,
-                      "keep jobs alive: run again the jobs of workers that went down",
-                      "sudo gridx hub watch --interval 10 --down-after 30")
-    p.add_argument("--interval", default="10", help="seconds between checks (default 10)")
-    p.add_argument("--down-after", default="30", help="seconds a worker is down before its jobs move (default 30)")
-    p.add_argument("--once", action="store_true", help="check once and exit")
-    p = maker.command(hub_cmds, "reset", cmd_hub_reset, "remove the VPN, the swarm and every peer",
-                      "sudo gridx hub reset --yes")
-    p.add_argument("--yes", action="store_true", help="confirm")
-
-    worker = maker.command(groups, "worker", None, "a volunteer's machine: join, status, leave",
-                           "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --yes")
-    worker_cmds = worker.add_subparsers(dest="command", metavar="COMMAND")
-    p = maker.command(worker_cmds, "setup", cmd_worker_setup, "interactive: paste the config, answer the questions",
-                      "sudo gridx worker setup")
-    add_share_flags(p)
-    p = maker.command(worker_cmds, "join", cmd_worker_join, "join with a config file and a token",
-                      "sudo gridx worker join --wg-config w1.conf --token SWMTKN-… --cpus 4 --memory 8G --gpus 0 --yes")
-    p.add_argument("--wg-config", required=True, help="the WireGuard config from the hub admin")
-    p.add_argument("--token", required=True, help="the swarm join token")
-    p.add_argument("--ssh-key", help="the hub's SSH public key (default: from the config)")
-    add_share_flags(p)
-    p = maker.command(worker_cmds, "status", cmd_worker_status, "link, handshake, swarm, shares: exit 0 healthy",
-                      "sudo gridx worker status --json")
-    add_json(p)
-    p = maker.command(worker_cmds, "leave", cmd_worker_leave, "leave and restore everything join changed",
-                      "sudo gridx worker leave")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
-
-    jobs = maker.command(groups, "jobs", None, "submit and follow jobs on the pooled cluster",
-                         "gridx jobs run python:3.11 \"python -c 'print(2**100)'\"")
-    jobs_cmds = jobs.add_subparsers(dest="command", metavar="COMMAND")
-    p = maker.command(jobs_cmds, "run", cmd_jobs_run, "run a batch job to completion",
-                      "gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --cpus 2 --memory 4G --wait")
-    p.add_argument("image")
-    p.add_argument("command", nargs="*",
-                   help="one string runs under sh -c; after --, words run as given")
-    add_resources(p)
-    p.add_argument("--name", help="job ID (default job-XXXXXX)")
-    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
-    p.add_argument("--replicas", default="1", help="how many copies run to completion (default 1)")
-    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
-    add_json(p)
-    add_manager(p)
-    p = maker.command(jobs_cmds, "jupyter", cmd_jobs_jupyter, "start a Jupyter server; prints its URL",
-                      "gridx jobs jupyter --cpus 2 --memory 4G --port 8888")
-    add_resources(p)
-    p.add_argument("--port", default="8888", help="port on the worker's VPN address (default 8888)")
-    p.add_argument("--image", help=f"image with Jupyter (default {JUPYTER_IMAGE})")
-    p.add_argument("--name", help="job ID (default jupyter-XXXXXX)")
-    p.add_argument("--timeout", type=int, default=600, help="seconds to wait for it to answer (default 600)")
-    add_json(p)
-    add_manager(p)
-    p = maker.command(jobs_cmds, "train", cmd_jobs_train, "run a training script (URL or local file)",
-                      "gridx jobs train train.py --framework pytorch --gpus 1 --wait")
-    p.add_argument("script", help="an http(s) URL or a local file (sent as a swarm config)")
-    p.add_argument("--framework", required=True, choices=sorted(FRAMEWORK_IMAGES))
-    p.add_argument("--image", help="image to run it in (default: the framework's)")
-    add_resources(p)
-    p.add_argument("--name", help="job ID (default train-XXXXXX)")
-    p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
-    p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
-    add_manager(p)
-    p = maker.command(jobs_cmds, "list", cmd_jobs_list, "every job, from the swarm", "gridx jobs list --json")
-    add_json(p)
-    add_manager(p)
-    p = maker.command(jobs_cmds, "status", cmd_jobs_status, "placement, state, exit code, why it waits",
-                      "gridx jobs status job-3f9a1c")
-    p.add_argument("job_id")
-    add_json(p)
-    add_manager(p)
-    p = maker.command(jobs_cmds, "logs", cmd_jobs_logs, "a job's output", "gridx jobs logs job-3f9a1c -f")
-    p.add_argument("job_id")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("--tail", help="only the last N lines")
-    add_manager(p)
-    p = maker.command(jobs_cmds, "delete", cmd_jobs_delete, "stop a job on every worker and remove it",
-                      "gridx jobs delete job-3f9a1c")
-    p.add_argument("job_ids", nargs="+", metavar="job_id")
-    add_manager(p)
-    p = maker.command(jobs_cmds, "cluster", cmd_cluster, "every node: shared, reserved, free; totals",
-                      "gridx jobs cluster --json")
-    add_json(p)
-    add_manager(p)
-    p = maker.command(groups, "cluster", cmd_cluster, "shortcut for `gridx jobs cluster`", "gridx cluster")
-    add_json(p)
-    add_manager(p)
-    return parser, {"hub": hub, "worker": worker, "jobs": jobs}
+    wanted_group, wanted_command = _selected(argv)
+    group_parsers = {}
+    for group, (help_text, example, commands) in COMMANDS.items():
+        full = group == wanted_group
+        group_parser = command(groups, group, None, help_text, example, None, full)
+        group_parsers[group] = group_parser
+        if full:
+            subcommands = group_parser.add_subparsers(dest="command", metavar="COMMAND")
+            for name, (handler, sub_help, sub_example, add_arguments) in commands.items():
+                command(subcommands, name, handler, sub_help, sub_example, add_arguments, name == wanted_command)
+    command(groups, "cluster", *CLUSTER_SHORTCUT, wanted_group == "cluster")
+    return parser, group_parsers
 
 
 # ---------------------------------------------------------------------------
@@ -2537,7 +2588,9 @@ def build_parser():
 
 def main(argv=None):
     global VERBOSE
-    parser, groups = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser, groups = build_parser(argv)
     args = parser.parse_args(argv)
     VERBOSE = args.verbose
     handler = getattr(args, "handler", None)
