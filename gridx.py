@@ -264,6 +264,16 @@ def command_error(argv, result):
     return GridxError(f"`{shown}` failed (exit {result.returncode}): {last}")
 
 
+DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
+
+
+def docker(*args):
+    """argv for a docker call, against the remote manager when one is set."""
+    if DOCKER_HOST:
+        return ["docker", "-H", DOCKER_HOST, *args]
+    return ["docker", *args]
+
+
 def docker_json_lines(argv):
     """Run a docker command printing one JSON document per line."""
     import json
@@ -752,13 +762,24 @@ def worker_join_token(rotate=False):
 
 
 def swarm_nodes():
-    """Every swarm node, inspected: two docker calls whatever their number."""
-    ids = run(["docker", "node", "ls", "-q"]).stdout.split()
+    """Every swarm node, inspected: two docker calls whatever their number.
+
+    A worker that left and joined again leaves its old identity behind as a
+    Down node with the same address; such replaced nodes are left out.
+    """
+    nodes = all_swarm_nodes()
+    ready = {n.get("Status", {}).get("Addr") for n in nodes if n.get("Status", {}).get("State") == "ready"}
+    return [n for n in nodes if n.get("Status", {}).get("State") == "ready"
+            or n.get("Status", {}).get("Addr") not in ready]
+
+
+def all_swarm_nodes():
+    ids = run(docker("node", "ls", "-q")).stdout.split()
     if not ids:
         return []
     import json
 
-    return json.loads(run(["docker", "node", "inspect", *ids]).stdout)
+    return json.loads(run(docker("node", "inspect", *ids)).stdout)
 
 
 def node_summary(node):
@@ -1008,19 +1029,10 @@ def remove_bundle(name):
 # Jobs
 # ---------------------------------------------------------------------------
 
-DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
-
 TERMINAL_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 ACTIVE_TASK_STATES = (
     "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
 )
-
-
-def docker(*args):
-    """argv for a docker call, against the remote manager when one is set."""
-    if DOCKER_HOST:
-        return ["docker", "-H", DOCKER_HOST, *args]
-    return ["docker", *args]
 
 
 def parse_cpus(value):
@@ -2505,7 +2517,7 @@ COMMANDS = {
                    "sudo gridx worker status --json", add_json),
         "leave": (cmd_worker_leave, "leave and restore everything join changed", "sudo gridx worker leave", args_yes),
     }),
-    "jobs": ("submit and follow jobs on the pooled cluster", "gridx jobs run python:3.11 \"python -c 'print(2**100)'\"", {
+    "jobs": ("submit and follow jobs on the pooled cluster", "gridx jobs run python:3.11 true --wait", {
         "run": (cmd_jobs_run, "run a batch job to completion",
                 "gridx jobs run python:3.11 \"python -c 'print(2**100)'\" --cpus 2 --memory 4G --wait", args_jobs_run),
         "jupyter": (cmd_jobs_jupyter, "start a Jupyter server; prints its URL",
