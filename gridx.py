@@ -1532,6 +1532,8 @@ def init_hub(existing, public_ip, port, subnet, interface):
         if run(["systemctl", "is-enabled", unit], check=False).stdout.strip() != "enabled":
             run(["systemctl", "enable", unit])
             changes.append(f"enabled {unit} at boot")
+        if install_watch_service():
+            changes.append("installed gridx-watch.service (re-runs the jobs of workers that go down)")
     swarm = swarm_info()
     state = swarm.get("LocalNodeState", "inactive")
     if state == "inactive":
@@ -1561,6 +1563,42 @@ def init_hub(existing, public_ip, port, subnet, interface):
     if ensure_ssh_key():
         changes.append(f"created the hub's SSH key {ssh_key_path()}")
     return changes
+
+
+WATCH_UNIT = """[Unit]
+Description=Grid-X: run again the jobs of workers that went down
+After=docker.service
+Requires=docker.service
+
+[Service]
+ExecStart={program} hub watch
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def own_program():
+    """How to run this gridx again: the binary, or python3 and this file."""
+    import shlex
+
+    if getattr(sys, "frozen", False):
+        return shlex.quote(os.environ.get("STATICX_PROG_PATH") or sys.executable)
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
+
+
+def install_watch_service():
+    """A systemd unit running `gridx hub watch`; True when it changed."""
+    path = "/etc/systemd/system/gridx-watch.service"
+    unit = WATCH_UNIT.format(program=own_program())
+    if os.path.exists(path) and read_text(path) == unit:
+        return False
+    atomic_write(path, unit, 0o644)
+    run(["systemctl", "daemon-reload"])
+    run(["systemctl", "enable", "--now", "gridx-watch.service"])
+    return True
 
 
 def cmd_hub_reset(args):
