@@ -1612,6 +1612,9 @@ def cmd_hub_reset(args):
         if wg_interface_up(config.interface):
             run(["wg-quick", "down", config.interface], check=False)
         run(["docker", "swarm", "leave", "--force"], check=False)
+        if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
+            run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
+            os.unlink("/etc/systemd/system/gridx-watch.service")
         run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)
