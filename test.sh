@@ -13,6 +13,13 @@
 #   GRIDX_LAB_MIRROR      Debian mirror for debootstrap (default: the one in
 #                         /etc/apt/sources.list.d, else http://deb.debian.org/debian)
 #   GRIDX_LAB_TIMEOUT     seconds to wait for every node's dockerd (120)
+#   GRIDX_LAB_CPUS        CPUs each worker shares (4, or nproc when fewer)
+#   GRIDX_LAB_JOB_TIMEOUT seconds test-job / test-gpu wait for a job (300)
+#   GRIDX_LAB_NAME        name of this lab (gridx-lab): its containers are
+#                         NAME-hub, NAME-worker1.., its network NAME; several
+#                         labs can run side by side (images are shared)
+#   GRIDX_LAB_NET         first three octets of its /24 (172.29.240): hub .10,
+#                         workers .11 .12 .13; must not overlap 10.0.0.0/24
 #   NO_COLOR              plain output
 #
 # Exit status: 0 ok, 1 a step failed, 2 bad usage, 3 a prerequisite is missing.
@@ -20,12 +27,15 @@ set -euo pipefail
 export LC_ALL=C
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PROJECT=gridx-lab
-PREFIX=gridx-lab-
+PROJECT=${GRIDX_LAB_NAME:-gridx-lab}
+LAB_NET=${GRIDX_LAB_NET:-172.29.240}
+export GRIDX_LAB_NAME=$PROJECT GRIDX_LAB_NET=$LAB_NET # for docker-compose.yml
+PREFIX=$PROJECT-
 HUB=${PREFIX}hub
 WORKERS=(worker1 worker2 worker3)
-HUB_IP=172.29.240.10
-LAB_LABEL=io.gridx.lab
+HUB_IP=$LAB_NET.10
+LAB_LABEL=io.gridx.lab          # on every image the lab builds
+NAME_LABEL=io.gridx.lab.name    # on every container of this lab: its name
 BASE_PULL=debian:bookworm-slim
 BASE_LOCAL=gridx-lab-base:bookworm
 NODE_IMAGE=gridx-lab-node:latest
@@ -36,7 +46,9 @@ CACHE=${GRIDX_LAB_CACHE:-/var/cache/gridx-lab}
 TIMEOUT=${GRIDX_LAB_TIMEOUT:-120}
 # worker -> extra join.sh flags (worker3 shares two made-up GPUs)
 declare -A JOIN_EXTRA=([worker3]="--gpus 2 --gpu-ids GPU-fake-0000,GPU-fake-0001")
-JOIN_FLAGS=(--yes --cpus 4 --memory 4G)
+# join.sh refuses to share more CPUs than the machine has: 4, or fewer here.
+LAB_CPUS=${GRIDX_LAB_CPUS:-$(n=$(nproc 2>/dev/null || echo 1); echo $((n < 4 ? n : 4)))}
+JOIN_FLAGS=(--yes --cpus "$LAB_CPUS" --memory 4G)
 COMPOSE=()
 
 # ---------------------------------------------------------------- output ----
@@ -140,6 +152,16 @@ in_node() { # in_node NAME CMD...
 }
 
 gridx_hub() { docker exec "$HUB" gridx "$@"; }
+
+# gridx_job ARGS: `gridx jobs run ARGS --wait` in the hub, stopped after
+# GRIDX_LAB_JOB_TIMEOUT seconds (exit 124) so a job that never ends cannot
+# hang the caller.
+gridx_job() {
+	local rc=0 limit=${GRIDX_LAB_JOB_TIMEOUT:-300}
+	docker exec "$HUB" timeout "$limit" gridx jobs run --wait "$@" || rc=$?
+	[ "$rc" -ne 124 ] || warn "the job did not finish within ${limit}s (GRIDX_LAB_JOB_TIMEOUT)"
+	return "$rc"
+}
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
@@ -316,10 +338,14 @@ copy_bundle() {
 	docker cp "$HUB:$path" - | docker cp - "$(node "$worker"):/root/"
 }
 
+# A worker is done when join.sh recorded its join and its engine is in the swarm.
 worker_joined() {
 	local state
 	state=$(in_node "$1" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)
-	[ "$state" = active ]
+	[ "$state" = active ] || return 1
+	in_node "$1" test -e /root/.gridx/state.env \
+		|| die 1 "$1 is in a swarm that join.sh did not set up" \
+			"start afresh: ./test.sh clean && ./test.sh start && ./test.sh setup"
 }
 
 join_worker() {
@@ -335,18 +361,33 @@ join_worker() {
 	echo_run in_node "$w" "/root/$(basename "$path")/join.sh" "${JOIN_FLAGS[@]}" "${extra[@]}"
 }
 
+# Job images go into each worker with docker save | docker load (no registry):
+# saved once to a file, loaded into the workers that lack them in parallel.
 load_images() {
-	local img id w
+	local img id w tar pids=() need=()
 	for img in "${JOB_IMAGES[@]}"; do
 		id=$(docker image inspect -f '{{.Id}}' "$img")
+		need=()
 		for w in "${WORKERS[@]}"; do
 			if [ "$(in_node "$w" docker image inspect -f '{{.Id}}' "$img" 2>/dev/null || :)" = "$id" ]; then
 				info "$w already has $img"
-				continue
+			else
+				need+=("$w")
 			fi
-			info "loading $img into $w"
-			docker save "$img" | docker exec -i "$(node "$w")" docker load -q >/dev/null
 		done
+		[ "${#need[@]}" -gt 0 ] || continue
+		tar=$(mktemp "${TMPDIR:-/tmp}/gridx-lab-image.XXXXXX")
+		docker save -o "$tar" "$img"
+		info "loading $img into ${need[*]}"
+		pids=()
+		for w in "${need[@]}"; do
+			docker exec -i "$(node "$w")" docker load -q <"$tar" >/dev/null &
+			pids+=("$!")
+		done
+		local pid failed=0
+		for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+		rm -f "$tar"
+		[ "$failed" -eq 0 ] || die 1 "docker load of $img failed in a worker"
 	done
 }
 
@@ -397,7 +438,7 @@ cmd_add_external() {
 	info "bundle for $name: $dest"
 	cat >&2 <<EOF
 [lab] Copy it to the machine that joins (it must reach $HUB_IP:51820/udp,
-[lab] i.e. sit on the gridx-lab network), then there:
+[lab] i.e. sit on the $PROJECT network), then there:
 [lab]     cd $(basename "$path") && sudo ./join.sh
 [lab] and to leave again: sudo ./leave.sh
 EOF
@@ -405,7 +446,7 @@ EOF
 
 cmd_test_job() {
 	need_lab
-	echo_run gridx_hub jobs run --wait python:3.11 "python -c 'print(2**100)'"
+	echo_run gridx_job python:3.11 "python -c 'print(2**100)'"
 }
 
 cmd_test_gpu() {
@@ -414,12 +455,23 @@ cmd_test_gpu() {
 		info "this machine's GPUs (the lab's workers share made-up ones):"
 		nvidia-smi -L || :
 	fi
+	local job prog out rc=0
+	job=gpu-test-$(date +%s)
+	# Swarm hands the GPU over as DOCKER_RESOURCE_NVIDIA-GPU, a name sh drops:
+	# the job runs python directly (several words after --, no sh).
+	prog='import os, shutil, subprocess
+print("GPU given:", os.environ.get("DOCKER_RESOURCE_NVIDIA-GPU", "none"))
+if shutil.which("nvidia-smi"):
+    subprocess.run(["nvidia-smi", "-L"])'
 	info "a job asking for 1 GPU (worker3 shares GPU-fake-0000 and GPU-fake-0001)"
-	local prog='import os; print("GPU given:", os.environ.get("DOCKER_RESOURCE_NVIDIA-GPU", "none")); os.system("nvidia-smi -L 2>/dev/null")'
-	echo_run gridx_hub jobs run --wait --gpus 1 python:3.11 -- python -c "$prog"
+	rc=0
+	echo_run gridx_job --gpus 1 --name "$job" python:3.11 -- python -c "$prog" || rc=$?
+	echo_run gridx_hub jobs status "$job" || :
+	[ "$rc" -eq 0 ] || die 1 "the --gpus 1 job failed (exit status $rc)"
+	rc=0
+	gridx_hub jobs delete "$job" >/dev/null 2>&1 || :
 	info "a job asking for 3 GPUs must be refused (no worker shares 3)"
-	local out rc=0
-	out=$(gridx_hub jobs run --gpus 3 python:3.11 "nvidia-smi" 2>&1) || rc=$?
+	out=$(gridx_hub jobs run --gpus 3 python:3.11 nvidia-smi 2>&1) || rc=$?
 	printf '%s\n' "$out"
 	[ "$rc" -ne 0 ] || die 1 "a --gpus 3 job was accepted; it should have been refused"
 	info "refused as expected (exit status $rc)"
@@ -450,6 +502,20 @@ cmd_exec() {
 	docker exec "${tty[@]}" "$c" "$@"
 }
 
+# Every image built or imported here carries $LAB_LABEL (base, node, hub, the
+# local python:3.11), older builds included. Images still used by another
+# lab's containers stay.
+remove_lab_images() {
+	local tags
+	tags=$(docker images --filter "label=$LAB_LABEL" --format '{{.Repository}}:{{.Tag}}' | grep -v '<none>' || :)
+	[ -z "$tags" ] || printf '%s\n' "$tags" | xargs -r docker rmi >/dev/null 2>&1 || :
+	docker images -q --filter "label=$LAB_LABEL" | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || :
+	if docker images -q --filter "label=$LAB_LABEL" | grep -q .; then
+		warn "some lab images are still in use (another lab running?):"
+		docker images --filter "label=$LAB_LABEL" >&2
+	fi
+}
+
 cmd_clean() {
 	need_docker
 	pick_compose
@@ -458,15 +524,14 @@ cmd_clean() {
 	# Anything of the lab that compose did not remove (renamed services...).
 	{
 		docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"
-		docker ps -aq --filter "label=$LAB_LABEL" # extra nodes (tests' fresh node)
+		docker ps -aq --filter "label=$NAME_LABEL=$PROJECT" # extra nodes (tests)
 	} | sort -u | xargs -r docker rm -f -v >/dev/null
-	docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT" \
-		| xargs -r docker volume rm >/dev/null
-	docker volume ls -q --filter "name=^$PREFIX" | xargs -r docker volume rm >/dev/null
+	local n
+	for n in hub "${WORKERS[@]}"; do
+		docker volume rm "$PREFIX$n-docker" >/dev/null 2>&1 || :
+	done
 	docker network rm "$PROJECT" >/dev/null 2>&1 || :
-	# Every image built or imported here carries the label (base, node, hub,
-	# the local python:3.11), dangling rebuilds included.
-	docker images -aq --filter "label=$LAB_LABEL" | sort -u | xargs -r docker rmi -f >/dev/null
+	remove_lab_images
 	local b
 	for b in "$ROOT"/gridx-*-bundle "$ROOT"/gridx-*-bundle.tar.gz; do
 		[ -e "$b" ] || continue

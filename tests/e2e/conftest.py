@@ -20,6 +20,9 @@ Environment:
     GRIDX_LAB_KEEP   1 (default): leave the lab running after the session, so
                      the next run starts at once and it can be inspected
                      (./test.sh status); 0: ``./test.sh clean`` at the end.
+    GRIDX_LAB_NAME, GRIDX_LAB_NET   which lab (see test.sh): e.g.
+                     GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.241 for a
+                     lab of its own beside a developer's gridx-lab.
 """
 
 import os
@@ -33,18 +36,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
 TEST_SH = ROOT / "test.sh"
-PREFIX = "gridx-lab-"
+NETWORK = os.environ.get("GRIDX_LAB_NAME") or "gridx-lab"
+LAB_NET = os.environ.get("GRIDX_LAB_NET") or "172.29.240"
+PREFIX = NETWORK + "-"
 HUB = PREFIX + "hub"
 WORKERS = ("worker1", "worker2", "worker3")
-NETWORK = "gridx-lab"
-HUB_IP = "172.29.240.10"
+HUB_IP = LAB_NET + ".10"
+FRESH_IP = LAB_NET + ".20"
 NODE_IMAGE = "gridx-lab-node:latest"
 # The capability settings of docker-compose.yml, for containers made here.
 NODE_RUN_FLAGS = [
     "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
     "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
-    "--label", "io.gridx.lab=1",
+    "--label", "io.gridx.lab.name=" + NETWORK,
 ]
 START_TIMEOUT = 1800  # from nothing: debootstrap + builds, on 2 slow cores
 SETUP_TIMEOUT = 900
@@ -163,7 +168,7 @@ def fresh_node(lab):
     cname = container(name)
     _run(["docker", "rm", "-f", "-v", cname])
     _run(["docker", "run", "-d", "--name", cname, "--hostname", name,
-          "--network", NETWORK, "--ip", "172.29.240.20",
+          "--network", NETWORK, "--ip", FRESH_IP,
           "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE], check=True)
     deadline = time.monotonic() + 90
     while node_exec(name, ["test", "-e", "/run/gridx-lab.ready"]).returncode != 0:
