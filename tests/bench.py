@@ -1,0 +1,766 @@
+#!/usr/bin/env python3
+"""Grid-X benchmarks: Grid-X against the raw tools it wraps, on the lab.
+
+`make bench` runs this after `make demo` (the lab must exist or be buildable).
+Standard library only. One run measures everything below; every figure is a
+median over repeated runs, and every ratio compares two things measured side
+by side (interleaved) in the same run. It prints a Markdown table (each
+figure, its target, met or missed) and writes bench-results.json.
+
+  lab      `./test.sh start` + `setup` from built images to 4 Ready nodes
+           (the lab's containers and volumes are removed first, images kept;
+           runs first, so everything after it runs on a fresh lab)
+  startup  `python3 gridx.py --help` / `python3 -c "import argparse"` (<= 1.5x);
+           `dist/gridx --help` / `python3 gridx.py --help` (<= 3x)
+  jobs     `gridx jobs run --wait python:3.11 true` / bare `docker service
+           create --mode replicated-job ...` + polling `docker service ps`
+           (<= 1.2x)
+  state    `gridx jobs list` and `gridx cluster` with 2 and with 200 jobs:
+           docker calls counted by a PATH wrapper (same number), time with 200
+           / bare `docker service ls` (<= 2x)
+  addpeer  the 1st and the 250th `gridx hub add-peer` on the lab hub (the /24
+           filled; 250th <= 1.5x the 1st), a ping from the hub to worker1 over
+           the VPN during the first 50 losing nothing; the peers are removed
+           afterwards
+  join     `./join.sh --yes ...` from start to node Ready on the hub / bare
+           `wg-quick up` + `docker swarm join`, same kind of container (<= 1.5x)
+
+Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
+                              [--json PATH] [--quick]
+
+Environment: GRIDX_LAB_NAME, GRIDX_LAB_NET (which lab, as for test.sh).
+Exit status: 0 every section ran (targets met or not: the table says),
+1 a section failed to run, 2 bad usage.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_SH = os.path.join(ROOT, "test.sh")
+BINARY = os.path.join(ROOT, "dist", "gridx")
+LAB = os.environ.get("GRIDX_LAB_NAME") or "gridx-lab"
+LAB_NET = os.environ.get("GRIDX_LAB_NET") or "172.29.240"
+HUB = LAB + "-hub"
+WORKERS = ("worker1", "worker2", "worker3")
+NODE_IMAGE = "gridx-lab-node:latest"
+HUB_IMAGE = "gridx-lab-hub:latest"
+JOB_IMAGE = "python:3.11"
+JOIN_NODE = LAB + "-benchjoin"
+JOIN_IP = LAB_NET + ".30"
+# The capability settings of docker-compose.yml (as tests/e2e/conftest.py).
+NODE_RUN_FLAGS = [
+    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+    "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
+    "--label", "io.gridx.lab.name=" + LAB,
+]
+SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join")
+BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
+
+# Shell helpers sent with every script run in the hub: `t LABEL CMD...` runs
+# CMD (output dropped) and prints "T LABEL MICROSECONDS EXIT_STATUS".
+HUB_PRELUDE = r"""
+set -u
+t() {
+	local label=$1 s e rc
+	shift
+	s=${EPOCHREALTIME/./}
+	"$@" >/dev/null 2>>/tmp/gridx-bench.err
+	rc=$?
+	e=${EPOCHREALTIME/./}
+	echo "T $label $((e - s)) $rc"
+}
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def sh(argv, timeout=300, check=True, input=None):
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise BenchError(f"`{' '.join(argv)[:120]}` exited {proc.returncode}: "
+                         f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+    return proc
+
+
+def hub_bash(script, *args, timeout=300, check=True, container=HUB):
+    """Run a bash script (with HUB_PRELUDE) in a lab container."""
+    return sh(["docker", "exec", container, "bash", "-c", HUB_PRELUDE + script, "bench", *map(str, args)],
+              timeout=timeout, check=check)
+
+
+def timings(output):
+    """Parse the `T LABEL US RC` lines of HUB_PRELUDE's t(): {label: [(s, rc)]}."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "T":
+            found.setdefault(parts[1], []).append((int(parts[2]) / 1e6, int(parts[3])))
+    return found
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fmt_s(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def container_running(name):
+    proc = sh(["docker", "inspect", "-f", "{{.State.Running}}", name], check=False)
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
+
+
+def wait_ready(name, timeout=90):
+    deadline = time.monotonic() + timeout
+    while sh(["docker", "exec", name, "test", "-e", "/run/gridx-lab.ready"], check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{name}: dockerd not ready after {timeout} s")
+        time.sleep(0.3)
+
+
+class Results:
+    """The table rows and the raw figures behind them."""
+
+    def __init__(self):
+        self.rows = []
+        self.raw = {}
+        self.notes = []
+        self.errors = {}
+
+    def row(self, key, what, value, baseline=None, target=None, met=None, shown=None, note=""):
+        """value/baseline in seconds (or counts when shown gives the text)."""
+        r = ratio(value, baseline) if isinstance(value, float) and isinstance(baseline, float) else None
+        self.rows.append({
+            "key": key, "what": what, "value": value, "baseline": baseline, "ratio": r,
+            "target": target, "met": met, "shown": shown, "note": note,
+        })
+        return r
+
+
+def target_ratio(limit, r):
+    return None if r is None else r <= limit
+
+
+# ---------------------------------------------------------------------------
+# 6. The lab: start + setup from built images
+# ---------------------------------------------------------------------------
+
+
+def remove_lab_containers():
+    """The lab's containers, volumes and network; images stay."""
+    ids = set()
+    for flt in (f"label=com.docker.compose.project={LAB}", f"label=io.gridx.lab.name={LAB}"):
+        ids.update(sh(["docker", "ps", "-aq", "--filter", flt]).stdout.split())
+    if ids:
+        sh(["docker", "rm", "-f", "-v", *sorted(ids)], timeout=120)
+    for node in ("hub",) + WORKERS:
+        sh(["docker", "volume", "rm", f"{LAB}-{node}-docker"], check=False)
+    sh(["docker", "network", "rm", LAB], check=False)
+
+
+def stage_times(stderr):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"== (.+?): done in ([0-9.]+)s", stderr)}
+
+
+def bench_lab(res, args):
+    images = [i for i in (NODE_IMAGE, HUB_IMAGE, JOB_IMAGE)
+              if sh(["docker", "image", "inspect", i], check=False).returncode != 0]
+    if images:
+        log(f"images missing ({', '.join(images)}): building them first (not timed)")
+        sh([TEST_SH, "start"], timeout=1800)
+    log(f"removing lab {LAB}'s containers and volumes (images kept)")
+    remove_lab_containers()
+    t0 = time.monotonic()
+    start = sh([TEST_SH, "start"], timeout=600)
+    t1 = time.monotonic()
+    setup = sh([TEST_SH, "setup"], timeout=600)
+    t2 = time.monotonic()
+    stages = {**stage_times(start.stderr), **stage_times(setup.stderr)}
+    loading = stages.get("load job images into workers", 0.0)
+    res.raw["lab"] = {"start_s": t1 - t0, "setup_s": t2 - t1, "stages": stages}
+    total = t2 - t0
+    res.row("lab", "`./test.sh start` + `setup`, built images, to 4 Ready nodes", total,
+            shown=f"{total:.1f} s", target="(none set)", met=None,
+            note=f"start {t1 - t0:.1f} s, setup {t2 - t1:.1f} s, of which loading {JOB_IMAGE} "
+                 f"into 3 workers {loading:.1f} s; 4 Ready after {total - loading:.1f} s")
+
+
+# ---------------------------------------------------------------------------
+# 1. Start-up
+# ---------------------------------------------------------------------------
+
+
+def pick_python(override=None):
+    """The interpreter to time: python3 on PATH, unless it is pyenv's (its shim
+    is a shell script, and its builds start slower): then /usr/bin/python3."""
+    if override:
+        return override, override
+    found = shutil.which("python3") or sys.executable
+    with open(found, "rb") as handle:
+        is_script = handle.read(2) == b"#!"
+    if (is_script or "/.pyenv/" in found) and os.path.exists("/usr/bin/python3"):
+        return "/usr/bin/python3", f"/usr/bin/python3 (python3 on PATH is pyenv's: {found})"
+    return found, found
+
+
+def binary_state():
+    """'ok', or why dist/gridx cannot be measured. Builds it when missing or stale."""
+    sources = [os.path.join(ROOT, "gridx.py")] + [
+        os.path.join(ROOT, "bundle_templates", n) for n in os.listdir(os.path.join(ROOT, "bundle_templates"))]
+    newest = max(os.path.getmtime(p) for p in sources)
+    if os.path.exists(BINARY) and os.path.getmtime(BINARY) >= newest:
+        return "ok"
+    log("dist/gridx missing or older than gridx.py: make binary")
+    proc = subprocess.run(["make", "-C", ROOT, "binary"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not os.path.exists(BINARY):
+        return "not built (make binary failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1] + ")"
+    return "ok"
+
+
+def time_commands(commands, reps, warmup=2):
+    """Run each argv in turn, round after round: {label: [seconds]}."""
+    out = {label: [] for label in commands}
+    for i in range(warmup + reps):
+        for label, argv in commands.items():
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elapsed = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} exited {proc.returncode}")
+            if i >= warmup:
+                out[label].append(elapsed)
+    return out
+
+
+def bench_startup(res, args):
+    python, shown = pick_python(args.python)
+    res.raw["interpreter"] = shown
+    reps = 9 if args.quick else 21
+    cached = tempfile.mkdtemp(prefix="gridx-bench-")
+    try:
+        # The same code imported as a module with its bytecode cached (what a
+        # launcher that imports gridx gets), for comparison.
+        copy = os.path.join(cached, "gridx.py")
+        shutil.copy(os.path.join(ROOT, "gridx.py"), copy)
+        sh([python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
+            copy, importlib.util.cache_from_source(copy)])
+        commands = {
+            "script": [python, os.path.join(ROOT, "gridx.py"), "--help"],
+            "argparse": [python, "-c", "import argparse"],
+            "module": [python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gridx; "
+                       "sys.exit(gridx.main(['--help']))", cached],
+        }
+        state = binary_state()
+        if state == "ok":
+            commands["binary"] = [BINARY, "--help"]
+        got = time_commands(commands, reps)
+    finally:
+        shutil.rmtree(cached, ignore_errors=True)
+    med = {k: median(v) for k, v in got.items()}
+    res.raw["startup"] = {"runs": got, "median_s": med, "binary": state}
+    r = ratio(med["script"], med["argparse"])
+    res.row("startup", f"`python3 gridx.py --help` vs `python3 -c \"import argparse\"` ({reps} runs each)",
+            med["script"], med["argparse"], "≤ 1.5×", target_ratio(1.5, r))
+    r = ratio(med["module"], med["argparse"])
+    res.row("startup-module", "same code imported with its bytecode cached (`import gridx; main()`), for "
+            "comparison", med["module"], med["argparse"], "(info)", None)
+    if "binary" in med:
+        r = ratio(med["binary"], med["script"])
+        res.row("startup-binary", "`dist/gridx --help` (static) vs `python3 gridx.py --help`",
+                med["binary"], med["script"], "≤ 3×", target_ratio(3, r))
+    else:
+        res.row("startup-binary", "`dist/gridx --help` vs `python3 gridx.py --help`", None, None, "≤ 3×",
+                False, shown=state)
+
+
+# ---------------------------------------------------------------------------
+# 4. Job overhead
+# ---------------------------------------------------------------------------
+
+JOBS_SCRIPT = r"""
+reps=$1
+bare() { # bare NAME: the raw swarm job, polled as gridx polls (every 0.3 s)
+	local st
+	docker service create --detach --quiet --no-resolve-image --name "$1" --mode replicated-job \
+		--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
+		python:3.11 true || return 1
+	while :; do
+		st=$(docker service ps --format '{{.CurrentState}}' "$1") || return 1
+		case $st in
+			Complete*) return 0 ;;
+			Failed* | Rejected*) echo "bare $1: $st" >&2; return 1 ;;
+		esac
+		sleep 0.3
+	done
+}
+for i in $(seq 1 "$reps"); do
+	t gridx gridx jobs run --wait --name "gxbench-run$i" python:3.11 true
+	t bare bare "gxbench-bare$i"
+done
+# why gridx runs failed, if they did
+for i in $(seq 1 "$reps"); do
+	docker service ps --no-trunc --format '{{.CurrentState}}|{{.Error}}' "gxbench-run$i" |
+		grep -v '^Complete' | cut -d'|' -f2 | sed 's/^/E /'
+done
+"""
+
+
+def bench_jobs(res, args):
+    reps = 3 if args.quick else 5
+    try:
+        out = hub_bash(JOBS_SCRIPT, reps, timeout=300).stdout
+    finally:
+        hub_bash("gridx jobs delete $(seq -f 'gxbench-run%g' 1 $1) >/dev/null 2>&1; "
+                 "docker service rm $(docker service ls -q --filter label=gridx.bench) >/dev/null 2>&1; true",
+                 reps, check=False)
+    got = timings(out)
+    errors = sorted({line[2:].strip() for line in out.splitlines() if line.startswith("E ") and line[2:].strip()})
+    ok = {k: [s for s, rc in v if rc == 0] for k, v in got.items()}
+    failed = {k: sum(1 for _, rc in v if rc != 0) for k, v in got.items()}
+    med = {k: median(v) for k, v in ok.items()}
+    res.raw["jobs"] = {"runs": got, "median_ok_s": med, "failed": failed, "errors": errors}
+    r = ratio(med.get("gridx"), med.get("bare"))
+    note = ""
+    if failed.get("gridx"):
+        note = (f"gridx runs that FAILED: {failed['gridx']}/{reps} ({'; '.join(errors)[:160]}); "
+                f"median of the {len(ok['gridx'])} that passed")
+    if failed.get("bare"):
+        note += f" bare runs that failed: {failed['bare']}/{reps}"
+    met = target_ratio(1.2, r)
+    if failed.get("gridx"):
+        met = False
+    res.row("jobs", f"`gridx jobs run --wait python:3.11 true` vs bare `service create` + poll ({reps} each)",
+            med.get("gridx"), med.get("bare"), "≤ 1.2×", met, note=note.strip())
+
+
+# ---------------------------------------------------------------------------
+# 5. Reading state at scale
+# ---------------------------------------------------------------------------
+
+STATE_SETUP = r"""
+mkdir -p /tmp/gridx-bench/bin
+cat >/tmp/gridx-bench/bin/docker <<'EOF'
+#!/bin/sh
+echo "$*" >>"${GRIDX_BENCH_CALLS:-/dev/null}"
+exec /usr/bin/docker "$@"
+EOF
+chmod +x /tmp/gridx-bench/bin/docker
+docker service ls -q --filter label=gridx.job | wc -l
+"""
+
+STATE_MEASURE = r"""
+reps=$1
+calls() {
+	rm -f /tmp/gridx-bench/calls
+	GRIDX_BENCH_CALLS=/tmp/gridx-bench/calls PATH=/tmp/gridx-bench/bin:$PATH "$@" >/dev/null 2>&1 || echo "C-FAIL $*"
+	echo "C $2 $(wc -l </tmp/gridx-bench/calls)"
+}
+calls gridx jobs list
+calls gridx cluster
+echo "N $(gridx jobs list --json | grep -c '"kind"')"
+for i in $(seq 1 "$reps"); do
+	t list gridx jobs list
+	t cluster gridx cluster
+	t bare docker service ls --filter label=gridx.job
+done
+"""
+
+STATE_FILL = r"""
+# $1 pending jobs with the labels gridx gives a job; a constraint no node
+# meets keeps them pending (no container runs).
+now=$(date +%s)
+seq 1 "$1" | xargs -P 4 -I{} docker service create --detach --quiet --no-resolve-image \
+	--name gxbench-p{} --mode replicated-job --restart-condition none \
+	--constraint node.labels.gridx-bench==never \
+	--label gridx.job=gxbench-p{} --label gridx.kind=run --label gridx.created="$now" \
+	--label gridx.command=true --label gridx.bench=1 \
+	--generic-resource gridx_cpu=1 --generic-resource gridx_mem=1024 \
+	--limit-cpu 1 --limit-memory 1G python:3.11 true >/dev/null
+"""
+
+
+def state_point(res, reps):
+    out = hub_bash(STATE_MEASURE, reps, timeout=300).stdout
+    if "C-FAIL" in out:
+        raise BenchError("gridx failed with the counting wrapper: " + out)
+    calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"^C (\S+) (\d+)$", out, re.M)}
+    jobs = int(re.search(r"^N (\d+)$", out, re.M).group(1))
+    got = timings(out)
+    if any(rc for v in got.values() for _, rc in v):
+        raise BenchError("a timed command failed: " + repr(got))
+    med = {k: median([s for s, _ in v]) for k, v in got.items()}
+    return {"jobs": jobs, "calls": calls, "median_s": med, "runs": got}
+
+
+def bench_state(res, args):
+    reps = 5 if args.quick else 7
+    big = 200
+    existing = int(hub_bash(STATE_SETUP).stdout.strip() or 0)
+    made = []
+    try:
+        small_n = 2
+        for i in range(existing, small_n):
+            name = f"gxbench-small{i}"
+            made.append(name)
+            hub_bash("gridx jobs run --wait --name $1 python:3.11 true >/dev/null 2>&1; true", name)
+        small = state_point(res, reps)
+        t0 = time.monotonic()
+        hub_bash(STATE_FILL, big - small["jobs"], timeout=400)
+        fill_s = time.monotonic() - t0
+        large = state_point(res, reps)
+    finally:
+        hub_bash("docker service rm $(docker service ls -q --filter label=gridx.bench) >/dev/null 2>&1; "
+                 "[ $# -eq 0 ] || gridx jobs delete \"$@\" >/dev/null 2>&1; rm -rf /tmp/gridx-bench; true",
+                 *made, check=False, timeout=300)
+    res.raw["state"] = {"small": small, "large": large, "fill_s": fill_s}
+    n1, n2 = small["jobs"], large["jobs"]
+    for cmd, what in (("list", "gridx jobs list"), ("cluster", "gridx cluster")):
+        c1, c2 = small["calls"].get(cmd if cmd != "list" else "jobs"), large["calls"].get(
+            cmd if cmd != "list" else "jobs")
+        res.row(f"state-calls-{cmd}", f"`{what}`: docker calls with {n1} and with {n2} jobs", None,
+                shown=f"{c1} / {c2}", target="same", met=(c1 == c2 and c1 is not None))
+    for cmd, what in (("list", "gridx jobs list"), ("cluster", "gridx cluster")):
+        res.row(f"state-time-{cmd}", f"`{what}` with {n2} jobs vs bare `docker service ls` of them "
+                f"({reps} runs each)", large["median_s"][cmd], large["median_s"]["bare"], "≤ 2×",
+                target_ratio(2, ratio(large["median_s"][cmd], large["median_s"]["bare"])),
+                note=f"with {n1} jobs: {fmt_s(small['median_s'][cmd])} vs {fmt_s(small['median_s']['bare'])}")
+    if n2 != big:
+        res.notes.append(f"state: {n2} jobs instead of {big}")
+    res.notes.append(f"state: {big - n1} of the {n2} jobs are pending services with gridx's labels, made by "
+                     f"`docker service create` in {fill_s:.0f} s (a constraint no node meets keeps them pending)")
+
+
+# ---------------------------------------------------------------------------
+# 2. Growth of add-peer
+# ---------------------------------------------------------------------------
+
+ADDPEER_SCRIPT = r"""
+n=$1 ping_during=$2 target=$3
+ping -n -i 0.05 "$target" >/tmp/gridx-bench-ping.log 2>&1 &
+pid=$!
+sleep 0.5
+for i in $(seq 1 "$n"); do
+	t add gridx hub add-peer "gxbench-$i"
+	if [ "$i" -eq "$ping_during" ]; then
+		sleep 0.3
+		kill -INT "$pid"
+		wait "$pid"
+		sed 's/^/P /' /tmp/gridx-bench-ping.log
+	fi
+done
+rm -f /tmp/gridx-bench-ping.log
+"""
+
+REMOVE_SCRIPT = r"""
+gridx hub list-peers --json | grep -o '"name": "gxbench-[0-9]*"' | cut -d'"' -f4 |
+	xargs -r -P 4 -I{} gridx hub remove-peer {} >/dev/null 2>&1
+gridx hub list-peers --json | grep -c '"name": "gxbench-' || true
+"""
+
+
+def ping_loss(lines):
+    """(lost, sent): replies missing among the packets sent before the last reply."""
+    seqs = sorted({int(m.group(1)) for m in (re.search(r"icmp_seq=(\d+) ", line) for line in lines) if m})
+    if not seqs:
+        return None, 0
+    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+    sent = 0
+    for line in lines:
+        m = re.search(r"(\d+) packets transmitted", line)
+        if m:
+            sent = int(m.group(1))
+    # at most one packet can still be in flight when ping is stopped
+    lost = len(missing) + max(0, sent - seqs[-1] - 1)
+    return lost, sent
+
+
+def bench_addpeer(res, args):
+    peers = json.loads(hub_bash("gridx hub list-peers --json").stdout)["peers"]
+    config = json.loads(hub_bash("cat /etc/gridx/hub_config.json").stdout)
+    import ipaddress
+
+    hosts = ipaddress.ip_network(config["subnet"]).num_addresses - 2
+    free = hosts - 1 - len(peers)  # the hub's own address
+    n = min(250, free)
+    if n < 60:
+        raise BenchError(f"only {free} free addresses in {config['subnet']}: remove peers first")
+    target = next(p["ip"] for p in peers if p["name"] == "worker1")
+    t0 = time.monotonic()
+    try:
+        out = hub_bash(ADDPEER_SCRIPT, n, 50, target, timeout=600).stdout
+    finally:
+        t1 = time.monotonic()
+        left = hub_bash(REMOVE_SCRIPT, timeout=600, check=False).stdout.strip()
+        t2 = time.monotonic()
+    times = [s for s, rc in timings(out).get("add", [])]
+    fails = sum(1 for _, rc in timings(out).get("add", []) if rc)
+    if fails or len(times) < n:
+        raise BenchError(f"add-peer failed {fails} times, {len(times)}/{n} timed")
+    first, last = median(times[:5]), median(times[-5:])
+    lost, sent = ping_loss([line[2:] for line in out.splitlines() if line.startswith("P ")])
+    res.raw["addpeer"] = {"n": n, "times_s": times, "first_s": first, "last_s": last, "ping_sent": sent,
+                          "ping_lost": lost, "add_total_s": t1 - t0, "remove_total_s": t2 - t1,
+                          "left_over": left, "existing_peers": len(peers)}
+    res.row("addpeer", f"`gridx hub add-peer`: the {n}th vs the 1st (medians of 5 around each; "
+            f"{len(peers)} peers existed; the /24 filled)", last, first, "≤ 1.5×",
+            target_ratio(1.5, ratio(last, first)),
+            note=f"{n} added in {t1 - t0:.0f} s; removed in parallel in {t2 - t1:.0f} s")
+    res.row("addpeer-ping", "ping hub → worker1 over the VPN every 50 ms while 50 peers are added", None,
+            shown=f"{lost} lost of {sent}", target="0 lost", met=(lost == 0 and sent > 0))
+    if left not in ("", "0"):
+        res.notes.append(f"addpeer: {left} bench peers were left on the hub")
+
+
+# ---------------------------------------------------------------------------
+# 3. Join
+# ---------------------------------------------------------------------------
+
+POLL_READY = r"""
+# prints READY when a node that is not in the list given ($*) shows Ready
+known=" $* "
+while :; do
+	while read -r id st; do
+		case $known in *" $id "*) continue ;; esac
+		if [ "$st" = Ready ]; then echo "READY $id"; exit 0; fi
+	done < <(docker node ls --format '{{.ID}} {{.Status}}')
+	sleep 0.1
+done
+"""
+
+BARE_JOIN = r"""
+set -e
+b=/root/gridx-benchjoin-bundle
+. "$b/settings.env"
+install -m 0600 "$b/gridx0.conf" /etc/wireguard/gridx0.conf
+wg-quick up gridx0 2>/dev/null
+if [ "${1:-}" = restart ]; then
+	# what join.sh must add to the bare steps: the shared resources in
+	# daemon.json, and a Docker restart so that the swarm sees them
+	mkdir -p /etc/docker
+	printf '{"node-generic-resources": ["gridx_cpu=1", "gridx_mem=1024"]}\n' >/etc/docker/daemon.json
+	service docker restart >/dev/null
+	until docker info >/dev/null 2>&1; do sleep 0.1; done
+fi
+docker swarm join --token "$(cat "$b/swarm-token")" --advertise-addr "$GRIDX_VPN_IP" \
+	--listen-addr "$GRIDX_VPN_IP:2377" --data-path-addr "$GRIDX_VPN_IP" "$GRIDX_MANAGER" >/dev/null
+"""
+
+BARE_LEAVE = r"""
+docker swarm leave --force >/dev/null 2>&1
+wg-quick down gridx0 >/dev/null 2>&1
+rm -f /etc/wireguard/gridx0.conf
+if [ -e /etc/docker/daemon.json ]; then
+	rm -f /etc/docker/daemon.json
+	service docker restart >/dev/null 2>&1
+	until docker info >/dev/null 2>&1; do sleep 0.1; done
+fi
+true
+"""
+
+
+def node_ids():
+    return sh(["docker", "exec", HUB, "docker", "node", "ls", "--format", "{{.ID}}"]).stdout.split()
+
+
+def timed_join(argv):
+    """Seconds from starting argv (in the join node) to a new node Ready on the hub."""
+    known = node_ids()
+    poll = subprocess.Popen(["docker", "exec", HUB, "bash", "-c", POLL_READY, "poll", *known],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.3)  # the poller has read its first node list
+        t0 = time.monotonic()
+        join = subprocess.Popen(["docker", "exec", JOIN_NODE, *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        line = ""
+        deadline = t0 + 120
+        while not line.startswith("READY") and time.monotonic() < deadline:
+            line = poll.stdout.readline()
+            if not line:
+                break
+        elapsed = time.monotonic() - t0
+        out, _ = join.communicate(timeout=120)
+        if join.returncode != 0 or not line.startswith("READY"):
+            raise BenchError(f"join {' '.join(argv)[:60]} failed (exit {join.returncode}): {out[-1500:]}")
+        return elapsed
+    finally:
+        if poll.poll() is None:
+            poll.kill()
+        poll.wait()
+
+
+def bench_join(res, args):
+    reps = 2 if args.quick else 3
+    sh(["docker", "rm", "-f", "-v", JOIN_NODE], check=False)
+    hub_bash("gridx hub remove-peer benchjoin >/dev/null 2>&1; true", check=False)
+    got = {"join.sh": [], "bare": [], "bare+restart": []}
+    try:
+        sh(["docker", "run", "-d", "--name", JOIN_NODE, "--hostname", "benchjoin", "--network", LAB,
+            "--ip", JOIN_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE])
+        wait_ready(JOIN_NODE)
+        path = json.loads(hub_bash("gridx hub add-peer --json benchjoin").stdout)["bundle"]
+        copy = subprocess.Popen(["docker", "cp", f"{HUB}:{path}", "-"], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "cp", "-", f"{JOIN_NODE}:/root/"], stdin=copy.stdout, check=True)
+        copy.wait()
+        cpus = "1"
+        for _ in range(reps):
+            got["join.sh"].append(timed_join(["/root/gridx-benchjoin-bundle/join.sh", "--yes", "--cpus", cpus,
+                                              "--memory", "1G"]))
+            sh(["docker", "exec", JOIN_NODE, "/root/gridx-benchjoin-bundle/leave.sh", "--yes"], timeout=120)
+            for variant, extra in (("bare", []), ("bare+restart", ["restart"])):
+                got[variant].append(timed_join(["bash", "-c", BARE_JOIN, "bare", *extra]))
+                sh(["docker", "exec", JOIN_NODE, "bash", "-c", BARE_LEAVE], timeout=120)
+    finally:
+        sh(["docker", "rm", "-f", "-v", JOIN_NODE], check=False)
+        hub_bash("gridx hub remove-peer benchjoin >/dev/null 2>&1; "
+                 "for id in $(docker node ls --format '{{.ID}} {{.Hostname}}' | awk '$2 == \"benchjoin\" {print $1}');"
+                 " do docker node rm --force $id >/dev/null; done; true", check=False)
+    med = {k: median(v) for k, v in got.items()}
+    res.raw["join"] = {"runs_s": got, "median_s": med}
+    res.row("join", f"`join.sh --yes` start → node Ready on the hub vs bare `wg-quick up` + "
+            f"`docker swarm join` ({reps} each, same container)", med["join.sh"], med["bare"], "≤ 1.5×",
+            target_ratio(1.5, ratio(med["join.sh"], med["bare"])))
+    res.row("join-restart", "`join.sh --yes` vs the bare steps plus what it must add: the resources in "
+            "daemon.json and a Docker restart (polled every 0.1 s)", med["join.sh"], med["bare+restart"],
+            "(info)", None)
+
+
+# ---------------------------------------------------------------------------
+# Machine, table, main
+# ---------------------------------------------------------------------------
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    others = [n for n in sh(["docker", "ps", "--format", "{{.Names}}"], check=False).stdout.split()
+              if not n.startswith(LAB + "-")]
+    return {"nproc": os.cpu_count(), "cpu": model, "load": os.getloadavg(), "kernel": platform.release(),
+            "docker": sh(["docker", "version", "--format", "{{.Server.Version}}"], check=False).stdout.strip(),
+            "other_containers": others, "lab": LAB}
+
+
+def render(res, info, total_s):
+    lines = [
+        f"Machine: {info['nproc']} cores ({info['cpu']}), kernel {info['kernel']}, Docker {info['docker']}; "
+        f"load average at start {info['load_start'][0]:.2f}, at end {info['load_end'][0]:.2f}; "
+        f"other containers running: {len(info['other_containers'])}. Lab `{LAB}`. "
+        f"Interpreter: {res.raw.get('interpreter', '-')}. `make bench` took {total_s / 60:.1f} min.",
+        "",
+        "| Measure | Grid-X | Baseline | Ratio | Target | Result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res.rows:
+        value = r["shown"] if r["shown"] is not None else fmt_s(r["value"])
+        base = fmt_s(r["baseline"]) if r["baseline"] is not None else "-"
+        rat = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "-"
+        result = {True: "met", False: "**missed**", None: "-"}[r["met"]]
+        what = r["what"] + (f" — {r['note']}" if r["note"] else "")
+        lines.append(f"| {what} | {value} | {base} | {rat} | {r['target'] or '-'} | {result} |")
+    for section, error in res.errors.items():
+        lines.append(f"| {section}: did not run — {error[:200]} | - | - | - | - | **failed** |")
+    for note in res.notes:
+        lines.append("")
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Grid-X benchmarks on the lab (make bench).")
+    p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    p.add_argument("--skip", help="comma-separated sections to leave out")
+    p.add_argument("--json", default=os.path.join(ROOT, "bench-results.json"), help="where to write the results")
+    p.add_argument("--python", help="interpreter to time for start-up (default: see pick_python)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for trying the script)")
+    args = p.parse_args(argv)
+    chosen = list(SECTIONS)
+    for flag, keep in ((args.only, True), (args.skip, False)):
+        if flag:
+            names = [n.strip() for n in flag.split(",") if n.strip()]
+            bad = [n for n in names if n not in SECTIONS]
+            if bad:
+                p.error(f"unknown section(s): {', '.join(bad)} (choose from {', '.join(SECTIONS)})")
+            chosen = [s for s in chosen if (s in names) == keep]
+    args.sections = chosen
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if shutil.which("docker") is None or sh(["docker", "info"], check=False).returncode != 0:
+        print("bench: Docker is not running here (make lab-deps, then start dockerd)", file=sys.stderr)
+        return 1
+    info = machine()
+    info["load_start"] = info.pop("load")
+    if info["other_containers"]:
+        log(f"other containers are running ({len(info['other_containers'])}): figures may be noisy")
+    needs_lab = [s for s in args.sections if s not in ("startup", "lab")]
+    if needs_lab and "lab" not in args.sections and not container_running(HUB):
+        print(f"bench: the lab {LAB} is not running: ./test.sh start && ./test.sh setup (or make demo)",
+              file=sys.stderr)
+        return 1
+    res = Results()
+    started = time.monotonic()
+    section_s = {}
+    for name in args.sections:
+        log(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            globals()["bench_" + name](res, args)
+        except (BenchError, subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
+            res.errors[name] = str(error)
+            log(f"{name} failed: {error}")
+        section_s[name] = round(time.monotonic() - t0, 1)
+        log(f"== {name}: {section_s[name]} s")
+    total = time.monotonic() - started
+    info["load_end"] = os.getloadavg()
+    table = render(res, info, total)
+    print(table)
+    document = {"machine": info, "total_s": round(total, 1), "section_s": section_s, "rows": res.rows,
+                "notes": res.notes, "errors": res.errors, "raw": res.raw,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(args.json, "w") as handle:
+        json.dump(document, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+    log(f"wrote {args.json}; total {total:.0f} s")
+    return 1 if res.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
