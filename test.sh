@@ -82,7 +82,7 @@ usage() {
 Usage: ./test.sh COMMAND [ARGS]
 
 Grid-X local lab: a hub and 3 workers as containers (each its own dockerd,
-sshd and WireGuard) on the private network 172.29.240.0/24.
+sshd and WireGuard) on the private network $LAB_NET.0/24 (lab $PROJECT).
 
 Commands:
   start               build the images (base image too when it cannot be
@@ -96,7 +96,7 @@ Commands:
   test-gpu            a --gpus 1 job (shows the GPU it got) and a --gpus 3 job
                       that must be refused
   cluster             gridx cluster on the hub
-  logs CONTAINER      docker logs of hub, worker1.. (or a full container name)
+  logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
   clean               remove every container, volume, network and image of the lab
   help                this text
@@ -485,11 +485,11 @@ cmd_cluster() {
 cmd_logs() {
 	[ $# -ge 1 ] || die 2 "usage: ./test.sh logs CONTAINER"
 	need_docker
-	local c
-	c=$(node "$1")
+	local name=$1 c
+	c=$(node "$name")
 	shift
 	docker logs "$@" "$c"
-	info "the inner dockerd's log: ./test.sh exec $1 tail /var/log/docker.log"
+	info "the inner dockerd's log: ./test.sh exec $name tail /var/log/docker.log"
 }
 
 cmd_exec() {
