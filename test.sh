@@ -467,9 +467,9 @@ if shutil.which("nvidia-smi"):
 	rc=0
 	echo_run gridx_job --gpus 1 --name "$job" python:3.11 -- python -c "$prog" || rc=$?
 	echo_run gridx_hub jobs status "$job" || :
+	gridx_hub jobs delete "$job" >/dev/null 2>&1 || :
 	[ "$rc" -eq 0 ] || die 1 "the --gpus 1 job failed (exit status $rc)"
 	rc=0
-	gridx_hub jobs delete "$job" >/dev/null 2>&1 || :
 	info "a job asking for 3 GPUs must be refused (no worker shares 3)"
 	out=$(gridx_hub jobs run --gpus 3 python:3.11 nvidia-smi 2>&1) || rc=$?
 	printf '%s\n' "$out"
