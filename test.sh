@@ -89,7 +89,7 @@ Commands:
                       pulled), start the containers, wait for every dockerd
   setup               hub init, add-peer + join.sh for worker1..3 (worker3
                       shares 2 made-up GPUs), load the job images; idempotent
-  status              gridx hub status and docker node ls on the hub
+  status              gridx hub status and gridx cluster (nodes, VPN addresses)
   ssh WORKER [CMD..]  gridx hub ssh WORKER [-- CMD] from the hub
   add-external NAME   add a peer NAME and copy its bundle to ./gridx-NAME-bundle
   test-job            run python:3.11 "python -c 'print(2**100)'" and wait
@@ -409,7 +409,8 @@ cmd_status() {
 	need_lab
 	local rc=0
 	gridx_hub hub status || rc=$?
-	docker exec "$HUB" docker node ls || rc=1
+	# every node with its VPN address, role and state
+	gridx_hub cluster || rc=1
 	return "$rc"
 }
 
