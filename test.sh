@@ -88,7 +88,8 @@ Commands:
   start               build the images (base image too when it cannot be
                       pulled), start the containers, wait for every dockerd
   setup               hub init, add-peer + join.sh for worker1..3 (worker3
-                      shares 2 made-up GPUs), load the job images; idempotent
+                      shares 2 made-up GPUs), load the job images, start
+                      gridx hub watch in the hub; idempotent
   status              gridx hub status and gridx cluster (nodes, VPN addresses)
   ssh WORKER [CMD..]  gridx hub ssh WORKER [-- CMD] from the hub
   add-external NAME   add a peer NAME and copy its bundle to ./gridx-NAME-bundle
@@ -391,6 +392,18 @@ load_images() {
 	done
 }
 
+# The hub's job keeper (`gridx hub watch`: jobs of a worker Down for 15 s run
+# again elsewhere), in the background: the lab has no systemd to run
+# gridx-watch.service. Started once; its log is /var/log/gridx-watch.log.
+start_watch() {
+	if docker exec "$HUB" pgrep -f 'gridx.py hub watch' >/dev/null 2>&1; then
+		info "gridx hub watch already running"
+		return 0
+	fi
+	echo_run docker exec -d "$HUB" sh -c \
+		'exec gridx hub watch --interval 5 --down-after 15 >>/var/log/gridx-watch.log 2>&1'
+}
+
 cmd_setup() {
 	need_lab
 	local t0=$EPOCHREALTIME w
@@ -400,6 +413,7 @@ cmd_setup() {
 		stage "join $w" join_worker "$w"
 	done
 	stage "load job images into workers" load_images
+	stage "hub watch" start_watch
 	info "lab set up in $(elapsed "$t0")s; next: ./test.sh status, ./test.sh test-job"
 }
 
