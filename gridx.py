@@ -764,13 +764,19 @@ def worker_join_token(rotate=False):
 def swarm_nodes():
     """Every swarm node, inspected: two docker calls whatever their number.
 
-    A worker that left and joined again leaves its old identity behind as a
-    Down node with the same address; such replaced nodes are left out.
+    A worker that left and joined again leaves its old identity behind with
+    the same address (still Ready until its heartbeats time out, then Down);
+    such replaced nodes are left out: one node per address, the newest Ready
+    one, else the newest.
     """
-    nodes = all_swarm_nodes()
-    ready = {n.get("Status", {}).get("Addr") for n in nodes if n.get("Status", {}).get("State") == "ready"}
-    return [n for n in nodes if n.get("Status", {}).get("State") == "ready"
-            or n.get("Status", {}).get("Addr") not in ready]
+    newest = {}
+    for node in all_swarm_nodes():
+        whole, _, fraction = node.get("CreatedAt", "").rstrip("Z").partition(".")
+        rank = (node.get("Status", {}).get("State") == "ready", whole, fraction.ljust(9, "0"))
+        address = node.get("Status", {}).get("Addr")
+        if address not in newest or rank > newest[address][0]:
+            newest[address] = (rank, node)
+    return [node for _, node in newest.values()]
 
 
 def all_swarm_nodes():
@@ -1700,7 +1706,8 @@ def cmd_hub_remove_peer(args):
         if peer is None:
             raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
         run(["wg", "set", config.interface, "peer", peer.public_key, "remove"])
-        nodes = [n for n in map(node_summary, swarm_nodes()) if n["address"] == peer.ip and not n["manager"]]
+        # every identity the peer had in the swarm (a re-join leaves the old one)
+        nodes = [n for n in map(node_summary, all_swarm_nodes()) if n["address"] == peer.ip and not n["manager"]]
         # Swarm orphans the tasks of a removed node and, with restart
         # condition none, never runs them again: Grid-X does.
         lost = jobs_on_nodes({n["hostname"] for n in nodes}) if nodes else []

@@ -273,6 +273,22 @@ def test_node_summary():
     assert summary["address"] == "10.0.0.4" and summary["state"] == "ready" and not summary["manager"]
 
 
+def test_swarm_nodes_hide_identities_replaced_by_a_rejoin(monkeypatch):
+    def node(node_id, address, state, created):
+        return {"ID": node_id, "CreatedAt": created, "Status": {"State": state, "Addr": address}}
+
+    nodes = [
+        node("old-ready", "10.0.0.5", "ready", "2026-01-01T10:00:00.5Z"),  # left, heartbeats not yet timed out
+        node("new", "10.0.0.5", "ready", "2026-01-01T10:00:09.25Z"),
+        node("older-down", "10.0.0.5", "down", "2026-01-01T09:00:00Z"),
+        node("down-a", "10.0.0.6", "down", "2026-01-01T10:00:01.9Z"),
+        node("down-b", "10.0.0.6", "down", "2026-01-01T10:00:01.95Z"),
+        node("alone", "10.0.0.7", "down", "2026-01-01T08:00:00Z"),
+    ]
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: nodes)
+    assert sorted(n["ID"] for n in gridx.swarm_nodes()) == ["alone", "down-b", "new"]
+
+
 def test_check_fits_names_the_biggest_worker():
     with pytest.raises(gridx.GridxError) as error:
         gridx.check_fits(gridx.JobRequest("1", "1G", "3"), [NODE])
