@@ -2,7 +2,7 @@
 # Install what Grid-X's tests and lab need, only when it is missing.
 #   scripts/install-deps.sh test   pytest, ruff (pip) and shellcheck (apt)
 #   scripts/install-deps.sh lab    Docker engine + compose, WireGuard tools,
-#                                  debootstrap; starts dockerd if not running
+#                                  debootstrap, jq; starts dockerd if not running
 # Debian/Ubuntu hosts (apt-get); elsewhere it says what to install.
 set -euo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
@@ -90,6 +90,8 @@ install_lab_deps() {
 	need_pkg iptables iptables
 	need_pkg ssh openssh-client
 	need_pkg curl curl
+	# e2e tests copy the host's jq into a worker-like node (join.sh merges daemon.json with it)
+	need_pkg jq jq
 	install_missing
 	start_dockerd
 }
