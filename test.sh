@@ -100,6 +100,7 @@ Commands:
   logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
   clean               remove every container, volume, network and image of the lab
+                      (the images stay while another lab on this machine uses them)
   help                this text
 
 Typical: ./test.sh start && ./test.sh setup && ./test.sh test-job
@@ -546,7 +547,15 @@ cmd_clean() {
 		docker volume rm "$PREFIX$n-docker" >/dev/null 2>&1 || :
 	done
 	docker network rm "$PROJECT" >/dev/null 2>&1 || :
-	remove_lab_images
+	# The images are shared by every lab on this machine: they go with the last one.
+	local others
+	others=$(docker ps -a --filter "label=$NAME_LABEL" --format '{{.Label "'"$NAME_LABEL"'"}}' \
+		| grep -vxF "$PROJECT" | sort -u | tr '\n' ' ' || :)
+	if [ -n "$others" ]; then
+		info "keeping the lab images: other labs still use them (${others% })"
+	else
+		remove_lab_images
+	fi
 	local b
 	for b in "$ROOT"/gridx-*-bundle "$ROOT"/gridx-*-bundle.tar.gz; do
 		[ -e "$b" ] || continue
