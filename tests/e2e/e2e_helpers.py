@@ -1,0 +1,242 @@
+"""Helpers shared by test_hub.py, test_lab.py and test_workers.py.
+
+What a worker-like node looks like (``machine_state``), adding a peer and
+carrying its bundle to a node, joining through a real terminal (a pty on the
+host driving ``docker exec -it``), and waiting for a condition.
+"""
+
+import json
+import os
+import pty
+import re
+import select
+import shlex
+import signal
+import subprocess
+import time
+
+from conftest import HUB, LAB_NET, container, hub, node_exec
+
+VPN_SUBNET_PREFIX = "10.0.0."
+HUB_VPN_IP = "10.0.0.1"
+WORKER_BRIDGE_IPS = {"worker1": LAB_NET + ".11", "worker2": LAB_NET + ".12", "worker3": LAB_NET + ".13"}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+# A line for authorized_keys that is not the hub's: it must survive join/leave.
+OTHER_KEY_LINE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDfakefakefakefakefakefakefakefakefakefakefake"
+                  " owner@laptop")
+
+
+def ok(proc, what):
+    """proc's stdout when it exited 0, else an AssertionError with its output."""
+    assert proc.returncode == 0, (
+        f"{what}: exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def hub_json(*args, timeout=300):
+    return json.loads(ok(hub(*args, "--json", timeout=timeout), "gridx " + " ".join(map(str, args))))
+
+
+def wait_until(predicate, timeout, what, interval=1.0):
+    """Poll predicate() until it returns something true; fail after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha(node, path):
+    """sha256 of a file in a node, or 'absent'."""
+    proc = node_exec(node, f"if [ -e {shlex.quote(path)} ]; then sha256sum < {shlex.quote(path)}; "
+                           "else echo absent; fi", check=True)
+    return proc.stdout.split()[0]
+
+
+def machine_state(node):
+    """What join.sh may change on a worker-like node, and leave.sh must restore."""
+    script = r"""
+        ip link show gridx0 >/dev/null 2>&1 && echo link=yes || echo link=no
+        [ -e /etc/wireguard/gridx0.conf ] && echo wgconf=yes || echo wgconf=no
+        [ -e /root/.gridx ] && echo statedir=yes || echo statedir=no
+        echo swarm=$(docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown)
+        iptables -S DOCKER-USER 2>/dev/null | grep -q 'comment gridx' && echo fwrule=yes || echo fwrule=no
+    """
+    out = node_exec(node, script, check=True).stdout
+    state = dict(line.split("=", 1) for line in out.split())
+    state["daemon.json"] = sha(node, "/etc/docker/daemon.json")
+    state["authorized_keys"] = sha(node, "/root/.ssh/authorized_keys")
+    return state
+
+
+def unjoined(state_before):
+    """What machine_state must say on a node that is not (or no longer) joined."""
+    return {**state_before, "link": "no", "wgconf": "no", "statedir": "no", "swarm": "inactive", "fwrule": "no"}
+
+
+def prepare_machine(node, daemon_json=None):
+    """A volunteer's machine that already has settings of its own."""
+    node_exec(node, ["sh", "-c", 'mkdir -p /root/.ssh && chmod 700 /root/.ssh && printf "%s\\n" "$1" '
+                     '> /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys', "sh", OTHER_KEY_LINE],
+              check=True)
+    if daemon_json is not None:
+        node_exec(node, "mkdir -p /etc/docker && cat > /etc/docker/daemon.json", input=daemon_json, check=True)
+
+
+def add_peer(name, *extra):
+    """``gridx hub add-peer NAME --json``: the document it prints."""
+    return hub_json("hub", "add-peer", name, *extra)
+
+
+def remove_peer_quietly(name):
+    hub("hub", "remove-peer", name)
+
+
+def copy_bundle(hub_path, node):
+    """hub:PATH -> node:/root/ as a tar stream (modes kept); the path there."""
+    dest = container(node)
+    node_exec(node, ["rm", "-rf", "/root/" + os.path.basename(hub_path)])
+    out = subprocess.Popen(["docker", "cp", f"{HUB}:{hub_path}", "-"], stdout=subprocess.PIPE)
+    proc = subprocess.run(["docker", "cp", "-", f"{dest}:/root/"], stdin=out.stdout, capture_output=True, text=True,
+                          timeout=120)
+    out.wait(timeout=120)
+    ok(proc, f"copy {hub_path} to {dest}")
+    return "/root/" + os.path.basename(hub_path)
+
+
+def peer_row(name):
+    rows = [p for p in hub_json("hub", "list-peers")["peers"] if p["name"] == name]
+    return rows[0] if rows else None
+
+
+def wait_peer_ready(name, timeout=60):
+    """The peer shook hands and its swarm node is Ready on the hub."""
+    def ready():
+        row = peer_row(name)
+        return row if row and row["node_state"] == "ready" and row["handshake_age"] is not None else None
+    return wait_until(ready, timeout, f"peer {name} Ready on the hub")
+
+
+def cluster_node(address):
+    nodes = [n for n in hub_json("cluster")["nodes"] if n["address"] == address]
+    assert len(nodes) == 1, f"gridx cluster shows {len(nodes)} nodes at {address}: {nodes}"
+    return nodes[0]
+
+
+def hub_healthy():
+    return hub("hub", "status").returncode == 0
+
+
+def wait_hub_healthy(timeout=180):
+    wait_until(hub_healthy, timeout, "gridx hub status to exit 0", interval=2)
+
+
+def install_jq(node):
+    """Copy the host's jq (Debian, like the node image) into a node: a machine
+    where join.sh can merge into an existing daemon.json."""
+    libs = []
+    for lib in ("libjq.so.1", "libonig.so.5"):
+        found = [os.path.join(d, lib) for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+                 if os.path.exists(os.path.join(d, lib))]
+        if not found:
+            return False
+        libs.append(os.path.realpath(found[0]))
+    if not os.path.exists("/usr/bin/jq"):
+        return False
+    dest = container(node)
+    ok(subprocess.run(["docker", "cp", "-L", "/usr/bin/jq", f"{dest}:/usr/local/bin/jq"], capture_output=True,
+                      text=True), "docker cp jq")
+    for path, soname in zip(libs, ("libjq.so.1", "libonig.so.5")):
+        ok(subprocess.run(["docker", "cp", "-L", path, f"{dest}:/usr/local/lib/{soname}"], capture_output=True,
+                          text=True), f"docker cp {soname}")
+    node_exec(node, "ldconfig", check=True)
+    return node_exec(node, "echo '{}' | jq -c .").returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# A real terminal
+# ---------------------------------------------------------------------------
+
+class Terminal:
+    """A command on a pseudo-terminal of this host, driven like a person."""
+
+    def __init__(self, argv):
+        self.argv = argv
+        self.raw = ""
+        self.pos = 0
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child: the pty is stdin/stdout/stderr
+            try:
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+
+    @property
+    def text(self):
+        return ANSI.sub("", self.raw).replace("\r", "")
+
+    def _read(self, wait):
+        ready, _, _ = select.select([self.fd], [], [], wait)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:  # EIO: the other side closed
+            data = b""
+        if not data:
+            return False
+        self.raw += data.decode(errors="replace")
+        return True
+
+    def expect(self, pattern, timeout=120):
+        """Wait for pattern in the output after the last match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._read(min(remaining, 1.0)):
+                match = regex.search(self.text, self.pos)
+                if match:
+                    self.pos = match.end()
+                    return match
+                raise AssertionError(f"{' '.join(self.argv)}: no {pattern!r} on the terminal "
+                                     f"({'timeout' if remaining <= 0 else 'it ended'}); it showed:\n"
+                                     f"{self.text[-4000:]}")
+
+    def type(self, answer):
+        """Type an answer and press Enter."""
+        os.write(self.fd, answer.encode() + b"\r")
+
+    def wait(self, timeout=300):
+        """Read to the end; the exit status."""
+        deadline = time.monotonic() + timeout
+        while self._read(1.0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                raise AssertionError(f"{' '.join(self.argv)} did not end within {timeout} s:\n{self.text[-4000:]}")
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def terminal_in(node, shell_command):
+    """``docker exec -it NODE bash -c CMD`` on a pty of this host."""
+    return Terminal(["docker", "exec", "-it", container(node), "bash", "-c", shell_command])

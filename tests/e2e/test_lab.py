@@ -1,0 +1,113 @@
+"""The local lab itself (issue 3): test.sh status / ssh / add-external, and a
+bundle from add-external joining a machine that took no part in setup,
+through a real terminal, then leaving it as it was."""
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+
+from conftest import ROOT, TEST_SH, WORKERS, container, node_exec, test_sh
+from e2e_helpers import (
+    machine_state,
+    ok,
+    peer_row,
+    prepare_machine,
+    remove_peer_quietly,
+    terminal_in,
+    unjoined,
+    wait_peer_ready,
+)
+
+SECRET_FILES = ("settings.env", "gridx0.conf", "swarm-token")
+
+
+def test_status_shows_manager_and_three_workers_ready_on_vpn_addresses(lab):
+    out = ok(test_sh("status"), "./test.sh status")
+    rows = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and re.fullmatch(r"10\.0\.0\.\d+", fields[1]):
+            rows[fields[0]] = fields
+    assert set(rows) >= {"hub", *WORKERS}, f"./test.sh status does not list hub and workers with VPN addresses:\n{out}"
+    assert rows["hub"][1] == "10.0.0.1" and rows["hub"][2] == "manager" and rows["hub"][3] == "ready", out
+    for worker in WORKERS:
+        assert rows[worker][2] == "worker" and rows[worker][3] == "ready", out
+    addresses = [rows[name][1] for name in ("hub", *WORKERS)]
+    assert len(set(addresses)) == 4, out
+    assert re.search(r"^healthy$", out, re.M), out
+
+
+def test_ssh_worker2_hostname(lab):
+    out = ok(test_sh("ssh", "worker2", "hostname"), "./test.sh ssh worker2 hostname")
+    assert out.strip() == "worker2"
+
+
+def test_workers_have_no_python(lab):
+    for worker in WORKERS:
+        proc = node_exec(worker, "command -v python3 || command -v python || ls /usr/bin/python3*")
+        assert proc.returncode != 0 and not proc.stdout.strip(), f"{worker} has Python: {proc.stdout}"
+
+
+def run_test_sh_in(folder, *args):
+    return subprocess.run([str(TEST_SH), *args], cwd=folder, capture_output=True, text=True, timeout=300)
+
+
+def test_add_external_bundle_joins_through_a_terminal_and_leaves(lab, fresh_node, tmp_path):
+    name = "laptop"
+    folder = tmp_path / f"gridx-{name}-bundle"
+    archive = tmp_path / f"gridx-{name}-bundle.tar.gz"
+    try:
+        ok(run_test_sh_in(tmp_path, "add-external", name), "./test.sh add-external laptop")
+        # On the host: the folder 0700, secrets 0600, the archive beside it.
+        assert folder.is_dir() and archive.is_file(), os.listdir(tmp_path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        for secret in SECRET_FILES:
+            assert stat.S_IMODE((folder / secret).stat().st_mode) == 0o600, secret
+        for script in ("join.sh", "leave.sh", "status.sh"):
+            assert os.access(folder / script, os.X_OK), script
+            assert (folder / script).read_bytes() == (ROOT / "bundle_templates" / script).read_bytes(), script
+        with tarfile.open(archive) as tar:
+            names = set(tar.getnames())
+        assert {f"gridx-{name}-bundle/{f}" for f in ("join.sh", *SECRET_FILES)} <= names, names
+        assert "Address = 10.0.0." in (folder / "gridx0.conf").read_text()
+
+        # A fresh machine, with an authorized_keys of its own.
+        prepare_machine(fresh_node)
+        before = machine_state(fresh_node)
+        assert before["link"] == "no" and before["swarm"] == "inactive", before
+        ok(subprocess.run(["docker", "cp", str(folder), f"{container(fresh_node)}:/root/"],
+                          capture_output=True, text=True), "docker cp the bundle into the fresh node")
+
+        term = terminal_in(fresh_node, f"cd /root/gridx-{name}-bundle && sudo ./join.sh")
+        try:
+            term.expect(r"How many CPUs to share \(1-\d+\) \[\d+\]: ")
+            term.type("1")
+            term.expect(r"How much memory to share .*\]: ")
+            term.type("512M")
+            term.expect(r"Continue\? \[Y/n\]: ")
+            term.type("y")
+            rc = term.wait(timeout=300)
+        finally:
+            term.close()
+        assert rc == 0, f"join.sh through a terminal exited {rc}:\n{term.text[-4000:]}"
+        assert "Done." in term.text, term.text[-2000:]
+
+        row = wait_peer_ready(name)
+        assert row["node"] == "fresh" and row["shared"]["cpus"] == 1 and row["shared"]["memory_mib"] == 512, row
+        status = ok(test_sh("status"), "./test.sh status")
+        assert re.search(r"^fresh\s+10\.0\.0\.\d+\s+worker\s+ready", status, re.M), status
+
+        left = node_exec(fresh_node, f"cd /root/gridx-{name}-bundle && ./leave.sh", timeout=180)
+        ok(left, "./leave.sh")
+        assert machine_state(fresh_node) == unjoined(before)
+        again = node_exec(fresh_node, f"cd /root/gridx-{name}-bundle && ./leave.sh", timeout=60)
+        assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+    finally:
+        remove_peer_quietly(name)
+        shutil.rmtree(folder, ignore_errors=True)
+        if archive.exists():
+            archive.unlink()
+    assert peer_row(name) is None
