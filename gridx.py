@@ -1035,10 +1035,17 @@ def remove_bundle(name):
 # Jobs
 # ---------------------------------------------------------------------------
 
-TERMINAL_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 ACTIVE_TASK_STATES = (
     "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
 )
+# Docker 20.10's swarm constraint enforcer re-checks a node's generic
+# resources whenever the node changes (it joins a network, gets a label, its
+# engine restarts) and can reject a task that holds them with this error
+# although the task fits: seen in the lab on a fresh worker's first GPU job.
+# Such a task did not fail by itself, so it is run again, a bounded number of
+# times.
+ENFORCER_REJECTION = "assigned node no longer meets constraints"
+ENFORCER_RERUNS = 3
 
 
 def parse_cpus(value):
@@ -1186,10 +1193,18 @@ def job_command(command):
     return list(command), shlex.join(command)
 
 
-def existing_job_ids(ids):
-    """Which of these job IDs exist (one docker call)."""
-    found = run(docker("service", "ls", "--filter", f"label={LABEL_JOB}", "--format", "{{.Name}}")).stdout
-    return set(found.split()) & set(ids)
+def job_name_taken(job_id):
+    return usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
+
+
+def run_naming(argv, job_id, input=None):
+    """Run a docker create call; a name already taken is the user's to fix."""
+    result = run(argv, check=False, input=input)
+    if result.returncode != 0:
+        if "AlreadyExists" in result.stderr or "already exists" in result.stderr:
+            raise job_name_taken(job_id)
+        raise command_error(argv, result)
+    return result
 
 
 def create_job(job_id, image, request, *, kind, command_argv, command_text, mode, replicas,
@@ -1199,7 +1214,6 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
         "--name", job_id,
         "--mode", mode,
         "--restart-condition", restart,
-        "--network", JOB_NETWORK,
         *job_labels(job_id, kind, command_text, extra_labels),
         *request.service_args(),
     )
@@ -1209,7 +1223,7 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
         argv += ["--env", item]
     argv += list(extra_args)
     argv += [image, *command_argv]
-    run(argv)
+    run_naming(argv, job_id)
 
 
 def list_job_services(job_ids=None):
@@ -1294,9 +1308,8 @@ def job_summary(service, tasks):
     batch = "ReplicatedJob" in mode
     current = [t for t in tasks if is_current(t, batch)]
     if any(t["state"] != "rejected" for t in current):
-        # Docker 20.10's constraint enforcer also counts finished job tasks
-        # against a node's shared resources (moby#52652) and rejects extra
-        # tasks on node updates; the task that ran is the job's record.
+        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
+        # and then run again is history: the task that ran is the record.
         current = [t for t in current if t["state"] != "rejected"]
     tasks_out = [
         {
@@ -1392,7 +1405,7 @@ def reserved_by_node(services, tasks):
     return reserved
 
 
-def wait_for_job(job_id, follow_logs=True, poll_s=0.3, timeout=None):
+def wait_for_job(job_id, follow_logs=True, poll_s=0.1, timeout=None):
     """Stream a job's logs until every task ends; return its exit status."""
     import subprocess
     import time
@@ -1401,18 +1414,32 @@ def wait_for_job(job_id, follow_logs=True, poll_s=0.3, timeout=None):
     if follow_logs:
         logs = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id), env=host_env())
     started = time.monotonic()
+    service = list_job_services([job_id])[0]
+    reruns, seen, rerun_at = 0, set(), 0.0
     try:
         while True:
-            services = list_job_services([job_id])
-            job = job_summary(services[0], list_tasks([job_id]))
-            if job["state"] in ("complete", "failed"):
+            tasks = list_tasks([job_id])
+            job = job_summary(service, tasks)
+            # After a re-run, the old rejected task reads as the job's end
+            # until the swarm has made the new one (bounded: 30 s).
+            rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
+                             or time.monotonic() - rerun_at > 30)
+            if job["state"] in ("complete", "failed") and rerun_started:
+                if reruns < ENFORCER_RERUNS and rejected_by_enforcer(tasks):
+                    reruns += 1
+                    info(f"job {job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
+                    seen, rerun_at = {t["ID"] for t in tasks}, time.monotonic()
+                    rerun_jobs([job_id])
+                    continue
                 break
             if timeout and time.monotonic() - started > timeout:
                 raise GridxError(f"job {job_id} did not finish within {timeout} s")
             time.sleep(poll_s)
     finally:
         if logs:
-            time.sleep(0.5)
+            # `service logs --follow` never ends by itself; its last lines
+            # arrive a moment after the task's end is recorded.
+            time.sleep(0.2)
             logs.terminate()
             logs.wait()
     code = job["exit_code"]
@@ -1423,22 +1450,44 @@ def wait_for_job(job_id, follow_logs=True, poll_s=0.3, timeout=None):
     return code or 0
 
 
-def requeue_lost_jobs(down_node_names):
+def rejected_by_enforcer(tasks):
+    """True when every current task of the job ended by ENFORCER_REJECTION."""
+    current = [t for t in tasks if is_current(t)]
+    return bool(current) and all(t["state"] == "rejected" and ENFORCER_REJECTION in t["Error"] for t in current)
+
+
+def rerun_rejected_jobs(services, tasks):
+    """Run again jobs that Docker's constraint enforcer rejected (bounded)."""
+    by_service = {}
+    for task in tasks:
+        by_service.setdefault(task["service"], []).append(task)
+    rerun = []
+    for service in services:
+        name = service["Spec"]["Name"]
+        history = by_service.get(name, [])
+        rejections = sum(1 for t in history if ENFORCER_REJECTION in t["Error"])
+        if rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS:
+            rerun.append(name)
+    rerun_jobs(rerun)
+    return rerun
+
+
+def requeue_lost_jobs(down_node_names, tasks=None):
     """Run again the unfinished jobs whose worker is gone.
 
     Swarm (20.10) leaves a replicated-job task of a Down node "running" for
     24 hours. A forced update starts a new iteration of the job on the
     workers that are up; the old task is shut down when its node returns.
     """
-    lost = jobs_on_nodes(down_node_names)
+    lost = jobs_on_nodes(down_node_names, tasks)
     rerun_jobs(lost)
     return lost
 
 
-def jobs_on_nodes(hostnames):
+def jobs_on_nodes(hostnames, tasks=None):
     """Job services with unfinished tasks on these nodes."""
-    services = list_job_services()
-    tasks = list_tasks([s["Spec"]["Name"] for s in services])
+    if tasks is None:
+        tasks = list_tasks([s["Spec"]["Name"] for s in list_job_services()])
     return sorted({
         t["service"] for t in tasks
         if t.get("Node") in hostnames and t["state"] in ACTIVE_TASK_STATES and is_current(t)
@@ -1903,10 +1952,15 @@ def cmd_hub_watch(args):
             for name in down:
                 down_since.setdefault(name, now)
             expired = {name for name, since in down_since.items() if now - since >= grace}
+            services = list_job_services()
+            tasks = list_tasks([s["Spec"]["Name"] for s in services])
             if expired:
-                requeued = requeue_lost_jobs(expired)
+                requeued = requeue_lost_jobs(expired, tasks)
                 if requeued:
                     info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(requeued)}")
+            rejected = rerun_rejected_jobs(services, tasks)
+            if rejected:
+                info(f"ran again {', '.join(rejected)}: Docker rejected them ({ENFORCER_REJECTION})")
         except GridxError as error:
             warn(error.message)
         if args.once:
@@ -2086,8 +2140,6 @@ def cmd_jobs_run(args):
     command_argv, command_text = job_command(command)
     job_id = new_job_name(args)
     set_manager(args)
-    if existing_job_ids([job_id]):
-        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
     check_fits(request, swarm_nodes())
     create_job(job_id, image, request, kind="run", command_argv=command_argv, command_text=command_text,
                mode="replicated-job", replicas=replicas, env=env)
@@ -2124,8 +2176,6 @@ def cmd_jobs_train(args):
             )
     job_id = new_job_name(args, "train")
     set_manager(args)
-    if existing_job_ids([job_id]):
-        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
     check_fits(request, swarm_nodes())
     import shlex
 
@@ -2136,8 +2186,8 @@ def cmd_jobs_train(args):
         shell = f"python -c {shlex.quote(fetch)} {shlex.quote(script)} && exec python /tmp/gridx-train.py"
     else:
         config_name = f"{job_id}-script"
-        run(docker("config", "create", "--label", f"{LABEL_JOB}={job_id}", config_name, "-"),
-            input=content.decode("utf-8", "surrogateescape"))
+        run_naming(docker("config", "create", "--label", f"{LABEL_JOB}={job_id}", config_name, "-"), job_id,
+                   input=content.decode("utf-8", "surrogateescape"))
         extra = ["--config", f"source={config_name},target=/gridx/train.py,mode=0444"]
         shell = "exec python /gridx/train.py"
     try:
@@ -2161,8 +2211,6 @@ def cmd_jobs_jupyter(args):
     port = valid_port(args.port)
     job_id = new_job_name(args, "jupyter")
     set_manager(args)
-    if existing_job_ids([job_id]):
-        raise usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
     check_fits(request, swarm_nodes())
     import secrets
 
@@ -2253,8 +2301,7 @@ def cmd_jobs_status(args):
     job = jobs[0]
     by_name = {n["hostname"]: n for n in nodes}
     if job["state"] == "pending":
-        _, all_tasks, _, _ = jobs_overview()
-        all_services = list_job_services()
+        all_services, all_tasks, _, _ = jobs_overview()
         job["reason"] = pending_reason(job, services[0], by_name, reserved_by_node(all_services, all_tasks))
     task_ids = [t["id"] for t in job["tasks"]]
     if task_ids:
@@ -2266,7 +2313,9 @@ def cmd_jobs_status(args):
             detail = by_id.get(task["id"], {})
             status = detail.get("Status", {})
             container = status.get("ContainerStatus", {}) or {}
-            if task["state"] in TERMINAL_TASK_STATES and "ExitCode" in container:
+            # A rejected or shut-down task's container may never have run:
+            # its ExitCode 0 would read as success.
+            if task["state"] in ("complete", "failed") and "ExitCode" in container:
                 task["exit_code"] = container["ExitCode"]
             task["gpus"] = sorted(
                 r["NamedResourceSpec"]["Value"] for r in detail.get("AssignedGenericResources") or []
