@@ -57,3 +57,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && ln -s python3 /usr/bin/python
 CMD ["python3"]
+
+# job-jupyter  the lab's notebook image for `gridx jobs jupyter --image
+#            gridx-lab-jupyter:latest` (Debian's Jupyter Notebook 6), so the
+#            Jupyter path is tested where quay.io cannot be reached.
+FROM ${BASE_IMAGE} AS job-jupyter
+LABEL io.gridx.lab=1
+ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends jupyter-notebook \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+WORKDIR /root
+CMD ["jupyter", "notebook", "--ip=0.0.0.0", "--no-browser", "--allow-root"]

@@ -75,6 +75,8 @@ FRAMEWORK_IMAGES = {
     "tensorflow": "tensorflow/tensorflow:latest",
 }
 JUPYTER_IMAGE = "quay.io/jupyter/base-notebook:latest"
+MANAGER_CONNECT_TIMEOUT_S = 5
+JUPYTER_FAILURES = 3  # failed starts in a row before `jobs jupyter` gives up
 
 INSTALL_HINTS = {
     "wg": "wireguard-tools",
@@ -258,6 +260,12 @@ def command_error(argv, result):
         return precondition(
             "this machine's Docker is not a swarm manager",
             "run this on the hub, or set GRIDX_MANAGER=root@HUB_VPN_IP",
+        )
+    if argv[0] == "docker" and "dial-stdio" in stderr and "exit status 255" in stderr:
+        ssh_said = (stderr.rpartition("stderr=")[2].strip().splitlines() or ["ssh failed"])[-1]
+        return precondition(
+            f"cannot reach the manager over SSH: {ssh_said}",
+            "check the VPN and --manager / GRIDX_MANAGER (user@HUB_VPN_IP, with a key the hub trusts)",
         )
     last = " | ".join(stderr.splitlines()[-3:]) or "no error output"
     shown = " ".join(argv[:4]) + (" …" if len(argv) > 4 else "")
@@ -2113,8 +2121,38 @@ def set_manager(args):
     if manager:
         DOCKER_HOST = manager if "://" in manager else f"ssh://{manager}"
         need("docker", "ssh")
+        check_manager_reachable(DOCKER_HOST)
     else:
         need("docker")
+
+
+def check_manager_reachable(docker_host):
+    """Fail in seconds, not minutes, when the manager's SSH port is silent.
+
+    ssh to an address of the VPN with no peer behind it waits for the
+    kernel's TCP timeout (about 2 minutes) before docker gives up.
+    """
+    import socket
+    import urllib.parse
+
+    if not docker_host.startswith("ssh://"):
+        return
+    parts = urllib.parse.urlsplit(docker_host)
+    try:
+        port = parts.port or 22
+        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return  # a name only ssh's own config knows: let ssh resolve it
+    try:
+        family, kind, proto, _, address = addresses[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(MANAGER_CONNECT_TIMEOUT_S)
+            probe.connect(address)
+    except OSError as error:
+        raise precondition(
+            f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
+            "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
+        ) from None
 
 
 def validate_image(image):
@@ -2246,7 +2284,14 @@ def wait_for_jupyter(job_id, port, token, timeout):
     deadline = time.monotonic() + timeout
     addresses = None
     while time.monotonic() < deadline:
-        tasks = [t for t in list_tasks([job_id]) if t["state"] == "running"]
+        history = list_tasks([job_id])
+        tasks = [t for t in history if t["state"] == "running"]
+        failed = [t for t in history if t["state"] in ("failed", "rejected") and t["Error"]]
+        if not tasks and len(failed) >= JUPYTER_FAILURES:
+            # The swarm restarts it forever; a server that cannot start
+            # (no such image or command) is said now, not at the timeout.
+            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0]['Error']}",
+                             f"check --image, then: gridx jobs delete {job_id}")
         if tasks:
             if addresses is None or tasks[0]["Node"] not in addresses:
                 addresses = node_addresses()
@@ -2318,7 +2363,7 @@ def cmd_jobs_status(args):
             if task["state"] in ("complete", "failed") and "ExitCode" in container:
                 task["exit_code"] = container["ExitCode"]
             task["gpus"] = sorted(
-                r["NamedResourceSpec"]["Value"] for r in detail.get("AssignedGenericResources") or []
+                r["NamedResourceSpec"]["Value"] for r in detail.get("GenericResources") or []
                 if r.get("NamedResourceSpec", {}).get("Kind") == RES_GPU
             )
             task["address"] = by_name.get(task["node"], {}).get("address", "")

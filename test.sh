@@ -40,7 +40,8 @@ BASE_PULL=debian:bookworm-slim
 BASE_LOCAL=gridx-lab-base:bookworm
 NODE_IMAGE=gridx-lab-node:latest
 HUB_IMAGE=gridx-lab-hub:latest
-JOB_IMAGES=(python:3.11)
+JUPYTER_IMAGE=gridx-lab-jupyter:latest
+JOB_IMAGES=(python:3.11 "$JUPYTER_IMAGE")
 BUNDLE_DIR=/etc/gridx/bundles
 CACHE=${GRIDX_LAB_CACHE:-/var/cache/gridx-lab}
 TIMEOUT=${GRIDX_LAB_TIMEOUT:-120}
@@ -261,6 +262,12 @@ ensure_job_images() {
 		info "cannot pull python:3.11: building it from $BASE_IMAGE"
 		build_target job-python python:3.11
 	fi
+	# Debian's Jupyter Notebook: the lab's image for `gridx jobs jupyter`.
+	if image_exists "$JUPYTER_IMAGE"; then
+		info "job image $JUPYTER_IMAGE present"
+	else
+		build_target job-jupyter "$JUPYTER_IMAGE"
+	fi
 }
 
 # ------------------------------------------------------------------ start ---
@@ -360,7 +367,22 @@ join_worker() {
 	copy_bundle "$w" "$path"
 	local extra=()
 	read -r -a extra <<<"${JOIN_EXTRA[$w]:-}"
-	echo_run in_node "$w" "/root/$(basename "$path")/join.sh" "${JOIN_FLAGS[@]}" "${extra[@]}"
+	local join=("/root/$(basename "$path")/join.sh" "${JOIN_FLAGS[@]}" "${extra[@]}")
+	echo_run in_node "$w" "${join[@]}" && return 0
+	# join.sh rolled back what it changed: show why, then try once more
+	# (CI once saw a first handshake that never came).
+	join_diagnostics "$w"
+	warn "join of $w failed: running join.sh once more"
+	echo_run in_node "$w" "${join[@]}" || die 1 "join of $w failed twice" "./test.sh logs $w"
+}
+
+# What to look at when a worker cannot join: both ends' WireGuard, the hub's
+# UDP sockets and firewall, the route and a ping over the lab's bridge.
+join_diagnostics() {
+	warn "diagnostics for $1: the hub's WireGuard, UDP sockets and INPUT firewall"
+	docker exec "$HUB" sh -c 'wg show; ss -uanp; iptables -S INPUT; iptables -S GRIDX-INPUT' >&2 || :
+	warn "diagnostics for $1: its route and ping to the hub's bridge address"
+	in_node "$1" sh -c "ip route get $HUB_IP; ping -c 2 -W 2 $HUB_IP" >&2 || :
 }
 
 # Job images go into each worker with docker save | docker load (no registry):
