@@ -445,3 +445,65 @@ esac
         return len(log.read_text().splitlines())
 
     assert calls_for(2) == calls_for(200) == 3
+
+
+def task(state, desired="shutdown", error="", service="job1", node="worker1", task_id=None):
+    return {"ID": task_id or f"{service}-{state}-{node}", "Name": f"{service}.1", "Node": node, "state": state,
+            "since": "", "DesiredState": desired, "Error": error, "service": service, "exit_code": None}
+
+
+def test_rejected_by_enforcer_only_when_no_task_ran():
+    rejected = task("rejected", error=gridx.ENFORCER_REJECTION)
+    assert gridx.rejected_by_enforcer([rejected])
+    # the job ran again and finished: the old rejection is history
+    assert not gridx.rejected_by_enforcer([rejected, task("complete", desired="complete")])
+    assert not gridx.rejected_by_enforcer([task("rejected", error="no such image")])
+    assert not gridx.rejected_by_enforcer([rejected, task("running", desired="running")])
+    assert not gridx.rejected_by_enforcer([])
+
+
+def test_rerun_rejected_jobs_is_bounded(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv))
+    services = [{"Spec": {"Name": "once"}}, {"Spec": {"Name": "often"}}, {"Spec": {"Name": "fine"}}]
+    tasks = [task("rejected", error=gridx.ENFORCER_REJECTION, service="once")]
+    tasks += [task("rejected", error=gridx.ENFORCER_REJECTION, service="often", task_id=f"o{i}")
+              for i in range(gridx.ENFORCER_RERUNS + 1)]
+    tasks += [task("complete", desired="complete", service="fine")]
+    assert gridx.rerun_rejected_jobs(services, tasks) == ["once"]
+    assert calls == [["docker", "service", "update", "--detach", "--force", "once"]]
+
+
+def test_name_taken_is_exit_2(monkeypatch):
+    taken = subprocess.CompletedProcess([], 1, "", "Error response from daemon: rpc error: code = AlreadyExists "
+                                                  "desc = name conflicts with an existing object: service x")
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: taken)
+    with pytest.raises(gridx.GridxError) as raised:
+        gridx.run_naming(["docker", "service", "create"], "x")
+    assert raised.value.code == gridx.EXIT_USAGE and "exists" in raised.value.message
+
+
+def test_unreachable_manager_is_exit_3_within_seconds(monkeypatch):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: refused at once
+    started = time.monotonic()
+    with pytest.raises(gridx.GridxError) as raised:
+        gridx.check_manager_reachable(f"ssh://root@127.0.0.1:{port}")
+    assert raised.value.code == gridx.EXIT_PRECONDITION and f"127.0.0.1:{port}" in raised.value.message
+    assert time.monotonic() - started < gridx.MANAGER_CONNECT_TIMEOUT_S
+
+
+def test_ssh_failure_of_docker_is_exit_3():
+    result = subprocess.CompletedProcess([], 1, "", 'error during connect: Get "http://docker.example.com/v1.24/x":'
+                                         " command [ssh -l root -- hub docker system dial-stdio] has exited with"
+                                         " exit status 255, please make sure the URL is valid, and Docker 18.09"
+                                         " or later is installed on the remote host: stderr=root@hub: Permission"
+                                         " denied (publickey).")
+    error = gridx.command_error(["docker", "-H", "ssh://root@hub", "service", "ls"], result)
+    assert error.code == gridx.EXIT_PRECONDITION
+    assert error.message == "cannot reach the manager over SSH: root@hub: Permission denied (publickey)."
