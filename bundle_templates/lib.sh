@@ -371,15 +371,15 @@ restart_docker() {
 	wait_docker
 }
 
-wait_docker() {
-	local waited=0 limit=${GRIDX_DOCKER_WAIT:-60}
+wait_docker() { # polls 5 times a second: Docker is usually back within 2 s
+	local tries=0 limit=${GRIDX_DOCKER_WAIT:-60}
 	until docker info >/dev/null 2>&1; do
-		if ((waited >= limit)); then
+		if ((tries >= limit * 5)); then
 			fatal 1 "Docker did not come back within $limit s after the restart" "look at its log: journalctl -u docker, or /var/log/docker.log"
 		fi
-		((waited % 5 == 0)) && info "waiting for Docker to answer ($waited/$limit s)"
-		sleep 1
-		waited=$((waited + 1))
+		((tries % 25 == 0)) && info "waiting for Docker to answer ($((tries / 5))/$limit s)"
+		sleep 0.2
+		tries=$((tries + 1))
 	done
 }
 

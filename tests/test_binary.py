@@ -197,16 +197,19 @@ def test_ctrl_c_gives_130_and_leaves_no_temporary_files(binary, tmp_path):
     (bin_dir / "bash").write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 30\n")
     (bin_dir / "bash").chmod(0o755)
     env = host_env(PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", TMPDIR=str(tmpdir))
-    process = subprocess.Popen([binary, "worker", "status"], env=env, stderr=subprocess.PIPE, text=True)
+    # Its own process group, signalled as a whole: what a terminal's Ctrl-C does.
+    process = subprocess.Popen([binary, "worker", "status"], env=env, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not started.exists() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.05)
         assert started.exists(), "the fake bash never ran"
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
     finally:
-        process.kill()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert os.listdir(tmpdir) == []
