@@ -1313,24 +1313,7 @@ def job_summary(service, tasks):
         wanted = int(mode["ReplicatedJob"].get("TotalCompletions", 1))
     else:
         wanted = int(mode.get("Replicated", {}).get("Replicas", 1))
-    batch = "ReplicatedJob" in mode
-    current = [t for t in tasks if is_current(t, batch)]
-    if any(t["state"] != "rejected" for t in current):
-        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
-        # and then run again is history: the task that ran is the record.
-        current = [t for t in current if t["state"] != "rejected"]
-    tasks_out = [
-        {
-            "id": t.get("ID", ""),
-            "name": t.get("Name", ""),
-            "node": t.get("Node", ""),
-            "state": t["state"],
-            "since": t["since"],
-            "error": t.get("Error", ""),
-            "exit_code": t["exit_code"],
-        }
-        for t in current
-    ]
+    tasks_out = job_tasks(tasks, batch="ReplicatedJob" in mode)
     cpu, mem, gpu = service_request(service)
     limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
     return {
@@ -1347,6 +1330,27 @@ def job_summary(service, tasks):
         "exit_code": job_exit_code(tasks_out),
         "tasks": tasks_out,
     }
+
+
+def job_tasks(tasks, batch=True):
+    """The tasks that make a job's state, in the stable --json shape."""
+    current = [t for t in tasks if is_current(t, batch)]
+    if any(t["state"] != "rejected" for t in current):
+        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
+        # and then run again is history: the task that ran is the record.
+        current = [t for t in current if t["state"] != "rejected"]
+    return [
+        {
+            "id": t.get("ID", ""),
+            "name": t.get("Name", ""),
+            "node": t.get("Node", ""),
+            "state": t["state"],
+            "since": t["since"],
+            "error": t.get("Error", ""),
+            "exit_code": t["exit_code"],
+        }
+        for t in current
+    ]
 
 
 def job_state(tasks, wanted, kind):
@@ -1413,8 +1417,8 @@ def reserved_by_node(services, tasks):
     return reserved
 
 
-def wait_for_job(job_id, follow_logs=True, poll_s=0.1, timeout=None):
-    """Stream a job's logs until every task ends; return its exit status."""
+def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None):
+    """Stream a batch job's logs until every task ends; return its exit status."""
     import subprocess
     import time
 
@@ -1422,12 +1426,13 @@ def wait_for_job(job_id, follow_logs=True, poll_s=0.1, timeout=None):
     if follow_logs:
         logs = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id), env=host_env())
     started = time.monotonic()
-    service = list_job_services([job_id])[0]
     reruns, seen, rerun_at = 0, set(), 0.0
     try:
         while True:
             tasks = list_tasks([job_id])
-            job = job_summary(service, tasks)
+            current = job_tasks(tasks)
+            job = {"tasks": current, "state": job_state(current, replicas, "run"),
+                   "exit_code": job_exit_code(current)}
             # After a re-run, the old rejected task reads as the job's end
             # until the swarm has made the new one (bounded: 30 s).
             rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
@@ -2189,7 +2194,7 @@ def cmd_jobs_run(args):
             info(f"follow it: gridx jobs logs {job_id} -f   ·   gridx jobs status {job_id}")
         return EXIT_OK
     info(f"job {job_id} submitted ({request.describe()}); waiting for it to finish")
-    return wait_for_job(job_id)
+    return wait_for_job(job_id, replicas)
 
 
 def cmd_jobs_train(args):
@@ -2740,6 +2745,15 @@ def build_parser(argv=()):
 # ---------------------------------------------------------------------------
 
 
+def _interrupt_once(signum, frame):
+    """Ctrl-C reaches a frozen gridx twice (from the terminal and forwarded by
+    its bootloader): the second must not interrupt the clean-up of the first."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     global VERBOSE
     if argv is None:
@@ -2751,6 +2765,9 @@ def main(argv=None):
     if handler is None:
         (groups.get(args.group) or parser).print_help(sys.stderr)
         return EXIT_USAGE
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt_once)
     try:
         return handler(args)
     except GridxError as error:
