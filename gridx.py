@@ -1054,6 +1054,8 @@ ACTIVE_TASK_STATES = (
 # times.
 ENFORCER_REJECTION = "assigned node no longer meets constraints"
 ENFORCER_RERUNS = 3
+LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
+LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
 
 
 def parse_cpus(value):
@@ -1419,12 +1421,9 @@ def reserved_by_node(services, tasks):
 
 def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None):
     """Stream a batch job's logs until every task ends; return its exit status."""
-    import subprocess
     import time
 
-    logs = None
-    if follow_logs:
-        logs = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id), env=host_env())
+    logs = LogFollower(job_id) if follow_logs else None
     started = time.monotonic()
     reruns, seen, rerun_at = 0, set(), 0.0
     try:
@@ -1450,17 +1449,58 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None)
             time.sleep(poll_s)
     finally:
         if logs:
-            # `service logs --follow` never ends by itself; its last lines
-            # arrive a moment after the task's end is recorded.
-            time.sleep(0.2)
-            logs.terminate()
-            logs.wait()
+            logs.stop()
     code = job["exit_code"]
     if job["state"] == "failed" and code is None:
         errors = "; ".join(t["error"] for t in job["tasks"] if t["error"])
         warn(f"job {job_id} failed: {errors or 'no error reported'}")
         return EXIT_FAILED
     return code or 0
+
+
+class LogFollower:
+    """`docker service logs --follow` copied to stdout as it comes.
+
+    The follower never ends by itself, and a job's last lines can arrive a
+    moment after its end is recorded: stop() waits until the output has been
+    quiet for LOG_QUIET_S (at most LOG_DRAIN_S) before ending it.
+    """
+
+    def __init__(self, job_id):
+        import subprocess
+        import threading
+        import time
+
+        self.last_output = time.monotonic()
+        self.process = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id),
+                                        stdout=subprocess.PIPE, env=host_env())
+        self.copier = threading.Thread(target=self._copy, daemon=True)
+        self.copier.start()
+
+    def _copy(self):
+        import time
+
+        out = sys.stdout.buffer
+        while True:
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                return
+            self.last_output = time.monotonic()
+            try:
+                out.write(chunk)
+                out.flush()
+            except BrokenPipeError:
+                return
+
+    def stop(self):
+        import time
+
+        deadline = time.monotonic() + LOG_DRAIN_S
+        while time.monotonic() - self.last_output < LOG_QUIET_S and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.process.terminate()
+        self.process.wait()
+        self.copier.join(timeout=1)
 
 
 def rejected_by_enforcer(tasks):
