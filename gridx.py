@@ -1509,20 +1509,20 @@ def rejected_by_enforcer(tasks):
     return bool(current) and all(t["state"] == "rejected" and ENFORCER_REJECTION in t["Error"] for t in current)
 
 
-def rerun_rejected_jobs(services, tasks):
-    """Run again jobs that Docker's constraint enforcer rejected (bounded)."""
+def rejected_jobs(services, tasks):
+    """Jobs that Docker's constraint enforcer rejected and that may run again
+    (at most ENFORCER_RERUNS times): {job: the IDs of its rejected tasks}."""
     by_service = {}
     for task in tasks:
         by_service.setdefault(task["service"], []).append(task)
-    rerun = []
+    found = {}
     for service in services:
         name = service["Spec"]["Name"]
         history = by_service.get(name, [])
         rejections = sum(1 for t in history if ENFORCER_REJECTION in t["Error"])
         if rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS:
-            rerun.append(name)
-    rerun_jobs(rerun)
-    return rerun
+            found[name] = frozenset(t["ID"] for t in history)
+    return found
 
 
 def requeue_lost_jobs(down_node_names, tasks=None):
@@ -1992,7 +1992,7 @@ def cmd_hub_watch(args):
     need("docker")
     interval = parse_count(args.interval, "--interval", 1)
     grace = parse_count(args.down_after, "--down-after", 0)
-    down_since = {}
+    down_since, seen_rejected = {}, {}
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         try:
@@ -2011,9 +2011,14 @@ def cmd_hub_watch(args):
                 requeued = requeue_lost_jobs(expired, tasks)
                 if requeued:
                     info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(requeued)}")
-            rejected = rerun_rejected_jobs(services, tasks)
-            if rejected:
-                info(f"ran again {', '.join(rejected)}: Docker rejected them ({ENFORCER_REJECTION})")
+            # Rejected in two passes in a row: a `jobs run --wait` that polls
+            # far more often has not run it again itself.
+            rejected = rejected_jobs(services, tasks)
+            again = sorted(job for job, ids in rejected.items() if args.once or seen_rejected.get(job) == ids)
+            rerun_jobs(again)
+            seen_rejected = {job: ids for job, ids in rejected.items() if job not in again}
+            if again:
+                info(f"ran again {', '.join(again)}: Docker rejected them ({ENFORCER_REJECTION})")
         except GridxError as error:
             warn(error.message)
         if args.once:

@@ -462,16 +462,13 @@ def test_rejected_by_enforcer_only_when_no_task_ran():
     assert not gridx.rejected_by_enforcer([])
 
 
-def test_rerun_rejected_jobs_is_bounded(monkeypatch):
-    calls = []
-    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv))
+def test_rejected_jobs_are_bounded():
     services = [{"Spec": {"Name": "once"}}, {"Spec": {"Name": "often"}}, {"Spec": {"Name": "fine"}}]
     tasks = [task("rejected", error=gridx.ENFORCER_REJECTION, service="once")]
     tasks += [task("rejected", error=gridx.ENFORCER_REJECTION, service="often", task_id=f"o{i}")
               for i in range(gridx.ENFORCER_RERUNS + 1)]
     tasks += [task("complete", desired="complete", service="fine")]
-    assert gridx.rerun_rejected_jobs(services, tasks) == ["once"]
-    assert calls == [["docker", "service", "update", "--detach", "--force", "once"]]
+    assert gridx.rejected_jobs(services, tasks) == {"once": frozenset({"once-rejected-worker1"})}
 
 
 def test_name_taken_is_exit_2(monkeypatch):
