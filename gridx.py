@@ -1419,11 +1419,11 @@ def reserved_by_node(services, tasks):
     return reserved
 
 
-def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None):
+def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None, log_args=(), rerun=True):
     """Stream a batch job's logs until every task ends; return its exit status."""
     import time
 
-    logs = LogFollower(job_id) if follow_logs else None
+    logs = LogFollower(job_id, log_args) if follow_logs else None
     started = time.monotonic()
     reruns, seen, rerun_at = 0, set(), 0.0
     try:
@@ -1437,7 +1437,7 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None)
             rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
                              or time.monotonic() - rerun_at > 30)
             if job["state"] in ("complete", "failed") and rerun_started:
-                if reruns < ENFORCER_RERUNS and rejected_by_enforcer(tasks):
+                if rerun and reruns < ENFORCER_RERUNS and rejected_by_enforcer(tasks):
                     reruns += 1
                     info(f"job {job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
                     seen, rerun_at = {t["ID"] for t in tasks}, time.monotonic()
@@ -1466,13 +1466,13 @@ class LogFollower:
     quiet for LOG_QUIET_S (at most LOG_DRAIN_S) before ending it.
     """
 
-    def __init__(self, job_id):
+    def __init__(self, job_id, log_args=()):
         import subprocess
         import threading
         import time
 
         self.last_output = time.monotonic()
-        self.process = subprocess.Popen(docker("service", "logs", "--follow", "--raw", job_id),
+        self.process = subprocess.Popen(docker("service", "logs", "--follow", "--raw", *log_args, job_id),
                                         stdout=subprocess.PIPE, env=host_env())
         self.copier = threading.Thread(target=self._copy, daemon=True)
         self.copier.start()
@@ -2445,16 +2445,17 @@ def cmd_jobs_status(args):
 
 def cmd_jobs_logs(args):
     job_id = valid_name(args.job_id, "job ID")
+    tail = [] if args.tail is None else ["--tail", str(parse_count(args.tail, "--tail", 0))]
     set_manager(args)
-    list_job_services([job_id])
+    mode = list_job_services([job_id])[0]["Spec"]["Mode"]
+    if args.follow and "ReplicatedJob" in mode:
+        # A batch job's log ends with the job, as `kubectl logs -f` does.
+        wait_for_job(job_id, int(mode["ReplicatedJob"].get("TotalCompletions", 1)), log_args=tail, rerun=False)
+        return EXIT_OK
     import subprocess
 
-    argv = docker("service", "logs", "--raw")
-    if args.follow:
-        argv.append("--follow")
-    if args.tail is not None:
-        argv += ["--tail", str(parse_count(args.tail, "--tail", 0))]
-    return subprocess.call(argv + [job_id], env=host_env())
+    argv = docker("service", "logs", "--raw", *(["--follow"] if args.follow else []), *tail, job_id)
+    return subprocess.call(argv, env=host_env())
 
 
 def cmd_jobs_delete(args):

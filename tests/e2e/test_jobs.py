@@ -65,6 +65,8 @@ def test_seed_job_prints_on_the_hub_and_logs_keep_it(jobs):
     assert done["state"] == "complete" and done["exit_code"] == 0, done
     assert done["tasks"][0]["node"] in WORKERS, done
     assert SEED_OUTPUT in ok(hub("jobs", "logs", "seed"), "jobs logs seed")
+    # -f on a batch job ends with the job (here: at once, it is over)
+    assert SEED_OUTPUT in ok(hub("jobs", "logs", "-f", "seed", timeout=30), "jobs logs -f seed")
     listed = {j["id"]: j for j in hub_json("jobs", "list")["jobs"]}
     assert listed["seed"]["state"] == "complete", listed
 
@@ -81,6 +83,16 @@ def test_exit_3_is_kept_and_wait_exits_3(jobs):
     assert len(status("three")["tasks"]) == 1
     proc = hub("jobs", "run", "--wait", "--name", "three-wait", "python:3.11", "echo bye; exit 3")
     assert proc.returncode == 3 and "bye" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_logs_follow_a_running_job_until_it_ends(jobs):
+    jobs.append("ticker")
+    ok(hub("jobs", "run", "--name", "ticker", "python:3.11", "for i in 1 2 3 4; do echo tick$i; sleep 1; done"),
+       "jobs run ticker")
+    wait_state("ticker", ("running", "complete"), timeout=60)
+    proc = hub("jobs", "logs", "-f", "ticker", timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["tick1", "tick2", "tick3", "tick4"], proc.stdout
+    assert status("ticker")["state"] == "complete"
 
 
 # ---------------------------------------------------------------------------
