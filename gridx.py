@@ -1640,6 +1640,8 @@ def init_hub(existing, public_ip, port, subnet, interface):
         if run(["systemctl", "is-enabled", unit], check=False).stdout.strip() != "enabled":
             run(["systemctl", "enable", unit])
             changes.append(f"enabled {unit} at boot")
+        if install_docker_ordering(interface):
+            changes.append(f"Docker starts after {unit} at boot (the swarm listens on {hub_ip})")
         if install_watch_service():
             changes.append("installed gridx-watch.service (re-runs the jobs of workers that go down)")
     swarm = swarm_info()
@@ -1659,6 +1661,13 @@ def init_hub(existing, public_ip, port, subnet, interface):
             f"Docker is already in a swarm on {swarm.get('NodeAddr')}, not on the VPN address {hub_ip}",
             "leave it first (docker swarm leave --force) or run the hub on another machine",
         )
+    elif state == "error" and "cannot assign requested address" in swarm.get("Error", ""):
+        # Docker started before the VPN interface existed (a reboot without
+        # the systemd ordering above): the manager never listened.
+        raise precondition(
+            f"Docker's swarm manager could not listen on {hub_ip}: Docker started before {interface} was up",
+            "restart Docker now that the VPN is up (systemctl restart docker, or service docker restart)",
+        )
     elif state != "active":
         raise precondition(f"Docker's swarm state is {state!r}", "fix the swarm, then run init again")
     if run(["docker", "network", "inspect", JOB_NETWORK], check=False).returncode != 0:
@@ -1671,6 +1680,26 @@ def init_hub(existing, public_ip, port, subnet, interface):
     if ensure_ssh_key():
         changes.append(f"created the hub's SSH key {ssh_key_path()}")
     return changes
+
+
+DOCKER_DROPIN = "/etc/systemd/system/docker.service.d/gridx-vpn.conf"
+DOCKER_ORDERING = """# Grid-X: the swarm manager listens on the VPN address, which exists only
+# once the WireGuard interface is up; Docker started first would never listen.
+[Unit]
+Wants=wg-quick@{interface}.service
+After=wg-quick@{interface}.service
+"""
+
+
+def install_docker_ordering(interface):
+    """Docker starts after the VPN at boot; True when the drop-in changed."""
+    text = DOCKER_ORDERING.format(interface=interface)
+    if os.path.exists(DOCKER_DROPIN) and read_text(DOCKER_DROPIN) == text:
+        return False
+    os.makedirs(os.path.dirname(DOCKER_DROPIN), mode=0o755, exist_ok=True)
+    atomic_write(DOCKER_DROPIN, text, 0o644)
+    run(["systemctl", "daemon-reload"])
+    return True
 
 
 WATCH_UNIT = """[Unit]
@@ -1723,6 +1752,10 @@ def cmd_hub_reset(args):
         if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
             run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
             os.unlink("/etc/systemd/system/gridx-watch.service")
+        if os.path.exists(DOCKER_DROPIN):
+            os.unlink(DOCKER_DROPIN)
+            if systemd_running():
+                run(["systemctl", "daemon-reload"], check=False)
         run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)

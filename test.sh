@@ -363,6 +363,11 @@ join_worker() {
 		info "$w already in the swarm"
 		return 0
 	fi
+	if in_node "$w" test -e /root/.gridx/state.env; then
+		info "$w joined before this restart: waiting for it to be back in the swarm"
+		wait_rejoined "$w"
+		return 0
+	fi
 	path=$(bundle_path "$w")
 	copy_bundle "$w" "$path"
 	local extra=()
@@ -427,10 +432,43 @@ start_watch() {
 		'exec gridx hub watch --interval 5 --down-after 15 >>/var/log/gridx-watch.log 2>&1'
 }
 
+# The lab has no systemd: after its containers restart (docker stop/start, a
+# host reboot) bring back what wg-quick@gridx0 and the boot order would: each
+# node's VPN, then the hub's Docker, whose swarm manager could not listen on
+# 10.0.0.1 before gridx0 existed.
+revive_nodes() {
+	local n revived=0
+	for n in hub "${WORKERS[@]}"; do
+		in_node "$n" test -e /etc/wireguard/gridx0.conf 2>/dev/null || continue
+		in_node "$n" ip link show gridx0 >/dev/null 2>&1 && continue
+		echo_run in_node "$n" wg-quick up gridx0 >/dev/null 2>&1 || warn "$n: wg-quick up gridx0 failed"
+		revived=1
+	done
+	[ "$revived" -eq 1 ] || return 0
+	if [ "$(in_node hub docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = error ]; then
+		echo_run in_node hub service docker restart >/dev/null
+		local deadline=$((SECONDS + TIMEOUT))
+		until [ "$(in_node hub docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = active ]; do
+			[ "$SECONDS" -lt "$deadline" ] || die 1 "the hub's swarm did not come back" "./test.sh logs hub"
+			sleep 0.5
+		done
+	fi
+}
+
+# A worker that joined before a restart is back once its VPN is: wait for it.
+wait_rejoined() {
+	local w=$1 deadline=$((SECONDS + TIMEOUT))
+	until [ "$(in_node "$w" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = active ]; do
+		[ "$SECONDS" -lt "$deadline" ] || die 1 "$w joined before but is not back in the swarm" "./test.sh logs $w"
+		sleep 0.5
+	done
+}
+
 cmd_setup() {
 	need_lab
 	local t0=$EPOCHREALTIME w
 	wait_nodes_ready
+	stage "revive VPN after a restart" revive_nodes
 	stage "hub init" hub_init
 	for w in "${WORKERS[@]}"; do
 		stage "join $w" join_worker "$w"

@@ -504,3 +504,15 @@ def test_ssh_failure_of_docker_is_exit_3():
     error = gridx.command_error(["docker", "-H", "ssh://root@hub", "service", "ls"], result)
     assert error.code == gridx.EXIT_PRECONDITION
     assert error.message == "cannot reach the manager over SSH: root@hub: Permission denied (publickey)."
+
+
+def test_docker_starts_after_the_vpn_at_boot(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gridx, "DOCKER_DROPIN", str(tmp_path / "docker.service.d" / "gridx-vpn.conf"))
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv))
+    assert gridx.install_docker_ordering("gridx0") is True
+    text = (tmp_path / "docker.service.d" / "gridx-vpn.conf").read_text()
+    assert "After=wg-quick@gridx0.service" in text and "Wants=wg-quick@gridx0.service" in text
+    assert calls == [["systemctl", "daemon-reload"]]
+    assert gridx.install_docker_ordering("gridx0") is False  # unchanged: nothing to do
+    assert len(calls) == 1

@@ -18,6 +18,7 @@ from e2e_helpers import (
     remove_peer_quietly,
     terminal_in,
     unjoined,
+    wait_hub_healthy,
     wait_peer_ready,
 )
 
@@ -111,3 +112,17 @@ def test_add_external_bundle_joins_through_a_terminal_and_leaves(lab, fresh_node
         if archive.exists():
             archive.unlink()
     assert peer_row(name) is None
+
+
+def test_setup_brings_a_restarted_lab_back(lab):
+    """Containers restarted (a host reboot, without systemd): the hub's Docker
+    came up before its VPN, so its swarm manager is in error; setup brings
+    every VPN back, restarts the hub's Docker and the swarm is whole again."""
+    names = [container("hub")] + [container(w) for w in WORKERS]
+    ok(subprocess.run(["docker", "restart", "-t", "5", *names], capture_output=True, text=True, timeout=300),
+       "docker restart the lab")
+    ok(test_sh("start", timeout=600), "./test.sh start")
+    proc = node_exec("hub", "gridx hub init --ip " + lab.hub_ip)
+    assert proc.returncode == 3 and "started before gridx0" in proc.stderr, proc.stderr
+    ok(test_sh("setup", timeout=600), "./test.sh setup after the restart")
+    wait_hub_healthy(timeout=120)
