@@ -7,6 +7,8 @@
 #            at /opt/gridx through /usr/local/bin/gridx.
 #   job-python  the lab's stand-in for python:3.11 (Debian bookworm's python3
 #            is 3.11), built only when `docker pull python:3.11` fails.
+#   job-jupyter  gridx-lab-jupyter:latest, the image `gridx jobs jupyter`
+#            runs in the lab (Debian's Jupyter Notebook).
 #
 # BASE_IMAGE is debian:bookworm-slim where it can be pulled; test.sh builds
 # gridx-lab-base:bookworm with debootstrap where it cannot.
@@ -58,9 +60,8 @@ RUN apt-get update \
  && ln -s python3 /usr/bin/python
 CMD ["python3"]
 
-# job-jupyter  the lab's notebook image for `gridx jobs jupyter --image
-#            gridx-lab-jupyter:latest` (Debian's Jupyter Notebook 6), so the
-#            Jupyter path is tested where quay.io cannot be reached.
+# Jupyter where quay.io cannot be reached: `gridx jobs jupyter --image
+# gridx-lab-jupyter:latest` (Debian's Jupyter Notebook 6).
 FROM ${BASE_IMAGE} AS job-jupyter
 LABEL io.gridx.lab=1
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
