@@ -1425,13 +1425,17 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None,
 
     logs = LogFollower(job_id, log_args) if follow_logs else None
     started = time.monotonic()
-    reruns, seen, rerun_at = 0, set(), 0.0
+    reruns, seen, rerun_at, shown = 0, set(), 0.0, None
     try:
         while True:
             tasks = list_tasks([job_id])
             current = job_tasks(tasks)
             job = {"tasks": current, "state": job_state(current, replicas, "run"),
                    "exit_code": job_exit_code(current)}
+            progress = job_progress(job_id, job, time.monotonic() - started)
+            if progress and progress != shown:
+                info(progress)
+                shown = progress
             # After a re-run, the old rejected task reads as the job's end
             # until the swarm has made the new one (bounded: 30 s).
             rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
@@ -1456,6 +1460,22 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None,
         warn(f"job {job_id} failed: {errors or 'no error reported'}")
         return EXIT_FAILED
     return code or 0
+
+
+def job_progress(job_id, job, waited_s):
+    """A line for a waiting job's state while it is not over, else None."""
+    nodes = ", ".join(sorted({t["node"] for t in job["tasks"] if t["node"]}))
+    if job["state"] == "pending":
+        # the scheduler places a job that fits within a moment: say it only
+        # when the job really waits
+        if waited_s < 1:
+            return None
+        return f"job {job_id}: waiting for a worker with room (why: gridx jobs status {job_id})"
+    if job["state"] == "starting":
+        return f"job {job_id}: starting on {nodes or 'a worker'} (pulling its image, if the worker lacks it)"
+    if job["state"] == "running":
+        return f"job {job_id}: running on {nodes}"
+    return None
 
 
 class LogFollower:

@@ -516,3 +516,13 @@ def test_docker_starts_after_the_vpn_at_boot(tmp_path, monkeypatch):
     assert calls == [["systemctl", "daemon-reload"]]
     assert gridx.install_docker_ordering("gridx0") is False  # unchanged: nothing to do
     assert len(calls) == 1
+
+
+def test_job_progress_says_what_a_waiting_job_does():
+    def job(state, nodes=()):
+        return {"state": state, "tasks": [{"node": n} for n in nodes]}
+    assert gridx.job_progress("j", job("pending"), 0.2) is None  # placed in a moment: nothing to say
+    assert "waiting for a worker with room" in gridx.job_progress("j", job("pending"), 1.5)
+    assert gridx.job_progress("j", job("starting", ["w2"]), 0).startswith("job j: starting on w2")
+    assert gridx.job_progress("j", job("running", ["w2", "w1"]), 0) == "job j: running on w1, w2"
+    assert gridx.job_progress("j", job("complete", ["w1"]), 0) is None
