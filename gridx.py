@@ -1203,16 +1203,13 @@ def job_command(command):
     return list(command), shlex.join(command)
 
 
-def job_name_taken(job_id):
-    return usage_error(f"a job named {job_id!r} exists", f"pick another --name, or: gridx jobs delete {job_id}")
-
-
 def run_naming(argv, job_id, input=None):
     """Run a docker create call; a name already taken is the user's to fix."""
     result = run(argv, check=False, input=input)
     if result.returncode != 0:
         if "AlreadyExists" in result.stderr or "already exists" in result.stderr:
-            raise job_name_taken(job_id)
+            raise usage_error(f"a job named {job_id!r} exists",
+                              f"pick another --name, or: gridx jobs delete {job_id}")
         raise command_error(argv, result)
     return result
 

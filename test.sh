@@ -348,10 +348,20 @@ copy_bundle() {
 }
 
 # A worker is done when join.sh recorded its join and its engine is in the swarm.
+# swarm_state NODE: its engine's swarm state (active, pending, error...), or nothing.
+swarm_state() { in_node "$1" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :; }
+
+# wait_swarm_active NODE WHAT: until NODE's engine is active in the swarm.
+wait_swarm_active() {
+	local deadline=$((SECONDS + TIMEOUT))
+	until [ "$(swarm_state "$1")" = active ]; do
+		[ "$SECONDS" -lt "$deadline" ] || die 1 "$2" "./test.sh logs $1"
+		sleep 0.5
+	done
+}
+
 worker_joined() {
-	local state
-	state=$(in_node "$1" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)
-	[ "$state" = active ] || return 1
+	[ "$(swarm_state "$1")" = active ] || return 1
 	in_node "$1" test -e /root/.gridx/state.env \
 		|| die 1 "$1 is in a swarm that join.sh did not set up" \
 			"start afresh: ./test.sh clean && ./test.sh start && ./test.sh setup"
@@ -365,7 +375,7 @@ join_worker() {
 	fi
 	if in_node "$w" test -e /root/.gridx/state.env; then
 		info "$w joined before this restart: waiting for it to be back in the swarm"
-		wait_rejoined "$w"
+		wait_swarm_active "$w" "$w joined before but is not back in the swarm"
 		return 0
 	fi
 	path=$(bundle_path "$w")
@@ -445,23 +455,10 @@ revive_nodes() {
 		revived=1
 	done
 	[ "$revived" -eq 1 ] || return 0
-	if [ "$(in_node hub docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = error ]; then
+	if [ "$(swarm_state hub)" = error ]; then
 		echo_run in_node hub service docker restart >/dev/null
-		local deadline=$((SECONDS + TIMEOUT))
-		until [ "$(in_node hub docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = active ]; do
-			[ "$SECONDS" -lt "$deadline" ] || die 1 "the hub's swarm did not come back" "./test.sh logs hub"
-			sleep 0.5
-		done
+		wait_swarm_active hub "the hub's swarm did not come back"
 	fi
-}
-
-# A worker that joined before a restart is back once its VPN is: wait for it.
-wait_rejoined() {
-	local w=$1 deadline=$((SECONDS + TIMEOUT))
-	until [ "$(in_node "$w" docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || :)" = active ]; do
-		[ "$SECONDS" -lt "$deadline" ] || die 1 "$w joined before but is not back in the swarm" "./test.sh logs $w"
-		sleep 0.5
-	done
 }
 
 cmd_setup() {
