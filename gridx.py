@@ -2533,10 +2533,17 @@ def cmd_jobs_delete(args):
             break
         time.sleep(0.5)
     run(docker("service", "rm", *ids))
-    filters = [arg for job_id in ids for arg in ("--filter", f"label={LABEL_JOB}={job_id}")]
-    configs = run(docker("config", "ls", "-q", *filters)).stdout.split()
+    # Several label=K=V filters on `config ls` do not mean "any of these":
+    # list every job's config and pick the deleted jobs' here.
+    listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",
+                        "--format", '{{.ID}}\t{{.Label "%s"}}' % LABEL_JOB)).stdout
+    configs = [config_id for config_id, _, job_id in (line.partition("\t") for line in listed.splitlines())
+               if job_id in ids]
     if configs:
-        run(docker("config", "rm", *configs), check=False)
+        removed = run(docker("config", "rm", *configs), check=False)
+        if removed.returncode != 0:
+            said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
+            warn(f"the jobs' script configs were not all removed: {said}")
     for job_id in ids:
         print(f"deleted {job_id}")
     return EXIT_OK

@@ -122,6 +122,44 @@ need_docker() {
 			"start it: setsid dockerd >/var/log/dockerd.log 2>&1 &"
 }
 
+# ----------------------------------------------------------- stale ports --
+# When Docker's daemon is killed without stopping the containers (a CI runner
+# ending a session's processes, `kill -9 dockerd`), the restarted daemon marks
+# the lab's containers exited and their processes die, but the kernel can keep
+# a dead node's network namespace for minutes (sockets to peers that died at
+# the same moment are still closing), and with it the node's address on the
+# lab bridge. A new node given that address shares it with the dead one: pings
+# answer, while WireGuard packets go to the dead namespace and no join gets a
+# handshake. Cutting those bridge ports (the veth of a namespace no running
+# container owns) takes the dead addresses off the bridge.
+
+# stale_ports: the lab bridge's ports that lead to no running container.
+stale_ports() {
+	local bridge pid peers=" " idx name _
+	bridge=br-$(docker network inspect -f '{{.Id}}' "$PROJECT" 2>/dev/null | cut -c1-12)
+	[ "$bridge" != br- ] && [ -e "/sys/class/net/$bridge" ] || return 0
+	# each running container's links name their bridge-side peer: eth0@if763
+	for pid in $(docker ps -q --filter "network=$PROJECT" | xargs -r docker inspect -f '{{.State.Pid}}'); do
+		peers+="$(nsenter -t "$pid" -n ip -o link | sed -n 's/^[0-9]*: [^@]*@if\([0-9]*\):.*/\1/p' | tr '\n' ' ')"
+	done
+	while read -r idx name _; do
+		[[ $peers == *" ${idx%:} "* ]] || printf '%s\n' "${name%%@*}"
+	done < <(ip -o link show master "$bridge")
+}
+
+cut_stale_ports() {
+	[ "$(id -u)" -eq 0 ] || return 0 # nsenter and ip link delete need root
+	local port ports
+	ports=$(stale_ports)
+	[ -n "$ports" ] || return 0
+	warn "the lab bridge still carries $(wc -l <<<"$ports") dead node(s) of a killed Docker daemon," \
+		"with the addresses the lab's nodes use: removing their links ($(tr '\n' ' ' <<<"$ports"| sed 's/ $//'))"
+	for port in $ports; do
+		ip link delete "$port" 2>/dev/null || [ ! -e "/sys/class/net/$port" ] \
+			|| die 1 "cannot remove $port from the lab bridge" "ip link delete $port"
+	done
+}
+
 pick_compose() {
 	[ "${#COMPOSE[@]}" -eq 0 ] || return 0
 	if docker compose version >/dev/null 2>&1; then
@@ -301,6 +339,7 @@ cmd_start() {
 	stage "build node + hub images" build_images
 	stage "job images" ensure_job_images
 	stage "compose up -d" compose up -d --no-build
+	stage "dead nodes of a killed Docker daemon" cut_stale_ports
 	stage "wait for dockerd in every node" wait_nodes_ready
 	info "lab up in $(elapsed "$t0")s; next: ./test.sh setup"
 }
@@ -385,7 +424,7 @@ join_worker() {
 	local join=("/root/$(basename "$path")/join.sh" "${JOIN_FLAGS[@]}" "${extra[@]}")
 	echo_run in_node "$w" "${join[@]}" && return 0
 	# join.sh rolled back what it changed: show why, then try once more
-	# (CI once saw a first handshake that never came).
+	# (a retry is what a volunteer would do; the diagnostics say what to fix).
 	join_diagnostics "$w"
 	warn "join of $w failed: running join.sh once more"
 	echo_run in_node "$w" "${join[@]}" || die 1 "join of $w failed twice" "./test.sh logs $w"
@@ -398,6 +437,9 @@ join_diagnostics() {
 	docker exec "$HUB" sh -c 'wg show; ss -uanp; iptables -S INPUT; iptables -S GRIDX-INPUT' >&2 || :
 	warn "diagnostics for $1: its route and ping to the hub's bridge address"
 	in_node "$1" sh -c "ip route get $HUB_IP; ping -c 2 -W 2 $HUB_IP" >&2 || :
+	if [ "$(id -u)" -eq 0 ]; then
+		warn "diagnostics for $1: lab bridge ports that lead to no running container: $(stale_ports | tr '\n' ' ')"
+	fi
 }
 
 # Job images go into each worker with docker save | docker load (no registry):
@@ -465,6 +507,7 @@ cmd_setup() {
 	need_lab
 	local t0=$EPOCHREALTIME w
 	wait_nodes_ready
+	stage "dead nodes of a killed Docker daemon" cut_stale_ports
 	stage "revive VPN after a restart" revive_nodes
 	stage "hub init" hub_init
 	for w in "${WORKERS[@]}"; do

@@ -153,6 +153,11 @@ def lab(request):
     timings = {}
     _lab_step("start", START_TIMEOUT, timings)
     _lab_step("setup", SETUP_TIMEOUT, timings)
+    # A reused lab keeps its swarm: jobs that an interrupted earlier run left
+    # there would clash with the names the tests use.
+    node_exec("hub", "docker service ls -q --filter label=gridx.job | xargs -r docker service rm >/dev/null; "
+                     "docker config ls -q --filter label=gridx.job | xargs -r docker config rm >/dev/null",
+              timeout=120)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"lab ready: ./test.sh start {timings['start']} s, setup {timings['setup']} s")

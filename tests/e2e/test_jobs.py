@@ -219,6 +219,12 @@ def test_train_from_a_local_file_and_from_a_url(jobs):
     finally:
         in_hub("pkill -f 'http.server 8099'")
         server.wait(timeout=30)
+    # Deleting both at once takes the local script's config too: a config
+    # left behind would make the next `--name train-file` clash.
+    ok(hub("jobs", "delete", "train-file", "train-url"), "delete both train jobs")
+    jobs.clear()
+    configs = ok(in_hub("docker config ls --format '{{.Name}}'"), "docker config ls").split()
+    assert "train-file-script" not in configs, configs
 
 
 # ---------------------------------------------------------------------------
