@@ -58,20 +58,44 @@ docker_answers() {
 	timeout 10 docker info >/dev/null 2>&1
 }
 
+# A pid file left by a dockerd that was killed stops the next one from
+# starting ("pid file found") while that PID is a zombie or another process.
+remove_stale_pidfile() {
+	local file=/var/run/docker.pid pid
+	[ -f "$file" ] || return 0
+	pid=$(cat "$file" 2>/dev/null || :)
+	if [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] \
+		&& [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ] \
+		&& [ "$(readlink "/proc/$pid/ns/pid")" = "$(readlink /proc/self/ns/pid)" ]; then
+		return 0 # a live dockerd of this machine: it may still be starting
+	fi
+	info "removing $file (left by a dockerd that is no longer running)"
+	rm -f "$file"
+}
+
 start_dockerd() {
 	docker_answers && return 0
 	command -v dockerd >/dev/null 2>&1 || return 1
+	local started=0
 	if [ -d /run/systemd/system ]; then
 		systemctl start docker || true
-	elif [ -x /etc/init.d/docker ] && service docker start >/dev/null 2>&1; then
-		:
 	else
-		info "starting dockerd (log: /var/log/dockerd.log)"
-		setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+		remove_stale_pidfile
+		if [ -x /etc/init.d/docker ] && service docker start >/dev/null 2>&1; then
+			:
+		else
+			info "starting dockerd (log: /var/log/dockerd.log)"
+			setsid dockerd >/var/log/dockerd.log 2>&1 </dev/null &
+			started=1
+		fi
 	fi
 	local _
 	for _ in $(seq 1 60); do
 		docker_answers && return 0
+		if [ "$started" -eq 1 ] && grep -q "failed to start daemon" /var/log/dockerd.log; then
+			tail -n 5 /var/log/dockerd.log >&2 || :
+			fatal "dockerd exited: see /var/log/dockerd.log"
+		fi
 		sleep 1
 	done
 	fatal "dockerd did not start: see /var/log/dockerd.log"
