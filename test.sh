@@ -134,14 +134,21 @@ need_docker() {
 # container owns) takes the dead addresses off the bridge.
 
 # stale_ports: the lab bridge's ports that lead to no running container.
+# Prints nothing when it cannot tell (a failed docker or nsenter call).
 stale_ports() {
-	local bridge pid peers=" " idx name _
+	local bridge ids pids pid links peers=" " idx name _
 	bridge=br-$(docker network inspect -f '{{.Id}}' "$PROJECT" 2>/dev/null | cut -c1-12)
 	[ "$bridge" != br- ] && [ -e "/sys/class/net/$bridge" ] || return 0
-	# each running container's links name their bridge-side peer: eth0@if763
-	for pid in $(docker ps -q --filter "network=$PROJECT" | xargs -r docker inspect -f '{{.State.Pid}}'); do
-		peers+="$(nsenter -t "$pid" -n ip -o link | sed -n 's/^[0-9]*: [^@]*@if\([0-9]*\):.*/\1/p' | tr '\n' ' ')"
-	done
+	ids=$(docker ps -q --filter "network=$PROJECT") || return 0
+	if [ -n "$ids" ]; then
+		# shellcheck disable=SC2086 # a list of container IDs
+		pids=$(docker inspect -f '{{.State.Pid}}' $ids) || return 0
+		for pid in $pids; do
+			# a container's links name their bridge-side peer: eth0@if763
+			links=$(nsenter -t "$pid" -n ip -o link) || return 0
+			peers+="$(sed -n 's/^[0-9]*: [^@]*@if\([0-9]*\):.*/\1/p' <<<"$links" | tr '\n' ' ') "
+		done
+	fi
 	while read -r idx name _; do
 		[[ $peers == *" ${idx%:} "* ]] || printf '%s\n' "${name%%@*}"
 	done < <(ip -o link show master "$bridge")
