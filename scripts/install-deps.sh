@@ -58,47 +58,61 @@ docker_answers() {
 	timeout 10 docker info >/dev/null 2>&1
 }
 
-# A pid file left by a dockerd that was killed stops the next one from
-# starting ("pid file found") while that PID is a zombie or another process.
+# A pid file left by a killed dockerd (or by the containerd it ran) stops the
+# next start ("pid file found", "containerd is still running") while that PID
+# is a zombie or another process. remove_stale_pidfile FILE PROGRAM
 remove_stale_pidfile() {
-	local file=/var/run/docker.pid pid
+	local file=$1 program=$2 pid
 	[ -f "$file" ] || return 0
 	pid=$(cat "$file" 2>/dev/null || :)
-	if [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] \
+	if [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$program" ] \
 		&& [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ] \
 		&& [ "$(readlink "/proc/$pid/ns/pid")" = "$(readlink /proc/self/ns/pid)" ]; then
-		return 0 # a live dockerd of this machine: it may still be starting
+		return 0 # a live one on this machine: it may still be starting
 	fi
-	info "removing $file (left by a dockerd that is no longer running)"
+	info "removing $file (left by a $program that is no longer running)"
 	rm -f "$file"
+}
+
+# wait_dockerd LOG: until `docker info` answers (60 s); fails early when the
+# dockerd writing LOG gave up.
+wait_dockerd() {
+	local _
+	for _ in $(seq 1 60); do
+		docker_answers && return 0
+		if [ -n "$1" ] && grep -q '^failed to start' "$1" 2>/dev/null; then
+			tail -n 3 "$1" >&2
+			return 1
+		fi
+		sleep 1
+	done
+	return 1
 }
 
 start_dockerd() {
 	docker_answers && return 0
 	command -v dockerd >/dev/null 2>&1 || return 1
-	local started=0
 	if [ -d /run/systemd/system ]; then
 		systemctl start docker || true
-	else
-		remove_stale_pidfile
-		if [ -x /etc/init.d/docker ] && service docker start >/dev/null 2>&1; then
-			:
-		else
-			info "starting dockerd (log: /var/log/dockerd.log)"
-			setsid dockerd >/var/log/dockerd.log 2>&1 </dev/null &
-			started=1
-		fi
+		wait_dockerd "" || fatal "dockerd did not start: see journalctl -u docker"
+		return 0
 	fi
-	local _
-	for _ in $(seq 1 60); do
-		docker_answers && return 0
-		if [ "$started" -eq 1 ] && grep -q "failed to start daemon" /var/log/dockerd.log; then
-			tail -n 5 /var/log/dockerd.log >&2 || :
-			fatal "dockerd exited: see /var/log/dockerd.log"
+	local try log
+	for try in 1 2; do
+		# a second try: the PIDs of a daemon killed just before may be reaped now
+		remove_stale_pidfile /var/run/docker.pid dockerd
+		remove_stale_pidfile /var/run/docker/containerd/containerd.pid containerd
+		if [ -x /etc/init.d/docker ] && service docker start >/dev/null 2>&1; then
+			log=""
+		else
+			log=/var/log/dockerd.log
+			info "starting dockerd (log: $log)"
+			setsid dockerd >"$log" 2>&1 </dev/null &
 		fi
-		sleep 1
+		wait_dockerd "$log" && return 0
+		[ "$try" -eq 2 ] || info "dockerd did not start: trying once more"
 	done
-	fatal "dockerd did not start: see /var/log/dockerd.log"
+	fatal "dockerd did not start: see ${log:-/var/log/docker.log}"
 }
 
 install_lab_deps() {
