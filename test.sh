@@ -126,9 +126,8 @@ need_docker() {
 # When Docker's daemon is killed without stopping the containers (a CI runner
 # ending a session's processes, `kill -9 dockerd`), the restarted daemon marks
 # the lab's containers exited and their processes die, but the kernel can keep
-# a dead node's network namespace for minutes (sockets to peers that died at
-# the same moment are still closing), and with it the node's address on the
-# lab bridge. A new node given that address shares it with the dead one: pings
+# a dead node's network namespace for minutes (no process holds it, and no
+# mount), and with it the node's address on the lab bridge. A new node given that address shares it with the dead one: pings
 # answer, while WireGuard packets go to the dead namespace and no join gets a
 # handshake. Cutting those bridge ports (the veth of a namespace no running
 # container owns) takes the dead addresses off the bridge.
