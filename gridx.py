@@ -1325,7 +1325,8 @@ def job_summary(service, tasks):
         "cpus": limits.get("NanoCPUs", cpu * 10**9) / 10**9,
         "memory_mib": mem,
         "gpus": gpu,
-        "state": job_state(tasks_out, wanted, labels.get(LABEL_KIND, "run")),
+        # rejected by the enforcer but about to run again: not failed
+        "state": "pending" if runs_again(tasks) else job_state(tasks_out, wanted, labels.get(LABEL_KIND, "run")),
         "exit_code": job_exit_code(tasks_out),
         "tasks": tasks_out,
     }
@@ -1398,6 +1399,8 @@ def pending_reason(job, service, nodes_by_name, reserved):
     if mem > free[1]:
         return f"waiting: {human_mib(mem)} memory requested, {human_mib(max(free[1], 0))} free on {name}"
     errors = [t["error"] for t in job["tasks"] if t["error"]]
+    if any(ENFORCER_REJECTION in error for error in errors):
+        return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
     return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
 
 
@@ -1526,9 +1529,16 @@ def rejected_by_enforcer(tasks):
     return bool(current) and all(t["state"] == "rejected" and ENFORCER_REJECTION in t["Error"] for t in current)
 
 
+def runs_again(history):
+    """True when Docker's constraint enforcer rejected the job and Grid-X
+    (`hub watch`, `--wait`) runs it again: at most ENFORCER_RERUNS times."""
+    rejections = sum(1 for t in history if ENFORCER_REJECTION in t["Error"])
+    return rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS
+
+
 def rejected_jobs(services, tasks):
-    """Jobs that Docker's constraint enforcer rejected and that may run again
-    (at most ENFORCER_RERUNS times): {job: the IDs of its rejected tasks}."""
+    """Jobs that Docker's constraint enforcer rejected and that run again:
+    {job: the IDs of its rejected tasks}."""
     by_service = {}
     for task in tasks:
         by_service.setdefault(task["service"], []).append(task)
@@ -1536,8 +1546,7 @@ def rejected_jobs(services, tasks):
     for service in services:
         name = service["Spec"]["Name"]
         history = by_service.get(name, [])
-        rejections = sum(1 for t in history if ENFORCER_REJECTION in t["Error"])
-        if rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS:
+        if runs_again(history):
             found[name] = frozenset(t["ID"] for t in history)
     return found
 

@@ -471,6 +471,18 @@ def test_rejected_jobs_are_bounded():
     assert gridx.rejected_jobs(services, tasks) == {"once": frozenset({"once-rejected-worker1"})}
 
 
+def test_a_job_that_runs_again_is_pending_not_failed():
+    service = {"Spec": {"Name": "job1", "Labels": {gridx.LABEL_JOB: "job1"}, "Mode": {"ReplicatedJob": {}},
+                        "TaskTemplate": {"ContainerSpec": {"Image": "python:3.11"}, "Resources": {}}}}
+    rejected = [task("rejected", error=gridx.ENFORCER_REJECTION, task_id=f"r{i}")
+                for i in range(gridx.ENFORCER_RERUNS + 1)]
+    # hub watch / --wait run it again: not failed
+    assert gridx.job_summary(service, rejected[:1])["state"] == "pending"
+    # rejected once too often: Grid-X stops running it again
+    assert gridx.job_summary(service, rejected)["state"] == "failed"
+    assert gridx.job_summary(service, [task("failed", error="task: non-zero exit (3)")])["state"] == "failed"
+
+
 def test_name_taken_is_exit_2(monkeypatch):
     taken = subprocess.CompletedProcess([], 1, "", "Error response from daemon: rpc error: code = AlreadyExists "
                                                   "desc = name conflicts with an existing object: service x")
