@@ -1308,10 +1308,7 @@ def job_summary(service, tasks):
     spec = service["Spec"]
     labels = spec.get("Labels", {})
     mode = spec.get("Mode", {})
-    if "ReplicatedJob" in mode:
-        wanted = int(mode["ReplicatedJob"].get("TotalCompletions", 1))
-    else:
-        wanted = int(mode.get("Replicated", {}).get("Replicas", 1))
+    wanted = job_replicas(mode)
     tasks_out = job_tasks(tasks, batch="ReplicatedJob" in mode)
     cpu, mem, gpu = service_request(service)
     limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
@@ -1330,6 +1327,13 @@ def job_summary(service, tasks):
         "exit_code": job_exit_code(tasks_out),
         "tasks": tasks_out,
     }
+
+
+def job_replicas(mode):
+    """How many tasks a job wants: completions of a batch job, else replicas."""
+    if "ReplicatedJob" in mode:
+        return int(mode["ReplicatedJob"].get("TotalCompletions", 1))
+    return int(mode.get("Replicated", {}).get("Replicas", 1))
 
 
 def job_tasks(tasks, batch=True):
@@ -2509,7 +2513,7 @@ def cmd_jobs_logs(args):
     mode = list_job_services([job_id])[0]["Spec"]["Mode"]
     if args.follow and "ReplicatedJob" in mode:
         # A batch job's log ends with the job, as `kubectl logs -f` does.
-        wait_for_job(job_id, int(mode["ReplicatedJob"].get("TotalCompletions", 1)), log_args=tail, rerun=False)
+        wait_for_job(job_id, job_replicas(mode), log_args=tail, rerun=False)
         return EXIT_OK
     import subprocess
 

@@ -127,10 +127,11 @@ need_docker() {
 # ending a session's processes, `kill -9 dockerd`), the restarted daemon marks
 # the lab's containers exited and their processes die, but the kernel can keep
 # a dead node's network namespace for minutes (no process holds it, and no
-# mount), and with it the node's address on the lab bridge. A new node given that address shares it with the dead one: pings
-# answer, while WireGuard packets go to the dead namespace and no join gets a
-# handshake. Cutting those bridge ports (the veth of a namespace no running
-# container owns) takes the dead addresses off the bridge.
+# mount), and with it the node's address on the lab bridge. A new node given
+# that address shares it with the dead one: pings answer, while WireGuard
+# packets go to the dead namespace and no join gets a handshake. Cutting
+# those bridge ports (the veth of a namespace no running container owns)
+# takes the dead addresses off the bridge.
 
 # stale_ports: the lab bridge's ports that lead to no running container.
 # Prints nothing when it cannot tell (a failed docker or nsenter call).
@@ -159,7 +160,7 @@ cut_stale_ports() {
 	ports=$(stale_ports)
 	[ -n "$ports" ] || return 0
 	warn "the lab bridge still carries $(wc -l <<<"$ports") dead node(s) of a killed Docker daemon," \
-		"with the addresses the lab's nodes use: removing their links ($(tr '\n' ' ' <<<"$ports"| sed 's/ $//'))"
+		"with the addresses the lab's nodes use: removing their links (${ports//$'\n'/ }))"
 	for port in $ports; do
 		ip link delete "$port" 2>/dev/null || [ ! -e "/sys/class/net/$port" ] \
 			|| die 1 "cannot remove $port from the lab bridge" "ip link delete $port"
