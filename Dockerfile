@@ -1,17 +1,21 @@
-# Grid-X local lab images (see test.sh and docker-compose.yml).
+# Grid-X local lab images (see test.sh and docker-compose.yml), for one Debian
+# suite at a time: test.sh builds them FROM that suite's base image and tags
+# them per suite (gridx-lab-node:bookworm, gridx-lab-node:trixie, ...).
 #
 #   node     a worker: its own dockerd, sshd and WireGuard (wireguard-go when
 #            the kernel has no module). No Python: join bundles must work
 #            without it.
 #   hub      node + python3, runs the checkout's gridx.py mounted read-only
 #            at /opt/gridx through /usr/local/bin/gridx.
-#   job-python  the lab's stand-in for python:3.11 (Debian bookworm's python3
-#            is 3.11), built only when `docker pull python:3.11` fails.
+#   job-python  the lab's stand-in for python:3.11, built only when
+#            `docker pull python:3.11` fails; always FROM the bookworm base,
+#            whose python3 is 3.11 (trixie's is 3.13), whatever suite the
+#            nodes run: the job image is shared by every lab.
 #   job-jupyter  gridx-lab-jupyter:latest, the image `gridx jobs jupyter`
-#            runs in the lab (Debian's Jupyter Notebook).
+#            runs in the lab (Debian's Jupyter Notebook), shared the same way.
 #
-# BASE_IMAGE is debian:bookworm-slim where it can be pulled; test.sh builds
-# gridx-lab-base:bookworm with debootstrap where it cannot.
+# BASE_IMAGE is debian:SUITE-slim where it can be pulled; test.sh builds
+# gridx-lab-base:SUITE with debootstrap where it cannot.
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS node
@@ -19,11 +23,17 @@ LABEL io.gridx.lab=1
 ENV DEBIAN_FRONTEND=noninteractive \
     LANG=C.UTF-8 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Debian 13 (trixie) and later ship the `docker` command in docker-cli, which
+# docker.io only recommends; Debian 12 (bookworm) has no such package and its
+# docker.io holds the command itself.
 RUN apt-get update \
+ && cli='' \
+ && if apt-cache show docker-cli >/dev/null 2>&1; then cli=docker-cli; fi \
  && apt-get install -y --no-install-recommends \
-        docker.io wireguard-tools wireguard-go iproute2 iptables \
+        docker.io $cli wireguard-tools wireguard-go iproute2 iptables \
         openssh-server procps sudo iputils-ping ca-certificates \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+ && docker --version && dockerd --version
 # - host keys are made at start (lab/entrypoint.sh), unique per container;
 # - the inner engine never asks a registry for an image it has;
 # - /etc/init.d/docker raises `ulimit -n 1048576` (and -u/-p unlimited) under

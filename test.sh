@@ -6,10 +6,17 @@
 # Usage: ./test.sh COMMAND [ARGS]   (./test.sh help for the list)
 #
 # Environment:
-#   GRIDX_LAB_BASE_IMAGE  base image to build from (default: debian:bookworm-slim
-#                         when present or pullable, else gridx-lab-base:bookworm
+#   GRIDX_LAB_SUITE       Debian suite the nodes run: bookworm (Debian 12,
+#                         Docker 20.10; the default) or trixie (Debian 13,
+#                         Docker 26.1). Images are tagged per suite
+#                         (gridx-lab-node:SUITE, gridx-lab-hub:SUITE), so both
+#                         can exist side by side; a lab keeps its suite until
+#                         it is cleaned.
+#   GRIDX_LAB_BASE_IMAGE  base image for the nodes (default: debian:SUITE-slim
+#                         when present or pullable, else gridx-lab-base:SUITE
 #                         built here with debootstrap)
-#   GRIDX_LAB_CACHE       where the debootstrap tree is kept (/var/cache/gridx-lab)
+#   GRIDX_LAB_CACHE       where the debootstrap trees are kept, one per suite
+#                         (/var/cache/gridx-lab/rootfs-SUITE)
 #   GRIDX_LAB_MIRROR      Debian mirror for debootstrap (default: the one in
 #                         /etc/apt/sources.list.d, else http://deb.debian.org/debian)
 #   GRIDX_LAB_TIMEOUT     seconds to wait for every node's dockerd (120)
@@ -17,7 +24,8 @@
 #   GRIDX_LAB_JOB_TIMEOUT seconds test-job / test-gpu wait for a job (300)
 #   GRIDX_LAB_NAME        name of this lab (gridx-lab): its containers are
 #                         NAME-hub, NAME-worker1.., its network NAME; several
-#                         labs can run side by side (images are shared)
+#                         labs can run side by side (images are shared by
+#                         the labs of one suite)
 #   GRIDX_LAB_NET         first three octets of its /24 (172.29.240): hub .10,
 #                         workers .11 .12 .13; must not overlap 10.0.0.0/24
 #   NO_COLOR              plain output
@@ -36,10 +44,15 @@ WORKERS=(worker1 worker2 worker3)
 HUB_IP=$LAB_NET.10
 LAB_LABEL=io.gridx.lab          # on every image the lab builds
 NAME_LABEL=io.gridx.lab.name    # on every container of this lab: its name
-BASE_PULL=debian:bookworm-slim
-BASE_LOCAL=gridx-lab-base:bookworm
-NODE_IMAGE=gridx-lab-node:latest
-HUB_IMAGE=gridx-lab-hub:latest
+SUITE_LABEL=io.gridx.lab.suite  # on every container of this lab: its suite
+SUITES=(bookworm trixie)
+SUITE=${GRIDX_LAB_SUITE:-bookworm}
+export GRIDX_LAB_SUITE=$SUITE # for docker-compose.yml
+NODE_IMAGE=gridx-lab-node:$SUITE
+HUB_IMAGE=gridx-lab-hub:$SUITE
+# The job images are the same for every suite: python:3.11 must hold Python
+# 3.11, which is bookworm's python3 (trixie's is 3.13).
+JOB_SUITE=bookworm
 JUPYTER_IMAGE=gridx-lab-jupyter:latest
 JOB_IMAGES=(python:3.11 "$JUPYTER_IMAGE")
 BUNDLE_DIR=/etc/gridx/bundles
@@ -83,7 +96,8 @@ usage() {
 Usage: ./test.sh COMMAND [ARGS]
 
 Grid-X local lab: a hub and 3 workers as containers (each its own dockerd,
-sshd and WireGuard) on the private network $LAB_NET.0/24 (lab $PROJECT).
+sshd and WireGuard) on the private network $LAB_NET.0/24 (lab $PROJECT,
+Debian $SUITE).
 
 Commands:
   start               build the images (base image too when it cannot be
@@ -100,11 +114,14 @@ Commands:
   cluster             gridx cluster on the hub
   logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
-  clean               remove every container, volume, network and image of the lab
-                      (the images stay while another lab on this machine uses them)
+  clean [--keep-images]
+                      remove every container, volume, network and image of the lab
+                      (the images stay while another lab on this machine uses
+                      them, or with --keep-images)
   help                this text
 
 Typical: ./test.sh start && ./test.sh setup && ./test.sh test-job
+Debian 13 (Docker 26.1) instead of 12 (Docker 20.10): GRIDX_LAB_SUITE=trixie
 EOF
 }
 
@@ -231,57 +248,68 @@ debian_mirror() {
 	printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }
 
+# build_base_image SUITE: gridx-lab-base:SUITE from a debootstrap tree of
+# SUITE, kept in $CACHE/rootfs-SUITE for the next build.
 build_base_image() {
+	local suite=$1 mirror rootfs=$CACHE/rootfs-$1 log=$CACHE/debootstrap-$1.log
 	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
 		"sudo ./test.sh start"
 	need_cmd debootstrap
-	local mirror rootfs=$CACHE/rootfs-bookworm
+	[ -e "/usr/share/debootstrap/scripts/$suite" ] \
+		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
 	mirror=$(debian_mirror)
 	if [ ! -e "$rootfs/.gridx-complete" ]; then
-		info "debootstrap bookworm from $mirror into $rootfs (about a minute)"
+		info "debootstrap $suite from $mirror into $rootfs (about a minute)"
 		rm -rf "$rootfs"
 		mkdir -p "$CACHE"
-		echo_run debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$CACHE/debootstrap.log" 2>&1 \
-			|| { tail -n 20 "$CACHE/debootstrap.log" >&2; die 1 "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+		echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >"$log" 2>&1 \
+			|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
 		rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
 			"$rootfs"/var/cache/apt/*.bin
 		touch "$rootfs/.gridx-complete"
 	fi
-	info "docker import $rootfs as $BASE_LOCAL"
+	info "docker import $rootfs as gridx-lab-base:$suite"
 	tar -C "$rootfs" --exclude=./.gridx-complete -c . \
 		| docker import --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
-			--change "LABEL $LAB_LABEL=1" - "$BASE_LOCAL" >/dev/null
+			--change "LABEL $LAB_LABEL=1" - "gridx-lab-base:$suite" >/dev/null
 }
 
-# Prints the base image to build from; builds it when it cannot be pulled.
-ensure_base_image() {
-	if [ -n "${GRIDX_LAB_BASE_IMAGE:-}" ]; then
+# base_image SUITE: prints the base image to build SUITE's images from:
+# debian:SUITE-slim when here or pullable, else gridx-lab-base:SUITE (built
+# with debootstrap when missing). GRIDX_LAB_BASE_IMAGE overrides the nodes'.
+base_image() {
+	local suite=$1 pull=debian:$1-slim local=gridx-lab-base:$1
+	if [ -n "${GRIDX_LAB_BASE_IMAGE:-}" ] && [ "$suite" = "$SUITE" ]; then
 		image_exists "$GRIDX_LAB_BASE_IMAGE" || docker pull "$GRIDX_LAB_BASE_IMAGE" >&2 \
 			|| die 1 "GRIDX_LAB_BASE_IMAGE=$GRIDX_LAB_BASE_IMAGE is neither here nor pullable"
-		BASE_IMAGE=$GRIDX_LAB_BASE_IMAGE
-	elif image_exists "$BASE_PULL"; then
-		BASE_IMAGE=$BASE_PULL
-	elif image_exists "$BASE_LOCAL"; then
-		BASE_IMAGE=$BASE_LOCAL
-	elif timeout 120 docker pull "$BASE_PULL" >&2; then
-		BASE_IMAGE=$BASE_PULL
+		printf '%s\n' "$GRIDX_LAB_BASE_IMAGE"
+	elif image_exists "$pull"; then
+		printf '%s\n' "$pull"
+	elif image_exists "$local"; then
+		printf '%s\n' "$local"
+	elif timeout 120 docker pull "$pull" >&2; then
+		printf '%s\n' "$pull"
 	else
-		warn "cannot pull $BASE_PULL: building $BASE_LOCAL locally with debootstrap"
-		build_base_image
-		BASE_IMAGE=$BASE_LOCAL
+		warn "cannot pull $pull: building $local locally with debootstrap"
+		build_base_image "$suite"
+		printf '%s\n' "$local"
 	fi
-	info "base image: $BASE_IMAGE"
+}
+
+ensure_base_image() {
+	BASE_IMAGE=$(base_image "$SUITE")
+	info "base image ($SUITE): $BASE_IMAGE"
 }
 
 # ------------------------------------------------------------------ images --
 
-build_target() { # build_target TARGET TAG
+build_target() { # build_target TARGET TAG [BASE]  (BASE: $BASE_IMAGE)
 	# The build context is lab/ only (small, no .git); Dockerfile sits at the top.
-	local log
+	local log base=${3:-$BASE_IMAGE}
 	log=$(mktemp)
-	printf '[#] docker build --target %s -t %s (BASE_IMAGE=%s)\n' "$1" "$2" "$BASE_IMAGE" >&2
+	printf '[#] docker build --target %s -t %s (BASE_IMAGE=%s)\n' "$1" "$2" "$base" >&2
 	if ! docker build -f "$ROOT/Dockerfile" --target "$1" \
-		--build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$2" "$ROOT/lab" >"$log" 2>&1; then
+		--build-arg "BASE_IMAGE=$base" -t "$2" "$ROOT/lab" >"$log" 2>&1; then
 		tail -n 30 "$log" >&2
 		rm -f "$log"
 		die 1 "docker build --target $1 failed"
@@ -294,24 +322,37 @@ build_images() {
 	docker buildx version >/dev/null 2>&1 && DOCKER_BUILDKIT=1
 	build_target node "$NODE_IMAGE"
 	build_target hub "$HUB_IMAGE"
+	info "$NODE_IMAGE: $(docker run --rm --entrypoint dockerd "$NODE_IMAGE" --version)"
 }
 
-# Job images: pulled where a registry answers, else built from the base image
-# (Debian bookworm's python3 is 3.11) and labelled as the lab's own.
+# job_base_image: the base the job images are built from ($JOB_SUITE's).
+job_base_image() {
+	if [ "$SUITE" = "$JOB_SUITE" ]; then
+		printf '%s\n' "$BASE_IMAGE"
+	else
+		base_image "$JOB_SUITE"
+	fi
+}
+
+# Job images: pulled where a registry answers, else built from the
+# $JOB_SUITE base and labelled as the lab's own. Shared by every suite's lab.
 ensure_job_images() {
+	local base=''
 	if image_exists python:3.11; then
 		info "job image python:3.11 present"
 	elif timeout 120 docker pull python:3.11 >&2; then
 		info "job image python:3.11 pulled"
 	else
-		info "cannot pull python:3.11: building it from $BASE_IMAGE"
-		build_target job-python python:3.11
+		base=$(job_base_image)
+		info "cannot pull python:3.11: building it from $base"
+		build_target job-python python:3.11 "$base"
 	fi
 	# Debian's Jupyter Notebook: the lab's image for `gridx jobs jupyter`.
 	if image_exists "$JUPYTER_IMAGE"; then
 		info "job image $JUPYTER_IMAGE present"
 	else
-		build_target job-jupyter "$JUPYTER_IMAGE"
+		[ -n "$base" ] || base=$(job_base_image)
+		build_target job-jupyter "$JUPYTER_IMAGE" "$base"
 	fi
 }
 
@@ -337,10 +378,25 @@ wait_nodes_ready() {
 	done
 }
 
+# A lab keeps the suite it was started with: its engines' data (volumes) are
+# that Docker's. Containers made before suites existed are bookworm's.
+check_lab_suite() {
+	local running
+	running=$(docker inspect -f '{{index .Config.Labels "'"$SUITE_LABEL"'"}}' "$HUB" 2>/dev/null) || return 0
+	running=${running#<no value>}
+	running=${running:-bookworm}
+	[ "$running" = "$SUITE" ] \
+		|| die 2 "the lab $PROJECT runs Debian $running, not $SUITE (GRIDX_LAB_SUITE)" \
+			"remove it first: GRIDX_LAB_NAME=$PROJECT ./test.sh clean --keep-images; or pick another GRIDX_LAB_NAME and GRIDX_LAB_NET"
+}
+
 cmd_start() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh start (no arguments)"
 	need_docker
 	pick_compose
+	check_lab_suite
 	local t0=$EPOCHREALTIME
+	info "lab $PROJECT on $LAB_NET.0/24, Debian $SUITE"
 	stage "base image" ensure_base_image
 	export GRIDX_LAB_BASE_IMAGE=$BASE_IMAGE
 	stage "build node + hub images" build_images
@@ -406,9 +462,16 @@ wait_swarm_active() {
 	done
 }
 
+# joined_before NODE: join.sh's record is on NODE: /var/lib/gridx/state.env
+# (join.sh's state folder, as in bundle_templates/lib.sh), or
+# /root/.gridx/state.env where an older join.sh joined the lab.
+joined_before() {
+	in_node "$1" sh -c 'test -e /var/lib/gridx/state.env || test -e /root/.gridx/state.env'
+}
+
 worker_joined() {
 	[ "$(swarm_state "$1")" = active ] || return 1
-	in_node "$1" test -e /root/.gridx/state.env \
+	joined_before "$1" \
 		|| die 1 "$1 is in a swarm that join.sh did not set up" \
 			"start afresh: ./test.sh clean && ./test.sh start && ./test.sh setup"
 }
@@ -419,7 +482,7 @@ join_worker() {
 		info "$w already in the swarm"
 		return 0
 	fi
-	if in_node "$w" test -e /root/.gridx/state.env; then
+	if joined_before "$w"; then
 		info "$w joined before this restart: waiting for it to be back in the swarm"
 		wait_swarm_active "$w" "$w joined before but is not back in the swarm"
 		return 0
@@ -640,6 +703,12 @@ remove_lab_images() {
 }
 
 cmd_clean() {
+	local keep_images=0
+	case ${1:-} in
+		"") ;;
+		--keep-images) keep_images=1 ;;
+		*) die 2 "usage: ./test.sh clean [--keep-images]" ;;
+	esac
 	need_docker
 	pick_compose
 	local t0=$EPOCHREALTIME
@@ -658,7 +727,9 @@ cmd_clean() {
 	local others
 	others=$(docker ps -a --filter "label=$NAME_LABEL" --format '{{.Label "'"$NAME_LABEL"'"}}' \
 		| grep -vxF "$PROJECT" | sort -u | tr '\n' ' ' || :)
-	if [ -n "$others" ]; then
+	if [ "$keep_images" -eq 1 ]; then
+		info "keeping the lab images (--keep-images)"
+	elif [ -n "$others" ]; then
 		info "keeping the lab images: other labs still use them (${others% })"
 	else
 		remove_lab_images
@@ -676,6 +747,8 @@ cmd_clean() {
 
 main() {
 	[ $# -ge 1 ] || { usage >&2; exit 2; }
+	[[ " ${SUITES[*]} " == *" $SUITE "* ]] \
+		|| die 2 "GRIDX_LAB_SUITE=$SUITE is not a suite the lab knows" "use one of: ${SUITES[*]}"
 	local cmd=$1
 	shift
 	case $cmd in

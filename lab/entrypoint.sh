@@ -4,7 +4,8 @@
 # Turns a non-privileged container (cap_add ALL minus SYS_RESOURCE, seccomp and
 # AppArmor unconfined, /dev/net/tun, device rule "a *:* rwm") into a small
 # machine that can run its own Docker engine and WireGuard:
-#   1. makes /sys, the cgroup hierarchies and /proc/sys writable;
+#   1. makes /sys and the cgroup hierarchies writable, and uncovers what
+#      Docker masks in /proc and /sys (for sysctls and userns-remap);
 #   2. on cgroup v2 hosts, the usual docker-in-docker cgroup step;
 #   3. a fresh container forgets swarm state left in its /var/lib/docker volume
 #      by an earlier container (images are kept);
@@ -34,11 +35,30 @@ make_kernel_files_writable() {
 		fi
 		mount -o remount,bind,rw "$dir" 2>/dev/null || warn "could not remount $dir rw"
 	done
-	# Docker mounts /proc/sys read-only over the real one: uncover it so
-	# dockerd and wg-quick can set sysctls.
-	if mountpoint -q /proc/sys; then
-		umount /proc/sys 2>/dev/null || warn "could not unmount /proc/sys"
-	fi
+	unmask_system_paths
+}
+
+# Docker covers parts of /proc and /sys in every container: read-only binds
+# (/proc/sys, /proc/bus...) and masks (/dev/null over /proc/kcore, empty
+# tmpfs over /proc/acpi, /sys/firmware...). Uncovered here, as `docker run
+# --security-opt systempaths=unconfined` would (docker-compose cannot pass
+# that option: the Docker CLI turns it into empty MaskedPaths/ReadonlyPaths
+# and the daemon refuses it by name), because:
+# - dockerd and wg-quick set sysctls under /proc/sys;
+# - an engine with userns-remap (join.sh turns it on) mounts a fresh proc and
+#   sysfs for each container inside a user namespace, which the kernel allows
+#   only while the node's own /proc and /sys are wholly visible (nothing
+#   mounted over a file or a non-empty folder): else every container fails
+#   with "mount proc ... operation not permitted".
+# The node has every capability but one already; this hides nothing more.
+unmask_system_paths() {
+	local target
+	# Every mount below /proc, and Docker's masks below /sys (its default
+	# list); /sys/fs/cgroup's mounts sit on empty folders and stay.
+	awk '$5 ~ /^\/proc\// || $5 == "/sys/firmware" || $5 == "/sys/devices/virtual/powercap" { print $5 }' \
+		/proc/self/mountinfo | sort -r | while read -r target; do
+		umount "$target" 2>/dev/null || warn "could not unmount $target"
+	done
 }
 
 setup_cgroup_v2() {

@@ -28,7 +28,8 @@ figure, its target, met or missed) and writes bench-results.json.
 Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
                               [--json PATH] [--quick]
 
-Environment: GRIDX_LAB_NAME, GRIDX_LAB_NET (which lab, as for test.sh).
+Environment: GRIDX_LAB_NAME, GRIDX_LAB_NET, GRIDX_LAB_SUITE (which lab, as for
+test.sh).
 Exit status: 0 every section ran (targets met or not: the table says),
 1 a section failed to run, 2 bad usage.
 """
@@ -53,8 +54,9 @@ LAB = os.environ.get("GRIDX_LAB_NAME") or "gridx-lab"
 LAB_NET = os.environ.get("GRIDX_LAB_NET") or "172.29.240"
 HUB = LAB + "-hub"
 WORKERS = ("worker1", "worker2", "worker3")
-NODE_IMAGE = "gridx-lab-node:latest"
-HUB_IMAGE = "gridx-lab-hub:latest"
+SUITE = os.environ.get("GRIDX_LAB_SUITE") or "bookworm"  # as test.sh
+NODE_IMAGE = "gridx-lab-node:" + SUITE
+HUB_IMAGE = "gridx-lab-hub:" + SUITE
 JOB_IMAGE = "python:3.11"
 JOIN_NODE = LAB + "-benchjoin"
 JOIN_IP = LAB_NET + ".30"
@@ -63,7 +65,7 @@ NODE_RUN_FLAGS = [
     "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
     "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
-    "--label", "io.gridx.lab.name=" + LAB,
+    "--label", "io.gridx.lab.name=" + LAB, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
 SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself

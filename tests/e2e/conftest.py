@@ -23,6 +23,8 @@ Environment:
     GRIDX_LAB_NAME, GRIDX_LAB_NET   which lab (see test.sh): e.g.
                      GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.241 for a
                      lab of its own beside a developer's gridx-lab.
+    GRIDX_LAB_SUITE  the Debian suite the lab's nodes run: bookworm (Docker
+                     20.10, the default) or trixie (Docker 26.1), as test.sh.
 """
 
 import os
@@ -43,13 +45,15 @@ HUB = PREFIX + "hub"
 WORKERS = ("worker1", "worker2", "worker3")
 HUB_IP = LAB_NET + ".10"
 FRESH_IP = LAB_NET + ".20"
-NODE_IMAGE = "gridx-lab-node:latest"
+# The Debian suite the lab's nodes run (test.sh: GRIDX_LAB_SUITE), and its image.
+SUITE = os.environ.get("GRIDX_LAB_SUITE") or "bookworm"
+NODE_IMAGE = "gridx-lab-node:" + SUITE
 # The capability settings of docker-compose.yml, for containers made here.
 NODE_RUN_FLAGS = [
     "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
     "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
-    "--label", "io.gridx.lab.name=" + NETWORK,
+    "--label", "io.gridx.lab.name=" + NETWORK, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
 START_TIMEOUT = 1800  # from nothing: debootstrap + builds, on 2 slow cores
 SETUP_TIMEOUT = 900
@@ -160,7 +164,8 @@ def lab(request):
               timeout=120)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"lab ready: ./test.sh start {timings['start']} s, setup {timings['setup']} s")
+        reporter.write_line(f"lab {NETWORK} (Debian {SUITE}) ready: ./test.sh start {timings['start']} s, "
+                            f"setup {timings['setup']} s")
     yield Lab(timings)
     if os.environ.get("GRIDX_LAB_KEEP", "1") == "0":
         test_sh("clean", timeout=300)
