@@ -35,6 +35,8 @@ import sys
 # Constants
 # ---------------------------------------------------------------------------
 
+# The one place of the version: pyproject.toml reads it (setuptools dynamic
+# attr), `--version` and the bundles' settings.env print it.
 VERSION = "0.1.0"
 
 DEFAULT_INTERFACE = "gridx0"
@@ -925,9 +927,22 @@ BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "lib.sh")
 
 
 def templates_dir():
-    """bundle_templates/ beside this file, or inside the frozen binary."""
-    base = getattr(sys, "_MEIPASS", None) or os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(base, "bundle_templates")
+    """bundle_templates/ inside the frozen binary, beside this file (a
+    checkout), or where `pip install` put them (pyproject.toml's data-files):
+    PREFIX/share/gridx/bundle_templates, PREFIX being the one this module was
+    installed into (PREFIX/lib/pythonX.Y/site-packages: a venv, ~/.local,
+    /usr/local), else sys.prefix."""
+    frozen = getattr(sys, "_MEIPASS", None)
+    if frozen:
+        return os.path.join(frozen, "bundle_templates")
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join("share", "gridx", "bundle_templates")
+    candidates = (
+        os.path.join(here, "bundle_templates"),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(here))), installed),
+        os.path.join(sys.prefix, installed),
+    )
+    return next((path for path in candidates if os.path.isdir(path)), candidates[0])
 
 
 def shell_quote(value):
