@@ -1,15 +1,32 @@
 # Grid-X — `make demo` brings the local lab up and runs a job on it;
-# `make test` runs the unit tests and, when Docker can run, the end-to-end
-# tests on the lab. Both install what they need when it is missing.
+# `make test` runs every test: the unit tests (the static binary's too: it
+# builds dist/gridx when missing or older than its sources) and, when Docker
+# can run, the end-to-end tests on a lab of each Debian suite of LAB_SUITES,
+# one after the other. Both install what they need when it is missing.
+#
+#   LAB_SUITES=bookworm make test     one suite only
+#   E2E=required make test            fail (not just warn) when Docker cannot
+#                                     run the end-to-end tests (.ci/run)
+#   GRIDX_LAB_SUITE=trixie make e2e   the end-to-end tests on one suite
+#   GRIDX_LAB_NAME, GRIDX_LAB_NET     which lab (see test.sh)
 
 PYTHON ?= python3
 SHELL := /bin/bash
+# Debian suites the end-to-end tests run on: trixie (Docker 26.1) first, so
+# the lab left running afterwards is the default bookworm (Docker 20.10) one.
+LAB_SUITES ?= trixie bookworm
+E2E ?= auto
+# What dist/gridx is built from (packaging/gridx.spec packs bundle_templates'
+# files but its dotfiles).
+BINARY_SOURCES := gridx.py $(wildcard bundle_templates/*) $(wildcard packaging/*)
 
-.PHONY: help demo test unit e2e lint binary bench clean deps lab-deps
+.PHONY: help demo test unit e2e e2e-suites lint binary bench clean deps lab-deps
 
 help:
 	@echo "make demo    bring up the lab (1 hub + 3 workers) and run a job on it"
-	@echo "make test    unit tests, then end-to-end tests on the lab when Docker can run"
+	@echo "make test    every test: unit (and dist/gridx's, built when stale), then end-to-end"
+	@echo "             on a Debian 13 and a Debian 12 lab when Docker can run"
+	@echo "make e2e     end-to-end tests on one lab (GRIDX_LAB_SUITE=bookworm|trixie)"
 	@echo "make lint    ruff + shellcheck"
 	@echo "make binary  build dist/gridx, one static file (PyInstaller + staticx)"
 	@echo "make bench   measure Grid-X against the raw tools (needs the lab)"
@@ -31,17 +48,42 @@ demo: lab-deps
 	@echo "      ./test.sh add-external laptop · ./test.sh clean"
 
 unit: deps
-	$(PYTHON) -m pytest -q -m "not e2e" tests
+	$(PYTHON) -m pytest -q -rs -m "not e2e" tests
 
+# pytest's exit status fails the target, 5 (no test collected) included; the
+# lab fixture fails rather than skips when Docker cannot run.
 e2e: lab-deps
-	$(PYTHON) -m pytest -q -m e2e tests/e2e
+	GRIDX_E2E_REQUIRED=1 $(PYTHON) -m pytest -q -rs -m e2e tests/e2e
 
-test: deps
+# One lab after the other, timed: a lab left on another suite (an earlier run)
+# is removed first, its images kept for the next run.
+e2e-suites: lab-deps
+	@[ -n "$(strip $(LAB_SUITES))" ] || { echo "error: LAB_SUITES is empty: no end-to-end tests would run" >&2; exit 2; }
+	@set -euo pipefail; for suite in $(LAB_SUITES); do \
+		running=$$(./test.sh suite 2>/dev/null || :); \
+		if [ -n "$$running" ] && [ "$$running" != "$$suite" ]; then \
+			echo "=== removing the $$running lab before the $$suite one (images kept)"; \
+			./test.sh clean --keep-images; \
+		fi; \
+		echo "=== end-to-end tests on Debian $$suite"; \
+		start=$$SECONDS; \
+		GRIDX_LAB_SUITE=$$suite GRIDX_E2E_REQUIRED=1 $(PYTHON) -m pytest -q -rs -m e2e tests/e2e \
+			|| { echo "=== end-to-end tests on Debian $$suite FAILED after $$((SECONDS - start)) s" >&2; exit 1; }; \
+		echo "=== end-to-end tests on Debian $$suite passed in $$((SECONDS - start)) s"; \
+	done
+
+dist/gridx: $(BINARY_SOURCES)
+	packaging/build.sh
+
+test: deps dist/gridx
+	$(PYTHON) -m pytest -q -rs -m "not e2e" tests
 	@if scripts/install-deps.sh lab >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
-		$(PYTHON) -m pytest -q tests; \
+		$(MAKE) --no-print-directory e2e-suites; \
+	elif [ "$(E2E)" = required ]; then \
+		echo "error: Docker cannot run here, and E2E=required: the end-to-end tests must run" >&2; \
+		exit 1; \
 	else \
-		echo "warning: Docker cannot run here: running the unit tests only" >&2; \
-		$(PYTHON) -m pytest -q -m "not e2e" tests; \
+		echo "warning: Docker cannot run here: the end-to-end tests did not run (unit tests only)" >&2; \
 	fi
 
 lint: deps

@@ -112,6 +112,7 @@ Commands:
   test-gpu            a --gpus 1 job (shows the GPU it got) and a --gpus 3 job
                       that must be refused
   cluster             gridx cluster on the hub
+  suite               the Debian suite the lab's containers run (bookworm, trixie)
   logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
   clean [--keep-images]
@@ -378,13 +379,21 @@ wait_nodes_ready() {
 	done
 }
 
+# lab_suite: prints the suite the lab's containers were made for; fails when
+# the lab has no hub container. Containers made before suites existed are
+# bookworm's.
+lab_suite() {
+	local running
+	running=$(docker inspect -f '{{index .Config.Labels "'"$SUITE_LABEL"'"}}' "$HUB" 2>/dev/null) || return 1
+	running=${running#<no value>}
+	printf '%s\n' "${running:-bookworm}"
+}
+
 # A lab keeps the suite it was started with: its engines' data (volumes) are
-# that Docker's. Containers made before suites existed are bookworm's.
+# that Docker's.
 check_lab_suite() {
 	local running
-	running=$(docker inspect -f '{{index .Config.Labels "'"$SUITE_LABEL"'"}}' "$HUB" 2>/dev/null) || return 0
-	running=${running#<no value>}
-	running=${running:-bookworm}
+	running=$(lab_suite) || return 0
 	[ "$running" = "$SUITE" ] \
 		|| die 2 "the lab $PROJECT runs Debian $running, not $SUITE (GRIDX_LAB_SUITE)" \
 			"remove it first: GRIDX_LAB_NAME=$PROJECT ./test.sh clean --keep-images; or pick another GRIDX_LAB_NAME and GRIDX_LAB_NET"
@@ -663,6 +672,12 @@ if shutil.which("nvidia-smi"):
 	info "refused as expected (exit status $rc)"
 }
 
+cmd_suite() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh suite"
+	need_docker
+	lab_suite || die 1 "there is no lab $PROJECT" "./test.sh start"
+}
+
 cmd_cluster() {
 	need_lab
 	gridx_hub cluster "$@"
@@ -760,6 +775,7 @@ main() {
 		test-job) cmd_test_job "$@" ;;
 		test-gpu) cmd_test_gpu "$@" ;;
 		cluster) cmd_cluster "$@" ;;
+		suite) cmd_suite "$@" ;;
 		logs) cmd_logs "$@" ;;
 		exec) cmd_exec "$@" ;;
 		clean) cmd_clean "$@" ;;

@@ -11,6 +11,8 @@ figure, its target, met or missed) and writes bench-results.json.
            (the lab's containers and volumes are removed first, images kept;
            runs first, so everything after it runs on a fresh lab)
   startup  `python3 gridx.py --help` / `python3 -c "import argparse"` (<= 1.5x);
+           `gridx --version` of the command `pip install .` gives (in a new
+           venv, tests/pip_install.py) / `python3 -c "import argparse"` (<= 1.5x);
            `dist/gridx --help` / `python3 gridx.py --help` (<= 3x)
   jobs     `gridx jobs run --wait python:3.11 true` / bare `docker service
            create --mode replicated-job ...` + polling `docker service ps`
@@ -46,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from pip_install import InstallError, install
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_SH = os.path.join(ROOT, "test.sh")
@@ -272,6 +276,14 @@ def bench_startup(res, args):
     reps = 9 if args.quick else 21
     cached = tempfile.mkdtemp(prefix="gridx-bench-")
     try:
+        # The console script of `pip install .`, in a venv of the same interpreter.
+        installed = None
+        try:
+            venv, how = install(os.path.join(cached, "pip"), python=python)
+            installed = os.path.join(venv, "bin", "gridx")
+            res.raw["startup_installed_build"] = how
+        except (InstallError, subprocess.TimeoutExpired) as error:
+            res.raw["startup_installed_build"] = f"install failed: {error}"
         # The same code imported as a module with its bytecode cached (what a
         # launcher that imports gridx gets), for comparison.
         copy = os.path.join(cached, "gridx.py")
@@ -284,6 +296,8 @@ def bench_startup(res, args):
             "module": [python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gridx; "
                        "sys.exit(gridx.main(['--help']))", cached],
         }
+        if installed:
+            commands["installed"] = [installed, "--version"]
         state = binary_state()
         if state == "ok":
             commands["binary"] = [BINARY, "--help"]
@@ -295,6 +309,14 @@ def bench_startup(res, args):
     r = ratio(med["script"], med["argparse"])
     res.row("startup", f"`python3 gridx.py --help` vs `python3 -c \"import argparse\"` ({reps} runs each)",
             med["script"], med["argparse"], "≤ 1.5×", target_ratio(1.5, r))
+    if "installed" in med:
+        r = ratio(med["installed"], med["argparse"])
+        res.row("startup-installed", "`gridx --version` of the `pip install .` command (console script, "
+                "bytecode cached) vs `python3 -c \"import argparse\"`", med["installed"], med["argparse"],
+                "≤ 1.5×", target_ratio(1.5, r))
+    else:
+        res.row("startup-installed", "`gridx --version` of the `pip install .` command", None, None, "≤ 1.5×",
+                False, shown=res.raw["startup_installed_build"][:160])
     r = ratio(med["module"], med["argparse"])
     res.row("startup-module", "same code imported with its bytecode cached (`import gridx; main()`), for "
             "comparison", med["module"], med["argparse"], "(info)", None)

@@ -1,7 +1,8 @@
 """The static binary dist/gridx built by packaging/build.sh (`make binary`).
 
 Skipped unless dist/gridx exists (GRIDX_BINARY names another binary to test)
-and is newer than gridx.py and bundle_templates/. The chroot, noexec and
+and is newer than gridx.py and bundle_templates/: `make test` builds it first
+when it is missing or older (the Makefile's dist/gridx rule). The chroot, noexec and
 missing-/proc checks need root with chroot, unshare and mount; each skips
 with its reason where they cannot run. One test needs no binary: it checks
 that gridx.py imports none of the modules packaging/gridx.spec leaves out.
@@ -42,7 +43,9 @@ echo "$1" > "$FAKE_OUT/argv"
 
 
 def newest_source_mtime():
-    paths = [SOURCE] + [os.path.join(TEMPLATES, name) for name in os.listdir(TEMPLATES)]
+    """Of gridx.py and the templates the binary packs (packaging/gridx.spec
+    leaves dotfiles out; the Makefile's dist/gridx rule depends on the same)."""
+    paths = [SOURCE] + [os.path.join(TEMPLATES, name) for name in os.listdir(TEMPLATES) if not name.startswith(".")]
     return max(os.path.getmtime(path) for path in paths)
 
 

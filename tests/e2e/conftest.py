@@ -3,7 +3,8 @@
 Every test in tests/e2e is marked ``e2e``. The session fixture ``lab`` brings
 the lab up once (``./test.sh start`` then ``./test.sh setup``, both idempotent
 and fast when the lab is already up) and skips, with the reason, when Docker
-cannot run on this machine.
+cannot run on this machine (fails instead with GRIDX_E2E_REQUIRED=1, as
+``make test`` and ``make e2e`` set it: CI must not pass with nothing run).
 
 Helpers (plain functions, import them or use the ``lab`` fixture's methods):
     hub(*args)             ``gridx ARGS`` in the hub container
@@ -152,6 +153,8 @@ def _lab_step(name, timeout, timings):
 def lab(request):
     """The lab, up and set up (hub initialised, 3 workers joined), once a session."""
     reason = docker_unavailable_reason()
+    if reason and os.environ.get("GRIDX_E2E_REQUIRED") == "1":
+        pytest.fail(f"e2e: {reason} (GRIDX_E2E_REQUIRED=1: the end-to-end tests must run)", pytrace=False)
     if reason:
         pytest.skip(f"e2e: {reason}")
     timings = {}
