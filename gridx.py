@@ -250,6 +250,33 @@ def run(argv, *, check=True, input=None, timeout=120, capture=True):
     return result
 
 
+def start(argv, **popen_args):
+    """Start a command whose output streams past gridx (logs -f, ssh): the
+    sibling of run(), echoed the same way under -v, with the host's
+    environment. Returns the Popen; the caller waits for it."""
+    import subprocess
+
+    if VERBOSE:
+        import shlex
+
+        print(f"[#] {shlex.join(argv)}", file=sys.stderr)
+    try:
+        return subprocess.Popen(argv, env=host_env(), **popen_args)
+    except FileNotFoundError:
+        raise precondition(f"{argv[0]} not found on PATH", install_hint([argv[0]])) from None
+
+
+def run_streaming(argv):
+    """Run a command with gridx's own stdin/stdout/stderr; its exit status."""
+    process = start(argv)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+
+
 def command_error(argv, result):
     stderr = (result.stderr or "").strip()
     if argv[0] == "docker" and (
@@ -1438,11 +1465,21 @@ def reserved_by_node(services, tasks):
     return reserved
 
 
-def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None, log_args=(), rerun=True):
-    """Stream a batch job's logs until every task ends; return its exit status."""
+def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), rerun=True,
+                 log_sources=None, unreadable_nodes=()):
+    """Stream a batch job's logs until every task ends; return its exit status.
+
+    The job's output is held until the line that says where it runs has been
+    printed, so progress never comes after the output it introduces.
+    log_sources: the job itself (default), or its tasks one by one when some
+    ran on a node that is down (unreadable_nodes, by hostname; see
+    log_sources()): tasks made later on other nodes are followed too.
+    """
     import time
 
-    logs = LogFollower(job_id, log_args) if follow_logs else None
+    sources = list(log_sources or [job_id])
+    per_task = sources != [job_id]
+    logs = LogFollower(sources, log_args, hold=True)
     started = time.monotonic()
     reruns, seen, rerun_at, shown = 0, set(), 0.0, None
     try:
@@ -1451,10 +1488,16 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None,
             current = job_tasks(tasks)
             job = {"tasks": current, "state": job_state(current, replicas, "run"),
                    "exit_code": job_exit_code(current)}
-            progress = job_progress(job_id, job, time.monotonic() - started)
-            if progress and progress != shown:
-                info(progress)
-                shown = progress
+            if logs.holding:
+                progress = job_progress(job_id, job, time.monotonic() - started)
+                if progress and progress != shown:
+                    info(progress)
+                    shown = progress
+                if job["state"] not in ("pending", "starting"):
+                    logs.release()
+            if per_task:
+                logs.add([t["ID"] for t in tasks if t["ID"] not in logs.sources and t.get("Node")
+                          and t["Node"] not in unreadable_nodes], log_args)
             # After a re-run, the old rejected task reads as the job's end
             # until the swarm has made the new one (bounded: 30 s).
             rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
@@ -1471,8 +1514,7 @@ def wait_for_job(job_id, replicas=1, follow_logs=True, poll_s=0.1, timeout=None,
                 raise GridxError(f"job {job_id} did not finish within {timeout} s")
             time.sleep(poll_s)
     finally:
-        if logs:
-            logs.stop()
+        logs.stop()
     code = job["exit_code"]
     if job["state"] == "failed" and code is None:
         errors = "; ".join(t["error"] for t in job["tasks"] if t["error"])
@@ -1497,39 +1539,107 @@ def job_progress(job_id, job, waited_s):
     return None
 
 
-class LogFollower:
-    """`docker service logs --follow` copied to stdout as it comes.
+def logs_argv(source, log_args=(), follow=False):
+    """`docker service logs` of a job or of one of its tasks."""
+    return docker("service", "logs", "--raw", *(["--follow"] if follow else []), *log_args, "--", source)
 
-    The follower never ends by itself, and a job's last lines can arrive a
-    moment after its end is recorded: stop() waits until the output has been
-    quiet for LOG_QUIET_S (at most LOG_DRAIN_S) before ending it.
+
+def log_sources(job_id):
+    """What of a job's logs can be read: (sources, hostnames that cannot).
+
+    The job itself, in one call, unless one of its tasks ran on a node that
+    is not Ready: Docker 20.10 then waits forever for that node's part of the
+    stream and 26.1 fails it whole ("incomplete log stream"). Then the tasks
+    on the nodes that are up, one by one. One docker call when every node is
+    Ready, three when one is not.
+    """
+    import json
+
+    down = {}
+    listed = run(docker("node", "ls", "--format", "{{.ID}}\t{{.Hostname}}\t{{.Status}}")).stdout
+    for line in listed.splitlines():
+        node_id, hostname, status = (line.split("\t") + ["", ""])[:3]
+        if status.strip().lower() != "ready":
+            down[node_id] = hostname
+    if not down:
+        return [job_id], []
+    task_ids = run(docker("service", "ps", "-q", "--no-trunc", "--", job_id)).stdout.split()
+    tasks = json.loads(run(docker("inspect", "--type", "task", "--", *task_ids)).stdout) if task_ids else []
+    lost = sorted({down[t["NodeID"]] for t in tasks if t.get("NodeID") in down})
+    if not lost:
+        return [job_id], []
+    tasks.sort(key=lambda t: (t.get("Slot", 0), t.get("CreatedAt", "")))
+    return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
+
+
+class LogFollower:
+    """`docker service logs --follow` of a job (or of some of its tasks),
+    copied to stdout as it comes.
+
+    With hold, output is kept until release(). The followers never end by
+    themselves, and a job's last lines can arrive a moment after its end is
+    recorded: stop() waits until the output has been quiet for LOG_QUIET_S
+    (at most LOG_DRAIN_S) before ending them.
     """
 
-    def __init__(self, job_id, log_args=()):
-        import subprocess
+    def __init__(self, sources, log_args=(), hold=False):
         import threading
         import time
 
+        self.lock = threading.Lock()
+        self.held = [] if hold else None  # chunks not yet shown; None once released
         self.last_output = time.monotonic()
-        self.process = subprocess.Popen(docker("service", "logs", "--follow", "--raw", *log_args, job_id),
-                                        stdout=subprocess.PIPE, env=host_env())
-        self.copier = threading.Thread(target=self._copy, daemon=True)
-        self.copier.start()
+        self.sources, self.processes, self.copiers = set(), [], []
+        self.add(sources, log_args)
 
-    def _copy(self):
+    def add(self, sources, log_args=()):
+        import subprocess
+        import threading
+
+        for source in sources:
+            self.sources.add(source)
+            process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE)
+            copier = threading.Thread(target=self._copy, args=(process,), daemon=True)
+            copier.start()
+            self.processes.append(process)
+            self.copiers.append(copier)
+
+    def _copy(self, process):
         import time
 
-        out = sys.stdout.buffer
         while True:
-            chunk = os.read(self.process.stdout.fileno(), 65536)
+            chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
                 return
-            self.last_output = time.monotonic()
-            try:
-                out.write(chunk)
-                out.flush()
-            except BrokenPipeError:
-                return
+            with self.lock:
+                self.last_output = time.monotonic()
+                if self.held is not None:
+                    self.held.append(chunk)
+                    continue
+                if not self._write(chunk):
+                    return
+
+    @staticmethod
+    def _write(chunk):
+        try:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return True
+        except BrokenPipeError:
+            return False
+
+    @property
+    def holding(self):
+        return self.held is not None
+
+    def release(self):
+        """Show what was held, and from now on everything as it comes."""
+        with self.lock:
+            held, self.held = self.held or [], None
+            sys.stdout.flush()  # gridx's own lines first
+            for chunk in held:
+                if not self._write(chunk):
+                    break
 
     def stop(self):
         import time
@@ -1537,9 +1647,13 @@ class LogFollower:
         deadline = time.monotonic() + LOG_DRAIN_S
         while time.monotonic() - self.last_output < LOG_QUIET_S and time.monotonic() < deadline:
             time.sleep(0.02)
-        self.process.terminate()
-        self.process.wait()
-        self.copier.join(timeout=1)
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait()
+        for copier in self.copiers:
+            copier.join(timeout=1)
+        self.release()
 
 
 def rejected_by_enforcer(tasks):
@@ -1595,7 +1709,8 @@ def jobs_on_nodes(hostnames, tasks=None):
 def rerun_jobs(job_ids):
     """A forced update starts the job again on the workers that are up."""
     for job_id in job_ids:
-        run(docker("service", "update", "--detach", "--force", job_id))
+        # The image is not resolved again: see create_job.
+        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", "--", job_id))
 
 
 # ---------------------------------------------------------------------------
@@ -2523,17 +2638,28 @@ def cmd_jobs_status(args):
 
 def cmd_jobs_logs(args):
     job_id = valid_name(args.job_id, "job ID")
-    tail = [] if args.tail is None else ["--tail", str(parse_count(args.tail, "--tail", 0))]
+    tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
     set_manager(args)
     mode = list_job_services([job_id])[0]["Spec"]["Mode"]
+    sources, lost = log_sources(job_id)
+    if lost:
+        warn(f"the logs of {job_id} on {', '.join(lost)} cannot be read: "
+             f"{'that node is' if len(lost) == 1 else 'those nodes are'} down; showing the rest")
     if args.follow and "ReplicatedJob" in mode:
         # A batch job's log ends with the job, as `kubectl logs -f` does.
-        wait_for_job(job_id, job_replicas(mode), log_args=tail, rerun=False)
+        wait_for_job(job_id, job_replicas(mode), log_args=tail, rerun=False, log_sources=sources,
+                     unreadable_nodes=lost)
         return EXIT_OK
-    import subprocess
-
-    argv = docker("service", "logs", "--raw", *(["--follow"] if args.follow else []), *tail, job_id)
-    return subprocess.call(argv, env=host_env())
+    if args.follow:
+        # A service (Jupyter) runs until deleted: follow until Ctrl-C.
+        followers = [start(logs_argv(source, tail, follow=True)) for source in sources]
+        try:
+            return max([follower.wait() for follower in followers] or [0])
+        finally:
+            for follower in followers:
+                follower.terminate()
+    codes = [run_streaming(logs_argv(source, tail)) for source in sources]
+    return max(codes or [0])
 
 
 def cmd_jobs_delete(args):

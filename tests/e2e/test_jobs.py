@@ -349,6 +349,14 @@ def test_job_of_a_stopped_worker_finishes_on_another(jobs):
         assert done["tasks"][0]["node"] not in ("", first), done
         # it ran again within 2 minutes of its worker's end (and then slept 20 s)
         assert took < 120 + 20, took
+        # Its first task's logs are on the stopped worker: what can be read is
+        # shown, one line names that worker, exit 0, with and without -f
+        # (Docker 20.10 alone waits forever, 26.1 fails the whole stream).
+        for follow in ((), ("-f",)):
+            proc = hub("jobs", "logs", "survivor", *follow, timeout=60)
+            named = [line for line in proc.stderr.splitlines() if first in line]
+            assert proc.returncode == 0 and proc.stdout.strip() == "survived", (follow, proc.stdout, proc.stderr)
+            assert len(named) == 1 and "down" in named[0], (follow, proc.stderr)
     finally:
         ok(subprocess.run(["docker", "start", container(first)], capture_output=True, text=True, timeout=120),
            f"docker start {first}")
