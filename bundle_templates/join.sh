@@ -18,6 +18,10 @@
 #                          made with `gridx hub add-peer NAME --pubkey KEY`
 #   --install-deps         install missing packages (apt-get, pacman or dnf)
 #   --handshake-timeout S  seconds to wait for the hub's handshake (30)
+#   --no-hub-ssh           do not let the hub SSH in as root (the engine
+#                          label gridx.hub-ssh=no tells the hub so)
+#   --no-containment       leave Docker's user-namespace remapping and
+#                          no-new-privileges off (see the warning it prints)
 #   -y, --yes              answer yes to "continue?" (values still need flags
 #                          when there is no terminal)
 #   -h, --help             this text
@@ -34,16 +38,23 @@
 #
 # What it changes, in this order, each step recorded in the state folder
 # just before it is made (so that a failure, or leave.sh, undoes exactly it):
-#   1. ~/.gridx/ (state.env, worker_config.json, backups)
-#   2. /etc/wireguard/gridx0.conf (0600), never any other WireGuard config;
-#      its PostUp/PostDown add and remove the DOCKER-USER iptables rule that
-#      keeps ports published by jobs reachable over the VPN only
+#   1. /var/lib/gridx/ (0700: state.env, worker_config.json, backups)
+#   2. /etc/wireguard/gridx0.conf (0600), never any other WireGuard config:
+#      the bundle's, checked line by line (only the keys Grid-X writes), plus
+#      PostUp/PostDown that add and remove the DOCKER-USER rule keeping ports
+#      published by jobs on the VPN, and the GRIDX-WORKER INPUT chain keeping
+#      the swarm's ports (2377, 7946, 4789) on the VPN
 #   3. the gridx0 link (wg-quick up), then waits for the hub's handshake
-#   4. /etc/docker/daemon.json, merged (generic resources gridx_cpu,
-#      gridx_mem, NVIDIA-GPU; the nvidia runtime when GPUs are shared), and
-#      the toolkit's swarm-resource setting; Docker restarts only if changed
+#   4. /etc/docker/daemon.json, merged: user-namespace remapping and
+#      no-new-privileges (containment, before the swarm join, which the
+#      manager cannot undo), the userland proxy off (no docker-proxy on
+#      IPv6), generic resources gridx_cpu, gridx_mem, NVIDIA-GPU, the label
+#      gridx.hub-ssh=no with --no-hub-ssh, the nvidia runtime when GPUs are
+#      shared; and the toolkit's config.toml (swarm-resource); Docker restarts
+#      only if that changed them
 #   5. the swarm membership (advertise, listen and data-path on the VPN IP)
 #   6. one line in root's authorized_keys: the hub's key, from its VPN IP only
+#      (not with --no-hub-ssh)
 #   7. wg-quick@gridx0 enabled at boot, where systemd runs
 # If a step fails, the trap undoes the steps done, newest first.
 #
@@ -64,10 +75,11 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 
 # Answers (flags, or prompts) and what the machine has.
 OPT_CPUS='' OPT_MEMORY='' OPT_GPUS='' OPT_GPU_IDS='' OPT_PRIVATE_KEY=''
-OPT_YES=0 OPT_INSTALL_DEPS=0 OPT_HANDSHAKE_TIMEOUT=30
+OPT_YES=0 OPT_INSTALL_DEPS=0 OPT_HANDSHAKE_TIMEOUT=30 OPT_HUB_SSH=1 OPT_CONTAINMENT=1
 MACHINE_CPUS=0 MACHINE_MEM_MIB=0 GPUS_LISTED=0 MACHINE_GPUS=()
 SHARED_CPUS=0 SHARED_MEM_MIB=0 SHARED_GPUS=()
-VPN_IP='' HUB_VPN_IP='' HUB_ENDPOINT='' MANAGER='' NAME=''
+VPN_IP='' HUB_VPN_IP='' HUB_ENDPOINT='' MANAGER='' NAME='' SUBNET='' PREFIX=''
+ENGINE_VERSION='' REMAP_KEPT='' TOOLKIT_VERSION=''
 WG_CONF='' WG_CONF_SAME=0 KEY_LINE='' RUNTIME_PATH=''
 DAEMON_CHANGE=0 NVIDIA_CHANGE=0 WORK='' ROLLBACK_ARMED=0
 
@@ -75,7 +87,8 @@ usage() {
 	cat <<EOF
 Usage: sudo ./join.sh [--cpus N] [--memory SIZE] [--gpus N] [--gpu-ids ID,ID]
                       [--private-key FILE] [--install-deps]
-                      [--handshake-timeout SECONDS] [-y|--yes]
+                      [--handshake-timeout SECONDS] [--no-hub-ssh]
+                      [--no-containment] [-y|--yes]
 
 Share this machine with the Grid-X hub this bundle came from: join its VPN
 and its Docker swarm, sharing the CPUs, memory and GPUs you choose.
@@ -88,6 +101,11 @@ and its Docker swarm, sharing the CPUs, memory and GPUs you choose.
                          with add-peer --pubkey)
   --install-deps         install missing packages with apt-get/pacman/dnf
   --handshake-timeout S  seconds to wait for the hub to answer (default 30)
+  --no-hub-ssh           do not let the hub SSH in as root
+  --no-containment       no user-namespace remapping or no-new-privileges in
+                         Docker: the hub could then read and write every file
+                         here as root (it warns; only for a machine that is
+                         the hub's own anyway)
   -y, --yes              do not ask "continue?"
   -h, --help             show this text
 
@@ -118,7 +136,7 @@ parse_args() {
 			value=$2
 			shift 2
 			;;
-		-y | --yes | --install-deps)
+		-y | --yes | --install-deps | --no-hub-ssh | --no-containment)
 			shift
 			;;
 		-h | --help)
@@ -136,6 +154,8 @@ parse_args() {
 		--handshake-timeout) OPT_HANDSHAKE_TIMEOUT=$value ;;
 		-y | --yes) OPT_YES=1 ;;
 		--install-deps) OPT_INSTALL_DEPS=1 ;;
+		--no-hub-ssh) OPT_HUB_SSH=0 ;;
+		--no-containment) OPT_CONTAINMENT=0 ;;
 		esac
 	done
 	# What can be judged without the machine is judged now, before anything.
@@ -204,27 +224,108 @@ no_terminal() {
 
 # ------------------------------------------------------------------ bundle ----
 
-# The bundle's files and values; missing values come from the wg config.
+# The bundle's files and values (settings.env was checked by load_settings).
 check_bundle() {
-	local conf=$GRIDX_BUNDLE_DIR/$IFACE.conf line
+	local conf=$GRIDX_BUNDLE_DIR/$IFACE.conf token key
 	[[ -f $conf ]] || fatal 3 "$conf is missing: this folder is not a complete Grid-X bundle" "ask the hub admin for the bundle again"
 	[[ -s $GRIDX_BUNDLE_DIR/swarm-token ]] || fatal 3 "$GRIDX_BUNDLE_DIR/swarm-token is missing or empty" "ask the hub admin for the bundle again"
-	VPN_IP=${S[GRIDX_VPN_IP]:-}
-	HUB_ENDPOINT=${S[GRIDX_HUB_ENDPOINT]:-}
-	while IFS= read -r line || [[ -n $line ]]; do
-		if [[ -z $VPN_IP && $line =~ ^[[:space:]]*Address[[:space:]]*=[[:space:]]*([0-9.]+) ]]; then VPN_IP=${BASH_REMATCH[1]}; fi
-		if [[ -z $HUB_ENDPOINT && $line =~ ^[[:space:]]*Endpoint[[:space:]]*=[[:space:]]*([^[:space:]]+) ]]; then HUB_ENDPOINT=${BASH_REMATCH[1]}; fi
-	done <"$conf"
-	VPN_IP=${VPN_IP%/*}
+	for key in GRIDX_VPN_IP GRIDX_SUBNET GRIDX_HUB_ENDPOINT; do
+		[[ -n ${S[$key]:-} ]] || fatal 2 "settings.env has no $key" "ask the hub admin for the bundle again"
+	done
+	VPN_IP=${S[GRIDX_VPN_IP]}
+	SUBNET=${S[GRIDX_SUBNET]}
+	PREFIX=${SUBNET##*/}
+	HUB_ENDPOINT=${S[GRIDX_HUB_ENDPOINT]}
 	MANAGER=${S[GRIDX_MANAGER]:-}
 	HUB_VPN_IP=${S[GRIDX_HUB_VPN_IP]:-${MANAGER%:*}}
+	is_ipv4 "$HUB_VPN_IP" || fatal 2 "settings.env has neither GRIDX_HUB_VPN_IP nor GRIDX_MANAGER" "ask the hub admin for the bundle again"
 	MANAGER=${MANAGER:-$HUB_VPN_IP:2377}
+	cidr_inside "$VPN_IP" "$SUBNET" || fatal 2 "settings.env: GRIDX_VPN_IP $VPN_IP is not in GRIDX_SUBNET $SUBNET" "ask the hub admin for the bundle again"
+	cidr_inside "$HUB_VPN_IP" "$SUBNET" || fatal 2 "settings.env: the hub's VPN address $HUB_VPN_IP is not in GRIDX_SUBNET $SUBNET" "ask the hub admin for the bundle again"
 	NAME=${S[GRIDX_NAME]:-$(uname -n)}
-	local ip_re='^([0-9]{1,3}\.){3}[0-9]{1,3}$'
-	[[ $VPN_IP =~ $ip_re ]] || fatal 3 "settings.env has no valid GRIDX_VPN_IP ('$VPN_IP')" "ask the hub admin for the bundle again"
-	[[ $HUB_VPN_IP =~ $ip_re ]] || fatal 3 "settings.env has no valid GRIDX_HUB_VPN_IP ('$HUB_VPN_IP')" "ask the hub admin for the bundle again"
-	[[ -n $HUB_ENDPOINT ]] || fatal 3 "neither settings.env nor $IFACE.conf says where the hub is (GRIDX_HUB_ENDPOINT / Endpoint)" "ask the hub admin for the bundle again"
+	NAME=${NAME%%.*}
+	is_dns_label "${NAME,,}" || fatal 2 "this machine's name '$NAME' is not a DNS label, and settings.env has no GRIDX_NAME" "ask the hub admin for a bundle made with gridx hub add-peer NAME"
+	NAME=${NAME,,}
+	read -r token <"$GRIDX_BUNDLE_DIR/swarm-token" || true
+	[[ $token =~ ^SWMTKN-[0-9]+-[a-z0-9]+-[a-z0-9]+$ ]] || fatal 2 "$GRIDX_BUNDLE_DIR/swarm-token does not hold a swarm join token (SWMTKN-1-...)" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
+	SWARM_TOKEN=$token
 	WG_CONF=$WG_DIR/$IFACE.conf
+	check_wg_config "$conf"
+}
+
+# ------------------------------------------------------------ the wg config ----
+# The bundle's WireGuard config is data: wg-quick runs PreUp/PostUp/PreDown/
+# PostDown as shell commands and DNS/Table/SaveConfig change the machine, so
+# only the keys Grid-X writes (gridx.py render_worker_wg_conf) are accepted,
+# with values checked; join.sh adds its own hooks. wg-quick reads keys without
+# regard to case and drops everything after a '#': so does this.
+
+# wg_bad N WHAT: exit 2 naming the line.
+wg_bad() {
+	fatal 2 "$IFACE.conf line $1: $2" "this file is not as the hub wrote it: ask the hub admin for the bundle again"
+}
+
+is_wg_key() { [[ $1 =~ ^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$ ]]; }
+
+check_wg_config() { # FILE
+	local line n=0 section='' name key value seen=' ' item items
+	local re_kv='^[[:space:]]*([A-Za-z]+)[[:space:]]*=[[:space:]]*(.*[^[:space:]])[[:space:]]*$'
+	while IFS= read -r line || [[ -n $line ]]; do
+		n=$((n + 1))
+		line=${line%%#*}
+		line=${line%$'\r'}
+		[[ $line =~ ^[[:space:]]*$ ]] && continue
+		if [[ $line =~ ^[[:space:]]*\[([A-Za-z]+)\][[:space:]]*$ ]]; then
+			case ${BASH_REMATCH[1],,} in
+			interface) [[ -z $section ]] || wg_bad "$n" "a second [Interface] section" ;;
+			peer) [[ $section == interface ]] || wg_bad "$n" "[Peer] must follow the one [Interface] section (Grid-X writes one peer: the hub)" ;;
+			*) wg_bad "$n" "unknown section [${BASH_REMATCH[1]}]" ;;
+			esac
+			section=${BASH_REMATCH[1],,}
+			continue
+		fi
+		[[ $line =~ $re_kv ]] || wg_bad "$n" "not a 'Key = value' line"
+		name=${BASH_REMATCH[1]} key=${BASH_REMATCH[1],,} value=${BASH_REMATCH[2]}
+		[[ -n $section ]] || wg_bad "$n" "'$name' comes before [Interface]"
+		[[ $seen != *" $section.$key "* ]] || wg_bad "$n" "'$name' is given twice"
+		seen+="$section.$key "
+		case $section.$key in
+		interface.privatekey)
+			is_wg_key "$value" || [[ $value == GRIDX_PRIVATE_KEY_PLACEHOLDER ]] || wg_bad "$n" "PrivateKey is not a WireGuard key"
+			;;
+		interface.address)
+			[[ $value == "$VPN_IP/$PREFIX" ]] || wg_bad "$n" "Address must be this bundle's VPN address $VPN_IP/$PREFIX (GRIDX_VPN_IP in GRIDX_SUBNET), not '$value'"
+			;;
+		interface.mtu)
+			{ [[ $value =~ ^[0-9]{3,5}$ ]] && ((10#$value >= 576 && 10#$value <= 9000)); } || wg_bad "$n" "MTU '$value' is not a number from 576 to 9000"
+			;;
+		interface.listenport) is_port "$value" || wg_bad "$n" "ListenPort '$value' is not a port" ;;
+		peer.publickey) is_wg_key "$value" || wg_bad "$n" "PublicKey is not a WireGuard key" ;;
+		peer.endpoint)
+			is_endpoint "$value" || wg_bad "$n" "Endpoint '$value' is not host:port"
+			[[ $value == "$HUB_ENDPOINT" ]] || wg_bad "$n" "Endpoint '$value' is not the hub's ($HUB_ENDPOINT in settings.env)"
+			;;
+		peer.allowedips)
+			IFS=, read -r -a items <<<"$value"
+			((${#items[@]})) || wg_bad "$n" "AllowedIPs is empty"
+			for item in "${items[@]}"; do
+				item=${item//[[:space:]]/}
+				[[ $item == */* ]] || item+=/32
+				{ is_cidr "$item" && cidr_inside "$item" "$SUBNET"; } || wg_bad "$n" "AllowedIPs '$item' is not inside the VPN subnet $SUBNET"
+			done
+			;;
+		peer.persistentkeepalive)
+			if [[ $value != off ]] && { [[ ! $value =~ ^[0-9]{1,5}$ ]] || ((10#$value > 65535)); }; then
+				wg_bad "$n" "PersistentKeepalive '$value' is not a number of seconds"
+			fi
+			;;
+		*) wg_bad "$n" "'$name' is not a key Grid-X writes (only PrivateKey, Address, MTU, ListenPort; PublicKey, Endpoint, AllowedIPs, PersistentKeepalive)" ;;
+		esac
+	done <"$1"
+	[[ $seen == *" interface.privatekey "* ]] || wg_bad "$n" "no PrivateKey in [Interface]"
+	[[ $seen == *" interface.address "* ]] || wg_bad "$n" "no Address in [Interface]"
+	[[ $seen == *" peer.publickey "* && $seen == *" peer.endpoint "* && $seen == *" peer.allowedips "* ]] ||
+		wg_bad "$n" "the [Peer] (the hub) needs PublicKey, Endpoint and AllowedIPs"
 }
 
 # ----------------------------------------------------------- prerequisites ----
@@ -236,7 +337,16 @@ check_prerequisites() {
 		missing+=("wg/wg-quick") apt+=(wireguard-tools) pacman+=(wireguard-tools) dnf+=(wireguard-tools)
 	fi
 	if ! have_cmd docker; then
-		missing+=(docker) apt+=(docker.io) pacman+=(docker) dnf+=(moby-engine)
+		# Debian 13 and Ubuntu 24.04 ship the command in docker-cli, which
+		# docker.io only recommends: an install without recommends has
+		# dockerd and no docker.
+		if have_cmd dockerd; then
+			missing+=("docker (the command; dockerd is installed)") apt+=(docker-cli) pacman+=(docker) dnf+=(moby-engine)
+		elif apt_knows docker-cli; then
+			missing+=(docker) apt+=(docker.io docker-cli) pacman+=(docker) dnf+=(moby-engine)
+		else
+			missing+=(docker) apt+=(docker.io) pacman+=(docker) dnf+=(moby-engine)
+		fi
 	fi
 	if ! have_cmd ip; then
 		missing+=(ip) apt+=(iproute2) pacman+=(iproute2) dnf+=(iproute)
@@ -263,6 +373,59 @@ check_prerequisites() {
 	fi
 	if ! docker info >/dev/null 2>&1; then
 		fatal 3 "Docker is installed but not running (docker info fails)" "start it (systemctl start docker, or service docker start) and run join.sh again"
+	fi
+	check_engine_version
+	check_engine_settings
+}
+
+apt_knows() { have_cmd apt-cache && apt-cache show -- "$1" >/dev/null 2>&1; }
+
+# Docker 23.0.2 to 25.0.2 carry moby/swarmkit#3162: the constraint enforcer's
+# HasResource compares discrete generic resources the wrong way round
+# (api/genericresource/validate.go: "<" fixed to ">" in 25.0.3; 23.0.2 added
+# the "!" before it, moby/swarmkit#3082), so a task reserving fewer gridx_cpu
+# or gridx_mem than its node offers is rejected ("assigned node no longer
+# meets constraints"): every Grid-X job. Read in moby's vendored swarmkit of
+# each release tag: 20.10.x-23.0.1 and 25.0.3 on have the working pair, 24.0.x
+# has it broken throughout.
+check_engine_version() {
+	local v
+	v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || v=''
+	ENGINE_VERSION=$v
+	if [[ ! $v =~ ^([0-9]+)\.([0-9]+)\.([0-9]+) ]]; then
+		warn "cannot read Docker's version ('$v'): Grid-X is tested on Docker 20.10 and 26.1"
+		return 0
+	fi
+	local major=$((10#${BASH_REMATCH[1]})) minor=$((10#${BASH_REMATCH[2]})) patch=$((10#${BASH_REMATCH[3]}))
+	if ((major == 24 || (major == 23 && minor == 0 && patch >= 2) || (major == 25 && minor == 0 && patch <= 2))); then
+		fatal 3 "Docker $v cannot run Grid-X jobs: Docker 23.0.2 to 25.0.2 reject every task that reserves part of a node's generic resources, which is how Grid-X places jobs (moby/swarmkit#3162)" \
+			"upgrade Docker to 25.0.3 or newer (Debian 13's docker.io, Docker CE from https://docs.docker.com/engine/install/) or use 20.10, then run join.sh again"
+	fi
+}
+
+# Settings of the running engine that a worker cannot have.
+check_engine_settings() {
+	local content='' remap
+	[[ -f $DAEMON_JSON ]] && content=$(<"$DAEMON_JSON")
+	# Swarm mode refuses live-restore, and docker swarm join then fails with
+	# "--live-restore daemon configuration is incompatible with swarm mode".
+	if [[ $(docker info --format '{{.LiveRestoreEnabled}}' 2>/dev/null) == true ]] ||
+		[[ $content =~ \"live-restore\"[[:space:]]*:[[:space:]]*true ]]; then
+		fatal 3 "Docker runs with live-restore on, which swarm mode refuses" \
+			"remove \"live-restore\": true from $DAEMON_JSON (or the --live-restore flag), restart Docker, then run join.sh again"
+	fi
+	# Docker's jump to DOCKER-USER, not a chain that something else made:
+	# without it the rule keeping published ports on the VPN is never used.
+	if ! iptables -C FORWARD -j DOCKER-USER >/dev/null 2>&1; then
+		fatal 3 "iptables' FORWARD chain has no jump to DOCKER-USER: Docker runs without its iptables rules, so ports that jobs publish could not be kept off this machine's other networks" \
+			"let Docker manage iptables (remove \"iptables\": false from $DAEMON_JSON or the --iptables=false flag), restart Docker, then run join.sh again"
+	fi
+	# A remapping of the volunteer's own is kept: it contains jobs the same
+	# way, and replacing it would hide the images it holds.
+	REMAP_KEPT=''
+	if [[ $content =~ \"userns-remap\"[[:space:]]*:[[:space:]]*\"([^\"]*)\" ]]; then
+		remap=${BASH_REMATCH[1]}
+		[[ -z $remap || $remap == default ]] || REMAP_KEPT=$remap
 	fi
 }
 
@@ -294,6 +457,9 @@ install_packages() { # APT_LIST PACMAN_LIST DNF_LIST (space-separated)
 # ------------------------------------------------------------ preconditions ----
 
 check_not_joined() {
+	if [[ -f $LEGACY_STATE_DIR/state.env && -z ${GRIDX_STATE_DIR:-} ]]; then
+		fatal 3 "this machine was joined by an older join.sh ($LEGACY_STATE_DIR/state.env exists)" "run $GRIDX_BUNDLE_DIR/leave.sh first, then join.sh again"
+	fi
 	if state_exists; then
 		fatal 3 "this machine has already joined Grid-X, or a join stopped midway ($STATE_FILE exists)" "run $GRIDX_BUNDLE_DIR/leave.sh first (it undoes exactly what was done), then join.sh again"
 	fi
@@ -306,12 +472,24 @@ check_not_joined() {
 	unknown) fatal 3 "cannot read Docker's swarm state (docker info fails)" "check that Docker runs: docker info" ;;
 	*) fatal 3 "Docker on this machine is already in a swarm (state: $REPLY)" "leave it first with: docker swarm leave (--force on a manager; this stops its swarm services), then run join.sh again" ;;
 	esac
-	local route
-	while read -r route; do
-		if [[ -n $route && $route != default* ]]; then
-			warn "this machine already routes $HUB_VPN_IP ($route): the VPN subnet may clash with a local network"
+	check_routes
+}
+
+# A VPN subnet that overlaps a network this machine reaches would take those
+# addresses away from it (or the VPN would never answer): refused.
+check_routes() {
+	local line net
+	while read -r line; do
+		read -r net _ <<<"$line"
+		case $net in unreachable | prohibit | blackhole | throw | unicast) read -r _ net _ <<<"$line" ;; esac
+		[[ $net == default || -z $net ]] && continue
+		[[ $net == */* ]] || net+=/32
+		is_ipv4 "${net%/*}" || continue
+		if cidrs_overlap "$net" "$SUBNET"; then
+			fatal 3 "the VPN subnet $SUBNET overlaps this machine's route '$line'" \
+				"tell the hub admin to pick a subnet this network does not use (gridx hub init --subnet, e.g. 10.201.0.0/24) and send a new bundle"
 		fi
-	done < <(ip -4 route show match "$HUB_VPN_IP" 2>/dev/null || true)
+	done < <(ip -4 route show 2>/dev/null || true)
 }
 
 # ------------------------------------------------------------------ answers ----
@@ -386,7 +564,7 @@ check_gpu_ids() {
 		return 1
 	fi
 	for id in "${ids[@]}"; do
-		if [[ ! $id =~ ^[A-Za-z0-9_.:-]+$ ]]; then
+		if [[ ! $id =~ ^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*$ ]]; then
 			REPLY="'$id' is not a GPU id (like GPU-8f3a...)"
 			return 1
 		fi
@@ -489,7 +667,7 @@ choose_private_key() {
 	[[ -f $file && -r $file ]] || fatal 2 "--private-key $file: no such readable file"
 	read -r key <"$file" || true
 	[[ $key =~ ^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$ ]] || fatal 2 "--private-key $file does not hold a WireGuard private key" "make one with: wg genkey > private.key (and give the hub admin: wg pubkey < private.key)"
-	if [[ $(stat -c %a "$file") != *00 ]]; then
+	if [[ $(stat -c %a -- "$file") != *00 ]]; then
 		warn "$file is readable by other users: chmod 600 $file"
 	fi
 	PRIVATE_KEY=$key
@@ -500,8 +678,10 @@ choose_private_key() {
 # input stops here, before the machine changes.
 
 render_wg_config() {
-	local line src=$GRIDX_BUNDLE_DIR/$IFACE.conf placed=0 saw_key=0
+	local line src=$GRIDX_BUNDLE_DIR/$IFACE.conf placed=0 saw_key=0 rule chain_up=''
 	firewall_rule '%i'
+	worker_rules '%i'
+	for rule in "${WORKER_RULES[@]}"; do chain_up+="; iptables -A $WORKER_CHAIN $rule"; done
 	{
 		while IFS= read -r line || [[ -n $line ]]; do
 			if [[ $line =~ ^[[:space:]]*PrivateKey[[:space:]]*=[[:space:]]*GRIDX_PRIVATE_KEY_PLACEHOLDER[[:space:]]*$ ]]; then
@@ -511,9 +691,13 @@ render_wg_config() {
 			fi
 			printf '%s\n' "$line"
 			if ((!placed)) && [[ $line =~ ^[[:space:]]*\[Interface\] ]]; then
-				printf '# Added by Grid-X join.sh: ports that jobs publish answer over this VPN only.\n'
+				printf '# Added by Grid-X join.sh: ports that jobs publish, and the swarm ports, answer over this VPN only.\n'
 				printf 'PostUp = iptables -N DOCKER-USER 2>/dev/null || true; iptables -I DOCKER-USER %s\n' "${FW_RULE[*]}"
+				printf 'PostUp = iptables -N %s 2>/dev/null || iptables -F %s%s; iptables -C INPUT -j %s 2>/dev/null || iptables -I INPUT 1 -j %s\n' \
+					"$WORKER_CHAIN" "$WORKER_CHAIN" "$chain_up" "$WORKER_CHAIN" "$WORKER_CHAIN"
 				printf 'PostDown = iptables -D DOCKER-USER %s || true\n' "${FW_RULE[*]}"
+				printf 'PostDown = iptables -D INPUT -j %s || true; iptables -F %s || true; iptables -X %s || true\n' \
+					"$WORKER_CHAIN" "$WORKER_CHAIN" "$WORKER_CHAIN"
 				placed=1
 			fi
 		done <"$src"
@@ -522,8 +706,8 @@ render_wg_config() {
 	if [[ -n $PRIVATE_KEY ]] && ((!saw_key)); then
 		fatal 3 "settings.env says GRIDX_NEEDS_PRIVATE_KEY=1 but $IFACE.conf has no 'PrivateKey = GRIDX_PRIVATE_KEY_PLACEHOLDER' line" "ask the hub admin for the bundle again"
 	fi
-	if [[ -e $WG_CONF ]]; then
-		same_file "$WG_CONF" "$WORK/wg.conf" ||
+	if [[ -e $WG_CONF || -L $WG_CONF ]]; then
+		{ [[ ! -L $WG_CONF ]] && same_file "$WG_CONF" "$WORK/wg.conf"; } ||
 			fatal 3 "$WG_CONF already exists with other content; join.sh never overwrites another WireGuard config" "if it is stale, move it away (mv $WG_CONF /root/), then run join.sh again"
 		WG_CONF_SAME=1
 	fi
@@ -532,6 +716,7 @@ render_wg_config() {
 render_key_line() {
 	local pub=$GRIDX_BUNDLE_DIR/hub_ssh.pub key
 	KEY_LINE=''
+	((OPT_HUB_SSH)) || return 0
 	if [[ ! -f $pub ]]; then
 		warn "no hub_ssh.pub in the bundle: the hub will not be able to SSH here"
 		return 0
@@ -549,8 +734,36 @@ resource_list() {
 	for gpu in "${SHARED_GPUS[@]}"; do RESOURCES+=("NVIDIA-GPU=$gpu"); done
 }
 
+# Same as gridx.py's LABEL_HUB_SSH: the engine label with which a worker that
+# joined with --no-hub-ssh tells the hub (docker node inspect:
+# .Description.Engine.Labels) that it declined.
+HUB_SSH_LABEL=gridx.hub-ssh=no
+
+# The keys join.sh sets, as JSON lines ("key": value), in DAEMON_KEYS.
+daemon_keys() { # RES_JSON
+	DAEMON_KEYS=("\"node-generic-resources\": $1")
+	if ((OPT_CONTAINMENT)); then
+		# userns-remap: a job's root is an unprivileged uid of this machine
+		# (100000 up), so a bind mount of / reads and writes as nobody;
+		# no-new-privileges: no setuid way back up inside the container.
+		# Both in the engine, where no service the manager makes can turn
+		# them off (swarm services have no --userns or --privileged).
+		[[ -n $REMAP_KEPT ]] || DAEMON_KEYS+=('"userns-remap": "default"')
+		DAEMON_KEYS+=('"no-new-privileges": true')
+	fi
+	# docker-proxy would listen on [::] for every published port, where the
+	# IPv4 DOCKER-USER rule does not reach; without it the ports exist only
+	# as IPv4 DNAT rules, which that rule filters.
+	DAEMON_KEYS+=('"userland-proxy": false')
+	((OPT_HUB_SSH)) || DAEMON_KEYS+=("\"labels\": [\"$HUB_SSH_LABEL\"]")
+	if [[ -n $RUNTIME_PATH ]]; then
+		json_str "$RUNTIME_PATH"
+		DAEMON_KEYS+=('"default-runtime": "nvidia"' "\"runtimes\": {\"nvidia\": {\"path\": $REPLY, \"runtimeArgs\": []}}")
+	fi
+}
+
 render_daemon_json() {
-	local new=$WORK/daemon.json content='' res_json r
+	local new=$WORK/daemon.json content='' res_json r key
 	resource_list
 	res_json=''
 	for r in "${RESOURCES[@]}"; do
@@ -566,14 +779,16 @@ render_daemon_json() {
 			warn "GPUs are shared but nvidia-container-runtime is not installed: jobs will be placed here but will not see the GPUs (install the NVIDIA container toolkit, then leave and join again)"
 		fi
 	fi
+	daemon_keys "$res_json"
 	[[ -f $DAEMON_JSON ]] && content=$(<"$DAEMON_JSON")
 	if [[ $content =~ ^[[:space:]]*(\{[[:space:]]*\})?[[:space:]]*$ ]]; then
 		{
-			printf '{\n  "node-generic-resources": %s' "$res_json"
-			if [[ -n $RUNTIME_PATH ]]; then
-				json_str "$RUNTIME_PATH"
-				printf ',\n  "default-runtime": "nvidia",\n  "runtimes": {"nvidia": {"path": %s, "runtimeArgs": []}}' "$REPLY"
-			fi
+			printf '{'
+			local sep=''
+			for key in "${DAEMON_KEYS[@]}"; do
+				printf '%s\n  %s' "$sep" "$key"
+				sep=,
+			done
 			printf '\n}\n'
 		} >"$new"
 	elif have_cmd python3; then
@@ -581,14 +796,10 @@ render_daemon_json() {
 	elif have_cmd jq; then
 		merge_with_jq "$res_json" "$new"
 	elif hand_merged "$content"; then
-		cp "$DAEMON_JSON" "$new"
+		cp -- "$DAEMON_JSON" "$new"
 	else
 		info "add these keys to $DAEMON_JSON, keeping what is there:"
-		info "  \"node-generic-resources\": $res_json"
-		if [[ -n $RUNTIME_PATH ]]; then
-			info "  \"default-runtime\": \"nvidia\","
-			info "  \"runtimes\": {\"nvidia\": {\"path\": \"$RUNTIME_PATH\", \"runtimeArgs\": []}}"
-		fi
+		for key in "${DAEMON_KEYS[@]}"; do info "  $key"; done
 		fatal 3 "$DAEMON_JSON already has settings, and neither python3 nor jq is here to merge into it" "add the keys above by hand (then join.sh leaves the file as it is), or install jq (apt-get install jq / pacman -S jq / dnf install jq), and run join.sh again"
 	fi
 	if [[ -f $DAEMON_JSON ]] && same_file "$DAEMON_JSON" "$new"; then DAEMON_CHANGE=0; else DAEMON_CHANGE=1; fi
@@ -599,18 +810,29 @@ hand_merged() {
 	local content=$1 r
 	[[ $content == *'"node-generic-resources"'* ]] || return 1
 	for r in "${RESOURCES[@]}"; do [[ $content == *"\"$r\""* ]] || return 1; done
+	if ((OPT_CONTAINMENT)); then
+		[[ $content =~ \"userns-remap\"[[:space:]]*:[[:space:]]*\"[^\"]+\" ]] || return 1
+		[[ $content =~ \"no-new-privileges\"[[:space:]]*:[[:space:]]*true ]] || return 1
+	fi
+	[[ $content =~ \"userland-proxy\"[[:space:]]*:[[:space:]]*false ]] || return 1
+	if ((OPT_HUB_SSH)); then
+		[[ $content != *"\"$HUB_SSH_LABEL\""* ]] || return 1
+	else
+		[[ $content == *"\"$HUB_SSH_LABEL\""* ]] || return 1
+	fi
 	if [[ -n $RUNTIME_PATH ]]; then
 		[[ $content =~ \"default-runtime\"[[:space:]]*:[[:space:]]*\"nvidia\" ]] || return 1
 	fi
 }
 
 # Both mergers keep every key, drop old gridx_cpu/gridx_mem/NVIDIA-GPU
-# entries, and keep the file's bytes when nothing would change.
+# entries and gridx.hub-ssh labels, keep a userns-remap already set, and keep
+# the file's bytes when nothing would change.
 merge_with_python3() { # RES_JSON NEW
 	local rc=0
-	python3 - "$DAEMON_JSON" "$2" "$1" "$RUNTIME_PATH" <<'EOF' || rc=$?
+	python3 - "$DAEMON_JSON" "$2" "$1" "$RUNTIME_PATH" "$OPT_CONTAINMENT" "$OPT_HUB_SSH" "$HUB_SSH_LABEL" <<'EOF' || rc=$?
 import json, sys
-src, dst, res, runtime = sys.argv[1:5]
+src, dst, res, runtime, containment, hub_ssh, label = sys.argv[1:8]
 try:
     with open(src) as f:
         old = json.load(f)
@@ -622,6 +844,16 @@ new = json.loads(json.dumps(old))
 kept = [r for r in new.get("node-generic-resources") or []
         if str(r).split("=", 1)[0] not in ("gridx_cpu", "gridx_mem", "NVIDIA-GPU")]
 new["node-generic-resources"] = kept + json.loads(res)
+if containment == "1":
+    if not new.get("userns-remap"):
+        new["userns-remap"] = "default"
+    new["no-new-privileges"] = True
+new["userland-proxy"] = False
+labels = [x for x in new.get("labels") or [] if not str(x).startswith("gridx.hub-ssh=")]
+if hub_ssh != "1":
+    labels.append(label)
+if labels or "labels" in new:
+    new["labels"] = labels
 if runtime:
     new["default-runtime"] = "nvidia"
     runtimes = new.setdefault("runtimes", {})
@@ -639,54 +871,110 @@ EOF
 }
 
 merge_with_jq() { # RES_JSON NEW
-	# shellcheck disable=SC2016 # $res and $runtime are jq's variables
+	# shellcheck disable=SC2016 # $res, $runtime... are jq's variables
 	local filter='
 		if type != "object" then error("not a JSON object") else . end
 		| ."node-generic-resources" = ((."node-generic-resources" // [])
 			| map(select(tostring | test("^(gridx_cpu|gridx_mem|NVIDIA-GPU)=") | not)) + $res)
+		| if $containment == "1" then
+			(if ((."userns-remap" // "") == "") then ."userns-remap" = "default" else . end)
+			| ."no-new-privileges" = true else . end
+		| ."userland-proxy" = false
+		| ((.labels // []) | map(select(tostring | startswith("gridx.hub-ssh=") | not))
+			+ (if $hub_ssh == "1" then [] else [$hublabel] end)) as $labels
+		| if ($labels | length) > 0 or has("labels") then .labels = $labels else . end
 		| if $runtime == "" then . else
 			."default-runtime" = "nvidia"
 			| .runtimes.nvidia.path = $runtime
 			| .runtimes.nvidia.runtimeArgs //= [] end'
-	jq --argjson res "$1" --arg runtime "$RUNTIME_PATH" "$filter" "$DAEMON_JSON" >"$2" ||
+	jq --argjson res "$1" --arg runtime "$RUNTIME_PATH" --arg containment "$OPT_CONTAINMENT" \
+		--arg hub_ssh "$OPT_HUB_SSH" --arg hublabel "$HUB_SSH_LABEL" "$filter" "$DAEMON_JSON" >"$2" ||
 		fatal 3 "cannot merge into $DAEMON_JSON: it is not one valid JSON object" "fix the file, and run join.sh again"
-	if [[ $(jq -S . "$DAEMON_JSON") == "$(jq -S . "$2")" ]]; then cp "$DAEMON_JSON" "$2"; fi
+	if [[ $(jq -S . "$DAEMON_JSON") == "$(jq -S . "$2")" ]]; then cp -- "$DAEMON_JSON" "$2"; fi
 }
 
-# The toolkit reads the GPUs swarm assigned from DOCKER_RESOURCE_NVIDIA-GPU.
+# The NVIDIA toolkit's config.toml, top-level keys (read in the toolkit's
+# source, 1.13 to 1.20: cmd/nvidia-container-runtime-hook/container_config.go
+# and internal/config/image/cuda_image.go):
+#  - swarm-resource: when the container has DOCKER_RESOURCE_NVIDIA-GPU (what
+#    swarm sets for the GPUs it assigned), that variable alone picks the
+#    GPUs and the image's NVIDIA_VISIBLE_DEVICES is ignored
+#    (CUDA.visibleEnvVars); a job that asked for none has no such variable,
+#    and gridx sets NVIDIA_VISIBLE_DEVICES=void on it.
+#  - accept-nvidia-visible-devices-envvar-when-unprivileged = true: the same
+#    gate covers the swarm variable (CUDA.VisibleDevices, cuda_image.go: "if
+#    i.isPrivileged || i.acceptEnvvarUnprivileged"; the hook's getDevices in
+#    1.13-1.17), and no swarm task is privileged: false would hide every GPU
+#    from every job. It is the toolkit's default; written so that a config
+#    that turned it off does not silently do that.
+NVIDIA_KEYS=(swarm-resource accept-nvidia-visible-devices-envvar-when-unprivileged)
+declare -A NVIDIA_VALUES=([swarm-resource]='"DOCKER_RESOURCE_NVIDIA-GPU"' [accept-nvidia-visible-devices-envvar-when-unprivileged]=true)
+
 render_nvidia_config() {
-	local want='swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"' line replaced=0 top=1
+	local line key n i lines=()
+	local -A at=() commented=()
 	NVIDIA_CHANGE=0
 	[[ -n $RUNTIME_PATH ]] || return 0
-	{
-		if [[ -f $NVIDIA_CONFIG ]]; then
-			while IFS= read -r line || [[ -n $line ]]; do
-				[[ $line =~ ^[[:space:]]*\[ ]] && top=0
-				if ((top && !replaced)) && [[ $line =~ ^[[:space:]]*#?[[:space:]]*swarm-resource[[:space:]]*= ]]; then
-					line=$want
-					replaced=1
-				fi
-				printf '%s\n' "$line"
-			done <"$NVIDIA_CONFIG"
-		fi
-	} >"$WORK/nvidia.body"
-	if ((replaced)); then
-		mv "$WORK/nvidia.body" "$WORK/nvidia-config.toml"
-	else
-		{
-			printf '%s\n' "$want"
-			cat "$WORK/nvidia.body"
-		} >"$WORK/nvidia-config.toml"
+	check_toolkit_version
+	if [[ -f $NVIDIA_CONFIG ]]; then
+		while IFS= read -r line || [[ -n $line ]]; do lines+=("$line"); done <"$NVIDIA_CONFIG"
 	fi
+	# Where each key is set before the first [section]: its line, else the
+	# first commented-out one (replacing both would set a key twice).
+	for ((n = 0; n < ${#lines[@]}; n++)); do
+		line=${lines[n]}
+		[[ $line =~ ^[[:space:]]*\[ ]] && break
+		for key in "${NVIDIA_KEYS[@]}"; do
+			if [[ $line =~ ^[[:space:]]*${key}[[:space:]]*= ]]; then
+				[[ -v at[$key] && ! -v commented[$key] ]] && continue
+				at[$key]=$n
+				unset "commented[$key]"
+			elif [[ ! -v at[$key] && $line =~ ^[[:space:]]*#[[:space:]]*${key}[[:space:]]*= ]]; then
+				at[$key]=$n commented[$key]=1
+			fi
+		done
+	done
+	{
+		for key in "${NVIDIA_KEYS[@]}"; do
+			[[ -v at[$key] ]] || printf '%s = %s\n' "$key" "${NVIDIA_VALUES[$key]}"
+		done
+		for ((i = 0; i < ${#lines[@]}; i++)); do
+			line=${lines[i]}
+			for key in "${NVIDIA_KEYS[@]}"; do
+				[[ -v at[$key] && ${at[$key]} == "$i" ]] && line="$key = ${NVIDIA_VALUES[$key]}"
+			done
+			printf '%s\n' "$line"
+		done
+	} >"$WORK/nvidia-config.toml"
 	if [[ -f $NVIDIA_CONFIG ]] && same_file "$NVIDIA_CONFIG" "$WORK/nvidia-config.toml"; then return 0; fi
 	NVIDIA_CHANGE=1
+}
+
+# Toolkit 1.18 ignores the swarm's assignment (NVIDIA/nvidia-container-
+# toolkit#1599: its runtime left out swarm-resource, back in 1.19.0's
+# internal/runtime/runtime_factory.go).
+check_toolkit_version() {
+	local tool out
+	TOOLKIT_VERSION=''
+	for tool in nvidia-ctk nvidia-container-runtime-hook nvidia-container-toolkit nvidia-container-runtime; do
+		have_cmd "$tool" || continue
+		out=$("$tool" --version 2>/dev/null) || continue
+		if [[ $out =~ [Vv]ersion[[:space:]]+v?([0-9]+)\.([0-9]+)\.([0-9]+) ]]; then
+			TOOLKIT_VERSION=${BASH_REMATCH[1]}.${BASH_REMATCH[2]}.${BASH_REMATCH[3]}
+			if ((10#${BASH_REMATCH[1]} == 1 && 10#${BASH_REMATCH[2]} < 19)); then
+				warn "the NVIDIA container toolkit here is $TOOLKIT_VERSION, older than 1.19: 1.18 ignores the GPUs swarm assigns (NVIDIA/nvidia-container-toolkit#1599), so jobs may see none or all of this machine's GPUs; upgrade the toolkit to 1.19 or newer"
+			fi
+			return 0
+		fi
+	done
+	warn "cannot read the NVIDIA container toolkit's version (nvidia-ctk --version): it needs to be 1.19 or newer for jobs to see only the GPUs swarm gave them"
 }
 
 confirm_plan() {
 	local gpus=none docker_line
 	((${#SHARED_GPUS[@]})) && gpus="${#SHARED_GPUS[@]} (${SHARED_GPUS[*]})"
 	if ((DAEMON_CHANGE || NVIDIA_CHANGE)); then
-		docker_line="merge the shared resources into $DAEMON_JSON (saved first), restart Docker"
+		docker_line="merge the settings above into $DAEMON_JSON (saved first), restart Docker"
 	else
 		docker_line="$DAEMON_JSON already says this: no change, no restart"
 	fi
@@ -694,15 +982,41 @@ confirm_plan() {
 	info "${C_BOLD}About to join Grid-X as $NAME ($VPN_IP) through the hub at $HUB_ENDPOINT${C_OFF}"
 	info "  share     $SHARED_CPUS CPUs, $SHARED_MEM_MIB MiB of memory, GPUs: $gpus"
 	info "  VPN       write $WG_CONF, bring up $IFACE$(systemd_runs && printf ' (and at boot)')"
-	info "  Docker    $docker_line"
+	info "  Docker    ${ENGINE_VERSION:+$ENGINE_VERSION: }$docker_line"
 	info "  swarm     join $MANAGER as $VPN_IP"
-	[[ -n $KEY_LINE ]] && info "  SSH       trust the hub's key from $HUB_VPN_IP only ($AUTHORIZED_KEYS)"
-	info "  firewall  ports that jobs publish answer over $IFACE only"
+	if [[ -n $KEY_LINE ]]; then
+		info "  SSH       trust the hub's key from $HUB_VPN_IP only ($AUTHORIZED_KEYS)"
+	fi
+	info "  firewall  the swarm's ports and the ports jobs publish answer over $IFACE only"
 	info "  undo      ./leave.sh puts all of this back"
 	info ""
+	grant_text
 	((OPT_YES)) && return 0
 	have_terminal || no_terminal "whether to continue" "--yes"
 	ask_yes "Continue" y || fatal 1 "stopped: nothing was changed"
+}
+
+# What the volunteer grants, in the words of the README's section.
+grant_text() {
+	info "${C_BOLD}What you grant the hub ($HUB_VPN_IP):${C_OFF}"
+	info "  - Jobs run here, each within what you share above."
+	if ((OPT_CONTAINMENT)); then
+		info "  - Jobs are contained by Docker's user-namespace remapping${REMAP_KEPT:+ (yours: $REMAP_KEPT)} and"
+		info "    no-new-privileges: a job is root only inside its container. On this machine"
+		info "    it has the rights of a user without an account: it cannot change your files"
+		info "    or read private ones (what every user may read, it may read too)."
+		info "  - Your own Docker: while joined, your images and containers are not visible"
+		info "    (the remapped engine keeps its own); they come back after ./leave.sh."
+	fi
+	if [[ -n $KEY_LINE ]]; then
+		info "  - The hub may SSH in as root, from $HUB_VPN_IP only (./join.sh --no-hub-ssh: it may not)."
+	else
+		info "  - The hub may not SSH in (it is told: the engine label $HUB_SSH_LABEL)."
+	fi
+	if ((!OPT_CONTAINMENT)); then
+		warn "--no-containment: Docker is not remapped, so any service made on the hub's swarm manager can bind-mount / and read and write every file of this machine as root"
+	fi
+	info ""
 }
 
 # ------------------------------------------------------------------ steps ----
@@ -710,16 +1024,21 @@ confirm_plan() {
 
 step_state_dir() {
 	local created=0 gpus
+	# root's own folder: where the backups leave.sh restores live
+	only_root_writes "${STATE_DIR%/*}"
 	if [[ ! -d $STATE_DIR ]]; then
-		cmd mkdir -p -m 0700 "$STATE_DIR"
+		cmd mkdir -p -m 0700 -- "$STATE_DIR"
 		created=1
 	fi
-	[[ -d $BACKUP_DIR ]] || mkdir -m 0700 "$BACKUP_DIR"
+	only_root_writes "$STATE_DIR"
+	[[ -d $BACKUP_DIR ]] || mkdir -m 0700 -- "$BACKUP_DIR"
+	only_root_writes "$BACKUP_DIR"
 	gpus=${SHARED_GPUS[*]}
 	state_set NAME "$NAME" INTERFACE "$IFACE" VPN_IP "$VPN_IP" HUB_VPN_IP "$HUB_VPN_IP" \
 		HUB_ENDPOINT "$HUB_ENDPOINT" MANAGER "$MANAGER" JOINED_AT "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
 		COMPLETE 0 SHARED_CPUS "$SHARED_CPUS" SHARED_MEMORY_MIB "$SHARED_MEM_MIB" \
-		SHARED_GPU_IDS "${gpus// /,}" CREATED_STATE_DIR "$created"
+		SHARED_GPU_IDS "${gpus// /,}" CONTAINMENT "$OPT_CONTAINMENT" HUB_SSH "$OPT_HUB_SSH" \
+		CREATED_STATE_DIR "$created"
 }
 
 step_wg_config() {
@@ -742,7 +1061,7 @@ step_wg_config() {
 # docker exec -it). Ignored signals stay ignored through wg-quick into it.
 step_link_up() {
 	firewall_rule "$IFACE"
-	state_set LINK_UP 1 FIREWALL_RULE "${FW_RULE[*]}"
+	state_set LINK_UP 1 FIREWALL_RULE "${FW_RULE[*]}" WORKER_CHAIN "$WORKER_CHAIN"
 	(
 		trap '' HUP
 		cmd wg-quick up "$WG_CONF"
@@ -812,6 +1131,18 @@ step_docker_config() {
 	else
 		info "Docker's configuration already says this: Docker is not restarted"
 	fi
+	check_containment
+}
+
+# The restarted engine does what daemon.json says, or the join stops (and
+# rolls back) before the swarm can place anything here.
+check_containment() {
+	((OPT_CONTAINMENT)) || return 0
+	local opts
+	opts=$(docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' 2>/dev/null) || opts=''
+	[[ $opts == *name=userns* ]] ||
+		fatal 1 "Docker restarted without user-namespace remapping (docker info lists: ${opts:-nothing})" "look at Docker's log (journalctl -u docker, /var/log/docker.log): it may lack /etc/subuid support (the shadow/uidmap tools); or join with --no-containment, knowing what it allows"
+	ok "Docker runs with user-namespace remapping and no-new-privileges"
 }
 
 # install_file NEW PATH MODE: replace PATH atomically, keeping its mode and
@@ -831,12 +1162,10 @@ install_file() {
 }
 
 step_swarm_join() {
-	local token
-	read -r token <"$GRIDX_BUNDLE_DIR/swarm-token" || true
 	state_set SWARM_JOINED 1
-	if ! cmd_secret "$token" docker swarm join --token "$token" --advertise-addr "$VPN_IP" \
-		--listen-addr "$VPN_IP:2377" --data-path-addr "$VPN_IP" "$MANAGER"; then
-		fatal 1 "could not join the swarm at $MANAGER (see Docker's message above)" "a wrong or rotated token? ask the hub admin for a fresh bundle (gridx hub add-peer $NAME)"
+	if ! cmd_secret "$SWARM_TOKEN" docker swarm join --token "$SWARM_TOKEN" --advertise-addr "$VPN_IP" \
+		--listen-addr "$VPN_IP:2377" --data-path-addr "$VPN_IP" -- "$MANAGER"; then
+		fatal 1 "could not join the swarm at $MANAGER (see Docker's message above)" "a wrong or rotated token? ask the hub admin to run 'gridx hub refresh-bundle $NAME' on the hub and send you the new bundle"
 	fi
 }
 
@@ -872,12 +1201,10 @@ step_authorized_keys() {
 # The rule comes with the link (PostUp); Docker keeps DOCKER-USER's rules
 # over its restart. Check, and put it back if something removed it.
 step_check_firewall() {
-	firewall_rule_present "$IFACE" && return 0
-	if iptables -L DOCKER-USER -n >/dev/null 2>&1; then
-		cmd iptables -I DOCKER-USER "${FW_RULE[@]}"
-	else
-		warn "iptables has no DOCKER-USER chain (Docker runs with iptables off?): ports that jobs publish may be reachable from other networks here"
-	fi
+	iptables -C FORWARD -j DOCKER-USER >/dev/null 2>&1 ||
+		fatal 1 "after its restart Docker has no jump to DOCKER-USER in iptables' FORWARD chain: ports that jobs publish would reach other networks" "let Docker manage iptables (no \"iptables\": false), then run join.sh again"
+	firewall_rule_present "$IFACE" || cmd iptables -I DOCKER-USER "${FW_RULE[@]}"
+	worker_chain_present || fatal 1 "the $WORKER_CHAIN chain (swarm ports over the VPN only) is not in iptables' INPUT chain after wg-quick up" "look at what removed it (a firewall manager?), then run join.sh again"
 }
 
 step_boot_unit() {
@@ -938,11 +1265,12 @@ arm_rollback() {
 
 main() {
 	parse_args "$@"
-	ensure_root "changes the network and Docker settings" "$@"
+	# the bundle is input: judged before root, tools or Docker are asked for
 	init_paths
-	need_cmd mktemp sha256sum nproc
 	load_settings
 	check_bundle
+	ensure_root "changes the network and Docker settings" "$@"
+	need_cmd mktemp sha256sum nproc stat
 	check_prerequisites
 	check_not_joined
 	trap on_exit EXIT

@@ -11,17 +11,23 @@
 #   and they are empty); the swarm membership (docker swarm leave --force);
 #   /etc/docker/daemon.json and the NVIDIA toolkit's config.toml, restored byte
 #   for byte (or removed if they were absent), Docker restarted only if that
-#   changed them; the gridx0 link (wg-quick down) and its iptables rule; its
-#   WireGuard config; then the state folder.
+#   changed them (so user-namespace remapping ends, and the volunteer's own
+#   images and containers are back); the gridx0 link (wg-quick down), its
+#   DOCKER-USER rule and the GRIDX-WORKER INPUT chain; its WireGuard config;
+#   then the state folder.
+# It acts only on the paths join.sh records (checked against the ones it
+# uses), and refuses a state folder or file that anyone but root can write.
 # Each step is skipped when already undone and forgotten once done, so a
 # second run, or a run after a failed one, does only what is left.
 #
-# Reads: ${GRIDX_STATE_DIR:-$HOME/.gridx}/state.env (written by join.sh),
-#   settings.env beside this script when present, and the path overrides
-#   listed in lib.sh. Without state.env: "not joined, nothing to do", exit 0.
+# Reads: ${GRIDX_STATE_DIR:-/var/lib/gridx}/state.env (written by join.sh;
+#   /root/.gridx/state.env where an older join.sh joined), settings.env
+#   beside this script when present, and the path overrides listed in
+#   lib.sh. Without state.env: "not joined, nothing to do", exit 0.
 #
 # Exit codes: 0 left (or nothing to do), 1 something could not be undone
-# (the record of it stays; run leave.sh again), 2 bad usage, 3 not root.
+# (the record of it stays; run leave.sh again), 2 bad usage, 3 not root, or
+# a state that someone other than root could have written.
 
 set -euo pipefail
 export LC_ALL=C
@@ -71,14 +77,21 @@ leave() {
 		info "a join stopped midway: undoing what it did"
 	fi
 	info "leaving Grid-X: ${ST[NAME]:-this machine} (${ST[VPN_IP]:-?})"
+	local remapped=${ST[CONTAINMENT]:-0}
 	undo_all || fatal 1 "some changes could not be undone (see above); their record stays in $STATE_FILE" "fix what is said above, then run $GRIDX_PROG again"
 	printf '%sDone.%s This machine left Grid-X; everything join.sh changed is back as it was.\n' "$O_GREEN$O_BOLD" "$O_OFF"
+	if [[ $remapped == 1 ]]; then
+		printf 'Your own Docker images and containers are visible again. What jobs left (their images)\n'
+		printf 'stays in the remapped folder Docker made, /var/lib/docker/100000.100000 with the default\n'
+		printf 'mapping: used again if you join again, or free the space with rm -rf on it.\n'
+	fi
 }
 
 main() {
 	parse_args "$@"
 	ensure_root "undoes network and Docker changes" "$@"
 	init_paths
+	find_legacy_state
 	if [[ -f $GRIDX_BUNDLE_DIR/settings.env ]]; then load_settings; fi
 	leave
 }

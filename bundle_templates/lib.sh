@@ -14,7 +14,8 @@
 #   GRIDX_DOCKER_DAEMON_JSON  /etc/docker/daemon.json
 #   GRIDX_NVIDIA_CONFIG       /etc/nvidia-container-runtime/config.toml
 #   GRIDX_AUTHORIZED_KEYS     ROOT_HOME/.ssh/authorized_keys
-#   GRIDX_STATE_DIR           $HOME/.gridx
+#   GRIDX_STATE_DIR           /var/lib/gridx (root's own folder: never under
+#                             $HOME, which sudo -E hands over from the user)
 #   GRIDX_MEMINFO             /proc/meminfo
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
@@ -122,12 +123,65 @@ init_paths() {
 	DAEMON_JSON=${GRIDX_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}
 	NVIDIA_CONFIG=${GRIDX_NVIDIA_CONFIG:-/etc/nvidia-container-runtime/config.toml}
 	AUTHORIZED_KEYS=${GRIDX_AUTHORIZED_KEYS:-$REPLY/.ssh/authorized_keys}
-	STATE_DIR=${GRIDX_STATE_DIR:-${HOME:-$REPLY}/.gridx}
+	# join.sh before 2026-12 kept its state in $HOME/.gridx, which under sudo
+	# was root's home: leave.sh and status.sh still find it there.
+	LEGACY_STATE_DIR=$REPLY/.gridx
+	set_state_dir "${GRIDX_STATE_DIR:-/var/lib/gridx}"
+	MEMINFO=${GRIDX_MEMINFO:-/proc/meminfo}
+	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
+	local path
+	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR"; do
+		[[ $path == /* ]] || fatal 2 "'$path' is not an absolute path" "the GRIDX_* path overrides take absolute paths"
+	done
+}
+
+# shellcheck disable=SC2034 # the scripts use these
+set_state_dir() {
+	STATE_DIR=$1
 	STATE_FILE=$STATE_DIR/state.env
 	STATE_JSON=$STATE_DIR/worker_config.json
 	BACKUP_DIR=$STATE_DIR/backup
-	MEMINFO=${GRIDX_MEMINFO:-/proc/meminfo}
-	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
+}
+
+# leave.sh and status.sh of a machine joined by an older join.sh: its state
+# in root's home (the default path only, never one from the environment).
+find_legacy_state() {
+	if [[ -z ${GRIDX_STATE_DIR:-} && ! -e $STATE_FILE && -f $LEGACY_STATE_DIR/state.env ]]; then
+		info "this machine was joined by an older join.sh: its record is in $LEGACY_STATE_DIR"
+		set_state_dir "$LEGACY_STATE_DIR"
+	fi
+}
+
+# only_root_writes PATH: refuse (exit 3) a path that anyone but root could
+# have written: a link, not owned by root, or writable by group or others.
+# leave.sh acts on what the state says; a state someone else could write
+# would let them choose what root removes or copies.
+only_root_writes() {
+	local path=$1 owner mode
+	[[ -e $path || -L $path ]] || return 0
+	if [[ -L $path ]]; then
+		fatal 3 "$path is a symbolic link: Grid-X's state must be root's own file" "look at who made it; remove the link, then run $GRIDX_PROG again"
+	fi
+	read -r owner mode < <(stat -c '%u %a' -- "$path")
+	if [[ $owner != 0 ]] || (((8#$mode & 8#022) != 0)); then
+		fatal 3 "$path can be written by someone other than root (owner uid $owner, mode $mode): $GRIDX_PROG will not act on it" \
+			"check who changed it; if the content is right: chown root:root $path && chmod go-w $path, then run $GRIDX_PROG again"
+	fi
+}
+
+# The state folder, its files and its backups: root's only.
+check_state_owner() {
+	local f
+	only_root_writes "$STATE_DIR"
+	only_root_writes "$STATE_FILE"
+	only_root_writes "$STATE_JSON"
+	only_root_writes "$BACKUP_DIR"
+	if [[ -d $BACKUP_DIR ]]; then
+		for f in "$BACKUP_DIR"/* "$BACKUP_DIR"/.[!.]*; do
+			[[ -e $f || -L $f ]] && only_root_writes "$f"
+		done
+	fi
+	return 0
 }
 
 systemd_runs() { [[ -d $SYSTEMD_RUN_DIR ]]; }
@@ -159,29 +213,136 @@ unquote() {
 	REPLY=$out
 }
 
-# read_values FILE ARRAY: fill the associative array ARRAY from FILE.
+# read_values FILE ARRAY [CODE]: fill the associative array ARRAY from FILE;
+# a line that is not KEY='value' is exit CODE (3: a damaged record; 2: a
+# bundle file, which is input).
 read_values() {
-	local file=$1 array=$2 line key n=0 re_kv='^([A-Za-z_][A-Za-z0-9_]*)=(.*)$'
+	local file=$1 array=$2 code=${3:-3} line key n=0 re_kv='^([A-Za-z_][A-Za-z0-9_]*)=(.*)$'
 	while IFS= read -r line || [[ -n $line ]]; do
 		n=$((n + 1))
 		[[ $line =~ ^[[:space:]]*(#|$) ]] && continue
 		if [[ $line =~ $re_kv ]] && key=${BASH_REMATCH[1]} && unquote "${BASH_REMATCH[2]}"; then
 			printf -v "${array}[$key]" '%s' "$REPLY"
 		else
-			fatal 3 "$file line $n is not a KEY='value' line" "get a fresh copy of the file from the hub admin"
+			fatal "$code" "$file line $n is not a KEY='value' line" "get a fresh copy of the file from the hub admin"
 		fi
 	done <"$file"
 }
 
-# Settings of the bundle -> S[...]. Required keys are checked by the caller.
+# ------------------------------------------------------------ validators ----
+# Every value from a bundle, a flag or the WireGuard config is checked before
+# it is used; none may begin with '-', so none can reach a command as an
+# option.
+
+# is_ipv4 A.B.C.D (no leading zeros: 010 would be octal to some tools)
+is_ipv4() {
+	local re='^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$'
+	[[ $1 =~ $re ]]
+}
+
+is_port() { [[ $1 =~ ^[1-9][0-9]{0,4}$ ]] && ((10#$1 <= 65535)); }
+
+# is_ipv4_port A.B.C.D:PORT
+is_ipv4_port() { [[ $1 == *:* ]] && is_ipv4 "${1%:*}" && is_port "${1##*:}"; }
+
+# is_endpoint HOST:PORT, HOST an IPv4 address, [IPv6] or a DNS name.
+is_endpoint() {
+	local host=${1%:*} port=${1##*:}
+	[[ $1 == *:* ]] && is_port "$port" || return 1
+	if [[ $host =~ ^\[[0-9A-Fa-f:.]+\]$ ]]; then return 0; fi
+	is_ipv4 "$host" && return 0
+	[[ ! $host =~ ^[0-9.]+$ ]] && is_dns_name "$host"
+}
+
+is_dns_label() { [[ $1 =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; }
+
+is_dns_name() {
+	local label labels
+	((${#1} <= 253)) || return 1
+	IFS=. read -r -a labels <<<"${1,,}"
+	((${#labels[@]})) && [[ $1 != *. && $1 != .* && $1 != *..* ]] || return 1
+	for label in "${labels[@]}"; do is_dns_label "$label" || return 1; done
+}
+
+# wg-quick's rule for interface names, without a leading '-' or dots alone.
+is_interface() { [[ $1 =~ ^[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}$ && $1 != . && $1 != .. ]]; }
+
+# ip_int A.B.C.D -> REPLY: the address as a number.
+ip_int() {
+	local a b c d
+	IFS=. read -r a b c d <<<"$1"
+	REPLY=$(((10#$a << 24) | (10#$b << 16) | (10#$c << 8) | 10#$d))
+}
+
+# is_cidr A.B.C.D/N [MIN_PREFIX]: a network address with its prefix.
+is_cidr() {
+	local ip=${1%/*} prefix=${1##*/} min=${2:-0}
+	[[ $1 == */* ]] && is_ipv4 "$ip" && [[ $prefix =~ ^[0-9]{1,2}$ ]] || return 1
+	((10#$prefix >= min && 10#$prefix <= 32)) || return 1
+	ip_int "$ip"
+	local mask=$(((0xffffffff << (32 - 10#$prefix)) & 0xffffffff))
+	((REPLY == (REPLY & mask)))
+}
+
+# cidr_inside A.B.C.D[/N] NET/M: the first lies wholly inside the second.
+cidr_inside() {
+	local ip=${1%/*} prefix=32 net=${2%/*} nprefix=${2##*/} a mask
+	[[ $1 == */* ]] && prefix=${1##*/}
+	((10#$prefix >= 10#$nprefix)) || return 1
+	ip_int "$ip"
+	a=$REPLY
+	ip_int "$net"
+	mask=$(((0xffffffff << (32 - 10#$nprefix)) & 0xffffffff))
+	(((a & mask) == (REPLY & mask)))
+}
+
+# cidrs_overlap A/N B/M: one contains the other.
+cidrs_overlap() {
+	local p1=${1##*/} p2=${2##*/} p a mask
+	[[ $1 == */* ]] || p1=32
+	[[ $2 == */* ]] || p2=32
+	p=$((10#$p1 < 10#$p2 ? 10#$p1 : 10#$p2))
+	ip_int "${1%/*}"
+	a=$REPLY
+	ip_int "${2%/*}"
+	mask=$(((0xffffffff << (32 - p)) & 0xffffffff))
+	((p == 0)) && mask=0
+	(((a & mask) == (REPLY & mask)))
+}
+
+# Settings of the bundle -> S[...].
 declare -A S=()
+
+# bad_setting KEY WHAT: a settings.env value that cannot be used: exit 2.
+bad_setting() {
+	fatal 2 "settings.env: $1 '${S[$1]}' is not $2" "ask the hub admin for the bundle again (gridx hub add-peer NAME, or gridx hub refresh-bundle NAME)"
+}
+
+# Every value of settings.env that the scripts use, checked.
+check_settings() {
+	local key
+	S[GRIDX_INTERFACE]=${S[GRIDX_INTERFACE]:-gridx0}
+	is_interface "${S[GRIDX_INTERFACE]}" || bad_setting GRIDX_INTERFACE "an interface name (1-15 letters, digits and _=+.-)"
+	for key in "${!S[@]}"; do
+		case $key in
+		GRIDX_INTERFACE) ;;
+		GRIDX_NAME) is_dns_label "${S[$key]}" || bad_setting "$key" "a DNS label (lowercase letters, digits and '-')" ;;
+		GRIDX_VPN_IP | GRIDX_HUB_VPN_IP) is_ipv4 "${S[$key]}" || bad_setting "$key" "an IPv4 address" ;;
+		GRIDX_MANAGER) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:2377)" ;;
+		GRIDX_HUB_ENDPOINT) is_endpoint "${S[$key]}" || bad_setting "$key" "host:port (like 203.0.113.7:51820)" ;;
+		GRIDX_SUBNET) is_cidr "${S[$key]}" 8 || bad_setting "$key" "an IPv4 network (like 10.0.0.0/24)" ;;
+		GRIDX_NEEDS_PRIVATE_KEY) [[ ${S[$key]} =~ ^[01]$ ]] || bad_setting "$key" "0 or 1" ;;
+		GRIDX_VERSION) [[ ${S[$key]} =~ ^[0-9A-Za-z][0-9A-Za-z.+~_-]*$ ]] || bad_setting "$key" "a version" ;;
+		*) ;; # a key from a newer gridx: never used here
+		esac
+	done
+}
 
 load_settings() {
 	local file=$GRIDX_BUNDLE_DIR/settings.env
 	[[ -f $file ]] || fatal 3 "$file is missing: this folder is not a complete Grid-X bundle" "ask the hub admin for the bundle again (gridx hub add-peer NAME)"
-	read_values "$file" S
-	S[GRIDX_INTERFACE]=${S[GRIDX_INTERFACE]:-gridx0}
-	[[ ${S[GRIDX_INTERFACE]} =~ ^[a-zA-Z0-9_=+.-]{1,15}$ ]] || fatal 3 "GRIDX_INTERFACE '${S[GRIDX_INTERFACE]}' in settings.env is not a valid interface name"
+	read_values "$file" S 2
+	check_settings
 	# shellcheck disable=SC2034 # the scripts use it
 	IFACE=${S[GRIDX_INTERFACE]}
 }
@@ -194,7 +355,7 @@ atomic_write() {
 	chmod "$mode" "$tmp"
 	cat >"$tmp"
 	sync "$tmp" 2>/dev/null || sync
-	mv -f "$tmp" "$path"
+	mv -f -- "$tmp" "$path"
 }
 
 # same_file A B: byte for byte equal.
@@ -246,8 +407,11 @@ json_str_list() {
 #   NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
 #   SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS (comma-separated)
 #   and the changes, each present only while it is in effect:
+#   CONTAINMENT (1: userns-remap and no-new-privileges asked for) HUB_SSH
+#   (0: --no-hub-ssh)
 #   CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
-#   iptables arguments) CREATED_DOCKER_DIR DAEMON_JSON DAEMON_JSON_BACKUP (a
+#   iptables arguments) WORKER_CHAIN (the INPUT chain of the swarm ports)
+#   CREATED_DOCKER_DIR DAEMON_JSON DAEMON_JSON_BACKUP (a
 #   file, or "absent") CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
 #   DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS
 #   AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP CREATED_SSH_DIR
@@ -255,15 +419,47 @@ json_str_list() {
 
 declare -A ST=()
 STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
-	SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS
-	CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE CREATED_DOCKER_DIR
+	SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS CONTAINMENT HUB_SSH
+	CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE WORKER_CHAIN CREATED_DOCKER_DIR
 	DAEMON_JSON DAEMON_JSON_BACKUP CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
 	DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
 	CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS BOOT_UNIT)
 
 state_exists() { [[ -f $STATE_FILE ]]; }
 
-load_state() { read_values "$STATE_FILE" ST; }
+# The record is root's, and names only the paths join.sh uses: leave.sh
+# removes and restores exactly these, whatever else the file might say.
+load_state() {
+	check_state_owner
+	read_values "$STATE_FILE" ST
+	check_state
+}
+
+# state_expect KEY VALUE...: the recorded KEY, when present, is one of VALUEs.
+state_expect() {
+	local key=$1 v
+	shift
+	[[ -v ST[$key] ]] || return 0
+	for v in "$@"; do [[ ${ST[$key]} == "$v" ]] && return 0; done
+	fatal 3 "$STATE_FILE: $key is '${ST[$key]}', not what join.sh records (${*})" "the record was changed by hand; put it back, or undo the join by hand"
+}
+
+check_state() {
+	local iface=${ST[INTERFACE]:-}
+	is_interface "$iface" || fatal 3 "$STATE_FILE: INTERFACE '$iface' is not an interface name" "the record was changed by hand; put it back, or undo the join by hand"
+	firewall_rule "$iface"
+	state_expect WG_CONFIG "$WG_DIR/$iface.conf"
+	state_expect CREATED_WG_DIR "$WG_DIR"
+	state_expect DAEMON_JSON "$DAEMON_JSON"
+	state_expect DAEMON_JSON_BACKUP absent "$BACKUP_DIR/daemon.json"
+	state_expect NVIDIA_CONFIG "$NVIDIA_CONFIG"
+	state_expect NVIDIA_CONFIG_BACKUP absent "$BACKUP_DIR/nvidia-config.toml"
+	state_expect AUTHORIZED_KEYS "$AUTHORIZED_KEYS"
+	state_expect AUTHORIZED_KEYS_BACKUP absent "$BACKUP_DIR/authorized_keys"
+	state_expect BOOT_UNIT "wg-quick@$iface"
+	state_expect FIREWALL_RULE "${FW_RULE[*]}"
+	state_expect WORKER_CHAIN "$WORKER_CHAIN"
+}
 
 # state_set KEY VALUE [KEY VALUE...], then save. state_unset KEY..., then save.
 state_set() {
@@ -306,7 +502,7 @@ state_json() {
 		SHARED_GPU_IDS) json_str_list "$value" ;;
 		SHARED_CPUS | SHARED_MEMORY_MIB) REPLY=$value ;;
 		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
-			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS)
+			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
 			;;
 		*) json_str "$value" ;;
@@ -355,6 +551,22 @@ firewall_rule() {
 	FW_RULE=(-m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i "$1" -m comment --comment gridx -j DROP)
 }
 
+# The swarm's gossip (7946/tcp+udp) and overlay data (4789/udp) ports, and
+# the manager port 2377/tcp, answer over the VPN only: VXLAN listens on every
+# interface (moby/moby#47667). An INPUT chain like the hub's GRIDX-INPUT
+# (gridx.py firewall_rules), its own name so a hub that is also a test
+# worker keeps both. WORKER_RULES: the arguments after "-A $WORKER_CHAIN".
+WORKER_CHAIN=GRIDX-WORKER
+worker_rules() { # IFACE
+	WORKER_RULES=("-i $1 -j RETURN" "-i lo -j RETURN")
+	local port
+	for port in tcp:2377 tcp:7946 udp:7946 udp:4789; do
+		WORKER_RULES+=("-p ${port%:*} --dport ${port#*:} -j DROP")
+	done
+}
+
+worker_chain_present() { iptables -C INPUT -j "$WORKER_CHAIN" >/dev/null 2>&1; }
+
 firewall_rule_present() {
 	firewall_rule "$1"
 	iptables -C DOCKER-USER "${FW_RULE[@]}" >/dev/null 2>&1
@@ -392,7 +604,7 @@ wait_docker() { # polls 5 times a second: Docker is usually back within 2 s
 restore_file() { # PATH BACKUP(file or "absent")
 	local path=$1 backup=$2
 	if [[ $backup == absent ]]; then
-		if [[ -e $path ]]; then cmd rm -f "$path"; fi
+		if [[ -e $path ]]; then cmd rm -f -- "$path"; fi
 	else
 		[[ -f $backup ]] || {
 			warn "backup $backup is missing: $path left as it is"
@@ -402,8 +614,8 @@ restore_file() { # PATH BACKUP(file or "absent")
 		local tmp
 		printf '[#] restore %s as it was before join\n' "$path" >&2
 		tmp=$(mktemp "${path%/*}/.${path##*/}.XXXXXX")
-		cp -p "$backup" "$tmp"
-		mv -f "$tmp" "$path"
+		cp -p -- "$backup" "$tmp"
+		mv -f -- "$tmp" "$path"
 	fi
 }
 
@@ -422,7 +634,7 @@ keep_edited_copy() { # PATH WRITTEN_COPY
 	local path=$1 written=$2
 	if [[ -f $path && -f $written ]] && ! same_file "$path" "$written"; then
 		warn "$path was edited after join; restoring the original and keeping the edited one as $path.gridx-edited"
-		cmd cp -p "$path" "$path.gridx-edited"
+		cmd cp -p -- "$path" "$path.gridx-edited"
 	fi
 }
 
@@ -442,7 +654,7 @@ undo_authorized_keys() {
 		if [[ $backup != absent ]]; then
 			cat "$backup" >"$expected"
 			# join added a newline first when the file did not end with one
-			if [[ -s $backup && -n $(tail -c 1 "$backup") ]]; then printf '\n' >>"$expected"; fi
+			if [[ -s $backup && -n $(tail -c 1 -- "$backup") ]]; then printf '\n' >>"$expected"; fi
 		fi
 		printf '%s\n' "$line" >>"$expected"
 		if same_file "$path" "$expected"; then
@@ -465,10 +677,10 @@ undo_authorized_keys() {
 		fi
 		rm -f "$expected"
 	fi
-	if [[ ${ST[CREATED_AUTHORIZED_KEYS]:-0} == 1 && -f $path && ! -s $path ]]; then cmd rm -f "$path"; fi
+	if [[ ${ST[CREATED_AUTHORIZED_KEYS]:-0} == 1 && -f $path && ! -s $path ]]; then cmd rm -f -- "$path"; fi
 	dir=${path%/*}
 	if [[ ${ST[CREATED_SSH_DIR]:-0} == 1 && -d $dir ]]; then
-		if [[ -z $(ls -A "$dir") ]]; then cmd rmdir "$dir"; fi
+		if [[ -z $(ls -A -- "$dir") ]]; then cmd rmdir -- "$dir"; fi
 	fi
 	state_unset AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS
 }
@@ -497,7 +709,7 @@ undo_docker_file() {
 	keep_edited_copy "$path" "$3"
 	if file_differs "$path" "$backup"; then state_set DOCKER_RESTART_PENDING 1; fi
 	restore_file "$path" "$backup" || return 1
-	if [[ ${ST[$dir_key]:-0} == 1 ]]; then rmdir "${path%/*}" 2>/dev/null || true; fi
+	if [[ ${ST[$dir_key]:-0} == 1 ]]; then rmdir -- "${path%/*}" 2>/dev/null || true; fi
 	state_unset "$key" "${key}_BACKUP" "$dir_key"
 }
 
@@ -522,28 +734,42 @@ undo_link() {
 	state_unset LINK_UP
 }
 
-# wg-quick down removes the rule (PostDown); this catches a link that went
+# wg-quick down removes the rules (PostDown); this catches a link that went
 # away without it, and a rule join.sh added itself.
 undo_firewall() {
-	[[ -v ST[FIREWALL_RULE] ]] || return 0
 	local tries=0 rule
-	# the rule as join wrote it, whatever this version of the scripts writes
-	read -r -a rule <<<"${ST[FIREWALL_RULE]}"
-	if have_cmd iptables; then
-		while ((tries++ < 8)) && iptables -C DOCKER-USER "${rule[@]}" >/dev/null 2>&1; do
-			cmd iptables -D DOCKER-USER "${rule[@]}" || return 1
-		done
+	if [[ -v ST[FIREWALL_RULE] ]]; then
+		# the rule as join wrote it (check_state made sure it is Grid-X's)
+		read -r -a rule <<<"${ST[FIREWALL_RULE]}"
+		if have_cmd iptables; then
+			while ((tries++ < 8)) && iptables -C DOCKER-USER "${rule[@]}" >/dev/null 2>&1; do
+				cmd iptables -D DOCKER-USER "${rule[@]}" || return 1
+			done
+		fi
+		state_unset FIREWALL_RULE
 	fi
-	state_unset FIREWALL_RULE
+	if [[ -v ST[WORKER_CHAIN] ]]; then
+		if have_cmd iptables; then
+			tries=0
+			while ((tries++ < 8)) && worker_chain_present; do
+				cmd iptables -D INPUT -j "$WORKER_CHAIN" || return 1
+			done
+			if iptables -S "$WORKER_CHAIN" >/dev/null 2>&1; then
+				cmd iptables -F "$WORKER_CHAIN" || return 1
+				cmd iptables -X "$WORKER_CHAIN" || return 1
+			fi
+		fi
+		state_unset WORKER_CHAIN
+	fi
 }
 
 undo_wg_config() {
 	if [[ -v ST[WG_CONFIG] ]]; then
-		if [[ -e ${ST[WG_CONFIG]} ]]; then cmd rm -f "${ST[WG_CONFIG]}" || return 1; fi
+		if [[ -e ${ST[WG_CONFIG]} ]]; then cmd rm -f -- "${ST[WG_CONFIG]}" || return 1; fi
 		state_unset WG_CONFIG
 	fi
 	if [[ -v ST[CREATED_WG_DIR] ]]; then
-		rmdir "${ST[CREATED_WG_DIR]}" 2>/dev/null || true
+		rmdir -- "${ST[CREATED_WG_DIR]}" 2>/dev/null || true
 		state_unset CREATED_WG_DIR
 	fi
 }
@@ -571,9 +797,9 @@ undo_all() {
 	done
 	if [[ $errexit == 1 ]]; then set -e; fi
 	[[ $failed == 0 ]] || return 1
-	rm -rf "$BACKUP_DIR"
-	rm -f "$STATE_FILE" "$STATE_JSON"
-	if [[ ${ST[CREATED_STATE_DIR]:-0} == 1 ]]; then rmdir "$STATE_DIR" 2>/dev/null || true; fi
+	rm -rf -- "$BACKUP_DIR"
+	rm -f -- "$STATE_FILE" "$STATE_JSON"
+	if [[ ${ST[CREATED_STATE_DIR]:-0} == 1 ]]; then rmdir -- "$STATE_DIR" 2>/dev/null || true; fi
 	ST=()
 	return 0
 }

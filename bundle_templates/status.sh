@@ -15,13 +15,16 @@
 # stopped midway), name, interface, vpn_ip, hub_vpn_ip, hub_endpoint,
 # manager, link_up (bool), handshake_age_s (int, null when none yet),
 # swarm_state (inactive/pending/active/error/locked/unknown), node_addr,
-# shared {cpus, memory_mib, gpu_ids [..]}, healthy (bool), problems [..].
+# shared {cpus, memory_mib, gpu_ids [..]}, contained (bool: Docker runs with
+# user-namespace remapping), healthy (bool), problems [..].
 #
-# Reads: ${GRIDX_STATE_DIR:-$HOME/.gridx}/state.env (written by join.sh),
-#   settings.env beside this script when present, and the path overrides
-#   listed in lib.sh.
+# Reads: ${GRIDX_STATE_DIR:-/var/lib/gridx}/state.env (written by join.sh;
+#   /root/.gridx/state.env where an older join.sh joined), settings.env
+#   beside this script when present, and the path overrides listed in
+#   lib.sh.
 #
-# Exit codes: 0 healthy, 1 not healthy or not joined, 2 bad usage, 3 not root.
+# Exit codes: 0 healthy, 1 not healthy or not joined, 2 bad usage, 3 not root,
+# or a state that someone other than root could have written.
 
 set -euo pipefail
 export LC_ALL=C
@@ -35,7 +38,7 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 
 HANDSHAKE_MAX_AGE=180
 OPT_JSON=0
-LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=()
+LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false
 
 usage() {
 	cat <<EOF
@@ -98,6 +101,19 @@ check_swarm() {
 	fi
 }
 
+# What join.sh set up to keep jobs in: still in force?
+check_containment() {
+	local opts
+	opts=$(docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' 2>/dev/null) || opts=''
+	[[ $opts == *name=userns* ]] && CONTAINED=true
+	if [[ ${ST[CONTAINMENT]:-0} == 1 && $CONTAINED != true ]]; then
+		PROBLEMS+=("Docker runs without user-namespace remapping: jobs are not contained (run leave.sh, then join.sh again)")
+	fi
+	if [[ -v ST[WORKER_CHAIN] && $LINK_UP == true ]] && ! worker_chain_present; then
+		PROBLEMS+=("iptables' INPUT chain has no jump to $WORKER_CHAIN: the swarm's ports answer beyond the VPN (wg-quick down $IFACE_NAME && wg-quick up $IFACE_NAME)")
+	fi
+}
+
 print_json() {
 	local healthy=$1 joined=$2 key p problems='' complete=false
 	[[ ${ST[COMPLETE]:-0} == 1 ]] && complete=true
@@ -116,7 +132,7 @@ print_json() {
 		json_str "$p"
 		problems+=${problems:+, }$REPLY
 	done
-	printf ', "healthy": %s, "problems": [%s]}\n' "$healthy" "$problems"
+	printf ', "contained": %s, "healthy": %s, "problems": [%s]}\n' "$CONTAINED" "$healthy" "$problems"
 }
 
 print_human() {
@@ -127,12 +143,14 @@ print_human() {
 	printf '  handshake       %s (hub %s at %s)\n' "$age" "${ST[HUB_VPN_IP]:-?}" "${ST[HUB_ENDPOINT]:-?}"
 	printf '  swarm           %s (manager %s)\n' "$SWARM" "${ST[MANAGER]:-?}"
 	printf '  shared          %s CPUs, %s MiB, GPUs: %s\n' "${ST[SHARED_CPUS]:-?}" "${ST[SHARED_MEMORY_MIB]:-?}" "${gpus:-none}"
+	printf '  contained       %s\n' "$([[ $CONTAINED == true ]] && printf 'yes (user-namespace remapping)' || printf no)"
 }
 
 main() {
 	parse_args "$@"
 	ensure_root "reads the VPN's state" "$@"
 	init_paths
+	find_legacy_state
 	if [[ -f $GRIDX_BUNDLE_DIR/settings.env ]]; then load_settings; fi
 	need_cmd ip wg docker
 	if ! state_exists; then
@@ -146,6 +164,8 @@ main() {
 	check_link
 	check_handshake
 	check_swarm
+	IFACE_NAME=${ST[INTERFACE]:-gridx0}
+	check_containment
 	local healthy=true p
 	((${#PROBLEMS[@]} == 0)) || healthy=false
 	if ((OPT_JSON)); then print_json "$healthy" true; else print_human; fi

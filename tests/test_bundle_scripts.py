@@ -58,6 +58,7 @@ REAL_TOOLS = [
 ]
 
 PRIVATE_KEY = base64.b64encode(bytes(range(32))).decode()
+HUB_PUBKEY = base64.b64encode(bytes(range(32, 64))).decode()
 HUB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake gridx-hub"
 TOKEN = "SWMTKN-1-fake0123456789abcdefghijklmnopqrstuvwxyz-secretpart"
 KEY_LINE = 'from="10.0.0.1",no-agent-forwarding,no-X11-forwarding ' + HUB_KEY
@@ -105,17 +106,27 @@ case "$*" in
         echo "Device \"$iface\" does not exist." >&2; exit 1
     fi ;;
 "link delete dev "*) rm -f "$FAKE/links/$iface" ;;
+"-4 route show") cat "$FAKE/routes" 2>/dev/null || true ;;
 esac
 """,
     "docker": r"""
 echo "docker $*" >>"$FAKE/log"
 state=$(cat "$FAKE/swarm_state" 2>/dev/null || echo inactive)
 case $1 in
+version) cat "$FAKE/docker_version" 2>/dev/null || echo 20.10.24+dfsg1 ;;
 info)
     [[ -f $FAKE/fail/docker-info ]] && { echo "Cannot connect to the Docker daemon" >&2; exit 1; }
     case "$*" in
     *LocalNodeState*) echo "$state" ;;
     *NodeAddr*) echo 10.0.0.2 ;;
+    *LiveRestoreEnabled*) cat "$FAKE/live_restore" 2>/dev/null || echo false ;;
+    *SecurityOptions*)
+        # as a restarted engine would: remapped when daemon.json says so
+        opts="name=seccomp,profile=default "
+        if [[ ! -f $FAKE/fail/remap ]] && grep -q '"userns-remap"' "$GRIDX_DOCKER_DAEMON_JSON" 2>/dev/null; then
+            opts+="name=userns "
+        fi
+        echo "$opts" ;;
     *) echo "Server Version: 20.10.fake" ;;
     esac ;;
 swarm)
@@ -129,14 +140,33 @@ esac
 """,
     "iptables": r"""
 echo "iptables $*" >>"$FAKE/log"
-rules=$FAKE/iptables_rules
-touch "$rules"
+rules=$FAKE/iptables_rules chains=$FAKE/iptables_chains
+touch "$rules" "$chains"
 op=$1 chain=$2
 shift 2
+[[ $op == -I && ${1:-} =~ ^[0-9]+$ ]] && shift
 rule="$chain $*"
+builtin() { [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT || $1 == DOCKER-USER ]]; }
 case $op in
--C) grep -qxF -- "$rule" "$rules" ;;
+-C)
+    # Docker's own jump, there unless a test says Docker runs without iptables
+    if [[ $rule == "FORWARD -j DOCKER-USER" ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
+    grep -qxF -- "$rule" "$rules" ;;
 -I | -A) echo "$rule" >>"$rules" ;;
+-N)
+    if builtin "$chain" || grep -qxF -- "$chain" "$chains"; then echo "iptables: Chain already exists." >&2; exit 1; fi
+    echo "$chain" >>"$chains" ;;
+-F)
+    builtin "$chain" || grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
+    grep -v -- "^$chain " "$rules" >"$rules.new" || true
+    mv "$rules.new" "$rules" ;;
+-X)
+    grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
+    grep -vxF -- "$chain" "$chains" >"$chains.new" || true
+    mv "$chains.new" "$chains" ;;
+-S)
+    builtin "$chain" || grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
+    grep -- "^$chain " "$rules" || true ;;
 -D)
     grep -qxF -- "$rule" "$rules" || { echo "iptables: Bad rule" >&2; exit 1; }
     gone=0 kept=()
@@ -145,7 +175,6 @@ case $op in
     done <"$rules"
     printf '%s\n' "${kept[@]}" | grep -v '^$' >"$rules.new" || true
     mv "$rules.new" "$rules" ;;
--N) echo "iptables: Chain already exists." >&2; exit 1 ;;
 esac
 """,
     "systemctl": r"""
@@ -169,6 +198,9 @@ echo "nvidia-smi $*" >>"$FAKE/log"
 cat "$FAKE/gpus"
 """
 
+# What join.sh merges into every daemon.json besides the resources.
+CONTAINED = {"userns-remap": "default", "no-new-privileges": True, "userland-proxy": False}
+
 MEMINFO = "MemTotal:        8040708 kB\nMemFree:         1000000 kB\n"  # 7852 MiB
 MACHINE_MIB = 8040708 // 1024
 
@@ -180,6 +212,18 @@ disable-require = false
 #root = "/run/nvidia/driver"
 ldconfig = "@/sbin/ldconfig.real"
 """
+
+
+# The swarm ports' INPUT chain, as the worker config's PostUp installs it.
+WORKER_CHAIN_RULES = [
+    "GRIDX-WORKER -i gridx0 -j RETURN",
+    "GRIDX-WORKER -i lo -j RETURN",
+    "GRIDX-WORKER -p tcp --dport 2377 -j DROP",
+    "GRIDX-WORKER -p tcp --dport 7946 -j DROP",
+    "GRIDX-WORKER -p udp --dport 7946 -j DROP",
+    "GRIDX-WORKER -p udp --dport 4789 -j DROP",
+    "INPUT -j GRIDX-WORKER",
+]
 
 
 def sha(path):
@@ -197,7 +241,7 @@ class Lab:
         self.fake = tmp / "fake"
         self.etc = tmp / "etc"
         self.home = tmp / "root"
-        self.state = self.home / ".gridx"
+        self.state = tmp / "var" / "lib" / "gridx"
         self.wg_dir = self.etc / "wireguard"
         self.wg_conf = self.wg_dir / "gridx0.conf"
         self.daemon_json = self.etc / "docker" / "daemon.json"
@@ -231,9 +275,13 @@ class Lab:
         lines = ["%s='%s'" % kv for kv in self.settings.items()]
         (self.bundle / "settings.env").write_text("\n".join(lines) + "\n")
         (self.bundle / "gridx0.conf").write_text(
-            "[Interface]\nPrivateKey = %s\nAddress = 10.0.0.2/24\n\n[Peer]\n"
-            "PublicKey = HUBPUBKEY=\nEndpoint = 203.0.113.7:51820\nAllowedIPs = 10.0.0.0/24\n"
-            "PersistentKeepalive = 25\n" % private_key
+            "# Managed by gridx (worker). Written by the hub for peer worker1.\n"
+            "# gridx-name = worker1\n# gridx-manager = 10.0.0.1:2377\n"
+            "[Interface]\nPrivateKey = %s\nAddress = %s/%s\nMTU = 1420\n\n[Peer]\n"
+            "PublicKey = %s\nEndpoint = %s\nAllowedIPs = %s\n"
+            "PersistentKeepalive = 25\n"
+            % (private_key, self.settings["GRIDX_VPN_IP"], self.settings["GRIDX_SUBNET"].split("/")[1], HUB_PUBKEY,
+               self.settings["GRIDX_HUB_ENDPOINT"], self.settings["GRIDX_SUBNET"])
         )
         (self.bundle / "swarm-token").write_text(TOKEN + "\n")
         (self.bundle / "hub_ssh.pub").write_text(HUB_KEY + "\n")
@@ -312,6 +360,13 @@ class Lab:
         p = self.fake / "iptables_rules"
         return [x for x in p.read_text().splitlines() if x] if p.exists() else []
 
+    def iptables_chains(self):
+        p = self.fake / "iptables_chains"
+        return [x for x in p.read_text().splitlines() if x] if p.exists() else []
+
+    def docker_user_rules(self):
+        return [r for r in self.iptables_rules() if r.startswith("DOCKER-USER ")]
+
     def link_up(self):
         return (self.fake / "links" / "gridx0").exists()
 
@@ -344,7 +399,7 @@ def assert_nothing_changed(lab, before):
     assert not [c for c in lab.log() if c.startswith(CHANGING)]
     assert not lab.link_up()
     assert lab.swarm_state() == "inactive"
-    assert lab.iptables_rules() == []
+    assert lab.iptables_rules() == [] and lab.iptables_chains() == []
 
 
 # ---------------------------------------------------------------- lint ----
@@ -520,7 +575,8 @@ def test_join_with_flags(lab):
     assert "PostUp = iptables -N DOCKER-USER 2>/dev/null || true; iptables -I DOCKER-USER" in conf
     assert other.read_text() == "[Interface]\n# someone else's VPN\n"
     # daemon.json advertises what is shared
-    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1536"]}
+    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1536"],
+                                                       **CONTAINED}
     log = lab.log()
     assert "wg-quick up %s" % lab.wg_conf in log
     # a userspace wireguard-go must outlive the terminal: SIGHUP (bit 0) ignored
@@ -528,7 +584,7 @@ def test_join_with_flags(lab):
     assert "service docker restart" in log
     assert (
         "docker swarm join --token %s --advertise-addr 10.0.0.2 --listen-addr 10.0.0.2:2377 "
-        "--data-path-addr 10.0.0.2 10.0.0.1:2377" % TOKEN
+        "--data-path-addr 10.0.0.2 -- 10.0.0.1:2377" % TOKEN
     ) in log
     assert TOKEN not in r.stderr + r.stdout  # echoed as <hidden>
     assert "[#] docker swarm join --token <hidden>" in r.stderr
@@ -538,10 +594,11 @@ def test_join_with_flags(lab):
     assert lab.auth_keys.read_text() == KEY_LINE + "\n"
     assert stat.S_IMODE(lab.auth_keys.stat().st_mode) == 0o600
     assert stat.S_IMODE(lab.auth_keys.parent.stat().st_mode) == 0o700
-    # published ports answer over the VPN only
+    # published ports answer over the VPN only, and so do the swarm's ports
     assert lab.iptables_rules() == [
         "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP"
-    ]
+    ] + WORKER_CHAIN_RULES
+    assert lab.iptables_chains() == ["GRIDX-WORKER"]
     # state, as shell values and as JSON
     assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
     env = (lab.state / "state.env").read_text()
@@ -572,7 +629,9 @@ def test_join_under_systemd_uses_systemctl_and_enables_boot_unit(lab):
 
 def test_join_waits_for_handshake_then_says_what_to_check(lab):
     (lab.fake / "handshake").unlink()
-    lab.settings["GRIDX_HUB_VPN_IP"] = "127.0.0.1"  # the nudge packet stays here
+    # a VPN on loopback addresses: the nudge packet stays here
+    lab.settings.update(GRIDX_HUB_VPN_IP="127.0.0.1", GRIDX_VPN_IP="127.0.0.2", GRIDX_SUBNET="127.0.0.0/24",
+                        GRIDX_MANAGER="127.0.0.1:2377")
     lab.write_bundle()
     before = lab.snapshot()
     t = time.time()
@@ -642,6 +701,7 @@ def test_merge_keeps_existing_keys_and_leave_restores_bytes(lab, tool):
         "log-driver": "json-file",
         "node-generic-resources": ["other=1", "gridx_cpu=3", "gridx_mem=2048"],
         "runtimes": {"crun": {"path": "/usr/bin/crun"}},
+        **CONTAINED,
     }
     assert stat.S_IMODE(lab.daemon_json.stat().st_mode) == 0o640
     assert (lab.state / "backup" / "daemon.json").read_bytes() == EXISTING
@@ -656,7 +716,8 @@ def test_merge_keeps_existing_keys_and_leave_restores_bytes(lab, tool):
 def test_merge_already_there_means_no_restart(lab, tool):
     getattr(lab, "with_" + tool)()
     lab.daemon_json.parent.mkdir()
-    original = b'{"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"], "debug": false}'
+    original = (b'{"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"], "debug": false,'
+                b' "userns-remap": "default", "no-new-privileges": true, "userland-proxy": false}')
     lab.daemon_json.write_bytes(original)
     r = lab.join()
     assert "Docker is not restarted" in r.stderr
@@ -688,7 +749,8 @@ def test_no_python_no_jq_and_a_nonempty_file_stops_and_explains(lab):
 
 def test_no_python_no_jq_keys_added_by_hand_are_accepted(lab):
     lab.daemon_json.parent.mkdir()
-    text = '{"log-level": "warn",\n "node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"]}\n'
+    text = ('{"log-level": "warn",\n "node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"],\n'
+            ' "userns-remap": "default", "no-new-privileges": true, "userland-proxy": false}\n')
     lab.daemon_json.write_text(text)
     lab.join()
     assert lab.daemon_json.read_text() == text
@@ -699,7 +761,8 @@ def test_no_python_no_jq_empty_object_is_written(lab):
     lab.daemon_json.parent.mkdir()
     lab.daemon_json.write_text("{ }\n")
     lab.join()
-    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"]}
+    assert json.loads(lab.daemon_json.read_text()) == {"node-generic-resources": ["gridx_cpu=2", "gridx_mem=1024"],
+                                                       **CONTAINED}
     assert lab.run("leave.sh").returncode == 0
     assert lab.daemon_json.read_text() == "{ }\n"
 
@@ -935,9 +998,12 @@ def test_gpus_with_nvidia_runtime_set_default_runtime_and_swarm_resource(lab):
         "nvidia": {"path": str(lab.bin / "nvidia-container-runtime"), "runtimeArgs": []},
     }
     assert d["node-generic-resources"][-1] == "NVIDIA-GPU=GPU-aaaa"
-    toml = lab.nvidia_toml.read_text().splitlines()
-    assert toml[2] == 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"'
-    assert toml[:2] == NVIDIA_TOML.splitlines()[:2] and toml[3:] == NVIDIA_TOML.splitlines()[3:]
+    # the commented-out swarm-resource line is set in place; the unprivileged
+    # switch (absent) comes first, on: swarm tasks are never privileged
+    want = NVIDIA_TOML.splitlines()
+    want[2] = 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"'
+    assert lab.nvidia_toml.read_text().splitlines() == [
+        "accept-nvidia-visible-devices-envvar-when-unprivileged = true"] + want
     assert lab.run("leave.sh").returncode == 0
     assert lab.snapshot() == before
 
@@ -974,5 +1040,5 @@ def test_private_key_refused_for_a_bundle_that_has_one(lab):
 def test_settings_are_read_as_data_never_run(lab):
     (lab.bundle / "settings.env").write_text("GRIDX_NAME=$(touch %s/pwned)\n" % lab.tmp)
     r = lab.join(ok=False)
-    assert r.returncode == 3 and "is not a KEY='value' line" in r.stderr
+    assert r.returncode == 2 and "is not a KEY='value' line" in r.stderr
     assert not (lab.tmp / "pwned").exists()
