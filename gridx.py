@@ -62,6 +62,7 @@ PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
 RES_CPU = "gridx_cpu"
 RES_MEM = "gridx_mem"
 RES_GPU = "NVIDIA-GPU"
+NVIDIA_ENV = "NVIDIA_VISIBLE_DEVICES"  # which GPUs the container toolkit hands a container
 
 LABEL_JOB = "gridx.job"
 LABEL_KIND = "gridx.kind"
@@ -69,6 +70,10 @@ LABEL_CMD = "gridx.command"
 LABEL_CREATED = "gridx.created"
 LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
+# An engine label (docker node inspect: .Description.Engine.Labels) that a
+# worker's join.sh --no-hub-ssh sets to "no": it declined the hub's SSH.
+# Same as join.sh's HUB_SSH_LABEL.
+LABEL_HUB_SSH = "gridx.hub-ssh"
 DEFAULT_JOB_CPUS = 1.0
 DEFAULT_JOB_MEMORY = "1G"
 CONFIG_MAX_BYTES = 1000 * 1024  # swarmkit's limit for one config
@@ -79,6 +84,9 @@ FRAMEWORK_IMAGES = {
 JUPYTER_IMAGE = "quay.io/jupyter/base-notebook:latest"
 MANAGER_CONNECT_TIMEOUT_S = 5
 JUPYTER_FAILURES = 3  # failed starts in a row before `jobs jupyter` gives up
+WG_CONFIG_MAX_BYTES = 64 * 1024
+WATCH_MAX_S = 86400  # hub watch's --interval / --down-after: time.sleep() overflows on huge values
+JUPYTER_MAX_WAIT_S = 86400
 
 INSTALL_HINTS = {
     "wg": "wireguard-tools",
@@ -94,11 +102,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2,
 
 
 def config_dir():
-    return os.environ.get("GRIDX_CONFIG_DIR") or "/etc/gridx"
+    # absolute: its paths go into argv (iptables-restore, ssh -i), where a
+    # relative one beginning with '-' would read as an option
+    return os.path.abspath(os.environ.get("GRIDX_CONFIG_DIR") or "/etc/gridx")
 
 
 def wg_dir():
-    return os.environ.get("GRIDX_WG_DIR") or "/etc/wireguard"
+    return os.path.abspath(os.environ.get("GRIDX_WG_DIR") or "/etc/wireguard")
 
 
 # ---------------------------------------------------------------------------
@@ -285,6 +295,11 @@ def command_error(argv, result):
         return precondition(
             "Docker is not running", "start it: systemctl start docker (or service docker start)"
         )
+    if argv[0] == "docker" and "permission denied while trying to connect to the Docker daemon" in stderr:
+        return precondition(
+            "no access to the Docker socket (permission denied)",
+            "run it as root (sudo), or as a member of the docker group (which is as good as root)",
+        )
     if argv[0] == "docker" and "This node is not a swarm manager" in stderr:
         return precondition(
             "this machine's Docker is not a swarm manager",
@@ -307,7 +322,7 @@ DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
 def docker(*args):
     """argv for a docker call, against the remote manager when one is set."""
     if DOCKER_HOST:
-        return ["docker", "-H", DOCKER_HOST, *args]
+        return ["docker", f"--host={DOCKER_HOST}", *args]
     return ["docker", *args]
 
 
@@ -438,7 +453,8 @@ def valid_name(name, what="peer name"):
 def valid_interface(name):
     import re
 
-    if not re.fullmatch(r"[a-zA-Z0-9_=+.-]{1,15}", name or "") or name in (".", ".."):
+    # a leading '-' would reach wg, wg-quick and iptables as an option
+    if not re.fullmatch(r"[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}", name or "") or name in (".", ".."):
         raise usage_error(
             f"invalid interface name {name!r}: 1-15 characters of letters, digits and _=+.-",
             "for example: --interface gridx0",
@@ -501,6 +517,90 @@ def valid_wg_key(value, what="--pubkey"):
     return value
 
 
+# Docker's image reference grammar (distribution/reference): a name of
+# lowercase path components, optionally after a registry host[:port], then
+# an optional :tag and @digest. The first component is a registry only when
+# it has a '.' or a ':' or is localhost, as Docker 20.10 decides.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"sha256:[0-9a-f]{64}"
+
+
+def valid_image(image, what="image"):
+    """An image reference as Docker's grammar has it, so that a value that is
+    not one (a leading '-', an upper-case name) is exit 2 here, never a docker
+    option nor an error from the daemon."""
+    import re
+
+    name, _, digest = (image or "").partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    tag = ""
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        domain, parts = parts[0], parts[1:]
+    else:
+        domain = ""
+    ok = (
+        bool(name) and len(name) <= 255
+        and (not domain or re.fullmatch(_DOMAIN, domain))
+        and all(re.fullmatch(_PATH_COMPONENT, part) for part in parts)
+        and (not tag or re.fullmatch(_TAG, tag))
+        and (not digest or re.fullmatch(_DIGEST, digest))
+        and (colon <= slash or tag) and ("@" not in image or digest)
+    )
+    if not ok:
+        raise usage_error(
+            f"invalid {what} {image!r}: use an image reference as Docker has it: lowercase "
+            "[REGISTRY[:PORT]/]NAME[/NAME…][:TAG][@sha256:DIGEST]",
+            "for example: python:3.11 or registry.example:5000/team/app:1.0",
+        )
+    return image
+
+
+def valid_manager(value):
+    """--manager / GRIDX_MANAGER: [ssh://][USER@]HOST[:PORT] -> ssh://… for
+    `docker -H` (and so ssh's argv): a login name, an IPv4 address or a host
+    name, a port; nothing there can begin with '-'."""
+    import ipaddress
+    import re
+
+    rest = value[len("ssh://"):] if value.startswith("ssh://") else value
+    match = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_.-]{0,31})@)?([A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?", rest)
+    host = match.group(2) if match else ""
+    labels = host.split(".")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            match = None
+    elif not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels):
+        match = None
+    if not match or (match.group(3) and not 1 <= int(match.group(3)) <= 65535):
+        raise usage_error(
+            f"invalid --manager / GRIDX_MANAGER {value!r}: use USER@HOST or USER@HOST:PORT "
+            "(a login name, an IPv4 address or a host name)",
+            "for example: --manager root@10.0.0.1",
+        )
+    return "ssh://" + rest
+
+
+def valid_ssh_public_key(value, what="--ssh-key"):
+    """One OpenSSH public key line (type, base64, comment): it goes into the
+    worker's authorized_keys, where anything before the type is an option."""
+    import re
+
+    if not re.fullmatch(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\n\r]*)?",
+                        value or ""):
+        raise usage_error(f"invalid {what} {value!r}: give one OpenSSH public key line",
+                          "for example: the hub's key, from: sudo gridx hub ssh-pubkey")
+    return value
+
+
 def hub_ip_of(subnet):
     import ipaddress
 
@@ -531,7 +631,8 @@ class HubConfig:
 
     FIELDS = ("interface", "public_ip", "port", "subnet", "hub_ip", "public_key", "address_pool", "created")
 
-    def __init__(self, interface, public_ip, port, subnet, hub_ip, public_key, address_pool, created, peers):
+    def __init__(self, interface, public_ip, port, subnet, hub_ip, public_key, address_pool, created, peers,
+                 users=None, user_defaults=None):
         self.interface = interface
         self.public_ip = public_ip
         self.port = port
@@ -541,6 +642,8 @@ class HubConfig:
         self.address_pool = address_pool
         self.created = created
         self.peers = dict(peers)
+        self.users = dict(users or {})  # name -> User (see Users)
+        self.user_defaults = dict(user_defaults or {})
 
     @property
     def endpoint(self):
@@ -555,34 +658,65 @@ class HubConfig:
         document = {field: getattr(self, field) for field in self.FIELDS}
         document["version"] = 1
         document["peers"] = {name: peer.to_dict() for name, peer in sorted(self.peers.items())}
+        document.update(users_document(self))
         return document
 
     @classmethod
     def from_dict(cls, document):
-        """Validate once on load, so the code inside can trust the types."""
+        """Validate once on load, so the code inside can trust the types.
+
+        Anything wrong (a missing field, a wrong type, a peer that is not an
+        object) is one GridxError naming it, exit 1: never a traceback.
+        """
+        import ipaddress
+
+        def field(where, key, kind, default=None):
+            value = where.get(key, default)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(f"{key!r} is missing or not a {kind.__name__}")
+            return value
+
         try:
+            if not isinstance(document, dict):
+                raise TypeError("it is not a JSON object")
+            subnet = valid_subnet(field(document, "subnet", str))
+            network = ipaddress.ip_network(subnet)
+            hub_ip = field(document, "hub_ip", str)
+            if ipaddress.ip_address(hub_ip) not in network:
+                raise ValueError(f"hub_ip {hub_ip} is not in the subnet {subnet}")
+            pool = field(document, "address_pool", str, "")
+            if pool:
+                ipaddress.ip_network(pool)
             peers = {}
-            for name, item in document.get("peers", {}).items():
+            for name, item in field(document, "peers", dict, {}).items():
+                if not isinstance(item, dict):
+                    raise TypeError(f"peer {name!r} is not an object")
+                ip = field(item, "ip", str)
+                if ipaddress.ip_address(ip) not in network or ip == hub_ip:
+                    raise ValueError(f"peer {name!r} has the address {ip}, not a peer's of {subnet}")
+                if field(item, "name", str) != name:
+                    raise ValueError(f"peer {name!r} is named {item['name']!r} inside")
                 peers[name] = Peer(
-                    valid_name(item["name"]),
-                    item["ip"],
-                    valid_wg_key(item["public_key"], "peer key"),
-                    bool(item.get("key_on_hub", True)),
-                    item.get("added", ""),
+                    valid_name(name),
+                    ip,
+                    valid_wg_key(field(item, "public_key", str), "peer key"),
+                    field(item, "key_on_hub", bool, True),
+                    field(item, "added", str, ""),
                 )
             return cls(
-                valid_interface(document["interface"]),
-                valid_public_ip(document["public_ip"]),
-                valid_port(document["port"]),
-                valid_subnet(document["subnet"]),
-                document["hub_ip"],
-                valid_wg_key(document["public_key"], "hub key"),
-                document.get("address_pool", ""),
-                document.get("created", ""),
+                valid_interface(field(document, "interface", str)),
+                valid_public_ip(field(document, "public_ip", str)),
+                valid_port(field(document, "port", int)),
+                subnet,
+                hub_ip,
+                valid_wg_key(field(document, "public_key", str), "hub key"),
+                pool,
+                field(document, "created", str, ""),
                 peers,
+                *users_from_dict(document, network, hub_ip, peers),
             )
-        except (KeyError, TypeError, GridxError) as error:
-            detail = error.message if isinstance(error, GridxError) else f"missing {error}"
+        except (TypeError, ValueError, GridxError) as error:
+            detail = error.message if isinstance(error, GridxError) else str(error)
             raise GridxError(
                 f"{hub_config_path()} is damaged: {detail}",
                 "restore it from a backup, or start over with a new hub init",
@@ -603,9 +737,12 @@ def load_hub_config(required=True):
         return None
     except PermissionError:
         raise precondition(f"cannot read {path}", "run it again with sudo") from None
+    except (OSError, UnicodeDecodeError) as error:
+        detail = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise GridxError(f"{path} is damaged: {detail}", "restore it from a backup") from None
     try:
         document = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise GridxError(f"{path} is not valid JSON: {error}", "restore it from a backup") from None
     return HubConfig.from_dict(document)
 
@@ -622,7 +759,7 @@ def allocate_ip(config, requested=None):
     import ipaddress
 
     network = ipaddress.ip_network(config.subnet)
-    used = {config.hub_ip} | {peer.ip for peer in config.peers.values()}
+    used = {config.hub_ip} | {peer.ip for peer in config.peers.values()} | user_ips(config)
     if requested is not None:
         try:
             address = ipaddress.ip_address(requested)
@@ -633,7 +770,7 @@ def allocate_ip(config, requested=None):
         if str(address) == config.hub_ip:
             raise usage_error(f"--ip {address} is the hub's own address", "leave out --ip to get a free one")
         if str(address) in used:
-            owner = next(peer.name for peer in config.peers.values() if peer.ip == str(address))
+            owner = next(p.name for p in [*config.peers.values(), *config.users.values()] if p.ip == str(address))
             raise usage_error(f"--ip {address} is already used by peer {owner!r}", "leave out --ip to get a free one")
         return str(address)
     for address in network.hosts():
@@ -674,6 +811,7 @@ def render_hub_wg_conf(config, private_key):
     ]
     for peer in sorted(config.peers.values(), key=lambda p: _ip_sort_key(p.ip)):
         lines += [f"# {peer.name}", "[Peer]", f"PublicKey = {peer.public_key}", f"AllowedIPs = {peer.ip}/32", ""]
+    lines += user_wg_peers(config)
     return "\n".join(lines)
 
 
@@ -822,7 +960,7 @@ def all_swarm_nodes():
         return []
     import json
 
-    return json.loads(run(docker("node", "inspect", *ids)).stdout)
+    return json.loads(run(docker("node", "inspect", "--", *ids)).stdout)
 
 
 def node_summary(node):
@@ -854,6 +992,7 @@ def node_summary(node):
         "manager": bool(node.get("ManagerStatus")),
         "shared": shared,
         "updated": node.get("UpdatedAt", ""),
+        "hub_ssh": ((description.get("Engine") or {}).get("Labels") or {}).get(LABEL_HUB_SSH) != "no",
     }
 
 
@@ -864,7 +1003,7 @@ def node_summary(node):
 
 def firewall_rules(config):
     """iptables-restore input: swarm ports answer on the VPN interface only."""
-    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]"]
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", *user_firewall_rules(config)]
     lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
@@ -879,10 +1018,19 @@ def firewall_rules_path():
 
 
 def firewall_postup(config):
+    """The hub interface's PostUp line: wg-quick runs it through bash (eval),
+    so the rules file's path is shell-quoted (a GRIDX_CONFIG_DIR with spaces);
+    wg-quick itself cuts a line at '#' and expands %i, which no quoting hides."""
+    import shlex
+
     path = firewall_rules_path()
+    if any(c in path for c in "#%\n"):
+        raise precondition(f"GRIDX_CONFIG_DIR {config_dir()!r} has a '#', '%' or newline, "
+                           "which wg-quick cannot read in a PostUp line", "choose another folder")
     return (
-        f"iptables-restore -n {path}; "
+        f"iptables-restore -n {shlex.quote(path)}; "
         f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
+        + user_firewall_postup()
     )
 
 
@@ -902,6 +1050,7 @@ def apply_firewall(config):
     run(["iptables-restore", "-n", path])
     if not hooked:
         run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
+    hook_user_firewall()
     return True
 
 
@@ -916,6 +1065,8 @@ def ssh_public_key():
         return read_text(path).strip()
     except FileNotFoundError:
         raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
+    except PermissionError:
+        raise precondition(f"cannot read {path}", "run it again with sudo") from None
 
 
 def ensure_ssh_key():
@@ -930,12 +1081,11 @@ def ensure_ssh_key():
 
 
 def ssh_argv(address, command=(), tty=False):
-    folder = os.path.dirname(ssh_key_path())
     argv = [
         "ssh",
         "-i", ssh_key_path(),
         "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={os.path.join(folder, 'known_hosts')}",
+        "-o", f"UserKnownHostsFile={known_hosts_path()}",
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", "ConnectTimeout=10",
     ]
@@ -943,7 +1093,8 @@ def ssh_argv(address, command=(), tty=False):
         argv.append("-t")
     else:
         argv += ["-o", "BatchMode=yes"]
-    return argv + [f"root@{address}", *command]
+    # `--`: ssh reads options after the host too, unless they come after it
+    return argv + ["--", f"root@{address}", *command]
 
 
 # ---------------------------------------------------------------------------
@@ -1015,39 +1166,79 @@ Give join.sh the key you created:  sudo ./join.sh --private-key private.key
 """
 
 
-def write_bundle(folder, files):
+def write_bundle(folder, files, private_parent=True):
     """Write a bundle folder (0700) atomically, and a .tar.gz beside it.
 
     files: {relative name: (content, mode)}. An existing bundle of the same
-    name is replaced whole.
+    name is replaced whole: readers see the old folder or the new one. The
+    parent is the hub's own 0700 bundles folder, or (private_parent False) a
+    user's add-peer --out folder, left as it is; nothing here follows a
+    symbolic link (check_bundle_target refused them before anything was saved).
     """
     import shutil
     import tarfile
     import tempfile
 
     parent = os.path.dirname(folder)
-    ensure_dir(parent)
+    if private_parent:
+        ensure_dir(parent)
+    else:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    check_bundle_target(folder)
     staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    fd, tmp_archive = tempfile.mkstemp(prefix=".bundle-", suffix=".tar.gz", dir=parent)  # 0600, O_EXCL
+    old = None
     try:
         os.chmod(staging, 0o700)
         for name, (content, mode) in files.items():
             path = os.path.join(staging, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as handle:
+            file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            with os.fdopen(file_fd, "wb") as handle:
                 handle.write(content if isinstance(content, bytes) else content.encode())
             os.chmod(path, mode)
-        archive = folder + ".tar.gz"
-        tmp_archive = archive + ".tmp"
-        fd = os.open(tmp_archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             tar.add(staging, arcname=os.path.basename(folder))
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-        os.replace(tmp_archive, archive)
+        if os.path.lexists(folder):
+            old = tempfile.mkdtemp(prefix=".old-bundle-", dir=parent)
+            os.rename(folder, os.path.join(old, "bundle"))
+        os.rename(staging, folder)
+        os.replace(tmp_archive, folder + ".tar.gz")  # replaces a name, never follows it
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(tmp_archive):
+            os.unlink(tmp_archive)
+        if old and not os.path.lexists(folder):
+            os.rename(os.path.join(old, "bundle"), folder)
         raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_bundle_target(folder):
+    """Refuse to write a bundle through a symbolic link, or over something
+    that is not an earlier bundle (exit 2)."""
+    parent = os.path.dirname(folder)
+    archive = folder + ".tar.gz"
+    problem = None
+    if os.path.islink(parent):
+        problem = f"{parent} is a symbolic link"
+    elif os.path.lexists(parent) and not os.path.isdir(parent):
+        problem = f"{parent} is not a folder"
+    elif not os.path.lexists(parent):
+        ancestor = os.path.dirname(parent)
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            problem = f"{parent} cannot be made: {ancestor} is not a folder"
+    elif os.path.islink(folder) or os.path.islink(archive):
+        problem = f"{folder if os.path.islink(folder) else archive} is a symbolic link"
+    elif os.path.lexists(folder) and not os.path.isdir(folder):
+        problem = f"{folder} exists and is not a bundle folder"
+    elif os.path.lexists(archive) and not os.path.isfile(archive):
+        problem = f"{archive} exists and is not a file"
+    if problem:
+        raise usage_error(f"cannot write the bundle: {problem}", "choose another --out folder, or move that away")
 
 
 def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
@@ -1071,6 +1262,57 @@ def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
     return files
 
 
+def refresh_bundle(config, name, token, ssh_key, out_dir=None):
+    """Rewrite a peer's bundle from the hub's record of it (its client config)
+    with the current join token and templates. Returns the folder."""
+    peer = config.peers[name]
+    try:
+        conf = read_text(client_conf_path(name))
+    except FileNotFoundError:
+        raise GridxError(f"{client_conf_path(name)} is missing",
+                         f"re-add the peer: gridx hub remove-peer {name}, then add-peer") from None
+    folder = bundle_path(name, out_dir)
+    write_bundle(folder, bundle_files(config, peer, conf, token, ssh_key, peer.key_on_hub), out_dir is None)
+    return folder
+
+
+def known_hosts_path():
+    return os.path.join(os.path.dirname(ssh_key_path()), "known_hosts")
+
+
+def forget_host_key(address):
+    """Drop an address's lines, plain or hashed (HashKnownHosts), from the
+    hub's known_hosts, so that a worker given the address later is reached
+    instead of refused as an impostor. True when a line went."""
+    import base64
+    import binascii
+    import hashlib
+    import hmac
+
+    def names(pattern):
+        if pattern.startswith("|1|"):
+            try:
+                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
+            except (binascii.Error, ValueError):
+                return False
+            return any(hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
+                       for host in (address, f"[{address}]:22"))
+        return pattern in (address, f"[{address}]:22")
+
+    path = known_hosts_path()
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in text.splitlines(keepends=True)
+            if not (line.split() and not line.startswith(("#", "@"))
+                    and any(names(pattern) for pattern in line.split()[0].split(",")))]
+    if len(kept) == len(text.splitlines()):
+        return False
+    atomic_write(path, "".join(kept), os.stat(path).st_mode & 0o777)
+    return True
+
+
 def remove_bundle(name):
     import shutil
 
@@ -1079,6 +1321,770 @@ def remove_bundle(name):
     for path in (folder + ".tar.gz", client_conf_path(name)):
         if os.path.exists(path):
             os.unlink(path)
+
+
+# ---------------------------------------------------------------------------
+# Users
+# ---------------------------------------------------------------------------
+# People who submit jobs without being root anywhere. A user is a VPN peer
+# that is not a swarm node (no resources, not in `cluster`); it reaches the
+# hub over SSH as the unprivileged account USER_ACCOUNT, whose authorized_keys
+# (written by gridx, root-owned) force `gridx serve NAME` on every key: serve
+# runs only `gridx jobs …` and `gridx cluster`, with the owner set to NAME.
+# The account is in the docker group (serve needs the socket), so it must
+# never reach a shell: the forced command, `restrict` (no forwarding, no pty,
+# no ~/.ssh/rc) and the firewall chain below (a user's VPN address reaches
+# the hub's SSH port only) are what keep it there.
+
+USER_ACCOUNT = "gridx"
+LABEL_OWNER = "gridx.owner"
+ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
+USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
+# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
+SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "cluster")
+HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
+USER_WG_INTERFACE = "gridx-user"  # the user's side: beside a worker's gridx0
+USERS_CHAIN = "GRIDX-USERS"
+SSH_CONTROL_PERSIST_S = 60
+
+OWNER = None  # set by `gridx serve NAME`: whom the command runs for
+SERVE_LIMITS = None  # serve: that user's limits, {USER_LIMITS key: number or None}
+INVOCATION = []  # main()'s argv: what the client side forwards to serve
+
+
+def users_home():
+    """The account's home: root-owned, so the account can change nothing
+    there (sshd's StrictModes accepts root-owned folders and files)."""
+    return os.path.abspath(os.environ.get("GRIDX_USERS_HOME") or "/var/lib/gridx/users")
+
+
+def authorized_keys_path():
+    return os.path.join(users_home(), ".ssh", "authorized_keys")
+
+
+def users_limits_path():
+    """The users' limits, for serve (which cannot read /etc/gridx)."""
+    return os.path.join(users_home(), "users.json")
+
+
+def user_bundle_path(name, out_dir=None):
+    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
+
+
+class User:
+    """A person who submits jobs. Immutable once made.
+
+    limits: only the ones set for this user; a missing key takes the hub's
+    default, None is no limit."""
+
+    __slots__ = ("name", "ip", "public_key", "ssh_key", "limits", "added")
+
+    def __init__(self, name, ip, public_key, ssh_key, limits=None, added=""):
+        values = (name, ip, public_key, ssh_key, dict(limits or {}), added)
+        for slot, value in zip(self.__slots__, values):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("User is immutable")
+
+    def to_dict(self):
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+def valid_limits(document, where):
+    """{key: whole number >= 0 or None} from hub_config.json."""
+    if not isinstance(document, dict):
+        raise TypeError(f"{where} is not an object")
+    for key, value in document.items():
+        if key not in USER_LIMITS:
+            raise ValueError(f"{where} has an unknown limit {key!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
+    return dict(document)
+
+
+def users_from_dict(document, network, hub_ip, peers):
+    """The users and the default limits of hub_config.json, validated (the
+    caller turns any error into one line: the file is damaged)."""
+    import ipaddress
+
+    users = {}
+    taken = {hub_ip} | {peer.ip for peer in peers.values()}
+    items = document.get("users", {})
+    if not isinstance(items, dict):
+        raise TypeError("'users' is not an object")
+    for name, item in items.items():
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "ip", "ssh_key")):
+            raise TypeError(f"user {name!r} is not an object with name, ip and ssh_key")
+        if item["name"] != name or name in peers:
+            raise ValueError(f"user {name!r} is named {item['name']!r} inside, or is also a peer")
+        if ipaddress.ip_address(item["ip"]) not in network or item["ip"] in taken:
+            raise ValueError(f"user {name!r} has the address {item['ip']}, not a free one of {network}")
+        taken.add(item["ip"])
+        users[name] = User(valid_name(name, "user name"), item["ip"],
+                           valid_wg_key(item.get("public_key", ""), "user key"),
+                           valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
+                           valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
+    return users, valid_limits(document.get("user_defaults", {}), "user_defaults")
+
+
+def users_document(config):
+    """hub_config.json's part for users (HubConfig.to_dict)."""
+    return {"users": {name: user.to_dict() for name, user in sorted(config.users.items())},
+            "user_defaults": dict(config.user_defaults)}
+
+
+def user_ips(config):
+    return {user.ip for user in config.users.values()}
+
+
+def refuse_taken_name(config, name, wg_key=None, what="peer"):
+    """A peer and a user never share a name or a WireGuard key (add-peer and
+    add-user both ask)."""
+    if name in config.users or name in config.peers:
+        kind = "user" if name in config.users else "peer"
+        raise usage_error(f"{name!r} is already a {kind}" + (f" ({config.users[name].ip})" if kind == "user" else ""),
+                          f"pick another name for the {what}")
+    if wg_key and any(u.public_key == wg_key for u in [*config.peers.values(), *config.users.values()]):
+        raise usage_error("that WireGuard key already belongs to another peer or user", "each needs its own key")
+
+
+def valid_user_ssh_key(value, what="--pubkey"):
+    """valid_ssh_public_key, and the key's own bytes name its type: only
+    the type and the key go into authorized_keys (the comment is gridx's)."""
+    import base64
+    import binascii
+    import struct
+
+    line = valid_ssh_public_key((value or "").strip(), what)
+    kind, blob = line.split()[:2]
+    try:
+        raw = base64.b64decode(blob, validate=True)
+        length = struct.unpack(">I", raw[:4])[0]
+        inner = raw[4:4 + length].decode("ascii")
+    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
+        inner = None
+    if inner != kind or len(raw) < 4 + length + 4:
+        raise usage_error(f"invalid {what}: the key's data is not a {kind} key",
+                          "give the .pub file's line, e.g. --pubkey \"$(cat ~/.ssh/id_ed25519.pub)\"")
+    return f"{kind} {blob}"
+
+
+def parse_limit(value, key):
+    """A --max-… value: a number, `none` (no limit) or `default` (the hub's
+    default: returned as ...)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "none":
+        return None
+    if text == "default":
+        return ...
+    flag = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs"}[key]
+    if key == "memory_mib":
+        import math
+
+        return math.ceil(parse_memory(value, flag) / 1024**2)
+    return parse_count(value, flag, 0)
+
+
+def limits_from_args(args, allow_default=True):
+    """{key: number, None (no limit), or ... (back to the default)} for the
+    --max-… flags given."""
+    found = {}
+    for key, flag in (("cpus", "max_cpus"), ("memory_mib", "max_memory"), ("gpus", "max_gpus"), ("jobs", "max_jobs")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        limit = parse_limit(value, key)
+        if limit is ... and not allow_default:
+            raise usage_error(f"--{flag.replace('_', '-')} default: these are the defaults", "give a number or none")
+        found[key] = limit
+    return found
+
+
+def effective_limits(config, user):
+    return {key: user.limits.get(key, config.user_defaults.get(key)) for key in USER_LIMITS}
+
+
+def show_limit(key, value):
+    if value is None:
+        return "-"
+    return human_mib(value) if key == "memory_mib" else str(value)
+
+
+def authorized_keys_line(name, ssh_key, program=None):
+    """One line of the account's authorized_keys: every key forces `gridx
+    serve NAME`; `restrict` forbids port, agent and X11 forwarding, a pty and
+    ~/.ssh/rc. No pty: Ctrl-C reaches serve as the end of its session's input
+    (see watch_session_end)."""
+    program = program or own_program()
+    if any(c in program for c in '"\\\n'):
+        raise precondition(f"gridx's path {program!r} has a quote, backslash or newline, "
+                           "which an authorized_keys command cannot hold", "install gridx in another folder")
+    return f'command="{program} serve {valid_name(name, "user name")}",restrict {ssh_key} gridx-user-{name}'
+
+
+def render_authorized_keys(config, program=None):
+    lines = [f"{CONFIG_MARKER}: every key runs `gridx serve NAME` only. Change it with",
+             "# gridx hub add-user/remove-user: this file is rewritten from /etc/gridx/hub_config.json."]
+    lines += [authorized_keys_line(user.name, user.ssh_key, program) for user in
+              sorted(config.users.values(), key=lambda u: u.name)]
+    return "\n".join(lines) + "\n"
+
+
+def render_users_limits(config):
+    import json
+
+    document = {"users": {name: effective_limits(config, user) for name, user in sorted(config.users.items())}}
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def write_user_access(config):
+    """The account's authorized_keys and users.json, root-owned in root-owned
+    folders (the account reads them, changes nothing), atomically."""
+    home = users_home()
+    for folder in (os.path.dirname(home), home, os.path.join(home, ".ssh")):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(folder, 0, 0)
+        os.chmod(folder, 0o755)
+    atomic_write(authorized_keys_path(), render_authorized_keys(config), 0o644)
+    atomic_write(users_limits_path(), render_users_limits(config), 0o644)
+
+
+def ensure_user_account():
+    """The unprivileged account users log in as, in the docker group (serve
+    runs docker), with its home root-owned. Returns what changed."""
+    import grp
+    import pwd
+
+    changes = []
+    try:
+        pwd.getpwnam(USER_ACCOUNT)
+    except KeyError:
+        need("useradd")
+        run(["useradd", "--system", "--home-dir", users_home(), "--no-create-home", "--shell", "/bin/sh",
+             "--comment", "Grid-X users (gridx serve only)", "--", USER_ACCOUNT])
+        changes.append(f"created the account {USER_ACCOUNT!r} (users log in as it; it runs gridx serve only)")
+    try:
+        docker_group = grp.getgrnam("docker")
+    except KeyError:
+        raise precondition("there is no docker group: gridx serve needs the Docker socket",
+                           "install Docker from your distribution (docker.io), which makes the group") from None
+    if USER_ACCOUNT not in docker_group.gr_mem:
+        run(["usermod", "--append", "--groups", "docker", "--", USER_ACCOUNT])
+        changes.append(f"added {USER_ACCOUNT!r} to the docker group (for gridx serve)")
+    return changes
+
+
+def user_account_ready(config):
+    """hub init: the account and its files, when the hub has users already."""
+    changes = ensure_user_account()
+    write_user_access(config)
+    return changes
+
+
+def user_wg_peers(config):
+    """The hub's [Peer] sections for users (render_hub_wg_conf)."""
+    lines = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        lines += [f"# user {user.name}", "[Peer]", f"PublicKey = {user.public_key}", f"AllowedIPs = {user.ip}/32", ""]
+    return lines
+
+
+def render_user_wg_conf(config, user, private_key):
+    """The user's side: only the hub's address goes through the tunnel."""
+    return "\n".join([
+        f"{CONFIG_MARKER} (user). Written by the hub for user {user.name}.",
+        "[Interface]",
+        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
+        f"Address = {user.ip}/32",
+        f"MTU = {WG_MTU}",
+        "",
+        "[Peer]",
+        f"PublicKey = {config.public_key}",
+        f"Endpoint = {config.endpoint}",
+        f"AllowedIPs = {config.hub_ip}/32",
+        f"PersistentKeepalive = {KEEPALIVE_S}",
+        "",
+    ])
+
+
+def user_firewall_rules(config):
+    """iptables-restore lines of USERS_CHAIN (hooked into INPUT through the
+    hub's chain, and into FORWARD): a user's VPN address reaches the hub's
+    SSH port (and ping) only; never the swarm's ports, nor a worker through
+    the hub (ip_forward is on for the VPN)."""
+    lines = [f":{USERS_CHAIN} - [0:0]"]
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        source = f"-s {user.ip}/32"
+        lines += [
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p tcp --dport 22 -j RETURN",
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p icmp -j RETURN",
+            f"-A {USERS_CHAIN} {source} -j DROP",
+        ]
+    return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
+
+
+def user_firewall_postup():
+    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
+    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
+
+
+def hook_user_firewall():
+    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
+    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
+        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
+
+
+def host_key_line(config):
+    """known_hosts for the user: the hub's SSH host key at its VPN address."""
+    try:
+        kind, blob = read_text(HOST_KEY_PATH).split()[:2]
+    except FileNotFoundError:
+        raise precondition(f"{HOST_KEY_PATH} not found: users reach the hub over SSH",
+                           f"install the SSH server: {install_hint(['openssh-server'])}") from None
+    except ValueError:
+        raise GridxError(f"{HOST_KEY_PATH} is not an SSH public key", "ssh-keygen -A makes the host keys") from None
+    return f"{config.hub_ip} {kind} {blob}"
+
+
+USER_README = """Grid-X user bundle for {name}
+
+This folder lets you submit jobs to the Grid-X hub at {endpoint} from this
+computer: you need WireGuard and ssh here, nothing else (no Docker, no
+Python with the gridx binary). It holds secrets: keep it private.
+
+1. Join the VPN (your address {ip}, the hub {hub_ip}):
+     sudo install -m 600 {interface}.conf /etc/wireguard/{interface}.conf
+     sudo wg-quick up {interface}
+{key_step}
+2. Trust the hub's SSH host key, and keep your SSH key:
+     install -d -m 700 ~/.ssh
+     cat known_hosts >> ~/.ssh/known_hosts
+{ssh_step}
+3. Submit jobs (they run as {name}; you manage only your own):
+     set -a; . ./settings.env; set +a      # GRIDX_MANAGER={manager}
+     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
+     gridx jobs list --mine
+     gridx cluster
+   or name the hub on each command:
+     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait --manager {manager}
+
+   Without gridx, ssh alone does the same:
+     ssh {manager} jobs list
+{limits}"""
+
+
+def user_bundle_files(config, user, private_wg_key, private_ssh_key, host_key):
+    settings = {"GRIDX_USER": user.name, "GRIDX_HUB_VPN_IP": config.hub_ip,
+                "GRIDX_MANAGER": f"{USER_ACCOUNT}@{config.hub_ip}", "GRIDX_VERSION": VERSION}
+    if private_ssh_key:
+        settings["GRIDX_SSH_KEY"] = f"~/.ssh/gridx-{user.name}"
+    limits = effective_limits(config, user)
+    shown = ", ".join(f"{key.replace('_mib', '')} {show_limit(key, value)}" for key, value in limits.items()
+                      if value is not None)
+    readme = USER_README.format(
+        name=user.name, endpoint=config.endpoint, ip=user.ip, hub_ip=config.hub_ip, interface=USER_WG_INTERFACE,
+        manager=settings["GRIDX_MANAGER"],
+        key_step="" if private_wg_key else (
+            "   This config holds no private key (the hub admin added you with --wg-pubkey):\n"
+            f"   put yours in place of {PRIVATE_KEY_PLACEHOLDER} first.\n"),
+        ssh_step=(f"     install -m 600 id_ed25519 ~/.ssh/gridx-{user.name}   # settings.env names it"
+                  if private_ssh_key else "   (your own SSH key: the hub has only its public half)"),
+        limits=f"\nYour limits: {shown}.\n" if shown else "",
+    )
+    files = {
+        f"{USER_WG_INTERFACE}.conf": (render_user_wg_conf(config, user, private_wg_key), 0o600),
+        "known_hosts": (host_key + "\n", 0o644),
+        "settings.env": (render_settings(settings), 0o644),
+        "README.txt": (readme, 0o644),
+    }
+    if private_ssh_key:
+        files["id_ed25519"] = (private_ssh_key, 0o600)
+        files["id_ed25519.pub"] = (user.ssh_key + f" gridx-user-{user.name}\n", 0o644)
+    return files
+
+
+def new_ssh_keypair(name):
+    """(private key text, public key line), made in a private temp folder
+    that is gone afterwards: the private key lives only in the bundle."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=".sshkey-", dir=config_dir())
+    try:
+        path = os.path.join(folder, "key")
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gridx-user-{name}", "-f", path])
+        return read_text(path), valid_user_ssh_key(read_text(path + ".pub"), "the new key")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def user_rows(config, with_use=True):
+    """Everything list-users shows: one wg call, three docker calls."""
+    _, live = wg_dump(config.interface)
+    use = None
+    if with_use:
+        try:
+            services, tasks, _, _ = jobs_overview()
+            use = use_by_owner(services, tasks)
+        except GridxError as error:
+            warn(f"what users use now is unknown: {error.message}")
+    rows = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        wg = live.get(user.public_key, {})
+        rows.append({
+            "name": user.name, "ip": user.ip, "public_key": user.public_key, "live": user.public_key in live,
+            "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
+            "limits": effective_limits(config, user), "own_limits": dict(user.limits),
+            "use": None if use is None else use.get(user.name, empty_use()),
+            "added": user.added,
+        })
+    return rows
+
+
+# -- owners and fair share ----------------------------------------------------
+
+
+def job_owner():
+    """The owner label of a job made now: the serve user, else the admin
+    (root on the hub, or docker over SSH as root), else the local login."""
+    import pwd
+
+    if OWNER:
+        return OWNER
+    if DOCKER_HOST or os.geteuid() == 0:
+        return ADMIN_OWNER
+    try:
+        return valid_name(pwd.getpwuid(os.geteuid()).pw_name, "login")
+    except (KeyError, GridxError):
+        return f"uid-{os.geteuid()}"
+
+
+def owner_of(service):
+    """A job's owner; a job made before owners existed is the admin's."""
+    return service["Spec"].get("Labels", {}).get(LABEL_OWNER) or ADMIN_OWNER
+
+
+def check_owner(services, action):
+    """Through serve, a user acts only on their own jobs (exit 2 naming
+    the owner); the admin on all."""
+    if OWNER is None:
+        return
+    for service in services:
+        owner = owner_of(service)
+        if owner != OWNER:
+            raise usage_error(f"job {service['Spec']['Name']} is {owner}'s: {OWNER} can {action} only their own jobs",
+                              "see yours: gridx jobs list --mine")
+
+
+def check_owner_of(job_id, action):
+    """check_owner for one job by its ID; no docker call outside serve."""
+    if OWNER is not None:
+        check_owner(list_job_services([job_id]), action)
+
+
+def empty_use():
+    return {"cpus": 0, "memory_mib": 0, "gpus": 0, "jobs": 0}
+
+
+def use_by_owner(services, tasks):
+    """What each owner's unfinished jobs reserve: per task that is pending,
+    starting or running (a job whose tasks the swarm has not made yet counts
+    as all its replicas), and how many such jobs. {owner: use}."""
+    by_service = {}
+    for task in tasks:
+        if task["state"] in ACTIVE_TASK_STATES and is_current(task):
+            by_service[task["service"]] = by_service.get(task["service"], 0) + 1
+    seen = {task["service"] for task in tasks}
+    use = {}
+    for service in services:
+        name = service["Spec"]["Name"]
+        active = by_service.get(name, 0)
+        if name not in seen:
+            active = job_replicas(service["Spec"].get("Mode", {}))
+        if not active:
+            continue
+        cpu, mem, gpu = service_request(service)
+        held = use.setdefault(owner_of(service), empty_use())
+        held["cpus"] += cpu * active
+        held["memory_mib"] += mem * active
+        held["gpus"] += gpu * active
+        held["jobs"] += 1
+    return use
+
+
+def limit_refusal(owner, use, limits, asks):
+    """The first limit a new job would pass, as one line; None when it fits."""
+    for key in USER_LIMITS:
+        limit = limits.get(key)
+        if limit is None or use[key] + asks[key] <= limit:
+            continue
+        if key == "jobs":
+            return f"{owner} has {use['jobs']} of {limit} jobs unfinished; this job would be one more"
+        if key == "memory_mib":
+            return (f"{owner} uses {human_mib(use[key])} of {human_mib(limit)} memory; "
+                    f"this job asks {human_mib(asks[key])}")
+        what = "CPUs" if key == "cpus" else "GPUs"
+        return f"{owner} uses {use[key]} of {limit} {what}; this job asks {asks[key]}"
+    return None
+
+
+class user_limits_checked:
+    """Around a job's `docker service create`: through serve, refuse a job
+    that would take its owner past their limits (exit 2), holding a lock on
+    users.json so that two submissions at once cannot both pass."""
+
+    def __init__(self, request, replicas):
+        self.request, self.replicas, self.handle = request, replicas, None
+
+    def __enter__(self):
+        if OWNER is None or not SERVE_LIMITS or all(v is None for v in SERVE_LIMITS.values()):
+            return self
+        import fcntl
+
+        self.handle = open(users_limits_path())
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        services, tasks, _, _ = jobs_overview()
+        use = use_by_owner(services, tasks).get(OWNER, empty_use())
+        n = self.replicas
+        asks = {"cpus": self.request.cpu_units * n, "memory_mib": self.request.memory_mib * n,
+                "gpus": self.request.gpus * n, "jobs": 1}
+        refusal = limit_refusal(OWNER, use, SERVE_LIMITS, asks)
+        if refusal:
+            self.handle.close()
+            raise usage_error(refusal, "wait for one of your jobs to end, or delete one (gridx jobs list --mine); "
+                                       "the hub admin sets the limits")
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle:
+            self.handle.close()
+        return False
+
+
+def filter_jobs(jobs, args):
+    """jobs list --mine / --user NAME."""
+    if getattr(args, "user", None):
+        wanted = valid_name(args.user, "--user") if args.user != ADMIN_OWNER else ADMIN_OWNER
+    elif getattr(args, "mine", False):
+        wanted = job_owner()
+    else:
+        return jobs
+    return [job for job in jobs if job.get("owner") == wanted]
+
+
+def owners_table(use):
+    """cluster: what each owner's unfinished jobs reserve."""
+    if not use:
+        return
+    print()
+    print_table(["OWNER", "JOBS", "CPUS", "MEMORY", "GPUS"],
+                [[owner, u["jobs"], u["cpus"], human_mib(u["memory_mib"]), u["gpus"]]
+                 for owner, u in sorted(use.items())])
+
+
+# -- serve: the hub's side of `--manager gridx@HUB` ----------------------------
+
+
+def serve_words(original):
+    """SSH_ORIGINAL_COMMAND -> the gridx argv to run, or exit 2 with one line:
+    only `[gridx] jobs COMMAND …` and `[gridx] cluster …` (no global option,
+    no `--manager`: that would send the hub's docker elsewhere)."""
+    import shlex
+
+    hint = "through SSH as gridx: gridx jobs … --manager gridx@HUB (jobs run/list/status/logs/delete, cluster)"
+    if not original or not original.strip():
+        raise usage_error("this account runs gridx jobs commands only, never a shell", hint)
+    try:
+        words = shlex.split(original)
+    except ValueError as error:
+        raise usage_error(f"cannot read the command ({error})", hint) from None
+    if words and words[0] == "gridx":
+        words = words[1:]
+    if not words or words[0] not in ("jobs", "cluster"):
+        shown = (words[0] if words else original)[:40]
+        raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
+    return words
+
+
+def check_serve_args(args, words):
+    """After parsing: an allowed command, no --manager, no local script."""
+    hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
+    if args.group == "jobs" and getattr(args, "command", None) not in SERVE_JOB_COMMANDS:
+        raise usage_error(f"not allowed here: jobs {getattr(args, 'command', None) or ''}".rstrip(), hint)
+    if getattr(args, "manager", None):
+        raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
+    if getattr(args, "command", None) == "train" and not args.script.startswith(("http://", "https://")):
+        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
+                          "serve the script over http(s), or build it into an image")
+
+
+def load_serve_limits(name):
+    """The user's limits from users.json; exit 3 when they are not a user."""
+    import json
+
+    try:
+        document = json.loads(read_text(users_limits_path()))
+        limits = document["users"][name]
+    except FileNotFoundError:
+        raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
+    except (KeyError, TypeError, ValueError, OSError):
+        raise precondition(f"{name!r} is not a user of this hub", "ask the hub admin: gridx hub add-user NAME") from None
+    return valid_limits(limits, f"{users_limits_path()}: {name}")
+
+
+def watch_session_end():
+    """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
+    sshd then closes serve's stdin (and nothing else: the command would run
+    on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
+    too. The client keeps stdin open while it waits (forward_to_serve)."""
+    import signal
+    import threading
+
+    def on_hangup(signum, frame):
+        raise KeyboardInterrupt
+
+    def watch():
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGHUP, on_hangup)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def cmd_serve(args):
+    """`command="gridx serve NAME"` in the gridx account's authorized_keys:
+    parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
+    and cluster only, and run them for NAME."""
+    global OWNER, SERVE_LIMITS
+    name = valid_name(args.name, "user name")
+    words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
+    parser, _ = build_parser(words)
+    try:
+        parsed = parser.parse_args(words)
+    except SystemExit as exited:  # argparse printed its usage line and why
+        return EXIT_USAGE if exited.code else EXIT_OK
+    check_serve_args(parsed, words)
+    if getattr(parsed, "handler", None) is None:
+        raise usage_error("give a jobs command", "gridx jobs --help")
+    SERVE_LIMITS = load_serve_limits(name)
+    OWNER = name
+    watch_session_end()
+    return parsed.handler(parsed)
+
+
+def add_serve_parser(groups, full):
+    """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
+    import argparse
+
+    parser = groups.add_parser("serve", help=argparse.SUPPRESS)
+    if full:
+        parser.set_defaults(handler=cmd_serve)
+        parser.add_argument("name", help="the user the command runs for")
+    return parser
+
+
+# -- the client's side: `gridx jobs … --manager gridx@HUB` ---------------------
+
+
+class ForwardedExit(Exception):
+    """The command ran on the hub through serve: main() exits with its status."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def forwarded_words(argv):
+    """The command line to send to serve: without --manager (and its value)
+    and the global -v; `--` and what follows stay as they are."""
+    words, skip, options = [], False, True
+    for index, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if options and word == "--":
+            options = False
+        elif options and word.startswith("--ma") and "--manager".startswith(word.partition("=")[0]):
+            skip = "=" not in word
+            continue
+        elif options and not words and (word == "-v" or (word.startswith("--verb") and "--verbose".startswith(word))):
+            continue
+        words.append(word)
+    return words
+
+
+def ssh_control_dir():
+    """A 0700 folder of the user's for ssh's shared connections, or None."""
+    home = os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        return None
+    folder = os.path.join(home, ".gridx", "ssh")
+    if any(c in folder for c in '"%\n '):
+        return None  # ssh expands % and would split a quoted or spaced path
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError:
+        return None
+    return folder
+
+
+def serve_ssh_argv(docker_host, words, control=None):
+    """ssh to the gridx account: it runs `gridx serve NAME` whatever it is
+    sent; the command line goes as one shell-quoted word (ssh joins words
+    with spaces), and no value here can begin with '-' (valid_manager)."""
+    import shlex
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(docker_host)
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
+    key = os.environ.get("GRIDX_SSH_KEY")
+    if key:
+        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
+    if control:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+                 "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
+    if parts.port:
+        argv += ["-p", str(parts.port)]
+    return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
+
+
+def forward_to_serve(docker_host):
+    """--manager USER@HUB with a USER other than root: the whole command runs
+    on the hub through the gridx account's forced `gridx serve`, needing ssh
+    only here; stdout, stderr and the exit status pass through as they are.
+    Raises ForwardedExit. Root keeps docker over SSH (the admin's path)."""
+    import subprocess
+    import urllib.parse
+
+    user = urllib.parse.urlsplit(docker_host).username
+    if user in (None, ADMIN_OWNER):
+        return
+    need("ssh")
+    check_manager_reachable(docker_host)
+    argv = serve_ssh_argv(docker_host, forwarded_words(INVOCATION), ssh_control_dir())
+    # stdin stays open (never written) while ssh runs: its end tells serve
+    # that this side is gone (Ctrl-C, a kill), see watch_session_end.
+    process = start(argv, stdin=subprocess.PIPE)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if code == 255:  # ssh's own failure; it said why on stderr
+        raise precondition(f"cannot run the command on the hub over SSH as {user}",
+                           "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
+                           "(the bundle's settings.env), or ask the hub admin whether you are a user")
+    raise ForwardedExit(code)
 
 
 # ---------------------------------------------------------------------------
@@ -1126,13 +2132,15 @@ def parse_memory(value, flag="--memory"):
     return size
 
 
-def parse_count(value, flag, minimum):
+def parse_count(value, flag, minimum, maximum=None):
     try:
         count = int(value)
     except (TypeError, ValueError):
         count = minimum - 1
     if count < minimum or str(value).strip() != str(count):
         raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
+    if maximum is not None and count > maximum:
+        raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
     return count
 
 
@@ -1144,6 +2152,9 @@ def parse_env(items):
         key, sep, _ = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
+        if key == NVIDIA_ENV:
+            raise usage_error(f"--env {NVIDIA_ENV} is Grid-X's: a job sees the GPUs the swarm gives it",
+                              "ask for GPUs with --gpus N")
         pairs.append(item)
     return pairs
 
@@ -1222,15 +2233,17 @@ def check_fits(request, nodes):
 def job_labels(job_id, kind, command, extra=()):
     import time
 
+    # --flag=VALUE: a value never reads as an option (see create_job)
     labels = [
-        "--label", f"{LABEL_JOB}={job_id}",
-        "--label", f"{LABEL_KIND}={kind}",
-        "--label", f"{LABEL_CREATED}={int(time.time())}",
+        f"--label={LABEL_JOB}={job_id}",
+        f"--label={LABEL_KIND}={kind}",
+        f"--label={LABEL_CREATED}={int(time.time())}",
     ]
     if command:
-        labels += ["--label", f"{LABEL_CMD}={command}"]
+        labels.append(f"--label={LABEL_CMD}={command}")
+    labels.append(f"--label={LABEL_OWNER}={job_owner()}")
     for key, value in extra:
-        labels += ["--label", f"{key}={value}"]
+        labels.append(f"--label={key}={value}")
     return labels
 
 
@@ -1258,21 +2271,30 @@ def run_naming(argv, job_id, input=None):
 
 def create_job(job_id, image, request, *, kind, command_argv, command_text, mode, replicas,
                env=(), restart="none", extra_args=(), extra_labels=()):
+    """`docker service create`: every value a user gave is in --flag=VALUE
+    form, so pflag never reads it as a flag, and `--` comes before the image
+    (validated as well), so neither it nor the command is ever an option."""
     argv = docker(
         "service", "create", "--detach", "--quiet", "--no-resolve-image",
-        "--name", job_id,
-        "--mode", mode,
-        "--restart-condition", restart,
+        f"--name={job_id}",
+        f"--mode={mode}",
+        f"--restart-condition={restart}",
         *job_labels(job_id, kind, command_text, extra_labels),
         *request.service_args(),
     )
     if mode == "replicated-job":
-        argv += ["--replicas", str(replicas)]
-    for item in env:
-        argv += ["--env", item]
+        argv.append(f"--replicas={replicas}")
+    if not request.gpus:
+        # Where the nvidia runtime is Docker's default, an image that sets
+        # NVIDIA_VISIBLE_DEVICES=all (pytorch's does) would see every GPU of
+        # the worker; the service's value wins over the image's. A job with
+        # GPUs gets the swarm's assignment from the toolkit (swarm-resource).
+        argv.append(f"--env={NVIDIA_ENV}=void")
+    argv += [f"--env={item}" for item in env]
     argv += list(extra_args)
-    argv += [image, *command_argv]
-    run_naming(argv, job_id)
+    argv += ["--", image, *command_argv]
+    with user_limits_checked(request, replicas if mode == "replicated-job" else 1):
+        run_naming(argv, job_id)
 
 
 def list_job_services(job_ids=None):
@@ -1283,7 +2305,7 @@ def list_job_services(job_ids=None):
         job_ids = run(docker("service", "ls", "-q", "--filter", f"label={LABEL_JOB}")).stdout.split()
         if not job_ids:
             return []
-    result = run(docker("service", "inspect", *job_ids), check=False)
+    result = run(docker("service", "inspect", "--", *job_ids), check=False)
     if result.returncode != 0:
         if "no such service" in result.stderr.lower():
             missing = [i for i in job_ids if i in result.stderr] or job_ids
@@ -1300,7 +2322,7 @@ def list_tasks(service_names):
     """Every task of these services: one `docker service ps` call."""
     if not service_names:
         return []
-    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", *service_names))
+    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *service_names))
     for row in rows:
         state, _, since = row.get("CurrentState", "").partition(" ")
         row["state"] = state.lower()
@@ -1357,6 +2379,7 @@ def job_summary(service, tasks):
     return {
         "id": spec["Name"],
         "kind": labels.get(LABEL_KIND, "run"),
+        "owner": labels.get(LABEL_OWNER, ADMIN_OWNER),
         "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
         "command": labels.get(LABEL_CMD, ""),
         "created": int(labels.get(LABEL_CREATED, "0") or 0),
@@ -1839,6 +2862,7 @@ def init_hub(existing, public_ip, port, subnet, interface):
         changes.append(f"created the overlay network {JOB_NETWORK} (MTU {OVERLAY_MTU - VXLAN_OVERHEAD} inside)")
     if ensure_ssh_key():
         changes.append(f"created the hub's SSH key {ssh_key_path()}")
+    changes += user_account_ready(config) if config.users else []
     return changes
 
 
@@ -1939,6 +2963,8 @@ def cmd_hub_add_peer(args):
         except ValueError:
             raise usage_error(f"invalid --ip {args.ip!r}: give an IPv4 address of the VPN subnet") from None
     out_dir = os.path.abspath(args.out) if args.out else None
+    if out_dir:
+        check_bundle_target(bundle_path(name, out_dir))
     require_root()
     need("wg", "docker")
     with StateLock():
@@ -1948,6 +2974,7 @@ def cmd_hub_add_peer(args):
                               f"pick another name, or remove it first: gridx hub remove-peer {name}")
         if pubkey and any(p.public_key == pubkey for p in config.peers.values()):
             raise usage_error("that --pubkey already belongs to another peer", "each worker needs its own key")
+        refuse_taken_name(config, name, pubkey)  # users: see Users
         ip = allocate_ip(config, args.ip)
         if pubkey:
             private = None
@@ -1969,17 +2996,7 @@ def cmd_hub_add_peer(args):
         config.peers[name] = peer
         save_hub_config(config)
         write_hub_wg_conf(config)
-    copied = None
-    if out_dir:
-        import shutil
-
-        copied = bundle_path(name, out_dir)
-        if os.path.exists(copied):
-            shutil.rmtree(copied)
-        ensure_dir(out_dir, 0o755) if not os.path.isdir(out_dir) else None
-        shutil.copytree(folder, copied)
-        os.chmod(copied, 0o700)
-        shutil.copy2(folder + ".tar.gz", copied + ".tar.gz")
+        copied = refresh_bundle(config, name, token, ssh_key, out_dir) if out_dir else None
     shown = copied or folder
     if args.json:
         print_json({"peer": peer.to_dict(), "bundle": shown, "archive": shown + ".tar.gz"})
@@ -2007,17 +3024,62 @@ def cmd_hub_remove_peer(args):
         # condition none, never runs them again: Grid-X does.
         lost = jobs_on_nodes({n["hostname"] for n in nodes}) if nodes else []
         for node in nodes:
-            run(["docker", "node", "rm", "--force", node["id"]])
+            run(["docker", "node", "rm", "--force", "--", node["id"]])
         rerun_jobs(lost)
-        worker_join_token(rotate=True)
+        token = worker_join_token(rotate=True)
         del config.peers[name]
         save_hub_config(config)
         write_hub_wg_conf(config)
         remove_bundle(name)
+        forget_host_key(peer.ip)
+        refreshed = refresh_unused_bundles(config, token)
     info(f"removed peer {name} ({peer.ip}) from the VPN" + (" and the swarm" if nodes else ""))
     if lost:
         info(f"jobs that ran on it run again elsewhere: {', '.join(lost)}")
-    info("rotated the worker join token: bundles made before now no longer join")
+    info("rotated the worker join token: the removed bundle no longer joins"
+         + (f"; rewrote the bundles on the hub with the new one ({', '.join(refreshed)})" if refreshed else ""))
+    if config.peers:
+        info("a copy of a bundle given out before now needs the new token: "
+             "gridx hub refresh-bundle NAME, then give it again")
+    return EXIT_OK
+
+
+def refresh_unused_bundles(config, token):
+    """After a token rotation: every bundle still on the hub gets the new
+    token, so the ones not yet used still join. Returns their peers' names."""
+    if not any(os.path.isdir(bundle_path(name)) for name in config.peers):
+        return []
+    ssh_key = ssh_public_key()
+    refreshed = []
+    for name in sorted(config.peers):
+        if os.path.isdir(bundle_path(name)):
+            try:
+                refresh_bundle(config, name, token, ssh_key)
+                refreshed.append(name)
+            except GridxError as error:
+                warn(f"bundle {name} keeps the old token: {error.message} (then: gridx hub refresh-bundle {name})")
+    return refreshed
+
+
+def cmd_hub_refresh_bundle(args):
+    name = valid_name(args.name)
+    out_dir = os.path.abspath(args.out) if args.out else None
+    if out_dir:
+        check_bundle_target(bundle_path(name, out_dir))
+    require_root()
+    need("docker")
+    with StateLock():
+        config = load_hub_config()
+        if name not in config.peers:
+            raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+        token, ssh_key = worker_join_token(), ssh_public_key()
+        folder = refresh_bundle(config, name, token, ssh_key)
+        if out_dir:
+            folder = refresh_bundle(config, name, token, ssh_key, out_dir)
+    print(f"Rewrote the bundle of {name} with the current join token: {folder}/  (and {folder}.tar.gz)")
+    print("Next: copy it to the volunteer's machine again and run there:")
+    print(f"  cd gridx-{name}-bundle && sudo ./join.sh"
+          + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
     return EXIT_OK
 
 
@@ -2047,6 +3109,8 @@ def peer_rows(config):
             "node": node["hostname"] if node else None,
             "node_state": node["state"] if node else None,
             "shared": node["shared"] if node else None,
+            # False: the worker declined the hub's SSH (join.sh --no-hub-ssh)
+            "hub_ssh": node["hub_ssh"] if node else None,
         })
     return rows, nodes
 
@@ -2069,8 +3133,9 @@ def cmd_hub_list_peers(args):
             row["name"], row["ip"], row["public_key"][:10] + "…", row["endpoint"] or "-",
             human_age(row["handshake_age"]), row["node_state"] or "not joined",
             format_shared(shared) if shared else "-",
+            {True: "yes", False: "declined", None: "-"}[row["hub_ssh"]],
         ])
-    print_table(["NAME", "VPN IP", "KEY", "ENDPOINT", "HANDSHAKE", "NODE", "SHARED"], table)
+    print_table(["NAME", "VPN IP", "KEY", "ENDPOINT", "HANDSHAKE", "NODE", "SHARED", "HUB SSH"], table)
     return EXIT_OK
 
 
@@ -2147,6 +3212,23 @@ def cmd_hub_join_info(args):
     return EXIT_OK
 
 
+def hub_ssh_declined():
+    """VPN addresses of the swarm nodes whose engine says they declined the
+    hub's SSH (LABEL_HUB_SSH=no). One docker call when none did, a second
+    for the addresses of those that did; a swarm that does not answer
+    declines nothing (ssh then says what it finds)."""
+    try:
+        ids = run(docker("node", "ls", "-q", "--filter", f"label={LABEL_HUB_SSH}=no")).stdout.split()
+        if not ids:
+            return set()
+        # an identity left Down by a re-join says nothing of the new one
+        listed = run(docker("node", "inspect", "--format", "{{.Status.Addr}} {{.Status.State}}", "--", *ids)).stdout
+        return {address for address, _, state in (line.partition(" ") for line in listed.splitlines())
+                if state.strip() != "down"}
+    except GridxError:
+        return set()
+
+
 def cmd_hub_ssh(args):
     name = valid_name(args.name)
     require_root()
@@ -2155,6 +3237,9 @@ def cmd_hub_ssh(args):
     peer = config.peers.get(name)
     if peer is None:
         raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+    if peer.ip in hub_ssh_declined():
+        raise precondition(f"worker {name} ({peer.ip}) declined the hub's SSH when it joined (--no-hub-ssh)",
+                           "ask its owner to run the command, or to join again without --no-hub-ssh")
     import subprocess
 
     command = list(args.command or [])
@@ -2173,6 +3258,7 @@ def cmd_hub_ssh(args):
 
 
 def cmd_hub_ssh_pubkey(args):
+    require_root()
     print(ssh_public_key())
     return EXIT_OK
 
@@ -2181,10 +3267,10 @@ def cmd_hub_watch(args):
     """Run lost jobs again: the swarm alone leaves them on a Down node."""
     import time
 
+    interval = parse_count(args.interval, "--interval", 1, WATCH_MAX_S)
+    grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    interval = parse_count(args.interval, "--interval", 1)
-    grace = parse_count(args.down_after, "--down-after", 0)
     down_since, seen_rejected = {}, {}
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
@@ -2225,8 +3311,12 @@ def cmd_hub_watch(args):
 
 
 def parse_worker_conf(text):
-    """Settings a bundle needs, read from a worker config written by the hub."""
+    """Settings a bundle needs, read from a worker config written by the hub.
+
+    Every value that goes into settings.env is checked here (join.sh checks
+    the config's lines itself)."""
     import ipaddress
+    import re
 
     values, comments = {}, {}
     for line in text.splitlines():
@@ -2246,19 +3336,41 @@ def parse_worker_conf(text):
             "the WireGuard config lacks Address, Endpoint or PublicKey",
             "use the file the hub admin gave you (gridx hub join-info --name NAME)",
         ) from None
-    hub_ip = str(next(interface.network.hosts()))
+    manager = comments.get("gridx-manager")
+    if manager is not None:
+        host, _, port = manager.rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+            valid_port(port)
+        except (ValueError, GridxError):
+            raise usage_error(f"invalid '# gridx-manager = {manager}' in the WireGuard config: "
+                              "use the hub's VPN IPv4 address and port",
+                              "use the file the hub admin gave you") from None
+    if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}", endpoint):
+        raise usage_error(f"invalid 'Endpoint = {endpoint}' in the WireGuard config: use HOST:PORT",
+                          "use the file the hub admin gave you")
+    name = comments.get("gridx-name")
+    if name is not None:
+        valid_name(name, "'# gridx-name' in the WireGuard config")
+    ssh_key = comments.get("gridx-hub-ssh-key", "")
+    if ssh_key:
+        valid_ssh_public_key(ssh_key, "'# gridx-hub-ssh-key' in the WireGuard config")
+    # The hub's VPN address: the manager's host, else the subnet's first
+    # host (same as join.sh check_bundle: ${MANAGER%:*} when GRIDX_HUB_VPN_IP
+    # is absent).
+    hub_ip = manager.rpartition(":")[0] if manager else str(next(interface.network.hosts()))
     key = values.get("privatekey", "")
     return {
-        "GRIDX_NAME": comments.get("gridx-name") or os.uname().nodename.split(".")[0].lower(),
+        "GRIDX_NAME": name or os.uname().nodename.split(".")[0].lower(),
         "GRIDX_INTERFACE": DEFAULT_INTERFACE,
         "GRIDX_VPN_IP": str(interface.ip),
         "GRIDX_HUB_VPN_IP": hub_ip,
         "GRIDX_HUB_ENDPOINT": endpoint,
         "GRIDX_SUBNET": str(interface.network),
-        "GRIDX_MANAGER": comments.get("gridx-manager") or f"{hub_ip}:2377",
+        "GRIDX_MANAGER": manager or f"{hub_ip}:2377",
         "GRIDX_NEEDS_PRIVATE_KEY": "1" if key in ("", PRIVATE_KEY_PLACEHOLDER) else "0",
         "GRIDX_VERSION": VERSION,
-    }, comments.get("gridx-hub-ssh-key", "")
+    }, ssh_key
 
 
 def materialise_bundle(settings=None, conf=None, token=None, ssh_key=""):
@@ -2295,34 +3407,56 @@ def run_bundle_script(folder, script, arguments):
 
 
 def share_flags(args):
+    """join.sh's flags: --flag=VALUE, so that no value reads as an option
+    there (join.sh checks each value itself)."""
     flags = []
     for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout"):
         value = getattr(args, flag, None)
         if value is not None:
-            flags += [f"--{flag.replace('_', '-')}", str(value)]
-    if getattr(args, "yes", False):
-        flags.append("--yes")
-    if getattr(args, "install_deps", False):
-        flags.append("--install-deps")
+            if flag == "private_key":
+                value = os.path.abspath(value)
+            flags.append(f"--{flag.replace('_', '-')}={value}")
+    for flag in ("yes", "install_deps", "no_hub_ssh", "no_containment"):
+        if getattr(args, flag, False):
+            flags.append(f"--{flag.replace('_', '-')}")
     return flags
 
 
 def read_token(value):
+    import re
+
     token = (value or "").strip()
-    if not token.startswith("SWMTKN-"):
-        raise usage_error("invalid --token: a swarm join token starts with SWMTKN-",
+    # the shape Docker gives it; same as join.sh's check of swarm-token
+    if not re.fullmatch(r"SWMTKN-[0-9]+-[a-z0-9]+-[a-z0-9]+", token):
+        raise usage_error("invalid --token: a swarm join token looks like SWMTKN-1-…-…",
                           "ask the hub admin: gridx hub join-info --name NAME")
     return token
 
 
-def cmd_worker_join(args):
+def read_wg_config(path):
+    """--wg-config FILE: a small UTF-8 text file (not a binary, a folder, a
+    device that never ends)."""
     try:
-        conf = read_text(args.wg_config)
+        with open(path, "rb") as handle:
+            data = handle.read(WG_CONFIG_MAX_BYTES + 1)
     except OSError as error:
-        raise usage_error(f"cannot read --wg-config {args.wg_config}: {error.strerror}") from None
+        raise usage_error(f"cannot read --wg-config {path}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if len(data) > WG_CONFIG_MAX_BYTES or "\0" in text:
+        raise usage_error(f"--wg-config {path} is not a WireGuard config (not a small text file)",
+                          "give the .conf file the hub admin gave you (gridx hub join-info --name NAME)")
+    return text
+
+
+def cmd_worker_join(args):
+    conf = read_wg_config(args.wg_config)
     token = read_token(args.token)
-    settings, ssh_key = parse_worker_conf(conf)
-    folder = materialise_bundle(settings, conf, token, args.ssh_key or ssh_key)
+    ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
+    settings, conf_ssh_key = parse_worker_conf(conf)
+    folder = materialise_bundle(settings, conf, token, ssh_key or conf_ssh_key)
     return run_bundle_script(folder, "join.sh", share_flags(args))
 
 
@@ -2362,7 +3496,7 @@ def set_manager(args):
     global DOCKER_HOST
     manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
     if manager:
-        DOCKER_HOST = manager if "://" in manager else f"ssh://{manager}"
+        DOCKER_HOST = valid_manager(manager)
         need("docker", "ssh")
         check_manager_reachable(DOCKER_HOST)
     else:
@@ -2398,12 +3532,6 @@ def check_manager_reachable(docker_host):
         ) from None
 
 
-def validate_image(image):
-    if not image or not image.strip() or any(c.isspace() for c in image):
-        raise usage_error(f"invalid image {image!r}", "for example: python:3.11")
-    return image
-
-
 def new_job_name(args, prefix="job"):
     if args.name:
         return valid_name(args.name, "job name")
@@ -2411,7 +3539,7 @@ def new_job_name(args, prefix="job"):
 
 
 def cmd_jobs_run(args):
-    image = validate_image(args.image)
+    image = valid_image(args.image)
     request = JobRequest(args.cpus, args.memory, args.gpus)
     env = parse_env(args.env)
     replicas = parse_count(args.replicas, "--replicas", 1)
@@ -2437,7 +3565,7 @@ def cmd_jobs_run(args):
 
 def cmd_jobs_train(args):
     framework_image = FRAMEWORK_IMAGES[args.framework]
-    image = validate_image(args.image or framework_image)
+    image = valid_image(args.image or framework_image, "--image")
     request = JobRequest(args.cpus, args.memory, args.gpus)
     env = parse_env(args.env)
     script = args.script
@@ -2467,9 +3595,9 @@ def cmd_jobs_train(args):
         shell = f"python -c {shlex.quote(fetch)} {shlex.quote(script)} && exec python /tmp/gridx-train.py"
     else:
         config_name = f"{job_id}-script"
-        run_naming(docker("config", "create", "--label", f"{LABEL_JOB}={job_id}", config_name, "-"), job_id,
+        run_naming(docker("config", "create", f"--label={LABEL_JOB}={job_id}", "--", config_name, "-"), job_id,
                    input=content.decode("utf-8", "surrogateescape"))
-        extra = ["--config", f"source={config_name},target=/gridx/train.py,mode=0444"]
+        extra = [f"--config=source={config_name},target=/gridx/train.py,mode=0444"]
         shell = "exec python /gridx/train.py"
     try:
         create_job(job_id, image, request, kind="train", command_argv=["sh", "-c", shell],
@@ -2477,7 +3605,7 @@ def cmd_jobs_train(args):
                    env=env, extra_args=extra)
     except GridxError:
         if not is_url:
-            run(docker("config", "rm", f"{job_id}-script"), check=False)
+            run(docker("config", "rm", "--", f"{job_id}-script"), check=False)
         raise
     if not args.wait:
         print(job_id)
@@ -2487,9 +3615,10 @@ def cmd_jobs_train(args):
 
 
 def cmd_jobs_jupyter(args):
-    image = validate_image(args.image or JUPYTER_IMAGE)
+    image = valid_image(args.image or JUPYTER_IMAGE, "--image")
     request = JobRequest(args.cpus, args.memory, args.gpus)
     port = valid_port(args.port)
+    timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
     job_id = new_job_name(args, "jupyter")
     set_manager(args)
     check_fits(request, swarm_nodes())
@@ -2506,7 +3635,7 @@ def cmd_jobs_jupyter(args):
         extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
     )
     info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
-    url = wait_for_jupyter(job_id, port, token, args.timeout)
+    url = wait_for_jupyter(job_id, port, token, timeout)
     if args.json:
         print_json({"id": job_id, "url": url})
     else:
@@ -2595,7 +3724,7 @@ def cmd_jobs_status(args):
     if task_ids:
         import json
 
-        details = json.loads(run(docker("inspect", *task_ids)).stdout)
+        details = json.loads(run(docker("inspect", "--", *task_ids)).stdout)
         by_id = {d["ID"]: d for d in details}
         for task in job["tasks"]:
             detail = by_id.get(task["id"], {})
@@ -2679,14 +3808,14 @@ def cmd_jobs_delete(args):
     # moving the job to a constraint no node meets.
     for job_id in running_jobs:
         run(docker("service", "update", "--detach", "--force",
-                   "--constraint-add", "node.labels.gridx-deleted==true", job_id))
+                   "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
     deadline = time.monotonic() + 30
     while running_jobs and time.monotonic() < deadline:
         live = [t for t in list_tasks(running_jobs) if t["state"] in ("running", "starting", "preparing")]
         if not live:
             break
         time.sleep(0.5)
-    run(docker("service", "rm", *ids))
+    run(docker("service", "rm", "--", *ids))
     # Several label=K=V filters on `config ls` do not mean "any of these":
     # list every job's config and pick the deleted jobs' here.
     listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",
@@ -2694,7 +3823,7 @@ def cmd_jobs_delete(args):
     configs = [config_id for config_id, _, job_id in (line.partition("\t") for line in listed.splitlines())
                if job_id in ids]
     if configs:
-        removed = run(docker("config", "rm", *configs), check=False)
+        removed = run(docker("config", "rm", "--", *configs), check=False)
         if removed.returncode != 0:
             said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
             warn(f"the jobs' script configs were not all removed: {said}")
@@ -2749,6 +3878,199 @@ def cmd_cluster(args):
 
 
 # ---------------------------------------------------------------------------
+# Commands: users
+# ---------------------------------------------------------------------------
+
+
+def cmd_hub_add_user(args):
+    name = valid_name(args.name, "user name")
+    ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
+    wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
+    limits = limits_from_args(args)
+    require_root()
+    need("wg", "docker", "ssh-keygen")
+    with StateLock():
+        config = load_hub_config()
+        refuse_taken_name(config, name, wg_key, "user")
+        if ssh_key and any(u.ssh_key == ssh_key for u in config.users.values()):
+            raise usage_error("that --pubkey already belongs to another user", "each user needs their own key")
+        host_key = host_key_line(config)
+        ip = allocate_ip(config)
+        changes = ensure_user_account()
+        private_wg = None
+        if not wg_key:
+            private_wg, wg_key = wg_genkey()
+        private_ssh = None
+        if not ssh_key:
+            private_ssh, ssh_key = new_ssh_keypair(name)
+        user = User(name, ip, wg_key, ssh_key, {k: v for k, v in limits.items() if v is not ...}, _now())
+        folder = user_bundle_path(name)
+        write_bundle(folder, user_bundle_files(config, user, private_wg, private_ssh, host_key))
+        config.users[name] = user
+        try:
+            write_user_access(config)
+            apply_firewall(config)
+            run(["wg", "set", config.interface, "peer", wg_key, "allowed-ips", f"{ip}/32"])
+        except BaseException:
+            del config.users[name]
+            write_user_access(config)
+            remove_user_bundle(name)
+            raise
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+    for change in changes:
+        info(change)
+    if args.json:
+        print_json({"user": user.to_dict(), "bundle": folder, "archive": folder + ".tar.gz"})
+        return EXIT_OK
+    print(f"Added user {name}: VPN address {ip}")
+    print(f"Bundle: {folder}/  (and {folder}.tar.gz)")
+    print("Next: give the bundle to them; its README.txt says what to run (wg-quick up, then")
+    print(f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})")
+    return EXIT_OK
+
+
+def remove_user_bundle(name):
+    import shutil
+
+    folder = user_bundle_path(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.exists(folder + ".tar.gz"):
+        os.unlink(folder + ".tar.gz")
+
+
+def cmd_hub_set_user(args):
+    name = valid_name(args.name, "user name")
+    limits = limits_from_args(args)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        user = config.users.get(name)
+        if user is None:
+            raise usage_error(f"no user {name!r}", "list them: gridx hub list-users")
+        own = dict(user.limits)
+        for key, value in limits.items():
+            if value is ...:
+                own.pop(key, None)
+            else:
+                own[key] = value
+        config.users[name] = User(user.name, user.ip, user.public_key, user.ssh_key, own, user.added)
+        save_hub_config(config)
+        write_user_access(config)
+    shown = effective_limits(config, config.users[name])
+    print(f"{name}: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_set_defaults(args):
+    limits = limits_from_args(args, allow_default=False)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        config.user_defaults.update(limits)
+        config.user_defaults = {k: v for k, v in config.user_defaults.items() if v is not None}
+        save_hub_config(config)
+        if config.users:
+            write_user_access(config)
+    shown = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_remove_user(args):
+    name = valid_name(args.name, "user name")
+    require_root()
+    need("wg", "docker")
+    with StateLock():
+        config = load_hub_config()
+        user = config.users.get(name)
+        if user is None:
+            raise usage_error(f"no user {name!r}", "list them: gridx hub list-users")
+        del config.users[name]
+        # first what lets them in: the SSH line, then the VPN peer
+        write_user_access(config)
+        run(["wg", "set", config.interface, "peer", user.public_key, "remove"])
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+        apply_firewall(config)
+        remove_user_bundle(name)
+    info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
+    ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
+    if ids and args.stop_jobs:
+        import argparse
+
+        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None))
+    if ids:
+        info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
+    return EXIT_OK
+
+
+def cmd_hub_list_users(args):
+    require_root()
+    need("wg", "docker")
+    config = load_hub_config()
+    rows = user_rows(config)
+    defaults = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    if args.json:
+        print_json({"users": rows, "defaults": defaults})
+        return EXIT_OK
+    if not rows:
+        print("No users yet. Add one: gridx hub add-user NAME")
+        return EXIT_OK
+    table = []
+    for row in rows:
+        limits, use = row["limits"], row["use"]
+        table.append([
+            row["name"], row["ip"], human_age(row["handshake_age"]),
+            "/".join(show_limit(k, limits[k]) for k in USER_LIMITS),
+            "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
+        ])
+    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
+    return EXIT_OK
+
+
+def add_limit_flags(parser, what):
+    parser.add_argument("--max-cpus", metavar="N", help=f"CPUs {what} (none: no limit)")
+    parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
+    parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
+    parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
+
+
+def args_hub_add_user(p):
+    p.add_argument("name", help="the user's name (a DNS label, not a peer's)")
+    p.add_argument("--pubkey", metavar="SSH_KEY",
+                   help="the user's SSH public key line: their private key never exists on the hub")
+    p.add_argument("--wg-pubkey", metavar="KEY", help="the user's WireGuard public key (default: made here)")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: the hub's defaults)")
+    add_json(p)
+
+
+def args_hub_set_user(p):
+    p.add_argument("name", help="the user's name")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
+
+
+def args_hub_set_defaults(p):
+    add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
+
+
+def args_hub_remove_user(p):
+    p.add_argument("name", help="the user's name")
+    p.add_argument("--stop-jobs", action="store_true", help="also delete their jobs (default: they run on)")
+
+
+def args_jobs_list(p):
+    p.add_argument("--mine", action="store_true", help="only your jobs")
+    p.add_argument("--user", metavar="NAME", help="only this user's jobs (root: the admin's)")
+    add_json(p)
+    add_manager(p)
+
+
+# ---------------------------------------------------------------------------
 # Argument parser
 # ---------------------------------------------------------------------------
 
@@ -2781,6 +4103,11 @@ def add_share_flags(parser):
     parser.add_argument("--handshake-timeout", help="seconds to wait for the hub's handshake (default 30)")
     parser.add_argument("--yes", "-y", action="store_true", help="accept the defaults, ask nothing")
     parser.add_argument("--install-deps", action="store_true", help="install missing packages")
+    parser.add_argument("--no-hub-ssh", action="store_true",
+                        help="do not let the hub SSH in as root over the VPN (`gridx hub ssh` then says so)")
+    parser.add_argument("--no-containment", action="store_true",
+                        help="no user-namespace remapping or no-new-privileges in Docker: the hub could then "
+                             "read and write every file here as root")
 
 
 def args_hub_init(p):
@@ -2796,6 +4123,11 @@ def args_hub_add_peer(p):
     p.add_argument("--pubkey", help="the worker's WireGuard public key: its private key never exists on the hub")
     p.add_argument("--out", help="also copy the bundle into this folder")
     add_json(p)
+
+
+def args_hub_refresh_bundle(p):
+    p.add_argument("name", help="the peer's name")
+    p.add_argument("--out", help="also copy the bundle into this folder")
 
 
 def args_name(p):
@@ -2848,7 +4180,7 @@ def args_jobs_jupyter(p):
     p.add_argument("--port", default="8888", help="port on the worker's VPN address (default 8888)")
     p.add_argument("--image", help=f"image with Jupyter (default {JUPYTER_IMAGE})")
     p.add_argument("--name", help="job ID (default jupyter-XXXXXX)")
-    p.add_argument("--timeout", type=int, default=600, help="seconds to wait for it to answer (default 600)")
+    p.add_argument("--timeout", default="600", help="seconds to wait for it to answer (default 600)")
     add_json(p)
     add_manager(p)
 
@@ -2902,6 +4234,8 @@ COMMANDS = {
                    "sudo gridx hub status || alert", add_json),
         "join-info": (cmd_hub_join_info, "print what a worker needs to join by hand",
                       "sudo gridx hub join-info --name laptop-anna > laptop-anna.conf", args_hub_join_info),
+        "refresh-bundle": (cmd_hub_refresh_bundle, "rewrite a peer's bundle with the current join token",
+                           "sudo gridx hub refresh-bundle laptop-anna --out .", args_hub_refresh_bundle),
         "ssh": (cmd_hub_ssh, "SSH into a worker over the VPN with the hub's key",
                 "sudo gridx hub ssh laptop-anna -- nvidia-smi", args_hub_ssh),
         "ssh-pubkey": (cmd_hub_ssh_pubkey, "print the hub's SSH public key",

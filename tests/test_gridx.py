@@ -538,3 +538,618 @@ def test_job_progress_says_what_a_waiting_job_does():
     assert gridx.job_progress("j", job("starting", ["w2"]), 0).startswith("job j: starting on w2")
     assert gridx.job_progress("j", job("running", ["w2", "w1"]), 0) == "job j: running on w1, w2"
     assert gridx.job_progress("j", job("complete", ["w1"]), 0) is None
+
+
+# -- no value a user gives reaches another program's argv as an option (issue 12) --
+
+BAD_VALUES = ("-x", "--mount=type=bind,src=/,dst=/host")
+HUB_NODE = {"ID": "n0", "CreatedAt": "2026-01-01T00:00:00Z", "ManagerStatus": {"Leader": True},
+            "Spec": {"Role": "manager", "Availability": "active"},
+            "Description": {"Hostname": "hub", "Resources": {}}, "Status": {"State": "ready", "Addr": "10.0.0.1"}}
+WORKER_NODE = dict(NODE, CreatedAt="2026-01-01T00:00:00Z", Status={"State": "ready", "Addr": "10.0.0.2"})
+JOB_SERVICE = {"ID": "s1", "Spec": {
+    "Name": "job-1", "Labels": {gridx.LABEL_JOB: "job-1", gridx.LABEL_KIND: "run"},
+    "Mode": {"ReplicatedJob": {"TotalCompletions": 1}},
+    "TaskTemplate": {"ContainerSpec": {"Image": "python:3.11"}, "Resources": {}}}}
+JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "Complete",
+            "CurrentState": "Complete 1 second ago", "Error": ""}
+
+
+class FakeTools:
+    """Stands in for every program gridx runs (subprocess.run, call and
+    Popen): records each argv and answers as a hub with one worker would."""
+
+    def __init__(self, declined=()):
+        self.calls = []
+        self.declined = list(declined)  # node IDs with gridx.hub-ssh=no
+        self.token = "SWMTKN-1-old"
+
+    def answer(self, argv):
+        words = [w for w in argv if not w.startswith("--host=")]
+        tool, rest = words[0], words[1:]
+        out, code = "", 0
+        if tool == "wg" and rest[:1] == ["genkey"]:
+            out = KEY_A
+        elif tool == "wg" and rest[:1] == ["pubkey"]:
+            out = KEY_B
+        elif tool == "wg" and rest[-1:] == ["dump"]:
+            code = 1
+        elif tool == "ip":
+            out = "[]"
+        elif tool == "docker":
+            joined = " ".join(rest)
+            if rest[:1] == ["info"]:
+                out = json.dumps({"LocalNodeState": "active", "NodeAddr": "10.0.0.1", "ControlAvailable": True})
+            elif rest[:2] == ["swarm", "join-token"]:
+                if "--rotate" in rest:
+                    self.token = "SWMTKN-1-new"
+                out = self.token
+            elif rest[:2] == ["node", "ls"] and "label=gridx.hub-ssh=no" in joined:
+                out = "\n".join(self.declined)
+            elif rest[:2] == ["node", "ls"]:
+                out = "n0\nn1"
+            elif rest[:2] == ["node", "inspect"] and "--format" in rest:
+                out = "10.0.0.2 ready"
+            elif rest[:2] == ["node", "inspect"]:
+                out = json.dumps([HUB_NODE, WORKER_NODE])
+            elif rest[:2] == ["service", "ls"]:
+                out = "job-1"
+            elif rest[:2] == ["service", "inspect"]:
+                out = json.dumps([JOB_SERVICE])
+            elif rest[:2] == ["service", "ps"] and "-q" in rest:
+                out = "t1"
+            elif rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
+                out = json.dumps(dict(JOB_TASK, Name=rest[-1] + ".1", DesiredState="Running",
+                                      CurrentState="Running 1 second ago"))
+            elif rest[:2] == ["service", "ps"]:
+                out = json.dumps(JOB_TASK)
+            elif rest[:1] == ["inspect"]:
+                out = json.dumps([{"ID": "t1", "Status": {"ContainerStatus": {"ExitCode": 0}}}])
+            elif rest[:2] in (["service", "create"], ["config", "create"]):
+                out = "id1"
+        return out, code
+
+    def run(self, argv, input=None, capture_output=False, text=False, timeout=None, env=None, **kw):
+        self.calls.append(list(argv))
+        out, code = self.answer(argv)
+        return subprocess.CompletedProcess(argv, code, out + "\n" if out else "", "")
+
+    def call(self, argv, **kw):
+        self.calls.append(list(argv))
+        return 0
+
+    def popen(self, argv, **kw):
+        self.calls.append(list(argv))
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+
+        class Process:
+            stdout = os.fdopen(read_end, "rb")
+            returncode = 0
+            pid = 0
+
+            def wait(self, timeout=None):
+                return 0
+
+            def poll(self):
+                return 0
+
+            def terminate(self):
+                pass
+
+            kill = terminate
+
+        return Process()
+
+
+def fake_hub(tmp_path, monkeypatch, declined=()):
+    """A hub in tmp_path (peers w1 at 10.0.0.2 and w2 with a bundle on the
+    hub), every program faked; returns the FakeTools."""
+    config_dir = tmp_path / "cfg"
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("GRIDX_WG_DIR", str(tmp_path / "wg"))
+    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = make_config(peers=[("w1", "10.0.0.2")])
+    config.peers["w2"] = gridx.Peer("w2", "10.0.0.3", KEY_A, True, "")
+    gridx.save_hub_config(config)
+    (config_dir / "server.key").write_text(KEY_A + "\n")
+    gridx.ensure_dir(str(config_dir / "ssh"))
+    (config_dir / "ssh" / "id_ed25519").write_text("private\n")
+    (config_dir / "ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3Nza gridx-hub\n")
+    gridx.ensure_dir(str(config_dir / "clients"))
+    for name in ("w1", "w2"):
+        conf = gridx.render_worker_wg_conf(config, config.peers[name], KEY_A, "ssh-ed25519 AAAAC3Nza gridx-hub")
+        (config_dir / "clients" / f"{name}.conf").write_text(conf)
+    gridx.write_bundle(gridx.bundle_path("w2"), gridx.bundle_files(
+        config, config.peers["w2"], (config_dir / "clients" / "w2.conf").read_text(), "SWMTKN-1-old",
+        "ssh-ed25519 AAAAC3Nza gridx-hub", True))
+    (tmp_path / "train.py").write_text("print(1)\n")
+    (tmp_path / "w.conf").write_text((config_dir / "clients" / "w1.conf").read_text())
+    tools = FakeTools(declined)
+    monkeypatch.setattr(subprocess, "run", tools.run)
+    monkeypatch.setattr(subprocess, "call", tools.call)
+    monkeypatch.setattr(subprocess, "Popen", tools.popen)
+    monkeypatch.setattr(gridx, "require_root", lambda: None)
+    monkeypatch.setattr(gridx, "need", lambda *tools: None)
+    monkeypatch.setattr(gridx, "systemd_running", lambda: False)
+    monkeypatch.setattr(gridx, "check_manager_reachable", lambda host: None)
+    monkeypatch.setattr(gridx, "DOCKER_HOST", None)
+
+    class Answer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **kw: Answer())
+    return tools
+
+
+# Valid options and positionals that get every command to run to its end
+# with FakeTools: (options, {positional dest: words}).
+ARGV_BASE = {
+    ("hub", "init"): (["--ip=203.0.113.7"], {}),
+    ("hub", "add-peer"): ([], {"name": ["new1"]}),
+    ("hub", "remove-peer"): ([], {"name": ["w1"]}),
+    ("hub", "refresh-bundle"): ([], {"name": ["w2"]}),
+    ("hub", "join-info"): (["--name=w1"], {}),
+    ("hub", "ssh"): ([], {"name": ["w1"], "command": ["true"]}),
+    ("hub", "watch"): (["--once"], {}),
+    ("hub", "reset"): (["--yes"], {}),
+    ("worker", "join"): (["--wg-config=w.conf", "--token=SWMTKN-1-abc123-def456"], {}),
+    ("jobs", "run"): ([], {"image": ["python:3.11"], "command": ["true"]}),
+    ("jobs", "jupyter"): (["--timeout=5"], {}),
+    ("jobs", "train"): (["--framework=pytorch"], {"script": ["train.py"]}),
+    ("jobs", "status"): ([], {"job_id": ["job-1"]}),
+    ("jobs", "logs"): ([], {"job_id": ["job-1"]}),
+    ("jobs", "delete"): ([], {"job_ids": ["job-1"]}),
+}
+
+
+def subcommand_parsers():
+    """(group, command, its argparse parser) for every command of COMMANDS
+    and the cluster shortcut."""
+    import argparse
+
+    found = []
+    for group, (_, _, commands) in list(gridx.COMMANDS.items()) + [("cluster", (None, None, {None: None}))]:
+        for name in commands:
+            words = [group] + ([name] if name else [])
+            sub, _ = gridx.build_parser(words)
+            for word in words:
+                action = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+                sub = action.choices[word]
+            found.append((group, name, sub))
+    return found
+
+
+def argv_for(group, name, sub, inject=None, bad=None):
+    """The command line: the base values, with one action's value bad."""
+    options, positionals = ARGV_BASE.get((group, name), ([], {}))
+    options, positionals = list(options), dict(positionals)
+    if inject is not None and inject.option_strings:
+        flag = max(inject.option_strings, key=len)
+        options = [o for o in options if not o.startswith(flag + "=")] + [f"{flag}={bad}"]
+    elif inject is not None:
+        positionals[inject.dest] = [bad]
+    words = [p for a in sub._actions if not a.option_strings for p in positionals.get(a.dest, [])]
+    return [group] + ([name] if name else []) + options + (["--"] + words if words else [])
+
+
+def value_actions():
+    cases = []
+    for group, name, sub in subcommand_parsers():
+        for action in sub._actions:
+            if action.nargs == 0:  # --help, --json, --yes: no value to give
+                continue
+            for bad in BAD_VALUES:
+                label = action.option_strings[-1] if action.option_strings else action.dest
+                value = "mount" if bad.startswith("--mount") else "dash-x"
+                cases.append(pytest.param(group, name, action.dest, bad, id=f"{group}-{name}-{label}-{value}"))
+    return cases
+
+
+def tree(path):
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(path.rglob("*"))}
+
+
+def run_main(argv):
+    try:
+        return gridx.main(argv)
+    except SystemExit as exited:  # argparse's own refusals
+        return exited.code
+
+
+@pytest.mark.parametrize("group,name,sub", [pytest.param(*s, id=f"{s[0]}-{s[1]}") for s in subcommand_parsers()])
+def test_argv_base_runs_every_command(group, name, sub, tmp_path, monkeypatch):
+    """The fake answers enough that every command runs (so the test below
+    sees the argv each one builds, not an early failure)."""
+    tools = fake_hub(tmp_path, monkeypatch)
+    code = run_main(argv_for(group, name, sub))
+    if (group, name) == ("worker", "setup"):
+        assert code == 2  # needs a terminal: refused before anything runs
+        return
+    assert code == (1 if (group, name) == ("hub", "status") else 0), (group, name)  # status: never shook hands
+    assert tools.calls or (group, name) == ("hub", "ssh-pubkey"), (group, name)
+
+
+@pytest.mark.parametrize("group,name,dest,bad", value_actions())
+def test_no_user_value_reaches_an_argv_as_an_option(group, name, dest, bad, tmp_path, monkeypatch, capsys):
+    """Each option and positional of each command, given a value that begins
+    with '-': exit 2 with nothing run and nothing changed, or every argv
+    element gridx built that begins with '-' (before a `--`) is its own."""
+    tools = fake_hub(tmp_path, monkeypatch)
+    sub = next(s for g, n, s in subcommand_parsers() if (g, n) == (group, name))
+    action = next(a for a in sub._actions if a.dest == dest)
+    before = tree(tmp_path)
+    code = run_main(argv_for(group, name, sub, action, bad))
+    if code == 2:
+        assert tools.calls == [], tools.calls
+        assert tree(tmp_path) == before
+        return
+    for argv in tools.calls:
+        options = argv[:argv.index("--")] if "--" in argv else argv
+        assert not [word for word in options if word.startswith(bad)], argv
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES + ("UPPER/Case",))
+def test_gridx_manager_from_the_environment_is_validated_first(bad, tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    monkeypatch.setenv("GRIDX_MANAGER", bad)
+    assert run_main(["jobs", "list"]) == 2
+    assert tools.calls == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["jobs", "run", "--", "--mount=type=bind,src=/,dst=/host", "python:3.11", "true"],
+    ["jobs", "run", "UPPER/Case:tag", "true"],
+    ["jobs", "train", "t.py", "--framework", "pytorch", "--image=--network=host"],
+    ["jobs", "jupyter", "--image=-x"],
+])
+def test_image_injection_is_exit_2_before_docker(argv, tmp_path):
+    """Not a manager, no docker at all on PATH: still exit 2, not 3."""
+    (tmp_path / "t.py").write_text("print(1)\n")
+    result = subprocess.run([sys.executable, GRIDX, *argv], capture_output=True, text=True, cwd=tmp_path,
+                            env=dict(os.environ, PATH=str(tmp_path), GRIDX_CONFIG_DIR=str(tmp_path / "cfg")))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: invalid") and result.stderr.count("\n") == 2, result.stderr
+
+
+@pytest.mark.parametrize("image,ok", [
+    ("python:3.11", True), ("pytorch/pytorch:latest", True), ("quay.io/jupyter/base-notebook:latest", True),
+    ("localhost:5000/team/app:1.0", True), ("10.0.0.1:5000/a", True), ("a__b/c-d.e", True), ("a__b.c/d", False),
+    ("a@sha256:" + "0" * 64, True), ("Reg.Example/x:Tag_1", True),
+    ("UPPER/Case:tag", False), ("Python", False), ("UPPER/lower", False), ("-x", False), ("a:", False),
+    ("a@sha256:123", False), ("a b", False), ("a.-b", False), ("a___b", False), ("a:" + "t" * 129, False),
+    ("", False), ("a/", False), ("/a", False), ("--mount=type=bind,src=/,dst=/host", False),
+])
+def test_image_reference_grammar(image, ok):
+    if ok:
+        assert gridx.valid_image(image) == image
+    else:
+        with pytest.raises(gridx.GridxError) as error:
+            gridx.valid_image(image)
+        assert error.value.code == 2
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("root@10.0.0.1", "ssh://root@10.0.0.1"), ("ssh://gridx@hub.example:2222", "ssh://gridx@hub.example:2222"),
+    ("hub", "ssh://hub"), ("-oProxyCommand=x", None), ("root@-x", None), ("-l@hub", None),
+    ("root@10.0.0.300", None), ("root@hub:0", None), ("root@hub/path", None), ("root@hub:22 x", None),
+    ("tcp://10.0.0.1:2375", None), ("root@.hub", None),
+])
+def test_manager_validation(value, expected):
+    if expected:
+        assert gridx.valid_manager(value) == expected
+    else:
+        with pytest.raises(gridx.GridxError) as error:
+            gridx.valid_manager(value)
+        assert error.value.code == 2
+
+
+def test_service_create_argv_puts_values_after_flags_and_the_image_after_dashdash(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(
+        argv, 0, "", ""))
+    gridx.create_job("j1", "python:3.11", gridx.JobRequest("1", "1G", "0"), kind="run",
+                     command_argv=["sh", "-c", "-x"], command_text="-x", mode="replicated-job", replicas=1,
+                     env=["A=--mount=x"])
+    argv = calls[0]
+    image = argv.index("--") + 1
+    assert argv[image:] == ["python:3.11", "sh", "-c", "-x"]
+    assert "--env=A=--mount=x" in argv and "--label=gridx.command=-x" in argv and "--name=j1" in argv
+
+
+def test_ssh_stops_reading_options_at_the_host():
+    argv = gridx.ssh_argv("10.0.0.2", ["-oProxyCommand=x"])
+    assert argv[-3:] == ["--", "root@10.0.0.2", "-oProxyCommand=x"]
+
+
+# -- GPUs: a job that asks for none sees none (issue 12, item 4) -----------------
+
+def test_no_gpu_job_gets_no_visible_devices(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(
+        argv, 0, "", ""))
+    for gpus in ("0", "2"):
+        gridx.create_job(f"j{gpus}", "pytorch/pytorch:latest", gridx.JobRequest("1", "1G", gpus), kind="run",
+                         command_argv=[], command_text="", mode="replicated-job", replicas=1, env=["A=1"])
+    no_gpu, with_gpus = calls
+    options = no_gpu[:no_gpu.index("--")]
+    assert "--env=NVIDIA_VISIBLE_DEVICES=void" in options
+    assert not [w for w in with_gpus if "NVIDIA_VISIBLE_DEVICES" in w]
+    assert "NVIDIA-GPU=2" in with_gpus
+
+
+def test_user_env_cannot_choose_the_gpus():
+    for item in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_VISIBLE_DEVICES="):
+        with pytest.raises(gridx.GridxError) as error:
+            gridx.parse_env([item])
+        assert error.value.code == 2 and "--gpus" in error.value.hint
+
+
+# -- hub ssh of a worker that declined it (issue 12, item 3) ----------------------
+
+def test_hub_ssh_to_a_worker_that_declined_is_exit_3_without_trying(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch, declined=["n1"])
+    assert gridx.main(["hub", "ssh", "w1", "--", "true"]) == 3
+    assert "declined the hub's SSH" in capsys.readouterr().err
+    assert not [argv for argv in tools.calls if argv[0] == "ssh"]
+    docker_calls = [argv for argv in tools.calls if argv[0] == "docker"]
+    assert docker_calls[0][:4] == ["docker", "node", "ls", "-q"] and len(docker_calls) == 2
+
+
+def test_hub_ssh_when_nobody_declined_is_one_docker_call(tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    assert gridx.main(["hub", "ssh", "w1", "--", "true"]) == 0
+    assert [argv[0] for argv in tools.calls] == ["docker", "ssh"]
+
+
+def test_list_peers_shows_who_declined_hub_ssh(tmp_path, monkeypatch, capsys):
+    fake_hub(tmp_path, monkeypatch)
+    declined = json.loads(json.dumps(WORKER_NODE))
+    declined["Description"]["Engine"] = {"Labels": {gridx.LABEL_HUB_SSH: "no"}}
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [HUB_NODE, declined])
+    assert gridx.main(["hub", "list-peers", "--json"]) == 0
+    peers = {p["name"]: p for p in json.loads(capsys.readouterr().out)["peers"]}
+    assert peers["w1"]["hub_ssh"] is False and peers["w2"]["hub_ssh"] is None
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [HUB_NODE, WORKER_NODE])
+    assert gridx.main(["hub", "list-peers"]) == 0
+    table = capsys.readouterr().out
+    assert "HUB SSH" in table.splitlines()[0] and table.splitlines()[1].endswith("yes")
+
+
+# -- review findings of issue 12, item 8 ------------------------------------------
+
+def bundle_token(folder):
+    import tarfile
+
+    with open(os.path.join(folder, "swarm-token")) as handle:
+        in_folder = handle.read().strip()
+    with tarfile.open(folder + ".tar.gz") as tar:
+        member = tar.extractfile(f"{os.path.basename(folder)}/swarm-token")
+        in_archive = member.read().decode().strip()
+    return in_folder, in_archive
+
+
+def test_remove_peer_gives_the_unused_bundles_the_new_token(tmp_path, monkeypatch, capsys):
+    fake_hub(tmp_path, monkeypatch)
+    w2 = gridx.bundle_path("w2")
+    assert bundle_token(w2) == ("SWMTKN-1-old", "SWMTKN-1-old")
+    assert gridx.main(["hub", "remove-peer", "w1"]) == 0
+    assert bundle_token(w2) == ("SWMTKN-1-new", "SWMTKN-1-new")
+    assert stat.S_IMODE(os.stat(w2).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(w2, "gridx0.conf")).st_mode) == 0o600
+    assert sorted(os.listdir(gridx.bundles_dir())) == ["gridx-w2-bundle", "gridx-w2-bundle.tar.gz"]
+    assert "refresh-bundle" in capsys.readouterr().err
+
+
+def test_refresh_bundle_rewrites_one_bundle_with_the_current_token(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    tools.token = "SWMTKN-1-now"
+    assert gridx.main(["hub", "refresh-bundle", "w1", "--out", "given"]) == 0
+    assert bundle_token(gridx.bundle_path("w1")) == ("SWMTKN-1-now", "SWMTKN-1-now")
+    assert bundle_token(str(tmp_path / "given" / "gridx-w1-bundle")) == ("SWMTKN-1-now", "SWMTKN-1-now")
+    assert gridx.main(["hub", "refresh-bundle", "nobody"]) == 2
+
+
+def test_remove_peer_forgets_the_peers_host_key(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+    import hmac
+
+    fake_hub(tmp_path, monkeypatch)
+    salt = b"0123456789abcdefghij"
+    hashed = "|1|{}|{}".format(base64.b64encode(salt).decode(), base64.b64encode(
+        hmac.new(salt, b"10.0.0.2", hashlib.sha1).digest()).decode())
+    lines = ["10.0.0.2 ssh-ed25519 AAAAold\n", f"{hashed} ecdsa-sha2-nistp256 AAAAold\n",
+             "10.0.0.3 ssh-ed25519 AAAAkept\n", "10.0.0.20 ssh-ed25519 AAAAkept\n"]
+    path = gridx.known_hosts_path()
+    with open(path, "w") as handle:
+        handle.writelines(lines)
+    os.chmod(path, 0o644)
+    assert gridx.main(["hub", "remove-peer", "w1"]) == 0
+    with open(path) as handle:
+        assert handle.readlines() == lines[2:]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert gridx.forget_host_key("10.0.0.9") is False
+
+
+@pytest.mark.parametrize("make", ["out-is-symlink", "bundle-is-symlink", "archive-is-symlink", "out-is-file",
+                                  "parent-is-file"])
+def test_add_peer_out_refuses_symlinks_before_anything_is_saved(make, tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = tmp_path / "out"
+    if make == "out-is-symlink":
+        out.symlink_to(victim)
+    elif make == "out-is-file":
+        out.write_text("x")
+    elif make == "parent-is-file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "sub"
+    else:
+        out.mkdir()
+        name = "gridx-new1-bundle" + (".tar.gz" if make == "archive-is-symlink" else "")
+        (out / name).symlink_to(victim / name)
+    before = tree(tmp_path)
+    assert gridx.main(["hub", "add-peer", "new1", "--out", str(out)]) == 2
+    assert tools.calls == [] and tree(tmp_path) == before
+    assert "new1" not in gridx.load_hub_config().peers
+
+
+def test_add_peer_out_makes_the_folder_and_leaves_an_existing_ones_mode(tmp_path, monkeypatch):
+    fake_hub(tmp_path, monkeypatch)
+    assert gridx.main(["hub", "add-peer", "new1", "--out", "made/here"]) == 0
+    copied = tmp_path / "made" / "here" / "gridx-new1-bundle"
+    assert (copied / "swarm-token").read_text() == "SWMTKN-1-old\n"
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o700 and (copied.parent / "gridx-new1-bundle.tar.gz").is_file()
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    os.chmod(own, 0o755)
+    assert gridx.main(["hub", "add-peer", "new2", "--out", str(own)]) == 0
+    assert stat.S_IMODE(own.stat().st_mode) == 0o755
+    assert sorted(os.listdir(own)) == ["gridx-new2-bundle", "gridx-new2-bundle.tar.gz"]
+
+
+def test_postup_quotes_the_config_folder(tmp_path, monkeypatch):
+    """wg-quick runs PostUp through bash: a folder with spaces stays one word."""
+    folder = tmp_path / "my gridx"
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(folder))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("iptables-restore", "iptables"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do echo "{tool}:$a"; done >> {tmp_path}/args\n')
+        (bin_dir / tool).chmod(0o755)
+    postup = gridx.firewall_postup(make_config())
+    subprocess.run(["bash", "-c", postup], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), check=True)
+    assert f"iptables-restore:{folder}/firewall.rules" in (tmp_path / "args").read_text().splitlines()
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path / "a#b"))
+    with pytest.raises(gridx.GridxError):
+        gridx.firewall_postup(make_config())
+
+
+def damaged_documents():
+    """hub_config.json texts that are not a hub's: every field given a wrong
+    type or a value its validator refuses."""
+    good = make_config(peers=[("w1", "10.0.0.2")]).to_dict()
+    yield from ("[]", "null", "1", '"text"', "{not json", "[" * 100000, "{}")
+    wrong_types = (None, 1, True, 1.5, "x", [], {})
+    refused = {
+        "interface": ["-x", "a b"], "public_ip": ["-x", "0.0.0.0"], "port": [0, 70000, "51820"],
+        "subnet": ["-x", "10.0.0.1/24"], "hub_ip": ["-x", "10.9.9.9"], "public_key": ["-x"],
+        "address_pool": ["-x"], "peers": [[], "x"],
+        "peers.w1.name": ["w2", "-x"], "peers.w1.ip": ["-x", "10.0.0.1", "10.9.9.9"],
+        "peers.w1.public_key": ["-x"], "peers.w1.key_on_hub": ["yes", 1], "peers.w1.added": [1],
+    }
+    for field, bad_values in refused.items():
+        kind = type(good[field] if "." not in field else good["peers"]["w1"][field[9:]])
+        for wrong in list(bad_values) + [w for w in wrong_types if type(w) is not kind]:
+            document = json.loads(json.dumps(good))
+            where, key = (document["peers"]["w1"], field[9:]) if "." in field else (document, field)
+            where[key] = wrong
+            yield json.dumps(document)
+    for wrong in (None, 1, "x", [], ["w1"]):
+        document = json.loads(json.dumps(good))
+        document["peers"]["w1"] = wrong
+        yield json.dumps(document)
+    for field in ("interface", "public_ip", "port", "subnet", "hub_ip", "public_key"):
+        document = json.loads(json.dumps(good))
+        del document[field]
+        yield json.dumps(document)
+
+
+@pytest.mark.parametrize("text", list(damaged_documents()))
+def test_damaged_hub_config_is_one_clear_error(text, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "hub_config.json").write_text(text)
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.load_hub_config()
+    assert error.value.code == 1 and ("damaged" in error.value.message or "JSON" in error.value.message)
+
+
+def test_damaged_hub_config_on_the_command_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("hub commands check root first")
+    for content in (b'{"peers": {"w1": 3}}', b"\xff\xfe binary"):
+        (tmp_path / "hub_config.json").write_bytes(content)
+        result = cli("hub", "list-peers", env={"GRIDX_CONFIG_DIR": str(tmp_path)})
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and "damaged" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["jobs", "jupyter", "--timeout", "-1"], ["jobs", "jupyter", "--timeout", "0"],
+    ["jobs", "jupyter", "--timeout", "x"], ["hub", "watch", "--interval", str(10**30)],
+    ["hub", "watch", "--down-after", str(10**30)],
+    ["worker", "join", "--wg-config", "/bin/bash", "--token", "SWMTKN-1-abc123-def456"],
+    ["worker", "join", "--wg-config", "/", "--token", "SWMTKN-1-abc123-def456"],
+    ["worker", "join", "--wg-config", "/dev/zero", "--token", "SWMTKN-1-abc123-def456"],
+    ["jobs", "run", "python:3.11", "--env", "NVIDIA_VISIBLE_DEVICES=all"],
+])
+def test_more_bad_input_is_exit_2(args, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("docker", "bash", "ssh"):  # anything run would leave a trace
+        (fake / tool).write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\n")
+        (fake / tool).chmod(0o755)
+    result = cli(*args, env={"GRIDX_CONFIG_DIR": str(tmp_path / "cfg"), "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert result.returncode == 2, (args, result.stderr)
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "cfg").exists()
+
+
+def test_no_access_to_the_docker_socket_is_exit_3(tmp_path):
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho 'Got permission denied while trying to connect to the Docker daemon socket at "
+                    "unix:///var/run/docker.sock: Get \"http://%2Fvar%2Frun%2Fdocker.sock/v1.24/services\": dial "
+                    "unix /var/run/docker.sock: connect: permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = cli("jobs", "list", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert result.returncode == 3 and "Docker socket" in result.stderr and "hint: " in result.stderr
+
+
+def test_ssh_pubkey_as_non_root_is_exit_3(tmp_path):
+    if os.geteuid() != 0:
+        result = cli("hub", "ssh-pubkey", env={"GRIDX_CONFIG_DIR": str(tmp_path)})
+    else:
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 sys.executable, GRIDX, "hub", "ssh-pubkey"],
+                                capture_output=True, text=True, env=dict(os.environ, GRIDX_CONFIG_DIR=str(tmp_path)))
+    assert result.returncode == 3 and "root" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the worker's settings from a config (issue 11) ---------------------------------
+
+def test_worker_conf_hub_address_as_join_sh_finds_it():
+    """Same rule as join.sh check_bundle: the manager's host, else the
+    subnet's first host."""
+    config = make_config()
+    peer = gridx.Peer("w1", "10.0.0.2", KEY_B, True, "")
+    text = gridx.render_worker_wg_conf(config, peer, KEY_A)
+    moved = text.replace("# gridx-manager = 10.0.0.1:2377", "# gridx-manager = 10.0.0.9:2377")
+    assert gridx.parse_worker_conf(moved)[0]["GRIDX_HUB_VPN_IP"] == "10.0.0.9"
+    bare = text.replace("# gridx-manager = 10.0.0.1:2377\n", "")
+    settings = gridx.parse_worker_conf(bare)[0]
+    assert settings["GRIDX_HUB_VPN_IP"] == "10.0.0.1" and settings["GRIDX_MANAGER"] == "10.0.0.1:2377"
+
+
+@pytest.mark.parametrize("old,new", [
+    ("# gridx-manager = 10.0.0.1:2377", "# gridx-manager = -x:2377"),
+    ("# gridx-manager = 10.0.0.1:2377", "# gridx-manager = 10.0.0.1"),
+    ("# gridx-name = w1", "# gridx-name = -x"),
+    ("Endpoint = 203.0.113.7:51820", "Endpoint = -x"),
+    ("# gridx-name = w1", "# gridx-name = w1\n# gridx-hub-ssh-key = command=\"sh\" ssh-ed25519 AAAA"),
+])
+def test_worker_conf_values_are_checked(old, new):
+    text = gridx.render_worker_wg_conf(make_config(), gridx.Peer("w1", "10.0.0.2", KEY_B, True, ""), KEY_A)
+    assert old in text
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.parse_worker_conf(text.replace(old, new))
+    assert error.value.code == 2
