@@ -543,6 +543,7 @@ def test_job_progress_says_what_a_waiting_job_does():
 # -- no value a user gives reaches another program's argv as an option (issue 12) --
 
 BAD_VALUES = ("-x", "--mount=type=bind,src=/,dst=/host")
+SSH_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICmwf0hkKPWsAKHOZlONiuLivpLMmETcR1c6ZH+eRq0t test"
 HUB_NODE = {"ID": "n0", "CreatedAt": "2026-01-01T00:00:00Z", "ManagerStatus": {"Leader": True},
             "Spec": {"Role": "manager", "Availability": "active"},
             "Description": {"Hostname": "hub", "Resources": {}}, "Status": {"State": "ready", "Addr": "10.0.0.1"}}
@@ -576,6 +577,11 @@ class FakeTools:
             code = 1
         elif tool == "ip":
             out = "[]"
+        elif tool == "ssh-keygen" and "-f" in rest:
+            key = rest[rest.index("-f") + 1]
+            with open(key, "w") as private, open(key + ".pub", "w") as public:
+                private.write("private\n")
+                public.write(SSH_PUBLIC_KEY + "\n")
         elif tool == "docker":
             joined = " ".join(rest)
             if rest[:1] == ["info"]:
@@ -675,6 +681,10 @@ def fake_hub(tmp_path, monkeypatch, declined=()):
     monkeypatch.setattr(gridx, "systemd_running", lambda: False)
     monkeypatch.setattr(gridx, "check_manager_reachable", lambda host: None)
     monkeypatch.setattr(gridx, "DOCKER_HOST", None)
+    # users (issue 14): their account's home and the hub's host key, here
+    monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "users"))
+    (tmp_path / "host_key.pub").write_text(SSH_PUBLIC_KEY + "\n")
+    monkeypatch.setattr(gridx, "HOST_KEY_PATH", str(tmp_path / "host_key.pub"), raising=False)
 
     class Answer:
         def __enter__(self):
@@ -707,7 +717,19 @@ ARGV_BASE = {
     ("jobs", "status"): ([], {"job_id": ["job-1"]}),
     ("jobs", "logs"): ([], {"job_id": ["job-1"]}),
     ("jobs", "delete"): ([], {"job_ids": ["job-1"]}),
+    ("hub", "add-user"): ([], {"name": ["u2"]}),
+    ("hub", "set-user"): (["--max-cpus=4"], {"name": ["u1"]}),
+    ("hub", "set-defaults"): (["--max-cpus=4"], {}),
+    ("hub", "remove-user"): ([], {"name": ["u1"]}),
 }
+# A command run first (its calls forgotten) for the state a command needs.
+ARGV_SETUP = {("hub", "set-user"): ["hub", "add-user", "u1"], ("hub", "remove-user"): ["hub", "add-user", "u1"]}
+
+
+def prepare(group, name, tools):
+    if (group, name) in ARGV_SETUP:
+        assert run_main(ARGV_SETUP[(group, name)]) == 0
+        tools.calls.clear()
 
 
 def subcommand_parsers():
@@ -770,12 +792,16 @@ def test_argv_base_runs_every_command(group, name, sub, tmp_path, monkeypatch):
     """The fake answers enough that every command runs (so the test below
     sees the argv each one builds, not an early failure)."""
     tools = fake_hub(tmp_path, monkeypatch)
+    prepare(group, name, tools)
     code = run_main(argv_for(group, name, sub))
     if (group, name) == ("worker", "setup"):
         assert code == 2  # needs a terminal: refused before anything runs
         return
-    assert code == (1 if (group, name) == ("hub", "status") else 0), (group, name)  # status: never shook hands
-    assert tools.calls or (group, name) == ("hub", "ssh-pubkey"), (group, name)
+    # hub status: exit 1, its peers never shook hands
+    assert code == (1 if (group, name) == ("hub", "status") else 0), \
+        f"gridx {group} {name} exits {code}: give it valid values in ARGV_BASE (or ARGV_SETUP)"
+    assert tools.calls or (group, name) in (("hub", "ssh-pubkey"), ("hub", "set-defaults"), ("hub", "set-user")), \
+        (group, name)  # those run no other program
 
 
 @pytest.mark.parametrize("group,name,dest,bad", value_actions())
@@ -786,6 +812,7 @@ def test_no_user_value_reaches_an_argv_as_an_option(group, name, dest, bad, tmp_
     tools = fake_hub(tmp_path, monkeypatch)
     sub = next(s for g, n, s in subcommand_parsers() if (g, n) == (group, name))
     action = next(a for a in sub._actions if a.dest == dest)
+    prepare(group, name, tools)
     before = tree(tmp_path)
     code = run_main(argv_for(group, name, sub, action, bad))
     if code == 2:
