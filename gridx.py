@@ -1698,7 +1698,8 @@ def user_bundle_files(config, user, private_wg_key, private_ssh_key, host_key):
     files = {
         f"{USER_WG_INTERFACE}.conf": (render_user_wg_conf(config, user, private_wg_key), 0o600),
         "known_hosts": (host_key + "\n", 0o644),
-        "settings.env": (render_settings(settings), 0o644),
+        "settings.env": (render_settings(settings).replace(  # the header names a worker bundle's scripts
+            render_settings({}), "# Grid-X user settings, values only: set -a; . ./settings.env; set +a\n"), 0o644),
         "README.txt": (readme, 0o644),
     }
     if private_ssh_key:
@@ -1865,10 +1866,15 @@ class user_limits_checked:
         return False
 
 
+def check_owner_filter(args):
+    if getattr(args, "user", None) not in (None, ADMIN_OWNER):
+        valid_name(args.user, "--user")
+
+
 def filter_jobs(jobs, args):
     """jobs list --mine / --user NAME."""
     if getattr(args, "user", None):
-        wanted = valid_name(args.user, "--user") if args.user != ADMIN_OWNER else ADMIN_OWNER
+        wanted = args.user
     elif getattr(args, "mine", False):
         wanted = job_owner()
     else:
@@ -1913,11 +1919,16 @@ def serve_words(original):
 def check_serve_args(args, words):
     """After parsing: an allowed command, no --manager, no local script."""
     hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
-    if args.group == "jobs" and getattr(args, "command", None) not in SERVE_JOB_COMMANDS:
-        raise usage_error(f"not allowed here: jobs {getattr(args, 'command', None) or ''}".rstrip(), hint)
+    # by handler: the jobs commands' dest "command" is also run's positional
+    allowed = {COMMANDS["jobs"][2][name][0] for name in SERVE_JOB_COMMANDS} | {CLUSTER_SHORTCUT[0]}
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        raise usage_error("give a jobs command", "gridx jobs --help")
+    if handler not in allowed:
+        raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
     if getattr(args, "manager", None):
         raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
-    if getattr(args, "command", None) == "train" and not args.script.startswith(("http://", "https://")):
+    if handler is cmd_jobs_train and not args.script.startswith(("http://", "https://")):
         raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
                           "serve the script over http(s), or build it into an image")
 
@@ -1932,15 +1943,21 @@ def load_serve_limits(name):
     except FileNotFoundError:
         raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
     except (KeyError, TypeError, ValueError, OSError):
-        raise precondition(f"{name!r} is not a user of this hub", "ask the hub admin: gridx hub add-user NAME") from None
+        raise precondition(f"{name!r} is not a user of this hub",
+                           "ask the hub admin: gridx hub add-user NAME") from None
     return valid_limits(limits, f"{users_limits_path()}: {name}")
+
+
+SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
 
 
 def watch_session_end():
     """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
     sshd then closes serve's stdin (and nothing else: the command would run
     on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
-    too. The client keeps stdin open while it waits (forward_to_serve)."""
+    too, once the client said SESSION_HELLO: gridx keeps stdin open while it
+    waits (forward_to_serve); plain `ssh … < /dev/null` ends it at once and
+    is not taken for an interruption."""
     import signal
     import threading
 
@@ -1948,12 +1965,17 @@ def watch_session_end():
         raise KeyboardInterrupt
 
     def watch():
+        armed = False
         try:
-            while os.read(0, 4096):
-                pass
+            while True:
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    break
+                armed = armed or chunk.startswith(SESSION_HELLO)
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGINT)
+        if armed:
+            os.kill(os.getpid(), signal.SIGINT)
 
     signal.signal(signal.SIGHUP, on_hangup)
     threading.Thread(target=watch, daemon=True).start()
@@ -1972,8 +1994,6 @@ def cmd_serve(args):
     except SystemExit as exited:  # argparse printed its usage line and why
         return EXIT_USAGE if exited.code else EXIT_OK
     check_serve_args(parsed, words)
-    if getattr(parsed, "handler", None) is None:
-        raise usage_error("give a jobs command", "gridx jobs --help")
     SERVE_LIMITS = load_serve_limits(name)
     OWNER = name
     watch_session_end()
@@ -1982,9 +2002,7 @@ def cmd_serve(args):
 
 def add_serve_parser(groups, full):
     """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
-    import argparse
-
-    parser = groups.add_parser("serve", help=argparse.SUPPRESS)
+    parser = groups.add_parser("serve")  # no help=: argparse then lists it nowhere
     if full:
         parser.set_defaults(handler=cmd_serve)
         parser.add_argument("name", help="the user the command runs for")
@@ -2006,7 +2024,7 @@ def forwarded_words(argv):
     """The command line to send to serve: without --manager (and its value)
     and the global -v; `--` and what follows stay as they are."""
     words, skip, options = [], False, True
-    for index, word in enumerate(argv):
+    for word in argv:
         if skip:
             skip = False
             continue
@@ -2075,6 +2093,11 @@ def forward_to_serve(docker_host):
     # that this side is gone (Ctrl-C, a kill), see watch_session_end.
     process = start(argv, stdin=subprocess.PIPE)
     try:
+        try:
+            process.stdin.write(SESSION_HELLO)
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # ssh ended already: its status says why
         code = process.wait()
     except KeyboardInterrupt:
         process.terminate()
@@ -3497,6 +3520,7 @@ def set_manager(args):
     manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
     if manager:
         DOCKER_HOST = valid_manager(manager)
+        forward_to_serve(DOCKER_HOST)  # a user that is not root: the hub's gridx serve (see Users)
         need("docker", "ssh")
         check_manager_reachable(DOCKER_HOST)
     else:
@@ -3692,8 +3716,10 @@ def jobs_overview(job_ids=None, with_nodes=False):
 
 
 def cmd_jobs_list(args):
+    check_owner_filter(args)  # --user NAME, before anything runs: see Users
     set_manager(args)
     _, _, jobs, _ = jobs_overview()
+    jobs = filter_jobs(jobs, args)  # --mine, --user: see Users
     jobs.sort(key=lambda j: j["created"])
     if args.json:
         print_json({"jobs": jobs})
@@ -3705,9 +3731,9 @@ def cmd_jobs_list(args):
     for job in jobs:
         nodes = sorted({t["node"] for t in job["tasks"] if t["node"]})
         exit_code = "" if job["exit_code"] is None else str(job["exit_code"])
-        rows.append([job["id"], job["kind"], job["image"], job["state"], exit_code, ",".join(nodes) or "-",
-                     (job["command"] or "")[:40]])
-    print_table(["ID", "KIND", "IMAGE", "STATE", "EXIT", "NODE", "COMMAND"], rows)
+        rows.append([job["id"], job["owner"], job["kind"], job["image"], job["state"], exit_code,
+                     ",".join(nodes) or "-", (job["command"] or "")[:40]])
+    print_table(["ID", "OWNER", "KIND", "IMAGE", "STATE", "EXIT", "NODE", "COMMAND"], rows)
     return EXIT_OK
 
 
@@ -3744,6 +3770,7 @@ def cmd_jobs_status(args):
         print_json(job)
         return EXIT_OK
     print(f"Job:      {job['id']} ({job['kind']})")
+    print(f"Owner:    {job['owner']}")  # see Users
     print(f"Image:    {job['image']}")
     if job["command"]:
         print(f"Command:  {job['command']}")
@@ -3769,6 +3796,7 @@ def cmd_jobs_logs(args):
     job_id = valid_name(args.job_id, "job ID")
     tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
     set_manager(args)
+    check_owner_of(job_id, "read the logs of")  # through serve: see Users
     mode = list_job_services([job_id])[0]["Spec"]["Mode"]
     sources, lost = log_sources(job_id)
     if lost:
@@ -3797,6 +3825,7 @@ def cmd_jobs_delete(args):
     ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
     set_manager(args)
     services = list_job_services(ids)
+    check_owner(services, "delete")  # through serve: see Users
     tasks = list_tasks(ids)
     running_jobs = sorted({
         t["service"] for t in tasks
@@ -3866,7 +3895,7 @@ def cmd_cluster(args):
             f"{shared['cpus'] - used[0]}/{human_mib(shared['memory_mib'] - used[1])}/{len(shared['gpus']) - used[2]}",
         ])
     if args.json:
-        print_json({"nodes": document, "totals": totals})
+        print_json({"nodes": document, "totals": totals, "users": use_by_owner(services, tasks)})
         return EXIT_OK
     rows.append(["TOTAL (ready)", "", "", "", totals["cpus"], human_mib(totals["memory_mib"]), totals["gpus"],
                  f"{totals['used_cpus']}/{human_mib(totals['used_memory_mib'])}/{totals['used_gpus']}",
@@ -3874,6 +3903,7 @@ def cmd_cluster(args):
                  f"{human_mib(totals['memory_mib'] - totals['used_memory_mib'])}/"
                  f"{totals['gpus'] - totals['used_gpus']}"])
     print_table(["NODE", "VPN IP", "ROLE", "STATE", "CPUS", "MEMORY", "GPUS", "RESERVED c/m/g", "FREE c/m/g"], rows)
+    owners_table(use_by_owner(services, tasks))  # per user: see Users
     return EXIT_OK
 
 
@@ -4242,6 +4272,16 @@ COMMANDS = {
                        "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys", None),
         "watch": (cmd_hub_watch, "keep jobs alive: run again the jobs of workers that went down",
                   "sudo gridx hub watch --interval 10 --down-after 30", args_hub_watch),
+        "add-user": (cmd_hub_add_user, "add a person who submits jobs (not a worker) and write their bundle",
+                     "sudo gridx hub add-user alice --max-gpus 1", args_hub_add_user),
+        "set-user": (cmd_hub_set_user, "change a user's limits (none: no limit; default: the hub's)",
+                     "sudo gridx hub set-user alice --max-cpus 8 --max-memory 16G", args_hub_set_user),
+        "set-defaults": (cmd_hub_set_defaults, "the limits of users who have none of their own",
+                         "sudo gridx hub set-defaults --max-gpus 1 --max-jobs 4", args_hub_set_defaults),
+        "remove-user": (cmd_hub_remove_user, "take a user's SSH key and VPN peer away at once",
+                        "sudo gridx hub remove-user alice --stop-jobs", args_hub_remove_user),
+        "list-users": (cmd_hub_list_users, "every user: address, handshake, limits, what they use now",
+                       "sudo gridx hub list-users --json", add_json),
         "reset": (cmd_hub_reset, "remove the VPN, the swarm and every peer", "sudo gridx hub reset --yes", args_yes),
     }),
     "worker": ("a volunteer's machine: join, status, leave",
@@ -4262,7 +4302,8 @@ COMMANDS = {
                     "gridx jobs jupyter --cpus 2 --memory 4G --port 8888", args_jobs_jupyter),
         "train": (cmd_jobs_train, "run a training script (URL or local file)",
                   "gridx jobs train train.py --framework pytorch --gpus 1 --wait", args_jobs_train),
-        "list": (cmd_jobs_list, "every job, from the swarm", "gridx jobs list --json", args_json_manager),
+        "list": (cmd_jobs_list, "every job and its owner, from the swarm", "gridx jobs list --mine --json",
+                 args_jobs_list),
         "status": (cmd_jobs_status, "placement, state, exit code, why it waits",
                    "gridx jobs status job-3f9a1c", args_job_id),
         "logs": (cmd_jobs_logs, "a job's output", "gridx jobs logs job-3f9a1c -f", args_jobs_logs),
@@ -4328,6 +4369,7 @@ def build_parser(argv=()):
             for name, (handler, sub_help, sub_example, add_arguments) in commands.items():
                 command(subcommands, name, handler, sub_help, sub_example, add_arguments, name == wanted_command)
     command(groups, "cluster", *CLUSTER_SHORTCUT, wanted_group == "cluster")
+    add_serve_parser(groups, wanted_group == "serve")
     return parser, group_parsers
 
 
@@ -4349,6 +4391,7 @@ def main(argv=None):
     global VERBOSE
     if argv is None:
         argv = sys.argv[1:]
+    INVOCATION[:] = argv  # what --manager gridx@HUB forwards (see Users)
     parser, groups = build_parser(argv)
     args = parser.parse_args(argv)
     VERBOSE = args.verbose
@@ -4366,6 +4409,8 @@ def main(argv=None):
         if error.hint:
             print(f"{_tag('hint', '1;36')} {error.hint}", file=sys.stderr)
         return error.code
+    except ForwardedExit as done:  # the command ran on the hub (see Users)
+        return done.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
