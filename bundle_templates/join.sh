@@ -1109,6 +1109,7 @@ step_docker_config() {
 			cp -p "$DAEMON_JSON" "$backup"
 		fi
 		cp "$WORK/daemon.json" "$BACKUP_DIR/daemon.json.written"
+		record_dockremap
 		state_set DAEMON_JSON "$DAEMON_JSON" DAEMON_JSON_BACKUP "$backup"
 		install_file "$WORK/daemon.json" "$DAEMON_JSON" 0644
 	fi
@@ -1132,6 +1133,16 @@ step_docker_config() {
 		info "Docker's configuration already says this: Docker is not restarted"
 	fi
 	check_containment
+}
+
+# Will dockerd create its dockremap user for this join? (leave.sh removes it)
+record_dockremap() {
+	((OPT_CONTAINMENT)) && [[ -z $REMAP_KEPT ]] || return 0
+	if have_cmd getent && ! getent passwd dockremap >/dev/null 2>&1; then
+		state_set DOCKREMAP_CREATED 1
+	else
+		state_set DOCKREMAP_CREATED 0
+	fi
 }
 
 # The restarted engine does what daemon.json says, or the join stops (and

@@ -14,8 +14,12 @@
 #   GRIDX_DOCKER_DAEMON_JSON  /etc/docker/daemon.json
 #   GRIDX_NVIDIA_CONFIG       /etc/nvidia-container-runtime/config.toml
 #   GRIDX_AUTHORIZED_KEYS     ROOT_HOME/.ssh/authorized_keys
+#   GRIDX_ROOT_HOME           root's home from /etc/passwd (where an older
+#                             join.sh kept its state: ROOT_HOME/.gridx)
 #   GRIDX_STATE_DIR           /var/lib/gridx (root's own folder: never under
 #                             $HOME, which sudo -E hands over from the user)
+#   GRIDX_SUBUID, GRIDX_SUBGID  /etc/subuid, /etc/subgid (where dockerd
+#                             adds its dockremap user's ranges)
 #   GRIDX_MEMINFO             /proc/meminfo
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
@@ -107,6 +111,10 @@ ensure_root() {
 
 root_home() {
 	local uid home
+	if [[ -n ${GRIDX_ROOT_HOME:-} ]]; then # tests: a root home of their own
+		REPLY=$GRIDX_ROOT_HOME
+		return 0
+	fi
 	while IFS=: read -r _ _ uid _ _ home _; do
 		if [[ $uid == 0 && -n $home ]]; then
 			REPLY=$home
@@ -129,6 +137,8 @@ init_paths() {
 	set_state_dir "${GRIDX_STATE_DIR:-/var/lib/gridx}"
 	MEMINFO=${GRIDX_MEMINFO:-/proc/meminfo}
 	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
+	SUBUID=${GRIDX_SUBUID:-/etc/subuid}
+	SUBGID=${GRIDX_SUBGID:-/etc/subgid}
 	local path
 	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR"; do
 		[[ $path == /* ]] || fatal 2 "'$path' is not an absolute path" "the GRIDX_* path overrides take absolute paths"
@@ -411,6 +421,8 @@ json_str_list() {
 #   (0: --no-hub-ssh)
 #   CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
 #   iptables arguments) WORKER_CHAIN (the INPUT chain of the swarm ports)
+#   DOCKREMAP_CREATED (1: the user dockerd makes for "userns-remap":
+#   "default" did not exist before join)
 #   CREATED_DOCKER_DIR DAEMON_JSON DAEMON_JSON_BACKUP (a
 #   file, or "absent") CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
 #   DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS
@@ -422,7 +434,7 @@ STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COM
 	SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS CONTAINMENT HUB_SSH
 	CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE WORKER_CHAIN CREATED_DOCKER_DIR
 	DAEMON_JSON DAEMON_JSON_BACKUP CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
-	DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
+	DOCKER_RESTART_PENDING DOCKREMAP_CREATED SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
 	CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS BOOT_UNIT)
 
 state_exists() { [[ -f $STATE_FILE ]]; }
@@ -502,7 +514,7 @@ state_json() {
 		SHARED_GPU_IDS) json_str_list "$value" ;;
 		SHARED_CPUS | SHARED_MEMORY_MIB) REPLY=$value ;;
 		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
-			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH)
+			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH | DOCKREMAP_CREATED)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
 			;;
 		*) json_str "$value" ;;
@@ -721,6 +733,33 @@ undo_docker_config() {
 	state_unset DOCKER_RESTART_PENDING
 }
 
+# "userns-remap": "default" makes dockerd create the user dockremap and its
+# ranges in /etc/subuid and /etc/subgid; once Docker runs without remapping
+# again (undo_docker_config, before), they go when join was what made them.
+# The remapped engine's data, /var/lib/docker/100000.100000, is left: leave.sh
+# says where it is.
+undo_dockremap() {
+	[[ -v ST[DOCKREMAP_CREATED] ]] || return 0
+	local f kept line found
+	if [[ ${ST[DOCKREMAP_CREATED]} == 1 ]]; then
+		if have_cmd getent && getent passwd dockremap >/dev/null 2>&1; then
+			cmd userdel dockremap || return 1
+		fi
+		for f in "$SUBUID" "$SUBGID"; do
+			[[ -f $f ]] || continue
+			kept='' found=0
+			while IFS= read -r line || [[ -n $line ]]; do
+				if [[ $line == dockremap:* ]]; then found=1; else kept+=$line$'\n'; fi
+			done <"$f"
+			if ((found)); then
+				printf '[#] remove the dockremap range from %s\n' "$f" >&2
+				printf '%s' "$kept" >"$f"
+			fi
+		done
+	fi
+	state_unset DOCKREMAP_CREATED
+}
+
 undo_link() {
 	[[ -v ST[LINK_UP] ]] || return 0
 	local iface=${ST[INTERFACE]} conf=${ST[WG_CONFIG]:-$WG_DIR/${ST[INTERFACE]}.conf}
@@ -778,7 +817,8 @@ undo_wg_config() {
 undo_all() {
 	local step failed=0 rc errexit=0
 	[[ $- == *e* ]] && errexit=1
-	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_docker_config undo_link undo_firewall undo_wg_config; do
+	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_docker_config undo_dockremap undo_link \
+		undo_firewall undo_wg_config; do
 		# In a subshell with errexit on (not in a tested context, where bash
 		# would switch errexit off), so a failing command ends only this step.
 		set +e

@@ -1042,3 +1042,485 @@ def test_settings_are_read_as_data_never_run(lab):
     r = lab.join(ok=False)
     assert r.returncode == 2 and "is not a KEY='value' line" in r.stderr
     assert not (lab.tmp / "pwned").exists()
+
+
+# ------------------------------------------------------------ containment ----
+
+
+def test_containment_on_by_default_and_said_at_the_confirmation(lab):
+    r = lab.join()
+    d = json.loads(lab.daemon_json.read_text())
+    assert d["userns-remap"] == "default" and d["no-new-privileges"] is True
+    assert "Docker runs with user-namespace remapping and no-new-privileges" in r.stderr
+    # what the volunteer grants, before anything changed
+    grant = r.stderr[r.stderr.index("What you grant the hub (10.0.0.1):"):r.stderr.index("[#]")]
+    assert "within what you share" in grant
+    assert "root only inside its container" in grant and "cannot change your files" in grant
+    assert "your images and containers are not visible" in grant and "./leave.sh" in grant
+    assert "SSH in as root, from 10.0.0.1 only" in grant and "--no-hub-ssh" in grant
+    state = (lab.state / "state.env").read_text()
+    assert "CONTAINMENT='1'" in state and "HUB_SSH='1'" in state
+    doc = json.loads(lab.run("status.sh", "--json").stdout)
+    assert doc["contained"] is True and doc["healthy"] is True
+
+
+def test_no_containment_warns_what_the_hub_can_do(lab):
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text("{}")
+    before = lab.snapshot()
+    r = lab.join("--cpus", "1", "--memory", "1G", "--no-containment", "--yes")
+    assert "--no-containment" in r.stderr and "bind-mount / and read and write every file" in r.stderr
+    d = json.loads(lab.daemon_json.read_text())
+    assert "userns-remap" not in d and "no-new-privileges" not in d and d["userland-proxy"] is False
+    assert "CONTAINMENT='0'" in (lab.state / "state.env").read_text()
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.snapshot() == before
+
+
+def test_engine_that_does_not_remap_after_the_restart_is_rolled_back(lab):
+    before = lab.snapshot()
+    lab.fail("remap")
+    r = lab.join(ok=False)
+    assert r.returncode == 1 and "without user-namespace remapping" in r.stderr and "rolled back" in r.stderr
+    assert "docker swarm join" not in " ".join(lab.log())
+    assert lab.snapshot() == before
+
+
+@pytest.mark.parametrize("tool", ["python3", "jq"])
+def test_a_userns_remap_of_the_volunteers_is_kept(lab, tool):
+    getattr(lab, "with_" + tool)()
+    lab.daemon_json.parent.mkdir()
+    original = b'{"userns-remap": "alice:alice", "no-new-privileges": false}\n'
+    lab.daemon_json.write_bytes(original)
+    r = lab.join()
+    d = json.loads(lab.daemon_json.read_text())
+    assert d["userns-remap"] == "alice:alice" and d["no-new-privileges"] is True
+    assert "(yours: alice:alice)" in r.stderr
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.daemon_json.read_bytes() == original
+
+
+@pytest.mark.parametrize("where", ["engine", "daemon.json"])
+def test_live_restore_is_refused(lab, where):
+    lab.daemon_json.parent.mkdir()
+    if where == "engine":
+        (lab.fake / "live_restore").write_text("true\n")
+        lab.daemon_json.write_text("{}")
+    else:
+        lab.daemon_json.write_text('{"live-restore": true}\n')
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "live-restore on, which swarm mode refuses" in r.stderr, r.stderr
+    assert_nothing_changed(lab, before)
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("20.10.24+dfsg1", False), ("23.0.1", False), ("23.0.2", True), ("24.0.7", True), ("24.0.9", True),
+    ("25.0.2", True), ("25.0.3", False), ("26.1.5+dfsg1", False), ("29.1.2", False),
+])
+def test_engine_versions_with_the_inverted_resource_check_are_refused(lab, version, refused):
+    (lab.fake / "docker_version").write_text(version + "\n")
+    before = lab.snapshot()
+    r = lab.join(ok=not refused)
+    if refused:
+        assert r.returncode == 3 and "Docker %s cannot run Grid-X jobs" % version in r.stderr
+        assert "23.0.2 to 25.0.2" in r.stderr and "moby/swarmkit#3162" in r.stderr
+        assert "hint: upgrade Docker to 25.0.3 or newer" in r.stderr
+        assert_nothing_changed(lab, before)
+    else:
+        assert ("Docker    %s:" % version) in r.stderr
+
+
+def test_docker_without_its_iptables_jump_is_refused(lab):
+    """join.sh's PostUp creates DOCKER-USER itself: only Docker's jump counts."""
+    lab.fail("no-docker-jump")
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and "no jump to DOCKER-USER" in r.stderr
+    assert "iptables -C FORWARD -j DOCKER-USER" in lab.log()
+    assert_nothing_changed(lab, before)
+
+
+# ---------------------------------------------------------------- hub SSH ----
+
+
+@pytest.mark.parametrize("tool", [None, "python3", "jq"])
+def test_no_hub_ssh_adds_no_key_and_labels_the_engine(lab, tool):
+    if tool:
+        getattr(lab, "with_" + tool)()
+        lab.daemon_json.parent.mkdir()
+        lab.daemon_json.write_text('{"labels": ["site=home", "gridx.hub-ssh=yes"]}\n')
+    lab.auth_keys.parent.mkdir(mode=0o700)
+    lab.auth_keys.write_text("ssh-rsa AAAA alice\n")
+    before = lab.snapshot()
+    r = lab.join("--cpus", "1", "--memory", "1G", "--no-hub-ssh", "--yes")
+    assert lab.auth_keys.read_text() == "ssh-rsa AAAA alice\n"
+    labels = json.loads(lab.daemon_json.read_text())["labels"]
+    # same label as gridx.py's LABEL_HUB_SSH
+    assert labels == (["site=home"] if tool else []) + ["gridx.hub-ssh=no"]
+    assert "The hub may not SSH in" in r.stderr and "SSH       trust" not in r.stderr
+    assert "HUB_SSH='0'" in (lab.state / "state.env").read_text()
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.snapshot() == before
+
+
+def test_hub_ssh_label_of_an_earlier_join_is_dropped(lab):
+    lab.with_python3()
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text('{"labels": ["gridx.hub-ssh=no"]}\n')
+    lab.join()
+    assert json.loads(lab.daemon_json.read_text())["labels"] == []
+
+
+# ------------------------------------------------ the bundle is data ----
+
+WG_ATTACKS = [
+    ("PostUp = touch {pwned}", "'PostUp' is not a key Grid-X writes"),
+    ("postup = touch {pwned}", "'postup' is not a key Grid-X writes"),
+    ("PreUp = touch {pwned}", "'PreUp' is not a key"),
+    ("PreDown = touch {pwned}", "'PreDown' is not a key"),
+    ("PostDown = touch {pwned}", "'PostDown' is not a key"),
+    ("DNS = 1.1.1.1", "'DNS' is not a key"),
+    ("Table = off", "'Table' is not a key"),
+    ("SaveConfig = true", "'SaveConfig' is not a key"),
+    ("FwMark = 51820", "'FwMark' is not a key"),
+    ("Address = 10.0.0.9/24", "Address must be this bundle's VPN address 10.0.0.2/24"),
+    ("MTU = 1420; touch {pwned}", "MTU '1420; touch"),
+]
+
+
+@pytest.mark.parametrize("line, says", WG_ATTACKS)
+def test_wg_config_with_keys_grid_x_does_not_write_is_exit_2_and_nothing_runs(lab, line, says):
+    pwned = lab.tmp / "pwned"
+    conf = lab.bundle / "gridx0.conf"
+    text = conf.read_text()
+    key = line.split("=")[0].strip().lower()
+    if key in ("address", "mtu"):  # replaces the bundle's own line
+        text = "\n".join(x for x in text.splitlines() if not x.lower().startswith(key)) + "\n"
+    conf.write_text(text.replace("[Interface]\n", "[Interface]\n" + line.format(pwned=pwned) + "\n"))
+    n = conf.read_text().splitlines().index(line.format(pwned=pwned)) + 1
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: gridx0.conf line %d: " % n) and says in errors[0], r.stderr
+    assert not pwned.exists()
+    assert lab.log() == []  # not even docker or ip was asked anything
+    assert_nothing_changed(lab, before)
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("AllowedIPs = 10.0.0.0/24", "AllowedIPs = 0.0.0.0/0", "AllowedIPs '0.0.0.0/0' is not inside the VPN subnet"),
+    ("AllowedIPs = 10.0.0.0/24", "AllowedIPs = 10.0.0.0/24, 192.168.1.0/24", "'192.168.1.0/24' is not inside"),
+    ("AllowedIPs = 10.0.0.0/24", "AllowedIPs = 10.0.0.0/16", "'10.0.0.0/16' is not inside"),
+    ("Endpoint = 203.0.113.7:51820", "Endpoint = 198.51.100.1:51820", "is not the hub's"),
+    ("PublicKey = ", "PresharedKey = x\nPublicKey = ", "'PresharedKey' is not a key"),
+    ("[Peer]", "[Peer]\nPublicKey = %s\n[Peer]" % HUB_PUBKEY, "[Peer] must follow the one [Interface]"),
+    ("PersistentKeepalive = 25", "PersistentKeepalive = 25\npersistentkeepalive = 5",
+     "'persistentkeepalive' is given twice"),
+    ("[Peer]", "[Wat]", "unknown section [Wat]"),
+    ("[Interface]", "Address = 10.0.0.2/24\n[Interface]", "comes before [Interface]"),
+    ("PersistentKeepalive = 25", "PersistentKeepalive = -1", "PersistentKeepalive '-1'"),
+])
+def test_wg_config_values_are_checked(lab, old, new, says):
+    conf = lab.bundle / "gridx0.conf"
+    conf.write_text(conf.read_text().replace(old, new, 1))
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_wg_config_comments_and_trailing_comments_are_accepted(lab):
+    conf = lab.bundle / "gridx0.conf"
+    conf.write_text(conf.read_text().replace("MTU = 1420", "MTU = 1420   # the tunnel's\n\n# a note"))
+    lab.join()
+    assert "# a note" in lab.wg_conf.read_text()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("GRIDX_NAME", "-rf"), ("GRIDX_NAME", "Worker_1"), ("GRIDX_INTERFACE", "-gridx0"),
+    ("GRIDX_INTERFACE", "gridx0-much-too-long"), ("GRIDX_VPN_IP", "-10.0.0.2"), ("GRIDX_VPN_IP", "10.0.0.256"),
+    ("GRIDX_HUB_VPN_IP", "--help"), ("GRIDX_MANAGER", "--host=tcp://evil:2375"), ("GRIDX_MANAGER", "10.0.0.1"),
+    ("GRIDX_MANAGER", "hub.example:2377"), ("GRIDX_HUB_ENDPOINT", "-oProxyCommand=x:1"),
+    ("GRIDX_HUB_ENDPOINT", "203.0.113.7"), ("GRIDX_SUBNET", "-10.0.0.0/24"), ("GRIDX_SUBNET", "10.0.0.1/24"),
+    ("GRIDX_NEEDS_PRIVATE_KEY", "-1"), ("GRIDX_VERSION", "--version"),
+])
+def test_settings_values_are_validated_before_anything(lab, key, value):
+    lab.settings[key] = value
+    lab.write_bundle()
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: settings.env: %s '%s' is not" % (key, value)), r.stderr
+    assert lab.log() == []
+    assert_nothing_changed(lab, before)
+
+
+def test_vpn_address_outside_the_subnet_is_refused(lab):
+    lab.settings["GRIDX_SUBNET"] = "10.0.1.0/24"
+    lab.write_bundle()
+    r = lab.join(ok=False)
+    assert r.returncode == 2 and "GRIDX_VPN_IP 10.0.0.2 is not in GRIDX_SUBNET 10.0.1.0/24" in r.stderr
+
+
+@pytest.mark.parametrize("token", ["--help", "SWMTKN-1-abc def-ghi", "not-a-token"])
+def test_swarm_token_is_checked(lab, token):
+    (lab.bundle / "swarm-token").write_text(token + "\n")
+    r = lab.join(ok=False)
+    assert r.returncode == 2 and "does not hold a swarm join token" in r.stderr
+    assert lab.log() == []
+
+
+def test_gpu_ids_beginning_with_a_dash_are_refused(lab):
+    r = lab.join("--cpus", "1", "--memory", "1G", "--gpu-ids", "-x", "--yes", ok=False)
+    assert r.returncode == 2 and "'-x' is not a GPU id" in r.stderr
+
+
+# -------------------------------------------------------- the state ----
+
+
+def test_state_is_in_a_root_only_folder(lab):
+    lab.join()
+    assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
+    for f in ("state.env", "worker_config.json"):
+        assert stat.S_IMODE((lab.state / f).stat().st_mode) == 0o600
+    assert not (lab.home / ".gridx").exists()
+
+
+@pytest.mark.parametrize("script", ["leave.sh", "status.sh"])
+@pytest.mark.parametrize("what", ["folder mode", "file owner", "backup owner", "link"])
+def test_state_someone_else_could_write_is_refused(lab, script, what):
+    lab.with_python3()
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_text('{"debug": true}\n')
+    lab.join()
+    if what == "folder mode":
+        lab.state.chmod(0o777)
+        named = lab.state
+    elif what == "file owner":
+        os.chown(lab.state / "state.env", 65534, 65534)
+        named = lab.state / "state.env"
+    elif what == "backup owner":
+        named = lab.state / "backup" / "daemon.json"
+        os.chown(named, 65534, 0)
+    else:
+        real = lab.tmp / "elsewhere.env"
+        shutil.move(lab.state / "state.env", real)
+        (lab.state / "state.env").symlink_to(real)
+        named = lab.state / "state.env"
+    n = len(lab.log())
+    r = lab.run(script)
+    assert r.returncode == 3, r.stderr
+    assert str(named) in r.stderr and ("someone other than root" in r.stderr or "symbolic link" in r.stderr)
+    assert lab.link_up() and lab.swarm_state() == "active"  # nothing undone
+    assert not [c for c in lab.log()[n:] if c.startswith(CHANGING)]
+
+
+def test_leave_acts_only_on_the_paths_join_uses(lab):
+    lab.join()
+    victim = lab.tmp / "precious"
+    victim.write_text("keep me\n")
+    env = lab.state / "state.env"
+    env.write_text(env.read_text().replace("WG_CONFIG='%s'" % lab.wg_conf, "WG_CONFIG='%s'" % victim))
+    r = lab.run("leave.sh")
+    assert r.returncode == 3 and "WG_CONFIG is '%s', not what join.sh records" % victim in r.stderr
+    assert victim.read_text() == "keep me\n" and lab.link_up()
+
+
+def test_leave_after_an_older_join_with_state_in_roots_home(lab):
+    """A machine joined by the join.sh before 2026-12 (state in ~/.gridx)."""
+    if os.path.exists("/var/lib/gridx/state.env"):
+        pytest.skip("this machine is a Grid-X worker itself")
+    old = {}
+    for s in SCRIPTS:
+        r = subprocess.run(["git", "-C", ROOT, "show", "2bb9f75:bundle_templates/" + s], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("the older scripts are not in this checkout's history")
+        old[s] = r.stdout
+    lab.auth_keys.parent.mkdir(mode=0o700)
+    lab.auth_keys.write_text("ssh-rsa AAAA alice\n")
+    before = lab.snapshot()
+    for s, body in old.items():
+        (lab.bundle / s).write_bytes(body)
+    legacy = lab.home / ".gridx"
+    r = lab.run("join.sh", "--cpus", "1", "--memory", "1G", "--yes", env=lab.env(GRIDX_STATE_DIR=str(legacy)))
+    assert r.returncode == 0, r.stderr
+    assert (legacy / "state.env").exists() and lab.link_up()
+    lab.write_bundle()  # the new scripts, as a new bundle or gridx worker leave brings them
+    env = lab.env(GRIDX_ROOT_HOME=str(lab.home))
+    del env["GRIDX_STATE_DIR"]
+    r = lab.run("join.sh", "--cpus", "1", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 3 and "joined by an older join.sh" in r.stderr
+    r = lab.run("status.sh", env=env)
+    assert r.returncode == 0 and "older join.sh" in r.stderr, r.stderr
+    r = lab.run("leave.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "older join.sh" in r.stderr
+    assert lab.snapshot() == before and not lab.link_up() and lab.swarm_state() == "inactive"
+    assert lab.iptables_rules() == []
+
+
+# ------------------------------------------------------------- firewall ----
+
+
+def test_swarm_ports_chain_comes_with_the_link_and_goes_with_it(lab):
+    lab.join()
+    assert lab.iptables_chains() == ["GRIDX-WORKER"]
+    conf = lab.wg_conf.read_text()
+    assert "PostUp = iptables -N GRIDX-WORKER 2>/dev/null || iptables -F GRIDX-WORKER; " in conf
+    assert "iptables -A GRIDX-WORKER -p udp --dport 4789 -j DROP" in conf
+    assert "PostDown = iptables -D INPUT -j GRIDX-WORKER || true; iptables -F GRIDX-WORKER || true;" in conf
+    assert "WORKER_CHAIN='GRIDX-WORKER'" in (lab.state / "state.env").read_text()
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.iptables_rules() == [] and lab.iptables_chains() == []
+
+
+def test_leave_removes_the_chain_when_the_link_went_without_postdown(lab):
+    lab.join()
+    (lab.fake / "links" / "gridx0").unlink()
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert "[#] iptables -D INPUT -j GRIDX-WORKER" in r.stderr and "[#] iptables -X GRIDX-WORKER" in r.stderr
+    assert lab.iptables_rules() == [] and lab.iptables_chains() == []
+
+
+def test_status_says_when_the_swarm_ports_chain_is_gone(lab):
+    lab.join()
+    rules = lab.fake / "iptables_rules"
+    rules.write_text("".join(x + "\n" for x in lab.iptables_rules() if x != "INPUT -j GRIDX-WORKER"))
+    r = lab.run("status.sh")
+    assert r.returncode == 1 and "no jump to GRIDX-WORKER" in r.stderr
+
+
+@pytest.mark.parametrize("route, refused", [
+    ("10.0.0.0/16 dev wlan0 proto kernel scope link src 10.0.3.5", True),
+    ("10.0.0.128/25 dev eth0 proto kernel scope link src 10.0.0.130", True),
+    ("10.0.0.7 dev tun0 scope link", True),
+    ("unreachable 10.0.0.0/24", True),
+    ("192.168.1.0/24 dev eth0 proto kernel scope link src 192.168.1.20", False),
+    ("10.0.1.0/24 via 192.168.1.1 dev eth0", False),
+])
+def test_vpn_subnet_overlapping_a_route_is_refused(lab, route, refused):
+    (lab.fake / "routes").write_text("default via 192.168.1.1 dev eth0\n" + route + "\n")
+    before = lab.snapshot()
+    r = lab.join(ok=not refused)
+    if refused:
+        assert r.returncode == 3 and "overlaps this machine's route '%s'" % route in r.stderr, r.stderr
+        assert "gridx hub init --subnet" in r.stderr
+        assert_nothing_changed(lab, before)
+
+
+def test_rotated_token_hint_names_refresh_bundle(lab):
+    lab.fail("swarm-join")
+    r = lab.join(ok=False)
+    assert r.returncode == 1 and "gridx hub refresh-bundle worker1" in r.stderr
+
+
+# ------------------------------------------------------ prerequisites ----
+
+
+def test_dockerd_without_the_docker_command_asks_for_docker_cli(lab):
+    (lab.bin / "docker").unlink()
+    lab.stub("dockerd", "exit 0\n")
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
+    assert r.returncode == 3
+    assert "missing: docker (the command; dockerd is installed)" in r.stderr
+    assert "apt-get install -y docker-cli" in r.stderr
+
+
+@pytest.mark.parametrize("apt_knows, packages", [(True, "docker.io docker-cli"), (False, "docker.io")])
+def test_no_docker_at_all_asks_for_docker_cli_where_apt_has_it(lab, apt_knows, packages):
+    (lab.bin / "docker").unlink()
+    lab.stub("apt-cache", 'echo "apt-cache $*" >>"$FAKE/log"\n[[ $3 == docker-cli ]] && exit %d\nexit 100\n'
+             % (0 if apt_knows else 100))
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes")
+    assert r.returncode == 3
+    assert "Debian/Ubuntu: sudo apt-get install -y %s\n" % packages in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ GPUs ----
+
+NVIDIA_CTK = 'echo "NVIDIA Container Toolkit CLI version {v}"\necho "commit: 0123abc"\n'
+
+
+@pytest.mark.parametrize("version, warned", [("1.17.8", True), ("1.18.2", True), ("1.19.0", False), ("1.20.0", False)])
+def test_toolkit_older_than_1_19_is_warned_about(lab, version, warned):
+    lab.with_gpus("GPU-aaaa")
+    lab.stub("nvidia-container-runtime", "exit 0\n")
+    lab.stub("nvidia-ctk", NVIDIA_CTK.format(v=version))
+    r = lab.join("--cpus", "1", "--memory", "1G", "--gpus", "1", "--yes")
+    assert ("toolkit here is %s, older than 1.19" % version in r.stderr) == warned, r.stderr
+    if warned:
+        assert "NVIDIA/nvidia-container-toolkit#1599" in r.stderr
+
+
+def test_toolkit_version_unknown_is_warned_about(lab):
+    lab.with_gpus("GPU-aaaa")
+    lab.stub("nvidia-container-runtime", "exit 1\n")
+    r = lab.join("--cpus", "1", "--memory", "1G", "--gpus", "1", "--yes")
+    assert "cannot read the NVIDIA container toolkit's version" in r.stderr
+
+
+@pytest.mark.parametrize("existing, want", [
+    # nothing: both keys, at the top
+    ("", ['swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"',
+          'accept-nvidia-visible-devices-envvar-when-unprivileged = true']),
+    # a config that hid every GPU from unprivileged containers: turned back on, in place
+    ('accept-nvidia-visible-devices-envvar-when-unprivileged = false\n#swarm-resource = "DOCKER_RESOURCE_GPU"\n'
+     '[nvidia-container-cli]\nswarm-resource = "not top level"\n',
+     ['accept-nvidia-visible-devices-envvar-when-unprivileged = true',
+      'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"', '[nvidia-container-cli]', 'swarm-resource = "not top level"']),
+    # a commented line and a set one: the set one is replaced, the comment kept
+    ('#swarm-resource = "DOCKER_RESOURCE_GPU"\nswarm-resource = "DOCKER_RESOURCE_GPU"\n'
+     '#accept-nvidia-visible-devices-envvar-when-unprivileged = true\n',
+     ['#swarm-resource = "DOCKER_RESOURCE_GPU"', 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"',
+      'accept-nvidia-visible-devices-envvar-when-unprivileged = true']),
+])
+def test_rendered_toolkit_config(lab, existing, want):
+    """The swarm's assignment is what a job gets: swarm-resource, with the
+    unprivileged switch on (swarm tasks are never privileged, and the toolkit
+    applies that switch to the swarm variable too)."""
+    lab.with_gpus("GPU-aaaa")
+    lab.stub("nvidia-container-runtime", "exit 0\n")
+    lab.stub("nvidia-ctk", NVIDIA_CTK.format(v="1.19.0"))
+    if existing:
+        lab.nvidia_toml.parent.mkdir()
+        lab.nvidia_toml.write_text(existing)
+    lab.join("--cpus", "1", "--memory", "1G", "--gpus", "1", "--yes")
+    lines = lab.nvidia_toml.read_text().splitlines()
+    assert lines == want
+    top = lines[:next((i for i, x in enumerate(lines) if x.startswith("[")), len(lines))]
+    for key in ("swarm-resource", "accept-nvidia-visible-devices-envvar-when-unprivileged"):
+        assert len([x for x in top if x.startswith(key + " =")]) == 1
+    assert lab.run("leave.sh").returncode == 0
+    assert (lab.nvidia_toml.read_text() == existing) if existing else not lab.nvidia_toml.exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_leave_removes_the_dockremap_user_that_the_join_made(lab, existed):
+    """dockerd makes the user dockremap and its subuid/subgid ranges for
+    "userns-remap": "default"; leave.sh removes them when join was the cause."""
+    users = lab.fake / "users"
+    users.write_text("dockremap\n" if existed else "")
+    lab.stub("getent", 'grep -qx "$2" "$FAKE/users"\n')
+    lab.stub("userdel", 'echo "userdel $*" >>"$FAKE/log"\n: >"$FAKE/users"\n')
+    subuid, subgid = lab.etc / "subuid", lab.etc / "subgid"
+    subuid.write_text("alice:165536:65536\n")
+    subgid.write_text("alice:165536:65536\n")
+    env = lab.env(GRIDX_SUBUID=str(subuid), GRIDX_SUBGID=str(subgid))
+    r = lab.run("join.sh", "--cpus", "1", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "DOCKREMAP_CREATED='%d'" % (0 if existed else 1) in (lab.state / "state.env").read_text()
+    # as dockerd does at its restart
+    users.write_text("dockremap\n")
+    for f in (subuid, subgid):
+        f.write_text(f.read_text() + "dockremap:100000:65536\n")
+    r = lab.run("leave.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    if existed:
+        assert "userdel dockremap" not in lab.log() and "dockremap:100000" in subuid.read_text()
+    else:
+        assert "userdel dockremap" in lab.log()
+        assert subuid.read_text() == subgid.read_text() == "alice:165536:65536\n"

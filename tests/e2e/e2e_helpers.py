@@ -61,9 +61,14 @@ def machine_state(node):
     script = r"""
         ip link show gridx0 >/dev/null 2>&1 && echo link=yes || echo link=no
         [ -e /etc/wireguard/gridx0.conf ] && echo wgconf=yes || echo wgconf=no
-        [ -e /root/.gridx ] && echo statedir=yes || echo statedir=no
+        [ -e /var/lib/gridx ] && echo statedir=yes || echo statedir=no
         echo swarm=$(docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown)
         iptables -S DOCKER-USER 2>/dev/null | grep -q 'comment gridx' && echo fwrule=yes || echo fwrule=no
+        iptables -S GRIDX-WORKER >/dev/null 2>&1 && echo fwchain=yes || echo fwchain=no
+        docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' | grep -q name=userns \
+            && echo remapped=yes || echo remapped=no
+        getent passwd dockremap >/dev/null && echo dockremap=yes || echo dockremap=no
+        grep -qs '^dockremap:' /etc/subuid /etc/subgid && echo subids=yes || echo subids=no
     """
     out = node_exec(node, script, check=True).stdout
     state = dict(line.split("=", 1) for line in out.split())
@@ -74,7 +79,15 @@ def machine_state(node):
 
 def unjoined(state_before):
     """What machine_state must say on a node that is not (or no longer) joined."""
-    return {**state_before, "link": "no", "wgconf": "no", "statedir": "no", "swarm": "inactive", "fwrule": "no"}
+    return {**state_before, "link": "no", "wgconf": "no", "statedir": "no", "swarm": "inactive", "fwrule": "no",
+            "fwchain": "no", "remapped": "no"}
+
+
+def contained(node):
+    """Is NODE's engine remapped, with no-new-privileges in its daemon.json?"""
+    state = machine_state(node)
+    daemon = node_exec(node, "cat /etc/docker/daemon.json", check=True).stdout
+    return state["remapped"] == "yes" and '"no-new-privileges": true' in daemon
 
 
 def prepare_machine(node, daemon_json=None):

@@ -1,7 +1,9 @@
-"""Workers on the real lab (issue 4): bundles joining with flags and through a
-terminal, sharing exactly what was chosen; a join failing at the swarm step
-rolled back; join -> leave -> join; the hub's SSH key trusted from the hub's
-VPN address only. Worker containers have no Python.
+"""Workers on the real lab (issues 4, 12): bundles joining with flags and
+through a terminal, sharing exactly what was chosen, contained (the engine
+remapped, no-new-privileges) and with the swarm ports on the VPN only; a join
+failing at the swarm step rolled back; join -> leave -> join; --no-hub-ssh
+seen by the hub; the hub's SSH key trusted from the hub's VPN address only.
+Worker containers have no Python.
 
 (shellcheck of every bundle script: tests/test_bundle_scripts.py.)
 """
@@ -16,6 +18,7 @@ from e2e_helpers import (
     WORKER_BRIDGE_IPS,
     add_peer,
     cluster_node,
+    contained,
     copy_bundle,
     install_jq,
     machine_state,
@@ -61,8 +64,29 @@ def test_lab_workers_share_exactly_what_their_flags_said(lab):
         gpu_ids = ["GPU-fake-0000", "GPU-fake-0001"] if worker == "worker3" else []
         assert node["shared"] == {"cpus": cpus, "memory_mib": 4096, "gpus": len(gpu_ids), "gpu_ids": gpu_ids}, node
         # the worker's own record says the same
-        state = ok(node_exec(worker, "cat /root/.gridx/state.env"), "state.env")
+        state = ok(node_exec(worker, "cat /var/lib/gridx/state.env"), "state.env")
         assert f"SHARED_CPUS='{cpus}'" in state and "SHARED_MEMORY_MIB='4096'" in state, state
+        assert contained(worker), f"{worker}: Docker is not remapped with no-new-privileges"
+        assert machine_state(worker)["fwchain"] == "yes"
+
+
+def test_jobs_run_on_remapped_workers_and_their_root_is_not_the_machines(lab):
+    """A job's root is uid 100000 and up on the worker (userns-remap)."""
+    proc = hub("jobs", "run", "--wait", "python:3.11", "cat /proc/self/uid_map", timeout=300)
+    out = ok(proc, "gridx jobs run --wait on a remapped worker")
+    first = out.split()
+    assert first[:3] == ["0", "100000", "65536"], out
+
+
+def test_swarm_ports_answer_over_the_vpn_only(lab):
+    """VXLAN (4789/udp) listens on every interface: the worker's INPUT chain drops
+    what comes from elsewhere (moby/moby#47667)."""
+    node_exec("worker1", "iptables -Z GRIDX-WORKER", check=True)
+    node_exec("worker2", ["bash", "-c", "for i in 1 2 3; do printf x > /dev/udp/%s/4789; done"
+                          % WORKER_BRIDGE_IPS["worker1"]], check=True)
+    counters = ok(node_exec("worker1", "iptables -L GRIDX-WORKER -v -n -x"), "GRIDX-WORKER counters")
+    vxlan = [line.split() for line in counters.splitlines() if "dpt:4789" in line]
+    assert vxlan and int(vxlan[0][0]) >= 3, counters
 
 
 def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
@@ -103,6 +127,9 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
         finally:
             term.close()
         assert rc == 0, f"join.sh through a terminal exited {rc}:\n{term.text[-4000:]}"
+        grant = term.text[term.text.index("What you grant the hub"):term.text.index("Continue?")]
+        assert "root only inside its container" in grant and "SSH in as root, from" in grant, grant
+        assert contained(fresh_node)
         wait_peer_ready(name)
         node = cluster_node(ip)
         assert node["hostname"] == "fresh" and node["state"] == "ready", node
@@ -132,6 +159,31 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
         assert machine_state(fresh_node) == unjoined(before)
         again = node_exec(fresh_node, f"{folder}/leave.sh", timeout=60)
         assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr, again.stderr
+        assert machine_state(fresh_node) == unjoined(before)
+    finally:
+        remove_peer_quietly(name)
+
+
+def test_no_hub_ssh_is_seen_by_the_hub_and_leave_restores(lab, fresh_node):
+    prepare_machine(fresh_node)
+    before = machine_state(fresh_node)
+    name = "declined"
+    try:
+        added = add_peer(name)
+        folder = copy_bundle(added["bundle"], fresh_node)
+        proc = node_exec(fresh_node, [f"{folder}/join.sh", "--yes", "--cpus", "1", "--memory", "512M",
+                                      "--no-hub-ssh"], timeout=240)
+        ok(proc, "join.sh --no-hub-ssh")
+        assert "The hub may not SSH in" in proc.stderr, proc.stderr
+        wait_peer_ready(name)
+        keys = ok(node_exec(fresh_node, "cat /root/.ssh/authorized_keys"), "authorized_keys")
+        assert keys == OTHER_KEY_LINE + "\n", keys
+        # what gridx.py reads (LABEL_HUB_SSH) to say the worker declined
+        labels = ok(node_exec("hub", ["docker", "node", "inspect", "fresh", "--format",
+                                      "{{json .Description.Engine.Labels}}"]), "docker node inspect fresh")
+        assert '"gridx.hub-ssh":"no"' in labels, labels
+        assert contained(fresh_node)
+        ok(node_exec(fresh_node, f"{folder}/leave.sh", timeout=180), "leave.sh")
         assert machine_state(fresh_node) == unjoined(before)
     finally:
         remove_peer_quietly(name)
