@@ -1,0 +1,240 @@
+"""Users (issue 13) end to end: a person who submits jobs from their own
+machine without being root anywhere.
+
+A user container (the lab's node image, like the fresh node: not a worker,
+no Python, and here no docker CLI either) is set up only from its user
+bundle (copied in, its README's steps) and the static binary dist/gridx
+(copied in; `make binary` builds it: the test fails, not skips, without it).
+It runs `gridx jobs run --wait … --manager gridx@10.0.0.1` and sees the
+output and the exit status; a shell, a port forward and an agent forward
+through the gridx account are refused; it cannot delete another user's job;
+a job past its GPU limit (worker3's made-up GPUs) is refused with one line;
+Ctrl-C stops the command on the hub; after remove-user a new SSH connection
+is refused and the VPN peer is gone within a second.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+
+import pytest
+from conftest import HUB, LAB_NET, NETWORK, NODE_IMAGE, NODE_RUN_FLAGS, ROOT, container, hub, node_exec
+from e2e_helpers import ok, wait_until
+
+BINARY = os.environ.get("GRIDX_BINARY") or str(ROOT / "dist" / "gridx")
+USER_NODE, USER_NODE_IP = "user", LAB_NET + ".23"
+ALICE, BOB = "e2e-alice", "e2e-bob"
+MANAGER = "gridx@10.0.0.1"
+
+
+def settings(name):
+    """The shell prefix that loads a user bundle's settings (its README's step 3)."""
+    return f"set -a; . /root/gridx-{name}-user/settings.env; set +a; "
+
+
+def as_user(cmd, name=ALICE, timeout=300):
+    return node_exec(USER_NODE, ["bash", "-c", settings(name) + cmd], timeout=timeout)
+
+
+def ssh_as(name, *args, options=(), timeout=60):
+    """Plain ssh to the gridx account with NAME's key (no gridx on the way)."""
+    key = f"/root/.ssh/gridx-{name}"
+    argv = ["ssh", "-o", "BatchMode=yes", "-i", key, "-o", "IdentitiesOnly=yes", *options, MANAGER, *args]
+    return node_exec(USER_NODE, argv, timeout=timeout)
+
+
+def hub_sh(cmd, timeout=120):
+    return node_exec("hub", ["sh", "-c", cmd], timeout=timeout)
+
+
+def serve_pids(name):
+    out = hub_sh(f"pgrep -u gridx -f 'serve {name}$' || true").stdout
+    return [int(pid) for pid in out.split()]
+
+
+def carry_bundle(name):
+    """The user bundle from the hub into the user container, then its
+    README's steps: the VPN (alice only: one tunnel per container), the
+    hub's host key, the SSH key (when the hub made it)."""
+    tar = subprocess.run(["docker", "exec", HUB, "tar", "-C", "/etc/gridx/bundles", "-cf", "-",
+                          f"gridx-{name}-user"], capture_output=True, check=True).stdout
+    subprocess.run(["docker", "exec", "-i", container(USER_NODE), "tar", "-C", "/root", "-xf", "-"],
+                   input=tar, check=True)
+    steps = f"cd /root/gridx-{name}-user && install -d -m 700 ~/.ssh && cat known_hosts >> ~/.ssh/known_hosts"
+    if name == ALICE:
+        steps += (" && install -m 600 gridx-user.conf /etc/wireguard/gridx-user.conf"
+                  " && wg-quick up gridx-user >/dev/null 2>&1")
+    steps += f" && if [ -e id_ed25519 ]; then install -m 600 id_ed25519 ~/.ssh/gridx-{name}; fi"
+    ok(node_exec(USER_NODE, ["bash", "-c", steps]), f"set up {name} from the bundle")
+
+
+@pytest.fixture(scope="module")
+def user_node(lab):
+    if not os.path.isfile(BINARY):
+        pytest.fail(f"{BINARY} is missing: the user container runs the static binary; build it: make binary",
+                    pytrace=False)
+    for name in (ALICE, BOB):
+        hub("hub", "remove-user", name, "--stop-jobs")
+    cname = container(USER_NODE)
+    subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
+    ok(subprocess.run(["docker", "run", "-d", "--name", cname, "--hostname", USER_NODE, "--network", NETWORK,
+                       "--ip", USER_NODE_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE],
+                      capture_output=True, text=True), "docker run the user container")
+    try:
+        wait_until(lambda: node_exec(USER_NODE, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 90,
+                   "the user container")
+        # a person's machine: no docker CLI, no Python
+        ok(node_exec(USER_NODE, "rm -f /usr/bin/docker /usr/bin/dockerd"), "remove docker")
+        assert node_exec(USER_NODE, "command -v docker || command -v python3 || command -v python").returncode != 0
+        ok(subprocess.run(["docker", "cp", BINARY, f"{cname}:/usr/local/bin/gridx"], capture_output=True, text=True),
+           "copy the binary")
+        added = json.loads(ok(hub("hub", "add-user", ALICE, "--max-gpus", "1", "--json"), "add-user alice"))
+        carry_bundle(ALICE)
+        # bob brings his own SSH key: the hub never has its private half
+        ok(node_exec(USER_NODE, f"ssh-keygen -q -t ed25519 -N '' -C bob@laptop -f /root/.ssh/gridx-{BOB}"), "keygen")
+        pub = ok(node_exec(USER_NODE, f"cat /root/.ssh/gridx-{BOB}.pub"), "bob's key").strip()
+        ok(hub("hub", "add-user", BOB, "--pubkey", pub), "add-user bob --pubkey")
+        carry_bundle(BOB)
+        yield {"alice": added}
+    finally:
+        for name in (ALICE, BOB):
+            hub("hub", "remove-user", name, "--stop-jobs")
+        subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
+
+
+def test_user_bundle_holds_what_the_readme_says(user_node):
+    listing = ok(node_exec(USER_NODE, f"cd /root/gridx-{ALICE}-user && stat -c '%a %n' . * | sort -k2"), "ls")
+    assert listing.split("\n")[0] == "700 ."
+    modes = dict(reversed(line.split()) for line in listing.strip().splitlines()[1:])
+    assert modes == {"README.txt": "644", "gridx-user.conf": "600", "id_ed25519": "600", "id_ed25519.pub": "644",
+                     "known_hosts": "644", "settings.env": "644"}
+    assert ok(node_exec(USER_NODE, f"cat /root/gridx-{ALICE}-user/known_hosts"), "known_hosts").startswith(
+        "10.0.0.1 ssh-ed25519 ")
+    bob = ok(node_exec(USER_NODE, f"ls /root/gridx-{BOB}-user"), "bob's bundle").split()
+    assert "id_ed25519" not in bob  # --pubkey: no private key on the hub
+    assert hub_sh(f"grep -rl 'PRIVATE KEY' /etc/gridx/bundles/gridx-{BOB}-user || true").stdout.strip() == ""
+    keys = ok(hub_sh("stat -c '%U %a' /var/lib/gridx/users /var/lib/gridx/users/.ssh "
+                     "/var/lib/gridx/users/.ssh/authorized_keys"), "stat")
+    assert keys.split("\n")[:3] == ["root 755", "root 755", "root 644"]
+
+
+def test_a_user_runs_a_job_and_sees_its_output_and_exit_status(user_node):
+    proc = as_user(f"gridx jobs run --wait python:3.11 'echo from-the-user; exit 3' --manager {MANAGER}")
+    assert proc.returncode == 3, proc.stderr
+    assert "from-the-user" in proc.stdout
+    assert "running on" in proc.stderr  # gridx's progress comes through on stderr
+    listed = json.loads(ok(as_user("gridx jobs list --mine --json"), "jobs list --mine (settings.env)"))
+    mine = [job for job in listed["jobs"] if job["command"] == "echo from-the-user; exit 3"]
+    assert mine and mine[0]["owner"] == ALICE and mine[0]["exit_code"] == 3
+    table = ok(as_user("gridx jobs list"), "jobs list")
+    assert re.search(rf"^{mine[0]['id']}\s+{ALICE}\s", table, re.M), table
+    # --json passes through as it is; a bad value is exit 2 on the user's side
+    assert json.loads(ok(as_user("gridx cluster --json"), "cluster --json"))["nodes"]
+    bad = as_user("gridx jobs run UPPER/Case true")
+    assert bad.returncode == 2 and "invalid image" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["sh", "bash -i", "/bin/sh -c id", "hub add-peer x", "jobs list; sh",
+                                     "jobs run --manager root@10.0.0.1 python:3.11 true"])
+def test_no_shell_nor_other_commands_through_the_gridx_account(user_node, command):
+    proc = ssh_as(ALICE, *shlex.split(command) if command in ("sh", "bash -i") else [command])
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "not allowed" in proc.stderr or "invalid choice" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_no_port_forward_and_no_agent_forward(user_node):
+    # -L to the hub's own SSH port: the forward is refused (no banner comes)
+    forward = ("ssh -o BatchMode=yes -i /root/.ssh/gridx-e2e-alice -N -L 127.0.0.1:12222:127.0.0.1:22 "
+               f"{MANAGER} 2>/tmp/fw.err & sleep 2; "
+               "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/12222; head -c 7 <&3'; kill %1; cat /tmp/fw.err")
+    proc = node_exec(USER_NODE, ["bash", "-c", forward])
+    assert "SSH-2.0" not in proc.stdout
+    assert "prohibited" in proc.stdout + proc.stderr
+    # -A with an agent holding the key: the serve process on the hub has no agent socket
+    agent = ("eval $(ssh-agent) >/dev/null; ssh-add -q /root/.ssh/gridx-e2e-alice; "
+             f"ssh -A -o BatchMode=yes {MANAGER} \"jobs run --wait python:3.11 'sleep 6'\" >/dev/null 2>&1 & "
+             "sleep 8; kill $SSH_AGENT_PID")
+    runner = subprocess.Popen(["docker", "exec", container(USER_NODE), "bash", "-c", agent])
+    try:
+        pids = wait_until(lambda: serve_pids(ALICE), 10, "serve of the -A session")
+        environ = ok(hub_sh(f"tr '\\0' '\\n' < /proc/{pids[-1]}/environ"), "serve's environment")
+        assert "SSH_CONNECTION=" in environ  # it is the SSH session's process
+        assert "SSH_AUTH_SOCK" not in environ
+        assert hub_sh("find /tmp -maxdepth 1 -name 'ssh-*' -user gridx").stdout.strip() == ""
+    finally:
+        runner.wait(timeout=60)
+
+
+def test_a_user_cannot_touch_another_users_job(user_node):
+    job = ok(ssh_as(ALICE, "jobs run python:3.11 'sleep 60'"), "alice's job").strip()
+    try:
+        for action in (f"jobs delete {job}", f"jobs logs {job}"):
+            proc = ssh_as(BOB, action)
+            assert proc.returncode == 2, proc.stderr
+            assert f"job {job} is {ALICE}'s" in proc.stderr, proc.stderr
+        assert ok(ssh_as(BOB, f"jobs status {job} --json"), "bob sees it") and \
+            json.loads(ok(hub("jobs", "status", job, "--json"), "status"))["owner"] == ALICE
+        root_job = ok(hub("jobs", "run", "python:3.11", "sleep 60"), "root's job").strip()
+        proc = as_user(f"gridx jobs delete {root_job}")
+        assert proc.returncode == 2 and "is root's" in proc.stderr
+        ok(hub("jobs", "delete", root_job), "root deletes its own")
+        assert "deleted" in ok(as_user(f"gridx jobs delete {job}"), "alice deletes hers")
+    finally:
+        hub("jobs", "delete", job)
+
+
+def test_a_job_past_the_gpu_limit_is_refused_with_one_line(user_node):
+    first = ok(as_user(f"gridx jobs run --gpus 1 --name e2e-gpu1 python:3.11 'sleep 60' --manager {MANAGER}"),
+               "a job with 1 GPU").strip()
+    try:
+        proc = as_user("gridx jobs run --gpus 1 python:3.11 true")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[0] == f"error: {ALICE} uses 1 of 1 GPUs; this job asks 1"
+        assert [j["id"] for j in json.loads(ok(as_user("gridx jobs list --mine --json"), "list"))["jobs"]
+                if j["state"] in ("pending", "starting", "running")] == [first]
+        users = json.loads(ok(hub("hub", "list-users", "--json"), "list-users"))["users"]
+        alice = next(u for u in users if u["name"] == ALICE)
+        assert alice["limits"]["gpus"] == 1 and alice["use"]["gpus"] == 1 and alice["use"]["jobs"] == 1
+        assert json.loads(ok(hub("cluster", "--json"), "cluster"))["users"][ALICE]["gpus"] == 1
+    finally:
+        hub("jobs", "delete", first)
+
+
+def test_ctrl_c_stops_the_command_on_the_hub(user_node):
+    assert serve_pids(ALICE) == []
+    # the client in its own process group, as a terminal's foreground job
+    script = (settings(ALICE) + "set -m; gridx jobs run --wait python:3.11 'sleep 60' >/tmp/cc.out 2>&1 & pid=$!; "
+              "for i in $(seq 100); do grep -q 'running on' /tmp/cc.out && break; sleep 0.2; done; "
+              "kill -INT -- -$pid; wait $pid; echo rc=$?")
+    proc = node_exec(USER_NODE, ["bash", "-c", script], timeout=120)
+    assert "rc=130" in proc.stdout, proc.stdout + proc.stderr
+    gone = time.monotonic()
+    wait_until(lambda: serve_pids(ALICE) == [], 5, "serve on the hub to stop after Ctrl-C", interval=0.2)
+    assert time.monotonic() - gone < 5
+    assert hub_sh("pgrep -u gridx -f 'service logs' || true").stdout.strip() == ""
+    for job in json.loads(ok(hub("jobs", "list", "--user", ALICE, "--json"), "list"))["jobs"]:
+        hub("jobs", "delete", job["id"])
+
+
+def test_remove_user_takes_the_ssh_key_and_the_vpn_peer_away_at_once(user_node):
+    # bob's SSH line: he reaches the hub through alice's tunnel (the VPN
+    # address does not say who is who; the SSH key does)
+    ok(ssh_as(BOB, "jobs list"), "bob before")
+    ok(hub("hub", "remove-user", BOB), "remove-user bob")
+    proc = ssh_as(BOB, "jobs list")
+    assert proc.returncode == 255 and "Permission denied" in proc.stderr, proc.stderr
+    # alice's VPN peer and SSH line
+    key = user_node["alice"]["user"]["public_key"]
+    assert key in ok(hub_sh("wg show gridx0 peers"), "wg peers")
+    ok(ssh_as(ALICE, "jobs list"), "alice before")
+    ok(hub("hub", "remove-user", ALICE), "remove-user alice")
+    removed = time.monotonic()
+    assert key not in ok(hub_sh("wg show gridx0 peers"), "wg peers")
+    assert time.monotonic() - removed < 1
+    assert hub_sh("grep -c gridx-user- /var/lib/gridx/users/.ssh/authorized_keys || true").stdout.strip() == "0"
+    proc = ssh_as(ALICE, "jobs list", options=["-o", "ConnectTimeout=3"])
+    assert proc.returncode == 255, proc.stderr
