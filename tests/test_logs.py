@@ -115,7 +115,8 @@ case "$1 $2" in
       if [ "$n" -lt 4 ]; then state="Pending 1 second ago"; desired=Running
       elif [ "$n" -lt 8 ]; then state="Running 1 second ago"; desired=Running
       else state="Complete 1 second ago"; desired=Complete; fi
-      echo '{"ID":"t1","Name":"job-1.1","Node":"worker1","DesiredState":"'$desired'","CurrentState":"'"$state"'","Error":""}' ;;
+      printf '{"ID":"t1","Name":"job-1.1","Node":"worker1","DesiredState":"%s",' "$desired"
+      printf '"CurrentState":"%s","Error":""}\n' "$state" ;;
 esac
 """)
     script.chmod(0o755)

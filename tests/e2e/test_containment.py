@@ -20,8 +20,17 @@ import time
 
 import pytest
 from conftest import WORKERS, hub, node_exec
-from e2e_helpers import (add_peer, copy_bundle, machine_state, ok, prepare_machine, remove_peer_quietly,
-                         unjoined, wait_peer_ready, wait_until)
+from e2e_helpers import (
+    add_peer,
+    copy_bundle,
+    machine_state,
+    ok,
+    prepare_machine,
+    remove_peer_quietly,
+    unjoined,
+    wait_peer_ready,
+    wait_until,
+)
 
 ESCAPE_SERVICE = "gridx-e2e-escape"
 TARGET = "worker2"
