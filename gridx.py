@@ -936,8 +936,105 @@ def worker_join_token(rotate=False):
     return run(argv).stdout.strip()
 
 
+class Resources(tuple):
+    """CPU units, MiB of memory and GPUs: what a node shares, what a job's
+    task reserves, what a node holds or has free. Added and subtracted kind
+    by kind; ordered as (cpus, memory_mib, gpus) are."""
+
+    __slots__ = ()
+
+    def __new__(cls, cpus=0, memory_mib=0, gpus=0):
+        return tuple.__new__(cls, (cpus, memory_mib, gpus))
+
+    cpus = property(lambda self: self[0])
+    memory_mib = property(lambda self: self[1])
+    gpus = property(lambda self: self[2])
+
+    def __add__(self, other):
+        return Resources(*(a + b for a, b in zip(self, other)))
+
+    def __sub__(self, other):
+        return Resources(*(a - b for a, b in zip(self, other)))
+
+    def __mul__(self, count):
+        return Resources(*(a * count for a in self))
+
+    def fits(self, room):
+        """True when each kind of this is at most room's."""
+        return all(a <= b for a, b in zip(self, room))
+
+    def to_dict(self):
+        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "gpus": self.gpus}
+
+    def show(self):
+        """c/m/g, as `cluster` prints it."""
+        return f"{self.cpus}/{human_mib(self.memory_mib)}/{self.gpus}"
+
+    def __repr__(self):
+        return f"Resources(cpus={self.cpus}, memory_mib={self.memory_mib}, gpus={self.gpus})"
+
+
+def generic_resources(items):
+    """Docker's GenericResources list (a node's, a service's reservation, a
+    task's assignment) -> (Resources of its counts, the names of its named
+    GPUs, sorted). Discrete gridx_cpu / gridx_mem / NVIDIA-GPU counts; a
+    named NVIDIA-GPU counts one GPU each. The names are the ones join.sh
+    advertises (RES_CPU, RES_MEM, RES_GPU)."""
+    counts = {RES_CPU: 0, RES_MEM: 0, RES_GPU: 0}
+    named = []
+    for item in items or []:
+        discrete = item.get("DiscreteResourceSpec") or {}
+        spec = item.get("NamedResourceSpec") or {}
+        if discrete.get("Kind") in counts:
+            counts[discrete["Kind"]] = int(discrete.get("Value", 0))
+        elif spec.get("Kind") == RES_GPU:
+            named.append(spec.get("Value"))
+    return Resources(counts[RES_CPU], counts[RES_MEM], counts[RES_GPU]), sorted(named)
+
+
+class Node:
+    """A swarm node as gridx shows it, made once from `docker node inspect`:
+    its address, state and the Resources it shares (shared.gpus counts its
+    GPUs, gpu_ids names them)."""
+
+    __slots__ = ("id", "hostname", "address", "state", "availability", "role", "manager", "shared", "gpu_ids",
+                 "created", "updated", "hub_ssh")
+
+    def __init__(self, **values):
+        for slot in self.__slots__:
+            setattr(self, slot, values[slot])
+
+    @classmethod
+    def from_docker(cls, node):
+        description = node.get("Description", {})
+        counts, named = generic_resources((description.get("Resources", {}) or {}).get("GenericResources"))
+        # a discrete GPU count (no names): gpu0, gpu1, ...
+        gpu_ids = sorted(named + [f"gpu{i}" for i in range(counts.gpus)])
+        status = node.get("Status", {})
+        spec = node.get("Spec", {})
+        return cls(
+            id=node.get("ID", ""),
+            hostname=description.get("Hostname", ""),
+            address=status.get("Addr", ""),
+            state=status.get("State", "unknown"),
+            availability=spec.get("Availability", ""),
+            role=spec.get("Role", ""),
+            manager=bool(node.get("ManagerStatus")),
+            shared=Resources(counts.cpus, counts.memory_mib, len(gpu_ids)),
+            gpu_ids=gpu_ids,
+            created=node.get("CreatedAt", ""),
+            updated=node.get("UpdatedAt", ""),
+            # False: the worker declined the hub's SSH (join.sh --no-hub-ssh)
+            hub_ssh=((description.get("Engine") or {}).get("Labels") or {}).get(LABEL_HUB_SSH) != "no",
+        )
+
+    def shared_dict(self):
+        """The --json shape of what it shares: its GPUs by name."""
+        return {"cpus": self.shared.cpus, "memory_mib": self.shared.memory_mib, "gpus": list(self.gpu_ids)}
+
+
 def swarm_nodes():
-    """Every swarm node, inspected: two docker calls whatever their number.
+    """Every swarm node as a Node: two docker calls whatever their number.
 
     A worker that left and joined again leaves its old identity behind with
     the same address (still Ready until its heartbeats time out, then Down);
@@ -946,54 +1043,21 @@ def swarm_nodes():
     """
     newest = {}
     for node in all_swarm_nodes():
-        whole, _, fraction = node.get("CreatedAt", "").rstrip("Z").partition(".")
-        rank = (node.get("Status", {}).get("State") == "ready", whole, fraction.ljust(9, "0"))
-        address = node.get("Status", {}).get("Addr")
-        if address not in newest or rank > newest[address][0]:
-            newest[address] = (rank, node)
+        whole, _, fraction = node.created.rstrip("Z").partition(".")
+        rank = (node.state == "ready", whole, fraction.ljust(9, "0"))
+        if node.address not in newest or rank > newest[node.address][0]:
+            newest[node.address] = (rank, node)
     return [node for _, node in newest.values()]
 
 
 def all_swarm_nodes():
+    """Every swarm node, replaced identities too, as Nodes."""
     ids = run(docker("node", "ls", "-q")).stdout.split()
     if not ids:
         return []
     import json
 
-    return json.loads(run(docker("node", "inspect", "--", *ids)).stdout)
-
-
-def node_summary(node):
-    """What gridx shows of a node: address, state, shared resources."""
-    description = node.get("Description", {})
-    resources = description.get("Resources", {}) or {}
-    shared = {"cpus": 0, "memory_mib": 0, "gpus": []}
-    for item in resources.get("GenericResources") or []:
-        discrete = item.get("DiscreteResourceSpec")
-        named = item.get("NamedResourceSpec")
-        if discrete and discrete.get("Kind") == RES_CPU:
-            shared["cpus"] = int(discrete.get("Value", 0))
-        elif discrete and discrete.get("Kind") == RES_MEM:
-            shared["memory_mib"] = int(discrete.get("Value", 0))
-        elif named and named.get("Kind") == RES_GPU:
-            shared["gpus"].append(named.get("Value"))
-        elif discrete and discrete.get("Kind") == RES_GPU:
-            shared["gpus"] += [f"gpu{i}" for i in range(int(discrete.get("Value", 0)))]
-    shared["gpus"].sort()
-    status = node.get("Status", {})
-    spec = node.get("Spec", {})
-    return {
-        "id": node.get("ID", ""),
-        "hostname": description.get("Hostname", ""),
-        "address": status.get("Addr", ""),
-        "state": status.get("State", "unknown"),
-        "availability": spec.get("Availability", ""),
-        "role": spec.get("Role", ""),
-        "manager": bool(node.get("ManagerStatus")),
-        "shared": shared,
-        "updated": node.get("UpdatedAt", ""),
-        "hub_ssh": ((description.get("Engine") or {}).get("Labels") or {}).get(LABEL_HUB_SSH) != "no",
-    }
+    return [Node.from_docker(node) for node in json.loads(run(docker("node", "inspect", "--", *ids)).stdout)]
 
 
 # ---------------------------------------------------------------------------
@@ -1797,9 +1861,9 @@ def use_by_owner(services, tasks):
     as all its replicas), and how many such jobs. {owner: use}."""
     by_service = {}
     for task in tasks:
-        if task["state"] in ACTIVE_TASK_STATES and is_current(task):
-            by_service[task["service"]] = by_service.get(task["service"], 0) + 1
-    seen = {task["service"] for task in tasks}
+        if task.active and is_current(task):
+            by_service[task.service] = by_service.get(task.service, 0) + 1
+    seen = {task.service for task in tasks}
     use = {}
     for service in services:
         name = service["Spec"]["Name"]
@@ -1808,11 +1872,11 @@ def use_by_owner(services, tasks):
             active = job_replicas(service["Spec"].get("Mode", {}))
         if not active:
             continue
-        cpu, mem, gpu = service_request(service)
+        asks = service_request(service) * active
         held = use.setdefault(owner_of(service), empty_use())
-        held["cpus"] += cpu * active
-        held["memory_mib"] += mem * active
-        held["gpus"] += gpu * active
+        held["cpus"] += asks.cpus
+        held["memory_mib"] += asks.memory_mib
+        held["gpus"] += asks.gpus
         held["jobs"] += 1
     return use
 
@@ -1850,9 +1914,7 @@ class user_limits_checked:
         fcntl.flock(self.handle, fcntl.LOCK_EX)
         services, tasks, _, _ = jobs_overview()
         use = use_by_owner(services, tasks).get(OWNER, empty_use())
-        n = self.replicas
-        asks = {"cpus": self.request.cpu_units * n, "memory_mib": self.request.memory_mib * n,
-                "gpus": self.request.gpus * n, "jobs": 1}
+        asks = dict((self.request.resources * self.replicas).to_dict(), jobs=1)
         refusal = limit_refusal(OWNER, use, SERVE_LIMITS, asks)
         if refusal:
             self.handle.close()
@@ -2113,20 +2175,28 @@ def forward_to_serve(docker_host):
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
+# A job is a swarm service labelled gridx.job; its tasks say where and how it
+# ran. Docker's output is read in "reading the swarm" only, into Task and
+# Resources (and Node, see Swarm); what follows reads those types.
+#   what a job asks for · reading the swarm · job state · running again · waiting
 
 ACTIVE_TASK_STATES = (
     "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
 )
+UNPLACED_TASK_STATES = ("new", "allocated", "pending")  # active, but on no node yet
 # Docker 20.10's swarm constraint enforcer re-checks a node's generic
 # resources whenever the node changes (it joins a network, gets a label, its
 # engine restarts) and can reject a task that holds them with this error
 # although the task fits: seen in the lab on a fresh worker's first GPU job.
 # Such a task did not fail by itself, so it is run again, a bounded number of
-# times.
+# times (see "running again").
 ENFORCER_REJECTION = "assigned node no longer meets constraints"
 ENFORCER_RERUNS = 3
 LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
 LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
+
+
+# -- what a job asks for --------------------------------------------------------
 
 
 def parse_cpus(value):
@@ -2200,6 +2270,11 @@ class JobRequest:
         self.cpu_units = math.ceil(self.cpus)
         self.memory_mib = math.ceil(self.memory / 1024**2)
 
+    @property
+    def resources(self):
+        """What the swarm reserves for each of its tasks."""
+        return Resources(self.cpu_units, self.memory_mib, self.gpus)
+
     def service_args(self):
         args = [
             "--generic-resource", f"{RES_CPU}={self.cpu_units}",
@@ -2217,35 +2292,31 @@ class JobRequest:
 
 
 def worker_nodes(nodes):
-    return [n for n in map(node_summary, nodes) if not n["manager"] or n["shared"]["cpus"]]
+    """The nodes that run jobs: the workers, and a manager that shares."""
+    return [n for n in nodes if not n.manager or n.shared.cpus]
 
 
 def check_fits(request, nodes):
-    """Refuse at once a job no single worker could ever hold."""
-    workers = [n for n in worker_nodes(nodes) if n["shared"]["cpus"] and n["availability"] == "active"]
+    """Refuse at once a job no single worker could ever hold (nodes: Node)."""
+    workers = [n for n in worker_nodes(nodes) if n.shared.cpus and n.availability == "active"]
     if not workers:
         raise precondition(
             "no worker shares resources yet", "add one: gridx hub add-peer NAME, then run its join.sh"
         )
-    for node in workers:
-        shared = node["shared"]
-        if (
-            shared["cpus"] >= request.cpu_units
-            and shared["memory_mib"] >= request.memory_mib
-            and len(shared["gpus"]) >= request.gpus
-        ):
-            return
+    asks = request.resources
+    if any(asks.fits(node.shared) for node in workers):
+        return
     wants = [
-        (request.gpus, "GPU", lambda n: len(n["shared"]["gpus"]), str),
-        (request.cpu_units, "CPU", lambda n: n["shared"]["cpus"], str),
-        (request.memory_mib, "memory", lambda n: n["shared"]["memory_mib"], human_mib),
+        (asks.gpus, "GPU", lambda n: n.shared.gpus, str),
+        (asks.cpus, "CPU", lambda n: n.shared.cpus, str),
+        (asks.memory_mib, "memory", lambda n: n.shared.memory_mib, human_mib),
     ]
     for wanted, what, amount, show in wants:
         biggest = max(workers, key=amount)
         if wanted > amount(biggest):
             raise usage_error(
                 f"no worker can hold this job: it asks for {show(wanted)} {what}, the biggest worker "
-                f"({biggest['hostname']}) shares {show(amount(biggest))}",
+                f"({biggest.hostname}) shares {show(amount(biggest))}",
                 "a job runs on one worker; ask for less",
             )
     raise usage_error(
@@ -2320,6 +2391,68 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
         run_naming(argv, job_id)
 
 
+# -- reading the swarm ------------------------------------------------------------
+# The only place that reads Docker's task rows and service reservations.
+
+
+class Task:
+    """One task of a job, made once from a `docker service ps` row."""
+
+    __slots__ = ("id", "name", "service", "node", "state", "since", "desired", "error", "exit_code")
+
+    def __init__(self, id="", name="", service="", node="", state="", since="", desired="", error="",
+                 exit_code=None):
+        self.id, self.name, self.service, self.node = id, name, service, node
+        self.state, self.since, self.desired, self.error = state, since, desired, error
+        self.exit_code = exit_code_from(state, error) if exit_code is None else exit_code
+
+    @classmethod
+    def from_docker(cls, row):
+        state, _, since = row.get("CurrentState", "").partition(" ")
+        name = row.get("Name", "")
+        return cls(id=row.get("ID", ""), name=name, service=name.rsplit(".", 1)[0], node=row.get("Node", ""),
+                   state=state.lower(), since=since, desired=row.get("DesiredState", "").lower(),
+                   error=row.get("Error", "").strip('"'))
+
+    @property
+    def active(self):
+        """Pending, starting or running: not over."""
+        return self.state in ACTIVE_TASK_STATES
+
+    @property
+    def placed(self):
+        """Active on a node: it holds that node's resources."""
+        return self.active and self.state not in UNPLACED_TASK_STATES
+
+    def to_dict(self):
+        """The stable --json shape of a job's task."""
+        return {"id": self.id, "name": self.name, "node": self.node, "state": self.state, "since": self.since,
+                "error": self.error, "exit_code": self.exit_code}
+
+
+def exit_code_from(state, error):
+    """A task's exit status: 0 once complete, N from "non-zero exit (N)"."""
+    import re
+
+    if state == "complete":
+        return 0
+    match = re.search(r"non-zero exit \((\d+)\)", error)
+    return int(match.group(1)) if match else None
+
+
+def is_current(task, batch=True):
+    """False for a task that was replaced: run again, orphaned or restarted.
+
+    A batch job's task that ended by itself (even failed, desired state
+    Shutdown) stays current, so its exit status stays visible; a task that
+    Grid-X ran again elsewhere has desired state Remove. A long-running
+    service's restarted tasks (desired Shutdown) are history.
+    """
+    if task.desired == "remove" or task.state == "orphaned":
+        return False
+    return batch or task.desired != "shutdown"
+
+
 def list_job_services(job_ids=None):
     """Inspect every Grid-X job service (two docker calls), or the named ones."""
     import json
@@ -2341,253 +2474,42 @@ def list_job_services(job_ids=None):
     return services
 
 
-def list_tasks(service_names):
-    """Every task of these services: one `docker service ps` call."""
-    if not service_names:
+def service_names(services):
+    return [service["Spec"]["Name"] for service in services]
+
+
+def list_tasks(names):
+    """Every task of these services, as Tasks: one `docker service ps` call."""
+    if not names:
         return []
-    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *service_names))
-    for row in rows:
-        state, _, since = row.get("CurrentState", "").partition(" ")
-        row["state"] = state.lower()
-        row["since"] = since
-        row["service"] = row.get("Name", "").rsplit(".", 1)[0]
-        row["Error"] = row.get("Error", "").strip('"')
-        row["exit_code"] = exit_code_from(row)
-    return rows
+    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *names))
+    return [Task.from_docker(row) for row in rows]
 
 
-def is_current(task, batch=True):
-    """False for a task that was replaced: re-run, orphaned or restarted.
-
-    A batch job's task that ended by itself (even failed, desired state
-    Shutdown) stays current, so its exit status stays visible; a task that
-    Grid-X re-ran elsewhere has desired state Remove. A long-running
-    service's restarted tasks (desired Shutdown) are history.
-    """
-    desired = task.get("DesiredState", "").lower()
-    if desired == "remove" or task.get("state") == "orphaned":
-        return False
-    return batch or desired != "shutdown"
-
-
-def exit_code_from(task):
-    import re
-
-    if task["state"] == "complete":
-        return 0
-    match = re.search(r"non-zero exit \((\d+)\)", task.get("Error", ""))
-    return int(match.group(1)) if match else None
+def tasks_by_service(tasks):
+    """{service name: its tasks}."""
+    by_service = {}
+    for task in tasks:
+        by_service.setdefault(task.service, []).append(task)
+    return by_service
 
 
 def service_request(service):
-    """(cpu units, memory MiB, gpus) a service reserves from generic resources."""
+    """The Resources each task of a service reserves (its generic resources)."""
     spec = service["Spec"]["TaskTemplate"].get("Resources", {}).get("Reservations", {})
-    wanted = {RES_CPU: 0, RES_MEM: 0, RES_GPU: 0}
-    for item in spec.get("GenericResources") or []:
-        discrete = item.get("DiscreteResourceSpec") or {}
-        if discrete.get("Kind") in wanted:
-            wanted[discrete["Kind"]] = int(discrete.get("Value", 0))
-    return wanted[RES_CPU], wanted[RES_MEM], wanted[RES_GPU]
+    return generic_resources(spec.get("GenericResources"))[0]
 
 
-def job_summary(service, tasks):
-    """The stable --json shape of one job."""
-    spec = service["Spec"]
-    labels = spec.get("Labels", {})
-    mode = spec.get("Mode", {})
-    wanted = job_replicas(mode)
-    tasks_out = job_tasks(tasks, batch="ReplicatedJob" in mode)
-    cpu, mem, gpu = service_request(service)
-    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
-    return {
-        "id": spec["Name"],
-        "kind": labels.get(LABEL_KIND, "run"),
-        "owner": labels.get(LABEL_OWNER, ADMIN_OWNER),
-        "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
-        "command": labels.get(LABEL_CMD, ""),
-        "created": int(labels.get(LABEL_CREATED, "0") or 0),
-        "replicas": wanted,
-        "cpus": limits.get("NanoCPUs", cpu * 10**9) / 10**9,
-        "memory_mib": mem,
-        "gpus": gpu,
-        # rejected by the enforcer but about to run again: not failed
-        "state": "pending" if runs_again(tasks) else job_state(tasks_out, wanted, labels.get(LABEL_KIND, "run")),
-        "exit_code": job_exit_code(tasks_out),
-        "tasks": tasks_out,
-    }
+def task_details(task_ids):
+    """`docker inspect` of tasks: {task ID: (its container's exit code or
+    None, the names of the GPUs it was given)}."""
+    import json
 
-
-def job_replicas(mode):
-    """How many tasks a job wants: completions of a batch job, else replicas."""
-    if "ReplicatedJob" in mode:
-        return int(mode["ReplicatedJob"].get("TotalCompletions", 1))
-    return int(mode.get("Replicated", {}).get("Replicas", 1))
-
-
-def job_tasks(tasks, batch=True):
-    """The tasks that make a job's state, in the stable --json shape."""
-    current = [t for t in tasks if is_current(t, batch)]
-    if any(t["state"] != "rejected" for t in current):
-        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
-        # and then run again is history: the task that ran is the record.
-        current = [t for t in current if t["state"] != "rejected"]
-    return [
-        {
-            "id": t.get("ID", ""),
-            "name": t.get("Name", ""),
-            "node": t.get("Node", ""),
-            "state": t["state"],
-            "since": t["since"],
-            "error": t.get("Error", ""),
-            "exit_code": t["exit_code"],
-        }
-        for t in current
-    ]
-
-
-def job_state(tasks, wanted, kind):
-    states = [t["state"] for t in tasks]
-    if not states:
-        return "pending"
-    if any(s == "running" for s in states):
-        return "running"
-    if any(s in ("pending", "new", "allocated") for s in states):
-        return "pending"
-    if any(s in ACTIVE_TASK_STATES for s in states):
-        return "starting"
-    if any(s in ("failed", "rejected", "orphaned") for s in states):
-        return "failed"
-    if kind != "jupyter" and len([s for s in states if s == "complete"]) >= wanted:
-        return "complete"
-    return states[0]
-
-
-def job_exit_code(tasks):
-    codes = [t["exit_code"] for t in tasks if t["exit_code"] is not None]
-    if not codes:
-        return None
-    return next((code for code in codes if code), 0)
-
-
-def pending_reason(job, service, nodes_by_name, reserved):
-    """Why a pending job waits, in the user's terms."""
-    cpu, mem, gpu = service_request(service)
-    best = None
-    for name, node in nodes_by_name.items():
-        shared = node["shared"]
-        if not shared["cpus"]:
-            continue
-        used = reserved.get(name, (0, 0, 0))
-        free = (shared["cpus"] - used[0], shared["memory_mib"] - used[1], len(shared["gpus"]) - used[2])
-        if best is None or free > best[1]:
-            best = (name, free)
-    if best is None:
-        return "waiting: no worker is Ready"
-    name, free = best
-    if gpu and gpu > free[2]:
-        return f"waiting: {gpu} GPUs requested, {max(free[2], 0)} free on {name}"
-    if cpu > free[0]:
-        return f"waiting: {cpu} CPUs requested, {max(free[0], 0)} free on {name}"
-    if mem > free[1]:
-        return f"waiting: {human_mib(mem)} memory requested, {human_mib(max(free[1], 0))} free on {name}"
-    errors = [t["error"] for t in job["tasks"] if t["error"]]
-    if any(ENFORCER_REJECTION in error for error in errors):
-        return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
-    return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
-
-
-def reserved_by_node(services, tasks):
-    """Resources held on each node (by hostname) by running job tasks."""
-    by_service = {s["Spec"]["Name"]: service_request(s) for s in services}
-    reserved = {}
-    for task in tasks:
-        if task["state"] not in ACTIVE_TASK_STATES or task["state"] in ("pending", "new", "allocated"):
-            continue
-        if not is_current(task):
-            continue
-        cpu, mem, gpu = by_service.get(task["service"], (0, 0, 0))
-        held = reserved.get(task.get("Node", ""), (0, 0, 0))
-        reserved[task.get("Node", "")] = (held[0] + cpu, held[1] + mem, held[2] + gpu)
-    return reserved
-
-
-def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), rerun=True,
-                 log_sources=None, unreadable_nodes=()):
-    """Stream a batch job's logs until every task ends; return its exit status.
-
-    The job's output is held until the line that says where it runs has been
-    printed, so progress never comes after the output it introduces.
-    log_sources: the job itself (default), or its tasks one by one when some
-    ran on a node that is down (unreadable_nodes, by hostname; see
-    log_sources()): tasks made later on other nodes are followed too.
-    """
-    import time
-
-    sources = list(log_sources or [job_id])
-    per_task = sources != [job_id]
-    logs = LogFollower(sources, log_args, hold=True)
-    started = time.monotonic()
-    reruns, seen, rerun_at, shown = 0, set(), 0.0, None
-    try:
-        while True:
-            tasks = list_tasks([job_id])
-            current = job_tasks(tasks)
-            job = {"tasks": current, "state": job_state(current, replicas, "run"),
-                   "exit_code": job_exit_code(current)}
-            if logs.holding:
-                progress = job_progress(job_id, job, time.monotonic() - started)
-                if progress and progress != shown:
-                    info(progress)
-                    shown = progress
-                if job["state"] not in ("pending", "starting"):
-                    logs.release()
-            if per_task:
-                logs.add([t["ID"] for t in tasks if t["ID"] not in logs.sources and t.get("Node")
-                          and t["Node"] not in unreadable_nodes], log_args)
-            # After a re-run, the old rejected task reads as the job's end
-            # until the swarm has made the new one (bounded: 30 s).
-            rerun_started = (not seen or any(t["ID"] not in seen for t in tasks)
-                             or time.monotonic() - rerun_at > 30)
-            if job["state"] in ("complete", "failed") and rerun_started:
-                if rerun and reruns < ENFORCER_RERUNS and rejected_by_enforcer(tasks):
-                    reruns += 1
-                    info(f"job {job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
-                    seen, rerun_at = {t["ID"] for t in tasks}, time.monotonic()
-                    rerun_jobs([job_id])
-                    continue
-                break
-            if timeout and time.monotonic() - started > timeout:
-                raise GridxError(f"job {job_id} did not finish within {timeout} s")
-            time.sleep(poll_s)
-    finally:
-        logs.stop()
-    code = job["exit_code"]
-    if job["state"] == "failed" and code is None:
-        errors = "; ".join(t["error"] for t in job["tasks"] if t["error"])
-        warn(f"job {job_id} failed: {errors or 'no error reported'}")
-        return EXIT_FAILED
-    return code or 0
-
-
-def job_progress(job_id, job, waited_s):
-    """A line for a waiting job's state while it is not over, else None."""
-    nodes = ", ".join(sorted({t["node"] for t in job["tasks"] if t["node"]}))
-    if job["state"] == "pending":
-        # the scheduler places a job that fits within a moment: say it only
-        # when the job really waits
-        if waited_s < 1:
-            return None
-        return f"job {job_id}: waiting for a worker with room (why: gridx jobs status {job_id})"
-    if job["state"] == "starting":
-        return f"job {job_id}: starting on {nodes or 'a worker'} (pulling its image, if the worker lacks it)"
-    if job["state"] == "running":
-        return f"job {job_id}: running on {nodes}"
-    return None
-
-
-def logs_argv(source, log_args=(), follow=False):
-    """`docker service logs` of a job or of one of its tasks."""
-    return docker("service", "logs", "--raw", *(["--follow"] if follow else []), *log_args, "--", source)
+    found = {}
+    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
+        container = (detail.get("Status") or {}).get("ContainerStatus") or {}
+        found[detail.get("ID")] = (container.get("ExitCode"), generic_resources(detail.get("GenericResources"))[1])
+    return found
 
 
 def log_sources(job_id):
@@ -2616,6 +2538,295 @@ def log_sources(job_id):
         return [job_id], []
     tasks.sort(key=lambda t: (t.get("Slot", 0), t.get("CreatedAt", "")))
     return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
+
+
+# -- job state ------------------------------------------------------------------
+
+
+def job_replicas(mode):
+    """How many tasks a job wants: completions of a batch job, else replicas."""
+    if "ReplicatedJob" in mode:
+        return int(mode["ReplicatedJob"].get("TotalCompletions", 1))
+    return int(mode.get("Replicated", {}).get("Replicas", 1))
+
+
+def job_tasks(tasks, batch=True):
+    """The Tasks that make a job's state."""
+    current = [t for t in tasks if is_current(t, batch)]
+    if any(t.state != "rejected" for t in current):
+        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
+        # and then run again is history: the task that ran is the record.
+        current = [t for t in current if t.state != "rejected"]
+    return current
+
+
+def job_state(tasks, wanted, kind):
+    states = [t.state for t in tasks]
+    if not states:
+        return "pending"
+    if any(s == "running" for s in states):
+        return "running"
+    if any(s in UNPLACED_TASK_STATES for s in states):
+        return "pending"
+    if any(s in ACTIVE_TASK_STATES for s in states):
+        return "starting"
+    if any(s in ("failed", "rejected", "orphaned") for s in states):
+        return "failed"
+    if kind != "jupyter" and len([s for s in states if s == "complete"]) >= wanted:
+        return "complete"
+    return states[0]
+
+
+def job_exit_code(codes):
+    """The job's exit status from its tasks' (None: not known yet)."""
+    codes = [code for code in codes if code is not None]
+    if not codes:
+        return None
+    return next((code for code in codes if code), 0)
+
+
+def job_status(tasks, wanted, kind="run", batch=True):
+    """A job's state, exit status and current tasks (in the --json shape),
+    from all its Tasks: what `jobs list/status` show and `--wait` waits on."""
+    current = job_tasks(tasks, batch)
+    return {"state": job_state(current, wanted, kind), "exit_code": job_exit_code(t.exit_code for t in current),
+            "tasks": [t.to_dict() for t in current]}
+
+
+def job_summary(service, tasks):
+    """The stable --json shape of one job."""
+    spec = service["Spec"]
+    labels = spec.get("Labels", {})
+    mode = spec.get("Mode", {})
+    wanted = job_replicas(mode)
+    kind = labels.get(LABEL_KIND, "run")
+    status = job_status(tasks, wanted, kind, batch="ReplicatedJob" in mode)
+    asks = service_request(service)
+    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
+    return {
+        "id": spec["Name"],
+        "kind": kind,
+        "owner": labels.get(LABEL_OWNER, ADMIN_OWNER),
+        "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
+        "command": labels.get(LABEL_CMD, ""),
+        "created": int(labels.get(LABEL_CREATED, "0") or 0),
+        "replicas": wanted,
+        "cpus": limits.get("NanoCPUs", asks.cpus * 10**9) / 10**9,
+        "memory_mib": asks.memory_mib,
+        "gpus": asks.gpus,
+        # rejected by the enforcer but about to run again: not failed
+        "state": "pending" if runs_again(tasks) else status["state"],
+        "exit_code": status["exit_code"],
+        "tasks": status["tasks"],
+    }
+
+
+def reserved_by_node(services, tasks):
+    """The Resources held on each node (by hostname) by placed job tasks."""
+    asks = {service["Spec"]["Name"]: service_request(service) for service in services}
+    reserved = {}
+    for task in tasks:
+        if task.placed and is_current(task):
+            reserved[task.node] = reserved.get(task.node, Resources()) + asks.get(task.service, Resources())
+    return reserved
+
+
+def pending_reason(job, service, nodes_by_name, reserved):
+    """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
+    reserved: reserved_by_node's)."""
+    asks = service_request(service)
+    free = {name: node.shared - reserved.get(name, Resources())
+            for name, node in nodes_by_name.items() if node.shared.cpus}
+    if not free:
+        return "waiting: no worker is Ready"
+    name = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
+    room = free[name]
+    if asks.gpus and asks.gpus > room.gpus:
+        return f"waiting: {asks.gpus} GPUs requested, {max(room.gpus, 0)} free on {name}"
+    if asks.cpus > room.cpus:
+        return f"waiting: {asks.cpus} CPUs requested, {max(room.cpus, 0)} free on {name}"
+    if asks.memory_mib > room.memory_mib:
+        return (f"waiting: {human_mib(asks.memory_mib)} memory requested, "
+                f"{human_mib(max(room.memory_mib, 0))} free on {name}")
+    errors = [t["error"] for t in job["tasks"] if t["error"]]
+    if any(ENFORCER_REJECTION in error for error in errors):
+        return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
+    return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
+
+
+def jobs_on_nodes(hostnames, tasks=None):
+    """Job services with unfinished tasks on these nodes."""
+    if tasks is None:
+        tasks = list_tasks(service_names(list_job_services()))
+    return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
+
+
+# -- running again --------------------------------------------------------------
+# One rule, used by `jobs run --wait`, `hub watch` and `jobs list/status`:
+# a job runs again when Docker's constraint enforcer rejected every current
+# task of it (ENFORCER_REJECTION), at most ENFORCER_RERUNS times, counted in
+# its task history (so the runs of --wait and hub watch add up); and a job
+# whose worker is gone runs again on the workers that are up.
+
+
+def rejected_by_enforcer(tasks):
+    """True when every current task of the job ended by ENFORCER_REJECTION."""
+    current = [t for t in tasks if is_current(t)]
+    return bool(current) and all(t.state == "rejected" and ENFORCER_REJECTION in t.error for t in current)
+
+
+def runs_again(history):
+    """The rule: True when Docker's constraint enforcer rejected the job and
+    Grid-X runs it again: at most ENFORCER_RERUNS times in its history."""
+    rejections = sum(1 for t in history if ENFORCER_REJECTION in t.error)
+    return rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS
+
+
+def jobs_that_run_again(services, tasks):
+    """The jobs that runs_again: {job: the IDs of its tasks so far}."""
+    by_service = tasks_by_service(tasks)
+    found = {}
+    for name in service_names(services):
+        history = by_service.get(name, [])
+        if runs_again(history):
+            found[name] = frozenset(t.id for t in history)
+    return found
+
+
+def run_again(job_ids):
+    """A forced update starts the job again on the workers that are up."""
+    for job_id in job_ids:
+        # The image is not resolved again: see create_job.
+        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", "--", job_id))
+
+
+def run_lost_jobs_again(down_node_names, tasks=None):
+    """Run again the unfinished jobs whose worker is gone.
+
+    Swarm (20.10) leaves a replicated-job task of a Down node "running" for
+    24 hours. A forced update starts a new iteration of the job on the
+    workers that are up; the old task is shut down when its node returns.
+    """
+    lost = jobs_on_nodes(down_node_names, tasks)
+    run_again(lost)
+    return lost
+
+
+# -- waiting --------------------------------------------------------------------
+
+
+def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_run_again=True,
+                 log_sources=None, unreadable_nodes=()):
+    """Stream a batch job's logs until every task ends; return its exit status.
+
+    The job's output is held until the line that says where it runs has been
+    printed, so progress never comes after the output it introduces.
+    may_run_again: run the job again when runs_again says so (`--wait`; not
+    `logs -f`, which only watches). log_sources: the job itself (default),
+    or its tasks one by one when some ran on a node that is down
+    (unreadable_nodes, by hostname; see log_sources()): tasks made later on
+    other nodes are followed too.
+    """
+    import time
+
+    sources = list(log_sources or [job_id])
+    per_task = sources != [job_id]
+    logs = LogFollower(sources, log_args, hold=True)
+    started = time.monotonic()
+    progress = JobProgress(job_id, started)
+    ran_again = RunAgainWait(job_id)
+    try:
+        while True:
+            tasks = list_tasks([job_id])
+            job = job_status(tasks, replicas)
+            if logs.holding:
+                progress.show(job)
+                if job["state"] not in ("pending", "starting"):
+                    logs.release()
+            if per_task:
+                logs.add([t.id for t in tasks if t.id not in logs.sources and t.node
+                          and t.node not in unreadable_nodes], log_args)
+            if job["state"] in ("complete", "failed") and ran_again.started(tasks):
+                if not (may_run_again and ran_again.now(tasks)):
+                    break
+                continue
+            if timeout and time.monotonic() - started > timeout:
+                raise GridxError(f"job {job_id} did not finish within {timeout} s")
+            time.sleep(poll_s)
+    finally:
+        logs.stop()
+    return job_end(job_id, job)
+
+
+class RunAgainWait:
+    """`--wait`'s side of running again: after a run again, the old rejected
+    task reads as the job's end until the swarm has made the new one
+    (bounded: 30 s)."""
+
+    def __init__(self, job_id):
+        self.job_id, self.seen, self.at = job_id, set(), 0.0
+
+    def started(self, tasks):
+        import time
+
+        return not self.seen or any(t.id not in self.seen for t in tasks) or time.monotonic() - self.at > 30
+
+    def now(self, tasks):
+        """Run the job again if the rule says so; True when it did."""
+        import time
+
+        if not runs_again(tasks):
+            return False
+        info(f"job {self.job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
+        self.seen, self.at = {t.id for t in tasks}, time.monotonic()
+        run_again([self.job_id])
+        return True
+
+
+def job_end(job_id, job):
+    """The exit status of a job that ended; why, when it failed without one."""
+    code = job["exit_code"]
+    if job["state"] == "failed" and code is None:
+        errors = "; ".join(t["error"] for t in job["tasks"] if t["error"])
+        warn(f"job {job_id} failed: {errors or 'no error reported'}")
+        return EXIT_FAILED
+    return code or 0
+
+
+class JobProgress:
+    """--wait's progress lines: each new one once."""
+
+    def __init__(self, job_id, started):
+        self.job_id, self.started, self.shown = job_id, started, None
+
+    def show(self, job):
+        import time
+
+        line = job_progress(self.job_id, job, time.monotonic() - self.started)
+        if line and line != self.shown:
+            info(line)
+            self.shown = line
+
+
+def job_progress(job_id, job, waited_s):
+    """A line for a waiting job's state while it is not over, else None."""
+    nodes = ", ".join(sorted({t["node"] for t in job["tasks"] if t["node"]}))
+    if job["state"] == "pending":
+        # the scheduler places a job that fits within a moment: say it only
+        # when the job really waits
+        if waited_s < 1:
+            return None
+        return f"job {job_id}: waiting for a worker with room (why: gridx jobs status {job_id})"
+    if job["state"] == "starting":
+        return f"job {job_id}: starting on {nodes or 'a worker'} (pulling its image, if the worker lacks it)"
+    if job["state"] == "running":
+        return f"job {job_id}: running on {nodes}"
+    return None
+
+
+def logs_argv(source, log_args=(), follow=False):
+    """`docker service logs` of a job or of one of its tasks."""
+    return docker("service", "logs", "--raw", *(["--follow"] if follow else []), *log_args, "--", source)
 
 
 class LogFollower:
@@ -2700,63 +2911,6 @@ class LogFollower:
         for copier in self.copiers:
             copier.join(timeout=1)
         self.release()
-
-
-def rejected_by_enforcer(tasks):
-    """True when every current task of the job ended by ENFORCER_REJECTION."""
-    current = [t for t in tasks if is_current(t)]
-    return bool(current) and all(t["state"] == "rejected" and ENFORCER_REJECTION in t["Error"] for t in current)
-
-
-def runs_again(history):
-    """True when Docker's constraint enforcer rejected the job and Grid-X
-    (`hub watch`, `--wait`) runs it again: at most ENFORCER_RERUNS times."""
-    rejections = sum(1 for t in history if ENFORCER_REJECTION in t["Error"])
-    return rejected_by_enforcer(history) and rejections <= ENFORCER_RERUNS
-
-
-def rejected_jobs(services, tasks):
-    """Jobs that Docker's constraint enforcer rejected and that run again:
-    {job: the IDs of its rejected tasks}."""
-    by_service = {}
-    for task in tasks:
-        by_service.setdefault(task["service"], []).append(task)
-    found = {}
-    for service in services:
-        name = service["Spec"]["Name"]
-        history = by_service.get(name, [])
-        if runs_again(history):
-            found[name] = frozenset(t["ID"] for t in history)
-    return found
-
-
-def requeue_lost_jobs(down_node_names, tasks=None):
-    """Run again the unfinished jobs whose worker is gone.
-
-    Swarm (20.10) leaves a replicated-job task of a Down node "running" for
-    24 hours. A forced update starts a new iteration of the job on the
-    workers that are up; the old task is shut down when its node returns.
-    """
-    lost = jobs_on_nodes(down_node_names, tasks)
-    rerun_jobs(lost)
-    return lost
-
-
-def jobs_on_nodes(hostnames, tasks=None):
-    """Job services with unfinished tasks on these nodes."""
-    if tasks is None:
-        tasks = list_tasks([s["Spec"]["Name"] for s in list_job_services()])
-    return sorted({
-        t["service"] for t in tasks
-        if t.get("Node") in hostnames and t["state"] in ACTIVE_TASK_STATES and is_current(t)
-    })
-
-
-def rerun_jobs(job_ids):
-    """A forced update starts the job again on the workers that are up."""
-    for job_id in job_ids:
-        # The image is not resolved again: see create_job.
-        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", "--", job_id))
 
 
 # ---------------------------------------------------------------------------
@@ -3042,13 +3196,13 @@ def cmd_hub_remove_peer(args):
             raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
         run(["wg", "set", config.interface, "peer", peer.public_key, "remove"])
         # every identity the peer had in the swarm (a re-join leaves the old one)
-        nodes = [n for n in map(node_summary, all_swarm_nodes()) if n["address"] == peer.ip and not n["manager"]]
+        nodes = [n for n in all_swarm_nodes() if n.address == peer.ip and not n.manager]
         # Swarm orphans the tasks of a removed node and, with restart
         # condition none, never runs them again: Grid-X does.
-        lost = jobs_on_nodes({n["hostname"] for n in nodes}) if nodes else []
+        lost = jobs_on_nodes({n.hostname for n in nodes}) if nodes else []
         for node in nodes:
-            run(["docker", "node", "rm", "--force", "--", node["id"]])
-        rerun_jobs(lost)
+            run(["docker", "node", "rm", "--force", "--", node.id])
+        run_again(lost)
         token = worker_join_token(rotate=True)
         del config.peers[name]
         save_hub_config(config)
@@ -3110,14 +3264,14 @@ def peer_rows(config):
     """Everything list-peers and status show: one wg and two docker calls."""
     _, live = wg_dump(config.interface)
     try:
-        nodes = [node_summary(n) for n in swarm_nodes()]
+        nodes = swarm_nodes()
     except GridxError:
         nodes = []
     by_address = {}
     for node in nodes:
-        current = by_address.get(node["address"])
-        if current is None or (current["state"] != "ready" and node["state"] == "ready"):
-            by_address[node["address"]] = node
+        current = by_address.get(node.address)
+        if current is None or (current.state != "ready" and node.state == "ready"):
+            by_address[node.address] = node
     rows = []
     for peer in sorted(config.peers.values(), key=lambda p: _ip_sort_key(p.ip)):
         wg = live.get(peer.public_key, {})
@@ -3129,11 +3283,11 @@ def peer_rows(config):
             "live": peer.public_key in live,
             "endpoint": wg.get("endpoint"),
             "handshake_age": wg.get("handshake_age"),
-            "node": node["hostname"] if node else None,
-            "node_state": node["state"] if node else None,
-            "shared": node["shared"] if node else None,
+            "node": node.hostname if node else None,
+            "node_state": node.state if node else None,
+            "shared": node.shared_dict() if node else None,
             # False: the worker declined the hub's SSH (join.sh --no-hub-ssh)
-            "hub_ssh": node["hub_ssh"] if node else None,
+            "hub_ssh": node.hub_ssh if node else None,
         })
     return rows, nodes
 
@@ -3294,13 +3448,12 @@ def cmd_hub_watch(args):
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_rejected = {}, {}
+    down_since, seen_waiting = {}, {}
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         try:
-            nodes = [node_summary(n) for n in swarm_nodes()]
             now = time.monotonic()
-            down = {n["hostname"] for n in nodes if n["state"] == "down"}
+            down = {n.hostname for n in swarm_nodes() if n.state == "down"}
             for name in list(down_since):
                 if name not in down:
                     del down_since[name]
@@ -3308,19 +3461,19 @@ def cmd_hub_watch(args):
                 down_since.setdefault(name, now)
             expired = {name for name, since in down_since.items() if now - since >= grace}
             services = list_job_services()
-            tasks = list_tasks([s["Spec"]["Name"] for s in services])
+            tasks = list_tasks(service_names(services))
             if expired:
-                requeued = requeue_lost_jobs(expired, tasks)
-                if requeued:
-                    info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(requeued)}")
-            # Rejected in two passes in a row: a `jobs run --wait` that polls
+                lost = run_lost_jobs_again(expired, tasks)
+                if lost:
+                    info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(lost)}")
+            # The same in two passes in a row: a `jobs run --wait` that polls
             # far more often has not run it again itself.
-            rejected = rejected_jobs(services, tasks)
-            again = sorted(job for job, ids in rejected.items() if args.once or seen_rejected.get(job) == ids)
-            rerun_jobs(again)
-            seen_rejected = {job: ids for job, ids in rejected.items() if job not in again}
-            if again:
-                info(f"ran again {', '.join(again)}: Docker rejected them ({ENFORCER_REJECTION})")
+            waiting = jobs_that_run_again(services, tasks)
+            due = sorted(job for job, ids in waiting.items() if args.once or seen_waiting.get(job) == ids)
+            run_again(due)
+            seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
+            if due:
+                info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
         except GridxError as error:
             warn(error.message)
         if args.once:
@@ -3669,7 +3822,7 @@ def cmd_jobs_jupyter(args):
 
 
 def node_addresses():
-    return {n["hostname"]: n["address"] for n in map(node_summary, swarm_nodes())}
+    return {n.hostname: n.address for n in swarm_nodes()}
 
 
 def wait_for_jupyter(job_id, port, token, timeout):
@@ -3681,17 +3834,17 @@ def wait_for_jupyter(job_id, port, token, timeout):
     addresses = None
     while time.monotonic() < deadline:
         history = list_tasks([job_id])
-        tasks = [t for t in history if t["state"] == "running"]
-        failed = [t for t in history if t["state"] in ("failed", "rejected") and t["Error"]]
+        tasks = [t for t in history if t.state == "running"]
+        failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
         if not tasks and len(failed) >= JUPYTER_FAILURES:
             # The swarm restarts it forever; a server that cannot start
             # (no such image or command) is said now, not at the timeout.
-            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0]['Error']}",
+            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
                              f"check --image, then: gridx jobs delete {job_id}")
         if tasks:
-            if addresses is None or tasks[0]["Node"] not in addresses:
+            if addresses is None or tasks[0].node not in addresses:
                 addresses = node_addresses()
-            address = addresses.get(tasks[0]["Node"])
+            address = addresses.get(tasks[0].node)
             url = f"http://{address}:{port}/?token={token}"
             try:
                 with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
@@ -3706,12 +3859,10 @@ def wait_for_jupyter(job_id, port, token, timeout):
 def jobs_overview(job_ids=None, with_nodes=False):
     """Jobs and (optionally) nodes in a fixed number of docker calls."""
     services = list_job_services(job_ids)
-    tasks = list_tasks([s["Spec"]["Name"] for s in services])
-    by_service = {}
-    for task in tasks:
-        by_service.setdefault(task["service"], []).append(task)
+    tasks = list_tasks(service_names(services))
+    by_service = tasks_by_service(tasks)
     jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
-    nodes = [node_summary(n) for n in swarm_nodes()] if with_nodes else []
+    nodes = swarm_nodes() if with_nodes else []
     return services, tasks, jobs, nodes
 
 
@@ -3742,30 +3893,12 @@ def cmd_jobs_status(args):
     set_manager(args)
     services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
     job = jobs[0]
-    by_name = {n["hostname"]: n for n in nodes}
+    by_name = {n.hostname: n for n in nodes}
     if job["state"] == "pending":
         all_services, all_tasks, _, _ = jobs_overview()
         job["reason"] = pending_reason(job, services[0], by_name, reserved_by_node(all_services, all_tasks))
-    task_ids = [t["id"] for t in job["tasks"]]
-    if task_ids:
-        import json
-
-        details = json.loads(run(docker("inspect", "--", *task_ids)).stdout)
-        by_id = {d["ID"]: d for d in details}
-        for task in job["tasks"]:
-            detail = by_id.get(task["id"], {})
-            status = detail.get("Status", {})
-            container = status.get("ContainerStatus", {}) or {}
-            # A rejected or shut-down task's container may never have run:
-            # its ExitCode 0 would read as success.
-            if task["state"] in ("complete", "failed") and "ExitCode" in container:
-                task["exit_code"] = container["ExitCode"]
-            task["gpus"] = sorted(
-                r["NamedResourceSpec"]["Value"] for r in detail.get("GenericResources") or []
-                if r.get("NamedResourceSpec", {}).get("Kind") == RES_GPU
-            )
-            task["address"] = by_name.get(task["node"], {}).get("address", "")
-        job["exit_code"] = job_exit_code(job["tasks"])
+    if job["tasks"]:
+        add_task_details(job, by_name)
     if args.json:
         print_json(job)
         return EXIT_OK
@@ -3792,6 +3925,21 @@ def cmd_jobs_status(args):
     return EXIT_OK
 
 
+def add_task_details(job, nodes_by_name):
+    """jobs status: each task's container exit code, GPUs and address."""
+    details = task_details([t["id"] for t in job["tasks"]])
+    for task in job["tasks"]:
+        exit_code, gpus = details.get(task["id"], (None, []))
+        # A rejected or shut-down task's container may never have run:
+        # its ExitCode 0 would read as success.
+        if task["state"] in ("complete", "failed") and exit_code is not None:
+            task["exit_code"] = exit_code
+        task["gpus"] = gpus
+        node = nodes_by_name.get(task["node"])
+        task["address"] = node.address if node else ""
+    job["exit_code"] = job_exit_code(t["exit_code"] for t in job["tasks"])
+
+
 def cmd_jobs_logs(args):
     job_id = valid_name(args.job_id, "job ID")
     tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
@@ -3804,7 +3952,7 @@ def cmd_jobs_logs(args):
              f"{'that node is' if len(lost) == 1 else 'those nodes are'} down; showing the rest")
     if args.follow and "ReplicatedJob" in mode:
         # A batch job's log ends with the job, as `kubectl logs -f` does.
-        wait_for_job(job_id, job_replicas(mode), log_args=tail, rerun=False, log_sources=sources,
+        wait_for_job(job_id, job_replicas(mode), log_args=tail, may_run_again=False, log_sources=sources,
                      unreadable_nodes=lost)
         return EXIT_OK
     if args.follow:
@@ -3828,9 +3976,9 @@ def cmd_jobs_delete(args):
     check_owner(services, "delete")  # through serve: see Users
     tasks = list_tasks(ids)
     running_jobs = sorted({
-        t["service"] for t in tasks
-        if t["state"] in ACTIVE_TASK_STATES and is_current(t)
-        and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t["service"])["Spec"]["Mode"]
+        t.service for t in tasks
+        if t.active and is_current(t)
+        and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t.service)["Spec"]["Mode"]
     })
     # Docker 20.10 leaves the container of a running replicated-job behind
     # when its service is removed (moby#44312): stop its tasks first by
@@ -3840,7 +3988,7 @@ def cmd_jobs_delete(args):
                    "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
     deadline = time.monotonic() + 30
     while running_jobs and time.monotonic() < deadline:
-        live = [t for t in list_tasks(running_jobs) if t["state"] in ("running", "starting", "preparing")]
+        live = [t for t in list_tasks(running_jobs) if t.state in ("running", "starting", "preparing")]
         if not live:
             break
         time.sleep(0.5)
@@ -3865,43 +4013,30 @@ def cmd_cluster(args):
     set_manager(args)
     services, tasks, _, nodes = jobs_overview(with_nodes=True)
     reserved = reserved_by_node(services, tasks)
-    rows, totals = [], {"cpus": 0, "memory_mib": 0, "gpus": 0, "used_cpus": 0, "used_memory_mib": 0, "used_gpus": 0}
-    document = []
-    for node in sorted(nodes, key=lambda n: (not n["manager"], n["address"])):
-        shared = node["shared"]
-        used = reserved.get(node["hostname"], (0, 0, 0))
-        entry = {
-            "hostname": node["hostname"], "address": node["address"], "state": node["state"],
-            "availability": node["availability"], "manager": node["manager"],
-            "shared": {"cpus": shared["cpus"], "memory_mib": shared["memory_mib"], "gpus": len(shared["gpus"]),
-                       "gpu_ids": shared["gpus"]},
-            "reserved": {"cpus": used[0], "memory_mib": used[1], "gpus": used[2]},
-            "free": {"cpus": shared["cpus"] - used[0], "memory_mib": shared["memory_mib"] - used[1],
-                     "gpus": len(shared["gpus"]) - used[2]},
-        }
-        document.append(entry)
-        if node["state"] == "ready":
-            totals["cpus"] += shared["cpus"]
-            totals["memory_mib"] += shared["memory_mib"]
-            totals["gpus"] += len(shared["gpus"])
-            totals["used_cpus"] += used[0]
-            totals["used_memory_mib"] += used[1]
-            totals["used_gpus"] += used[2]
-        role = "manager" if node["manager"] else "worker"
+    rows, document = [], []
+    total, total_used = Resources(), Resources()
+    for node in sorted(nodes, key=lambda n: (not n.manager, n.address)):
+        used = reserved.get(node.hostname, Resources())
+        free = node.shared - used
+        document.append({
+            "hostname": node.hostname, "address": node.address, "state": node.state,
+            "availability": node.availability, "manager": node.manager,
+            "shared": dict(node.shared.to_dict(), gpu_ids=node.gpu_ids),
+            "reserved": used.to_dict(),
+            "free": free.to_dict(),
+        })
+        if node.state == "ready":
+            total, total_used = total + node.shared, total_used + used
         rows.append([
-            node["hostname"], node["address"], role, node["state"],
-            shared["cpus"], human_mib(shared["memory_mib"]), len(shared["gpus"]),
-            f"{used[0]}/{human_mib(used[1])}/{used[2]}",
-            f"{shared['cpus'] - used[0]}/{human_mib(shared['memory_mib'] - used[1])}/{len(shared['gpus']) - used[2]}",
+            node.hostname, node.address, "manager" if node.manager else "worker", node.state,
+            node.shared.cpus, human_mib(node.shared.memory_mib), node.shared.gpus, used.show(), free.show(),
         ])
     if args.json:
+        totals = dict(total.to_dict(), **{f"used_{key}": value for key, value in total_used.to_dict().items()})
         print_json({"nodes": document, "totals": totals, "users": use_by_owner(services, tasks)})
         return EXIT_OK
-    rows.append(["TOTAL (ready)", "", "", "", totals["cpus"], human_mib(totals["memory_mib"]), totals["gpus"],
-                 f"{totals['used_cpus']}/{human_mib(totals['used_memory_mib'])}/{totals['used_gpus']}",
-                 f"{totals['cpus'] - totals['used_cpus']}/"
-                 f"{human_mib(totals['memory_mib'] - totals['used_memory_mib'])}/"
-                 f"{totals['gpus'] - totals['used_gpus']}"])
+    rows.append(["TOTAL (ready)", "", "", "", total.cpus, human_mib(total.memory_mib), total.gpus,
+                 total_used.show(), (total - total_used).show()])
     print_table(["NODE", "VPN IP", "ROLE", "STATE", "CPUS", "MEMORY", "GPUS", "RESERVED c/m/g", "FREE c/m/g"], rows)
     owners_table(use_by_owner(services, tasks))  # per user: see Users
     return EXIT_OK

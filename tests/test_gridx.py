@@ -267,10 +267,11 @@ NODE = {
 }
 
 
-def test_node_summary():
-    summary = gridx.node_summary(NODE)
-    assert summary["shared"] == {"cpus": 4, "memory_mib": 4096, "gpus": ["GPU-a", "GPU-b"]}
-    assert summary["address"] == "10.0.0.4" and summary["state"] == "ready" and not summary["manager"]
+def test_node_from_docker():
+    node = gridx.Node.from_docker(NODE)
+    assert node.shared_dict() == {"cpus": 4, "memory_mib": 4096, "gpus": ["GPU-a", "GPU-b"]}
+    assert node.shared == gridx.Resources(4, 4096, 2) and node.gpu_ids == ["GPU-a", "GPU-b"]
+    assert node.address == "10.0.0.4" and node.state == "ready" and not node.manager
 
 
 def test_swarm_nodes_hide_identities_replaced_by_a_rejoin(monkeypatch):
@@ -285,23 +286,23 @@ def test_swarm_nodes_hide_identities_replaced_by_a_rejoin(monkeypatch):
         node("down-b", "10.0.0.6", "down", "2026-01-01T10:00:01.95Z"),
         node("alone", "10.0.0.7", "down", "2026-01-01T08:00:00Z"),
     ]
-    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: nodes)
-    assert sorted(n["ID"] for n in gridx.swarm_nodes()) == ["alone", "down-b", "new"]
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [gridx.Node.from_docker(n) for n in nodes])
+    assert sorted(n.id for n in gridx.swarm_nodes()) == ["alone", "down-b", "new"]
 
 
 def test_check_fits_names_the_biggest_worker():
     with pytest.raises(gridx.GridxError) as error:
-        gridx.check_fits(gridx.JobRequest("1", "1G", "3"), [NODE])
+        gridx.check_fits(gridx.JobRequest("1", "1G", "3"), [gridx.Node.from_docker(NODE)])
     assert error.value.code == 2 and "worker3" in error.value.message and "3 GPU" in error.value.message
-    gridx.check_fits(gridx.JobRequest("4", "4G", "2"), [NODE])
+    gridx.check_fits(gridx.JobRequest("4", "4G", "2"), [gridx.Node.from_docker(NODE)])
     with pytest.raises(gridx.GridxError):
-        gridx.check_fits(gridx.JobRequest("5", "1G", "0"), [NODE])
+        gridx.check_fits(gridx.JobRequest("5", "1G", "0"), [gridx.Node.from_docker(NODE)])
 
 
 def test_exit_code_parsing():
-    assert gridx.exit_code_from({"state": "failed", "Error": "task: non-zero exit (3)"}) == 3
-    assert gridx.exit_code_from({"state": "complete", "Error": ""}) == 0
-    assert gridx.exit_code_from({"state": "running", "Error": ""}) is None
+    assert gridx.exit_code_from("failed", "task: non-zero exit (3)") == 3
+    assert gridx.exit_code_from("complete", "") == 0
+    assert gridx.exit_code_from("running", "") is None
 
 
 def test_pending_reason_in_users_terms():
@@ -309,8 +310,8 @@ def test_pending_reason_in_users_terms():
         {"DiscreteResourceSpec": {"Kind": "gridx_cpu", "Value": 1}},
         {"DiscreteResourceSpec": {"Kind": "gridx_mem", "Value": 1024}},
         {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}]}}}}}
-    nodes = {"gpu-box": gridx.node_summary(NODE)}
-    reason = gridx.pending_reason({"tasks": []}, service, nodes, {"gpu-box": (1, 1024, 1)})
+    nodes = {"gpu-box": gridx.Node.from_docker(NODE)}
+    reason = gridx.pending_reason({"tasks": []}, service, nodes, {"gpu-box": gridx.Resources(1, 1024, 1)})
     assert reason == "waiting: 2 GPUs requested, 1 free on gpu-box"
 
 
@@ -448,8 +449,8 @@ esac
 
 
 def task(state, desired="shutdown", error="", service="job1", node="worker1", task_id=None):
-    return {"ID": task_id or f"{service}-{state}-{node}", "Name": f"{service}.1", "Node": node, "state": state,
-            "since": "", "DesiredState": desired, "Error": error, "service": service, "exit_code": None}
+    return gridx.Task(id=task_id or f"{service}-{state}-{node}", name=f"{service}.1", node=node, state=state,
+                      desired=desired, error=error, service=service)
 
 
 def test_rejected_by_enforcer_only_when_no_task_ran():
@@ -468,7 +469,7 @@ def test_rejected_jobs_are_bounded():
     tasks += [task("rejected", error=gridx.ENFORCER_REJECTION, service="often", task_id=f"o{i}")
               for i in range(gridx.ENFORCER_RERUNS + 1)]
     tasks += [task("complete", desired="complete", service="fine")]
-    assert gridx.rejected_jobs(services, tasks) == {"once": frozenset({"once-rejected-worker1"})}
+    assert gridx.jobs_that_run_again(services, tasks) == {"once": frozenset({"once-rejected-worker1"})}
 
 
 def test_a_job_that_runs_again_is_pending_not_failed():
@@ -941,11 +942,11 @@ def test_list_peers_shows_who_declined_hub_ssh(tmp_path, monkeypatch, capsys):
     fake_hub(tmp_path, monkeypatch)
     declined = json.loads(json.dumps(WORKER_NODE))
     declined["Description"]["Engine"] = {"Labels": {gridx.LABEL_HUB_SSH: "no"}}
-    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [HUB_NODE, declined])
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [gridx.Node.from_docker(n) for n in (HUB_NODE, declined)])
     assert gridx.main(["hub", "list-peers", "--json"]) == 0
     peers = {p["name"]: p for p in json.loads(capsys.readouterr().out)["peers"]}
     assert peers["w1"]["hub_ssh"] is False and peers["w2"]["hub_ssh"] is None
-    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [HUB_NODE, WORKER_NODE])
+    monkeypatch.setattr(gridx, "all_swarm_nodes", lambda: [gridx.Node.from_docker(n) for n in (HUB_NODE, WORKER_NODE)])
     assert gridx.main(["hub", "list-peers"]) == 0
     table = capsys.readouterr().out
     assert "HUB SSH" in table.splitlines()[0] and table.splitlines()[1].endswith("yes")

@@ -280,7 +280,7 @@ def service(name, owner, cpu=1, mem=1024, gpu=0, replicas=1, batch=True):
 
 
 def task(service_name, state, desired="running"):
-    return {"service": service_name, "state": state, "DesiredState": desired}
+    return gridx.Task(service=service_name, state=state, desired=desired)
 
 
 def test_use_counts_running_and_pending_tasks_not_finished_ones():
