@@ -16,7 +16,12 @@ Environment:
     GRIDX_CONFIG_DIR   hub state folder (default /etc/gridx)
     GRIDX_WG_DIR       WireGuard config folder (default /etc/wireguard)
     GRIDX_MANAGER      run `gridx jobs` against this manager over SSH
-                       (user@host), for machines that are not the hub
+                       (user@host), for machines that are not the hub:
+                       root@HUB drives its Docker over SSH (the admin),
+                       gridx@HUB runs the command there as a user
+    GRIDX_SSH_KEY      the SSH key for gridx@HUB (a user bundle's settings)
+    GRIDX_USERS_HOME   the users' account's home on the hub
+                       (default /var/lib/gridx/users)
     NO_COLOR           no colour in messages
 
 Exit status:
@@ -1585,6 +1590,17 @@ def user_account_ready(config):
     return changes
 
 
+def reset_users():
+    """hub reset: no user can log in any more, and their firewall chain
+    goes (the account itself stays, unused; a new hub init reuses it)."""
+    for path in (authorized_keys_path(), users_limits_path()):
+        if os.path.exists(path):
+            os.unlink(path)
+    run(["iptables", "-D", "FORWARD", "-j", USERS_CHAIN], check=False)
+    run(["iptables", "-F", USERS_CHAIN], check=False)
+    run(["iptables", "-X", USERS_CHAIN], check=False)
+
+
 def user_wg_peers(config):
     """The hub's [Peer] sections for users (render_hub_wg_conf)."""
     lines = []
@@ -2966,6 +2982,7 @@ def cmd_hub_reset(args):
         run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        reset_users()  # their SSH lines and firewall chain: see Users
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
             if os.path.exists(path):
                 os.unlink(path)
