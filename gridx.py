@@ -1569,7 +1569,9 @@ def ensure_user_account():
         pwd.getpwnam(USER_ACCOUNT)
     except KeyError:
         need("useradd")
-        run(["useradd", "--system", "--home-dir", users_home(), "--no-create-home", "--shell", "/bin/sh",
+        # password "*": no password, and not "!" (locked), which sshd without PAM refuses keys for too
+        run(["useradd", "--system", "--password", "*", "--home-dir", users_home(), "--no-create-home",
+             "--shell", "/bin/sh",
              "--comment", "Grid-X users (gridx serve only)", "--", USER_ACCOUNT])
         changes.append(f"created the account {USER_ACCOUNT!r} (users log in as it; it runs gridx serve only)")
     try:

@@ -230,9 +230,9 @@ def test_ctrl_c_stops_the_command_on_the_hub(user_node):
               "kill -INT -- -$pid; wait $pid; echo rc=$?")
     proc = node_exec(USER_NODE, ["bash", "-c", script], timeout=120)
     assert "rc=130" in proc.stdout, proc.stdout + proc.stderr
-    gone = time.monotonic()
-    wait_until(lambda: serve_pids(ALICE) == [], 5, "serve on the hub to stop after Ctrl-C", interval=0.2)
-    assert time.monotonic() - gone < 5
+    ended = time.monotonic()
+    wait_until(lambda: serve_pids(ALICE) == [], 5, "serve on the hub to stop after Ctrl-C", interval=0.1)
+    print(f"serve on the hub gone {time.monotonic() - ended:.2f} s after the client ended")
     assert hub_sh("pgrep -u gridx -f 'service logs' || true").stdout.strip() == ""
     for job in json.loads(ok(hub("jobs", "list", "--user", ALICE, "--json"), "list"))["jobs"]:
         hub("jobs", "delete", job["id"])
