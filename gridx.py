@@ -16,7 +16,12 @@ Environment:
     GRIDX_CONFIG_DIR   hub state folder (default /etc/gridx)
     GRIDX_WG_DIR       WireGuard config folder (default /etc/wireguard)
     GRIDX_MANAGER      run `gridx jobs` against this manager over SSH
-                       (user@host), for machines that are not the hub
+                       (user@host), for machines that are not the hub:
+                       root@HUB drives its Docker over SSH (the admin),
+                       gridx@HUB runs the command there as a user
+    GRIDX_SSH_KEY      the SSH key for gridx@HUB (a user bundle's settings)
+    GRIDX_USERS_HOME   the users' account's home on the hub
+                       (default /var/lib/gridx/users)
     NO_COLOR           no colour in messages
 
 Exit status:
@@ -1628,7 +1633,9 @@ def ensure_user_account():
         pwd.getpwnam(USER_ACCOUNT)
     except KeyError:
         need("useradd")
-        run(["useradd", "--system", "--home-dir", users_home(), "--no-create-home", "--shell", "/bin/sh",
+        # password "*": no password, and not "!" (locked), which sshd without PAM refuses keys for too
+        run(["useradd", "--system", "--password", "*", "--home-dir", users_home(), "--no-create-home",
+             "--shell", "/bin/sh",
              "--comment", "Grid-X users (gridx serve only)", "--", USER_ACCOUNT])
         changes.append(f"created the account {USER_ACCOUNT!r} (users log in as it; it runs gridx serve only)")
     try:
@@ -1647,6 +1654,17 @@ def user_account_ready(config):
     changes = ensure_user_account()
     write_user_access(config)
     return changes
+
+
+def reset_users():
+    """hub reset: no user can log in any more, and their firewall chain
+    goes (the account itself stays, unused; a new hub init reuses it)."""
+    for path in (authorized_keys_path(), users_limits_path()):
+        if os.path.exists(path):
+            os.unlink(path)
+    run(["iptables", "-D", "FORWARD", "-j", USERS_CHAIN], check=False)
+    run(["iptables", "-F", USERS_CHAIN], check=False)
+    run(["iptables", "-X", USERS_CHAIN], check=False)
 
 
 def user_wg_peers(config):
@@ -3120,6 +3138,7 @@ def cmd_hub_reset(args):
         run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        reset_users()  # their SSH lines and firewall chain: see Users
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
             if os.path.exists(path):
                 os.unlink(path)

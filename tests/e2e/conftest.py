@@ -22,7 +22,7 @@ Environment:
                      the next run starts at once and it can be inspected
                      (./test.sh status); 0: ``./test.sh clean`` at the end.
     GRIDX_LAB_NAME, GRIDX_LAB_NET   which lab (see test.sh): e.g.
-                     GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.241 for a
+                     GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.250 for a
                      lab of its own beside a developer's gridx-lab.
     GRIDX_LAB_SUITE  the Debian suite the lab's nodes run: bookworm (Docker
                      20.10, the default) or trixie (Docker 26.1), as test.sh.
