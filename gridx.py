@@ -30,7 +30,9 @@ Exit status:
     initialised, manager unreachable), 130 interrupted.
 
 Standard library only: it shells out to wg, wg-quick, docker, ssh and
-ssh-keygen, through one helper, run().
+ssh-keygen, through one helper, run(), or its sibling start() (and
+run_streaming()) for a command whose output streams past gridx; both echo
+the command under -v.
 """
 
 import os
@@ -58,12 +60,18 @@ SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
 # subnet nor an address of this machine is used (Docker's own default,
 # 10.0.0.0/8, overlaps the VPN).
 ADDRESS_POOLS = ("10.96.0.0/12", "10.208.0.0/12", "172.80.0.0/12", "100.80.0.0/12")
+# A peer whose last handshake is older is silent: same as status.sh's
+# HANDSHAKE_MAX_AGE (WireGuard renews a handshake every 2 minutes while
+# traffic flows; PersistentKeepalive KEEPALIVE_S keeps it flowing).
 HANDSHAKE_SILENT_S = 180
 KEEPALIVE_S = 25
 FIREWALL_CHAIN = "GRIDX-INPUT"
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
 
+# The generic resources a worker advertises and a job reserves: same as
+# join.sh's RESOURCES (its daemon.json node-generic-resources, and the names
+# its two mergers drop), and its nvidia swarm-resource DOCKER_RESOURCE_NVIDIA-GPU.
 RES_CPU = "gridx_cpu"
 RES_MEM = "gridx_mem"
 RES_GPU = "NVIDIA-GPU"
@@ -172,6 +180,18 @@ def print_table(headers, rows):
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def printed_as_json_or_none(as_json, key, items, none_line):
+    """A listing's two short forms: --json ({key: items}), or the line
+    saying there is none. True when one was printed (no table to print)."""
+    if as_json:
+        print_json({key: items})
+        return True
+    if not items:
+        print(none_line)
+        return True
+    return False
 
 
 def human_age(seconds):
@@ -375,6 +395,18 @@ def atomic_write(path, data, mode=0o600):
         os.close(dir_fd)
 
 
+def write_if_changed(path, text, mode=0o600):
+    """atomic_write, unless the file holds this text already (nothing is
+    restarted when nothing changed). True when it wrote."""
+    try:
+        if read_text(path) == text:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, text, mode)
+    return True
+
+
 def write_new_file(path, data, mode=0o600):
     """Create a file that must not exist yet (keys are never overwritten)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -458,7 +490,8 @@ def valid_name(name, what="peer name"):
 def valid_interface(name):
     import re
 
-    # a leading '-' would reach wg, wg-quick and iptables as an option
+    # a leading '-' would reach wg, wg-quick and iptables as an option;
+    # the rule is wg-quick's, same as lib.sh's is_interface
     if not re.fullmatch(r"[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}", name or "") or name in (".", ".."):
         raise usage_error(
             f"invalid interface name {name!r}: 1-15 characters of letters, digits and _=+.-",
@@ -1108,14 +1141,12 @@ def apply_firewall(config):
 
     Returns True when something changed.
     """
-    rules = firewall_rules(config)
     path = firewall_rules_path()
-    old = read_text(path) if os.path.exists(path) else None
+    changed = write_if_changed(path, firewall_rules(config), 0o600)
     current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
     hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
-    if old == rules and current.returncode == 0 and hooked:
+    if not changed and current.returncode == 0 and hooked:
         return False
-    atomic_write(path, rules, 0o600)
     run(["iptables-restore", "-n", path])
     if not hooked:
         run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
@@ -1202,18 +1233,27 @@ def render_settings(settings):
     return "\n".join(lines) + "\n"
 
 
-def bundle_settings(config, peer, key_on_hub):
+def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, needs_private_key):
+    """A worker bundle's settings.env values: the one place they are named
+    (join.sh, leave.sh and status.sh read them; lib.sh checks them). Built
+    from the hub's records (bundle_settings) or from a worker config
+    (parse_worker_conf)."""
     return {
-        "GRIDX_NAME": peer.name,
-        "GRIDX_INTERFACE": config.interface,
-        "GRIDX_VPN_IP": peer.ip,
-        "GRIDX_HUB_VPN_IP": config.hub_ip,
-        "GRIDX_HUB_ENDPOINT": config.endpoint,
-        "GRIDX_SUBNET": config.subnet,
-        "GRIDX_MANAGER": config.manager,
-        "GRIDX_NEEDS_PRIVATE_KEY": "0" if key_on_hub else "1",
+        "GRIDX_NAME": name,
+        "GRIDX_INTERFACE": interface,
+        "GRIDX_VPN_IP": vpn_ip,
+        "GRIDX_HUB_VPN_IP": hub_ip,
+        "GRIDX_HUB_ENDPOINT": endpoint,
+        "GRIDX_SUBNET": subnet,
+        "GRIDX_MANAGER": manager,
+        "GRIDX_NEEDS_PRIVATE_KEY": "1" if needs_private_key else "0",
         "GRIDX_VERSION": VERSION,
     }
+
+
+def bundle_settings(config, peer, key_on_hub):
+    return worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
+                           config.manager, not key_on_hub)
 
 
 BUNDLE_README = """Grid-X join bundle for {name}
@@ -1259,12 +1299,7 @@ def write_bundle(folder, files, private_parent=True):
     old = None
     try:
         os.chmod(staging, 0o700)
-        for name, (content, mode) in files.items():
-            path = os.path.join(staging, name)
-            file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-            with os.fdopen(file_fd, "wb") as handle:
-                handle.write(content if isinstance(content, bytes) else content.encode())
-            os.chmod(path, mode)
+        write_files(staging, files)
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             tar.add(staging, arcname=os.path.basename(folder))
         if os.path.lexists(folder):
@@ -1282,6 +1317,17 @@ def write_bundle(folder, files, private_parent=True):
     finally:
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_files(folder, files):
+    """Create each of files ({name: (content, mode)}) new in folder, with its
+    mode, never through a symbolic link."""
+    for name, (content, mode) in files.items():
+        path = os.path.join(folder, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content if isinstance(content, bytes) else content.encode())
+        os.chmod(path, mode)
 
 
 def check_bundle_target(folder):
@@ -1310,7 +1356,11 @@ def check_bundle_target(folder):
         raise usage_error(f"cannot write the bundle: {problem}", "choose another --out folder, or move that away")
 
 
-def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
+def bundle_contents(settings=None, conf=None, token=None, ssh_key="", readme=None):
+    """A worker bundle's files, {name: (content, mode)}: the scripts, and with
+    settings their values (the WireGuard config, the join token, the hub's
+    SSH key when known), and a README. The one definition of a bundle: the
+    hub's (bundle_files) and `gridx worker`'s (materialise_bundle)."""
     files = {}
     for script in BUNDLE_SCRIPTS:
         path = os.path.join(templates_dir(), script)
@@ -1320,15 +1370,23 @@ def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
         except FileNotFoundError:
             raise GridxError(f"bundle template {path} is missing", "reinstall gridx") from None
         files[script] = (content, 0o644 if script == "lib.sh" else 0o755)
-    files["settings.env"] = (render_settings(bundle_settings(config, peer, key_on_hub)), 0o600)
-    files[f"{config.interface}.conf"] = (worker_conf, 0o600)
-    files["swarm-token"] = (token + "\n", 0o600)
-    files["hub_ssh.pub"] = (ssh_key + "\n", 0o644)
+    if settings:
+        files["settings.env"] = (render_settings(settings), 0o600)
+        files[f"{settings['GRIDX_INTERFACE']}.conf"] = (conf, 0o600)
+        files["swarm-token"] = (token + "\n", 0o600)
+        if ssh_key:
+            files["hub_ssh.pub"] = (ssh_key + "\n", 0o644)
+    if readme:
+        files["README.txt"] = (readme, 0o644)
+    return files
+
+
+def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
+    """The bundle the hub writes for a peer (add-peer, refresh-bundle)."""
     readme = BUNDLE_README.format(
         name=peer.name, endpoint=config.endpoint, key_note="" if key_on_hub else KEY_NOTE
     )
-    files["README.txt"] = (readme, 0o644)
-    return files
+    return bundle_contents(bundle_settings(config, peer, key_on_hub), worker_conf, token, ssh_key, readme)
 
 
 def refresh_bundle(config, name, token, ssh_key, out_dir=None):
@@ -2936,6 +2994,13 @@ class LogFollower:
 # ---------------------------------------------------------------------------
 
 
+def registered(members, name, kind):
+    """config.peers' (or config.users') NAME; exit 2 when there is none."""
+    if name not in members:
+        raise usage_error(f"no {kind} {name!r}", f"list them: gridx hub list-{kind}s")
+    return members[name]
+
+
 def _now():
     import time
 
@@ -2980,48 +3045,79 @@ def cmd_hub_init(args):
 
 
 def init_hub(existing, public_ip, port, subnet, interface):
-    """Bring every piece of the hub to its wanted state; list what changed."""
-    changes = []
+    """Bring every piece of the hub to its wanted state; list what changed.
+
+    One ensure_* step per piece, in this order, each returning the lines of
+    what it changed (like join.sh's step_* functions)."""
     ensure_dir(config_dir())
     ensure_dir(os.path.join(config_dir(), "clients"))
-    key_path = server_key_path()
-    if not os.path.exists(key_path):
-        private, public = wg_genkey()
-        write_new_file(key_path, private + "\n", 0o600)
-        changes.append("created the WireGuard server key")
-    else:
-        public = wg_pubkey(read_text(key_path).strip())
-    hub_ip = hub_ip_of(subnet)
+    public, changes = ensure_server_key()
     if existing:
         config = existing
         config.public_key = public
     else:
         pool = choose_address_pool(subnet, local_ipv4_networks())
-        config = HubConfig(interface, public_ip, port, subnet, hub_ip, public, pool, _now(), {})
-    path = wg_conf_path(interface)
-    old = read_text(path) if os.path.exists(path) else None
-    new = render_hub_wg_conf(config, read_text(key_path).strip())
-    if old != new:
-        ensure_dir(wg_dir())
-        atomic_write(path, new, 0o600)
-        changes.append(f"wrote {path}")
+        config = HubConfig(interface, public_ip, port, subnet, hub_ip_of(subnet), public, pool, _now(), {})
+    changes += ensure_hub_wg_conf(config)
     if not os.path.exists(hub_config_path()) or existing is None:
         save_hub_config(config)
+    for step in (ensure_firewall, ensure_vpn_up, ensure_boot_order, ensure_swarm, ensure_job_network,
+                 ensure_hub_ssh_key, ensure_users):
+        changes += step(config)
+    return changes
+
+
+def ensure_server_key():
+    """The hub's WireGuard key, made once: (its public key, changes)."""
+    key_path = server_key_path()
+    if os.path.exists(key_path):
+        return wg_pubkey(read_text(key_path).strip()), []
+    private, public = wg_genkey()
+    write_new_file(key_path, private + "\n", 0o600)
+    return public, ["created the WireGuard server key"]
+
+
+def ensure_hub_wg_conf(config):
+    path = wg_conf_path(config.interface)
+    ensure_dir(wg_dir())
+    if write_if_changed(path, render_hub_wg_conf(config, read_text(server_key_path()).strip()), 0o600):
+        return [f"wrote {path}"]
+    return []
+
+
+def ensure_firewall(config):
     if apply_firewall(config):
-        changes.append(f"firewall: swarm ports {', '.join(f'{p}/{q}' for q, p in SWARM_PORTS)} "
-                       f"answer on {interface} only")
-    if not wg_interface_up(interface):
-        run(["wg-quick", "up", interface], timeout=60)
-        changes.append(f"brought up {interface} ({hub_ip})")
-    if systemd_running():
-        unit = f"wg-quick@{interface}"
-        if run(["systemctl", "is-enabled", unit], check=False).stdout.strip() != "enabled":
-            run(["systemctl", "enable", unit])
-            changes.append(f"enabled {unit} at boot")
-        if install_docker_ordering(interface):
-            changes.append(f"Docker starts after {unit} at boot (the swarm listens on {hub_ip})")
-        if install_watch_service():
-            changes.append("installed gridx-watch.service (re-runs the jobs of workers that go down)")
+        return [f"firewall: swarm ports {', '.join(f'{p}/{q}' for q, p in SWARM_PORTS)} "
+                f"answer on {config.interface} only"]
+    return []
+
+
+def ensure_vpn_up(config):
+    if wg_interface_up(config.interface):
+        return []
+    run(["wg-quick", "up", config.interface], timeout=60)
+    return [f"brought up {config.interface} ({config.hub_ip})"]
+
+
+def ensure_boot_order(config):
+    """With systemd: the VPN at boot, Docker after it, hub watch."""
+    if not systemd_running():
+        return []
+    changes = []
+    unit = f"wg-quick@{config.interface}"
+    if run(["systemctl", "is-enabled", unit], check=False).stdout.strip() != "enabled":
+        run(["systemctl", "enable", unit])
+        changes.append(f"enabled {unit} at boot")
+    if install_docker_ordering(config.interface):
+        changes.append(f"Docker starts after {unit} at boot (the swarm listens on {config.hub_ip})")
+    if install_watch_service():
+        changes.append("installed gridx-watch.service (re-runs the jobs of workers that go down)")
+    return changes
+
+
+def ensure_swarm(config):
+    """This Docker is the swarm's manager on the hub's VPN address."""
+    hub_ip = config.hub_ip
     swarm = swarm_info()
     state = swarm.get("LocalNodeState", "inactive")
     if state == "inactive":
@@ -3033,32 +3129,42 @@ def init_hub(existing, public_ip, port, subnet, interface):
             "--default-addr-pool", config.address_pool,
             "--default-addr-pool-mask-length", "24",
         ], timeout=60)
-        changes.append(f"initialised the swarm on {hub_ip}:2377 (address pool {config.address_pool})")
-    elif state == "active" and swarm.get("NodeAddr") != hub_ip:
+        return [f"initialised the swarm on {hub_ip}:2377 (address pool {config.address_pool})"]
+    if state == "active" and swarm.get("NodeAddr") != hub_ip:
         raise precondition(
             f"Docker is already in a swarm on {swarm.get('NodeAddr')}, not on the VPN address {hub_ip}",
             "leave it first (docker swarm leave --force) or run the hub on another machine",
         )
-    elif state == "error" and "cannot assign requested address" in swarm.get("Error", ""):
+    if state == "error" and "cannot assign requested address" in swarm.get("Error", ""):
         # Docker started before the VPN interface existed (a reboot without
-        # the systemd ordering above): the manager never listened.
+        # the systemd ordering of ensure_boot_order): the manager never listened.
         raise precondition(
-            f"Docker's swarm manager could not listen on {hub_ip}: Docker started before {interface} was up",
+            f"Docker's swarm manager could not listen on {hub_ip}: Docker started before {config.interface} was up",
             "restart Docker now that the VPN is up (systemctl restart docker, or service docker restart)",
         )
-    elif state != "active":
+    if state != "active":
         raise precondition(f"Docker's swarm state is {state!r}", "fix the swarm, then run init again")
-    if run(["docker", "network", "inspect", JOB_NETWORK], check=False).returncode != 0:
-        run([
-            "docker", "network", "create", "--driver", "overlay", "--attachable",
-            "--opt", f"com.docker.network.driver.mtu={OVERLAY_MTU}",
-            "--label", "gridx=1", JOB_NETWORK,
-        ])
-        changes.append(f"created the overlay network {JOB_NETWORK} (MTU {OVERLAY_MTU - VXLAN_OVERHEAD} inside)")
-    if ensure_ssh_key():
-        changes.append(f"created the hub's SSH key {ssh_key_path()}")
-    changes += user_account_ready(config) if config.users else []
-    return changes
+    return []
+
+
+def ensure_job_network(config):
+    if run(["docker", "network", "inspect", JOB_NETWORK], check=False).returncode == 0:
+        return []
+    run([
+        "docker", "network", "create", "--driver", "overlay", "--attachable",
+        "--opt", f"com.docker.network.driver.mtu={OVERLAY_MTU}",
+        "--label", "gridx=1", JOB_NETWORK,
+    ])
+    return [f"created the overlay network {JOB_NETWORK} (MTU {OVERLAY_MTU - VXLAN_OVERHEAD} inside)"]
+
+
+def ensure_hub_ssh_key(config):
+    return [f"created the hub's SSH key {ssh_key_path()}"] if ensure_ssh_key() else []
+
+
+def ensure_users(config):
+    """The users' account and files, when the hub has users already (see Users)."""
+    return user_account_ready(config) if config.users else []
 
 
 DOCKER_DROPIN = "/etc/systemd/system/docker.service.d/gridx-vpn.conf"
@@ -3072,11 +3178,9 @@ After=wg-quick@{interface}.service
 
 def install_docker_ordering(interface):
     """Docker starts after the VPN at boot; True when the drop-in changed."""
-    text = DOCKER_ORDERING.format(interface=interface)
-    if os.path.exists(DOCKER_DROPIN) and read_text(DOCKER_DROPIN) == text:
-        return False
     os.makedirs(os.path.dirname(DOCKER_DROPIN), mode=0o755, exist_ok=True)
-    atomic_write(DOCKER_DROPIN, text, 0o644)
+    if not write_if_changed(DOCKER_DROPIN, DOCKER_ORDERING.format(interface=interface), 0o644):
+        return False
     run(["systemctl", "daemon-reload"])
     return True
 
@@ -3108,10 +3212,8 @@ def own_program():
 def install_watch_service():
     """A systemd unit running `gridx hub watch`; True when it changed."""
     path = "/etc/systemd/system/gridx-watch.service"
-    unit = WATCH_UNIT.format(program=own_program())
-    if os.path.exists(path) and read_text(path) == unit:
+    if not write_if_changed(path, WATCH_UNIT.format(program=own_program()), 0o644):
         return False
-    atomic_write(path, unit, 0o644)
     run(["systemctl", "daemon-reload"])
     run(["systemctl", "enable", "--now", "gridx-watch.service"])
     return True
@@ -3193,14 +3295,20 @@ def cmd_hub_add_peer(args):
         save_hub_config(config)
         write_hub_wg_conf(config)
         copied = refresh_bundle(config, name, token, ssh_key, out_dir) if out_dir else None
-    shown = copied or folder
+    return print_added(args, "peer", peer, copied or folder, [
+        "Next: copy the bundle to the volunteer's machine and run there:",
+        f"  cd gridx-{name}-bundle && sudo ./join.sh" + ("" if private else " --private-key private.key")])
+
+
+def print_added(args, kind, member, folder, next_lines):
+    """add-peer's and add-user's result: --json, or lines and the next step."""
     if args.json:
-        print_json({"peer": peer.to_dict(), "bundle": shown, "archive": shown + ".tar.gz"})
+        print_json({kind: member.to_dict(), "bundle": folder, "archive": folder + ".tar.gz"})
         return EXIT_OK
-    print(f"Added peer {name}: VPN address {ip}")
-    print(f"Bundle: {shown}/  (and {shown}.tar.gz)")
-    print("Next: copy the bundle to the volunteer's machine and run there:")
-    print(f"  cd gridx-{name}-bundle && sudo ./join.sh" + ("" if private else " --private-key private.key"))
+    print(f"Added {kind} {member.name}: VPN address {member.ip}")
+    print(f"Bundle: {folder}/  (and {folder}.tar.gz)")
+    for line in next_lines:
+        print(line)
     return EXIT_OK
 
 
@@ -3210,9 +3318,7 @@ def cmd_hub_remove_peer(args):
     need("wg", "docker")
     with StateLock():
         config = load_hub_config()
-        peer = config.peers.get(name)
-        if peer is None:
-            raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+        peer = registered(config.peers, name, "peer")
         run(["wg", "set", config.interface, "peer", peer.public_key, "remove"])
         # every identity the peer had in the swarm (a re-join leaves the old one)
         nodes = [n for n in all_swarm_nodes() if n.address == peer.ip and not n.manager]
@@ -3266,8 +3372,7 @@ def cmd_hub_refresh_bundle(args):
     need("docker")
     with StateLock():
         config = load_hub_config()
-        if name not in config.peers:
-            raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+        registered(config.peers, name, "peer")
         token, ssh_key = worker_join_token(), ssh_public_key()
         folder = refresh_bundle(config, name, token, ssh_key)
         if out_dir:
@@ -3316,11 +3421,7 @@ def cmd_hub_list_peers(args):
     need("wg", "docker")
     config = load_hub_config()
     rows, _ = peer_rows(config)
-    if args.json:
-        print_json({"peers": rows})
-        return EXIT_OK
-    if not rows:
-        print("No peers yet. Add one: gridx hub add-peer NAME")
+    if printed_as_json_or_none(args.json, "peers", rows, "No peers yet. Add one: gridx hub add-peer NAME"):
         return EXIT_OK
     table = []
     for row in rows:
@@ -3385,9 +3486,7 @@ def cmd_hub_join_info(args):
     name = valid_name(args.name)
     require_root()
     config = load_hub_config()
-    peer = config.peers.get(name)
-    if peer is None:
-        raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+    peer = registered(config.peers, name, "peer")
     need("docker")
     token = worker_join_token()
     try:
@@ -3430,14 +3529,10 @@ def cmd_hub_ssh(args):
     require_root()
     need("ssh")
     config = load_hub_config()
-    peer = config.peers.get(name)
-    if peer is None:
-        raise usage_error(f"no peer {name!r}", "list them: gridx hub list-peers")
+    peer = registered(config.peers, name, "peer")
     if peer.ip in hub_ssh_declined():
         raise precondition(f"worker {name} ({peer.ip}) declined the hub's SSH when it joined (--no-hub-ssh)",
                            "ask its owner to run the command, or to join again without --no-hub-ssh")
-    import subprocess
-
     command = list(args.command or [])
     if command and command[0] == "--":
         command = command[1:]
@@ -3447,10 +3542,7 @@ def cmd_hub_ssh(args):
         import shlex
 
         command = [shlex.join(command)]
-    argv = ssh_argv(peer.ip, command, tty=not command and sys.stdin.isatty())
-    if VERBOSE:
-        print(f"[#] {' '.join(argv)}", file=sys.stderr)
-    return subprocess.call(argv, env=host_env())
+    return run_streaming(ssh_argv(peer.ip, command, tty=not command and sys.stdin.isatty()))
 
 
 def cmd_hub_ssh_pubkey(args):
@@ -3555,48 +3647,33 @@ def parse_worker_conf(text):
     # is absent).
     hub_ip = manager.rpartition(":")[0] if manager else str(next(interface.network.hosts()))
     key = values.get("privatekey", "")
-    return {
-        "GRIDX_NAME": name or os.uname().nodename.split(".")[0].lower(),
-        "GRIDX_INTERFACE": DEFAULT_INTERFACE,
-        "GRIDX_VPN_IP": str(interface.ip),
-        "GRIDX_HUB_VPN_IP": hub_ip,
-        "GRIDX_HUB_ENDPOINT": endpoint,
-        "GRIDX_SUBNET": str(interface.network),
-        "GRIDX_MANAGER": manager or f"{hub_ip}:2377",
-        "GRIDX_NEEDS_PRIVATE_KEY": "1" if key in ("", PRIVATE_KEY_PLACEHOLDER) else "0",
-        "GRIDX_VERSION": VERSION,
-    }, ssh_key
+    settings = worker_settings(
+        name or os.uname().nodename.split(".")[0].lower(), DEFAULT_INTERFACE, str(interface.ip), hub_ip, endpoint,
+        str(interface.network), manager or f"{hub_ip}:2377", key in ("", PRIVATE_KEY_PLACEHOLDER))
+    return settings, ssh_key
 
 
 def materialise_bundle(settings=None, conf=None, token=None, ssh_key=""):
-    """The bundle scripts (and values, when given) in a private temp folder."""
+    """The bundle (bundle_contents: the scripts, and the values when given)
+    in a private temp folder, for `gridx worker` to run its scripts."""
     import shutil
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="gridx-bundle-")
-    for script in BUNDLE_SCRIPTS:
-        target = os.path.join(folder, script)
-        shutil.copyfile(os.path.join(templates_dir(), script), target)
-        os.chmod(target, 0o644 if script == "lib.sh" else 0o755)
-    if settings:
-        atomic_write(os.path.join(folder, "settings.env"), render_settings(settings), 0o600)
-        atomic_write(os.path.join(folder, f"{settings['GRIDX_INTERFACE']}.conf"), conf, 0o600)
-        atomic_write(os.path.join(folder, "swarm-token"), token + "\n", 0o600)
-        if ssh_key:
-            atomic_write(os.path.join(folder, "hub_ssh.pub"), ssh_key + "\n", 0o644)
+    folder = tempfile.mkdtemp(prefix="gridx-bundle-")  # 0700
+    try:
+        write_files(folder, bundle_contents(settings, conf, token, ssh_key))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
 def run_bundle_script(folder, script, arguments):
     import shutil
-    import subprocess
 
     need("bash")
-    argv = ["bash", os.path.join(folder, script), *arguments]
-    if VERBOSE:
-        print(f"[#] {' '.join(argv)}", file=sys.stderr)
     try:
-        return subprocess.call(argv, env=host_env())
+        return run_streaming(["bash", os.path.join(folder, script), *arguments])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -3891,11 +3968,8 @@ def cmd_jobs_list(args):
     _, _, jobs, _ = jobs_overview()
     jobs = filter_jobs(jobs, args)  # --mine, --user: see Users
     jobs.sort(key=lambda j: j["created"])
-    if args.json:
-        print_json({"jobs": jobs})
-        return EXIT_OK
-    if not jobs:
-        print("No jobs. Submit one: gridx jobs run python:3.11 \"python -c 'print(2**100)'\"")
+    if printed_as_json_or_none(args.json, "jobs", jobs,
+                               "No jobs. Submit one: gridx jobs run python:3.11 \"python -c 'print(2**100)'\""):
         return EXIT_OK
     rows = []
     for job in jobs:
@@ -4104,14 +4178,9 @@ def cmd_hub_add_user(args):
         write_hub_wg_conf(config)
     for change in changes:
         info(change)
-    if args.json:
-        print_json({"user": user.to_dict(), "bundle": folder, "archive": folder + ".tar.gz"})
-        return EXIT_OK
-    print(f"Added user {name}: VPN address {ip}")
-    print(f"Bundle: {folder}/  (and {folder}.tar.gz)")
-    print("Next: give the bundle to them; its README.txt says what to run (wg-quick up, then")
-    print(f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})")
-    return EXIT_OK
+    return print_added(args, "user", user, folder, [
+        "Next: give the bundle to them; its README.txt says what to run (wg-quick up, then",
+        f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})"])
 
 
 def remove_user_bundle(name):
@@ -4131,9 +4200,7 @@ def cmd_hub_set_user(args):
     require_root()
     with StateLock():
         config = load_hub_config()
-        user = config.users.get(name)
-        if user is None:
-            raise usage_error(f"no user {name!r}", "list them: gridx hub list-users")
+        user = registered(config.users, name, "user")
         own = dict(user.limits)
         for key, value in limits.items():
             if value is ...:
@@ -4171,9 +4238,7 @@ def cmd_hub_remove_user(args):
     need("wg", "docker")
     with StateLock():
         config = load_hub_config()
-        user = config.users.get(name)
-        if user is None:
-            raise usage_error(f"no user {name!r}", "list them: gridx hub list-users")
+        user = registered(config.users, name, "user")
         del config.users[name]
         # first what lets them in: the SSH line, then the VPN peer
         write_user_access(config)
