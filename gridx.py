@@ -931,6 +931,37 @@ def systemd_running():
 # ---------------------------------------------------------------------------
 
 
+# Docker 23.0.2 to 25.0.2 (inclusive) carry moby/swarmkit#3162: the swarm
+# manager's constraint enforcer compares discrete generic resources the wrong
+# way round and rejects every task that reserves part of a node's gridx_cpu
+# or gridx_mem, i.e. every Grid-X job. The bug is in the manager, so the hub
+# refuses these engines; workers refuse them too. Same range as join.sh's
+# check_engine_version (read there in moby's vendored swarmkit of each tag).
+BROKEN_ENGINES = ((23, 0, 2), (25, 0, 2))
+
+
+def engine_refused(version):
+    """True for a Docker engine version in BROKEN_ENGINES."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    if not match:
+        return False
+    first, last = BROKEN_ENGINES
+    return first <= tuple(int(part) for part in match.groups()) <= last
+
+
+def check_engine_version():
+    """Exit 3 on an engine whose swarm manager would reject every job."""
+    version = run(["docker", "version", "--format", "{{.Server.Version}}"]).stdout.strip()
+    if engine_refused(version):
+        raise precondition(
+            f"Docker {version} cannot schedule Grid-X jobs: Docker 23.0.2 to 25.0.2 reject every task that "
+            "reserves part of a node's generic resources (moby/swarmkit#3162)",
+            "upgrade Docker to 25.0.3 or newer (Debian 13's docker.io, or Docker CE), or use 20.10",
+        )
+
+
 def swarm_info():
     import json
 
@@ -3014,6 +3045,7 @@ def cmd_hub_init(args):
     interface = valid_interface(args.interface)
     require_root()
     need("wg", "wg-quick", "docker", "ssh-keygen", "iptables", "iptables-restore", "ip")
+    check_engine_version()
     with StateLock():
         existing = load_hub_config(required=False)
         if existing:

@@ -734,7 +734,7 @@ resource_list() {
 	for gpu in "${SHARED_GPUS[@]}"; do RESOURCES+=("NVIDIA-GPU=$gpu"); done
 }
 
-# Same as gridx.py's LABEL_HUB_SSH: the engine label with which a worker that
+# The engine label (key: same as gridx.py's LABEL_HUB_SSH, value no) with which a worker that
 # joined with --no-hub-ssh tells the hub (docker node inspect:
 # .Description.Engine.Labels) that it declined.
 HUB_SSH_LABEL=gridx.hub-ssh=no

@@ -1524,3 +1524,19 @@ def test_leave_removes_the_dockremap_user_that_the_join_made(lab, existed):
     else:
         assert "userdel dockremap" in lab.log()
         assert subuid.read_text() == subgid.read_text() == "alice:165536:65536\n"
+
+
+def test_gridx_worker_join_wg_config_with_postup_is_exit_2_and_nothing_runs(lab):
+    """`gridx worker join --wg-config FILE` hands FILE to the same join.sh."""
+    pwned = lab.tmp / "pwned"
+    conf = lab.tmp / "worker.conf"
+    conf.write_text((lab.bundle / "gridx0.conf").read_text().replace(
+        "[Interface]\n", "[Interface]\nPostUp = touch %s\n" % pwned))
+    before = lab.snapshot()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "gridx.py"), "worker", "join", "--wg-config", str(conf),
+                        "--token", TOKEN, "--cpus", "1", "--memory", "1G", "--yes"],
+                       env=lab.env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "'PostUp' is not a key Grid-X writes" in r.stderr
+    assert not pwned.exists()
+    assert_nothing_changed(lab, before)

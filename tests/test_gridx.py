@@ -471,6 +471,14 @@ def test_swarm_nodes_hide_identities_replaced_by_a_rejoin(monkeypatch):
     assert sorted(n.id for n in gridx.swarm_nodes()) == ["alone", "down-b", "new"]
 
 
+@pytest.mark.parametrize("version,refused", [
+    ("20.10.24+dfsg1", False), ("23.0.1", False), ("23.0.2", True), ("23.0.18", True), ("24.0.0", True),
+    ("24.0.9", True), ("25.0.0", True), ("25.0.2", True), ("25.0.3", False), ("26.1.5+dfsg1", False),
+    ("29.0.0", False), ("", False), ("dev", False)])
+def test_engines_that_mis_schedule_generic_resources_are_refused(version, refused):
+    assert gridx.engine_refused(version) is refused
+
+
 # -- Firewall ----------------------------------------------------------------------
 
 def test_firewall_rules_only_open_wireguard_publicly():
@@ -783,6 +791,24 @@ def test_hub_init_twice_changes_nothing_the_second_time(tmp_path, monkeypatch, c
     assert "wrote " in first and "firewall: swarm ports" in first
     assert gridx.main(["hub", "init", "--ip=203.0.113.7"]) == 0
     assert "the hub is already initialised: nothing changed" in capsys.readouterr().err
+
+
+def test_hub_init_refuses_a_broken_engine_before_changing_anything(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path / "gridx"))
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "24.0.7\n", "")
+
+    monkeypatch.setattr(gridx, "run", fake_run)
+    monkeypatch.setattr(gridx, "require_root", lambda: None)
+    monkeypatch.setattr(gridx, "need", lambda *tools: None)
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.cmd_hub_init(gridx.build_parser(["hub", "init"])[0].parse_args(["hub", "init", "--ip", "203.0.113.7"]))
+    assert error.value.code == 3 and "24.0.7" in error.value.message
+    assert calls == [["docker", "version", "--format", "{{.Server.Version}}"]]
+    assert not (tmp_path / "gridx").exists()
 
 
 def test_hub_ssh_to_a_worker_that_declined_is_exit_3_without_trying(tmp_path, monkeypatch, capsys):
