@@ -92,37 +92,46 @@ class FakeTools:
                 private.write("private\n")
                 public.write(SSH_PUBLIC_KEY + "\n")
         elif tool == "docker":
-            joined = " ".join(rest)
-            if rest[:1] == ["info"]:
-                out = json.dumps({"LocalNodeState": "active", "NodeAddr": "10.0.0.1", "ControlAvailable": True})
-            elif rest[:2] == ["swarm", "join-token"]:
-                if "--rotate" in rest:
-                    self.token = "SWMTKN-1-new"
-                out = self.token
-            elif rest[:2] == ["node", "ls"] and "label=gridx.hub-ssh=no" in joined:
-                out = "\n".join(self.declined)
-            elif rest[:2] == ["node", "ls"]:
-                out = "n0\nn1"
-            elif rest[:2] == ["node", "inspect"] and "--format" in rest:
-                out = "10.0.0.2 ready"
-            elif rest[:2] == ["node", "inspect"]:
-                out = json.dumps([HUB_NODE, WORKER_NODE])
-            elif rest[:2] == ["service", "ls"]:
-                out = "job-1"
-            elif rest[:2] == ["service", "inspect"]:
-                out = json.dumps([JOB_SERVICE])
-            elif rest[:2] == ["service", "ps"] and "-q" in rest:
-                out = "t1"
-            elif rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
-                out = json.dumps(dict(JOB_TASK, Name=rest[-1] + ".1", DesiredState="Running",
-                                      CurrentState="Running 1 second ago"))
-            elif rest[:2] == ["service", "ps"]:
-                out = json.dumps(JOB_TASK)
-            elif rest[:1] == ["inspect"]:
-                out = json.dumps([{"ID": "t1", "Status": {"ContainerStatus": {"ExitCode": 0}}}])
-            elif rest[:2] in (["service", "create"], ["config", "create"]):
-                out = "id1"
+            out = self.answer_docker(rest)
         return out, code
+
+    def answer_docker(self, rest):
+        """What the hub's docker prints: the swarm's part, else the jobs'."""
+        joined = " ".join(rest)
+        if rest[:1] == ["info"]:
+            return json.dumps({"LocalNodeState": "active", "NodeAddr": "10.0.0.1", "ControlAvailable": True})
+        if rest[:2] == ["swarm", "join-token"]:
+            if "--rotate" in rest:
+                self.token = "SWMTKN-1-new"
+            return self.token
+        if rest[:2] == ["node", "ls"] and "label=gridx.hub-ssh=no" in joined:
+            return "\n".join(self.declined)
+        if rest[:2] == ["node", "ls"]:
+            return "n0\nn1"
+        if rest[:2] == ["node", "inspect"] and "--format" in rest:
+            return "10.0.0.2 ready"
+        if rest[:2] == ["node", "inspect"]:
+            return json.dumps([HUB_NODE, WORKER_NODE])
+        return self.answer_docker_jobs(rest)
+
+    @staticmethod
+    def answer_docker_jobs(rest):
+        if rest[:2] == ["service", "ls"]:
+            return "job-1"
+        if rest[:2] == ["service", "inspect"]:
+            return json.dumps([JOB_SERVICE])
+        if rest[:2] == ["service", "ps"] and "-q" in rest:
+            return "t1"
+        if rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
+            return json.dumps(dict(JOB_TASK, Name=rest[-1] + ".1", DesiredState="Running",
+                                   CurrentState="Running 1 second ago"))
+        if rest[:2] == ["service", "ps"]:
+            return json.dumps(JOB_TASK)
+        if rest[:1] == ["inspect"]:
+            return json.dumps([{"ID": "t1", "Status": {"ContainerStatus": {"ExitCode": 0}}}])
+        if rest[:2] in (["service", "create"], ["config", "create"]):
+            return "id1"
+        return ""
 
     def run(self, argv, input=None, capture_output=False, text=False, timeout=None, env=None, **kw):
         self.calls.append(list(argv))
