@@ -1140,7 +1140,7 @@ def firewall_rules(config):
     lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
-    for proto, port in SWARM_PORTS:
+    for proto, port in SWARM_PORTS + (("tcp", REGISTRY_PORT),):  # the registry too: see Registry
         lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -1283,8 +1283,9 @@ def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, 
 
 
 def bundle_settings(config, peer, key_on_hub):
-    return worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
-                           config.manager, not key_on_hub)
+    settings = worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
+                               config.manager, not key_on_hub)
+    return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
 
 
 BUNDLE_README = """Grid-X join bundle for {name}
@@ -1417,7 +1418,9 @@ def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
     readme = BUNDLE_README.format(
         name=peer.name, endpoint=config.endpoint, key_note="" if key_on_hub else KEY_NOTE
     )
-    return bundle_contents(bundle_settings(config, peer, key_on_hub), worker_conf, token, ssh_key, readme)
+    files = bundle_contents(bundle_settings(config, peer, key_on_hub), worker_conf, token, ssh_key, readme)
+    files.update(registry_bundle_files())  # the registry's CA: see Registry
+    return files
 
 
 def refresh_bundle(config, name, token, ssh_key, out_dir=None):
@@ -2280,6 +2283,557 @@ def forward_to_serve(docker_host):
 
 
 # ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+# An image registry on the hub (Debian's docker-registry, the CNCF
+# distribution registry), listening on the hub's VPN address only, with TLS
+# from a small CA the hub makes once at init (never regenerated: every
+# worker's bundle carries it). Workers trust it through Docker's own
+# /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
+# registry-ca.crt there, leave.sh removes it): no insecure-registries, no
+# Docker restart. The hub's own Docker trusts it the same way, so `docker
+# push` from the hub works. Users (GRIDX-USERS) reach the hub's SSH only,
+# never this port; they have no docker to pull with anyway.
+
+REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
+REGISTRY_UNIT = "gridx-registry.service"
+REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
+REGISTRY_CA_DAYS = 3650
+REGISTRY_CERT_DAYS = 3650
+REGISTRY_WAIT_S = 10  # how long init waits for a started registry to answer
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+)
+LIST_TYPES = MANIFEST_TYPES[2:]
+
+
+def registry_dir():
+    """CA key and cert, server key and cert, the registry's config: 0700."""
+    return os.path.join(config_dir(), "registry")
+
+
+def registry_storage():
+    """Where the registry keeps its blobs (GRIDX_REGISTRY_STORAGE in tests)."""
+    return os.path.abspath(os.environ.get("GRIDX_REGISTRY_STORAGE") or "/var/lib/gridx/registry")
+
+
+def docker_certs_dir():
+    """Docker's per-registry trust folder (GRIDX_DOCKER_CERTS_DIR in tests);
+    same default as lib.sh's CERTS_DIR."""
+    return os.path.abspath(os.environ.get("GRIDX_DOCKER_CERTS_DIR") or "/etc/docker/certs.d")
+
+
+def registry_paths():
+    folder = registry_dir()
+    return {name: os.path.join(folder, name) for name in (
+        "ca.key", "ca.crt", "server.key", "server.crt", "config.yml", "registry.pid")}
+
+
+def registry_address(hub_ip):
+    return f"{hub_ip}:{REGISTRY_PORT}"
+
+
+def registry_trust_path(address):
+    """The CA as Docker reads it for that registry (world-readable: public)."""
+    return os.path.join(docker_certs_dir(), address, "ca.crt")
+
+
+def render_registry_config(hub_ip):
+    """The registry's config: the VPN address only, TLS, deletion on (for
+    `gridx image rm`), no blob descriptor cache (after a garbage collection a
+    cached descriptor would say a removed blob still exists)."""
+    paths = registry_paths()
+    return f"""{CONFIG_MARKER}: the hub's image registry (gridx hub init writes it).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {registry_storage()}
+  delete:
+    enabled: true
+http:
+  addr: {registry_address(hub_ip)}
+  tls:
+    certificate: {paths["server.crt"]}
+    key: {paths["server.key"]}
+  headers:
+    X-Content-Type-Options: [nosniff]
+"""
+
+
+REGISTRY_UNIT_TEXT = """[Unit]
+Description=Grid-X: the hub's image registry on {address} (VPN only)
+# It listens on the VPN address, which exists once the interface is up.
+Wants=wg-quick@{interface}.service
+After=wg-quick@{interface}.service network-online.target
+
+[Service]
+ExecStart={program} serve {config}
+Restart=always
+RestartSec=5
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_registry_unit(hub_ip, interface, program):
+    return REGISTRY_UNIT_TEXT.format(address=registry_address(hub_ip), interface=interface, program=program,
+                                     config=registry_paths()["config.yml"])
+
+
+def registry_unit_path():
+    return f"/etc/systemd/system/{REGISTRY_UNIT}"
+
+
+def openssl_quiet(argv):
+    """openssl, with every file it makes private to root (the keys)."""
+    old = os.umask(0o077)
+    try:
+        return run(argv)
+    finally:
+        os.umask(old)
+
+
+def ensure_registry_ca():
+    """The CA key (0600) and cert, made once and never regenerated: every
+    bundle written since carries this cert. True when made now."""
+    paths = registry_paths()
+    if os.path.exists(paths["ca.key"]) and os.path.exists(paths["ca.crt"]):
+        return False
+    if os.path.exists(paths["ca.key"]) or os.path.exists(paths["ca.crt"]):
+        raise precondition(f"{registry_dir()} holds half a CA (one of ca.key, ca.crt)",
+                           "put the missing file back, or move both away to make a new CA (every worker "
+                           "then needs a new bundle: gridx hub refresh-bundle NAME)")
+    ensure_dir(registry_dir())
+    openssl_quiet([
+        "openssl", "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-keyout", paths["ca.key"], "-out", paths["ca.crt"], "-days", str(REGISTRY_CA_DAYS),
+        "-subj", "/CN=Grid-X hub registry CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    ])
+    os.chmod(paths["ca.key"], 0o600)
+    os.chmod(paths["ca.crt"], 0o644)
+    return True
+
+
+def certificate_ips(path):
+    """The IP addresses of a certificate's subjectAltName (openssl's text)."""
+    import re
+
+    text = run(["openssl", "x509", "-noout", "-text", "-in", path]).stdout
+    return set(re.findall(r"IP Address:([0-9.]+)", text))
+
+
+def ensure_registry_cert(hub_ip):
+    """The server key (0600) and a cert signed by the CA for the hub's VPN
+    address (subjectAltName IP:HUB_VPN_IP); made again only when missing or
+    for another address. True when made now."""
+    paths = registry_paths()
+    if (os.path.exists(paths["server.key"]) and os.path.exists(paths["server.crt"])
+            and certificate_ips(paths["server.crt"]) == {hub_ip}):
+        return False
+    folder = registry_dir()
+    csr, extensions = os.path.join(folder, "server.csr"), os.path.join(folder, "server.ext")
+    atomic_write(extensions, f"subjectAltName=IP:{hub_ip}\nbasicConstraints=CA:FALSE\n"
+                             "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    try:
+        openssl_quiet([
+            "openssl", "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", paths["server.key"] + ".new", "-out", csr, "-subj", f"/CN={hub_ip}",
+        ])
+        openssl_quiet([
+            "openssl", "x509", "-req", "-in", csr, "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
+            "-set_serial", f"0x{os.urandom(16).hex()}", "-days", str(REGISTRY_CERT_DAYS),
+            "-extfile", extensions, "-out", paths["server.crt"] + ".new",
+        ])
+        os.chmod(paths["server.key"] + ".new", 0o600)
+        os.chmod(paths["server.crt"] + ".new", 0o644)
+        os.replace(paths["server.key"] + ".new", paths["server.key"])
+        os.replace(paths["server.crt"] + ".new", paths["server.crt"])
+    finally:
+        for path in (csr, extensions, paths["server.key"] + ".new", paths["server.crt"] + ".new"):
+            if os.path.exists(path):
+                os.unlink(path)
+    return True
+
+
+def install_registry_trust(hub_ip):
+    """The hub's own Docker trusts the CA (docker push from the hub): the
+    same file join.sh installs on workers. True when it changed."""
+    path = registry_trust_path(registry_address(hub_ip))
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    return write_if_changed(path, read_text(registry_paths()["ca.crt"]), 0o644)
+
+
+def parse_http_response(output):
+    """curl --include's output -> (status, {lower-case header: value}, body).
+    run()'s text mode has turned the header lines' CRLF into LF already."""
+    head, _, body = output.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise GridxError(f"the registry's answer is not HTTP: {lines[0][:80]!r}") from None
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def registry_request(address, ca_path, path, method="GET", accept=(), timeout=10):
+    """One HTTPS request to the registry's API: (status, {header: value},
+    body). Through curl: the frozen gridx has no ssl module (the binary
+    leaves libssl out), and curl checks the server against the CA. Exit 3
+    with a hint when the registry does not answer (HTTP errors are returned)."""
+    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--cacert", ca_path,
+            "--max-time", str(timeout)]
+    argv += ["--head"] if method == "HEAD" else ["--request", method]
+    if accept:
+        argv += ["--header", "Accept: " + ", ".join(accept)]
+    result = run(argv + [f"https://{address}{path}"], check=False, timeout=timeout + 5)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1]
+        raise precondition(
+            f"the hub's registry at {address} does not answer: {reason}",
+            "on the hub: gridx hub init (starts it again); systemctl status gridx-registry; "
+            "from a worker: check the VPN (sudo ./status.sh)",
+        )
+    return parse_http_response(result.stdout)
+
+
+def registry_answers(address, ca_path, timeout=2):
+    try:
+        status, _, _ = registry_request(address, ca_path, "/v2/", timeout=timeout)
+    except GridxError:
+        return False
+    return status == 200
+
+
+def registry_pid():
+    """The pid of the registry init started without systemd, when it runs."""
+    path = registry_paths()["registry.pid"]
+    try:
+        pid = int(read_text(path).strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if registry_paths()["config.yml"].encode() in cmdline else None
+
+
+def stop_registry():
+    """Stop the registry (its unit, or the process init started)."""
+    import time
+
+    if systemd_running() and os.path.exists(registry_unit_path()):
+        run(["systemctl", "stop", REGISTRY_UNIT], check=False)
+        return
+    pid = registry_pid()
+    if pid is None:
+        return
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        if registry_pid() is None:
+            break
+        time.sleep(0.1)
+    path = registry_paths()["registry.pid"]
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def start_registry_process(program):
+    """No systemd (a container, the lab): the registry in its own session,
+    in the background, logging to /var/log/gridx-registry.log; its pid in
+    registry.pid. `gridx hub init` starts it again when it does not answer."""
+    config = registry_paths()["config.yml"]
+    with open("/var/log/gridx-registry.log", "ab") as log, open(os.devnull, "rb") as null:
+        # start(): echoed under -v as every command is; its own session (setsid)
+        process = start([program, "serve", config], stdin=null, stdout=log, stderr=log, start_new_session=True)
+    atomic_write(registry_paths()["registry.pid"], f"{process.pid}\n", 0o600)
+
+
+def wait_registry(address, ca_path):
+    import time
+
+    deadline = time.monotonic() + REGISTRY_WAIT_S
+    while not registry_answers(address, ca_path, timeout=1):
+        if time.monotonic() > deadline:
+            raise GridxError(f"the registry did not answer on {address} within {REGISTRY_WAIT_S} s",
+                             "look at journalctl -u gridx-registry or /var/log/gridx-registry.log")
+        time.sleep(0.1)
+
+
+def registry_ready(config):
+    """hub init: the CA, the server cert, the config and a running registry
+    on HUB_VPN_IP:5000, each changed only when it differs; the list of what
+    changed. A hub without docker-registry or openssl gets a warning."""
+    import shutil
+
+    program = shutil.which("docker-registry")
+    if program is None or shutil.which("openssl") is None:
+        warn("no image registry on this hub: docker-registry or openssl is missing "
+             "(apt install docker-registry openssl), then run gridx hub init again")
+        return []
+    changes = []
+    address, paths = registry_address(config.hub_ip), registry_paths()
+    if ensure_registry_ca():
+        changes.append(f"created the registry's CA {paths['ca.crt']} (never made again: bundles carry it)")
+    restart = False
+    if ensure_registry_cert(config.hub_ip):
+        changes.append(f"made the registry's TLS certificate for {config.hub_ip}")
+        restart = True
+    if write_if_changed(paths["config.yml"], render_registry_config(config.hub_ip), 0o600):
+        changes.append(f"wrote {paths['config.yml']}")
+        restart = True
+    os.makedirs(registry_storage(), mode=0o700, exist_ok=True)
+    if install_registry_trust(config.hub_ip):
+        changes.append(f"this hub's Docker trusts the registry ({registry_trust_path(address)})")
+    trust = registry_trust_path(address)
+    if systemd_running():
+        unit = render_registry_unit(config.hub_ip, config.interface, program)
+        if write_if_changed(registry_unit_path(), unit, 0o644):
+            run(["systemctl", "daemon-reload"])
+            run(["systemctl", "enable", REGISTRY_UNIT])
+            restart = True
+        if restart or not registry_answers(address, trust):
+            run(["systemctl", "restart", REGISTRY_UNIT])
+            changes.append(f"started the registry on {address} ({REGISTRY_UNIT})")
+    elif restart or not registry_answers(address, trust):
+        stop_registry()
+        start_registry_process(program)
+        changes.append(f"started the registry on {address} (no systemd: in the background, "
+                       "log /var/log/gridx-registry.log; gridx hub init starts it again)")
+    wait_registry(address, trust)
+    return changes
+
+
+def reset_registry():
+    """hub reset: the registry stops and its server cert and config go (the
+    next init makes them for its address); the CA stays (never regenerated)
+    and so do the images (the hint says where)."""
+    stop_registry()
+    if systemd_running() and os.path.exists(registry_unit_path()):
+        run(["systemctl", "disable", REGISTRY_UNIT], check=False)
+    if os.path.exists(registry_unit_path()):
+        os.unlink(registry_unit_path())
+    for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
+        path = registry_paths()[name]
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def registry_bundle_settings(config):
+    """settings.env's GRIDX_REGISTRY for join.sh, when the hub has its CA."""
+    if not os.path.exists(registry_paths()["ca.crt"]):
+        return {}
+    return {"GRIDX_REGISTRY": registry_address(config.hub_ip)}
+
+
+def registry_bundle_files():
+    """The CA a worker installs for the registry (join.sh: registry-ca.crt)."""
+    path = registry_paths()["ca.crt"]
+    if not os.path.exists(path):
+        return {}
+    return {REGISTRY_CA_FILE: (read_text(path), 0o644)}
+
+
+# -- image names ----------------------------------------------------------------
+
+
+def split_image(image):
+    """A valid image reference -> (registry host[:port] or "", path, tag, digest)."""
+    name, _, digest = image.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = ""
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        return parts[0], "/".join(parts[1:]), tag, digest
+    return "", name, tag, digest
+
+
+def pushed_name(image, address):
+    """Where `gridx image push IMAGE` puts it: the same path and tag under
+    the hub's registry (python:3.11 -> 10.0.0.1:5000/python:3.11; the
+    source's own registry host is dropped)."""
+    _, path, tag, digest = split_image(image)
+    if digest:
+        raise usage_error(f"cannot push {image!r} by digest: a registry stores images under a tag",
+                          "push it by name, e.g. team/app:1")
+    return f"{address}/{path}:{tag or 'latest'}"
+
+
+def registry_reference(name, address):
+    """`gridx image rm NAME`: (repository path, tag or digest) in this
+    registry; NAME with another registry host is exit 2."""
+    domain, path, tag, digest = split_image(name)
+    if domain and domain != address:
+        raise usage_error(f"{name!r} is not in the hub's registry {address}",
+                          f"name it as gridx image ls shows it: {address}/{path}:{tag or 'TAG'}")
+    return path, digest or tag
+
+
+# -- the registry's HTTP API ------------------------------------------------------
+
+
+def parse_link_next(headers):
+    """The next page of a paginated list (the Link header), or None."""
+    import re
+
+    link = headers.get("link") if headers else None
+    match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link or "")
+    return match.group(1) if match else None
+
+
+def api_json(address, ca_path, path):
+    import json
+
+    status, headers, body = registry_request(address, ca_path, path)
+    if status != 200:
+        raise GridxError(f"the registry answered {status} to GET {path}: {body[:200]}")
+    try:
+        return json.loads(body), headers
+    except ValueError:
+        raise GridxError(f"the registry's answer to GET {path} is not JSON") from None
+
+
+def registry_repositories(address, ca_path):
+    """Every repository, following the catalog's pages."""
+    repositories, path = [], "/v2/_catalog?n=1000"
+    while path:
+        document, headers = api_json(address, ca_path, path)
+        repositories += document.get("repositories") or []
+        path = parse_link_next(headers)
+    return sorted(repositories)
+
+
+def registry_tags(address, ca_path, repository):
+    """A repository's tags (none once its last tag was removed)."""
+    import urllib.parse
+
+    tags, path = [], f"/v2/{urllib.parse.quote(repository)}/tags/list?n=1000"
+    while path:
+        document, headers = api_json(address, ca_path, path)
+        tags += document.get("tags") or []
+        path = parse_link_next(headers)
+    return sorted(tags)
+
+
+def manifest_blobs(manifest):
+    """{digest: size} of what an image manifest references (config, layers)."""
+    blobs = {}
+    for item in [manifest.get("config") or {}] + list(manifest.get("layers") or []):
+        if item.get("digest"):
+            blobs[item["digest"]] = int(item.get("size") or 0)
+    return blobs
+
+
+def registry_manifest(address, ca_path, repository, reference, method="GET"):
+    """(digest, manifest document or None) of a tag or digest; None digest
+    when the registry does not have it."""
+    import json
+    import urllib.parse
+
+    path = f"/v2/{urllib.parse.quote(repository)}/manifests/{urllib.parse.quote(reference)}"
+    status, headers, body = registry_request(address, ca_path, path, method=method, accept=MANIFEST_TYPES)
+    if status == 404:
+        return None, None
+    if status != 200:
+        raise GridxError(f"the registry answered {status} to {method} {path}")
+    digest = headers.get("docker-content-digest")
+    return digest, (json.loads(body) if method == "GET" else None)
+
+
+def image_blobs(address, ca_path, repository, reference):
+    """(digest, {blob digest: size}) of a tag: an index's images summed."""
+    digest, manifest = registry_manifest(address, ca_path, repository, reference)
+    if digest is None:
+        return None, {}
+    blobs = {}
+    if manifest.get("mediaType") in LIST_TYPES or "manifests" in manifest:
+        for child in manifest.get("manifests") or []:
+            blobs.update(image_blobs(address, ca_path, repository, child["digest"])[1])
+    else:
+        blobs = manifest_blobs(manifest)
+    return digest, blobs
+
+
+def registry_images(address, ca_path):
+    """Every tag of every repository: the stable --json shape of `image ls`,
+    and the bytes the distinct blobs take (layers shared count once)."""
+    images, every_blob = [], {}
+    for repository in registry_repositories(address, ca_path):
+        for tag in registry_tags(address, ca_path, repository):
+            digest, blobs = image_blobs(address, ca_path, repository, tag)
+            if digest is None:
+                continue  # removed between the two calls
+            every_blob.update(blobs)
+            images.append({"name": f"{address}/{repository}:{tag}", "repository": repository, "tag": tag,
+                           "digest": digest, "size_bytes": sum(blobs.values())})
+    return images, sum(every_blob.values())
+
+
+def human_bytes(count):
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def folder_bytes(path):
+    """What the files under path take (the registry's storage)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def image_registry(args):
+    """(registry address, CA path) for the image commands: on the hub from
+    its config; with --manager root@HUB, HUB:5000 and the CA this machine's
+    Docker has for it in /etc/docker/certs.d."""
+    import urllib.parse
+
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if manager:
+        host = urllib.parse.urlsplit(valid_manager(manager)).hostname
+        address = f"{host}:{REGISTRY_PORT}"
+        trust = registry_trust_path(address)
+        if not os.path.exists(trust):
+            raise precondition(
+                f"this machine's Docker does not trust the hub's registry: {trust} is missing",
+                f"copy the hub's CA: ssh {manager} cat {registry_paths()['ca.crt']} | sudo install -D -m 0644 "
+                f"/dev/stdin {trust}")
+        return address, trust
+    config = load_hub_config()
+    address = registry_address(config.hub_ip)
+    trust = registry_trust_path(address)
+    if not os.path.exists(trust):
+        raise precondition(f"the hub has no image registry yet ({trust} is missing)",
+                           "install docker-registry and openssl, then run gridx hub init again")
+    return address, trust
+
+
+# ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
 # A job is a swarm service labelled gridx.job; its tasks say where and how it
@@ -3094,7 +3648,7 @@ def init_hub(existing, public_ip, port, subnet, interface):
     if not os.path.exists(hub_config_path()) or existing is None:
         save_hub_config(config)
     for step in (ensure_firewall, ensure_vpn_up, ensure_boot_order, ensure_swarm, ensure_job_network,
-                 ensure_hub_ssh_key, ensure_users):
+                 ensure_hub_ssh_key, ensure_users, ensure_registry):
         changes += step(config)
     return changes
 
@@ -3199,6 +3753,11 @@ def ensure_users(config):
     return user_account_ready(config) if config.users else []
 
 
+def ensure_registry(config):
+    """The image registry on HUB_VPN_IP:5000 (see Registry)."""
+    return registry_ready(config)
+
+
 DOCKER_DROPIN = "/etc/systemd/system/docker.service.d/gridx-vpn.conf"
 DOCKER_ORDERING = """# Grid-X: the swarm manager listens on the VPN address, which exists only
 # once the WireGuard interface is up; Docker started first would never listen.
@@ -3273,6 +3832,7 @@ def cmd_hub_reset(args):
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)
         reset_users()  # their SSH lines and firewall chain: see Users
+        reset_registry()  # stopped; the CA and the images stay: see Registry
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
             if os.path.exists(path):
                 os.unlink(path)
@@ -4352,6 +4912,110 @@ def args_jobs_list(p):
 
 
 # ---------------------------------------------------------------------------
+# Commands: image (the hub's registry, see Registry)
+# ---------------------------------------------------------------------------
+
+
+def cmd_image_push(args):
+    image = valid_image(args.image)
+    if getattr(args, "manager", None):
+        valid_manager(args.manager)
+    if split_image(image)[3]:
+        pushed_name(image, "")  # by digest: exit 2 before anything
+    need("docker")
+    address, ca_path = image_registry(args)
+    target = pushed_name(image, address)
+    if run(["docker", "image", "inspect", "--format={{.Id}}", "--", image], check=False).returncode != 0:
+        raise usage_error(f"there is no image {image!r} in this machine's Docker",
+                          "build or pull it first (docker images lists what is here)")
+    if not registry_answers(address, ca_path):
+        registry_request(address, ca_path, "/v2/")  # exit 3 with the reason and a hint
+    run(["docker", "tag", "--", image, target])
+    info(f"pushing {image} to {address} (over the VPN)")
+    push = ["docker", "push", "--", target]
+    code = run_streaming(push) if sys.stderr.isatty() else None  # Docker's progress on a terminal
+    if code is None:
+        result = run(push, check=False, timeout=3600)
+        code = result.returncode
+        if code:
+            raise command_error(push, result)
+    elif code:
+        raise GridxError(f"docker push {target} failed (exit {code})", "see Docker's message above")
+    print(target)
+    info(f"run it: gridx jobs run {target} …   ·   list: gridx image ls")
+    return EXIT_OK
+
+
+def cmd_image_ls(args):
+    if getattr(args, "manager", None):
+        valid_manager(args.manager)
+    address, ca_path = image_registry(args)
+    images, stored = registry_images(address, ca_path)
+    if args.json:
+        print_json({"registry": address, "images": images, "stored_bytes": stored})
+        return EXIT_OK
+    if not images:
+        print(f"No images in the hub's registry {address}. Push one: gridx image push IMAGE")
+        return EXIT_OK
+    print_table(["IMAGE", "SIZE", "DIGEST"],
+                [[i["name"], human_bytes(i["size_bytes"]), i["digest"][:19]] for i in images])
+    info(f"{len(images)} image(s); their layers take {human_bytes(stored)} (layers shared count once); "
+         f"on disk: du -sh {registry_storage()}")
+    return EXIT_OK
+
+
+def cmd_image_rm(args):
+    image = valid_image(args.name, "image name")
+    _, path, tag, digest = split_image(image)
+    if not tag and not digest:
+        raise usage_error(f"give the tag to remove: {image}:TAG", "gridx image ls lists the tags")
+    require_root()
+    need("docker-registry")
+    address, ca_path = image_registry(args)
+    repository, reference = registry_reference(image, address)
+    digest, _ = registry_manifest(address, ca_path, repository, reference, method="HEAD")
+    if digest is None:
+        raise usage_error(f"the hub's registry has no {address}/{repository}:{reference}",
+                          "gridx image ls lists what it has")
+    also = [tag for tag in registry_tags(address, ca_path, repository)
+            if tag != reference and registry_manifest(address, ca_path, repository, tag, "HEAD")[0] == digest]
+    import urllib.parse
+
+    path = f"/v2/{urllib.parse.quote(repository)}/manifests/{digest}"
+    status, _, body = registry_request(address, ca_path, path, method="DELETE")
+    if status not in (200, 202):
+        raise GridxError(f"the registry refused to delete {repository}@{digest} ({status}): {body[:200]}")
+    info(f"removed {address}/{repository}:{reference} ({digest[:19]})"
+         + (f", and the tags with the same image: {', '.join(also)}" if also else ""))
+    # The collection runs with the registry stopped: a push during it could
+    # lose a layer the collector did not see referenced (distribution's docs).
+    storage, config = registry_storage(), registry_paths()["config.yml"]
+    before = folder_bytes(storage)
+    stop_registry()
+    try:
+        run(["docker-registry", "garbage-collect", config], timeout=1800)
+    finally:
+        registry_ready(load_hub_config())
+    freed = max(0, before - folder_bytes(storage))
+    print(f"removed {address}/{repository}:{reference}; garbage collection freed {human_bytes(freed)}")
+    return EXIT_OK
+
+
+def args_image_push(p):
+    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
+    add_manager(p)
+
+
+def args_image_ls(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_image_rm(p):
+    p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+
+
+# ---------------------------------------------------------------------------
 # Argument parser
 # ---------------------------------------------------------------------------
 
@@ -4564,6 +5228,16 @@ COMMANDS = {
                     "gridx jobs cluster --json", args_json_manager),
     }),
 }
+COMMANDS["image"] = ("the hub's image registry (HUB_VPN_IP:5000): push, list, remove",
+                     "sudo gridx image push team/app:1", {
+    "push": (cmd_image_push, "tag and push a local image to the hub's registry; prints its name there",
+             "sudo gridx image push team/app:1   (then: gridx jobs run 10.0.0.1:5000/team/app:1 …)",
+             args_image_push),
+    "ls": (cmd_image_ls, "the registry's images: name, size, digest",
+           "sudo gridx image ls --json", args_image_ls),
+    "rm": (cmd_image_rm, "remove an image from the registry and free its space (garbage collection)",
+           "sudo gridx image rm 10.0.0.1:5000/team/app:1", args_image_rm),
+})
 CLUSTER_SHORTCUT = (cmd_cluster, "shortcut for `gridx jobs cluster`", "gridx cluster", args_json_manager)
 
 
@@ -4608,7 +5282,7 @@ def build_parser(argv=()):
     )
     parser.add_argument("--version", action="version", version=f"gridx {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each command before it runs")
-    groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,cluster}")
+    groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,image,cluster}")
     wanted_group, wanted_command = _selected(argv)
     group_parsers = {}
     for group, (help_text, example, commands) in COMMANDS.items():

@@ -29,11 +29,14 @@
 # Reads, from its own folder (GRIDX_BUNDLE_DIR):
 #   settings.env     GRIDX_NAME GRIDX_INTERFACE GRIDX_VPN_IP GRIDX_HUB_VPN_IP
 #                    GRIDX_HUB_ENDPOINT GRIDX_SUBNET GRIDX_MANAGER
-#                    GRIDX_NEEDS_PRIVATE_KEY GRIDX_VERSION (values, not code)
+#                    GRIDX_NEEDS_PRIVATE_KEY GRIDX_VERSION GRIDX_REGISTRY
+#                    (values, not code)
 #   GRIDX_INTERFACE.conf  the WireGuard config (gridx0.conf)
 #   swarm-token      the swarm's worker join token
 #   hub_ssh.pub      the hub's SSH public key (optional: without it the hub
 #                    cannot SSH here)
+#   registry-ca.crt  the CA of the hub's image registry at GRIDX_REGISTRY
+#                    (one PEM certificate; bundles from older hubs have none)
 # and the path overrides listed in lib.sh (GRIDX_WG_DIR, GRIDX_STATE_DIR...).
 #
 # What it changes, in this order, each step recorded in the state folder
@@ -52,10 +55,13 @@
 #      gridx.hub-ssh=no with --no-hub-ssh, the nvidia runtime when GPUs are
 #      shared; and the toolkit's config.toml (swarm-resource); Docker restarts
 #      only if that changed them
-#   5. the swarm membership (advertise, listen and data-path on the VPN IP)
-#   6. one line in root's authorized_keys: the hub's key, from its VPN IP only
+#   5. /etc/docker/certs.d/GRIDX_REGISTRY/ca.crt: the hub registry's CA, so
+#      Docker pulls the hub's images over TLS (Docker reads it at each pull:
+#      no restart, no insecure-registries); an earlier file there is saved
+#   6. the swarm membership (advertise, listen and data-path on the VPN IP)
+#   7. one line in root's authorized_keys: the hub's key, from its VPN IP only
 #      (not with --no-hub-ssh)
-#   7. wg-quick@gridx0 enabled at boot, where systemd runs
+#   8. wg-quick@gridx0 enabled at boot, where systemd runs
 # If a step fails, the trap undoes the steps done, newest first.
 #
 # Exit codes: 0 joined, 1 failed (and rolled back), 2 bad usage or input,
@@ -82,6 +88,7 @@ VPN_IP='' HUB_VPN_IP='' HUB_ENDPOINT='' MANAGER='' NAME='' SUBNET='' PREFIX=''
 ENGINE_VERSION='' REMAP_KEPT='' TOOLKIT_VERSION=''
 WG_CONF='' WG_CONF_SAME=0 KEY_LINE='' RUNTIME_PATH=''
 DAEMON_CHANGE=0 NVIDIA_CHANGE=0 WORK='' ROLLBACK_ARMED=0
+REGISTRY='' REGISTRY_CA=''
 
 usage() {
 	cat <<EOF
@@ -251,6 +258,31 @@ check_bundle() {
 	SWARM_TOKEN=$token
 	WG_CONF=$WG_DIR/$IFACE.conf
 	check_wg_config "$conf"
+	check_registry_ca
+}
+
+# The registry's CA is data too: one PEM certificate (base64 lines between
+# the markers), nothing else, or exit 2. REGISTRY is empty for a bundle of a
+# hub without a registry.
+check_registry_ca() {
+	local file=$GRIDX_BUNDLE_DIR/registry-ca.crt line n=0 state=before
+	REGISTRY=${S[GRIDX_REGISTRY]:-}
+	[[ -n $REGISTRY ]] || return 0
+	[[ -f $file && ! -L $file ]] || fatal 2 "settings.env names the registry $REGISTRY but $file is missing" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
+	(($(stat -c %s -- "$file") <= 16384)) || fatal 2 "$file is larger than a certificate (16 KiB)" "ask the hub admin for the bundle again"
+	while IFS= read -r line || [[ -n $line ]]; do
+		n=$((n + 1))
+		case $state:$line in
+		before:'-----BEGIN CERTIFICATE-----') state=inside ;;
+		inside:'-----END CERTIFICATE-----') state=after ;;
+		inside:*) [[ $line =~ ^[A-Za-z0-9+/]{1,76}={0,2}$ ]] || state=bad ;;
+		after:) ;;
+		*) state=bad ;;
+		esac
+		[[ $state != bad ]] || fatal 2 "$file line $n: not a PEM certificate (one -----BEGIN CERTIFICATE----- block and nothing else)" "ask the hub admin for the bundle again"
+	done <"$file"
+	[[ $state == after ]] || fatal 2 "$file is not a PEM certificate (one -----BEGIN CERTIFICATE----- block and nothing else)" "ask the hub admin for the bundle again"
+	REGISTRY_CA=$file
 }
 
 # ------------------------------------------------------------ the wg config ----
@@ -983,6 +1015,9 @@ confirm_plan() {
 	info "  share     $SHARED_CPUS CPUs, $SHARED_MEM_MIB MiB of memory, GPUs: $gpus"
 	info "  VPN       write $WG_CONF, bring up $IFACE$(systemd_runs && printf ' (and at boot)')"
 	info "  Docker    ${ENGINE_VERSION:+$ENGINE_VERSION: }$docker_line"
+	if [[ -n $REGISTRY ]]; then
+		info "  registry  trust the hub's image registry $REGISTRY (its CA in $CERTS_DIR/$REGISTRY/)"
+	fi
 	info "  swarm     join $MANAGER as $VPN_IP"
 	if [[ -n $KEY_LINE ]]; then
 		info "  SSH       trust the hub's key from $HUB_VPN_IP only ($AUTHORIZED_KEYS)"
@@ -1172,6 +1207,29 @@ install_file() {
 	fi
 }
 
+step_registry_ca() {
+	[[ -n $REGISTRY ]] || return 0
+	local path dir created=0 backup=absent
+	registry_ca_path "$REGISTRY"
+	path=$REPLY dir=${REPLY%/*}
+	if [[ ! -d $CERTS_DIR ]]; then
+		created=2
+	elif [[ ! -d $dir ]]; then
+		created=1
+	fi
+	if [[ -L $path || (-e $path && ! -f $path) ]]; then
+		fatal 1 "$path is not a plain file: join.sh will not write the registry's CA through it" "look at what it is, move it away, then run join.sh again"
+	fi
+	if [[ -f $path ]]; then
+		backup=$BACKUP_DIR/registry-ca.crt
+		cp -p -- "$path" "$backup"
+	fi
+	state_set REGISTRY "$REGISTRY" REGISTRY_CA_BACKUP "$backup" REGISTRY_DIRS_CREATED "$created"
+	if ((created)); then cmd mkdir -p -m 0755 -- "$dir"; fi
+	printf '[#] write %s (the hub registry'"'"'s CA)\n' "$path" >&2
+	atomic_write "$path" 0644 <"$REGISTRY_CA"
+}
+
 step_swarm_join() {
 	state_set SWARM_JOINED 1
 	if ! cmd_secret "$SWARM_TOKEN" docker swarm join --token "$SWARM_TOKEN" --advertise-addr "$VPN_IP" \
@@ -1302,6 +1360,7 @@ main() {
 	step_link_up
 	step_wait_handshake
 	step_docker_config
+	step_registry_ca
 	step_swarm_join
 	step_authorized_keys
 	step_check_firewall

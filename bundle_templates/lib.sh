@@ -18,6 +18,8 @@
 #                             join.sh kept its state: ROOT_HOME/.gridx)
 #   GRIDX_STATE_DIR           /var/lib/gridx (root's own folder: never under
 #                             $HOME, which sudo -E hands over from the user)
+#   GRIDX_DOCKER_CERTS_DIR    /etc/docker/certs.d (Docker's per-registry CAs:
+#                             the hub registry's goes in HOST:PORT/ca.crt)
 #   GRIDX_SUBUID, GRIDX_SUBGID  /etc/subuid, /etc/subgid (where dockerd
 #                             adds its dockremap user's ranges)
 #   GRIDX_MEMINFO             /proc/meminfo
@@ -139,8 +141,9 @@ init_paths() {
 	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
 	SUBUID=${GRIDX_SUBUID:-/etc/subuid}
 	SUBGID=${GRIDX_SUBGID:-/etc/subgid}
+	CERTS_DIR=${GRIDX_DOCKER_CERTS_DIR:-/etc/docker/certs.d} # same default as gridx.py's docker_certs_dir
 	local path
-	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR"; do
+	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR" "$CERTS_DIR"; do
 		[[ $path == /* ]] || fatal 2 "'$path' is not an absolute path" "the GRIDX_* path overrides take absolute paths"
 	done
 }
@@ -339,6 +342,7 @@ check_settings() {
 		GRIDX_NAME) is_dns_label "${S[$key]}" || bad_setting "$key" "a DNS label (lowercase letters, digits and '-')" ;;
 		GRIDX_VPN_IP | GRIDX_HUB_VPN_IP) is_ipv4 "${S[$key]}" || bad_setting "$key" "an IPv4 address" ;;
 		GRIDX_MANAGER) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:2377)" ;;
+		GRIDX_REGISTRY) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:5000)" ;;
 		GRIDX_HUB_ENDPOINT) is_endpoint "${S[$key]}" || bad_setting "$key" "host:port (like 203.0.113.7:51820)" ;;
 		GRIDX_SUBNET) is_cidr "${S[$key]}" 8 || bad_setting "$key" "an IPv4 network (like 10.0.0.0/24)" ;;
 		GRIDX_NEEDS_PRIVATE_KEY) [[ ${S[$key]} =~ ^[01]$ ]] || bad_setting "$key" "0 or 1" ;;
@@ -428,13 +432,17 @@ json_str_list() {
 #   DOCKER_RESTART_PENDING SWARM_JOINED AUTHORIZED_KEYS
 #   AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP CREATED_SSH_DIR
 #   CREATED_AUTHORIZED_KEYS BOOT_UNIT
+#   REGISTRY (the hub registry's HOST:PORT, whose CA join.sh installed as
+#   CERTS_DIR/HOST:PORT/ca.crt) REGISTRY_CA_BACKUP (a file, or "absent")
+#   REGISTRY_DIRS_CREATED (0, 1: the HOST:PORT folder, 2: CERTS_DIR too)
 
 declare -A ST=()
 STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
 	SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS CONTAINMENT HUB_SSH
 	CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE WORKER_CHAIN CREATED_DOCKER_DIR
 	DAEMON_JSON DAEMON_JSON_BACKUP CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
-	DOCKER_RESTART_PENDING DOCKREMAP_CREATED SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
+	DOCKER_RESTART_PENDING DOCKREMAP_CREATED REGISTRY REGISTRY_CA_BACKUP REGISTRY_DIRS_CREATED
+	SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
 	CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS BOOT_UNIT)
 
 state_exists() { [[ -f $STATE_FILE ]]; }
@@ -471,7 +479,15 @@ check_state() {
 	state_expect BOOT_UNIT "wg-quick@$iface"
 	state_expect FIREWALL_RULE "${FW_RULE[*]}"
 	state_expect WORKER_CHAIN "$WORKER_CHAIN"
+	if [[ -v ST[REGISTRY] ]] && ! is_ipv4_port "${ST[REGISTRY]}"; then
+		fatal 3 "$STATE_FILE: REGISTRY '${ST[REGISTRY]}' is not IPv4:port" "the record was changed by hand; put it back, or undo the join by hand"
+	fi
+	state_expect REGISTRY_CA_BACKUP absent "$BACKUP_DIR/registry-ca.crt"
+	state_expect REGISTRY_DIRS_CREATED 0 1 2
 }
+
+# registry_ca_path HOST:PORT -> REPLY: where Docker reads that registry's CA.
+registry_ca_path() { REPLY=$CERTS_DIR/$1/ca.crt; }
 
 # state_set KEY VALUE [KEY VALUE...], then save. state_unset KEY..., then save.
 state_set() {
@@ -512,7 +528,7 @@ state_json() {
 		lower=${key,,}
 		case $key in
 		SHARED_GPU_IDS) json_str_list "$value" ;;
-		SHARED_CPUS | SHARED_MEMORY_MIB) REPLY=$value ;;
+		SHARED_CPUS | SHARED_MEMORY_MIB | REGISTRY_DIRS_CREATED) REPLY=$value ;;
 		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
 			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH | DOCKREMAP_CREATED)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
@@ -733,6 +749,20 @@ undo_docker_config() {
 	state_unset DOCKER_RESTART_PENDING
 }
 
+# The hub registry's CA: back as it was (removed, or the earlier file put
+# back), then the folders join made, when empty. Docker reads certs.d at each
+# pull: no restart.
+undo_registry_ca() {
+	[[ -v ST[REGISTRY] ]] || return 0
+	local path dir backup=${ST[REGISTRY_CA_BACKUP]:-absent} created=${ST[REGISTRY_DIRS_CREATED]:-0}
+	registry_ca_path "${ST[REGISTRY]}"
+	path=$REPLY dir=${REPLY%/*}
+	restore_file "$path" "$backup" || return 1
+	if ((created >= 1)) && [[ -d $dir ]]; then rmdir -- "$dir" 2>/dev/null || true; fi
+	if ((created >= 2)) && [[ -d $CERTS_DIR ]]; then rmdir -- "$CERTS_DIR" 2>/dev/null || true; fi
+	state_unset REGISTRY REGISTRY_CA_BACKUP REGISTRY_DIRS_CREATED
+}
+
 # "userns-remap": "default" makes dockerd create the user dockremap and its
 # ranges in /etc/subuid and /etc/subgid; once Docker runs without remapping
 # again (undo_docker_config, before), they go when join was what made them.
@@ -817,7 +847,7 @@ undo_wg_config() {
 undo_all() {
 	local step failed=0 rc errexit=0
 	[[ $- == *e* ]] && errexit=1
-	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_docker_config undo_dockremap undo_link \
+	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_registry_ca undo_docker_config undo_dockremap undo_link \
 		undo_firewall undo_wg_config; do
 		# In a subshell with errexit on (not in a tested context, where bash
 		# would switch errexit off), so a failing command ends only this step.

@@ -38,7 +38,7 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 
 HANDSHAKE_MAX_AGE=180
 OPT_JSON=0
-LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false
+LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false REGISTRY_CA=false
 
 usage() {
 	cat <<EOF
@@ -114,6 +114,17 @@ check_containment() {
 	fi
 }
 
+# The hub registry's CA that join.sh installed: still where Docker reads it?
+check_registry_ca() {
+	[[ -v ST[REGISTRY] ]] || return 0
+	registry_ca_path "${ST[REGISTRY]}"
+	if [[ -f $REPLY ]]; then
+		REGISTRY_CA=true
+	else
+		PROBLEMS+=("the hub registry's CA $REPLY is missing: images from ${ST[REGISTRY]} cannot be pulled (run leave.sh, then join.sh again)")
+	fi
+}
+
 print_json() {
 	local healthy=$1 joined=$2 key p problems='' complete=false
 	[[ ${ST[COMPLETE]:-0} == 1 ]] && complete=true
@@ -132,6 +143,8 @@ print_json() {
 		json_str "$p"
 		problems+=${problems:+, }$REPLY
 	done
+	json_str "${ST[REGISTRY]:-}"
+	printf ', "registry": %s, "registry_ca": %s' "$REPLY" "$REGISTRY_CA"
 	printf ', "contained": %s, "healthy": %s, "problems": [%s]}\n' "$CONTAINED" "$healthy" "$problems"
 }
 
@@ -144,6 +157,9 @@ print_human() {
 	printf '  swarm           %s (manager %s)\n' "$SWARM" "${ST[MANAGER]:-?}"
 	printf '  shared          %s CPUs, %s MiB, GPUs: %s\n' "${ST[SHARED_CPUS]:-?}" "${ST[SHARED_MEMORY_MIB]:-?}" "${gpus:-none}"
 	printf '  contained       %s\n' "$([[ $CONTAINED == true ]] && printf 'yes (user-namespace remapping)' || printf no)"
+	if [[ -v ST[REGISTRY] ]]; then
+		printf '  registry        %s (CA %s)\n' "${ST[REGISTRY]}" "$([[ $REGISTRY_CA == true ]] && printf installed || printf missing)"
+	fi
 }
 
 main() {
@@ -166,6 +182,7 @@ main() {
 	check_swarm
 	IFACE_NAME=${ST[INTERFACE]:-gridx0}
 	check_containment
+	check_registry_ca
 	local healthy=true p
 	((${#PROBLEMS[@]} == 0)) || healthy=false
 	if ((OPT_JSON)); then print_json "$healthy" true; else print_human; fi

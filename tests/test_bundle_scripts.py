@@ -1540,3 +1540,98 @@ def test_gridx_worker_join_wg_config_with_postup_is_exit_2_and_nothing_runs(lab)
     assert "'PostUp' is not a key Grid-X writes" in r.stderr
     assert not pwned.exists()
     assert_nothing_changed(lab, before)
+
+
+# ------------------------------------------------ the hub registry's CA ----
+
+FAKE_CA = ("-----BEGIN CERTIFICATE-----\n"
+           + "".join(base64.b64encode(bytes(range(i, i + 48))).decode() + "\n" for i in range(0, 192, 48))
+           + "-----END CERTIFICATE-----\n")
+
+
+def with_registry(lab, ca=FAKE_CA):
+    """A bundle of a hub with a registry: GRIDX_REGISTRY and registry-ca.crt
+    (as gridx.py's registry_bundle_settings/registry_bundle_files write
+    them); the CA goes under the fake /etc. Returns the env to run with."""
+    lab.settings["GRIDX_REGISTRY"] = "10.0.0.1:5000"
+    lab.write_bundle()
+    if ca is not None:
+        (lab.bundle / "registry-ca.crt").write_text(ca)
+    lab.certs = lab.etc / "docker" / "certs.d"
+    return lab.env(GRIDX_DOCKER_CERTS_DIR=str(lab.certs))
+
+
+def test_join_installs_the_registry_ca_records_it_and_leave_removes_it(lab):
+    env = with_registry(lab)
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 0, r.stderr
+    ca = lab.certs / "10.0.0.1:5000" / "ca.crt"
+    assert ca.read_text() == FAKE_CA and stat.S_IMODE(ca.stat().st_mode) == 0o644
+    assert "registry  trust the hub's image registry 10.0.0.1:5000" in r.stderr
+    state = (lab.state / "state.env").read_text()
+    assert "REGISTRY='10.0.0.1:5000'" in state and "REGISTRY_CA_BACKUP='absent'" in state
+    assert "REGISTRY_DIRS_CREATED='2'" in state
+    assert json.loads((lab.state / "worker_config.json").read_text())["registry_dirs_created"] == 2
+    assert not [c for c in lab.log() if c.startswith("service docker restart")][1:]  # no restart for the CA
+    status = lab.run("status.sh", "--json", env=env)
+    assert json.loads(status.stdout)["registry_ca"] is True, status.stderr
+    r = lab.run("leave.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not lab.certs.exists()
+    assert lab.snapshot() == before
+
+
+def test_a_ca_already_there_is_put_back_byte_for_byte(lab):
+    env = with_registry(lab)
+    folder = lab.certs / "10.0.0.1:5000"
+    folder.mkdir(parents=True)
+    (folder / "ca.crt").write_bytes(b"the volunteer's own CA\n")
+    (folder / "client.cert").write_bytes(b"theirs too\n")
+    before = lab.snapshot()
+    assert lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env).returncode == 0
+    assert (folder / "ca.crt").read_text() == FAKE_CA
+    assert "REGISTRY_DIRS_CREATED='0'" in (lab.state / "state.env").read_text()
+    r = lab.run("leave.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert lab.snapshot() == before
+
+
+def test_status_says_when_the_registry_ca_went_missing(lab):
+    env = with_registry(lab)
+    assert lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env).returncode == 0
+    (lab.certs / "10.0.0.1:5000" / "ca.crt").unlink()
+    r = lab.run("status.sh", env=env)
+    assert r.returncode == 1
+    assert "registry        10.0.0.1:5000 (CA missing)" in r.stdout
+    assert "the hub registry's CA" in r.stderr and "is missing" in r.stderr
+    assert lab.run("leave.sh", env=env).returncode == 0  # the file gone already: leave still finishes
+
+
+@pytest.mark.parametrize("ca, says", [
+    (None, "registry-ca.crt is missing"),
+    ("hello\n", "line 1: not a PEM certificate"),
+    (FAKE_CA.replace("CERTIFICATE", "PRIVATE KEY"), "line 1: not a PEM certificate"),
+    (FAKE_CA + "PostUp = rm -rf /\n", "line 7: not a PEM certificate"),
+    (FAKE_CA.replace("\n-----END CERTIFICATE-----\n", "\n"), "is not a PEM certificate"),
+    (FAKE_CA.replace("AAEC", "A$(x)"), "line 2: not a PEM certificate"),
+], ids=["missing", "text", "a-key", "a-line-after", "no-end", "a-command"])
+def test_a_bundle_ca_that_is_not_a_pem_certificate_is_exit_2_and_nothing_changes(lab, ca, says):
+    env = with_registry(lab, ca)
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], r.stderr
+    assert lab.log() == []
+    assert_nothing_changed(lab, before)
+
+
+@pytest.mark.parametrize("value", ["-10.0.0.1:5000", "10.0.0.1", "hub.example:5000", "10.0.0.1:5000 x"])
+def test_the_registry_setting_is_validated(lab, value):
+    env = with_registry(lab)
+    lab.settings["GRIDX_REGISTRY"] = value
+    lab.write_bundle()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 2 and "settings.env: GRIDX_REGISTRY" in r.stderr, r.stderr
+    assert lab.log() == []

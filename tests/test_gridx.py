@@ -65,6 +65,19 @@ JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "C
             "CurrentState": "Complete 1 second ago", "Error": ""}
 
 
+REGISTRY_DIGEST = "sha256:" + "ab" * 32
+
+
+REGISTRY_ANSWERS = {  # URL part -> curl --include's output
+    "/manifests/": f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {REGISTRY_DIGEST}\r\n\r\n"
+                   + json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:c", "size": 10},
+                                 "layers": [{"digest": "sha256:l", "size": 90}]}),
+    "/tags/list": "HTTP/1.1 200 OK\r\n\r\n" + json.dumps({"name": "team/app", "tags": ["1"]}),
+    "/_catalog": "HTTP/1.1 200 OK\r\n\r\n" + json.dumps({"repositories": ["team/app"]}),
+    "/v2/": "HTTP/1.1 200 OK\r\n\r\n{}",
+}
+
+
 class FakeTools:
     """Stands in for every program gridx runs (subprocess.run, call and
     Popen): records each argv and answers as a hub with one worker would."""
@@ -93,6 +106,10 @@ class FakeTools:
                 public.write(SSH_PUBLIC_KEY + "\n")
         elif tool == "docker":
             out = self.answer_docker(rest)
+        elif tool == "curl":  # the hub's registry API (see Registry): one image, team/app:1
+            out = REGISTRY_ANSWERS[next(k for k in REGISTRY_ANSWERS if k in argv[-1])]
+            if "--request" in rest and rest[rest.index("--request") + 1] == "DELETE":
+                out = "HTTP/1.1 202 Accepted\r\n\r\n"
         return out, code
 
     def answer_docker(self, rest):
@@ -199,6 +216,11 @@ def fake_hub(tmp_path, monkeypatch, declined=()):
     monkeypatch.setattr(gridx, "systemd_running", lambda: False)
     monkeypatch.setattr(gridx, "check_manager_reachable", lambda host: None)
     monkeypatch.setattr(gridx, "DOCKER_HOST", None)
+    # the registry (see Registry): its CA where Docker reads it, its storage
+    monkeypatch.setenv("GRIDX_DOCKER_CERTS_DIR", str(tmp_path / "certs.d"))
+    monkeypatch.setenv("GRIDX_REGISTRY_STORAGE", str(tmp_path / "registry"))
+    (tmp_path / "certs.d" / "10.0.0.1:5000").mkdir(parents=True)
+    (tmp_path / "certs.d" / "10.0.0.1:5000" / "ca.crt").write_text("CA\n")
     # users (issue 14): their account's home and the hub's host key, here
     monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "users"))
     (tmp_path / "host_key.pub").write_text(SSH_PUBLIC_KEY + "\n")
@@ -1189,6 +1211,8 @@ ARGV_BASE = {
     ("hub", "set-user"): (["--max-cpus=4"], {"name": ["u1"]}),
     ("hub", "set-defaults"): (["--max-cpus=4"], {}),
     ("hub", "remove-user"): ([], {"name": ["u1"]}),
+    ("image", "push"): ([], {"image": ["team/app:1"]}),
+    ("image", "rm"): ([], {"name": ["team/app:1"]}),
 }
 
 
