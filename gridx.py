@@ -4155,8 +4155,9 @@ def cmd_hub_watch(args):
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         try:
+            nodes = swarm_nodes()
             now = time.monotonic()
-            down = {n.hostname for n in swarm_nodes() if n.state == "down"}
+            down = {n.hostname for n in nodes if n.state == "down"}
             for name in list(down_since):
                 if name not in down:
                     del down_since[name]
@@ -4169,8 +4170,8 @@ def cmd_hub_watch(args):
                 lost = run_lost_jobs_again(expired, tasks)
                 if lost:
                     info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(lost)}")
-            # The same in two passes in a row: a `jobs run --wait` that polls
-            # far more often has not run it again itself.
+            # Due once two passes in a row saw it waiting to run again: a
+            # `jobs run --wait` that polls far more often has not run it again itself.
             waiting = jobs_that_run_again(services, tasks)
             due = sorted(job for job, ids in waiting.items() if args.once or seen_waiting.get(job) == ids)
             run_again(due)

@@ -787,6 +787,23 @@ def test_jobs_that_run_again_are_bounded():
     assert gridx.jobs_that_run_again(services, tasks) == {"once": frozenset({"once-rejected-worker1"})}
 
 
+def test_wait_runs_a_job_again_by_the_same_rule(monkeypatch):
+    """--wait's run again is runs_again's: bounded by the task history, so
+    what hub watch ran again counts too."""
+    ran = []
+    monkeypatch.setattr(gridx, "info", lambda message: None)
+    monkeypatch.setattr(gridx, "run_again", lambda ids: ran.append(list(ids)))
+    waiting = gridx.RunAgainWait("job1")
+    once = [task("rejected", error=gridx.ENFORCER_REJECTION, task_id="r0")]
+    assert waiting.started(once) and waiting.now(once) and ran == [["job1"]]
+    assert not waiting.started(once)  # the rejected task is not yet the job's end again
+    assert waiting.started(once + [task("pending", desired="running", task_id="new")])
+    too_often = [task("rejected", error=gridx.ENFORCER_REJECTION, task_id=f"r{i}")
+                 for i in range(gridx.ENFORCER_RERUNS + 1)]
+    assert not waiting.now(too_often) and ran == [["job1"]]
+    assert not waiting.now([task("failed", error="task: non-zero exit (3)")])
+
+
 # -- Jobs: waiting -----------------------------------------------------------------
 
 def test_job_progress_says_what_a_waiting_job_does():
