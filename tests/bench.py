@@ -26,6 +26,11 @@ figure, its target, met or missed) and writes bench-results.json.
            afterwards
   join     `./join.sh --yes ...` from start to node Ready on the hub / bare
            `wg-quick up` + `docker swarm join`, same kind of container (<= 1.5x)
+  users    `gridx jobs run --wait python:3.11 true --manager gridx@10.0.0.1`
+           from a user container (node image, no docker CLI, dist/gridx, set
+           up from its user bundle) / the same `gridx jobs run --wait` as
+           root on the hub (<= 1.3x), interleaved; once more with a limit set
+           for the user (the fair-share check's docker calls), for information
 
 Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
                               [--json PATH] [--quick]
@@ -71,7 +76,7 @@ NODE_RUN_FLAGS = [
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
     "--label", "io.gridx.lab.name=" + LAB, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
-SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join")
+SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
 
 # Shell helpers sent with every script run in the hub: `t LABEL CMD...` runs
@@ -679,6 +684,75 @@ def bench_join(res, args):
     res.row("join-restart", "`join.sh --yes` vs the bare steps plus what it must add: the resources in "
             "daemon.json and a Docker restart (polled every 0.1 s)", med["join.sh"], med["bare+restart"],
             "(info)", None)
+
+
+# ---------------------------------------------------------------------------
+# 7. Users: a job through `--manager gridx@HUB` (issue 13)
+# ---------------------------------------------------------------------------
+
+USER_NODE = LAB + "-benchuser"
+USER_IP = LAB_NET + ".31"
+BENCH_USER = "benchuser"
+
+USER_SETUP = r"""
+cd /root/gridx-benchuser-user
+install -m 600 gridx-user.conf /etc/wireguard/gridx-user.conf
+wg-quick up gridx-user >/dev/null 2>&1
+install -d -m 700 ~/.ssh
+cat known_hosts >> ~/.ssh/known_hosts
+install -m 600 id_ed25519 ~/.ssh/gridx-benchuser
+"""
+
+USER_RUN = r"""
+set -a; . /root/gridx-benchuser-user/settings.env; set +a
+t "$1" gridx jobs run --wait --name "$2" python:3.11 true
+"""
+HUB_RUN = 't hub gridx jobs run --wait --name "$2" python:3.11 true'
+
+
+def bench_users(res, args):
+    if not os.path.isfile(BINARY):
+        raise BenchError(f"{BINARY} is missing: make binary")
+    reps = 3 if args.quick else 5
+    sh(["docker", "rm", "-f", "-v", USER_NODE], check=False)
+    hub_bash(f"gridx hub remove-user {BENCH_USER} --stop-jobs >/dev/null 2>&1; true", check=False)
+    got, names = {"hub": [], "user": [], "user+limits": []}, []
+    try:
+        sh(["docker", "run", "-d", "--name", USER_NODE, "--hostname", "benchuser", "--network", LAB,
+            "--ip", USER_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE])
+        wait_ready(USER_NODE)
+        # a user's machine: no docker CLI, no Python, the static binary
+        sh(["docker", "exec", USER_NODE, "rm", "-f", "/usr/bin/docker", "/usr/bin/dockerd"])
+        sh(["docker", "cp", BINARY, f"{USER_NODE}:/usr/local/bin/gridx"])
+        path = json.loads(hub_bash(f"gridx hub add-user {BENCH_USER} --json").stdout)["bundle"]
+        copy = subprocess.Popen(["docker", "cp", f"{HUB}:{path}", "-"], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "cp", "-", f"{USER_NODE}:/root/"], stdin=copy.stdout, check=True)
+        copy.wait()
+        hub_bash(USER_SETUP, container=USER_NODE)
+        for variant in ("user", "user+limits"):
+            if variant == "user+limits":
+                hub_bash(f"gridx hub set-user {BENCH_USER} --max-cpus 100 >/dev/null")
+            for i in range(2 + reps):  # 2 warm-up rounds each (the first opens the shared SSH connection)
+                for label, container, script in (("hub", HUB, HUB_RUN), (variant, USER_NODE, USER_RUN)):
+                    name = f"gxbench-{variant.replace('+', '-')}-{label.replace('+', '-')}{i}"
+                    names.append(name)
+                    out = hub_bash(script, label, name, container=container, timeout=300).stdout
+                    if i >= 2:
+                        got[label] += timings(out).get(label, [])
+    finally:
+        hub_bash("gridx jobs delete \"$@\" >/dev/null 2>&1; gridx hub remove-user benchuser >/dev/null 2>&1; true",
+                 *names, check=False)
+        sh(["docker", "rm", "-f", "-v", USER_NODE], check=False)
+    failed = {k: sum(1 for _, rc in v if rc != 0) for k, v in got.items()}
+    med = {k: median([s for s, rc in v if rc == 0]) for k, v in got.items()}
+    res.raw["users"] = {"runs": got, "median_ok_s": med, "failed": failed}
+    note = "; ".join(f"{k}: {n} FAILED" for k, n in failed.items() if n)
+    r = ratio(med["user"], med["hub"])
+    res.row("users", f"`gridx jobs run --wait python:3.11 true --manager gridx@10.0.0.1` from a user's machine "
+            f"(static binary, ssh only) vs the same as root on the hub ({reps} each, interleaved)",
+            med["user"], med["hub"], "≤ 1.3×", False if failed["user"] else target_ratio(1.3, r), note=note)
+    res.row("users-limits", "the same with a limit set for the user (serve counts their jobs' reservations first)",
+            med["user+limits"], med["hub"], "(info)", None)
 
 
 # ---------------------------------------------------------------------------
