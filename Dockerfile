@@ -53,10 +53,13 @@ COPY entrypoint.sh /usr/local/sbin/gridx-lab-entrypoint
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/sbin/gridx-lab-entrypoint"]
 
+# The hub also runs the image registry (gridx hub init: Debian's
+# docker-registry, with TLS from a CA made by openssl; gridx image ls/rm
+# speak to its API through curl).
 FROM node AS hub
 LABEL io.gridx.lab=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 docker-registry openssl curl \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && printf '#!/bin/sh\nexec python3 /opt/gridx/gridx.py "$@"\n' > /usr/local/bin/gridx \
  && chmod 0755 /usr/local/bin/gridx

@@ -103,7 +103,8 @@ Commands:
   start               build the images (base image too when it cannot be
                       pulled), start the containers, wait for every dockerd
   setup               hub init, add-peer + join.sh for worker1..3 (worker3
-                      shares 2 made-up GPUs), load the job images, start
+                      shares 2 made-up GPUs), push the job images to the
+                      hub's registry (workers pull them over the VPN), start
                       gridx hub watch in the hub; idempotent
   status              gridx hub status and gridx cluster (nodes, VPN addresses)
   ssh WORKER [CMD..]  gridx hub ssh WORKER [-- CMD] from the hub
@@ -425,9 +426,13 @@ need_lab() {
 	[ "$state" = true ] || die 3 "the lab is not running" "./test.sh start"
 }
 
+# Run again on an initialised hub it changes nothing, except what is not
+# running: the lab has no systemd, so after a restart init starts the image
+# registry again (a real hub's gridx-registry.service does that).
 hub_init() {
 	if docker exec "$HUB" test -e /etc/gridx/hub_config.json; then
 		info "hub already initialised"
+		gridx_hub hub init --ip "$HUB_IP" >/dev/null
 		return 0
 	fi
 	echo_run gridx_hub hub init --ip "$HUB_IP"
@@ -521,34 +526,42 @@ join_diagnostics() {
 	fi
 }
 
-# Job images go into each worker with docker save | docker load (no registry):
-# saved once to a file, loaded into the workers that lack them in parallel.
-load_images() {
-	local img id w tar pids=() need=()
+# Job images reach the workers through the hub's registry (gridx image push,
+# then docker pull over the VPN), as images of a real hub do: loaded once
+# into the hub (docker save | docker load: the lab's engines cannot reach the
+# machine's), pushed, then pulled by the workers that lack them, in parallel.
+# Lab-only step: a worker tags the pulled 10.0.0.1:5000/python:3.11 as
+# python:3.11, because the lab's registry stands in for Docker Hub (which a
+# real worker would pull python:3.11 from), so the tests keep naming the
+# images real users name.
+image_id() { in_node "$1" docker image inspect -f '{{.Id}}' "$2" 2>/dev/null || :; }
+
+load_into_hub() { # IMAGE ID
+	[ "$(image_id hub "$1")" = "$2" ] && return 0
+	info "loading $1 into the hub (once; the workers pull it from the hub's registry)"
+	docker save "$1" | docker exec -i "$HUB" docker load -q >/dev/null || die 1 "docker load of $1 into the hub failed"
+}
+
+pull_images() {
+	local img id w name pids=() need=() pid failed=0
 	for img in "${JOB_IMAGES[@]}"; do
 		id=$(docker image inspect -f '{{.Id}}' "$img")
 		need=()
 		for w in "${WORKERS[@]}"; do
-			if [ "$(in_node "$w" docker image inspect -f '{{.Id}}' "$img" 2>/dev/null || :)" = "$id" ]; then
-				info "$w already has $img"
-			else
-				need+=("$w")
-			fi
+			if [ "$(image_id "$w" "$img")" = "$id" ]; then info "$w already has $img"; else need+=("$w"); fi
 		done
 		[ "${#need[@]}" -gt 0 ] || continue
-		tar=$(mktemp "${TMPDIR:-/tmp}/gridx-lab-image.XXXXXX")
-		docker save -o "$tar" "$img"
-		info "loading $img into ${need[*]}"
-		pids=()
+		load_into_hub "$img" "$id"
+		name=$(gridx_hub image push "$img") || die 1 "gridx image push $img failed on the hub"
+		info "workers ${need[*]} pull $name over the VPN"
 		for w in "${need[@]}"; do
-			docker exec -i "$(node "$w")" docker load -q <"$tar" >/dev/null &
+			# shellcheck disable=SC2016 # the node's sh expands them
+			in_node "$w" sh -c 'docker pull -q "$1" >/dev/null && docker tag "$1" "$2"' sh "$name" "$img" &
 			pids+=("$!")
 		done
-		local pid failed=0
-		for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-		rm -f "$tar"
-		[ "$failed" -eq 0 ] || die 1 "docker load of $img failed in a worker"
 	done
+	for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+	[ "$failed" -eq 0 ] || die 1 "a worker could not pull a job image from the hub's registry" "./test.sh logs hub (and /var/log/gridx-registry.log there)"
 }
 
 # The hub's job keeper (`gridx hub watch`: jobs of a worker Down for 15 s run
@@ -592,7 +605,7 @@ cmd_setup() {
 	for w in "${WORKERS[@]}"; do
 		stage "join $w" join_worker "$w"
 	done
-	stage "load job images into workers" load_images
+	stage "job images: hub registry -> workers" pull_images
 	stage "hub watch" start_watch
 	info "lab set up in $(elapsed "$t0")s; next: ./test.sh status, ./test.sh test-job"
 }

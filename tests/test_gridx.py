@@ -1146,11 +1146,32 @@ def test_not_initialised_is_exit_3(tmp_path):
     assert "not initialised" in result.stderr and "hint: run: gridx hub init" in result.stderr
 
 
-def test_not_root_is_exit_3(tmp_path):
+@pytest.fixture
+def gridx_for_others():
+    """gridx.py and bundle_templates/ copied where any user can read them, for
+    tests that drop to another user: the checkout may sit in a private folder
+    (root's home, a 0700 temp folder), and pytest's tmp_path is 0700 too."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gridx-readable-")
+    try:
+        shutil.copy(GRIDX, folder)
+        shutil.copytree(os.path.join(ROOT, "bundle_templates"), os.path.join(folder, "bundle_templates"))
+        for dirpath, _, filenames in os.walk(folder):
+            os.chmod(dirpath, 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        yield os.path.join(folder, "gridx.py")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_not_root_is_exit_3(tmp_path, gridx_for_others):
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             sys.executable, GRIDX, "hub", "add-peer", "ok"],
+                             sys.executable, gridx_for_others, "hub", "add-peer", "ok"],
                             capture_output=True, text=True, env=dict(os.environ, GRIDX_CONFIG_DIR=str(tmp_path)))
     assert result.returncode == 3 and "root" in result.stderr and "Traceback" not in result.stderr
 
@@ -1181,12 +1202,12 @@ def test_no_access_to_the_docker_socket_is_exit_3(tmp_path):
     assert result.returncode == 3 and "Docker socket" in result.stderr and "hint: " in result.stderr
 
 
-def test_ssh_pubkey_as_non_root_is_exit_3(tmp_path):
+def test_ssh_pubkey_as_non_root_is_exit_3(tmp_path, gridx_for_others):
     if os.geteuid() != 0:
         result = cli("hub", "ssh-pubkey", env={"GRIDX_CONFIG_DIR": str(tmp_path)})
     else:
         result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                 sys.executable, GRIDX, "hub", "ssh-pubkey"],
+                                 sys.executable, gridx_for_others, "hub", "ssh-pubkey"],
                                 capture_output=True, text=True, env=dict(os.environ, GRIDX_CONFIG_DIR=str(tmp_path)))
     assert result.returncode == 3 and "root" in result.stderr and "Traceback" not in result.stderr
 

@@ -10,27 +10,14 @@
 - A job that asked for no GPU is told NVIDIA_VISIBLE_DEVICES=void, whatever
   its image sets (the lab has no real GPU: what is checked is what the
   NVIDIA toolkit would be handed).
-- A worker that declined the hub's SSH (join.sh --no-hub-ssh) is said to
-  have declined by `gridx hub ssh`, and has no hub key in authorized_keys.
+(A worker that declined the hub's SSH: test_workers.py.)
 """
 
 import json
-import shlex
-import time
 
 import pytest
 from conftest import WORKERS, hub, node_exec
-from e2e_helpers import (
-    add_peer,
-    copy_bundle,
-    machine_state,
-    ok,
-    prepare_machine,
-    remove_peer_quietly,
-    unjoined,
-    wait_peer_ready,
-    wait_until,
-)
+from e2e_helpers import ok, wait_until
 
 ESCAPE_SERVICE = "gridx-e2e-escape"
 TARGET = "worker2"
@@ -149,26 +136,3 @@ def test_a_job_without_gpus_is_told_none_whatever_its_image_sets(lab):
         assert "visible=void" not in proc.stdout, proc.stdout
     finally:
         hub("jobs", "delete", *names, timeout=180)
-
-
-def test_a_worker_that_declined_the_hubs_ssh_says_so(lab, fresh_node):
-    prepare_machine(fresh_node)
-    before = machine_state(fresh_node)
-    name = "no-ssh"
-    try:
-        added = add_peer(name)
-        folder = copy_bundle(added["bundle"], fresh_node)
-        joined = node_exec(fresh_node, [f"{folder}/join.sh", "--yes", "--cpus", "1", "--memory", "512M",
-                                        "--gpus", "0", "--no-hub-ssh"], timeout=300)
-        ok(joined, "join.sh --no-hub-ssh")
-        wait_peer_ready(name)
-        keys = ok(node_exec(fresh_node, "cat /root/.ssh/authorized_keys"), "authorized_keys")
-        assert "10.0.0.1" not in keys, keys
-        started = time.monotonic()
-        proc = hub("hub", "ssh", name, "--", "true", timeout=60)
-        assert proc.returncode == 3 and "declined" in proc.stderr, (proc.returncode, proc.stderr)
-        assert time.monotonic() - started < 20
-        ok(node_exec(fresh_node, f"{shlex.quote(folder)}/leave.sh", timeout=180), "leave.sh")
-        assert machine_state(fresh_node) == unjoined(before)
-    finally:
-        remove_peer_quietly(name)

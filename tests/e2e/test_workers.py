@@ -9,6 +9,7 @@ Worker containers have no Python.
 """
 
 import os
+import time
 
 import pytest
 from conftest import WORKERS, hub, node_exec
@@ -182,6 +183,11 @@ def test_no_hub_ssh_is_seen_by_the_hub_and_leave_restores(lab, fresh_node):
         labels = ok(node_exec("hub", ["docker", "node", "inspect", "fresh", "--format",
                                       "{{json .Description.Engine.Labels}}"]), "docker node inspect fresh")
         assert '"gridx.hub-ssh":"no"' in labels, labels
+        # ...and says so instead of trying: exit 3, at once
+        started = time.monotonic()
+        declined = hub("hub", "ssh", name, "--", "true", timeout=60)
+        assert declined.returncode == 3 and "declined" in declined.stderr, (declined.returncode, declined.stderr)
+        assert time.monotonic() - started < 20
         assert contained(fresh_node)
         ok(node_exec(fresh_node, f"{folder}/leave.sh", timeout=180), "leave.sh")
         assert machine_state(fresh_node) == unjoined(before)
