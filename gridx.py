@@ -11,6 +11,7 @@ Usage:
     sudo ./join.sh                         # on the volunteer's machine
     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
     gridx cluster
+    gridx image push team/app:1            # on the hub: 10.0.0.1:5000/team/app:1
 
 Environment:
     GRIDX_CONFIG_DIR   hub state folder (default /etc/gridx)
@@ -22,6 +23,9 @@ Environment:
     GRIDX_SSH_KEY      the SSH key for gridx@HUB (a user bundle's settings)
     GRIDX_USERS_HOME   the users' account's home on the hub
                        (default /var/lib/gridx/users)
+    GRIDX_REGISTRY_STORAGE, GRIDX_DOCKER_CERTS_DIR   the registry's storage
+                       (/var/lib/gridx/registry) and Docker's certs.d
+                       (/etc/docker/certs.d), moved by tests
     NO_COLOR           no colour in messages
 
 Exit status:
@@ -2514,10 +2518,13 @@ def reset_registry():
     next init makes them for its address); the CA stays (never regenerated)
     and so do the images (the hint says where)."""
     stop_registry()
-    if systemd_running() and os.path.exists(registry_unit_path()):
+    unit = os.path.exists(registry_unit_path())
+    if systemd_running() and unit:
         run(["systemctl", "disable", REGISTRY_UNIT], check=False)
-    if os.path.exists(registry_unit_path()):
+    if unit:
         os.unlink(registry_unit_path())
+        if systemd_running():
+            run(["systemctl", "daemon-reload"], check=False)
     for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
         path = registry_paths()[name]
         if os.path.exists(path):
@@ -2697,13 +2704,30 @@ def folder_bytes(path):
     return total
 
 
+def image_manager(args):
+    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
+    the registry is the admin's, so only root@HUB, never a user's account."""
+    import urllib.parse
+
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if not manager:
+        return None
+    docker_host = valid_manager(manager)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user not in (None, "root"):
+        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
+                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
+                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
+    return manager
+
+
 def image_registry(args):
     """(registry address, CA path) for the image commands: on the hub from
     its config; with --manager root@HUB, HUB:5000 and the CA this machine's
     Docker has for it in /etc/docker/certs.d."""
     import urllib.parse
 
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    manager = image_manager(args)
     if manager:
         host = urllib.parse.urlsplit(valid_manager(manager)).hostname
         address = f"{host}:{REGISTRY_PORT}"
@@ -4724,8 +4748,7 @@ def args_jobs_list(p):
 
 def cmd_image_push(args):
     image = valid_image(args.image)
-    if getattr(args, "manager", None):
-        valid_manager(args.manager)
+    image_manager(args)
     if split_image(image)[3]:
         pushed_name(image, "")  # by digest: exit 2 before anything
     need("docker")
@@ -4753,8 +4776,7 @@ def cmd_image_push(args):
 
 
 def cmd_image_ls(args):
-    if getattr(args, "manager", None):
-        valid_manager(args.manager)
+    image_manager(args)
     address, ca_path = image_registry(args)
     images, stored = registry_images(address, ca_path)
     if args.json:
