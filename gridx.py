@@ -3262,7 +3262,10 @@ class LogFollower:
     With hold, output is kept until release(). The followers never end by
     themselves, and a job's last lines can arrive a moment after its end is
     recorded: stop() waits until the output has been quiet for LOG_QUIET_S
-    (at most LOG_DRAIN_S) before ending them.
+    (at most LOG_DRAIN_S) before ending them. A follower that has shown
+    nothing by then may not have caught up yet with a job that ended at once
+    (seen on a loaded machine: `logs -f` of a finished job printed nothing):
+    stop() then reads what there is, whole, with one plain `service logs`.
     """
 
     def __init__(self, sources, log_args=(), hold=False):
@@ -3272,7 +3275,9 @@ class LogFollower:
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
         self.last_output = time.monotonic()
-        self.sources, self.processes, self.copiers = set(), [], []
+        self.any_output = False
+        self.log_args = tuple(log_args)
+        self.sources, self.processes, self.copiers = [], [], []
         self.add(sources, log_args)
 
     def add(self, sources, log_args=()):
@@ -3280,7 +3285,7 @@ class LogFollower:
         import threading
 
         for source in sources:
-            self.sources.add(source)
+            self.sources.append(source)
             process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE)
             copier = threading.Thread(target=self._copy, args=(process,), daemon=True)
             copier.start()
@@ -3296,6 +3301,7 @@ class LogFollower:
                 return
             with self.lock:
                 self.last_output = time.monotonic()
+                self.any_output = True
                 if self.held is not None:
                     self.held.append(chunk)
                     continue
@@ -3328,7 +3334,8 @@ class LogFollower:
         import time
 
         deadline = time.monotonic() + LOG_DRAIN_S
-        while time.monotonic() - self.last_output < LOG_QUIET_S and time.monotonic() < deadline:
+        while (self.any_output and time.monotonic() - self.last_output < LOG_QUIET_S
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         for process in self.processes:
             process.terminate()
@@ -3337,6 +3344,9 @@ class LogFollower:
         for copier in self.copiers:
             copier.join(timeout=1)
         self.release()
+        if not self.any_output:
+            for source in self.sources:
+                run_streaming(logs_argv(source, self.log_args))
 
 
 def rejected_by_enforcer(tasks):
