@@ -11,6 +11,7 @@ Usage:
     sudo ./join.sh                         # on the volunteer's machine
     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
     gridx cluster
+    gridx image push team/app:1            # on the hub: 10.0.0.1:5000/team/app:1
 
 Environment:
     GRIDX_CONFIG_DIR   hub state folder (default /etc/gridx)
@@ -22,6 +23,9 @@ Environment:
     GRIDX_SSH_KEY      the SSH key for gridx@HUB (a user bundle's settings)
     GRIDX_USERS_HOME   the users' account's home on the hub
                        (default /var/lib/gridx/users)
+    GRIDX_REGISTRY_STORAGE, GRIDX_DOCKER_CERTS_DIR   the registry's storage
+                       (/var/lib/gridx/registry) and Docker's certs.d
+                       (/etc/docker/certs.d), moved by tests
     NO_COLOR           no colour in messages
 
 Exit status:
@@ -2624,10 +2628,13 @@ def reset_registry():
     next init makes them for its address); the CA stays (never regenerated)
     and so do the images (the hint says where)."""
     stop_registry()
-    if systemd_running() and os.path.exists(registry_unit_path()):
+    unit = os.path.exists(registry_unit_path())
+    if systemd_running() and unit:
         run(["systemctl", "disable", REGISTRY_UNIT], check=False)
-    if os.path.exists(registry_unit_path()):
+    if unit:
         os.unlink(registry_unit_path())
+        if systemd_running():
+            run(["systemctl", "daemon-reload"], check=False)
     for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
         path = registry_paths()[name]
         if os.path.exists(path):
@@ -2807,13 +2814,30 @@ def folder_bytes(path):
     return total
 
 
+def image_manager(args):
+    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
+    the registry is the admin's, so only root@HUB, never a user's account."""
+    import urllib.parse
+
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if not manager:
+        return None
+    docker_host = valid_manager(manager)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user not in (None, "root"):
+        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
+                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
+                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
+    return manager
+
+
 def image_registry(args):
     """(registry address, CA path) for the image commands: on the hub from
     its config; with --manager root@HUB, HUB:5000 and the CA this machine's
     Docker has for it in /etc/docker/certs.d."""
     import urllib.parse
 
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    manager = image_manager(args)
     if manager:
         host = urllib.parse.urlsplit(valid_manager(manager)).hostname
         address = f"{host}:{REGISTRY_PORT}"
@@ -3497,7 +3521,10 @@ class LogFollower:
     With hold, output is kept until release(). The followers never end by
     themselves, and a job's last lines can arrive a moment after its end is
     recorded: stop() waits until the output has been quiet for LOG_QUIET_S
-    (at most LOG_DRAIN_S) before ending them.
+    (at most LOG_DRAIN_S) before ending them. A follower that has shown
+    nothing by then may not have caught up yet with a job that ended at once
+    (seen on a loaded machine: `logs -f` of a finished job printed nothing):
+    stop() then reads what there is, whole, with one plain `service logs`.
     """
 
     def __init__(self, sources, log_args=(), hold=False):
@@ -3507,7 +3534,9 @@ class LogFollower:
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
         self.last_output = time.monotonic()
-        self.sources, self.processes, self.copiers = set(), [], []
+        self.any_output = False
+        self.log_args = tuple(log_args)
+        self.sources, self.processes, self.copiers = [], [], []
         self.add(sources, log_args)
 
     def add(self, sources, log_args=()):
@@ -3515,7 +3544,7 @@ class LogFollower:
         import threading
 
         for source in sources:
-            self.sources.add(source)
+            self.sources.append(source)
             process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE)
             copier = threading.Thread(target=self._copy, args=(process,), daemon=True)
             copier.start()
@@ -3531,6 +3560,7 @@ class LogFollower:
                 return
             with self.lock:
                 self.last_output = time.monotonic()
+                self.any_output = True
                 if self.held is not None:
                     self.held.append(chunk)
                     continue
@@ -3563,7 +3593,8 @@ class LogFollower:
         import time
 
         deadline = time.monotonic() + LOG_DRAIN_S
-        while time.monotonic() - self.last_output < LOG_QUIET_S and time.monotonic() < deadline:
+        while (self.any_output and time.monotonic() - self.last_output < LOG_QUIET_S
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         for process in self.processes:
             process.terminate()
@@ -3572,6 +3603,9 @@ class LogFollower:
         for copier in self.copiers:
             copier.join(timeout=1)
         self.release()
+        if not self.any_output:
+            for source in self.sources:
+                run_streaming(logs_argv(source, self.log_args))
 
 
 # ---------------------------------------------------------------------------
@@ -4919,8 +4953,7 @@ def args_jobs_list(p):
 
 def cmd_image_push(args):
     image = valid_image(args.image)
-    if getattr(args, "manager", None):
-        valid_manager(args.manager)
+    image_manager(args)
     if split_image(image)[3]:
         pushed_name(image, "")  # by digest: exit 2 before anything
     need("docker")
@@ -4948,8 +4981,7 @@ def cmd_image_push(args):
 
 
 def cmd_image_ls(args):
-    if getattr(args, "manager", None):
-        valid_manager(args.manager)
+    image_manager(args)
     address, ca_path = image_registry(args)
     images, stored = registry_images(address, ca_path)
     if args.json:

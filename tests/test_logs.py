@@ -128,3 +128,28 @@ esac
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert lines.index("info: job job-1: running on worker1") < lines.index("the job's output"), lines
+
+
+def test_a_follower_that_has_not_caught_up_with_a_finished_job_loses_nothing(tmp_path):
+    """`logs -f` of a job that is already over: the follower may show nothing
+    before the job's end is seen (a loaded machine); its output is read whole."""
+    script = tmp_path / "docker"
+    script.write_text("""#!/bin/sh
+case "$1 $2" in
+  "service logs")
+      case "$*" in
+        *--follow*) exec sleep 30 ;;
+        *) echo "the job's output" ;;
+      esac ;;
+  "service ps")
+      printf '{"ID":"t1","Name":"job-1.1","Node":"worker1","DesiredState":"Complete",'
+      printf '"CurrentState":"Complete 1 second ago","Error":""}\\n' ;;
+esac
+""")
+    script.chmod(0o755)
+    code = "import sys, gridx\nsys.exit(gridx.wait_for_job('job-1', 1, poll_s=0.05))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT,
+                            stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "the job's output\n"

@@ -190,6 +190,23 @@ def test_bad_input_is_exit_2_before_anything(argv, hub_dirs, monkeypatch, capsys
     assert err.startswith("error: ") and "hint: " in err
 
 
+@pytest.mark.parametrize("argv", [["image", "ls", "--manager=gridx@10.0.0.1"],
+                                  ["image", "push", "--manager=alice@10.0.0.1", "team/app:1"]])
+def test_image_commands_are_the_admins_not_a_users(argv, hub_dirs, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(gridx, "run", lambda *a, **kw: ran.append(a))
+    assert gridx.main(argv) == 2 and ran == []
+    assert "for the hub's admin" in capsys.readouterr().err
+
+
+def test_gridx_manager_of_the_environment_is_checked_before_anything(hub_dirs, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(gridx, "run", lambda *a, **kw: ran.append(a))
+    monkeypatch.setattr(gridx, "need", lambda *tools: ran.append(tools))
+    monkeypatch.setenv("GRIDX_MANAGER", "-oProxyCommand=x")
+    assert gridx.main(["image", "push", "team/app:1"]) == 2 and ran == []
+
+
 def test_a_registry_that_does_not_answer_is_exit_3_with_a_hint(hub_dirs, monkeypatch, capsys):
     gridx.save_hub_config(make_config())
     trust = hub_dirs / "certs.d" / "10.0.0.1:5000"

@@ -122,12 +122,13 @@ def test_user_bundle_holds_what_the_readme_says(user_node):
 
 
 def test_a_user_runs_a_job_and_sees_its_output_and_exit_status(user_node):
-    proc = as_user(f"gridx jobs run --wait python:3.11 'echo from-the-user; exit 3' --manager {MANAGER}")
+    proc = as_user(f"gridx jobs run --wait python:3.11 'sleep 1; echo from-the-user; exit 3' --manager {MANAGER}")
     assert proc.returncode == 3, proc.stderr
     assert "from-the-user" in proc.stdout
-    assert "running on" in proc.stderr  # gridx's progress comes through on stderr
+    # gridx's progress comes through on stderr (the job sleeps: a poll sees it run)
+    assert "running on" in proc.stderr
     listed = json.loads(ok(as_user("gridx jobs list --mine --json"), "jobs list --mine (settings.env)"))
-    mine = [job for job in listed["jobs"] if job["command"] == "echo from-the-user; exit 3"]
+    mine = [job for job in listed["jobs"] if job["command"] == "sleep 1; echo from-the-user; exit 3"]
     assert mine and mine[0]["owner"] == ALICE and mine[0]["exit_code"] == 3
     table = ok(as_user("gridx jobs list"), "jobs list")
     assert re.search(rf"^{mine[0]['id']}\s+{ALICE}\s", table, re.M), table
