@@ -759,7 +759,8 @@ render_key_line() {
 	KEY_LINE="from=\"$HUB_VPN_IP\",no-agent-forwarding,no-X11-forwarding $key"
 }
 
-# The generic resources this machine advertises, as daemon.json strings.
+# The generic resources this machine advertises, as daemon.json strings: the
+# names are the same as gridx.py's RES_CPU, RES_MEM and RES_GPU (what jobs reserve).
 resource_list() {
 	local gpu
 	RESOURCES=("gridx_cpu=$SHARED_CPUS" "gridx_mem=$SHARED_MEM_MIB")
@@ -857,7 +858,7 @@ hand_merged() {
 	fi
 }
 
-# Both mergers keep every key, drop old gridx_cpu/gridx_mem/NVIDIA-GPU
+# Both mergers keep every key, drop old gridx_cpu/gridx_mem/NVIDIA-GPU (gridx.py's RES_*)
 # entries and gridx.hub-ssh labels, keep a userns-remap already set, and keep
 # the file's bytes when nothing would change.
 merge_with_python3() { # RES_JSON NEW

@@ -277,7 +277,8 @@ is_dns_name() {
 	for label in "${labels[@]}"; do is_dns_label "$label" || return 1; done
 }
 
-# wg-quick's rule for interface names, without a leading '-' or dots alone.
+# wg-quick's rule for interface names, without a leading '-' or dots alone;
+# same as gridx.py's valid_interface.
 is_interface() { [[ $1 =~ ^[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}$ && $1 != . && $1 != .. ]]; }
 
 # ip_int A.B.C.D -> REPLY: the address as a number.

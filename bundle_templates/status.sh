@@ -36,6 +36,7 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 # shellcheck source=lib.sh
 . "$GRIDX_BUNDLE_DIR/lib.sh"
 
+# Same as gridx.py's HANDSHAKE_SILENT_S (hub status calls a peer silent past it).
 HANDSHAKE_MAX_AGE=180
 OPT_JSON=0
 LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false REGISTRY_CA=false
