@@ -546,13 +546,20 @@ pull_images() {
 	local img id w name pids=() need=() pid failed=0
 	for img in "${JOB_IMAGES[@]}"; do
 		id=$(docker image inspect -f '{{.Id}}' "$img")
-		need=()
-		for w in "${WORKERS[@]}"; do
-			if [ "$(image_id "$w" "$img")" = "$id" ]; then info "$w already has $img"; else need+=("$w"); fi
-		done
-		[ "${#need[@]}" -gt 0 ] || continue
+		# Always into the hub and its registry (a push of layers it holds
+		# is quick): a lab whose workers got the image some other way (an
+		# older setup's docker load) still ends with it in the registry.
 		load_into_hub "$img" "$id"
 		name=$(gridx_hub image push "$img") || die 1 "gridx image push $img failed on the hub"
+		need=()
+		for w in "${WORKERS[@]}"; do
+			if [ "$(image_id "$w" "$name")" = "$id" ] && [ "$(image_id "$w" "$img")" = "$id" ]; then
+				info "$w already has $img from the hub's registry"
+			else
+				need+=("$w")
+			fi
+		done
+		[ "${#need[@]}" -gt 0 ] || continue
 		info "workers ${need[*]} pull $name over the VPN"
 		for w in "${need[@]}"; do
 			# shellcheck disable=SC2016 # the node's sh expands them
