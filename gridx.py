@@ -1959,12 +1959,6 @@ def check_owner(services, action):
                               "see yours: gridx jobs list --mine")
 
 
-def check_owner_of(job_id, action):
-    """check_owner for one job by its ID; no docker call outside serve."""
-    if OWNER is not None:
-        check_owner(list_job_services([job_id]), action)
-
-
 def empty_use():
     return {"cpus": 0, "memory_mib": 0, "gpus": 0, "jobs": 0}
 
@@ -4664,8 +4658,9 @@ def cmd_jobs_logs(args):
     job_id = valid_name(args.job_id, "job ID")
     tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
     set_manager(args)
-    check_owner_of(job_id, "read the logs of")  # through serve: see Users
-    mode = list_job_services([job_id])[0]["Spec"]["Mode"]
+    services = list_job_services([job_id])
+    check_owner(services, "read the logs of")  # through serve: see Users
+    mode = services[0]["Spec"]["Mode"]
     sources, lost = log_sources(job_id)
     if lost:
         warn(f"the logs of {job_id} on {', '.join(lost)} cannot be read: "
