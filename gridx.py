@@ -102,6 +102,7 @@ JUPYTER_IMAGE = "quay.io/jupyter/base-notebook:latest"
 MANAGER_CONNECT_TIMEOUT_S = 5
 JUPYTER_FAILURES = 3  # failed starts in a row before `jobs jupyter` gives up
 WG_CONFIG_MAX_BYTES = 64 * 1024
+WATCH_DEFAULT_INTERVAL_S = 10
 WATCH_MAX_S = 86400  # hub watch's --interval / --down-after: time.sleep() overflows on huge values
 JUPYTER_MAX_WAIT_S = 86400
 
@@ -1506,7 +1507,7 @@ LABEL_OWNER = "gridx.owner"
 ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
 USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
 # What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
-SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "cluster")
+SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
 HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
 USER_WG_INTERFACE = "gridx-user"  # the user's side: beside a worker's gridx0
 USERS_CHAIN = "GRIDX-USERS"
@@ -2098,9 +2099,13 @@ def check_serve_args(args, words):
         raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
     if getattr(args, "manager", None):
         raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
-    if handler is cmd_jobs_train and not args.script.startswith(("http://", "https://")):
+    if handler is cmd_jobs_train and not args.script.startswith(("http://", "https://")) and args.workdir is None:
         raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
-                          "serve the script over http(s), or build it into an image")
+                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
+    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
+        # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
+        raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
+                          "gridx jobs results JOB [DEST] --manager gridx@HUB copies them to your machine")
 
 
 def load_serve_limits(name):
@@ -2121,7 +2126,7 @@ def load_serve_limits(name):
 SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
 
 
-def watch_session_end():
+def watch_session_end(armed=False):
     """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
     sshd then closes serve's stdin (and nothing else: the command would run
     on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
@@ -2134,8 +2139,7 @@ def watch_session_end():
     def on_hangup(signum, frame):
         raise KeyboardInterrupt
 
-    def watch():
-        armed = False
+    def watch(armed=armed):
         try:
             while True:
                 chunk = os.read(0, 4096)
@@ -2166,7 +2170,9 @@ def cmd_serve(args):
     check_serve_args(parsed, words)
     SERVE_LIMITS = load_serve_limits(name)
     OWNER = name
-    watch_session_end()
+    if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
+        parsed.upload = read_upload(sys.stdin.buffer, parse_memory(parsed.workdir_limit, "--workdir-limit"))
+    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
     return parsed.handler(parsed)
 
 
@@ -2245,7 +2251,7 @@ def serve_ssh_argv(docker_host, words, control=None):
     return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
 
 
-def forward_to_serve(docker_host):
+def forward_to_serve(docker_host, args=None):
     """--manager USER@HUB with a USER other than root: the whole command runs
     on the hub through the gridx account's forced `gridx serve`, needing ssh
     only here; stdout, stderr and the exit status pass through as they are.
@@ -2258,13 +2264,30 @@ def forward_to_serve(docker_host):
         return
     need("ssh")
     check_manager_reachable(docker_host)
-    argv = serve_ssh_argv(docker_host, forwarded_words(INVOCATION), ssh_control_dir())
-    # stdin stays open (never written) while ssh runs: its end tells serve
-    # that this side is gone (Ctrl-C, a kill), see watch_session_end.
+    control = ssh_control_dir()
+    words = forwarded_words(INVOCATION)
+    handler = getattr(args, "handler", None)
+    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
+        dest = results_destination(args.dest, args.job_id)
+        written, files = fetch_results_over_ssh(docker_host, args.job_id, dest, control)
+        print(dest)
+        info(f"{human_bytes(written)} in {files} file(s)")
+        raise ForwardedExit(EXIT_OK)
+    if getattr(args, "job_name", None) and not args.name:
+        # the ID is chosen here, so that --wait can fetch the job's results
+        words.insert(words.index("jobs") + 2, f"--name={args.job_name}")
+    layer = getattr(args, "layer", None)
+    argv = serve_ssh_argv(docker_host, words, control)
+    # stdin stays open (never written after the hello and the work folder)
+    # while ssh runs: its end tells serve that this side is gone (Ctrl-C, a
+    # kill), see watch_session_end.
     process = start(argv, stdin=subprocess.PIPE)
     try:
         try:
-            process.stdin.write(SESSION_HELLO)
+            if layer:
+                send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
+            else:
+                process.stdin.write(SESSION_HELLO)
             process.stdin.flush()
         except BrokenPipeError:
             pass  # ssh ended already: its status says why
@@ -2277,6 +2300,10 @@ def forward_to_serve(docker_host):
         raise precondition(f"cannot run the command on the hub over SSH as {user}",
                            "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
                            "(the bundle's settings.env), or ask the hub admin whether you are a user")
+    if getattr(args, "wait", False) and job_output(args):
+        dest = results_destination(None, args.job_name)
+        written, files = fetch_results_over_ssh(docker_host, args.job_name, dest, control)
+        info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
     raise ForwardedExit(code)
 
 
@@ -3132,8 +3159,9 @@ def is_current(task, batch=True):
     return batch or task.desired != "shutdown"
 
 
-def list_job_services(job_ids=None):
-    """Inspect every Grid-X job service (two docker calls), or the named ones."""
+def list_job_services(job_ids=None, missing_ok=False):
+    """Inspect every Grid-X job service (two docker calls), or the named ones
+    (missing_ok: [] for a job that is not there, else exit 2)."""
     import json
 
     if job_ids is None:
@@ -3143,6 +3171,8 @@ def list_job_services(job_ids=None):
     result = run(docker("service", "inspect", "--", *job_ids), check=False)
     if result.returncode != 0:
         if "no such service" in result.stderr.lower():
+            if missing_ok:
+                return []
             missing = [i for i in job_ids if i in result.stderr] or job_ids
             raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
         raise command_error(docker("service", "inspect"), result)
@@ -3600,6 +3630,787 @@ class LogFollower:
         if not self.any_output:
             for source in self.sources:
                 run_streaming(logs_argv(source, self.log_args))
+
+
+# ---------------------------------------------------------------------------
+# Work folders and results
+# ---------------------------------------------------------------------------
+# `--workdir DIR`: the folder's files (less what its .gridxignore, else its
+# .dockerignore, leaves out) become one layer on the job's image. gridx
+# streams them, with a Dockerfile of its own (FROM the image, COPY to /work:
+# nothing of the user's runs at build time), as the build context of the
+# hub's Docker: here on the hub, through docker's own SSH with --manager
+# root@HUB, or through gridx serve for a user. The hub's Docker builds and
+# pushes it to the hub's registry (see Registry); the worker pulls it over
+# the VPN. `--output PATH`: when a task ends, complete or failed, the hub
+# copies PATH out of its ended container (`docker cp` on the worker, over
+# the hub's SSH, see Hub SSH) into RESULTS/JOB/ (RESULTS/JOB/SLOT/ when
+# there are several replicas), so results outlive the worker; `jobs
+# results` copies them to the submitter. Such a job runs only where the
+# hub's SSH reaches (not on a --no-hub-ssh worker).
+#   ignore rules · the work layer · the upload through serve · results on the hub · results to the submitter
+
+WORK_DIR = "/work"  # where the folder lands and the job starts
+DEFAULT_OUTPUT = WORK_DIR + "/out"  # --output's default with --workdir
+DEFAULT_WORKDIR_LIMIT = "2G"
+DEFAULT_OUTPUT_LIMIT = "2G"
+IGNORE_FILES = (".gridxignore", ".dockerignore")  # the first one found counts
+WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB
+WORK_DOCKERFILE = "FROM {image}\nCOPY work/ {workdir}/\nWORKDIR {workdir}\n"
+LABEL_OUTPUT = "gridx.output"
+LABEL_OUTPUT_LIMIT = "gridx.output-limit"
+LABEL_BASE_IMAGE = "gridx.base-image"  # the image a --workdir layer sits on
+HUB_SSH_CONSTRAINT = f"engine.labels.{LABEL_HUB_SSH}!=no"  # where the hub can collect results
+PROGRESS_EVERY_S = 5  # plain progress lines when stderr is not a terminal
+STREAM_CHUNK = 1024 * 1024
+UPLOAD_MAGIC = b"gridx-upload "  # serve: after SESSION_HELLO, this, a JSON header line, then frames
+RESULTS_COLLECT_TIMEOUT_S = 3600
+
+
+def results_dir():
+    return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
+
+
+def valid_output_path(value):
+    """--output: an absolute path in the container, in plain characters
+    (it goes into `docker cp` on the worker through the hub's SSH)."""
+    import posixpath
+    import re
+
+    if not value or not re.fullmatch(r"/[A-Za-z0-9._/@+-]*", value) or ".." in value.split("/"):
+        raise usage_error(f"invalid --output {value!r}: give an absolute path in the job's container",
+                          f"for example: --output {DEFAULT_OUTPUT}")
+    path = posixpath.normpath(value)
+    if path == "/":
+        raise usage_error("--output / would copy the whole container", f"for example: --output {DEFAULT_OUTPUT}")
+    return path
+
+
+# -- ignore rules -----------------------------------------------------------------
+
+
+def ignore_pattern(pattern):
+    """One .dockerignore pattern as a regex over a slash path relative to the
+    folder: Go's filepath.Match (* and ? stop at '/', [classes]) and ** for
+    any number of folders, as Docker reads it."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            body = "^" + body[1:] if body[0] in "!^" else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        elif pattern[i] == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+class IgnoreRules:
+    """A .gridxignore / .dockerignore: the last pattern that matches a path
+    or one of its folders decides; '!' keeps what an earlier one left out."""
+
+    def __init__(self, text="", source=None):
+        import posixpath
+
+        self.source, self.rules = source, []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            keep = line.startswith("!")
+            pattern = posixpath.normpath(line[1:].strip() if keep else line).lstrip("/")
+            if pattern not in ("", "."):
+                self.rules.append((keep, ignore_pattern(pattern)))
+        # a folder left out can still hold a file that '!' keeps: walk into it
+        self.prunes = not any(keep for keep, _ in self.rules)
+
+    def ignored(self, path):
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        verdict = False
+        for keep, pattern in self.rules:
+            if any(pattern.match(prefix) for prefix in prefixes):
+                verdict = not keep
+        return verdict
+
+
+def folder_ignore_rules(folder):
+    for name in IGNORE_FILES:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return IgnoreRules(handle.read(), name)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise usage_error(f"cannot read {path}: {error.strerror}") from None
+    return IgnoreRules()
+
+
+# -- the work layer -----------------------------------------------------------------
+
+
+class WorkFolder:
+    """A --workdir folder as it goes into the layer: its files, folders and
+    links (relative slash paths, folders before what they hold), what they
+    weigh, and what was left out. Read once, before anything runs, so a
+    folder over the limit is refused at once."""
+
+    def __init__(self, path, limit_bytes):
+        import stat
+
+        if not os.path.isdir(path):
+            raise usage_error(f"--workdir {path!r} is not a folder", "give the folder the job needs, e.g. --workdir .")
+        self.path = os.path.abspath(path)
+        self.rules = folder_ignore_rules(self.path)
+        self.entries, self.bytes, self.skipped = [], 0, 0
+        for top, folders, files in os.walk(self.path, onerror=self._unreadable):
+            base = os.path.relpath(top, self.path).replace(os.sep, "/")
+            base = "" if base == "." else base + "/"
+            folders.sort()
+            for name in list(folders) + sorted(files):
+                relative = base + name
+                full = os.path.join(top, name)
+                mode = os.lstat(full).st_mode
+                is_folder = stat.S_ISDIR(mode)
+                if self.rules.ignored(relative):
+                    if is_folder and self.rules.prunes:
+                        folders.remove(name)
+                    continue
+                if is_folder:
+                    self.entries.append(relative)
+                elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                    if stat.S_ISLNK(mode) and name in folders:
+                        folders.remove(name)  # a link to a folder goes as a link
+                    self.entries.append(relative)
+                    self.bytes += os.lstat(full).st_size if stat.S_ISREG(mode) else 0
+                else:
+                    self.skipped += 1  # sockets, fifos, devices
+        if self.bytes > limit_bytes:
+            raise usage_error(
+                f"the work folder {path} holds {human_bytes(self.bytes)}, over the {human_bytes(limit_bytes)} limit",
+                f"leave files out with a {IGNORE_FILES[0]} (the syntax of .dockerignore), or raise it: "
+                f"--workdir-limit {human_bytes(self.bytes * 2).split('.')[0]}G")
+
+    def _unreadable(self, error):
+        raise usage_error(f"cannot read {error.filename}: {error.strerror}", "check the folder's permissions")
+
+    def describe(self):
+        files = sum(not os.path.isdir(os.path.join(self.path, e)) for e in self.entries)
+        ignored = f", less what {self.rules.source} leaves out" if self.rules.source else ""
+        return f"{human_bytes(self.bytes)} in {files} file(s){ignored}"
+
+    def members(self):
+        """(TarInfo, open file or None) for each entry, owned by root."""
+        import tarfile
+
+        for relative in self.entries:
+            full = os.path.join(self.path, relative)
+            info = tarfile.TarInfo(relative)
+            status = os.lstat(full)
+            info.mode, info.mtime = status.st_mode & 0o7777, int(status.st_mtime)
+            if os.path.islink(full):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(full)
+                yield info, None
+            elif os.path.isdir(full):
+                info.type = tarfile.DIRTYPE
+                yield info, None
+            else:
+                with open(full, "rb") as handle:
+                    info.size = os.fstat(handle.fileno()).st_size
+                    yield info, handle
+
+
+class Meter:
+    """Bytes sent and their rate: one line redrawn on a terminal, a plain
+    line every PROGRESS_EVERY_S otherwise, and a last line at the end."""
+
+    def __init__(self, what, total):
+        import time
+
+        self.what, self.total, self.sent = what, total, 0
+        self.started = self.shown = time.monotonic()
+        self.terminal = sys.stderr.isatty()
+
+    def line(self, now):
+        rate = self.sent / max(now - self.started, 1e-6)
+        return f"{self.what}: {human_bytes(self.sent)} of {human_bytes(self.total)} ({human_bytes(rate)}/s)"
+
+    def add(self, count):
+        import time
+
+        self.sent += count
+        now = time.monotonic()
+        if self.terminal and now - self.shown > 0.2:
+            print("\r" + self.line(now) + "\x1b[K", end="", file=sys.stderr, flush=True)
+            self.shown = now
+        elif not self.terminal and now - self.shown >= PROGRESS_EVERY_S:
+            info(self.line(now))
+            self.shown = now
+
+    def done(self):
+        import time
+
+        if self.terminal:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+        rate = self.sent / max(time.monotonic() - self.started, 1e-6)
+        info(f"{self.what}: {human_bytes(self.sent)} sent ({human_bytes(rate)}/s)")
+
+
+class MeteredPipe:
+    """A file-like write end that counts what goes through it."""
+
+    def __init__(self, pipe, meter):
+        self.pipe, self.meter = pipe, meter
+
+    def write(self, data):
+        self.pipe.write(data)
+        self.meter.add(len(data))
+        return len(data)
+
+
+def write_work_context(out, image, members):
+    """The build context: gridx's Dockerfile, the folder under work/."""
+    import io
+    import tarfile
+
+    dockerfile = WORK_DOCKERFILE.format(image=image, workdir=WORK_DIR).encode()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size, info.mode = len(dockerfile), 0o644
+        archive.addfile(info, io.BytesIO(dockerfile))
+        folder = tarfile.TarInfo("work")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        archive.addfile(folder)
+        for info, handle in members:
+            info.name = "work/" + info.name
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            archive.addfile(info, handle)
+
+
+def write_members(out, members):
+    """The folder alone as a tar stream (what a user's gridx sends to serve)."""
+    import tarfile
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
+        for info, handle in members:
+            archive.addfile(info, handle)
+
+
+def build_work_image(target, image, members, size):
+    """`docker build` of the work layer from a context streamed on stdin
+    (over docker's SSH with --manager root@HUB), then `docker push`."""
+    import subprocess
+    import tempfile
+
+    argv = docker("build", "--quiet", f"--tag={target}", "-")
+    with tempfile.TemporaryFile() as said:
+        process = start(argv, stdin=subprocess.PIPE, stdout=said, stderr=said)
+        meter = Meter("work folder", size)
+        try:
+            write_work_context(MeteredPipe(process.stdin, meter), image, members)
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # docker build ended early: its output says why
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        code = process.wait()
+        meter.done()
+        if code:
+            said.seek(0)
+            lines = said.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            raise GridxError(f"the hub's Docker could not build the work layer on {image}: {lines[-1]}",
+                             "is the image on the hub (docker images there), or can the hub pull it?")
+    pushed = run(docker("push", "--", target), check=False, timeout=3600)
+    if pushed.returncode:
+        said = (pushed.stderr.strip().splitlines() or ["docker push failed"])[-1]
+        raise precondition(f"the hub's Docker could not push the work layer to its registry: {said}",
+                           "on the hub: gridx hub init (starts the registry), gridx image ls")
+
+
+def hub_registry():
+    """The hub registry's address: from the hub's config here, from the
+    swarm's own address of the manager through --manager (its VPN IP)."""
+    if DOCKER_HOST:
+        address = run(docker("info", "--format", "{{.Swarm.NodeAddr}}")).stdout.strip()
+        return registry_address(valid_subnet(address + "/32").split("/")[0])
+    return registry_address(load_hub_config().hub_ip)
+
+
+class WorkLayer:
+    """A job's --workdir: the folder here, or the one a user sent to serve."""
+
+    def __init__(self, job_id, members, size, what):
+        self.job_id, self.members, self.size, self.what = job_id, members, size, what
+        self.folder = None
+
+    def build(self, image):
+        """Build and push it on image: the image the job runs."""
+        target = f"{hub_registry()}/{WORK_REPOSITORY}:{self.job_id}"
+        info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
+        build_work_image(target, image, self.members, self.size)
+        return target
+
+    def forget(self, target):
+        """The hub's Docker keeps no copy: the registry has it."""
+        run(docker("image", "rm", "--", target), check=False)
+
+
+def work_layer(args, job_id):
+    """The WorkLayer of a jobs run/train, or None; checked before anything runs."""
+    workdir = getattr(args, "workdir", None)
+    if workdir is None:
+        return None
+    limit = parse_memory(args.workdir_limit, "--workdir-limit")
+    upload = getattr(args, "upload", None)
+    if upload is not None:  # serve: what the user's gridx sent
+        return WorkLayer(job_id, upload_members(upload), upload.size, human_bytes(upload.size))
+    folder = WorkFolder(workdir, limit)
+    layer = WorkLayer(job_id, folder.members(), folder.bytes, folder.describe())
+    layer.folder = folder  # what a user's gridx sends to serve
+    return layer
+
+
+# -- the upload through serve ---------------------------------------------------------
+# A user's gridx sends SESSION_HELLO, UPLOAD_MAGIC and a JSON header line,
+# then the folder's tar in frames (a hex length line, that many bytes), and a
+# frame of 0 at the end; stdin then stays open as in any serve session.
+
+
+class FrameWriter:
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def write(self, data):
+        if data:
+            self.pipe.write(b"%x\n" % len(data) + data)
+        return len(data)
+
+    def end(self):
+        self.pipe.write(b"0\n")
+        self.pipe.flush()
+
+
+class Upload:
+    """The tar a user sent, spooled on the hub (at most the limit), and its header."""
+
+    def __init__(self, spool, size, header):
+        self.spool, self.size, self.header = spool, size, header
+
+
+def read_upload(stream, limit):
+    """serve: read the framed upload from stdin; exit 2 when it is not one."""
+    import json
+    import tempfile
+
+    def fail(why):
+        return usage_error(f"the work folder did not arrive: {why}", "send it with gridx jobs … --workdir DIR")
+
+    if stream.read(len(SESSION_HELLO)) != SESSION_HELLO or stream.read(len(UPLOAD_MAGIC)) != UPLOAD_MAGIC:
+        raise fail("no upload on stdin")
+    try:
+        header = json.loads(stream.readline(4096))
+    except ValueError:
+        raise fail("a damaged header") from None
+    if not isinstance(header, dict):
+        raise fail("a damaged header")
+    spool, size = tempfile.TemporaryFile(), 0
+    while True:
+        line = stream.readline(32)
+        try:
+            length = int(line, 16)
+        except ValueError:
+            raise fail("a damaged frame") from None
+        if length == 0:
+            break
+        size += length
+        if size > limit:
+            raise usage_error(f"the work folder is over the {human_bytes(limit)} limit",
+                              f"leave files out with a {IGNORE_FILES[0]}, or raise it: --workdir-limit")
+        data = stream.read(length)
+        if len(data) != length:
+            raise fail("it ended early")
+        spool.write(data)
+    spool.seek(0)
+    return Upload(spool, size, header)
+
+
+def upload_members(upload):
+    """A user's tar as members for the layer: folders, files and links with
+    plain relative names only (nothing of it is ever unpacked on the hub)."""
+    import posixpath
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=upload.spool, mode="r|") as archive:
+            for member in archive:
+                name = posixpath.normpath(member.name)
+                if name.startswith("/") or name == ".." or name.startswith("../") or name == ".":
+                    raise usage_error(f"the work folder has a path outside it: {member.name!r}")
+                if not (member.isreg() or member.isdir() or member.issym()):
+                    continue  # hard links, devices: not from a folder walk
+                member.name = name
+                yield member, archive.extractfile(member) if member.isreg() else None
+    except tarfile.TarError as error:
+        raise usage_error(f"the work folder's tar is damaged: {error}") from None
+
+
+def send_upload(pipe, folder, header):
+    """The client's side: hello, header and the folder in frames."""
+    import json
+
+    pipe.write(SESSION_HELLO + UPLOAD_MAGIC + json.dumps(header).encode() + b"\n")
+    frames = FrameWriter(pipe)
+    meter = Meter("work folder", folder.bytes)
+    write_members(MeteredPipe(frames, meter), folder.members())
+    frames.end()
+    meter.done()
+
+
+# -- results on the hub ------------------------------------------------------------------
+# RESULTS/JOB/ holds the files; RESULTS/JOB.json says, per replica slot, which
+# task they came from, what they weigh, or why there are none.
+
+
+def results_record_path(job_id):
+    return os.path.join(results_dir(), f"{job_id}.json")
+
+
+def results_files_path(job_id):
+    return os.path.join(results_dir(), job_id)
+
+
+def load_results_record(job_id):
+    import json
+
+    try:
+        record = json.loads(read_text(results_record_path(job_id)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("slots"), dict) else None
+
+
+def safe_extract(stream, dest, limit, strip=0):
+    """Unpack a tar stream into dest (a fresh folder): folders and files only,
+    names kept under dest, at most limit bytes. Returns (bytes, files,
+    over_limit, left_out)."""
+    import posixpath
+    import tarfile
+
+    written = files = left_out = 0
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            parts = [p for p in posixpath.normpath(member.name).split("/") if p not in ("", ".")][strip:]
+            if not parts or ".." in parts:
+                continue
+            path = os.path.join(dest, *parts)
+            if member.isdir():
+                os.makedirs(path, mode=0o755, exist_ok=True)
+                continue
+            if not member.isreg():
+                left_out += 1  # links and devices stay behind: a link could point anywhere here
+                continue
+            if written + member.size > limit:
+                return written, files, True, left_out
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            source = archive.extractfile(member)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as target:
+                while True:
+                    chunk = source.read(STREAM_CHUNK)
+                    if not chunk:
+                        break
+                    target.write(chunk)
+            written += member.size
+            files += 1
+    return written, files, False, left_out
+
+
+def copy_out(node, container, output, dest, limit):
+    """docker cp of an ended container's output, on its worker over the hub's
+    SSH (here when the hub itself ran it): a slot's record."""
+    import shlex
+    import subprocess
+    import tarfile
+    import tempfile
+
+    copy = ["docker", "cp", "--", f"{container}:{output}", "-"]
+    local = node.address == load_hub_config().hub_ip
+    argv = copy if local else ssh_argv(node.address, [shlex.join(copy)])
+    with tempfile.TemporaryFile() as said:
+        process = start(argv, stdout=subprocess.PIPE, stderr=said)
+        try:
+            written, files, over, left_out = safe_extract(process.stdout, dest, limit, strip=1)
+        except (tarfile.TarError, OSError) as error:
+            written, files, over, left_out = 0, 0, False, 0
+            broken = str(error)
+        else:
+            broken = None
+        finally:
+            process.stdout.close()
+            if process.poll() is None:
+                process.kill()
+            code = process.wait()
+        said.seek(0)
+        error = (said.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+    record = {"node": node.hostname, "bytes": written, "files": files}
+    if left_out:
+        record["left_out"] = left_out
+    if over:
+        return dict(record, state="over-limit", error=f"over the {human_bytes(limit)} limit: kept what fit")
+    if code == 0 and broken is None:
+        return dict(record, state="collected")
+    if "Could not find the file" in error or "No such container:path" in error:
+        return dict(record, state="missing", error=f"{output} is not in the job's container")
+    if "No such container" in error:
+        return dict(record, state="gone", error=f"the container is gone from {node.hostname}")
+    if not local and code == 255:
+        return dict(record, state="unreachable", error=f"the hub's SSH to {node.hostname}: {error or 'failed'}")
+    return dict(record, state="failed", error=error or broken or f"exit {code}")
+
+
+def results_owner():
+    """The gridx account's (uid, gid), when there is one: it serves users
+    their results (gridx serve reads, and deletes, what root collected)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(USER_ACCOUNT)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(path):
+    """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
+    owner = results_owner()
+    if owner is None or os.geteuid() != 0:
+        return
+    os.lchown(path, *owner)
+    for top, folders, files in os.walk(path):
+        for name in folders + files:
+            os.lchown(os.path.join(top, name), *owner)
+
+
+class ResultsLock:
+    """One collector at a time (watch, --wait, jobs results)."""
+
+    def __enter__(self):
+        import fcntl
+
+        if not os.path.isdir(results_dir()):
+            ensure_dir(results_dir())
+            hand_over(results_dir())
+        self.handle = open(os.path.join(results_dir(), ".lock"), "a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed
+
+
+def ended_slots(service, tasks):
+    """{slot: the Task that ended there}: a batch job's current tasks that
+    completed or failed (a rejected task never ran a container)."""
+    ended = {}
+    for task in job_tasks(tasks):
+        if task.state in ("complete", "failed") and task.node:
+            ended[task.name.rsplit(".", 1)[-1]] = task
+    return ended
+
+
+def collect_results(service, tasks, nodes=None):
+    """Copy the output of the job's tasks that ended and are not collected
+    yet onto the hub; the job's results record (None: no --output)."""
+    import json
+    import shutil
+    import tempfile
+
+    labels = service["Spec"].get("Labels", {})
+    output = labels.get(LABEL_OUTPUT)
+    if not output:
+        return None
+    job_id = service["Spec"]["Name"]
+    record = load_results_record(job_id) or {"job": job_id, "owner": owner_of(service), "output": output,
+                                              "slots": {}}
+    due = {slot: task for slot, task in ended_slots(service, tasks).items()
+           if record["slots"].get(slot, {}).get("task") != task.id
+           or record["slots"][slot].get("state") not in RESULTS_FINAL}
+    if not due or os.geteuid() != 0:
+        return record  # serve (the gridx account) has no SSH to workers: watch collects
+    limit = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
+    several = job_replicas(service["Spec"]["Mode"]) > 1
+    containers = task_containers([task.id for task in due.values()])
+    by_name = {n.hostname: n for n in (nodes if nodes is not None else swarm_nodes())}
+    with ResultsLock():
+        record = load_results_record(job_id) or record  # another collector may have been first
+        files = results_files_path(job_id)
+        for slot, task in sorted(due.items()):
+            if record["slots"].get(slot, {}).get("task") == task.id and \
+                    record["slots"][slot].get("state") in RESULTS_FINAL:
+                continue
+            node, container = by_name.get(task.node), containers.get(task.id)
+            fresh = tempfile.mkdtemp(prefix=f".{job_id}-", dir=results_dir())
+            if node is None or not container:
+                slot_record = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
+                               "error": f"{task.node or 'its node'} is no longer in the swarm"}
+            else:
+                slot_record = copy_out(node, container, output, fresh, limit)
+            target = os.path.join(files, slot) if several else files
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            os.chmod(fresh, 0o755)
+            hand_over(fresh)
+            os.rename(fresh, target)
+            record["slots"][slot] = dict(slot_record, task=task.id, exit_code=task.exit_code)
+        record["bytes"] = sum(s.get("bytes", 0) for s in record["slots"].values())
+        atomic_write(results_record_path(job_id), json.dumps(record, indent=2) + "\n", mode=0o644)
+        hand_over(results_record_path(job_id))
+    return record
+
+
+def task_containers(task_ids):
+    """{task ID: its container's ID} from one `docker inspect`."""
+    import json
+
+    if not task_ids:
+        return {}
+    found = {}
+    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
+        container = ((detail.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
+        if container:
+            found[detail.get("ID")] = container
+    return found
+
+
+def collect_due_results(services, tasks, nodes):
+    """hub watch: every job with --output whose ended tasks are not collected."""
+    by_service = tasks_by_service(tasks)
+    collected = []
+    for service in services:
+        if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
+            continue
+        before = load_results_record(service["Spec"]["Name"])
+        record = collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
+        if record and record != before:
+            collected.append(service["Spec"]["Name"])
+    return collected
+
+
+def results_summary(record):
+    """The line jobs status shows, from a results record."""
+    if not record or not record["slots"]:
+        return "none yet: collected onto the hub when the job's task ends"
+    parts = []
+    for slot, s in sorted(record["slots"].items()):
+        where = f"replica {slot}: " if len(record["slots"]) > 1 else ""
+        shown = f"{human_bytes(s.get('bytes', 0))} in {s.get('files', 0)} file(s)"
+        if s["state"] == "collected":
+            parts.append(f"{where}{shown} from {s['node']}")
+        else:
+            parts.append(f"{where}{s['state']}: {s.get('error', '')}" + (f" ({shown})" if s.get("bytes") else ""))
+    return "; ".join(parts)
+
+
+def remove_results(job_id):
+    import shutil
+
+    with ResultsLock():
+        shutil.rmtree(results_files_path(job_id), ignore_errors=True)
+        try:
+            os.unlink(results_record_path(job_id))
+        except FileNotFoundError:
+            pass
+
+
+def write_results_tar(job_id, out):
+    """The hub's side of `jobs results`: RESULTS/JOB/ as a tar stream."""
+    import tarfile
+
+    files = results_files_path(job_id)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
+        for top, folders, names in os.walk(files):
+            folders.sort()
+            for name in sorted(names):
+                full = os.path.join(top, name)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    archive.add(full, arcname=os.path.relpath(full, files), recursive=False)
+
+
+# -- results to the submitter ---------------------------------------------------------------
+
+
+def results_destination(dest, job_id):
+    """DEST (default ./JOB): a folder that does not exist or is empty, so
+    nothing of the user's is overwritten."""
+    path = os.path.abspath(dest or job_id)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)):
+        raise usage_error(f"{dest or job_id} exists and is not an empty folder: results never overwrite files",
+                          f"give another destination: gridx jobs results {job_id} DEST")
+    return path
+
+
+def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
+    """--manager: the hub's gridx collects and sends them as a tar (serve
+    for a user; root's shell with root@HUB, gridx on its PATH)."""
+    import subprocess
+
+    argv = serve_ssh_argv(docker_host, ["jobs", "results", "--tar", "--", job_id], control)
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    process = start(argv, stdout=subprocess.PIPE)
+    try:
+        written, files, _, _ = safe_extract(process.stdout, dest, float("inf"))
+    finally:
+        process.stdout.close()
+        code = process.wait()
+    if code:
+        if code == 255:
+            raise precondition(f"cannot fetch the results of {job_id} from the hub over SSH",
+                               "check the VPN and --manager; on the hub: gridx jobs results " + job_id)
+        raise ForwardedExit(code)
+    return written, files
+
+
+def results_here(job_id, dest):
+    """On the hub: copy RESULTS/JOB/ to dest."""
+    import shutil
+
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    files = results_files_path(job_id)
+    written = count = 0
+    if os.path.isdir(files):
+        shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
+        for top, _, names in os.walk(dest):
+            for name in names:
+                written += os.lstat(os.path.join(top, name)).st_size
+                count += 1
+    return written, count
 
 
 # ---------------------------------------------------------------------------
@@ -4206,6 +5017,9 @@ def cmd_hub_watch(args):
             seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
+            collected = collect_due_results(services, tasks, nodes)  # see Work folders and results
+            if collected:
+                info(f"collected the results of {', '.join(collected)}")
         except GridxError as error:
             warn(error.message)
         if args.once:
@@ -4390,7 +5204,7 @@ def set_manager(args):
     manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
     if manager:
         DOCKER_HOST = valid_manager(manager)
-        forward_to_serve(DOCKER_HOST)  # a user that is not root: the hub's gridx serve (see Users)
+        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve (see Users)
         need("docker", "ssh")
         check_manager_reachable(DOCKER_HOST)
     else:
@@ -4432,6 +5246,168 @@ def new_job_name(args, prefix="job"):
     return new_job_id(prefix)
 
 
+def job_output(args):
+    """--output PATH and its limit (default /work/out with --workdir), or None."""
+    output = getattr(args, "output", None)
+    if output is None and getattr(args, "workdir", None) is None:
+        return None
+    path = valid_output_path(output or DEFAULT_OUTPUT)
+    return path, parse_memory(args.output_limit, "--output-limit")
+
+
+def output_labels(output, layer_image):
+    labels = []
+    if output:
+        labels += [(LABEL_OUTPUT, output[0]), (LABEL_OUTPUT_LIMIT, str(output[1]))]
+    if layer_image:
+        labels.append((LABEL_BASE_IMAGE, layer_image))
+    return labels
+
+
+def placeable_nodes(output):
+    """The nodes a job may run on: with --output, those the hub's SSH reaches."""
+    nodes = swarm_nodes()
+    if not output:
+        return nodes
+    reachable = [n for n in nodes if n.hub_ssh]
+    if worker_nodes(nodes) and not any(n.shared.cpus for n in worker_nodes(reachable)):
+        raise precondition("no worker lets the hub collect a job's results: every one joined with --no-hub-ssh",
+                           "run it without --output/--workdir, or ask a volunteer to join without --no-hub-ssh")
+    return reachable
+
+
+def submit_job(args, job_id, image, request, output, **create):
+    """Build the work layer when there is one, then create the job on it."""
+    layer = args.layer
+    target = layer.build(image) if layer else image
+    extra = list(create.pop("extra_args", ()))
+    if output:
+        extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
+    create_job(job_id, target, request, extra_args=extra,
+               extra_labels=output_labels(output, image if layer else None), **create)
+    if layer:
+        layer.forget(target)
+
+
+def finish_waited_job(job_id, code, output):
+    """--wait: the results come to ./JOB/ (the job's status stays the exit status)."""
+    if not output or OWNER is not None:  # serve: the user's gridx fetches them (forward_to_serve)
+        return code
+    dest = results_destination(None, job_id)
+    if DOCKER_HOST:
+        written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
+    else:
+        record = collect_results(list_job_services([job_id])[0], list_tasks([job_id]))
+        say_results_problems(job_id, record)
+        written, files = results_here(job_id, dest)
+    info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
+    return code
+
+
+def say_results_problems(job_id, record):
+    """One warning per replica whose output did not come (never silent)."""
+    for slot, s in sorted((record or {}).get("slots", {}).items()):
+        if s.get("state") != "collected":
+            where = f" (replica {slot})" if len(record["slots"]) > 1 else ""
+            warn(f"job {job_id}{where}: results {s['state']}: {s.get('error', '')}")
+
+
+def job_or_results(job_id):
+    """(service or None, tasks, record) of a job, or of a deleted job whose
+    results were kept; exit 2 when neither exists or it has no --output."""
+    services = list_job_services([job_id], missing_ok=True)
+    if not services:
+        record = load_results_record(job_id)
+        if record is None:
+            raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
+        if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
+            raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
+        return None, [], record
+    check_owner(services, "fetch the results of")  # through serve: see Users
+    tasks = list_tasks([job_id])
+    record = collect_results(services[0], tasks)
+    if OWNER is not None and record is not None:
+        record = wait_for_watch(services[0], tasks, record)
+    if record is None:
+        raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
+                          f"its output is in its logs: gridx jobs logs {job_id}")
+    return services[0], tasks, record
+
+
+RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
+
+
+def wait_for_watch(service, tasks, record):
+    """serve: the gridx account cannot reach the workers; hub watch (root)
+    collects a task's output within its interval: wait for it, bounded."""
+    import time
+
+    deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
+    while True:
+        slots = record["slots"]
+        due = [slot for slot, task in ended_slots(service, tasks).items()
+               if slots.get(slot, {}).get("task") != task.id]
+        if not due:
+            return record
+        if time.monotonic() > deadline:
+            raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
+                               f"{RESULTS_WATCH_WAIT_S} s of the job's end",
+                               "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
+        time.sleep(1)
+        record = load_results_record(service["Spec"]["Name"]) or record
+
+
+def cmd_jobs_results(args):
+    job_id = valid_name(args.job_id, "job ID")
+    modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
+    if len(modes) > 1 or (modes and args.dest):
+        raise usage_error("give DEST, --tar, --json or --delete: one of them", f"gridx jobs results {job_id} ./here")
+    dest = None if modes else results_destination(args.dest, job_id)
+    set_manager(args)  # a user's: forward_to_serve fetches into dest and exits
+    if DOCKER_HOST:  # root@HUB: the hub's gridx collects and answers
+        if not modes:
+            written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
+            print(dest)
+            info(f"{human_bytes(written)} in {files} file(s)")
+            return EXIT_OK
+        return run_streaming(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
+    if OWNER is None:
+        require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
+    service, tasks, record = job_or_results(job_id)
+    if args.delete:
+        remove_results(job_id)
+        print(f"removed the results of {job_id}")
+        return EXIT_OK
+    state = job_summary(service, tasks)["state"] if service else "deleted"
+    if args.json:
+        print_json(dict(record, state=state, path=results_files_path(job_id)))
+        return EXIT_OK
+    if not record["slots"]:
+        raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
+                           f"wait for it: gridx jobs logs {job_id} -f, then run this again")
+    say_results_problems(job_id, record)
+    if args.tar:
+        sys.stdout.flush()
+        write_results_tar(job_id, sys.stdout.buffer)
+        return EXIT_OK
+    written, files = results_here(job_id, dest)
+    print(dest)
+    info(f"{human_bytes(written)} in {files} file(s)")
+    return EXIT_OK
+
+
+def hub_results(job_id):
+    """jobs status/delete through --manager root@HUB: the record from the
+    hub's gridx (None when it cannot say)."""
+    import json
+
+    result = run(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
+    try:
+        return json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+
+
 def cmd_jobs_run(args):
     image = valid_image(args.image)
     request = JobRequest(args.cpus, args.memory, args.gpus)
@@ -4441,11 +5417,15 @@ def cmd_jobs_run(args):
     if command and command[0] == "--":
         command = command[1:]
     command_argv, command_text = job_command(command)
-    job_id = new_job_name(args)
+    job_id = args.job_name = new_job_name(args)
+    output = job_output(args)
+    args.layer = work_layer(args, job_id)  # the folder is read (and its size checked) now
+    if args.wait and output:
+        results_destination(None, job_id)
     set_manager(args)
-    check_fits(request, swarm_nodes())
-    create_job(job_id, image, request, kind="run", command_argv=command_argv, command_text=command_text,
-               mode="replicated-job", replicas=replicas, env=env)
+    check_fits(request, placeable_nodes(output))
+    submit_job(args, job_id, image, request, output, kind="run", command_argv=command_argv,
+               command_text=command_text, mode="replicated-job", replicas=replicas, env=env)
     if not args.wait:
         if args.json:
             print_json({"id": job_id})
@@ -4454,7 +5434,31 @@ def cmd_jobs_run(args):
             info(f"follow it: gridx jobs logs {job_id} -f   ·   gridx jobs status {job_id}")
         return EXIT_OK
     info(f"job {job_id} submitted ({request.describe()}); waiting for it to finish")
-    return wait_for_job(job_id, replicas)
+    return finish_waited_job(job_id, wait_for_job(job_id, replicas), output)
+
+
+def script_in_workdir(args):
+    """train --workdir: the local script's path in the folder (it runs from
+    the layer, /work/PATH); exit 2 when it is outside or left out."""
+    import posixpath
+
+    upload = getattr(args, "upload", None)
+    if upload is not None:  # serve: as the user's gridx found it
+        relative = upload.header.get("script")
+        if not isinstance(relative, str) or posixpath.normpath(relative) != relative \
+                or relative.startswith(("/", "../")) or relative == "..":
+            raise usage_error("the training script's path in the work folder did not arrive",
+                              "send it with gridx jobs train SCRIPT --workdir DIR")
+        return relative
+    folder = args.layer.folder
+    relative = os.path.relpath(os.path.abspath(args.script), folder.path).replace(os.sep, "/")
+    if relative.startswith("../") or relative == "..":
+        raise usage_error(f"with --workdir the script must be in that folder: {args.script} is not in {args.workdir}",
+                          f"move it into {args.workdir}, or give --workdir the folder that holds it")
+    if relative not in folder.entries:
+        raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
+                          f"take it out of {folder.rules.source}")
+    return relative
 
 
 def cmd_jobs_train(args):
@@ -4464,8 +5468,12 @@ def cmd_jobs_train(args):
     env = parse_env(args.env)
     script = args.script
     is_url = script.startswith(("http://", "https://"))
+    job_id = args.job_name = new_job_name(args, "train")
+    output = job_output(args)
+    args.layer = work_layer(args, job_id)
+    args.script_in_workdir = script_in_workdir(args) if args.layer and not is_url else None
     content = None
-    if not is_url:
+    if not is_url and not args.script_in_workdir:
         try:
             with open(script, "rb") as handle:
                 content = handle.read(CONFIG_MAX_BYTES + 1)
@@ -4475,11 +5483,12 @@ def cmd_jobs_train(args):
         if len(content) > CONFIG_MAX_BYTES:
             raise usage_error(
                 f"the script {script} is over {CONFIG_MAX_BYTES // 1024} KiB, the swarm config limit",
-                "serve it over http(s) and pass the URL, or build it into the image",
+                "send its folder with --workdir DIR, serve it over http(s), or build it into the image",
             )
-    job_id = new_job_name(args, "train")
+    if args.wait and output:
+        results_destination(None, job_id)
     set_manager(args)
-    check_fits(request, swarm_nodes())
+    check_fits(request, placeable_nodes(output))
     import shlex
 
     extra = []
@@ -4487,6 +5496,8 @@ def cmd_jobs_train(args):
         fetch = ("import sys, urllib.request; "
                  "urllib.request.urlretrieve(sys.argv[1], '/tmp/gridx-train.py')")
         shell = f"python -c {shlex.quote(fetch)} {shlex.quote(script)} && exec python /tmp/gridx-train.py"
+    elif args.script_in_workdir:
+        shell = f"exec python {shlex.quote(args.script_in_workdir)}"  # from /work, the layer's WORKDIR
     else:
         config_name = f"{job_id}-script"
         run_naming(docker("config", "create", f"--label={LABEL_JOB}={job_id}", "--", config_name, "-"), job_id,
@@ -4494,18 +5505,18 @@ def cmd_jobs_train(args):
         extra = [f"--config=source={config_name},target=/gridx/train.py,mode=0444"]
         shell = "exec python /gridx/train.py"
     try:
-        create_job(job_id, image, request, kind="train", command_argv=["sh", "-c", shell],
+        submit_job(args, job_id, image, request, output, kind="train", command_argv=["sh", "-c", shell],
                    command_text=f"train {script} ({args.framework})", mode="replicated-job", replicas=1,
                    env=env, extra_args=extra)
     except GridxError:
-        if not is_url:
+        if content is not None:
             run(docker("config", "rm", "--", f"{job_id}-script"), check=False)
         raise
     if not args.wait:
         print(job_id)
         info(f"follow it: gridx jobs logs {job_id} -f")
         return EXIT_OK
-    return wait_for_job(job_id)
+    return finish_waited_job(job_id, wait_for_job(job_id), output)
 
 
 def cmd_jobs_jupyter(args):
@@ -4613,6 +5624,7 @@ def cmd_jobs_status(args):
         job["reason"] = pending_reason(job, services[0], by_name, reserved_by_node(all_services, all_tasks))
     if job["tasks"]:
         add_task_details(job, by_name)
+    add_results(job, services[0], tasks, nodes)
     if args.json:
         print_json(job)
         return EXIT_OK
@@ -4636,7 +5648,28 @@ def cmd_jobs_status(args):
         if task["error"]:
             line += f" — {task['error']}"
         print(line)
+    print_results(job)
     return EXIT_OK
+
+
+def add_results(job, service, tasks, nodes):
+    """jobs status of a job with --output: its results record (collected
+    now, on the hub as root), or None when the hub cannot say."""
+    if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
+        return
+    record = hub_results(job["id"]) if DOCKER_HOST else collect_results(service, tasks, nodes)
+    job["results"] = dict(record, path=record.get("path") or results_files_path(job["id"])) if record else None
+
+
+def print_results(job):
+    if "results" not in job:
+        return
+    if job["results"] is None:
+        print("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
+        return
+    print(f"Results:  {results_summary(job['results'])}")
+    if job["results"]["slots"]:
+        print(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
 
 
 def add_task_details(job, nodes_by_name):
@@ -4719,8 +5752,18 @@ def cmd_jobs_delete(args):
         if removed.returncode != 0:
             said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
             warn(f"the jobs' script configs were not all removed: {said}")
+    with_results = [service["Spec"]["Name"] for service in services
+                    if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
+    if with_results and not args.keep_results:
+        for job_id in with_results:
+            if DOCKER_HOST:
+                run(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", job_id]), check=False)
+            else:
+                remove_results(job_id)
     for job_id in ids:
-        print(f"deleted {job_id}")
+        kept = " (its results stay on the hub: gridx jobs results " + job_id + ")" \
+            if args.keep_results and job_id in with_results else ""
+        print(f"deleted {job_id}{kept}")
     return EXIT_OK
 
 
@@ -5120,7 +6163,8 @@ def args_hub_ssh(p):
 
 
 def args_hub_watch(p):
-    p.add_argument("--interval", default="10", help="seconds between checks (default 10)")
+    p.add_argument("--interval", default=str(WATCH_DEFAULT_INTERVAL_S),
+                   help=f"seconds between checks (default {WATCH_DEFAULT_INTERVAL_S})")
     p.add_argument("--down-after", default="30", help="seconds a worker is down before its jobs move (default 30)")
     p.add_argument("--once", action="store_true", help="check once and exit")
 
@@ -5144,6 +6188,7 @@ def args_jobs_run(p):
     p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--replicas", default="1", help="how many copies run to completion (default 1)")
     p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_work_flags(p)
     add_json(p)
     add_manager(p)
 
@@ -5166,7 +6211,21 @@ def args_jobs_train(p):
     p.add_argument("--name", help="job ID (default train-XXXXXX)")
     p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
+    add_work_flags(p)
     add_manager(p)
+
+
+def add_work_flags(parser):
+    parser.add_argument("--workdir", metavar="DIR",
+                        help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
+                             f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
+    parser.add_argument("--workdir-limit", default=DEFAULT_WORKDIR_LIMIT, metavar="SIZE",
+                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT})")
+    parser.add_argument("--output", metavar="PATH",
+                        help=f"collect this path of the job's container onto the hub when it ends "
+                             f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
+    parser.add_argument("--output-limit", default=DEFAULT_OUTPUT_LIMIT, metavar="SIZE",
+                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT})")
 
 
 def args_json_manager(p):
@@ -5189,6 +6248,16 @@ def args_jobs_logs(p):
 
 def args_jobs_delete(p):
     p.add_argument("job_ids", nargs="+", metavar="job_id")
+    p.add_argument("--keep-results", action="store_true", help="keep the jobs' results on the hub")
+    add_manager(p)
+
+
+def args_jobs_results(p):
+    p.add_argument("job_id")
+    p.add_argument("dest", nargs="?", help="an empty or new folder (default ./JOB_ID)")
+    p.add_argument("--tar", action="store_true", help="write them to stdout as a tar stream instead")
+    p.add_argument("--json", action="store_true", help="say where they are and what they weigh; copy nothing")
+    p.add_argument("--delete", action="store_true", help="remove them from the hub")
     add_manager(p)
 
 
@@ -5250,8 +6319,10 @@ COMMANDS = {
         "status": (cmd_jobs_status, "placement, state, exit code, why it waits",
                    "gridx jobs status job-3f9a1c", args_job_id),
         "logs": (cmd_jobs_logs, "a job's output", "gridx jobs logs job-3f9a1c -f", args_jobs_logs),
-        "delete": (cmd_jobs_delete, "stop a job on every worker and remove it",
+        "delete": (cmd_jobs_delete, "stop a job on every worker and remove it (and its results)",
                    "gridx jobs delete job-3f9a1c", args_jobs_delete),
+        "results": (cmd_jobs_results, "copy a job's collected --output files here",
+                    "gridx jobs results job-3f9a1c ./out", args_jobs_results),
         "cluster": (cmd_cluster, "every node: shared, reserved, free; totals",
                     "gridx jobs cluster --json", args_json_manager),
     }),

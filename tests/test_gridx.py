@@ -61,6 +61,11 @@ JOB_SERVICE = {"ID": "s1", "Spec": {
     "TaskTemplate": {"ContainerSpec": {"Image": "python:3.11"}, "Resources": {}}}}
 
 
+# a job with --output (see Work folders and results)
+JOB_OUT_SERVICE = {"ID": "s2", "Spec": dict(JOB_SERVICE["Spec"], Name="job-out", Labels=dict(
+    JOB_SERVICE["Spec"]["Labels"], **{gridx.LABEL_JOB: "job-out", gridx.LABEL_OUTPUT: "/work/out"}))}
+
+
 JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "Complete",
             "CurrentState": "Complete 1 second ago", "Error": ""}
 
@@ -136,7 +141,7 @@ class FakeTools:
         if rest[:2] == ["service", "ls"]:
             return "job-1"
         if rest[:2] == ["service", "inspect"]:
-            return json.dumps([JOB_SERVICE])
+            return json.dumps([JOB_OUT_SERVICE if rest[-1] == "job-out" else JOB_SERVICE])
         if rest[:2] == ["service", "ps"] and "-q" in rest:
             return "t1"
         if rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
@@ -189,6 +194,7 @@ def fake_hub(tmp_path, monkeypatch, declined=()):
     config_dir = tmp_path / "cfg"
     monkeypatch.setenv("GRIDX_CONFIG_DIR", str(config_dir))
     monkeypatch.setenv("GRIDX_WG_DIR", str(tmp_path / "wg"))
+    monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.delenv("GRIDX_MANAGER", raising=False)
     monkeypatch.chdir(tmp_path)
     config = make_config(peers=[("w1", "10.0.0.2")])
@@ -1245,6 +1251,7 @@ ARGV_BASE = {
     ("jobs", "status"): ([], {"job_id": ["job-1"]}),
     ("jobs", "logs"): ([], {"job_id": ["job-1"]}),
     ("jobs", "delete"): ([], {"job_ids": ["job-1"]}),
+    ("jobs", "results"): (["--json"], {"job_id": ["job-out"]}),
     ("hub", "add-user"): ([], {"name": ["u2"]}),
     ("hub", "set-user"): (["--max-cpus=4"], {"name": ["u1"]}),
     ("hub", "set-defaults"): (["--max-cpus=4"], {}),

@@ -56,7 +56,7 @@ def serve_env(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", recorded)
     monkeypatch.setattr(subprocess, "Popen", recorded)
-    monkeypatch.setattr(gridx, "watch_session_end", lambda: None)
+    monkeypatch.setattr(gridx, "watch_session_end", lambda armed=False: None)
     monkeypatch.setattr(gridx, "OWNER", None)
     monkeypatch.setattr(gridx, "SERVE_LIMITS", None)
     return calls
