@@ -4122,8 +4122,13 @@ def safe_extract(stream, dest, limit, strip=0):
     written = files = left_out = 0
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
-            parts = [p for p in posixpath.normpath(member.name).split("/") if p not in ("", ".")][strip:]
-            if not parts or ".." in parts:
+            name = posixpath.normpath(member.name)
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or ".." in parts:
+                left_out += 1  # not from docker cp: nothing lands outside dest
+                continue
+            parts = parts[strip:]
+            if not parts:
                 continue
             path = os.path.join(dest, *parts)
             if member.isdir():
