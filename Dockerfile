@@ -35,17 +35,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && docker --version && dockerd --version
 # - host keys are made at start (lab/entrypoint.sh), unique per container;
-# - the inner engine never asks a registry for an image it has;
+# - the inner engine pulls a swarm task's image as a volunteer's engine does
+#   (the entrypoint makes pulls from Docker Hub, out of the lab's reach, fail
+#   at once instead);
 # - /etc/init.d/docker raises `ulimit -n 1048576` (and -u/-p unlimited) under
 #   `set -e`: a container without CAP_SYS_RESOURCE cannot raise a hard limit,
 #   so those lines may fail softly instead of stopping dockerd's start.
 RUN rm -f /etc/ssh/ssh_host_* \
  && mkdir -p /run/sshd /etc/wireguard \
  && chmod 0700 /etc/wireguard \
- && printf '%s\n' \
-        '# Grid-X lab: the inner engine never asks a registry for images.' \
-        'export DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1' \
-        >> /etc/default/docker \
  && sed -i -E 's#^([[:space:]]*ulimit [^|]*)$#\1 2>/dev/null || true#' /etc/init.d/docker \
  && grep -q 'ulimit -n 1048576 2>/dev/null || true' /etc/init.d/docker
 # The build context is lab/ (test.sh and docker-compose.yml pass it).

@@ -533,7 +533,9 @@ join_diagnostics() {
 # Lab-only step: a worker tags the pulled 10.0.0.1:5000/python:3.11 as
 # python:3.11, because the lab's registry stands in for Docker Hub (which a
 # real worker would pull python:3.11 from), so the tests keep naming the
-# images real users name.
+# images real users name. A task of python:3.11 still asks Docker Hub first,
+# as on a volunteer's machine, and is refused at once (lab/entrypoint.sh);
+# its engine then runs the image it has.
 image_id() { in_node "$1" docker image inspect -f '{{.Id}}' "$2" 2>/dev/null || :; }
 
 load_into_hub() { # IMAGE ID

@@ -9,11 +9,12 @@
 #   2. on cgroup v2 hosts, the usual docker-in-docker cgroup step;
 #   3. a fresh container forgets swarm state left in its /var/lib/docker volume
 #      by an earlier container (images are kept);
-#   4. starts sshd (host keys made here, unique per container);
-#   5. starts dockerd through Debian's init script (`service docker start`,
-#      so join.sh can `service docker restart` it), with
-#      DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 from /etc/default/docker;
-#   6. waits until `docker info` answers, then sleeps until SIGTERM.
+#   4. points Docker Hub's names at 127.0.0.1 in /etc/hosts, so that a pull
+#      from there fails at once (the lab cannot reach it);
+#   5. starts sshd (host keys made here, unique per container);
+#   6. starts dockerd through Debian's init script (`service docker start`,
+#      so join.sh can `service docker restart` it);
+#   7. waits until `docker info` answers, then sleeps until SIGTERM.
 # Readiness: /run/gridx-lab.ready exists once dockerd answers.
 # Environment: GRIDX_LAB_DOCKER_WAIT (seconds to wait for dockerd, 60).
 set -euo pipefail
@@ -90,6 +91,27 @@ forget_stale_swarm() {
 	fi
 }
 
+# Docker Hub's names, as dockerd looks them up for a pull of python:3.11:
+# docker.io first (before any connection), then the registry, its token
+# service and its blob store.
+DOCKER_HUB_NAMES="docker.io registry-1.docker.io index.docker.io auth.docker.io production.cloudflare.docker.com"
+HOSTS_MARK="# gridx-lab: Docker Hub is out of reach"
+
+# The lab's engines pull a swarm task's image before they run it, as a
+# volunteer's do, and the lab's network leads nowhere: each lookup of a
+# Docker Hub name waited for the DNS timeout, 10-20 s a task, before the
+# engine fell back to the image it has ("pulling image failed"). Pointed at
+# 127.0.0.1, where nothing listens on 443, the pull is refused within about
+# 30 ms and the task goes on with the local image. The hub's registry is
+# named by its address (10.0.0.1:5000): its pulls are untouched. Done here,
+# not in docker-compose.yml, so that nodes made with `docker run` (the
+# tests' fresh node) get it too; the mark keeps a restarted container that
+# kept its /etc/hosts from getting the lines twice.
+block_docker_hub() {
+	grep -qxF "$HOSTS_MARK" /etc/hosts && return 0
+	printf '%s\n127.0.0.1 %s\n' "$HOSTS_MARK" "$DOCKER_HUB_NAMES" >>/etc/hosts
+}
+
 start_sshd() {
 	ssh-keygen -A >/dev/null
 	mkdir -p /run/sshd /root/.ssh
@@ -128,6 +150,7 @@ main() {
 	make_kernel_files_writable
 	setup_cgroup_v2
 	forget_stale_swarm
+	block_docker_hub
 	start_sshd
 	trap stop_all TERM INT
 	start_dockerd || :
