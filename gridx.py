@@ -3951,12 +3951,17 @@ def build_work_image(target, image, members, size):
 
 
 def hub_registry():
-    """The hub registry's address: from the hub's config here, from the
-    swarm's own address of the manager through --manager (its VPN IP)."""
-    if DOCKER_HOST:
-        address = run(docker("info", "--format", "{{.Swarm.NodeAddr}}")).stdout.strip()
-        return registry_address(valid_subnet(address + "/32").split("/")[0])
-    return registry_address(load_hub_config().hub_ip)
+    """The hub registry's address, from the manager's own swarm address (its
+    VPN IP): the same call here, through --manager, and in serve (which
+    cannot read the hub's config)."""
+    import ipaddress
+
+    address = run(docker("info", "--format", "{{.Swarm.NodeAddr}}")).stdout.strip()
+    try:
+        return registry_address(str(ipaddress.IPv4Address(address)))
+    except ValueError:
+        raise precondition(f"the manager has no swarm address of its own ({address!r})",
+                           "is this (or --manager) the hub? gridx hub status there") from None
 
 
 class WorkLayer:
@@ -4109,7 +4114,7 @@ def load_results_record(job_id):
         record = json.loads(read_text(results_record_path(job_id)))
     except (FileNotFoundError, ValueError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("slots"), dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("tasks"), dict) else None
 
 
 def safe_extract(stream, dest, limit, strip=0):
@@ -4155,7 +4160,7 @@ def safe_extract(stream, dest, limit, strip=0):
 
 def copy_out(node, container, output, dest, limit):
     """docker cp of an ended container's output, on its worker over the hub's
-    SSH (here when the hub itself ran it): a slot's record."""
+    SSH (here when the hub itself ran it): what came, or why nothing did."""
     import shlex
     import subprocess
     import tarfile
@@ -4166,20 +4171,22 @@ def copy_out(node, container, output, dest, limit):
     argv = copy if local else ssh_argv(node.address, [shlex.join(copy)])
     with tempfile.TemporaryFile() as said:
         process = start(argv, stdout=subprocess.PIPE, stderr=said)
+        written, files, over, left_out, broken = 0, 0, False, 0, None
         try:
             written, files, over, left_out = safe_extract(process.stdout, dest, limit, strip=1)
+            while not over and process.stdout.read(STREAM_CHUNK):
+                pass  # the tar's padding: docker cp ends by itself
         except (tarfile.TarError, OSError) as error:
-            written, files, over, left_out = 0, 0, False, 0
             broken = str(error)
-        else:
-            broken = None
         finally:
             process.stdout.close()
-            if process.poll() is None:
-                process.kill()
+            if (over or broken) and process.poll() is None:
+                process.kill()  # the rest is not wanted (over the limit) or cannot be read
             code = process.wait()
         said.seek(0)
-        error = (said.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+        lines = [line for line in said.read().decode("utf-8", "replace").strip().splitlines()
+                 if not line.startswith("Warning: Permanently added")]  # ssh's accept-new, not an error
+        error = (lines or [""])[-1]
     record = {"node": node.hostname, "bytes": written, "files": files}
     if left_out:
         record["left_out"] = left_out
@@ -4208,13 +4215,13 @@ def results_owner():
     return entry.pw_uid, entry.pw_gid
 
 
-def hand_over(path):
+def hand_over(path, recursive=True):
     """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
     owner = results_owner()
     if owner is None or os.geteuid() != 0:
         return
     os.lchown(path, *owner)
-    for top, folders, files in os.walk(path):
+    for top, folders, files in os.walk(path) if recursive else ():
         for name in folders + files:
             os.lchown(os.path.join(top, name), *owner)
 
@@ -4225,10 +4232,14 @@ class ResultsLock:
     def __enter__(self):
         import fcntl
 
-        if not os.path.isdir(results_dir()):
+        path = os.path.join(results_dir(), ".lock")
+        if os.geteuid() == 0:  # the folder and its lock are the gridx account's too (serve deletes)
             ensure_dir(results_dir())
-            hand_over(results_dir())
-        self.handle = open(os.path.join(results_dir(), ".lock"), "a")
+            self.handle = open(path, "a")
+            hand_over(results_dir(), recursive=False)
+            hand_over(path, recursive=False)
+        else:
+            self.handle = open(path, "a")
         fcntl.flock(self.handle, fcntl.LOCK_EX)
         return self
 
@@ -4239,14 +4250,26 @@ class ResultsLock:
 RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed
 
 
-def ended_slots(service, tasks):
-    """{slot: the Task that ended there}: a batch job's current tasks that
-    completed or failed (a rejected task never ran a container)."""
-    ended = {}
-    for task in job_tasks(tasks):
-        if task.state in ("complete", "failed") and task.node:
-            ended[task.name.rsplit(".", 1)[-1]] = task
-    return ended
+def ended_tasks(tasks):
+    """A batch job's current tasks that completed or failed, oldest first
+    (a rejected task never ran a container)."""
+    ended = [t for t in job_tasks(tasks) if t.state in ("complete", "failed") and t.node]
+    return sorted(ended, key=lambda t: (t.since, t.id))
+
+
+def uncollected(record, tasks):
+    """The ended Tasks whose output is not (finally) on the hub yet."""
+    return [t for t in ended_tasks(tasks) if record["tasks"].get(t.id, {}).get("state") not in RESULTS_FINAL]
+
+
+def results_folder(record, task_id, several):
+    """RESULTS/JOB/ of a job of one replica (a task run again replaces the
+    old one's); RESULTS/JOB/N/ of its Nth task with several."""
+    if not several:
+        return ""
+    taken = [int(t["folder"]) for i, t in record["tasks"].items() if t.get("folder", "").isdigit() and i != task_id]
+    known = record["tasks"].get(task_id, {}).get("folder")
+    return known or str(max(taken, default=0) + 1)
 
 
 def collect_results(service, tasks, nodes=None):
@@ -4262,39 +4285,36 @@ def collect_results(service, tasks, nodes=None):
         return None
     job_id = service["Spec"]["Name"]
     record = load_results_record(job_id) or {"job": job_id, "owner": owner_of(service), "output": output,
-                                              "slots": {}}
-    due = {slot: task for slot, task in ended_slots(service, tasks).items()
-           if record["slots"].get(slot, {}).get("task") != task.id
-           or record["slots"][slot].get("state") not in RESULTS_FINAL}
-    if not due or os.geteuid() != 0:
+                                              "tasks": {}}
+    if not uncollected(record, tasks) or os.geteuid() != 0:
         return record  # serve (the gridx account) has no SSH to workers: watch collects
     limit = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
     several = job_replicas(service["Spec"]["Mode"]) > 1
-    containers = task_containers([task.id for task in due.values()])
     by_name = {n.hostname: n for n in (nodes if nodes is not None else swarm_nodes())}
     with ResultsLock():
         record = load_results_record(job_id) or record  # another collector may have been first
-        files = results_files_path(job_id)
-        for slot, task in sorted(due.items()):
-            if record["slots"].get(slot, {}).get("task") == task.id and \
-                    record["slots"][slot].get("state") in RESULTS_FINAL:
-                continue
+        due = uncollected(record, tasks)
+        containers = task_containers([task.id for task in due])
+        for task in due:
             node, container = by_name.get(task.node), containers.get(task.id)
             fresh = tempfile.mkdtemp(prefix=f".{job_id}-", dir=results_dir())
             if node is None or not container:
-                slot_record = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
-                               "error": f"{task.node or 'its node'} is no longer in the swarm"}
+                collected = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
+                             "error": f"{task.node or 'its node'} is no longer in the swarm"}
             else:
-                slot_record = copy_out(node, container, output, fresh, limit)
-            target = os.path.join(files, slot) if several else files
+                collected = copy_out(node, container, output, fresh, limit)
+            folder = results_folder(record, task.id, several)
+            if not several:  # the task that ran last is the job's record
+                record["tasks"] = {}
+            target = os.path.join(results_files_path(job_id), folder) if folder else results_files_path(job_id)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
             os.chmod(fresh, 0o755)
             hand_over(fresh)
             os.rename(fresh, target)
-            record["slots"][slot] = dict(slot_record, task=task.id, exit_code=task.exit_code)
-        record["bytes"] = sum(s.get("bytes", 0) for s in record["slots"].values())
+            record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code)
+        record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
         atomic_write(results_record_path(job_id), json.dumps(record, indent=2) + "\n", mode=0o644)
         hand_over(results_record_path(job_id))
     return record
@@ -4330,11 +4350,11 @@ def collect_due_results(services, tasks, nodes):
 
 def results_summary(record):
     """The line jobs status shows, from a results record."""
-    if not record or not record["slots"]:
+    if not record or not record["tasks"]:
         return "none yet: collected onto the hub when the job's task ends"
     parts = []
-    for slot, s in sorted(record["slots"].items()):
-        where = f"replica {slot}: " if len(record["slots"]) > 1 else ""
+    for s in sorted(record["tasks"].values(), key=lambda t: t.get("folder", "").zfill(9)):
+        where = f"replica {s['folder']}: " if s.get("folder") else ""
         shown = f"{human_bytes(s.get('bytes', 0))} in {s.get('files', 0)} file(s)"
         if s["state"] == "collected":
             parts.append(f"{where}{shown} from {s['node']}")
@@ -4381,16 +4401,25 @@ def results_destination(dest, job_id):
     return path
 
 
+def hub_gridx_argv(docker_host, words, control=None):
+    """ssh running `gridx WORDS` on the hub: serve for a user (which takes
+    the leading gridx too), root's shell for root@HUB (gridx on its PATH)."""
+    return serve_ssh_argv(docker_host, ["gridx", *words], control)
+
+
 def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
     """--manager: the hub's gridx collects and sends them as a tar (serve
     for a user; root's shell with root@HUB, gridx on its PATH)."""
     import subprocess
+    import tarfile
 
-    argv = serve_ssh_argv(docker_host, ["jobs", "results", "--tar", "--", job_id], control)
+    argv = hub_gridx_argv(docker_host, ["jobs", "results", "--tar", "--", job_id], control)
     os.makedirs(dest, mode=0o755, exist_ok=True)
     process = start(argv, stdout=subprocess.PIPE)
     try:
         written, files, _, _ = safe_extract(process.stdout, dest, float("inf"))
+    except tarfile.TarError:
+        written = files = 0  # nothing came: the status and stderr say why
     finally:
         process.stdout.close()
         code = process.wait()
@@ -5311,9 +5340,9 @@ def finish_waited_job(job_id, code, output):
 
 def say_results_problems(job_id, record):
     """One warning per replica whose output did not come (never silent)."""
-    for slot, s in sorted((record or {}).get("slots", {}).items()):
+    for s in (record or {}).get("tasks", {}).values():
         if s.get("state") != "collected":
-            where = f" (replica {slot})" if len(record["slots"]) > 1 else ""
+            where = f" (replica {s['folder']})" if s.get("folder") else ""
             warn(f"job {job_id}{where}: results {s['state']}: {s.get('error', '')}")
 
 
@@ -5349,10 +5378,7 @@ def wait_for_watch(service, tasks, record):
 
     deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
     while True:
-        slots = record["slots"]
-        due = [slot for slot, task in ended_slots(service, tasks).items()
-               if slots.get(slot, {}).get("task") != task.id]
-        if not due:
+        if not any(t.id not in record["tasks"] for t in ended_tasks(tasks)):
             return record
         if time.monotonic() > deadline:
             raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
@@ -5375,7 +5401,7 @@ def cmd_jobs_results(args):
             print(dest)
             info(f"{human_bytes(written)} in {files} file(s)")
             return EXIT_OK
-        return run_streaming(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
+        return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
     if OWNER is None:
         require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
     service, tasks, record = job_or_results(job_id)
@@ -5387,7 +5413,7 @@ def cmd_jobs_results(args):
     if args.json:
         print_json(dict(record, state=state, path=results_files_path(job_id)))
         return EXIT_OK
-    if not record["slots"]:
+    if not record["tasks"]:
         raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
                            f"wait for it: gridx jobs logs {job_id} -f, then run this again")
     say_results_problems(job_id, record)
@@ -5406,7 +5432,7 @@ def hub_results(job_id):
     hub's gridx (None when it cannot say)."""
     import json
 
-    result = run(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
+    result = run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
     try:
         return json.loads(result.stdout) if result.returncode == 0 else None
     except ValueError:
@@ -5673,7 +5699,7 @@ def print_results(job):
         print("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
         return
     print(f"Results:  {results_summary(job['results'])}")
-    if job["results"]["slots"]:
+    if job["results"]["tasks"]:
         print(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
 
 
@@ -5762,7 +5788,7 @@ def cmd_jobs_delete(args):
     if with_results and not args.keep_results:
         for job_id in with_results:
             if DOCKER_HOST:
-                run(serve_ssh_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", job_id]), check=False)
+                run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", job_id]), check=False)
             else:
                 remove_results(job_id)
     for job_id in ids:

@@ -208,11 +208,76 @@ def test_results_never_overwrite_a_folder_with_files(tmp_path, monkeypatch):
 
 
 def test_status_says_missing_and_over_limit_results():
-    record = {"slots": {"1": {"state": "missing", "error": "/work/out is not in the job's container",
-                              "bytes": 0, "files": 0, "node": "w1"},
-                        "2": {"state": "over-limit", "error": "over the 1.0 KiB limit: kept what fit",
-                              "bytes": 900, "files": 2, "node": "w2"}}}
+    record = {"tasks": {"t1": {"state": "missing", "error": "/work/out is not in the job's container",
+                               "bytes": 0, "files": 0, "node": "w1", "folder": "1"},
+                        "t2": {"state": "over-limit", "error": "over the 1.0 KiB limit: kept what fit",
+                               "bytes": 900, "files": 2, "node": "w2", "folder": "2"}}}
     line = gridx.results_summary(record)
     assert "replica 1: missing: /work/out is not in the job's container" in line
     assert "replica 2: over-limit" in line and "900 B in 2 file(s)" in line
-    assert "none yet" in gridx.results_summary({"slots": {}})
+    assert "none yet" in gridx.results_summary({"tasks": {}})
+
+
+# -- results to the submitter -------------------------------------------------------------
+
+
+def test_the_hubs_gridx_is_asked_in_one_quoted_word_after_the_host():
+    argv = gridx.hub_gridx_argv("ssh://root@10.0.0.1", ["jobs", "results", "--tar", "--", "job-1"])
+    assert argv[-3:] == ["--", "root@10.0.0.1", "gridx jobs results --tar -- job-1"]
+
+
+def test_a_users_waited_job_gets_its_id_here_so_its_results_can_follow(tmp_path, monkeypatch):
+    """--manager gridx@HUB: the ID is chosen on the user's side and sent as
+    --name; the folder goes after the hello; the results come back by a
+    second call (jobs results --tar), into ./JOB."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "in.txt").write_text("input")
+    sent, argvs = [], []
+
+    class Ssh:
+        def __init__(self, argv, stdin=None, stdout=None, **kw):
+            argvs.append(argv)
+            self.stdin = io.BytesIO()
+            self.stdin.close = lambda: None
+            out = io.BytesIO()
+            if stdout is not None:  # the second call: the results as a tar
+                with tarfile.open(fileobj=out, mode="w") as archive:
+                    info = tarfile.TarInfo("model.txt")
+                    info.size = 2
+                    archive.addfile(info, io.BytesIO(b"42"))
+                out.seek(0)
+            self.stdout = out
+
+        def wait(self, timeout=None):
+            sent.append(self.stdin.getvalue())
+            return 0
+
+    monkeypatch.setattr(gridx, "start", lambda argv, **kw: Ssh(argv, **kw))
+    monkeypatch.setattr(gridx, "check_manager_reachable", lambda host: None)
+    monkeypatch.setattr(gridx, "need", lambda *tools: None)
+    monkeypatch.setattr(gridx, "ssh_control_dir", lambda: None)
+    argv = ["jobs", "run", "--workdir", "w", "--wait", "python:3.11", "cat in.txt", "--manager", "gridx@10.0.0.1"]
+    assert run_main(argv) == 0
+    words = argvs[0][-1].split()
+    job = next(w for w in words if w.startswith("--name=")).split("=", 1)[1]
+    assert words[:3] == ["jobs", "run", f"--name={job}"]
+    assert sent[0].startswith(gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC)
+    assert argvs[1][-1] == f"gridx jobs results --tar -- {job}"
+    assert (tmp_path / job / "model.txt").read_text() == "42"
+
+
+def test_a_job_with_output_runs_only_where_the_hubs_ssh_reaches(monkeypatch):
+    from test_gridx import NODE
+
+    declined = dict(NODE, Description=dict(NODE["Description"], Engine={"Labels": {gridx.LABEL_HUB_SSH: "no"}}))
+    reachable = dict(NODE, ID="n2", Status={"State": "ready", "Addr": "10.0.0.5"},
+                     Description=dict(NODE["Description"], Hostname="worker4"))
+    nodes = [gridx.Node.from_docker(declined), gridx.Node.from_docker(reachable)]
+    monkeypatch.setattr(gridx, "swarm_nodes", lambda: nodes)
+    assert [n.hostname for n in gridx.placeable_nodes(None)] == ["worker3", "worker4"]
+    assert [n.hostname for n in gridx.placeable_nodes(("/work/out", 10))] == ["worker4"]
+    monkeypatch.setattr(gridx, "swarm_nodes", lambda: nodes[:1])
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.placeable_nodes(("/work/out", 10))
+    assert error.value.code == 3 and "--no-hub-ssh" in error.value.message

@@ -147,6 +147,19 @@ def wait_hub_healthy(timeout=180):
     wait_until(hub_healthy, timeout, "gridx hub status to exit 0", interval=2)
 
 
+def start_stopped_worker(node):
+    """`docker start` a worker a test stopped, then what its systemd would
+    do (the lab has none; join.sh tells the volunteer): its VPN back up;
+    wait until the hub is healthy again."""
+    ok(subprocess.run(["docker", "start", container(node)], capture_output=True, text=True, timeout=120),
+       f"docker start {node}")
+    wait_until(lambda: node_exec(node, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 120,
+               f"{node}'s dockerd")
+    if node_exec(node, "ip link show gridx0").returncode != 0:
+        ok(node_exec(node, "wg-quick up gridx0", timeout=120), f"wg-quick up gridx0 on {node}")
+    wait_hub_healthy(timeout=180)
+
+
 def install_jq(node):
     """Copy the host's jq (Debian, like the node image) into a node: a machine
     where join.sh can merge into an existing daemon.json."""

@@ -21,6 +21,7 @@ from e2e_helpers import (
     ok,
     peer_row,
     remove_peer_quietly,
+    start_stopped_worker,
     unjoined,
     wait_hub_healthy,
     wait_peer_ready,
@@ -384,14 +385,7 @@ def test_status_exits_1_when_a_worker_is_stopped(lab):
         status = hub_json_any("hub", "status")
         assert status["healthy"] is False and any("worker2" in p for p in status["problems"]), status
     finally:
-        ok(subprocess.run(["docker", "start", cname], capture_output=True, text=True, timeout=120),
-           "docker start worker2")
-        wait_until(lambda: node_exec("worker2", ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 120,
-                   "worker2's dockerd")
-        # No systemd in the lab: after a restart the volunteer brings the VPN back (join.sh says so).
-        if node_exec("worker2", "ip link show gridx0").returncode != 0:
-            ok(node_exec("worker2", "wg-quick up gridx0", timeout=120), "wg-quick up gridx0 on worker2")
-        wait_hub_healthy(timeout=180)
+        start_stopped_worker("worker2")
     ok(node_exec("worker2", "/root/gridx-worker2-bundle/status.sh"), "worker2 status.sh after the restart")
 
 

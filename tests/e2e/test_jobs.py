@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import HUB, WORKERS, container, hub, node_exec
-from e2e_helpers import HUB_VPN_IP, WORKER_BRIDGE_IPS, hub_json, ok, wait_hub_healthy, wait_until
+from e2e_helpers import HUB_VPN_IP, WORKER_BRIDGE_IPS, hub_json, ok, start_stopped_worker, wait_until
 
 SEED_OUTPUT = str(2**100)
 FAKE_GPUS = {"GPU-fake-0000", "GPU-fake-0001"}
@@ -358,10 +358,4 @@ def test_job_of_a_stopped_worker_finishes_on_another(jobs):
             assert proc.returncode == 0 and proc.stdout.strip() == "survived", (follow, proc.stdout, proc.stderr)
             assert len(named) == 1 and "down" in named[0], (follow, proc.stderr)
     finally:
-        ok(subprocess.run(["docker", "start", container(first)], capture_output=True, text=True, timeout=120),
-           f"docker start {first}")
-        wait_until(lambda: node_exec(first, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 120,
-                   f"{first}'s dockerd")
-        if node_exec(first, "ip link show gridx0").returncode != 0:
-            ok(node_exec(first, "wg-quick up gridx0", timeout=120), f"wg-quick up gridx0 on {first}")
-        wait_hub_healthy(timeout=180)
+        start_stopped_worker(first)

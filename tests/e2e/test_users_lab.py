@@ -188,6 +188,33 @@ def test_no_port_forward_and_no_agent_forward(user_node):
         runner.wait(timeout=60)
 
 
+def test_a_users_work_folder_goes_in_and_the_result_comes_back(user_node):
+    """Issue 14 through the gridx account: a 50 MB folder goes in on serve's
+    stdin (the hub's Docker builds the layer), the job's result comes back
+    into ./JOB on the user's machine with the right checksum; bob cannot
+    fetch it, and serve never writes into a folder of the hub's."""
+    job = "e2e-alice-work"
+    make = ("rm -rf /root/uw /root/us && mkdir -p /root/uw/data /root/us && "
+            "head -c 50000000 /dev/urandom > /root/uw/data/in.bin && sha256sum < /root/uw/data/in.bin")
+    expected = ok(node_exec(USER_NODE, ["bash", "-c", make]), "the user's folder").split()[0]
+    try:
+        proc = as_user(f"cd /root/us && gridx jobs run --workdir /root/uw --wait --name {job} python:3.11 "
+                       "'mkdir -p out && sha256sum < data/in.bin > out/sum.txt && gzip -1 -c data/in.bin > out/in.gz'",
+                       timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert "work folder: 47.7 MiB sent" in proc.stderr, proc.stderr
+        check = f"cd /root/us/{job} && cat sum.txt && gunzip -c in.gz | sha256sum"
+        back = ok(node_exec(USER_NODE, ["bash", "-c", check]), "the result on the user's machine").split()
+        assert back[0] == expected and back[2] == expected, (back, expected)
+        theirs = ssh_as(BOB, f"jobs results --tar -- {job}")
+        assert theirs.returncode == 2 and f"is {ALICE}'s" in theirs.stderr, theirs.stderr
+        into_hub = ssh_as(ALICE, f"jobs results {job} /root/gridx-pwned")
+        assert into_hub.returncode == 2 and hub_sh("test -e /root/gridx-pwned").returncode != 0
+    finally:
+        hub("jobs", "delete", job)
+    assert hub_sh(f"test -e /var/lib/gridx/results/{job}").returncode != 0  # delete took the results too
+
+
 def test_a_user_cannot_touch_another_users_job(user_node):
     job = ok(ssh_as(ALICE, "jobs run python:3.11 'sleep 60'"), "alice's job").strip()
     try:
