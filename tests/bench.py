@@ -31,6 +31,17 @@ figure, its target, met or missed) and writes bench-results.json.
            up from its user bundle) / the same `gridx jobs run --wait` as
            root on the hub (<= 1.3x), interleaved; once more with a limit set
            for the user (the fair-share check's docker calls), for information
+  workdir  `gridx jobs run --workdir DIR python:3.11 'sleep 30'` of 100 MB
+           (fresh random data each time and each side) from start to the
+           task Running / bare `docker build` of the same Dockerfile and
+           context + `docker push` to the hub registry + `docker service
+           create` + the same polling (<= 1.3x), interleaved; the jobs, the
+           images (hub, registry, workers) and folders are removed afterwards
+  results  `gridx jobs results JOB DEST` of a completed job's 100 MB --output
+           (collected from its worker over the VPN, then copied to DEST) /
+           bare `scp` of the same bytes from that worker with the hub's key
+           (<= 1.3x), interleaved; hub watch is stopped meanwhile (it would
+           collect first) and started again as test.sh's start_watch does
 
 Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
                               [--json PATH] [--quick]
@@ -76,7 +87,7 @@ NODE_RUN_FLAGS = [
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
     "--label", "io.gridx.lab.name=" + LAB, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
-SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users")
+SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
 
 # Shell helpers sent with every script run in the hub: `t LABEL CMD...` runs
@@ -753,6 +764,263 @@ def bench_users(res, args):
             med["user"], med["hub"], "≤ 1.3×", False if failed["user"] else target_ratio(1.3, r), note=note)
     res.row("users-limits", "the same with a limit set for the user (serve counts their jobs' reservations first)",
             med["user+limits"], med["hub"], "(info)", None)
+
+
+# ---------------------------------------------------------------------------
+# 8. Work folders: --workdir, submit → running (issue 14)
+# ---------------------------------------------------------------------------
+
+WORKDIR_PREFIX = "gxbench-wd"  # the jobs' names; the bare side's images are REGISTRY/gxbench/work:TAG
+BARE_REPOSITORY = "gxbench/work"
+
+# Shared by both sections: `running NAME` / `ended NAME` poll the job's task
+# every 0.1 s (as the jobs section and gridx's --wait do) until it is Running
+# / Complete; a task that ends otherwise is an error, said on stderr. What
+# the commands say on stderr is printed at the end as W lines (shown when a
+# run failed); the bench's own findings are E lines.
+POLL_TASK = r"""
+task_state() { # task_state NAME WANTED
+	local st
+	while :; do
+		st=$(docker service ps --format '{{.CurrentState}}' "$1") || return 1
+		case $st in
+			"$2"*) return 0 ;;
+			Complete* | Failed* | Rejected* | Shutdown*) echo "$1: $st (waiting for $2)" >&2; return 1 ;;
+		esac
+		sleep 0.1
+	done
+}
+running() { task_state "$1" Running; }
+ended() { task_state "$1" Complete; }
+: >/tmp/gridx-bench.err
+"""
+
+WORKDIR_SCRIPT = POLL_TASK + r"""
+reps=$1 size=$2 registry=$3 prefix=$4 bare_repo=$5
+base=/tmp/gxbench-wd
+gridx_side() { # the folder as gridx sends it: gridx's own Dockerfile, built and pushed by the hub's Docker
+	gridx jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' && running "$prefix-g$1"
+}
+bare_side() { # the same Dockerfile and context, by hand
+	local image=$registry/$bare_repo:b$1
+	docker build --quiet --tag "$image" "$base/b$1" &&
+		docker push "$image" &&
+		docker service create --detach --quiet --no-resolve-image --name "$prefix-b$1" --mode replicated-job \
+			--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
+			"$image" sleep 30 &&
+		running "$prefix-b$1"
+}
+fill() { # fill DIR: a folder holding $size fresh random bytes
+	mkdir -p "$1" && head -c "$size" /dev/urandom >"$1/data.bin"
+}
+rm -rf "$base"
+for i in $(seq 1 "$reps"); do
+	fill "$base/g$i" && fill "$base/b$i/work" || exit 1
+	printf 'FROM python:3.11\nCOPY work/ /work/\nWORKDIR /work\n' >"$base/b$i/Dockerfile"
+	sync # the folders' writeback is not timed
+	if [ $((i % 2)) -eq 1 ]; then
+		t gridx gridx_side "$i"
+		t bare bare_side "$i"
+	else
+		t bare bare_side "$i"
+		t gridx gridx_side "$i"
+	fi
+	gridx jobs delete "$prefix-g$i" >/dev/null 2>>/tmp/gridx-bench.err
+	docker service rm "$prefix-b$i" >/dev/null 2>>/tmp/gridx-bench.err
+	rm -rf "$base/g$i" "$base/b$i"
+done
+sed 's/^/W /' /tmp/gridx-bench.err
+"""
+
+# What the bench left on the hub, its registry and the workers. $1 the
+# registry, $2 the job prefix, $3 the bare side's repository.
+WORKDIR_CLEAN_HUB = r"""
+registry=$1 prefix=$2 bare_repo=$3
+mapfile -t jobs < <(docker service ls --format '{{.Name}}' | grep "^$prefix-g")
+[ ${#jobs[@]} -eq 0 ] || gridx jobs delete "${jobs[@]}" >/dev/null 2>&1
+docker service ls --format '{{.Name}}' | grep "^$prefix-" | xargs -r docker service rm >/dev/null 2>&1
+docker images --format '{{.Repository}}:{{.Tag}}' |
+	grep -E "^$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)\$" | xargs -r docker image rm >/dev/null
+gridx image ls --json | grep -oE "\"name\": \"$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)\"" |
+	cut -d'"' -f4 | while read -r image; do gridx image rm "$image" >/dev/null || echo "L registry: $image"; done
+rm -rf /tmp/gxbench-wd /tmp/gridx-bench.err
+docker service ls --format '{{.Name}}' | grep "^$prefix-" | sed 's/^/L service: /'
+docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$bare_repo|gridx/work:$prefix" | sed 's/^/L hub image: /'
+true
+"""
+
+WORKDIR_CLEAN_WORKER = r"""
+registry=$1 prefix=$2 bare_repo=$3
+pattern="^$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)(@|\$)"
+docker ps -a --format '{{.ID}} {{.Image}}' | awk -v p="$pattern" '$2 ~ p {print $1}' | xargs -r docker rm -f >/dev/null
+docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$pattern" | xargs -r docker image rm >/dev/null
+docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$pattern" | sed 's/^/L worker image: /'
+true
+"""
+
+
+def hub_registry():
+    return json.loads(hub_bash("gridx image ls --json").stdout)["registry"]
+
+
+def side_by_side(out, reps):
+    """The gridx/bare timings of a script's output: (runs, medians of those
+    that passed, failures, E findings, W stderr, note for the table)."""
+    got = timings(out)
+    found = {kind: [line[2:].strip() for line in out.splitlines() if line.startswith(kind + " ") and line[2:].strip()]
+             for kind in ("E", "W")}
+    failed = {k: sum(1 for _, rc in got.get(k, []) if rc != 0) for k in ("gridx", "bare")}
+    med = {k: median([s for s, rc in got.get(k, []) if rc == 0]) for k in ("gridx", "bare")}
+    said = found["E"] + (found["W"] if any(failed.values()) else [])
+    note = "; ".join(f"{k}: {n}/{reps} FAILED" for k, n in failed.items() if n)
+    if said:
+        note = (note + " — " if note else "") + "; ".join(said)[:240]
+    return got, med, failed, found["E"], found["W"], note
+
+
+def clean_workdir(registry):
+    """The jobs, services, images (hub, registry, workers) and folders the
+    workdir section made; what is still there afterwards (L lines)."""
+    args = (registry, WORKDIR_PREFIX, BARE_REPOSITORY)
+    left = [line[2:] for line in hub_bash(WORKDIR_CLEAN_HUB, *args, timeout=600, check=False).stdout.splitlines()
+            if line.startswith("L ")]
+    for worker in WORKERS:
+        out = hub_bash(WORKDIR_CLEAN_WORKER, *args, container=f"{LAB}-{worker}", check=False).stdout
+        left += [f"{worker}: {line[2:]}" for line in out.splitlines() if line.startswith("L ")]
+    return left
+
+
+def bench_workdir(res, args):
+    reps = 2 if args.quick else 5
+    size = 100_000_000
+    registry = hub_registry()
+    clean_workdir(registry)  # an earlier run's leftovers would take the names
+    try:
+        out = hub_bash(WORKDIR_SCRIPT, reps, size, registry, WORKDIR_PREFIX, BARE_REPOSITORY, timeout=1800).stdout
+    finally:
+        left = clean_workdir(registry)
+    got, med, failed, errors, said, note = side_by_side(out, reps)
+    res.raw["workdir"] = {"runs": got, "median_ok_s": med, "failed": failed, "errors": errors, "stderr": said,
+                          "left_over": left, "bytes": size}
+    r = ratio(med["gridx"], med["bare"])
+    res.row("workdir", f"`gridx jobs run --workdir DIR python:3.11 'sleep 30'` (100 MB of fresh random data), "
+            f"start → task Running, vs bare `docker build` + `docker push` to the hub registry + `service create` "
+            f"+ poll ({reps} each, interleaved, order alternating)", med["gridx"], med["bare"], "≤ 1.3×",
+            False if failed["gridx"] else target_ratio(1.3, r), note=note)
+    if left:
+        res.notes.append("workdir: left behind: " + "; ".join(left))
+
+
+# ---------------------------------------------------------------------------
+# 9. Results: --output collected and copied, vs scp (issue 14)
+# ---------------------------------------------------------------------------
+
+RESULTS_PREFIX = "gxbench-res"
+
+RESULTS_SCRIPT = POLL_TASK + r"""
+reps=$1 size=$2 key=$3 known=$4 prefix=$5
+base=/tmp/gxbench-res
+ssh_opts=(-i "$key" -o IdentitiesOnly=yes -o "UserKnownHostsFile=$known" -o StrictHostKeyChecking=accept-new
+	-o BatchMode=yes) # as gridx's ssh_argv
+rm -rf "$base"
+for i in $(seq 1 "$reps"); do
+	name=$prefix$i
+	if ! gridx jobs run --output /tmp/out --name "$name" python:3.11 \
+		"mkdir -p /tmp/out && head -c $size /dev/urandom >/tmp/out/r.bin" >/dev/null 2>>/tmp/gridx-bench.err ||
+		! ended "$name"; then
+		sed 's/^/W /' /tmp/gridx-bench.err
+		exit 1
+	fi
+	task=$(docker service ps -q "$name")
+	node=$(docker service ps --format '{{.Node}}' "$name")
+	addr=$(docker node inspect --format '{{.Status.Addr}}' "$node")
+	container=$(docker inspect --format '{{.Status.ContainerStatus.ContainerID}}' "$task")
+	# the bare side's file: the same bytes, out of the same container, on the same worker (not timed)
+	# shellcheck disable=SC2029 # $container expands here, on purpose
+	ssh "${ssh_opts[@]}" "root@$addr" "docker cp $container:/tmp/out/r.bin /tmp/gxbench-r.bin" \
+		2>>/tmp/gridx-bench.err || { sed 's/^/W /' /tmp/gridx-bench.err; exit 1; }
+	mkdir -p "$base/b$i"
+	echo "N $node $addr"
+	if [ $((i % 2)) -eq 1 ]; then
+		t gridx gridx jobs results "$name" "$base/g$i"
+		t bare scp -q "${ssh_opts[@]}" -- "root@$addr:/tmp/gxbench-r.bin" "$base/b$i/r.bin"
+	else
+		t bare scp -q "${ssh_opts[@]}" -- "root@$addr:/tmp/gxbench-r.bin" "$base/b$i/r.bin"
+		t gridx gridx jobs results "$name" "$base/g$i"
+	fi
+	# both copies hold the job's bytes, or the figures mean nothing
+	cmp -s "$base/g$i/r.bin" "$base/b$i/r.bin" && [ "$(stat -c %s "$base/g$i/r.bin")" = "$size" ] ||
+		echo "E rep $i: the two copies differ or are not $size bytes"
+	gridx jobs delete "$name" >/dev/null 2>>/tmp/gridx-bench.err
+	ssh "${ssh_opts[@]}" "root@$addr" rm -f /tmp/gxbench-r.bin
+	rm -rf "$base/g$i" "$base/b$i"
+done
+sed 's/^/W /' /tmp/gridx-bench.err
+"""
+
+RESULTS_CLEAN = r"""
+prefix=$1
+mapfile -t jobs < <(docker service ls --format '{{.Name}}' | grep "^${prefix}[0-9]")
+[ ${#jobs[@]} -eq 0 ] || gridx jobs delete "${jobs[@]}" >/dev/null 2>&1
+rm -rf /tmp/gxbench-res /tmp/gridx-bench.err /var/lib/gridx/results/"$prefix"[0-9]*
+docker service ls --format '{{.Name}}' | grep "^${prefix}[0-9]" | sed 's/^/L service: /'
+true
+"""
+
+# test.sh's start_watch, word for word
+WATCH_COMMAND = "exec gridx hub watch --interval 5 --down-after 15 >>/var/log/gridx-watch.log 2>&1"
+
+
+def watch_running():
+    return sh(["docker", "exec", HUB, "pgrep", "-f", "gridx.py hub watch"], check=False).returncode == 0
+
+
+def stop_watch():
+    """hub watch would collect a job's results before `jobs results` is timed."""
+    sh(["docker", "exec", HUB, "pkill", "-f", "hub watch"], check=False)
+    deadline = time.monotonic() + 30
+    while watch_running():
+        if time.monotonic() > deadline:
+            raise BenchError("hub watch did not stop within 30 s of pkill")
+        time.sleep(0.2)
+
+
+def start_watch():
+    if not watch_running():
+        sh(["docker", "exec", "-d", HUB, "sh", "-c", WATCH_COMMAND])
+
+
+def bench_results(res, args):
+    reps = 3 if args.quick else 5
+    size = 100_000_000
+    # the hub's key: ssh_key_path() in gridx.py
+    key = hub_bash('k=${GRIDX_CONFIG_DIR:-/etc/gridx}/ssh/id_ed25519; test -f "$k" && echo "$k"').stdout.strip()
+    was_running = watch_running()
+    hub_bash(RESULTS_CLEAN, RESULTS_PREFIX, check=False)
+    try:
+        stop_watch()
+        out = hub_bash(RESULTS_SCRIPT, reps, size, key, os.path.join(os.path.dirname(key), "known_hosts"),
+                       RESULTS_PREFIX, timeout=1200).stdout
+    finally:
+        left = [line[2:] for line in hub_bash(RESULTS_CLEAN, RESULTS_PREFIX, check=False).stdout.splitlines()
+                if line.startswith("L ")]
+        if was_running:
+            start_watch()
+    got, med, failed, errors, said, note = side_by_side(out, reps)
+    nodes = sorted({line.split()[1] for line in out.splitlines() if line.startswith("N ")})
+    res.raw["results"] = {"runs": got, "median_ok_s": med, "failed": failed, "errors": errors, "stderr": said,
+                          "nodes": nodes, "left_over": left, "bytes": size, "watch_restarted": was_running}
+    r = ratio(med["gridx"], med["bare"])
+    res.row("results", f"`gridx jobs results JOB DEST` of a job's 100 MB --output (collected from the worker over "
+            f"the VPN, then copied to DEST; hub watch stopped) vs bare `scp` of the same 100 MB from that worker "
+            f"with the hub's key ({reps} each, interleaved, order alternating; workers: {', '.join(nodes)})",
+            med["gridx"], med["bare"], "≤ 1.3×", False if failed["gridx"] or errors else target_ratio(1.3, r),
+            note=note)
+    if left:
+        res.notes.append("results: left behind: " + "; ".join(left))
+    if not was_running:
+        res.notes.append("results: hub watch was not running before the section (left stopped)")
+
 
 
 # ---------------------------------------------------------------------------
