@@ -1743,6 +1743,9 @@ def ensure_user_account():
     if USER_ACCOUNT not in docker_group.gr_mem:
         run(["usermod", "--append", "--groups", "docker", "--", USER_ACCOUNT])
         changes.append(f"added {USER_ACCOUNT!r} to the docker group (for gridx serve)")
+    if os.path.isdir(results_dir()) and os.stat(results_dir()).st_uid != pwd.getpwnam(USER_ACCOUNT).pw_uid:
+        hand_over(results_dir())  # results collected before there were users: serve hands them out
+        changes.append(f"gave {results_dir()} to {USER_ACCOUNT!r} (gridx serve hands users their results)")
     return changes
 
 
@@ -4114,6 +4117,9 @@ def load_results_record(job_id):
         record = json.loads(read_text(results_record_path(job_id)))
     except (FileNotFoundError, ValueError):
         return None
+    except PermissionError:
+        raise precondition(f"cannot read {results_record_path(job_id)}",
+                           "on the hub as root (gridx hub init gives the results to the gridx account)") from None
     return record if isinstance(record, dict) and isinstance(record.get("tasks"), dict) else None
 
 
