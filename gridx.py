@@ -3647,7 +3647,7 @@ class LogFollower:
 # pushes it to the hub's registry (see Registry); the worker pulls it over
 # the VPN. `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
-# the hub's SSH, see Hub SSH) into RESULTS/JOB/ (RESULTS/JOB/SLOT/ when
+# the hub's SSH, see Hub SSH) into RESULTS/JOB/ (RESULTS/JOB/N/ when
 # there are several replicas), so results outlive the worker; `jobs
 # results` copies them to the submitter. Such a job runs only where the
 # hub's SSH reaches (not on a --no-hub-ssh worker).
@@ -3667,7 +3667,7 @@ HUB_SSH_CONSTRAINT = f"engine.labels.{LABEL_HUB_SSH}!=no"  # where the hub can c
 PROGRESS_EVERY_S = 5  # plain progress lines when stderr is not a terminal
 STREAM_CHUNK = 1024 * 1024
 UPLOAD_MAGIC = b"gridx-upload "  # serve: after SESSION_HELLO, this, a JSON header line, then frames
-RESULTS_COLLECT_TIMEOUT_S = 3600
+RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each watch pass), then given up
 
 
 def results_dir():
@@ -3926,7 +3926,8 @@ def build_work_image(target, image, members, size):
     import subprocess
     import tempfile
 
-    argv = docker("build", "--quiet", f"--tag={target}", "-")
+    # --network=none: an ONBUILD RUN of the base image reaches nothing from the hub
+    argv = docker("build", "--quiet", "--network=none", f"--tag={target}", "-")
     with tempfile.TemporaryFile() as said:
         process = start(argv, stdin=subprocess.PIPE, stdout=said, stderr=said)
         meter = Meter("work folder", size)
@@ -4138,9 +4139,12 @@ def safe_extract(stream, dest, limit, strip=0):
             if name.startswith("/") or ".." in parts:
                 left_out += 1  # not from docker cp: nothing lands outside dest
                 continue
-            parts = parts[strip:]
-            if not parts:
-                continue
+            if len(parts) <= strip:
+                if not member.isreg():
+                    continue  # the output folder itself
+                parts = parts[-1:]  # --output named a file: it comes as itself
+            else:
+                parts = parts[strip:]
             path = os.path.join(dest, *parts)
             if member.isdir():
                 os.makedirs(path, mode=0o755, exist_ok=True)
@@ -4264,8 +4268,11 @@ def ended_tasks(tasks):
 
 
 def uncollected(record, tasks):
-    """The ended Tasks whose output is not (finally) on the hub yet."""
-    return [t for t in ended_tasks(tasks) if record["tasks"].get(t.id, {}).get("state") not in RESULTS_FINAL]
+    """The ended Tasks whose output is not (finally) on the hub yet, and
+    not given up on (RESULTS_ATTEMPTS)."""
+    def due(entry):
+        return entry.get("state") not in RESULTS_FINAL and entry.get("attempts", 0) < RESULTS_ATTEMPTS
+    return [t for t in ended_tasks(tasks) if due(record["tasks"].get(t.id, {}))]
 
 
 def results_folder(record, task_id, several):
@@ -4310,6 +4317,7 @@ def collect_results(service, tasks, nodes=None):
             else:
                 collected = copy_out(node, container, output, fresh, limit)
             folder = results_folder(record, task.id, several)
+            attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + 1
             if not several:  # the task that ran last is the job's record
                 record["tasks"] = {}
             target = os.path.join(results_files_path(job_id), folder) if folder else results_files_path(job_id)
@@ -4319,7 +4327,7 @@ def collect_results(service, tasks, nodes=None):
             os.chmod(fresh, 0o755)
             hand_over(fresh)
             os.rename(fresh, target)
-            record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code)
+            record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
         record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
         atomic_write(results_record_path(job_id), json.dumps(record, indent=2) + "\n", mode=0o644)
         hand_over(results_record_path(job_id))
@@ -4426,6 +4434,8 @@ def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
         written, files, _, _ = safe_extract(process.stdout, dest, float("inf"))
     except tarfile.TarError:
         written = files = 0  # nothing came: the status and stderr say why
+    except OSError as error:
+        raise GridxError(f"cannot write the results into {dest}: {error.strerror}") from None
     finally:
         process.stdout.close()
         code = process.wait()
@@ -5384,7 +5394,7 @@ def wait_for_watch(service, tasks, record):
 
     deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
     while True:
-        if not any(t.id not in record["tasks"] for t in ended_tasks(tasks)):
+        if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once
             return record
         if time.monotonic() > deadline:
             raise precondition(f"the results of {service['Spec']['Name']} were not collected within "

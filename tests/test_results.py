@@ -281,3 +281,19 @@ def test_a_job_with_output_runs_only_where_the_hubs_ssh_reaches(monkeypatch):
     with pytest.raises(gridx.GridxError) as error:
         gridx.placeable_nodes(("/work/out", 10))
     assert error.value.code == 3 and "--no-hub-ssh" in error.value.message
+
+
+def test_an_output_that_is_one_file_comes_as_itself(tmp_path):
+    stream = tar_of(("model.pt", tarfile.REGTYPE, b"w" * 10))  # docker cp of a file: its name alone
+    assert gridx.safe_extract(stream, str(tmp_path), 100, strip=1) == (10, 1, False, 0)
+    assert (tmp_path / "model.pt").read_bytes() == b"w" * 10
+
+
+def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
+    task = gridx.Task(id="t1", name="job.1", node="w1", state="failed", desired="shutdown")
+    record = {"tasks": {"t1": {"state": "unreachable", "attempts": 1}}}
+    assert gridx.uncollected(record, [task]) == [task]
+    record["tasks"]["t1"]["attempts"] = gridx.RESULTS_ATTEMPTS
+    assert gridx.uncollected(record, [task]) == []
+    record["tasks"]["t1"] = {"state": "collected", "attempts": 1}
+    assert gridx.uncollected(record, [task]) == []
