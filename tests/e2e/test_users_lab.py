@@ -210,9 +210,11 @@ def test_a_users_work_folder_goes_in_and_the_result_comes_back(user_node):
         assert theirs.returncode == 2 and f"is {ALICE}'s" in theirs.stderr, theirs.stderr
         into_hub = ssh_as(ALICE, f"jobs results {job} /root/gridx-pwned")
         assert into_hub.returncode == 2 and hub_sh("test -e /root/gridx-pwned").returncode != 0
+        # her delete (serve, as the gridx account) takes the results on the hub too
+        ok(as_user(f"gridx jobs delete {job}"), "alice deletes her job")
+        assert hub_sh(f"ls -A /var/lib/gridx/results | grep -c {job} || true").stdout.strip() == "0"
     finally:
         hub("jobs", "delete", job)
-    assert hub_sh(f"test -e /var/lib/gridx/results/{job}").returncode != 0  # delete took the results too
 
 
 def test_a_user_cannot_touch_another_users_job(user_node):
