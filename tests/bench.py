@@ -798,17 +798,23 @@ ended() { task_state "$1" Complete; }
 WORKDIR_SCRIPT = POLL_TASK + r"""
 reps=$1 size=$2 registry=$3 prefix=$4 bare_repo=$5
 base=/tmp/gxbench-wd
+submitted() { # submitted SIDE START: "P SIDE US", the time until the job was created (the rest is the worker's)
+	local e=${EPOCHREALTIME/./}
+	echo "P $1 $((e - $2))" >>"$base/phases"
+}
 gridx_side() { # the folder as gridx sends it: gridx's own Dockerfile, built and pushed by the hub's Docker
-	gridx jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' && running "$prefix-g$1"
+	local s=${EPOCHREALTIME/./}
+	gridx jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' &&
+		submitted gridx "$s" && running "$prefix-g$1"
 }
 bare_side() { # the same Dockerfile and context, by hand
-	local image=$registry/$bare_repo:b$1
+	local image=$registry/$bare_repo:b$1 s=${EPOCHREALTIME/./}
 	docker build --quiet --tag "$image" "$base/b$1" &&
 		docker push "$image" &&
 		docker service create --detach --quiet --no-resolve-image --name "$prefix-b$1" --mode replicated-job \
 			--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
 			"$image" sleep 30 &&
-		running "$prefix-b$1"
+		submitted bare "$s" && running "$prefix-b$1"
 }
 fill() { # fill DIR: a folder holding $size fresh random bytes
 	mkdir -p "$1" && head -c "$size" /dev/urandom >"$1/data.bin"
@@ -829,6 +835,7 @@ for i in $(seq 1 "$reps"); do
 	docker service rm "$prefix-b$i" >/dev/null 2>>/tmp/gridx-bench.err
 	rm -rf "$base/g$i" "$base/b$i"
 done
+cat "$base/phases"
 sed 's/^/W /' /tmp/gridx-bench.err
 """
 
@@ -869,7 +876,9 @@ def side_by_side(out, reps):
     got = timings(out)
     found = {kind: [line[2:].strip() for line in out.splitlines() if line.startswith(kind + " ") and line[2:].strip()]
              for kind in ("E", "W")}
-    failed = {k: sum(1 for _, rc in got.get(k, []) if rc != 0) for k in ("gridx", "bare")}
+    # a run that never printed its timing (the script stopped early) failed too
+    failed = {k: sum(1 for _, rc in got.get(k, []) if rc != 0) + max(0, reps - len(got.get(k, [])))
+              for k in ("gridx", "bare")}
     med = {k: median([s for s, rc in got.get(k, []) if rc == 0]) for k in ("gridx", "bare")}
     said = found["E"] + (found["W"] if any(failed.values()) else [])
     note = "; ".join(f"{k}: {n}/{reps} FAILED" for k, n in failed.items() if n)
@@ -891,7 +900,7 @@ def clean_workdir(registry):
 
 
 def bench_workdir(res, args):
-    reps = 2 if args.quick else 5
+    reps = 3 if args.quick else 5
     size = 100_000_000
     registry = hub_registry()
     clean_workdir(registry)  # an earlier run's leftovers would take the names
@@ -900,13 +909,24 @@ def bench_workdir(res, args):
     finally:
         left = clean_workdir(registry)
     got, med, failed, errors, said, note = side_by_side(out, reps)
+    phases = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "P":
+            phases.setdefault(parts[1], []).append(int(parts[2]) / 1e6)
+    created = {k: median(phases.get(k, [])) for k in ("gridx", "bare")}
     res.raw["workdir"] = {"runs": got, "median_ok_s": med, "failed": failed, "errors": errors, "stderr": said,
-                          "left_over": left, "bytes": size}
+                          "left_over": left, "bytes": size, "until_created_s": phases,
+                          "until_created_median_s": created}
+    note = "; ".join(filter(None, [
+        f"until the job was created (build, push, create): gridx {fmt_s(created['gridx'])}, bare "
+        f"{fmt_s(created['bare'])}; the rest is the worker's pull and start" if None not in created.values() else "",
+        note]))
     r = ratio(med["gridx"], med["bare"])
     res.row("workdir", f"`gridx jobs run --workdir DIR python:3.11 'sleep 30'` (100 MB of fresh random data), "
             f"start → task Running, vs bare `docker build` + `docker push` to the hub registry + `service create` "
             f"+ poll ({reps} each, interleaved, order alternating)", med["gridx"], med["bare"], "≤ 1.3×",
-            False if failed["gridx"] else target_ratio(1.3, r), note=note)
+            False if any(failed.values()) or errors else target_ratio(1.3, r), note=note)
     if left:
         res.notes.append("workdir: left behind: " + "; ".join(left))
 
@@ -967,6 +987,14 @@ docker service ls --format '{{.Name}}' | grep "^${prefix}[0-9]" | sed 's/^/L ser
 true
 """
 
+# Docker 20.10 keeps a replicated-job's ended container on its worker after
+# `service rm` (and so after `gridx jobs delete`), each holding its 100 MB.
+RESULTS_CLEAN_WORKER = r"""
+docker ps -aq --filter "name=^$1[0-9]+\\." | xargs -r docker rm -f >/dev/null
+docker ps -a --format '{{.Names}}' | grep "^${1}[0-9]" | sed 's/^/L container: /'
+true
+"""
+
 # test.sh's start_watch, word for word
 WATCH_COMMAND = "exec gridx hub watch --interval 5 --down-after 15 >>/var/log/gridx-watch.log 2>&1"
 
@@ -1004,6 +1032,9 @@ def bench_results(res, args):
     finally:
         left = [line[2:] for line in hub_bash(RESULTS_CLEAN, RESULTS_PREFIX, check=False).stdout.splitlines()
                 if line.startswith("L ")]
+        for worker in WORKERS:
+            found = hub_bash(RESULTS_CLEAN_WORKER, RESULTS_PREFIX, container=f"{LAB}-{worker}", check=False).stdout
+            left += [f"{worker}: {line[2:]}" for line in found.splitlines() if line.startswith("L ")]
         if was_running:
             start_watch()
     got, med, failed, errors, said, note = side_by_side(out, reps)
@@ -1014,7 +1045,7 @@ def bench_results(res, args):
     res.row("results", f"`gridx jobs results JOB DEST` of a job's 100 MB --output (collected from the worker over "
             f"the VPN, then copied to DEST; hub watch stopped) vs bare `scp` of the same 100 MB from that worker "
             f"with the hub's key ({reps} each, interleaved, order alternating; workers: {', '.join(nodes)})",
-            med["gridx"], med["bare"], "≤ 1.3×", False if failed["gridx"] or errors else target_ratio(1.3, r),
+            med["gridx"], med["bare"], "≤ 1.3×", False if any(failed.values()) or errors else target_ratio(1.3, r),
             note=note)
     if left:
         res.notes.append("results: left behind: " + "; ".join(left))
