@@ -490,18 +490,11 @@ worker_joined() {
 			"start afresh: ./test.sh clean && ./test.sh start && ./test.sh setup"
 }
 
+# join_worker WORKER [PATH]: join.sh in WORKER, with the bundle at PATH on
+# the hub (copied in first); a failed join is shown and tried once more.
 join_worker() {
-	local w=$1 path
-	if worker_joined "$w"; then
-		info "$w already in the swarm"
-		return 0
-	fi
-	if joined_before "$w"; then
-		info "$w joined before this restart: waiting for it to be back in the swarm"
-		wait_swarm_active "$w" "$w joined before but is not back in the swarm"
-		return 0
-	fi
-	path=$(bundle_path "$w")
+	local w=$1 path=${2:-}
+	[ -n "$path" ] || path=$(bundle_path "$w")
 	copy_bundle "$w" "$path"
 	local extra=()
 	read -r -a extra <<<"${JOIN_EXTRA[$w]:-}"
@@ -512,6 +505,31 @@ join_worker() {
 	join_diagnostics "$w"
 	warn "join of $w failed: running join.sh once more"
 	echo_run in_node "$w" "${join[@]}" || die 1 "join of $w failed twice" "./test.sh logs $w"
+}
+
+# join_workers: every worker not in the swarm yet joins. The hub makes their
+# bundles one after another (add-peer changes its WireGuard and state); the
+# workers then run join.sh at the same time, as volunteers' machines would:
+# each join waits mostly on its own engine's restart and the swarm.
+join_workers() {
+	local w pids=() names=() path i failed=0 t0=$EPOCHREALTIME
+	for w in "${WORKERS[@]}"; do
+		if worker_joined "$w"; then
+			info "$w already in the swarm"
+		elif joined_before "$w"; then
+			info "$w joined before this restart: waiting for it to be back in the swarm"
+			wait_swarm_active "$w" "$w joined before but is not back in the swarm"
+		else
+			path=$(bundle_path "$w")
+			join_worker "$w" "$path" &
+			pids+=("$!") names+=("$w")
+		fi
+	done
+	for i in "${!pids[@]}"; do
+		wait "${pids[$i]}" || { warn "join of ${names[$i]} failed"; failed=1; }
+	done
+	[ "$failed" -eq 0 ] || die 1 "a worker could not join" "./test.sh logs WORKER"
+	[ "${#pids[@]}" -eq 0 ] || info "joined ${names[*]} in $(elapsed "$t0")s"
 }
 
 # What to look at when a worker cannot join: both ends' WireGuard, the hub's
@@ -536,41 +554,90 @@ join_diagnostics() {
 # images real users name. A task of python:3.11 still asks Docker Hub first,
 # as on a volunteer's machine, and is refused at once (lab/entrypoint.sh);
 # its engine then runs the image it has.
-image_id() { in_node "$1" docker image inspect -f '{{.Id}}' "$2" 2>/dev/null || :; }
+# The load into the hub needs nothing of setup: it starts first, in the
+# background (start_hub_load), while the hub is initialised and the workers
+# join, and push_and_pull waits for it.
+JOB_IDS=()   # the machine's image ID of each of JOB_IMAGES (job_image_ids)
+LOAD_PID=''  # the background load into the hub (start_hub_load)
 
-load_into_hub() { # IMAGE ID
-	[ "$(image_id hub "$1")" = "$2" ] && return 0
-	info "loading $1 into the hub (once; the workers pull it from the hub's registry)"
-	docker save "$1" | docker exec -i "$HUB" docker load -q >/dev/null || die 1 "docker load of $1 into the hub failed"
+job_image_ids() {
+	[ "${#JOB_IDS[@]}" -eq 0 ] || return 0
+	local ids
+	ids=$(docker image inspect -f '{{.Id}}' "${JOB_IMAGES[@]}") \
+		|| die 1 "the job images are missing here" "./test.sh start"
+	mapfile -t JOB_IDS <<<"$ids"
 }
 
-pull_images() {
-	local img id w name pids=() need=() pid failed=0
-	for img in "${JOB_IMAGES[@]}"; do
-		id=$(docker image inspect -f '{{.Id}}' "$img")
-		# Always into the hub and its registry (a push of layers it holds
-		# is quick): a lab whose workers got the image some other way (an
-		# older setup's docker load) still ends with it in the registry.
-		load_into_hub "$img" "$id"
-		name=$(gridx_hub image push "$img") || die 1 "gridx image push $img failed on the hub"
-		need=()
-		for w in "${WORKERS[@]}"; do
-			if [ "$(image_id "$w" "$name")" = "$id" ] && [ "$(image_id "$w" "$img")" = "$id" ]; then
-				info "$w already has $img from the hub's registry"
-			else
-				need+=("$w")
+# node_images NODE: "REPOSITORY:TAG ID" for every image NODE's engine has
+# (one docker exec instead of one per image and name).
+node_images() {
+	in_node "$1" docker images --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' 2>/dev/null || :
+}
+
+# has_image LIST IMAGE ID: node_images LIST shows IMAGE as ID.
+has_image() { grep -qxF "$2 $3" <<<"$1"; }
+
+# load_into_hub: the job images the hub lacks, in one docker save stream
+# (layers the images share go once).
+load_into_hub() {
+	local have missing=() i t0=$EPOCHREALTIME
+	have=$(node_images hub)
+	for i in "${!JOB_IMAGES[@]}"; do
+		has_image "$have" "${JOB_IMAGES[$i]}" "${JOB_IDS[$i]}" || missing+=("${JOB_IMAGES[$i]}")
+	done
+	[ "${#missing[@]}" -gt 0 ] || return 0
+	info "loading ${missing[*]} into the hub (once; the workers pull them from the hub's registry)"
+	docker save "${missing[@]}" | docker exec -i "$HUB" docker load -q >/dev/null \
+		|| die 1 "docker load of ${missing[*]} into the hub failed"
+	info "loaded into the hub in $(elapsed "$t0")s"
+}
+
+start_hub_load() {
+	job_image_ids
+	load_into_hub &
+	LOAD_PID=$!
+}
+
+# push_and_pull: once the load is done, every job image is pushed (always,
+# all at once: a push of layers the registry holds only asks it; a lab whose
+# workers got an image some other way still ends with it in the registry),
+# then every worker pulls what it lacks, all workers and images at once.
+push_and_pull() {
+	local tmp img i w have pids=() failed=0 t0=$EPOCHREALTIME
+	job_image_ids
+	if [ -n "$LOAD_PID" ]; then
+		wait "$LOAD_PID" || die 1 "the job images could not be loaded into the hub"
+	else
+		load_into_hub
+	fi
+	tmp=$(mktemp -d)
+	for i in "${!JOB_IMAGES[@]}"; do
+		gridx_hub image push "${JOB_IMAGES[$i]}" >"$tmp/$i" &
+		pids+=("$!")
+	done
+	for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed=1; done
+	local names=()
+	for i in "${!JOB_IMAGES[@]}"; do names+=("$(cat "$tmp/$i")"); done
+	rm -rf "$tmp"
+	[ "$failed" -eq 0 ] || die 1 "gridx image push failed on the hub"
+	info "pushed ${JOB_IMAGES[*]} in $(elapsed "$t0")s"
+	t0=$EPOCHREALTIME pids=()
+	for w in "${WORKERS[@]}"; do
+		have=$(node_images "$w")
+		for i in "${!JOB_IMAGES[@]}"; do
+			img=${JOB_IMAGES[$i]}
+			if has_image "$have" "${names[$i]}" "${JOB_IDS[$i]}" && has_image "$have" "$img" "${JOB_IDS[$i]}"; then
+				continue
 			fi
-		done
-		[ "${#need[@]}" -gt 0 ] || continue
-		info "workers ${need[*]} pull $name over the VPN"
-		for w in "${need[@]}"; do
+			info "$w pulls ${names[$i]} over the VPN"
 			# shellcheck disable=SC2016 # the node's sh expands them
-			in_node "$w" sh -c 'docker pull -q "$1" >/dev/null && docker tag "$1" "$2"' sh "$name" "$img" &
+			in_node "$w" sh -c 'docker pull -q "$1" >/dev/null && docker tag "$1" "$2"' sh "${names[$i]}" "$img" &
 			pids+=("$!")
 		done
 	done
-	for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+	for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed=1; done
 	[ "$failed" -eq 0 ] || die 1 "a worker could not pull a job image from the hub's registry" "./test.sh logs hub (and /var/log/gridx-registry.log there)"
+	[ "${#pids[@]}" -eq 0 ] || info "the workers pulled ${#pids[@]} image(s) in $(elapsed "$t0")s"
 }
 
 # The hub's job keeper (`gridx hub watch`: jobs of a worker Down for 15 s run
@@ -606,15 +673,14 @@ revive_nodes() {
 
 cmd_setup() {
 	need_lab
-	local t0=$EPOCHREALTIME w
+	local t0=$EPOCHREALTIME
 	wait_nodes_ready
 	stage "dead nodes of a killed Docker daemon" cut_stale_ports
 	stage "revive VPN after a restart" revive_nodes
+	stage "job images into the hub (in the background)" start_hub_load
 	stage "hub init" hub_init
-	for w in "${WORKERS[@]}"; do
-		stage "join $w" join_worker "$w"
-	done
-	stage "job images: hub registry -> workers" pull_images
+	stage "join ${WORKERS[*]}" join_workers
+	stage "job images: hub registry -> workers" push_and_pull
 	stage "hub watch" start_watch
 	info "lab set up in $(elapsed "$t0")s; next: ./test.sh status, ./test.sh test-job"
 }
