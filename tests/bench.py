@@ -802,9 +802,17 @@ submitted() { # submitted SIDE START: "P SIDE US", the time until the job was cr
 	local e=${EPOCHREALTIME/./}
 	echo "P $1 $((e - $2))" >>"$base/phases"
 }
+steps() { # steps REP START: gridx -v's lines (each command it runs) as "S REP MS LINE", for where the time went
+	local line e
+	while IFS= read -r line; do
+		e=${EPOCHREALTIME/./}
+		echo "S $1 $(((e - $2) / 1000)) ${line:0:160}" >>"$base/steps"
+		echo "$line" >>/tmp/gridx-bench.err
+	done
+}
 gridx_side() { # the folder as gridx sends it: gridx's own Dockerfile, built and pushed by the hub's Docker
 	local s=${EPOCHREALTIME/./}
-	gridx jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' &&
+	gridx -v jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' 2> >(steps "$1" "$s") &&
 		submitted gridx "$s" && running "$prefix-g$1"
 }
 bare_side() { # the same Dockerfile and context, by hand
@@ -835,7 +843,7 @@ for i in $(seq 1 "$reps"); do
 	docker service rm "$prefix-b$i" >/dev/null 2>>/tmp/gridx-bench.err
 	rm -rf "$base/g$i" "$base/b$i"
 done
-cat "$base/phases"
+cat "$base/phases" "$base/steps"
 sed 's/^/W /' /tmp/gridx-bench.err
 """
 
@@ -915,9 +923,14 @@ def bench_workdir(res, args):
         if len(parts) == 3 and parts[0] == "P":
             phases.setdefault(parts[1], []).append(int(parts[2]) / 1e6)
     created = {k: median(phases.get(k, [])) for k in ("gridx", "bare")}
+    steps = {}  # rep: ["MS LINE"], gridx -v's commands with the time each began at
+    for line in out.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[0] == "S":
+            steps.setdefault(parts[1], []).append(f"{parts[2]} ms {parts[3]}")
     res.raw["workdir"] = {"runs": got, "median_ok_s": med, "failed": failed, "errors": errors, "stderr": said,
                           "left_over": left, "bytes": size, "until_created_s": phases,
-                          "until_created_median_s": created}
+                          "until_created_median_s": created, "gridx_steps": steps}
     note = "; ".join(filter(None, [
         f"until the job was created (build, push, create): gridx {fmt_s(created['gridx'])}, bare "
         f"{fmt_s(created['bare'])}; the rest is the worker's pull and start" if None not in created.values() else "",
