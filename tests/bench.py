@@ -35,13 +35,17 @@ figure, its target, met or missed) and writes bench-results.json.
            (fresh random data each time and each side) from start to the
            task Running / bare `docker build` of the same Dockerfile and
            context + `docker push` to the hub registry + `docker service
-           create` + the same polling (<= 1.3x), interleaved; the jobs, the
-           images (hub, registry, workers) and folders are removed afterwards
+           create` + the same polling (<= 1.3x), interleaved; also each
+           side's time until its job was created (the rest is the worker's
+           pull), and in the JSON gridx -v's commands with their start times;
+           the jobs, the images (hub, registry, workers) and folders are
+           removed afterwards
   results  `gridx jobs results JOB DEST` of a completed job's 100 MB --output
            (collected from its worker over the VPN, then copied to DEST) /
            bare `scp` of the same bytes from that worker with the hub's key
            (<= 1.3x), interleaved; hub watch is stopped meanwhile (it would
-           collect first) and started again as test.sh's start_watch does
+           collect first) and started again as test.sh's start_watch does;
+           the jobs' ended containers are removed from the workers
 
 Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
                               [--json PATH] [--quick]
