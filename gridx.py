@@ -4402,6 +4402,50 @@ def write_results_tar(job_id, out):
                     archive.add(full, arcname=os.path.relpath(full, files), recursive=False)
 
 
+def output_containers(services, tasks, keep=False):
+    """Before `jobs delete` on the hub as root: {node address: container IDs}
+    of the ended tasks of jobs with --output (Docker 20.10 keeps them on the
+    worker after `service rm`, and the output with them). keep: collect
+    what is not collected yet first (--keep-results)."""
+    if DOCKER_HOST or OWNER is not None or os.geteuid() != 0:
+        return {}  # through --manager or serve nothing here reaches the workers
+    outputs = [s for s in services if LABEL_OUTPUT in s["Spec"].get("Labels", {})]
+    names = {s["Spec"]["Name"] for s in outputs}
+    ended = [t for t in tasks if t.service in names and t.state in ("complete", "failed") and t.node]
+    if not ended:
+        return {}
+    nodes = swarm_nodes()
+    if keep:
+        by_service = tasks_by_service(tasks)
+        for service in outputs:
+            collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
+    containers = task_containers([t.id for t in ended])
+    ready = {n.hostname: n.address for n in nodes if n.state == "ready" and n.hub_ssh}
+    found = {}
+    for task in ended:
+        if task.node in ready and task.id in containers:
+            found.setdefault(ready[task.node], []).append(containers[task.id])
+    return found
+
+
+def remove_containers(found):
+    """`docker rm -f` of output_containers(), one call per node, at once."""
+    import shlex
+    import subprocess
+
+    if not found:
+        return
+    hub_ip = load_hub_config().hub_ip
+    processes = []
+    for address, ids in sorted(found.items()):
+        argv = ["docker", "rm", "-f", "--", *ids]
+        if address != hub_ip:
+            argv = ssh_argv(address, [shlex.join(argv)])
+        processes.append(start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for process in processes:
+        process.wait()  # best effort: a container Docker removed itself is no error
+
+
 # -- results to the submitter ---------------------------------------------------------------
 
 
@@ -5787,7 +5831,9 @@ def cmd_jobs_delete(args):
         if not live:
             break
         time.sleep(0.5)
+    leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
     run(docker("service", "rm", "--", *ids))
+    remove_containers(leftovers)
     # Several label=K=V filters on `config ls` do not mean "any of these":
     # list every job's config and pick the deleted jobs' here.
     listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",

@@ -179,9 +179,18 @@ def test_delete_removes_results_unless_kept(work):
     for job in (kept, gone):
         ok(gridx_in(SUBMIT, "jobs", "run", "--output", "/tmp/out", "--name", job, "--wait", "python:3.11",
                     "mkdir -p /tmp/out && echo $HOSTNAME > /tmp/out/host"), f"jobs run {job}")
+    where = {}
+    for job in (kept, gone):  # the ended container, with the output in it, on its worker
+        task = ok(in_hub(f"docker service ps -q --no-trunc {job}"), "task").split()[0]
+        found = ok(in_hub("docker inspect --format '{{.Status.ContainerStatus.ContainerID}} {{.NodeID}}' " + task),
+                   "container").split()
+        node = ok(in_hub(f"docker node inspect --format '{{{{.Description.Hostname}}}}' {found[1]}"), "node").strip()
+        where[job] = (node, found[0])
     ok(hub("jobs", "delete", gone), "delete")
     ok(hub("jobs", "delete", "--keep-results", kept), "delete --keep-results")
     assert in_hub(f"test -e {RESULTS}/{gone} || test -e {RESULTS}/{gone}.json").returncode != 0
+    for job, (node, container_id) in where.items():  # Docker 20.10 alone keeps them after service rm
+        assert container_id not in ok(node_exec(node, "docker ps -a -q --no-trunc"), "containers"), (job, node)
     ok(gridx_in(SUBMIT, "jobs", "results", kept, f"{SUBMIT}/kept-again"), "results of a deleted job, kept")
     assert in_hub(f"test -s {SUBMIT}/kept-again/host").returncode == 0
     ok(hub("jobs", "results", kept, "--delete"), "results --delete")
