@@ -6010,7 +6010,7 @@ def cmd_hub_remove_user(args):
     if ids and args.stop_jobs:
         import argparse
 
-        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None))
+        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
     if ids:
         info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
     return EXIT_OK

@@ -297,3 +297,18 @@ def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
     assert gridx.uncollected(record, [task]) == []
     record["tasks"]["t1"] = {"state": "collected", "attempts": 1}
     assert gridx.uncollected(record, [task]) == []
+
+
+def test_remove_user_stop_jobs_deletes_through_the_same_delete(tmp_path, monkeypatch):
+    """remove-user --stop-jobs calls cmd_jobs_delete with its own arguments
+    (it once lacked --keep-results' and failed with a traceback)."""
+    from test_gridx import JOB_SERVICE
+
+    tools = fake_hub(tmp_path, monkeypatch)
+    assert run_main(["hub", "add-user", "u1"]) == 0
+    owned = dict(JOB_SERVICE, Spec=dict(JOB_SERVICE["Spec"], Labels=dict(JOB_SERVICE["Spec"]["Labels"],
+                                                                         **{gridx.LABEL_OWNER: "u1"})))
+    monkeypatch.setattr(gridx, "list_job_services", lambda ids=None, missing_ok=False: [owned])
+    tools.calls.clear()
+    assert run_main(["hub", "remove-user", "u1", "--stop-jobs"]) == 0
+    assert any(call[1:3] == ["service", "rm"] for call in tools.calls), tools.calls
