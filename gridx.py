@@ -3779,6 +3779,7 @@ class WorkFolder:
     folder over the limit is refused at once."""
 
     def __init__(self, path, limit_bytes):
+        import math
         import stat
 
         if not os.path.isdir(path):
@@ -3812,7 +3813,7 @@ class WorkFolder:
             raise usage_error(
                 f"the work folder {path} holds {human_bytes(self.bytes)}, over the {human_bytes(limit_bytes)} limit",
                 f"leave files out with a {IGNORE_FILES[0]} (the syntax of .dockerignore), or raise it: "
-                f"--workdir-limit {human_bytes(self.bytes * 2).split('.')[0]}G")
+                f"--workdir-limit {math.ceil(self.bytes * 2 / 1024**3)}G")
 
     def _unreadable(self, error):
         raise usage_error(f"cannot read {error.filename}: {error.strerror}", "check the folder's permissions")
@@ -4491,20 +4492,16 @@ def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
     return written, files
 
 
-def results_here(job_id, dest):
-    """On the hub: copy RESULTS/JOB/ to dest."""
+def results_here(job_id, dest, record):
+    """On the hub: copy RESULTS/JOB/ to dest; (bytes, files) as its record says."""
     import shutil
 
     os.makedirs(dest, mode=0o755, exist_ok=True)
     files = results_files_path(job_id)
-    written = count = 0
     if os.path.isdir(files):
         shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
-        for top, _, names in os.walk(dest):
-            for name in names:
-                written += os.lstat(os.path.join(top, name)).st_size
-                count += 1
-    return written, count
+    tasks = (record or {}).get("tasks", {}).values()
+    return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
 
 
 # ---------------------------------------------------------------------------
@@ -5393,7 +5390,7 @@ def finish_waited_job(job_id, code, output):
     else:
         record = collect_results(list_job_services([job_id])[0], list_tasks([job_id]))
         say_results_problems(job_id, record)
-        written, files = results_here(job_id, dest)
+        written, files = results_here(job_id, dest, record)
     info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
     return code
 
@@ -5481,7 +5478,7 @@ def cmd_jobs_results(args):
         sys.stdout.flush()
         write_results_tar(job_id, sys.stdout.buffer)
         return EXIT_OK
-    written, files = results_here(job_id, dest)
+    written, files = results_here(job_id, dest, record)
     print(dest)
     info(f"{human_bytes(written)} in {files} file(s)")
     return EXIT_OK
