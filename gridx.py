@@ -33,14 +33,57 @@ Exit status:
     missing (not root, a tool not installed, Docker not running, hub not
     initialised, manager unreachable), 130 interrupted.
 
-Standard library only: it shells out to wg, wg-quick, docker, ssh and
-ssh-keygen, through one helper, run(), or its sibling start() (and
-run_streaming()) for a command whose output streams past gridx; both echo
-the command under -v.
+Standard library only. It runs other programs through one helper, run(), or
+its siblings start() and run_streaming() for a command whose output streams
+past gridx (all echo the command under -v): wg, wg-quick, docker, ssh,
+ssh-keygen, iptables, iptables-restore, ip, openssl, docker-registry,
+useradd, usermod, systemctl, and the bundle's own join.sh, leave.sh and
+status.sh.
 """
 
+# Map: the sections below, in order; each uses only what stands above it
+# (tests/test_layout.py holds this list and the direction against the code).
+#   Constants                 values every section reads; "same as" notes for the bundle's shell
+#   Errors                    GridxError: a message, a hint and an exit status
+#   Output                    info/warn, tables, JSON, human_* formats
+#   Running commands          run(), start(), need(), docker(); the module state of the four ways
+#   State on disk             atomic files, locks, paths, validators and parsers, HubConfig
+#   Firewall                  the hub's iptables chains: swarm on the VPN only, users to SSH only
+#   SSH                       the hub's key, ssh's argv, known_hosts
+#   WireGuard                 keys, the hub's, workers' and users' configs, `wg show`
+#   Swarm                     engine versions, swarm info, nodes and their resources
+#   Registry                  the hub's image registry: certificate, process, HTTP API
+#   Bundles                   a worker's join bundle: settings, files, writing it
+#   Accounts                  users: the gridx account, authorized_keys, user bundles
+#   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
+#   Work folders and results  --workdir layers, uploads through serve, --output collection
+#   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users)
+#   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
+#   Commands: worker          they run the bundle's scripts (one implementation)
+#   Commands: jobs
+#   Commands: image
+#   Commands: serve           the forced command of the users' SSH account
+#   Argument parser           argument builders (args_*, add_*), COMMANDS, build_parser
+#   Main                      main(): the one place that catches GridxError
+#
+# A command runs one of four ways, chosen by module state (Running commands):
+#   on the hub              DOCKER_HOST None, OWNER None: the local docker, wg, files
+#   --manager root@HUB      DOCKER_HOST "ssh://root@HUB": docker's own SSH (set_manager)
+#   --manager USER@HUB      forward_to_serve sends INVOCATION to the hub; ForwardedExit
+#   serve NAME (on the hub) OWNER NAME, SERVE_LIMITS theirs: as on the hub, for that user
+# Every command is declared once, in COMMANDS (Argument parser): its handler,
+# help, example and argument builder; args.command_path names it.
+# Imports: modules that Python or argparse load anyway at the top; any other
+# inside the function that needs it (`gridx --help` must stay fast: make
+# bench's startup row).
+
+import io
 import os
+import posixpath
+import re
+import stat
 import sys
+import time
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -70,6 +113,11 @@ ADDRESS_POOLS = ("10.96.0.0/12", "10.208.0.0/12", "172.80.0.0/12", "100.80.0.0/1
 HANDSHAKE_SILENT_S = 180
 KEEPALIVE_S = 25
 FIREWALL_CHAIN = "GRIDX-INPUT"
+
+USERS_CHAIN = "GRIDX-USERS"
+
+REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
+
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
 
@@ -91,6 +139,12 @@ LABEL_PORT = "gridx.port"
 # worker's join.sh --no-hub-ssh sets to "no": it declined the hub's SSH.
 # Same as join.sh's HUB_SSH_LABEL.
 LABEL_HUB_SSH = "gridx.hub-ssh"
+
+LABEL_OWNER = "gridx.owner"
+ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
+
+USER_ACCOUNT = "gridx"
+
 DEFAULT_JOB_CPUS = 1.0
 DEFAULT_JOB_MEMORY = "1G"
 CONFIG_MAX_BYTES = 1000 * 1024  # swarmkit's limit for one config
@@ -216,6 +270,19 @@ def human_mib(mib):
     if mib >= 1024:
         return f"{mib / 1024:.1f}G"
     return f"{mib}M"
+
+
+def human_bytes(count):
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +415,10 @@ def command_error(argv, result):
 
 DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
 
+OWNER = None  # set by `gridx serve NAME`: whom the command runs for
+SERVE_LIMITS = None  # serve: that user's limits, {USER_LIMITS key: number or None}
+INVOCATION = []  # main()'s argv: what the client side forwards to serve
+
 
 def docker(*args):
     """argv for a docker call, against the remote manager when one is set."""
@@ -362,6 +433,15 @@ def docker_json_lines(argv):
 
     output = run(argv).stdout
     return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def own_program():
+    """How to run this gridx again: the binary, or python3 and this file."""
+    import shlex
+
+    if getattr(sys, "frozen", False):
+        return shlex.quote(os.environ.get("STATICX_PROG_PATH") or sys.executable)
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +524,31 @@ class StateLock:
         self.handle.close()
 
 
+def results_owner():
+    """The gridx account's (uid, gid), when there is one: it serves users
+    their results (gridx serve reads, and deletes, what root collected)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(USER_ACCOUNT)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(path, recursive=True):
+    """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
+    owner = results_owner()
+    if owner is None or os.geteuid() != 0:
+        return
+    os.lchown(path, *owner)
+    for top, folders, files in os.walk(path) if recursive else ():
+        for name in folders + files:
+            os.lchown(os.path.join(top, name), *owner)
+
+# -- where things are ---------------------------------------------------------
+
+
 def hub_config_path():
     return os.path.join(config_dir(), "hub_config.json")
 
@@ -472,14 +577,35 @@ def wg_conf_path(interface):
     return os.path.join(wg_dir(), f"{interface}.conf")
 
 
-# -- validators: each returns the normalised value or raises usage_error ----
+def users_home():
+    """The account's home: root-owned, so the account can change nothing
+    there (sshd's StrictModes accepts root-owned folders and files)."""
+    return os.path.abspath(os.environ.get("GRIDX_USERS_HOME") or "/var/lib/gridx/users")
+
+
+def authorized_keys_path():
+    return os.path.join(users_home(), ".ssh", "authorized_keys")
+
+
+def users_limits_path():
+    """The users' limits, for serve (which cannot read /etc/gridx)."""
+    return os.path.join(users_home(), "users.json")
+
+
+def user_bundle_path(name, out_dir=None):
+    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
+
+
+def results_dir():
+    return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
+
+# -- validators and parsers ---------------------------------------------------
+# Each returns the normalised value or raises usage_error.
 
 _DNS_LABEL = None
 
 
 def valid_name(name, what="peer name"):
-    import re
-
     global _DNS_LABEL
     if _DNS_LABEL is None:
         _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -493,8 +619,6 @@ def valid_name(name, what="peer name"):
 
 
 def valid_interface(name):
-    import re
-
     # a leading '-' would reach wg, wg-quick and iptables as an option;
     # the rule is wg-quick's, same as lib.sh's is_interface
     if not re.fullmatch(r"[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}", name or "") or name in (".", ".."):
@@ -575,7 +699,6 @@ def valid_image(image, what="image"):
     """An image reference as Docker's grammar has it, so that a value that is
     not one (a leading '-', an upper-case name) is exit 2 here, never a docker
     option nor an error from the daemon."""
-    import re
 
     name, _, digest = (image or "").partition("@")
     slash = name.rfind("/")
@@ -610,7 +733,6 @@ def valid_manager(value):
     `docker -H` (and so ssh's argv): a login name, an IPv4 address or a host
     name, a port; nothing there can begin with '-'."""
     import ipaddress
-    import re
 
     rest = value[len("ssh://"):] if value.startswith("ssh://") else value
     match = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_.-]{0,31})@)?([A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?", rest)
@@ -635,7 +757,6 @@ def valid_manager(value):
 def valid_ssh_public_key(value, what="--ssh-key"):
     """One OpenSSH public key line (type, base64, comment): it goes into the
     worker's authorized_keys, where anything before the type is an option."""
-    import re
 
     if not re.fullmatch(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\n\r]*)?",
                         value or ""):
@@ -644,11 +765,99 @@ def valid_ssh_public_key(value, what="--ssh-key"):
     return value
 
 
+def valid_user_ssh_key(value, what="--pubkey"):
+    """valid_ssh_public_key, and the key's own bytes name its type: only
+    the type and the key go into authorized_keys (the comment is gridx's)."""
+    import base64
+    import binascii
+    import struct
+
+    line = valid_ssh_public_key((value or "").strip(), what)
+    kind, blob = line.split()[:2]
+    try:
+        raw = base64.b64decode(blob, validate=True)
+        length = struct.unpack(">I", raw[:4])[0]
+        inner = raw[4:4 + length].decode("ascii")
+    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
+        inner = None
+    if inner != kind or len(raw) < 4 + length + 4:
+        raise usage_error(f"invalid {what}: the key's data is not a {kind} key",
+                          "give the .pub file's line, e.g. --pubkey \"$(cat ~/.ssh/id_ed25519.pub)\"")
+    return f"{kind} {blob}"
+
+
+def parse_cpus(value):
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        cpus = -1.0
+    if not cpus > 0 or cpus != cpus or cpus > 4096:
+        raise usage_error(f"invalid --cpus {value!r}: give a number of CPUs above 0", "for example: --cpus 2")
+    return cpus
+
+
+_SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory(value, flag="--memory"):
+    """'8G', '512M', '1.5g', '2GiB' -> bytes."""
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
+    if not match or not match.group(2):
+        raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 4 * 1024**2:
+        raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
+    return size
+
+
+def parse_count(value, flag, minimum, maximum=None):
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = minimum - 1
+    if count < minimum or str(value).strip() != str(count):
+        raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
+    if maximum is not None and count > maximum:
+        raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
+    return count
+
+
+def parse_env(items):
+    pairs = []
+    for item in items or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
+        if key == NVIDIA_ENV:
+            raise usage_error(f"--env {NVIDIA_ENV} is Grid-X's: a job sees the GPUs the swarm gives it",
+                              "ask for GPUs with --gpus N")
+        pairs.append(item)
+    return pairs
+
+
+def parse_limit(value, key):
+    """A --max-… value: a number, `none` (no limit) or `default` (the hub's
+    default: returned as ...)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "none":
+        return None
+    if text == "default":
+        return ...
+    flag = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs"}[key]
+    if key == "memory_mib":
+        import math
+
+        return math.ceil(parse_memory(value, flag) / 1024**2)
+    return parse_count(value, flag, 0)
+
+
 def hub_ip_of(subnet):
     import ipaddress
 
     return str(next(ipaddress.ip_network(subnet).hosts()))
-
 
 # -- hub configuration --------------------------------------------------------
 
@@ -667,6 +876,72 @@ class Peer:
 
     def to_dict(self):
         return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
+
+
+class User:
+    """A person who submits jobs. Immutable once made.
+
+    limits: only the ones set for this user; a missing key takes the hub's
+    default, None is no limit."""
+
+    __slots__ = ("name", "ip", "public_key", "ssh_key", "limits", "added")
+
+    def __init__(self, name, ip, public_key, ssh_key, limits=None, added=""):
+        values = (name, ip, public_key, ssh_key, dict(limits or {}), added)
+        for slot, value in zip(self.__slots__, values):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("User is immutable")
+
+    def to_dict(self):
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+def valid_limits(document, where):
+    """{key: whole number >= 0 or None} from hub_config.json."""
+    if not isinstance(document, dict):
+        raise TypeError(f"{where} is not an object")
+    for key, value in document.items():
+        if key not in USER_LIMITS:
+            raise ValueError(f"{where} has an unknown limit {key!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
+    return dict(document)
+
+
+def users_from_dict(document, network, hub_ip, peers):
+    """The users and the default limits of hub_config.json, validated (the
+    caller turns any error into one line: the file is damaged)."""
+    import ipaddress
+
+    users = {}
+    taken = {hub_ip} | {peer.ip for peer in peers.values()}
+    items = document.get("users", {})
+    if not isinstance(items, dict):
+        raise TypeError("'users' is not an object")
+    for name, item in items.items():
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "ip", "ssh_key")):
+            raise TypeError(f"user {name!r} is not an object with name, ip and ssh_key")
+        if item["name"] != name or name in peers:
+            raise ValueError(f"user {name!r} is named {item['name']!r} inside, or is also a peer")
+        if ipaddress.ip_address(item["ip"]) not in network or item["ip"] in taken:
+            raise ValueError(f"user {name!r} has the address {item['ip']}, not a free one of {network}")
+        taken.add(item["ip"])
+        users[name] = User(valid_name(name, "user name"), item["ip"],
+                           valid_wg_key(item.get("public_key", ""), "user key"),
+                           valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
+                           valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
+    return users, valid_limits(document.get("user_defaults", {}), "user_defaults")
+
+
+def users_document(config):
+    """hub_config.json's part for users (HubConfig.to_dict)."""
+    return {"users": {name: user.to_dict() for name, user in sorted(config.users.items())},
+            "user_defaults": dict(config.user_defaults)}
 
 
 class HubConfig:
@@ -797,6 +1072,14 @@ def save_hub_config(config):
     atomic_write(hub_config_path(), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", 0o600)
 
 
+def _ip_sort_key(ip):
+    return tuple(int(part) for part in ip.split("."))
+
+
+def user_ips(config):
+    return {user.ip for user in config.users.values()}
+
+
 def allocate_ip(config, requested=None):
     """The requested address after checks, or the lowest free one."""
     import ipaddress
@@ -823,6 +1106,191 @@ def allocate_ip(config, requested=None):
         f"the VPN subnet {config.subnet} is full ({len(config.peers)} peers)",
         "remove a peer (gridx hub remove-peer NAME) or start a hub with a larger --subnet",
     )
+
+
+def refuse_taken_name(config, name, wg_key=None, what="peer"):
+    """A peer and a user never share a name or a WireGuard key (add-peer and
+    add-user both ask)."""
+    if name in config.users or name in config.peers:
+        kind = "user" if name in config.users else "peer"
+        raise usage_error(f"{name!r} is already a {kind}" + (f" ({config.users[name].ip})" if kind == "user" else ""),
+                          f"pick another name for the {what}")
+    if wg_key and any(u.public_key == wg_key for u in [*config.peers.values(), *config.users.values()]):
+        raise usage_error("that WireGuard key already belongs to another peer or user", "each needs its own key")
+
+
+def registered(members, name, kind):
+    """config.peers' (or config.users') NAME; exit 2 when there is none."""
+    if name not in members:
+        raise usage_error(f"no {kind} {name!r}", f"list them: gridx hub list-{kind}s")
+    return members[name]
+
+
+def effective_limits(config, user):
+    return {key: user.limits.get(key, config.user_defaults.get(key)) for key in USER_LIMITS}
+
+
+# ---------------------------------------------------------------------------
+# Firewall
+# ---------------------------------------------------------------------------
+
+
+def firewall_rules(config):
+    """iptables-restore input: swarm ports answer on the VPN interface only."""
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", *user_firewall_rules(config)]
+    lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
+    for proto, port in SWARM_PORTS + (("tcp", REGISTRY_PORT),):  # the registry too: see Registry
+        lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def user_firewall_rules(config):
+    """iptables-restore lines of USERS_CHAIN (hooked into INPUT through the
+    hub's chain, and into FORWARD): a user's VPN address reaches the hub's
+    SSH port (and ping) only; never the swarm's ports, nor a worker through
+    the hub (ip_forward is on for the VPN)."""
+    lines = [f":{USERS_CHAIN} - [0:0]"]
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        source = f"-s {user.ip}/32"
+        lines += [
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p tcp --dport 22 -j RETURN",
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p icmp -j RETURN",
+            f"-A {USERS_CHAIN} {source} -j DROP",
+        ]
+    return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
+
+
+def firewall_rules_path():
+    return os.path.join(config_dir(), "firewall.rules")
+
+
+def firewall_postup(config):
+    """The hub interface's PostUp line: wg-quick runs it through bash (eval),
+    so the rules file's path is shell-quoted (a GRIDX_CONFIG_DIR with spaces);
+    wg-quick itself cuts a line at '#' and expands %i, which no quoting hides."""
+    import shlex
+
+    path = firewall_rules_path()
+    if any(c in path for c in "#%\n"):
+        raise precondition(f"GRIDX_CONFIG_DIR {config_dir()!r} has a '#', '%' or newline, "
+                           "which wg-quick cannot read in a PostUp line", "choose another folder")
+    return (
+        f"iptables-restore -n {shlex.quote(path)}; "
+        f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
+        + user_firewall_postup()
+    )
+
+
+def user_firewall_postup():
+    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
+    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
+
+
+def apply_firewall(config):
+    """Install the rules now; the interface's PostUp re-applies them at boot.
+
+    Returns True when something changed.
+    """
+    path = firewall_rules_path()
+    changed = write_if_changed(path, firewall_rules(config), 0o600)
+    current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
+    hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
+    if not changed and current.returncode == 0 and hooked:
+        return False
+    run(["iptables-restore", "-n", path])
+    if not hooked:
+        run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
+    hook_user_firewall()
+    return True
+
+
+def hook_user_firewall():
+    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
+    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
+        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
+
+
+# ---------------------------------------------------------------------------
+# SSH
+# ---------------------------------------------------------------------------
+
+
+def ssh_public_key():
+    path = ssh_key_path() + ".pub"
+    try:
+        return read_text(path).strip()
+    except FileNotFoundError:
+        raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
+    except PermissionError:
+        raise precondition(f"cannot read {path}", "run it again with sudo") from None
+
+
+def ensure_ssh_key():
+    """Create the hub's keypair once; never replace it. True if created."""
+    path = ssh_key_path()
+    ensure_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        return False
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gridx-hub", "-f", path])
+    os.chmod(path, 0o600)
+    return True
+
+
+def known_hosts_path():
+    return os.path.join(os.path.dirname(ssh_key_path()), "known_hosts")
+
+
+def ssh_argv(address, command=(), tty=False):
+    argv = [
+        "ssh",
+        "-i", ssh_key_path(),
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts_path()}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", "ConnectTimeout=10",
+    ]
+    if tty:
+        argv.append("-t")
+    else:
+        argv += ["-o", "BatchMode=yes"]
+    # `--`: ssh reads options after the host too, unless they come after it
+    return argv + ["--", f"root@{address}", *command]
+
+
+def forget_host_key(address):
+    """Drop an address's lines, plain or hashed (HashKnownHosts), from the
+    hub's known_hosts, so that a worker given the address later is reached
+    instead of refused as an impostor. True when a line went."""
+    import base64
+    import binascii
+    import hashlib
+    import hmac
+
+    def names(pattern):
+        if pattern.startswith("|1|"):
+            try:
+                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
+            except (binascii.Error, ValueError):
+                return False
+            return any(hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
+                       for host in (address, f"[{address}]:22"))
+        return pattern in (address, f"[{address}]:22")
+
+    path = known_hosts_path()
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in text.splitlines(keepends=True)
+            if not (line.split() and not line.startswith(("#", "@"))
+                    and any(names(pattern) for pattern in line.split()[0].split(",")))]
+    if len(kept) == len(text.splitlines()):
+        return False
+    atomic_write(path, "".join(kept), os.stat(path).st_mode & 0o777)
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -858,6 +1326,14 @@ def render_hub_wg_conf(config, private_key):
     return "\n".join(lines)
 
 
+def user_wg_peers(config):
+    """The hub's [Peer] sections for users (render_hub_wg_conf)."""
+    lines = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        lines += [f"# user {user.name}", "[Peer]", f"PublicKey = {user.public_key}", f"AllowedIPs = {user.ip}/32", ""]
+    return lines
+
+
 def render_worker_wg_conf(config, peer, private_key, ssh_public_key=""):
     prefix = config.subnet.split("/")[1]
     lines = [
@@ -883,8 +1359,22 @@ def render_worker_wg_conf(config, peer, private_key, ssh_public_key=""):
     return "\n".join(lines)
 
 
-def _ip_sort_key(ip):
-    return tuple(int(part) for part in ip.split("."))
+def render_user_wg_conf(config, user, private_key):
+    """The user's side: only the hub's address goes through the tunnel."""
+    return "\n".join([
+        f"{CONFIG_MARKER} (user). Written by the hub for user {user.name}.",
+        "[Interface]",
+        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
+        f"Address = {user.ip}/32",
+        f"MTU = {WG_MTU}",
+        "",
+        "[Peer]",
+        f"PublicKey = {config.public_key}",
+        f"Endpoint = {config.endpoint}",
+        f"AllowedIPs = {config.hub_ip}/32",
+        f"PersistentKeepalive = {KEEPALIVE_S}",
+        "",
+    ])
 
 
 def write_hub_wg_conf(config):
@@ -898,7 +1388,6 @@ def wg_dump(interface):
 
     Returns (None, {}) when the interface is down.
     """
-    import time
 
     result = run(["wg", "show", interface, "dump"], check=False)
     if result.returncode != 0:
@@ -935,7 +1424,6 @@ def systemd_running():
 # Swarm
 # ---------------------------------------------------------------------------
 
-
 # Docker 23.0.2 to 25.0.2 (inclusive) carry moby/swarmkit#3162: the swarm
 # manager's constraint enforcer compares discrete generic resources the wrong
 # way round and rejects every task that reserves part of a node's gridx_cpu
@@ -947,7 +1435,6 @@ BROKEN_ENGINES = ((23, 0, 2), (25, 0, 2))
 
 def engine_refused(version):
     """True for a Docker engine version in BROKEN_ENGINES."""
-    import re
 
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
     if not match:
@@ -1135,102 +1622,502 @@ def all_swarm_nodes():
 
 
 # ---------------------------------------------------------------------------
-# Firewall
+# Registry
 # ---------------------------------------------------------------------------
+# An image registry on the hub (Debian's docker-registry, the CNCF
+# distribution registry), listening on the hub's VPN address only, with TLS
+# from a small CA the hub makes once at init (never regenerated: every
+# worker's bundle carries it). Workers trust it through Docker's own
+# /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
+# registry-ca.crt there, leave.sh removes it): no insecure-registries, no
+# Docker restart. The hub's own Docker trusts it the same way, so `docker
+# push` from the hub works. Users (GRIDX-USERS) reach the hub's SSH only,
+# never this port; they have no docker to pull with anyway.
+
+REGISTRY_UNIT = "gridx-registry.service"
+REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
+REGISTRY_CA_DAYS = 3650
+REGISTRY_CERT_DAYS = 3650
+REGISTRY_WAIT_S = 10  # how long init waits for a started registry to answer
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+)
+LIST_TYPES = MANIFEST_TYPES[2:]
 
 
-def firewall_rules(config):
-    """iptables-restore input: swarm ports answer on the VPN interface only."""
-    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", *user_firewall_rules(config)]
-    lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
-    lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
-    lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
-    for proto, port in SWARM_PORTS + (("tcp", REGISTRY_PORT),):  # the registry too: see Registry
-        lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+def registry_dir():
+    """CA key and cert, server key and cert, the registry's config: 0700."""
+    return os.path.join(config_dir(), "registry")
 
 
-def firewall_rules_path():
-    return os.path.join(config_dir(), "firewall.rules")
+def registry_storage():
+    """Where the registry keeps its blobs (GRIDX_REGISTRY_STORAGE in tests)."""
+    return os.path.abspath(os.environ.get("GRIDX_REGISTRY_STORAGE") or "/var/lib/gridx/registry")
 
 
-def firewall_postup(config):
-    """The hub interface's PostUp line: wg-quick runs it through bash (eval),
-    so the rules file's path is shell-quoted (a GRIDX_CONFIG_DIR with spaces);
-    wg-quick itself cuts a line at '#' and expands %i, which no quoting hides."""
-    import shlex
-
-    path = firewall_rules_path()
-    if any(c in path for c in "#%\n"):
-        raise precondition(f"GRIDX_CONFIG_DIR {config_dir()!r} has a '#', '%' or newline, "
-                           "which wg-quick cannot read in a PostUp line", "choose another folder")
-    return (
-        f"iptables-restore -n {shlex.quote(path)}; "
-        f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
-        + user_firewall_postup()
-    )
+def docker_certs_dir():
+    """Docker's per-registry trust folder (GRIDX_DOCKER_CERTS_DIR in tests);
+    same default as lib.sh's CERTS_DIR."""
+    return os.path.abspath(os.environ.get("GRIDX_DOCKER_CERTS_DIR") or "/etc/docker/certs.d")
 
 
-def apply_firewall(config):
-    """Install the rules now; the interface's PostUp re-applies them at boot.
-
-    Returns True when something changed.
-    """
-    path = firewall_rules_path()
-    changed = write_if_changed(path, firewall_rules(config), 0o600)
-    current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
-    hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
-    if not changed and current.returncode == 0 and hooked:
-        return False
-    run(["iptables-restore", "-n", path])
-    if not hooked:
-        run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
-    hook_user_firewall()
-    return True
+def registry_paths():
+    folder = registry_dir()
+    return {name: os.path.join(folder, name) for name in (
+        "ca.key", "ca.crt", "server.key", "server.crt", "config.yml", "registry.pid")}
 
 
-# ---------------------------------------------------------------------------
-# SSH
-# ---------------------------------------------------------------------------
+def registry_address(hub_ip):
+    return f"{hub_ip}:{REGISTRY_PORT}"
 
 
-def ssh_public_key():
-    path = ssh_key_path() + ".pub"
+def registry_trust_path(address):
+    """The CA as Docker reads it for that registry (world-readable: public)."""
+    return os.path.join(docker_certs_dir(), address, "ca.crt")
+
+
+def render_registry_config(hub_ip):
+    """The registry's config: the VPN address only, TLS, deletion on (for
+    `gridx image rm`), no blob descriptor cache (after a garbage collection a
+    cached descriptor would say a removed blob still exists)."""
+    paths = registry_paths()
+    return f"""{CONFIG_MARKER}: the hub's image registry (gridx hub init writes it).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {registry_storage()}
+  delete:
+    enabled: true
+http:
+  addr: {registry_address(hub_ip)}
+  tls:
+    certificate: {paths["server.crt"]}
+    key: {paths["server.key"]}
+  headers:
+    X-Content-Type-Options: [nosniff]
+"""
+
+
+REGISTRY_UNIT_TEXT = """[Unit]
+Description=Grid-X: the hub's image registry on {address} (VPN only)
+# It listens on the VPN address, which exists once the interface is up.
+Wants=wg-quick@{interface}.service
+After=wg-quick@{interface}.service network-online.target
+
+[Service]
+ExecStart={program} serve {config}
+Restart=always
+RestartSec=5
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_registry_unit(hub_ip, interface, program):
+    return REGISTRY_UNIT_TEXT.format(address=registry_address(hub_ip), interface=interface, program=program,
+                                     config=registry_paths()["config.yml"])
+
+
+def registry_unit_path():
+    return f"/etc/systemd/system/{REGISTRY_UNIT}"
+
+
+def openssl_quiet(argv):
+    """openssl, with every file it makes private to root (the keys)."""
+    old = os.umask(0o077)
     try:
-        return read_text(path).strip()
-    except FileNotFoundError:
-        raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
-    except PermissionError:
-        raise precondition(f"cannot read {path}", "run it again with sudo") from None
+        return run(argv)
+    finally:
+        os.umask(old)
 
 
-def ensure_ssh_key():
-    """Create the hub's keypair once; never replace it. True if created."""
-    path = ssh_key_path()
-    ensure_dir(os.path.dirname(path))
-    if os.path.exists(path):
+def ensure_registry_ca():
+    """The CA key (0600) and cert, made once and never regenerated: every
+    bundle written since carries this cert. True when made now."""
+    paths = registry_paths()
+    if os.path.exists(paths["ca.key"]) and os.path.exists(paths["ca.crt"]):
         return False
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gridx-hub", "-f", path])
-    os.chmod(path, 0o600)
+    if os.path.exists(paths["ca.key"]) or os.path.exists(paths["ca.crt"]):
+        raise precondition(f"{registry_dir()} holds half a CA (one of ca.key, ca.crt)",
+                           "put the missing file back, or move both away to make a new CA (every worker "
+                           "then needs a new bundle: gridx hub refresh-bundle NAME)")
+    ensure_dir(registry_dir())
+    openssl_quiet([
+        "openssl", "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-keyout", paths["ca.key"], "-out", paths["ca.crt"], "-days", str(REGISTRY_CA_DAYS),
+        "-subj", "/CN=Grid-X hub registry CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    ])
+    os.chmod(paths["ca.key"], 0o600)
+    os.chmod(paths["ca.crt"], 0o644)
     return True
 
 
-def ssh_argv(address, command=(), tty=False):
-    argv = [
-        "ssh",
-        "-i", ssh_key_path(),
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={known_hosts_path()}",
-        "-o", "StrictHostKeyChecking=accept-new",
-        "-o", "ConnectTimeout=10",
-    ]
-    if tty:
-        argv.append("-t")
+def certificate_ips(path):
+    """The IP addresses of a certificate's subjectAltName (openssl's text)."""
+
+    text = run(["openssl", "x509", "-noout", "-text", "-in", path]).stdout
+    return set(re.findall(r"IP Address:([0-9.]+)", text))
+
+
+def ensure_registry_cert(hub_ip):
+    """The server key (0600) and a cert signed by the CA for the hub's VPN
+    address (subjectAltName IP:HUB_VPN_IP); made again only when missing or
+    for another address. True when made now."""
+    paths = registry_paths()
+    if (os.path.exists(paths["server.key"]) and os.path.exists(paths["server.crt"])
+            and certificate_ips(paths["server.crt"]) == {hub_ip}):
+        return False
+    folder = registry_dir()
+    csr, extensions = os.path.join(folder, "server.csr"), os.path.join(folder, "server.ext")
+    atomic_write(extensions, f"subjectAltName=IP:{hub_ip}\nbasicConstraints=CA:FALSE\n"
+                             "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    try:
+        openssl_quiet([
+            "openssl", "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", paths["server.key"] + ".new", "-out", csr, "-subj", f"/CN={hub_ip}",
+        ])
+        openssl_quiet([
+            "openssl", "x509", "-req", "-in", csr, "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
+            "-set_serial", f"0x{os.urandom(16).hex()}", "-days", str(REGISTRY_CERT_DAYS),
+            "-extfile", extensions, "-out", paths["server.crt"] + ".new",
+        ])
+        os.chmod(paths["server.key"] + ".new", 0o600)
+        os.chmod(paths["server.crt"] + ".new", 0o644)
+        os.replace(paths["server.key"] + ".new", paths["server.key"])
+        os.replace(paths["server.crt"] + ".new", paths["server.crt"])
+    finally:
+        for path in (csr, extensions, paths["server.key"] + ".new", paths["server.crt"] + ".new"):
+            if os.path.exists(path):
+                os.unlink(path)
+    return True
+
+
+def install_registry_trust(hub_ip):
+    """The hub's own Docker trusts the CA (docker push from the hub): the
+    same file join.sh installs on workers. True when it changed."""
+    path = registry_trust_path(registry_address(hub_ip))
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    return write_if_changed(path, read_text(registry_paths()["ca.crt"]), 0o644)
+
+
+def parse_http_response(output):
+    """curl --include's output -> (status, {lower-case header: value}, body).
+    run()'s text mode has turned the header lines' CRLF into LF already."""
+    head, _, body = output.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise GridxError(f"the registry's answer is not HTTP: {lines[0][:80]!r}") from None
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def registry_request(address, ca_path, path, method="GET", accept=(), timeout=10):
+    """One HTTPS request to the registry's API: (status, {header: value},
+    body). Through curl: the frozen gridx has no ssl module (the binary
+    leaves libssl out), and curl checks the server against the CA. Exit 3
+    with a hint when the registry does not answer (HTTP errors are returned)."""
+    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--cacert", ca_path,
+            "--max-time", str(timeout)]
+    argv += ["--head"] if method == "HEAD" else ["--request", method]
+    if accept:
+        argv += ["--header", "Accept: " + ", ".join(accept)]
+    result = run(argv + [f"https://{address}{path}"], check=False, timeout=timeout + 5)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1]
+        raise precondition(
+            f"the hub's registry at {address} does not answer: {reason}",
+            "on the hub: gridx hub init (starts it again); systemctl status gridx-registry; "
+            "from a worker: check the VPN (sudo ./status.sh)",
+        )
+    return parse_http_response(result.stdout)
+
+
+def registry_answers(address, ca_path, timeout=2):
+    try:
+        status, _, _ = registry_request(address, ca_path, "/v2/", timeout=timeout)
+    except GridxError:
+        return False
+    return status == 200
+
+
+def registry_pid():
+    """The pid of the registry init started without systemd, when it runs."""
+    path = registry_paths()["registry.pid"]
+    try:
+        pid = int(read_text(path).strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if registry_paths()["config.yml"].encode() in cmdline else None
+
+
+def stop_registry():
+    """Stop the registry (its unit, or the process init started)."""
+
+    if systemd_running() and os.path.exists(registry_unit_path()):
+        run(["systemctl", "stop", REGISTRY_UNIT], check=False)
+        return
+    pid = registry_pid()
+    if pid is None:
+        return
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        if registry_pid() is None:
+            break
+        time.sleep(0.1)
+    path = registry_paths()["registry.pid"]
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def start_registry_process(program):
+    """No systemd (a container, the lab): the registry in its own session,
+    in the background, logging to /var/log/gridx-registry.log; its pid in
+    registry.pid. `gridx hub init` starts it again when it does not answer."""
+    config = registry_paths()["config.yml"]
+    with open("/var/log/gridx-registry.log", "ab") as log, open(os.devnull, "rb") as null:
+        # start(): echoed under -v as every command is; its own session (setsid)
+        process = start([program, "serve", config], stdin=null, stdout=log, stderr=log, start_new_session=True)
+    atomic_write(registry_paths()["registry.pid"], f"{process.pid}\n", 0o600)
+
+
+def wait_registry(address, ca_path):
+    deadline = time.monotonic() + REGISTRY_WAIT_S
+    while not registry_answers(address, ca_path, timeout=1):
+        if time.monotonic() > deadline:
+            raise GridxError(f"the registry did not answer on {address} within {REGISTRY_WAIT_S} s",
+                             "look at journalctl -u gridx-registry or /var/log/gridx-registry.log")
+        time.sleep(0.1)
+
+
+def registry_ready(config):
+    """hub init: the CA, the server cert, the config and a running registry
+    on HUB_VPN_IP:5000, each changed only when it differs; the list of what
+    changed. A hub without docker-registry or openssl gets a warning."""
+    import shutil
+
+    program = shutil.which("docker-registry")
+    if program is None or shutil.which("openssl") is None:
+        warn("no image registry on this hub: docker-registry or openssl is missing "
+             "(apt install docker-registry openssl), then run gridx hub init again")
+        return []
+    changes = []
+    address, paths = registry_address(config.hub_ip), registry_paths()
+    if ensure_registry_ca():
+        changes.append(f"created the registry's CA {paths['ca.crt']} (never made again: bundles carry it)")
+    restart = False
+    if ensure_registry_cert(config.hub_ip):
+        changes.append(f"made the registry's TLS certificate for {config.hub_ip}")
+        restart = True
+    if write_if_changed(paths["config.yml"], render_registry_config(config.hub_ip), 0o600):
+        changes.append(f"wrote {paths['config.yml']}")
+        restart = True
+    os.makedirs(registry_storage(), mode=0o700, exist_ok=True)
+    if install_registry_trust(config.hub_ip):
+        changes.append(f"this hub's Docker trusts the registry ({registry_trust_path(address)})")
+    trust = registry_trust_path(address)
+    if systemd_running():
+        unit = render_registry_unit(config.hub_ip, config.interface, program)
+        if write_if_changed(registry_unit_path(), unit, 0o644):
+            run(["systemctl", "daemon-reload"])
+            run(["systemctl", "enable", REGISTRY_UNIT])
+            restart = True
+        if restart or not registry_answers(address, trust):
+            run(["systemctl", "restart", REGISTRY_UNIT])
+            changes.append(f"started the registry on {address} ({REGISTRY_UNIT})")
+    elif restart or not registry_answers(address, trust):
+        stop_registry()
+        start_registry_process(program)
+        changes.append(f"started the registry on {address} (no systemd: in the background, "
+                       "log /var/log/gridx-registry.log; gridx hub init starts it again)")
+    wait_registry(address, trust)
+    return changes
+
+
+def reset_registry():
+    """hub reset: the registry stops and its server cert and config go (the
+    next init makes them for its address); the CA stays (never regenerated)
+    and so do the images (the hint says where)."""
+    stop_registry()
+    unit = os.path.exists(registry_unit_path())
+    if systemd_running() and unit:
+        run(["systemctl", "disable", REGISTRY_UNIT], check=False)
+    if unit:
+        os.unlink(registry_unit_path())
+        if systemd_running():
+            run(["systemctl", "daemon-reload"], check=False)
+    for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
+        path = registry_paths()[name]
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def registry_bundle_settings(config):
+    """settings.env's GRIDX_REGISTRY for join.sh, when the hub has its CA."""
+    if not os.path.exists(registry_paths()["ca.crt"]):
+        return {}
+    return {"GRIDX_REGISTRY": registry_address(config.hub_ip)}
+
+
+def registry_bundle_files():
+    """The CA a worker installs for the registry (join.sh: registry-ca.crt)."""
+    path = registry_paths()["ca.crt"]
+    if not os.path.exists(path):
+        return {}
+    return {REGISTRY_CA_FILE: (read_text(path), 0o644)}
+
+# -- image names --------------------------------------------------------------
+
+
+def split_image(image):
+    """A valid image reference -> (registry host[:port] or "", path, tag, digest)."""
+    name, _, digest = image.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = ""
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        return parts[0], "/".join(parts[1:]), tag, digest
+    return "", name, tag, digest
+
+
+def pushed_name(image, address):
+    """Where `gridx image push IMAGE` puts it: the same path and tag under
+    the hub's registry (python:3.11 -> 10.0.0.1:5000/python:3.11; the
+    source's own registry host is dropped)."""
+    _, path, tag, digest = split_image(image)
+    if digest:
+        raise usage_error(f"cannot push {image!r} by digest: a registry stores images under a tag",
+                          "push it by name, e.g. team/app:1")
+    return f"{address}/{path}:{tag or 'latest'}"
+
+
+def registry_reference(name, address):
+    """`gridx image rm NAME`: (repository path, tag or digest) in this
+    registry; NAME with another registry host is exit 2."""
+    domain, path, tag, digest = split_image(name)
+    if domain and domain != address:
+        raise usage_error(f"{name!r} is not in the hub's registry {address}",
+                          f"name it as gridx image ls shows it: {address}/{path}:{tag or 'TAG'}")
+    return path, digest or tag
+
+# -- the registry's HTTP API --------------------------------------------------
+
+
+def parse_link_next(headers):
+    """The next page of a paginated list (the Link header), or None."""
+
+    link = headers.get("link") if headers else None
+    match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link or "")
+    return match.group(1) if match else None
+
+
+def api_json(address, ca_path, path):
+    import json
+
+    status, headers, body = registry_request(address, ca_path, path)
+    if status != 200:
+        raise GridxError(f"the registry answered {status} to GET {path}: {body[:200]}")
+    try:
+        return json.loads(body), headers
+    except ValueError:
+        raise GridxError(f"the registry's answer to GET {path} is not JSON") from None
+
+
+def registry_repositories(address, ca_path):
+    """Every repository, following the catalog's pages."""
+    repositories, path = [], "/v2/_catalog?n=1000"
+    while path:
+        document, headers = api_json(address, ca_path, path)
+        repositories += document.get("repositories") or []
+        path = parse_link_next(headers)
+    return sorted(repositories)
+
+
+def registry_tags(address, ca_path, repository):
+    """A repository's tags (none once its last tag was removed)."""
+    import urllib.parse
+
+    tags, path = [], f"/v2/{urllib.parse.quote(repository)}/tags/list?n=1000"
+    while path:
+        document, headers = api_json(address, ca_path, path)
+        tags += document.get("tags") or []
+        path = parse_link_next(headers)
+    return sorted(tags)
+
+
+def manifest_blobs(manifest):
+    """{digest: size} of what an image manifest references (config, layers)."""
+    blobs = {}
+    for item in [manifest.get("config") or {}] + list(manifest.get("layers") or []):
+        if item.get("digest"):
+            blobs[item["digest"]] = int(item.get("size") or 0)
+    return blobs
+
+
+def registry_manifest(address, ca_path, repository, reference, method="GET"):
+    """(digest, manifest document or None) of a tag or digest; None digest
+    when the registry does not have it."""
+    import json
+    import urllib.parse
+
+    path = f"/v2/{urllib.parse.quote(repository)}/manifests/{urllib.parse.quote(reference)}"
+    status, headers, body = registry_request(address, ca_path, path, method=method, accept=MANIFEST_TYPES)
+    if status == 404:
+        return None, None
+    if status != 200:
+        raise GridxError(f"the registry answered {status} to {method} {path}")
+    digest = headers.get("docker-content-digest")
+    return digest, (json.loads(body) if method == "GET" else None)
+
+
+def image_blobs(address, ca_path, repository, reference):
+    """(digest, {blob digest: size}) of a tag: an index's images summed."""
+    digest, manifest = registry_manifest(address, ca_path, repository, reference)
+    if digest is None:
+        return None, {}
+    blobs = {}
+    if manifest.get("mediaType") in LIST_TYPES or "manifests" in manifest:
+        for child in manifest.get("manifests") or []:
+            blobs.update(image_blobs(address, ca_path, repository, child["digest"])[1])
     else:
-        argv += ["-o", "BatchMode=yes"]
-    # `--`: ssh reads options after the host too, unless they come after it
-    return argv + ["--", f"root@{address}", *command]
+        blobs = manifest_blobs(manifest)
+    return digest, blobs
+
+
+def registry_images(address, ca_path):
+    """Every tag of every repository: the stable --json shape of `image ls`,
+    and the bytes the distinct blobs take (layers shared count once)."""
+    images, every_blob = [], {}
+    for repository in registry_repositories(address, ca_path):
+        for tag in registry_tags(address, ca_path, repository):
+            digest, blobs = image_blobs(address, ca_path, repository, tag)
+            if digest is None:
+                continue  # removed between the two calls
+            every_blob.update(blobs)
+            images.append({"name": f"{address}/{repository}:{tag}", "repository": repository, "tag": tag,
+                           "digest": digest, "size_bytes": sum(blobs.values())})
+    return images, sum(every_blob.values())
 
 
 # ---------------------------------------------------------------------------
@@ -1442,43 +2329,6 @@ def refresh_bundle(config, name, token, ssh_key, out_dir=None):
     return folder
 
 
-def known_hosts_path():
-    return os.path.join(os.path.dirname(ssh_key_path()), "known_hosts")
-
-
-def forget_host_key(address):
-    """Drop an address's lines, plain or hashed (HashKnownHosts), from the
-    hub's known_hosts, so that a worker given the address later is reached
-    instead of refused as an impostor. True when a line went."""
-    import base64
-    import binascii
-    import hashlib
-    import hmac
-
-    def names(pattern):
-        if pattern.startswith("|1|"):
-            try:
-                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
-            except (binascii.Error, ValueError):
-                return False
-            return any(hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
-                       for host in (address, f"[{address}]:22"))
-        return pattern in (address, f"[{address}]:22")
-
-    path = known_hosts_path()
-    try:
-        text = read_text(path)
-    except FileNotFoundError:
-        return False
-    kept = [line for line in text.splitlines(keepends=True)
-            if not (line.split() and not line.startswith(("#", "@"))
-                    and any(names(pattern) for pattern in line.split()[0].split(",")))]
-    if len(kept) == len(text.splitlines()):
-        return False
-    atomic_write(path, "".join(kept), os.stat(path).st_mode & 0o777)
-    return True
-
-
 def remove_bundle(name):
     import shutil
 
@@ -1490,168 +2340,20 @@ def remove_bundle(name):
 
 
 # ---------------------------------------------------------------------------
-# Users
+# Accounts
 # ---------------------------------------------------------------------------
 # People who submit jobs without being root anywhere. A user is a VPN peer
 # that is not a swarm node (no resources, not in `cluster`); it reaches the
 # hub over SSH as the unprivileged account USER_ACCOUNT, whose authorized_keys
 # (written by gridx, root-owned) force `gridx serve NAME` on every key: serve
-# runs only `gridx jobs …` and `gridx cluster`, with the owner set to NAME.
-# The account is in the docker group (serve needs the socket), so it must
-# never reach a shell: the forced command, `restrict` (no forwarding, no pty,
-# no ~/.ssh/rc) and the firewall chain below (a user's VPN address reaches
-# the hub's SSH port only) are what keep it there.
+# runs only `gridx jobs …` and `gridx cluster`, with the owner set to NAME
+# (see Remote). The account is in the docker group (serve needs the socket),
+# so it must never reach a shell: the forced command, `restrict` (no
+# forwarding, no pty, no ~/.ssh/rc) and the firewall's USERS_CHAIN (a user's
+# VPN address reaches the hub's SSH port only) are what keep it there.
 
-USER_ACCOUNT = "gridx"
-LABEL_OWNER = "gridx.owner"
-ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
-USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
-# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
-SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
 HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
 USER_WG_INTERFACE = "gridx-user"  # the user's side: beside a worker's gridx0
-USERS_CHAIN = "GRIDX-USERS"
-SSH_CONTROL_PERSIST_S = 60
-
-OWNER = None  # set by `gridx serve NAME`: whom the command runs for
-SERVE_LIMITS = None  # serve: that user's limits, {USER_LIMITS key: number or None}
-INVOCATION = []  # main()'s argv: what the client side forwards to serve
-
-
-def users_home():
-    """The account's home: root-owned, so the account can change nothing
-    there (sshd's StrictModes accepts root-owned folders and files)."""
-    return os.path.abspath(os.environ.get("GRIDX_USERS_HOME") or "/var/lib/gridx/users")
-
-
-def authorized_keys_path():
-    return os.path.join(users_home(), ".ssh", "authorized_keys")
-
-
-def users_limits_path():
-    """The users' limits, for serve (which cannot read /etc/gridx)."""
-    return os.path.join(users_home(), "users.json")
-
-
-def user_bundle_path(name, out_dir=None):
-    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
-
-
-class User:
-    """A person who submits jobs. Immutable once made.
-
-    limits: only the ones set for this user; a missing key takes the hub's
-    default, None is no limit."""
-
-    __slots__ = ("name", "ip", "public_key", "ssh_key", "limits", "added")
-
-    def __init__(self, name, ip, public_key, ssh_key, limits=None, added=""):
-        values = (name, ip, public_key, ssh_key, dict(limits or {}), added)
-        for slot, value in zip(self.__slots__, values):
-            object.__setattr__(self, slot, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("User is immutable")
-
-    def to_dict(self):
-        return {slot: getattr(self, slot) for slot in self.__slots__}
-
-
-def valid_limits(document, where):
-    """{key: whole number >= 0 or None} from hub_config.json."""
-    if not isinstance(document, dict):
-        raise TypeError(f"{where} is not an object")
-    for key, value in document.items():
-        if key not in USER_LIMITS:
-            raise ValueError(f"{where} has an unknown limit {key!r}")
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
-    return dict(document)
-
-
-def users_from_dict(document, network, hub_ip, peers):
-    """The users and the default limits of hub_config.json, validated (the
-    caller turns any error into one line: the file is damaged)."""
-    import ipaddress
-
-    users = {}
-    taken = {hub_ip} | {peer.ip for peer in peers.values()}
-    items = document.get("users", {})
-    if not isinstance(items, dict):
-        raise TypeError("'users' is not an object")
-    for name, item in items.items():
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "ip", "ssh_key")):
-            raise TypeError(f"user {name!r} is not an object with name, ip and ssh_key")
-        if item["name"] != name or name in peers:
-            raise ValueError(f"user {name!r} is named {item['name']!r} inside, or is also a peer")
-        if ipaddress.ip_address(item["ip"]) not in network or item["ip"] in taken:
-            raise ValueError(f"user {name!r} has the address {item['ip']}, not a free one of {network}")
-        taken.add(item["ip"])
-        users[name] = User(valid_name(name, "user name"), item["ip"],
-                           valid_wg_key(item.get("public_key", ""), "user key"),
-                           valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
-                           valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
-    return users, valid_limits(document.get("user_defaults", {}), "user_defaults")
-
-
-def users_document(config):
-    """hub_config.json's part for users (HubConfig.to_dict)."""
-    return {"users": {name: user.to_dict() for name, user in sorted(config.users.items())},
-            "user_defaults": dict(config.user_defaults)}
-
-
-def user_ips(config):
-    return {user.ip for user in config.users.values()}
-
-
-def refuse_taken_name(config, name, wg_key=None, what="peer"):
-    """A peer and a user never share a name or a WireGuard key (add-peer and
-    add-user both ask)."""
-    if name in config.users or name in config.peers:
-        kind = "user" if name in config.users else "peer"
-        raise usage_error(f"{name!r} is already a {kind}" + (f" ({config.users[name].ip})" if kind == "user" else ""),
-                          f"pick another name for the {what}")
-    if wg_key and any(u.public_key == wg_key for u in [*config.peers.values(), *config.users.values()]):
-        raise usage_error("that WireGuard key already belongs to another peer or user", "each needs its own key")
-
-
-def valid_user_ssh_key(value, what="--pubkey"):
-    """valid_ssh_public_key, and the key's own bytes name its type: only
-    the type and the key go into authorized_keys (the comment is gridx's)."""
-    import base64
-    import binascii
-    import struct
-
-    line = valid_ssh_public_key((value or "").strip(), what)
-    kind, blob = line.split()[:2]
-    try:
-        raw = base64.b64decode(blob, validate=True)
-        length = struct.unpack(">I", raw[:4])[0]
-        inner = raw[4:4 + length].decode("ascii")
-    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
-        inner = None
-    if inner != kind or len(raw) < 4 + length + 4:
-        raise usage_error(f"invalid {what}: the key's data is not a {kind} key",
-                          "give the .pub file's line, e.g. --pubkey \"$(cat ~/.ssh/id_ed25519.pub)\"")
-    return f"{kind} {blob}"
-
-
-def parse_limit(value, key):
-    """A --max-… value: a number, `none` (no limit) or `default` (the hub's
-    default: returned as ...)."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    if text == "none":
-        return None
-    if text == "default":
-        return ...
-    flag = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs"}[key]
-    if key == "memory_mib":
-        import math
-
-        return math.ceil(parse_memory(value, flag) / 1024**2)
-    return parse_count(value, flag, 0)
 
 
 def limits_from_args(args, allow_default=True):
@@ -1667,10 +2369,6 @@ def limits_from_args(args, allow_default=True):
             raise usage_error(f"--{flag.replace('_', '-')} default: these are the defaults", "give a number or none")
         found[key] = limit
     return found
-
-
-def effective_limits(config, user):
-    return {key: user.limits.get(key, config.user_defaults.get(key)) for key in USER_LIMITS}
 
 
 def show_limit(key, value):
@@ -1767,59 +2465,6 @@ def reset_users():
     run(["iptables", "-X", USERS_CHAIN], check=False)
 
 
-def user_wg_peers(config):
-    """The hub's [Peer] sections for users (render_hub_wg_conf)."""
-    lines = []
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        lines += [f"# user {user.name}", "[Peer]", f"PublicKey = {user.public_key}", f"AllowedIPs = {user.ip}/32", ""]
-    return lines
-
-
-def render_user_wg_conf(config, user, private_key):
-    """The user's side: only the hub's address goes through the tunnel."""
-    return "\n".join([
-        f"{CONFIG_MARKER} (user). Written by the hub for user {user.name}.",
-        "[Interface]",
-        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
-        f"Address = {user.ip}/32",
-        f"MTU = {WG_MTU}",
-        "",
-        "[Peer]",
-        f"PublicKey = {config.public_key}",
-        f"Endpoint = {config.endpoint}",
-        f"AllowedIPs = {config.hub_ip}/32",
-        f"PersistentKeepalive = {KEEPALIVE_S}",
-        "",
-    ])
-
-
-def user_firewall_rules(config):
-    """iptables-restore lines of USERS_CHAIN (hooked into INPUT through the
-    hub's chain, and into FORWARD): a user's VPN address reaches the hub's
-    SSH port (and ping) only; never the swarm's ports, nor a worker through
-    the hub (ip_forward is on for the VPN)."""
-    lines = [f":{USERS_CHAIN} - [0:0]"]
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        source = f"-s {user.ip}/32"
-        lines += [
-            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p tcp --dport 22 -j RETURN",
-            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p icmp -j RETURN",
-            f"-A {USERS_CHAIN} {source} -j DROP",
-        ]
-    return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
-
-
-def user_firewall_postup():
-    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
-    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
-
-
-def hook_user_firewall():
-    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
-    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
-        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
-
-
 def host_key_line(config):
     """known_hosts for the user: the hub's SSH host key at its VPN address."""
     try:
@@ -1905,28 +2550,447 @@ def new_ssh_keypair(name):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def user_rows(config, with_use=True):
-    """Everything list-users shows: one wg call, three docker calls."""
-    _, live = wg_dump(config.interface)
-    use = None
-    if with_use:
-        try:
-            services, tasks, _, _ = jobs_overview()
-            use = use_by_owner(services, tasks)
-        except GridxError as error:
-            warn(f"what users use now is unknown: {error.message}")
-    rows = []
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        wg = live.get(user.public_key, {})
-        rows.append({
-            "name": user.name, "ip": user.ip, "public_key": user.public_key, "live": user.public_key in live,
-            "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
-            "limits": effective_limits(config, user), "own_limits": dict(user.limits),
-            "use": None if use is None else use.get(user.name, empty_use()),
-            "added": user.added,
-        })
-    return rows
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+# A job is a swarm service labelled gridx.job; its tasks say where and how it
+# ran. Docker's output is read in "reading the swarm" only, into Task and
+# Resources (and Node, see Swarm); what follows reads those types.
+#   what a job asks for · reading the swarm · job state · running again · waiting
 
+ACTIVE_TASK_STATES = (
+    "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
+)
+UNPLACED_TASK_STATES = ("new", "allocated", "pending")  # active, but on no node yet
+# Docker 20.10's swarm constraint enforcer re-checks a node's generic
+# resources whenever the node changes (it joins a network, gets a label, its
+# engine restarts) and can reject a task that holds them with this error
+# although the task fits: seen in the lab on a fresh worker's first GPU job.
+# Such a task did not fail by itself, so it is run again, a bounded number of
+# times (see "running again").
+ENFORCER_REJECTION = "assigned node no longer meets constraints"
+ENFORCER_RERUNS = 3
+LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
+LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
+
+# -- what a job asks for ------------------------------------------------------
+
+
+def new_job_id(prefix="job"):
+    import secrets
+
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+class JobRequest:
+    """What a job asks for, validated from the command line."""
+
+    def __init__(self, cpus, memory, gpus):
+        import math
+
+        self.cpus = parse_cpus(cpus)
+        self.memory = parse_memory(memory)
+        self.gpus = parse_count(gpus, "--gpus", 0)
+        self.cpu_units = math.ceil(self.cpus)
+        self.memory_mib = math.ceil(self.memory / 1024**2)
+
+    @property
+    def resources(self):
+        """What the swarm reserves for each of its tasks."""
+        return Resources(self.cpu_units, self.memory_mib, self.gpus)
+
+    def service_args(self):
+        args = [
+            "--generic-resource", f"{RES_CPU}={self.cpu_units}",
+            "--generic-resource", f"{RES_MEM}={self.memory_mib}",
+            "--limit-cpu", f"{self.cpus:g}",
+            "--limit-memory", str(self.memory),
+        ]
+        if self.gpus:
+            args += ["--generic-resource", f"{RES_GPU}={self.gpus}"]
+        return args
+
+    def describe(self):
+        text = f"{self.cpus:g} CPU, {human_mib(self.memory_mib)}"
+        return text + (f", {self.gpus} GPU" if self.gpus else "")
+
+
+def worker_nodes(nodes):
+    """The nodes that run jobs: the workers, and a manager that shares."""
+    return [n for n in nodes if not n.manager or n.shared.cpus]
+
+
+def check_fits(request, nodes):
+    """Refuse at once a job no single worker could ever hold (nodes: Node)."""
+    workers = [n for n in worker_nodes(nodes) if n.shared.cpus and n.availability == "active"]
+    if not workers:
+        raise precondition(
+            "no worker shares resources yet", "add one: gridx hub add-peer NAME, then run its join.sh"
+        )
+    asks = request.resources
+    if any(asks.fits(node.shared) for node in workers):
+        return
+    wants = [
+        (asks.gpus, "GPU", lambda n: n.shared.gpus, str),
+        (asks.cpus, "CPU", lambda n: n.shared.cpus, str),
+        (asks.memory_mib, "memory", lambda n: n.shared.memory_mib, human_mib),
+    ]
+    for wanted, what, amount, show in wants:
+        biggest = max(workers, key=amount)
+        if wanted > amount(biggest):
+            raise usage_error(
+                f"no worker can hold this job: it asks for {show(wanted)} {what}, the biggest worker "
+                f"({biggest.hostname}) shares {show(amount(biggest))}",
+                "a job runs on one worker; ask for less",
+            )
+    raise usage_error(
+        f"no single worker shares {request.describe()} at once", "a job runs on one worker; ask for less"
+    )
+
+
+def job_labels(job_id, kind, command, extra=()):
+    # --flag=VALUE: a value never reads as an option (see create_job)
+    labels = [
+        f"--label={LABEL_JOB}={job_id}",
+        f"--label={LABEL_KIND}={kind}",
+        f"--label={LABEL_CREATED}={int(time.time())}",
+    ]
+    if command:
+        labels.append(f"--label={LABEL_CMD}={command}")
+    labels.append(f"--label={LABEL_OWNER}={job_owner()}")
+    for key, value in extra:
+        labels.append(f"--label={key}={value}")
+    return labels
+
+
+def job_command(command):
+    """One string runs under `sh -c`; several words run as given."""
+    if not command:
+        return [], ""
+    if len(command) == 1:
+        return ["sh", "-c", command[0]], command[0]
+    import shlex
+
+    return list(command), shlex.join(command)
+
+
+def run_naming(argv, job_id, input=None):
+    """Run a docker create call; a name already taken is the user's to fix."""
+    result = run(argv, check=False, input=input)
+    if result.returncode != 0:
+        if "AlreadyExists" in result.stderr or "already exists" in result.stderr:
+            raise usage_error(f"a job named {job_id!r} exists",
+                              f"pick another --name, or: gridx jobs delete {job_id}")
+        raise command_error(argv, result)
+    return result
+
+
+def create_job(job_id, image, request, *, kind, command_argv, command_text, mode, replicas,
+               env=(), restart="none", extra_args=(), extra_labels=()):
+    """`docker service create`: every value a user gave is in --flag=VALUE
+    form, so pflag never reads it as a flag, and `--` comes before the image
+    (validated as well), so neither it nor the command is ever an option."""
+    argv = docker(
+        "service", "create", "--detach", "--quiet", "--no-resolve-image",
+        f"--name={job_id}",
+        f"--mode={mode}",
+        f"--restart-condition={restart}",
+        *job_labels(job_id, kind, command_text, extra_labels),
+        *request.service_args(),
+    )
+    if mode == "replicated-job":
+        argv.append(f"--replicas={replicas}")
+    if not request.gpus:
+        # Where the nvidia runtime is Docker's default, an image that sets
+        # NVIDIA_VISIBLE_DEVICES=all (pytorch's does) would see every GPU of
+        # the worker; the service's value wins over the image's. A job with
+        # GPUs gets the swarm's assignment from the toolkit (swarm-resource).
+        argv.append(f"--env={NVIDIA_ENV}=void")
+    argv += [f"--env={item}" for item in env]
+    argv += list(extra_args)
+    argv += ["--", image, *command_argv]
+    with user_limits_checked(request, replicas if mode == "replicated-job" else 1):
+        run_naming(argv, job_id)
+
+# -- reading the swarm --------------------------------------------------------
+# The only place that reads Docker's task rows and service reservations.
+
+
+class Task:
+    """One task of a job, made once from a `docker service ps` row."""
+
+    __slots__ = ("id", "name", "service", "node", "state", "since", "desired", "error", "exit_code")
+
+    def __init__(self, id="", name="", service="", node="", state="", since="", desired="", error="",
+                 exit_code=None):
+        self.id, self.name, self.service, self.node = id, name, service, node
+        self.state, self.since, self.desired, self.error = state, since, desired, error
+        self.exit_code = exit_code_from(state, error) if exit_code is None else exit_code
+
+    @classmethod
+    def from_docker(cls, row):
+        state, _, since = row.get("CurrentState", "").partition(" ")
+        name = row.get("Name", "")
+        return cls(id=row.get("ID", ""), name=name, service=name.rsplit(".", 1)[0], node=row.get("Node", ""),
+                   state=state.lower(), since=since, desired=row.get("DesiredState", "").lower(),
+                   error=row.get("Error", "").strip('"'))
+
+    @property
+    def active(self):
+        """Pending, starting or running: not over."""
+        return self.state in ACTIVE_TASK_STATES
+
+    @property
+    def placed(self):
+        """Active on a node: it holds that node's resources."""
+        return self.active and self.state not in UNPLACED_TASK_STATES
+
+    def to_dict(self):
+        """The stable --json shape of a job's task."""
+        return {"id": self.id, "name": self.name, "node": self.node, "state": self.state, "since": self.since,
+                "error": self.error, "exit_code": self.exit_code}
+
+
+def exit_code_from(state, error):
+    """A task's exit status: 0 once complete, N from "non-zero exit (N)"."""
+
+    if state == "complete":
+        return 0
+    match = re.search(r"non-zero exit \((\d+)\)", error)
+    return int(match.group(1)) if match else None
+
+
+def is_current(task, batch=True):
+    """False for a task that was replaced: run again, orphaned or restarted.
+
+    A batch job's task that ended by itself (even failed, desired state
+    Shutdown) stays current, so its exit status stays visible; a task that
+    Grid-X ran again elsewhere has desired state Remove. A long-running
+    service's restarted tasks (desired Shutdown) are history.
+    """
+    if task.desired == "remove" or task.state == "orphaned":
+        return False
+    return batch or task.desired != "shutdown"
+
+
+def list_job_services(job_ids=None, missing_ok=False):
+    """Inspect every Grid-X job service (two docker calls), or the named ones
+    (missing_ok: [] for a job that is not there, else exit 2)."""
+    import json
+
+    if job_ids is None:
+        job_ids = run(docker("service", "ls", "-q", "--filter", f"label={LABEL_JOB}")).stdout.split()
+        if not job_ids:
+            return []
+    result = run(docker("service", "inspect", "--", *job_ids), check=False)
+    if result.returncode != 0:
+        if "no such service" in result.stderr.lower():
+            if missing_ok:
+                return []
+            missing = [i for i in job_ids if i in result.stderr] or job_ids
+            raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
+        raise command_error(docker("service", "inspect"), result)
+    services = json.loads(result.stdout)
+    for service in services:
+        if LABEL_JOB not in service["Spec"].get("Labels", {}):
+            raise usage_error(f"{service['Spec']['Name']!r} is not a Grid-X job", "list the jobs: gridx jobs list")
+    return services
+
+
+def service_names(services):
+    return [service["Spec"]["Name"] for service in services]
+
+
+def list_tasks(names):
+    """Every task of these services, as Tasks: one `docker service ps` call."""
+    if not names:
+        return []
+    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *names))
+    return [Task.from_docker(row) for row in rows]
+
+
+def tasks_by_service(tasks):
+    """{service name: its tasks}."""
+    by_service = {}
+    for task in tasks:
+        by_service.setdefault(task.service, []).append(task)
+    return by_service
+
+
+def service_request(service):
+    """The Resources each task of a service reserves (its generic resources)."""
+    spec = service["Spec"]["TaskTemplate"].get("Resources", {}).get("Reservations", {})
+    return generic_resources(spec.get("GenericResources"))[0]
+
+
+def task_details(task_ids):
+    """`docker inspect` of tasks: {task ID: (its container's exit code or
+    None, the names of the GPUs it was given)}."""
+    import json
+
+    found = {}
+    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
+        container = (detail.get("Status") or {}).get("ContainerStatus") or {}
+        found[detail.get("ID")] = (container.get("ExitCode"), generic_resources(detail.get("GenericResources"))[1])
+    return found
+
+
+def log_sources(job_id):
+    """What of a job's logs can be read: (sources, hostnames that cannot).
+
+    The job itself, in one call, unless one of its tasks ran on a node that
+    is not Ready: Docker 20.10 then waits forever for that node's part of the
+    stream and 26.1 fails it whole ("incomplete log stream"). Then the tasks
+    on the nodes that are up, one by one. One docker call when every node is
+    Ready, three when one is not.
+    """
+    import json
+
+    down = {}
+    listed = run(docker("node", "ls", "--format", "{{.ID}}\t{{.Hostname}}\t{{.Status}}")).stdout
+    for line in listed.splitlines():
+        node_id, hostname, status = (line.split("\t") + ["", ""])[:3]
+        if status.strip().lower() != "ready":
+            down[node_id] = hostname
+    if not down:
+        return [job_id], []
+    task_ids = run(docker("service", "ps", "-q", "--no-trunc", "--", job_id)).stdout.split()
+    tasks = json.loads(run(docker("inspect", "--type", "task", "--", *task_ids)).stdout) if task_ids else []
+    lost = sorted({down[t["NodeID"]] for t in tasks if t.get("NodeID") in down})
+    if not lost:
+        return [job_id], []
+    tasks.sort(key=lambda t: (t.get("Slot", 0), t.get("CreatedAt", "")))
+    return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
+
+
+def jobs_overview(job_ids=None, with_nodes=False):
+    """Jobs and (optionally) nodes in a fixed number of docker calls."""
+    services = list_job_services(job_ids)
+    tasks = list_tasks(service_names(services))
+    by_service = tasks_by_service(tasks)
+    jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
+    nodes = swarm_nodes() if with_nodes else []
+    return services, tasks, jobs, nodes
+
+# -- job state ----------------------------------------------------------------
+
+
+def job_replicas(mode):
+    """How many tasks a job wants: completions of a batch job, else replicas."""
+    if "ReplicatedJob" in mode:
+        return int(mode["ReplicatedJob"].get("TotalCompletions", 1))
+    return int(mode.get("Replicated", {}).get("Replicas", 1))
+
+
+def job_tasks(tasks, batch=True):
+    """The Tasks that make a job's state."""
+    current = [t for t in tasks if is_current(t, batch)]
+    if any(t.state != "rejected" for t in current):
+        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
+        # and then run again is history: the task that ran is the record.
+        current = [t for t in current if t.state != "rejected"]
+    return current
+
+
+def job_state(tasks, wanted, kind):
+    states = [t.state for t in tasks]
+    if not states:
+        return "pending"
+    if any(s == "running" for s in states):
+        return "running"
+    if any(s in UNPLACED_TASK_STATES for s in states):
+        return "pending"
+    if any(s in ACTIVE_TASK_STATES for s in states):
+        return "starting"
+    if any(s in ("failed", "rejected", "orphaned") for s in states):
+        return "failed"
+    if kind != "jupyter" and len([s for s in states if s == "complete"]) >= wanted:
+        return "complete"
+    return states[0]
+
+
+def job_exit_code(codes):
+    """The job's exit status from its tasks' (None: not known yet)."""
+    codes = [code for code in codes if code is not None]
+    if not codes:
+        return None
+    return next((code for code in codes if code), 0)
+
+
+def job_status(tasks, wanted, kind="run", batch=True):
+    """A job's state, exit status and current tasks (in the --json shape),
+    from all its Tasks: what `jobs list/status` show and `--wait` waits on."""
+    current = job_tasks(tasks, batch)
+    return {"state": job_state(current, wanted, kind), "exit_code": job_exit_code(t.exit_code for t in current),
+            "tasks": [t.to_dict() for t in current]}
+
+
+def job_summary(service, tasks):
+    """The stable --json shape of one job."""
+    spec = service["Spec"]
+    labels = spec.get("Labels", {})
+    mode = spec.get("Mode", {})
+    wanted = job_replicas(mode)
+    kind = labels.get(LABEL_KIND, "run")
+    status = job_status(tasks, wanted, kind, batch="ReplicatedJob" in mode)
+    asks = service_request(service)
+    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
+    return {
+        "id": spec["Name"],
+        "kind": kind,
+        "owner": labels.get(LABEL_OWNER, ADMIN_OWNER),
+        "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
+        "command": labels.get(LABEL_CMD, ""),
+        "created": int(labels.get(LABEL_CREATED, "0") or 0),
+        "replicas": wanted,
+        "cpus": limits.get("NanoCPUs", asks.cpus * 10**9) / 10**9,
+        "memory_mib": asks.memory_mib,
+        "gpus": asks.gpus,
+        # rejected by the enforcer but about to run again: not failed
+        "state": "pending" if runs_again(tasks) else status["state"],
+        "exit_code": status["exit_code"],
+        "tasks": status["tasks"],
+    }
+
+
+def reserved_by_node(services, tasks):
+    """The Resources held on each node (by hostname) by placed job tasks."""
+    asks = {service["Spec"]["Name"]: service_request(service) for service in services}
+    reserved = {}
+    for task in tasks:
+        if task.placed and is_current(task):
+            reserved[task.node] = reserved.get(task.node, Resources()) + asks.get(task.service, Resources())
+    return reserved
+
+
+def pending_reason(job, service, nodes_by_name, reserved):
+    """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
+    reserved: reserved_by_node's)."""
+    asks = service_request(service)
+    free = {name: node.shared - reserved.get(name, Resources())
+            for name, node in nodes_by_name.items() if node.shared.cpus}
+    if not free:
+        return "waiting: no worker is Ready"
+    name = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
+    room = free[name]
+    if asks.gpus and asks.gpus > room.gpus:
+        return f"waiting: {asks.gpus} GPUs requested, {max(room.gpus, 0)} free on {name}"
+    if asks.cpus > room.cpus:
+        return f"waiting: {asks.cpus} CPUs requested, {max(room.cpus, 0)} free on {name}"
+    if asks.memory_mib > room.memory_mib:
+        return (f"waiting: {human_mib(asks.memory_mib)} memory requested, "
+                f"{human_mib(max(room.memory_mib, 0))} free on {name}")
+    errors = [t["error"] for t in job["tasks"] if t["error"]]
+    if any(ENFORCER_REJECTION in error for error in errors):
+        return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
+    return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
+
+
+def jobs_on_nodes(hostnames, tasks=None):
+    """Job services with unfinished tasks on these nodes."""
+    if tasks is None:
+        tasks = list_tasks(service_names(list_job_services()))
+    return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
 
 # -- owners and fair share ----------------------------------------------------
 
@@ -2065,1315 +3129,7 @@ def owners_table(use):
                 [[owner, u["jobs"], u["cpus"], human_mib(u["memory_mib"]), u["gpus"]]
                  for owner, u in sorted(use.items())])
 
-
-# -- serve: the hub's side of `--manager gridx@HUB` ----------------------------
-
-
-def serve_words(original):
-    """SSH_ORIGINAL_COMMAND -> the gridx argv to run, or exit 2 with one line:
-    only `[gridx] jobs COMMAND …` and `[gridx] cluster …` (no global option,
-    no `--manager`: that would send the hub's docker elsewhere)."""
-    import shlex
-
-    hint = "through SSH as gridx: gridx jobs … --manager gridx@HUB (jobs run/list/status/logs/delete, cluster)"
-    if not original or not original.strip():
-        raise usage_error("this account runs gridx jobs commands only, never a shell", hint)
-    try:
-        words = shlex.split(original)
-    except ValueError as error:
-        raise usage_error(f"cannot read the command ({error})", hint) from None
-    if words and words[0] == "gridx":
-        words = words[1:]
-    if not words or words[0] not in ("jobs", "cluster"):
-        shown = (words[0] if words else original)[:40]
-        raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
-    return words
-
-
-def check_serve_args(args, words):
-    """After parsing: an allowed command, no --manager, no local script."""
-    hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
-    # by handler: the jobs commands' dest "command" is also run's positional
-    allowed = {COMMANDS["jobs"][2][name][0] for name in SERVE_JOB_COMMANDS} | {CLUSTER_SHORTCUT[0]}
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        raise usage_error("give a jobs command", "gridx jobs --help")
-    if handler not in allowed:
-        raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
-    if getattr(args, "manager", None):
-        raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
-    if handler is cmd_jobs_train and not args.script.startswith(("http://", "https://")) and args.workdir is None:
-        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
-                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
-    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
-        # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
-        raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
-                          "gridx jobs results JOB [DEST] --manager gridx@HUB copies them to your machine")
-
-
-def load_serve_limits(name):
-    """The user's limits from users.json; exit 3 when they are not a user."""
-    import json
-
-    try:
-        document = json.loads(read_text(users_limits_path()))
-        limits = document["users"][name]
-    except FileNotFoundError:
-        raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
-    except (KeyError, TypeError, ValueError, OSError):
-        raise precondition(f"{name!r} is not a user of this hub",
-                           "ask the hub admin: gridx hub add-user NAME") from None
-    return valid_limits(limits, f"{users_limits_path()}: {name}")
-
-
-SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
-
-
-def watch_session_end(armed=False):
-    """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
-    sshd then closes serve's stdin (and nothing else: the command would run
-    on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
-    too, once the client said SESSION_HELLO: gridx keeps stdin open while it
-    waits (forward_to_serve); plain `ssh … < /dev/null` ends it at once and
-    is not taken for an interruption."""
-    import signal
-    import threading
-
-    def on_hangup(signum, frame):
-        raise KeyboardInterrupt
-
-    def watch(armed=armed):
-        try:
-            while True:
-                chunk = os.read(0, 4096)
-                if not chunk:
-                    break
-                armed = armed or chunk.startswith(SESSION_HELLO)
-        except OSError:
-            pass
-        if armed:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGHUP, on_hangup)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def cmd_serve(args):
-    """`command="gridx serve NAME"` in the gridx account's authorized_keys:
-    parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
-    and cluster only, and run them for NAME."""
-    global OWNER, SERVE_LIMITS
-    name = valid_name(args.name, "user name")
-    words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
-    parser, _ = build_parser(words)
-    try:
-        parsed = parser.parse_args(words)
-    except SystemExit as exited:  # argparse printed its usage line and why
-        return EXIT_USAGE if exited.code else EXIT_OK
-    check_serve_args(parsed, words)
-    SERVE_LIMITS = load_serve_limits(name)
-    OWNER = name
-    if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
-        parsed.upload = read_upload(sys.stdin.buffer, parse_memory(parsed.workdir_limit, "--workdir-limit"))
-    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
-    return parsed.handler(parsed)
-
-
-def add_serve_parser(groups, full):
-    """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
-    parser = groups.add_parser("serve")  # no help=: argparse then lists it nowhere
-    if full:
-        parser.set_defaults(handler=cmd_serve)
-        parser.add_argument("name", help="the user the command runs for")
-    return parser
-
-
-# -- the client's side: `gridx jobs … --manager gridx@HUB` ---------------------
-
-
-class ForwardedExit(Exception):
-    """The command ran on the hub through serve: main() exits with its status."""
-
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
-
-
-def forwarded_words(argv):
-    """The command line to send to serve: without --manager (and its value)
-    and the global -v; `--` and what follows stay as they are."""
-    words, skip, options = [], False, True
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if options and word == "--":
-            options = False
-        elif options and word.startswith("--ma") and "--manager".startswith(word.partition("=")[0]):
-            skip = "=" not in word
-            continue
-        elif options and not words and (word == "-v" or (word.startswith("--verb") and "--verbose".startswith(word))):
-            continue
-        words.append(word)
-    return words
-
-
-def ssh_control_dir():
-    """A 0700 folder of the user's for ssh's shared connections, or None."""
-    home = os.path.expanduser("~")
-    if home == "~" or not os.path.isabs(home):
-        return None
-    folder = os.path.join(home, ".gridx", "ssh")
-    if any(c in folder for c in '"%\n '):
-        return None  # ssh expands % and would split a quoted or spaced path
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
-    except OSError:
-        return None
-    return folder
-
-
-def serve_ssh_argv(docker_host, words, control=None):
-    """ssh to the gridx account: it runs `gridx serve NAME` whatever it is
-    sent; the command line goes as one shell-quoted word (ssh joins words
-    with spaces), and no value here can begin with '-' (valid_manager)."""
-    import shlex
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(docker_host)
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
-    key = os.environ.get("GRIDX_SSH_KEY")
-    if key:
-        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
-    if control:
-        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
-                 "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
-    if parts.port:
-        argv += ["-p", str(parts.port)]
-    return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
-
-
-def forward_to_serve(docker_host, args=None):
-    """--manager USER@HUB with a USER other than root: the whole command runs
-    on the hub through the gridx account's forced `gridx serve`, needing ssh
-    only here; stdout, stderr and the exit status pass through as they are.
-    Raises ForwardedExit. Root keeps docker over SSH (the admin's path)."""
-    import subprocess
-    import urllib.parse
-
-    user = urllib.parse.urlsplit(docker_host).username
-    if user in (None, ADMIN_OWNER):
-        return
-    need("ssh")
-    check_manager_reachable(docker_host)
-    control = ssh_control_dir()
-    words = forwarded_words(INVOCATION)
-    handler = getattr(args, "handler", None)
-    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
-        dest = results_destination(args.dest, args.job_id)
-        written, files = fetch_results_over_ssh(docker_host, args.job_id, dest, control)
-        print(dest)
-        info(f"{human_bytes(written)} in {files} file(s)")
-        raise ForwardedExit(EXIT_OK)
-    if getattr(args, "job_name", None) and not args.name:
-        # the ID is chosen here, so that --wait can fetch the job's results
-        words.insert(words.index("jobs") + 2, f"--name={args.job_name}")
-    layer = getattr(args, "layer", None)
-    argv = serve_ssh_argv(docker_host, words, control)
-    # stdin stays open (never written after the hello and the work folder)
-    # while ssh runs: its end tells serve that this side is gone (Ctrl-C, a
-    # kill), see watch_session_end.
-    process = start(argv, stdin=subprocess.PIPE)
-    try:
-        try:
-            if layer:
-                send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
-            else:
-                process.stdin.write(SESSION_HELLO)
-            process.stdin.flush()
-        except BrokenPipeError:
-            pass  # ssh ended already: its status says why
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
-        raise
-    if code == 255:  # ssh's own failure; it said why on stderr
-        raise precondition(f"cannot run the command on the hub over SSH as {user}",
-                           "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
-                           "(the bundle's settings.env), or ask the hub admin whether you are a user")
-    if getattr(args, "wait", False) and job_output(args):
-        dest = results_destination(None, args.job_name)
-        written, files = fetch_results_over_ssh(docker_host, args.job_name, dest, control)
-        info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
-    raise ForwardedExit(code)
-
-
-# ---------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------
-# An image registry on the hub (Debian's docker-registry, the CNCF
-# distribution registry), listening on the hub's VPN address only, with TLS
-# from a small CA the hub makes once at init (never regenerated: every
-# worker's bundle carries it). Workers trust it through Docker's own
-# /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
-# registry-ca.crt there, leave.sh removes it): no insecure-registries, no
-# Docker restart. The hub's own Docker trusts it the same way, so `docker
-# push` from the hub works. Users (GRIDX-USERS) reach the hub's SSH only,
-# never this port; they have no docker to pull with anyway.
-
-REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
-REGISTRY_UNIT = "gridx-registry.service"
-REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
-REGISTRY_CA_DAYS = 3650
-REGISTRY_CERT_DAYS = 3650
-REGISTRY_WAIT_S = 10  # how long init waits for a started registry to answer
-MANIFEST_TYPES = (
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.index.v1+json",
-)
-LIST_TYPES = MANIFEST_TYPES[2:]
-
-
-def registry_dir():
-    """CA key and cert, server key and cert, the registry's config: 0700."""
-    return os.path.join(config_dir(), "registry")
-
-
-def registry_storage():
-    """Where the registry keeps its blobs (GRIDX_REGISTRY_STORAGE in tests)."""
-    return os.path.abspath(os.environ.get("GRIDX_REGISTRY_STORAGE") or "/var/lib/gridx/registry")
-
-
-def docker_certs_dir():
-    """Docker's per-registry trust folder (GRIDX_DOCKER_CERTS_DIR in tests);
-    same default as lib.sh's CERTS_DIR."""
-    return os.path.abspath(os.environ.get("GRIDX_DOCKER_CERTS_DIR") or "/etc/docker/certs.d")
-
-
-def registry_paths():
-    folder = registry_dir()
-    return {name: os.path.join(folder, name) for name in (
-        "ca.key", "ca.crt", "server.key", "server.crt", "config.yml", "registry.pid")}
-
-
-def registry_address(hub_ip):
-    return f"{hub_ip}:{REGISTRY_PORT}"
-
-
-def registry_trust_path(address):
-    """The CA as Docker reads it for that registry (world-readable: public)."""
-    return os.path.join(docker_certs_dir(), address, "ca.crt")
-
-
-def render_registry_config(hub_ip):
-    """The registry's config: the VPN address only, TLS, deletion on (for
-    `gridx image rm`), no blob descriptor cache (after a garbage collection a
-    cached descriptor would say a removed blob still exists)."""
-    paths = registry_paths()
-    return f"""{CONFIG_MARKER}: the hub's image registry (gridx hub init writes it).
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {registry_storage()}
-  delete:
-    enabled: true
-http:
-  addr: {registry_address(hub_ip)}
-  tls:
-    certificate: {paths["server.crt"]}
-    key: {paths["server.key"]}
-  headers:
-    X-Content-Type-Options: [nosniff]
-"""
-
-
-REGISTRY_UNIT_TEXT = """[Unit]
-Description=Grid-X: the hub's image registry on {address} (VPN only)
-# It listens on the VPN address, which exists once the interface is up.
-Wants=wg-quick@{interface}.service
-After=wg-quick@{interface}.service network-online.target
-
-[Service]
-ExecStart={program} serve {config}
-Restart=always
-RestartSec=5
-UMask=0077
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-def render_registry_unit(hub_ip, interface, program):
-    return REGISTRY_UNIT_TEXT.format(address=registry_address(hub_ip), interface=interface, program=program,
-                                     config=registry_paths()["config.yml"])
-
-
-def registry_unit_path():
-    return f"/etc/systemd/system/{REGISTRY_UNIT}"
-
-
-def openssl_quiet(argv):
-    """openssl, with every file it makes private to root (the keys)."""
-    old = os.umask(0o077)
-    try:
-        return run(argv)
-    finally:
-        os.umask(old)
-
-
-def ensure_registry_ca():
-    """The CA key (0600) and cert, made once and never regenerated: every
-    bundle written since carries this cert. True when made now."""
-    paths = registry_paths()
-    if os.path.exists(paths["ca.key"]) and os.path.exists(paths["ca.crt"]):
-        return False
-    if os.path.exists(paths["ca.key"]) or os.path.exists(paths["ca.crt"]):
-        raise precondition(f"{registry_dir()} holds half a CA (one of ca.key, ca.crt)",
-                           "put the missing file back, or move both away to make a new CA (every worker "
-                           "then needs a new bundle: gridx hub refresh-bundle NAME)")
-    ensure_dir(registry_dir())
-    openssl_quiet([
-        "openssl", "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-keyout", paths["ca.key"], "-out", paths["ca.crt"], "-days", str(REGISTRY_CA_DAYS),
-        "-subj", "/CN=Grid-X hub registry CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    ])
-    os.chmod(paths["ca.key"], 0o600)
-    os.chmod(paths["ca.crt"], 0o644)
-    return True
-
-
-def certificate_ips(path):
-    """The IP addresses of a certificate's subjectAltName (openssl's text)."""
-    import re
-
-    text = run(["openssl", "x509", "-noout", "-text", "-in", path]).stdout
-    return set(re.findall(r"IP Address:([0-9.]+)", text))
-
-
-def ensure_registry_cert(hub_ip):
-    """The server key (0600) and a cert signed by the CA for the hub's VPN
-    address (subjectAltName IP:HUB_VPN_IP); made again only when missing or
-    for another address. True when made now."""
-    paths = registry_paths()
-    if (os.path.exists(paths["server.key"]) and os.path.exists(paths["server.crt"])
-            and certificate_ips(paths["server.crt"]) == {hub_ip}):
-        return False
-    folder = registry_dir()
-    csr, extensions = os.path.join(folder, "server.csr"), os.path.join(folder, "server.ext")
-    atomic_write(extensions, f"subjectAltName=IP:{hub_ip}\nbasicConstraints=CA:FALSE\n"
-                             "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    try:
-        openssl_quiet([
-            "openssl", "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", paths["server.key"] + ".new", "-out", csr, "-subj", f"/CN={hub_ip}",
-        ])
-        openssl_quiet([
-            "openssl", "x509", "-req", "-in", csr, "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
-            "-set_serial", f"0x{os.urandom(16).hex()}", "-days", str(REGISTRY_CERT_DAYS),
-            "-extfile", extensions, "-out", paths["server.crt"] + ".new",
-        ])
-        os.chmod(paths["server.key"] + ".new", 0o600)
-        os.chmod(paths["server.crt"] + ".new", 0o644)
-        os.replace(paths["server.key"] + ".new", paths["server.key"])
-        os.replace(paths["server.crt"] + ".new", paths["server.crt"])
-    finally:
-        for path in (csr, extensions, paths["server.key"] + ".new", paths["server.crt"] + ".new"):
-            if os.path.exists(path):
-                os.unlink(path)
-    return True
-
-
-def install_registry_trust(hub_ip):
-    """The hub's own Docker trusts the CA (docker push from the hub): the
-    same file join.sh installs on workers. True when it changed."""
-    path = registry_trust_path(registry_address(hub_ip))
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    return write_if_changed(path, read_text(registry_paths()["ca.crt"]), 0o644)
-
-
-def parse_http_response(output):
-    """curl --include's output -> (status, {lower-case header: value}, body).
-    run()'s text mode has turned the header lines' CRLF into LF already."""
-    head, _, body = output.replace("\r\n", "\n").partition("\n\n")
-    lines = head.split("\n")
-    try:
-        status = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise GridxError(f"the registry's answer is not HTTP: {lines[0][:80]!r}") from None
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return status, headers, body
-
-
-def registry_request(address, ca_path, path, method="GET", accept=(), timeout=10):
-    """One HTTPS request to the registry's API: (status, {header: value},
-    body). Through curl: the frozen gridx has no ssl module (the binary
-    leaves libssl out), and curl checks the server against the CA. Exit 3
-    with a hint when the registry does not answer (HTTP errors are returned)."""
-    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--cacert", ca_path,
-            "--max-time", str(timeout)]
-    argv += ["--head"] if method == "HEAD" else ["--request", method]
-    if accept:
-        argv += ["--header", "Accept: " + ", ".join(accept)]
-    result = run(argv + [f"https://{address}{path}"], check=False, timeout=timeout + 5)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1]
-        raise precondition(
-            f"the hub's registry at {address} does not answer: {reason}",
-            "on the hub: gridx hub init (starts it again); systemctl status gridx-registry; "
-            "from a worker: check the VPN (sudo ./status.sh)",
-        )
-    return parse_http_response(result.stdout)
-
-
-def registry_answers(address, ca_path, timeout=2):
-    try:
-        status, _, _ = registry_request(address, ca_path, "/v2/", timeout=timeout)
-    except GridxError:
-        return False
-    return status == 200
-
-
-def registry_pid():
-    """The pid of the registry init started without systemd, when it runs."""
-    path = registry_paths()["registry.pid"]
-    try:
-        pid = int(read_text(path).strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    return pid if registry_paths()["config.yml"].encode() in cmdline else None
-
-
-def stop_registry():
-    """Stop the registry (its unit, or the process init started)."""
-    import time
-
-    if systemd_running() and os.path.exists(registry_unit_path()):
-        run(["systemctl", "stop", REGISTRY_UNIT], check=False)
-        return
-    pid = registry_pid()
-    if pid is None:
-        return
-    import signal
-
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
-        if registry_pid() is None:
-            break
-        time.sleep(0.1)
-    path = registry_paths()["registry.pid"]
-    if os.path.exists(path):
-        os.unlink(path)
-
-
-def start_registry_process(program):
-    """No systemd (a container, the lab): the registry in its own session,
-    in the background, logging to /var/log/gridx-registry.log; its pid in
-    registry.pid. `gridx hub init` starts it again when it does not answer."""
-    config = registry_paths()["config.yml"]
-    with open("/var/log/gridx-registry.log", "ab") as log, open(os.devnull, "rb") as null:
-        # start(): echoed under -v as every command is; its own session (setsid)
-        process = start([program, "serve", config], stdin=null, stdout=log, stderr=log, start_new_session=True)
-    atomic_write(registry_paths()["registry.pid"], f"{process.pid}\n", 0o600)
-
-
-def wait_registry(address, ca_path):
-    import time
-
-    deadline = time.monotonic() + REGISTRY_WAIT_S
-    while not registry_answers(address, ca_path, timeout=1):
-        if time.monotonic() > deadline:
-            raise GridxError(f"the registry did not answer on {address} within {REGISTRY_WAIT_S} s",
-                             "look at journalctl -u gridx-registry or /var/log/gridx-registry.log")
-        time.sleep(0.1)
-
-
-def registry_ready(config):
-    """hub init: the CA, the server cert, the config and a running registry
-    on HUB_VPN_IP:5000, each changed only when it differs; the list of what
-    changed. A hub without docker-registry or openssl gets a warning."""
-    import shutil
-
-    program = shutil.which("docker-registry")
-    if program is None or shutil.which("openssl") is None:
-        warn("no image registry on this hub: docker-registry or openssl is missing "
-             "(apt install docker-registry openssl), then run gridx hub init again")
-        return []
-    changes = []
-    address, paths = registry_address(config.hub_ip), registry_paths()
-    if ensure_registry_ca():
-        changes.append(f"created the registry's CA {paths['ca.crt']} (never made again: bundles carry it)")
-    restart = False
-    if ensure_registry_cert(config.hub_ip):
-        changes.append(f"made the registry's TLS certificate for {config.hub_ip}")
-        restart = True
-    if write_if_changed(paths["config.yml"], render_registry_config(config.hub_ip), 0o600):
-        changes.append(f"wrote {paths['config.yml']}")
-        restart = True
-    os.makedirs(registry_storage(), mode=0o700, exist_ok=True)
-    if install_registry_trust(config.hub_ip):
-        changes.append(f"this hub's Docker trusts the registry ({registry_trust_path(address)})")
-    trust = registry_trust_path(address)
-    if systemd_running():
-        unit = render_registry_unit(config.hub_ip, config.interface, program)
-        if write_if_changed(registry_unit_path(), unit, 0o644):
-            run(["systemctl", "daemon-reload"])
-            run(["systemctl", "enable", REGISTRY_UNIT])
-            restart = True
-        if restart or not registry_answers(address, trust):
-            run(["systemctl", "restart", REGISTRY_UNIT])
-            changes.append(f"started the registry on {address} ({REGISTRY_UNIT})")
-    elif restart or not registry_answers(address, trust):
-        stop_registry()
-        start_registry_process(program)
-        changes.append(f"started the registry on {address} (no systemd: in the background, "
-                       "log /var/log/gridx-registry.log; gridx hub init starts it again)")
-    wait_registry(address, trust)
-    return changes
-
-
-def reset_registry():
-    """hub reset: the registry stops and its server cert and config go (the
-    next init makes them for its address); the CA stays (never regenerated)
-    and so do the images (the hint says where)."""
-    stop_registry()
-    unit = os.path.exists(registry_unit_path())
-    if systemd_running() and unit:
-        run(["systemctl", "disable", REGISTRY_UNIT], check=False)
-    if unit:
-        os.unlink(registry_unit_path())
-        if systemd_running():
-            run(["systemctl", "daemon-reload"], check=False)
-    for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
-        path = registry_paths()[name]
-        if os.path.exists(path):
-            os.unlink(path)
-
-
-def registry_bundle_settings(config):
-    """settings.env's GRIDX_REGISTRY for join.sh, when the hub has its CA."""
-    if not os.path.exists(registry_paths()["ca.crt"]):
-        return {}
-    return {"GRIDX_REGISTRY": registry_address(config.hub_ip)}
-
-
-def registry_bundle_files():
-    """The CA a worker installs for the registry (join.sh: registry-ca.crt)."""
-    path = registry_paths()["ca.crt"]
-    if not os.path.exists(path):
-        return {}
-    return {REGISTRY_CA_FILE: (read_text(path), 0o644)}
-
-
-# -- image names ----------------------------------------------------------------
-
-
-def split_image(image):
-    """A valid image reference -> (registry host[:port] or "", path, tag, digest)."""
-    name, _, digest = image.partition("@")
-    slash, colon = name.rfind("/"), name.rfind(":")
-    tag = ""
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1:]
-    parts = name.split("/")
-    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
-        return parts[0], "/".join(parts[1:]), tag, digest
-    return "", name, tag, digest
-
-
-def pushed_name(image, address):
-    """Where `gridx image push IMAGE` puts it: the same path and tag under
-    the hub's registry (python:3.11 -> 10.0.0.1:5000/python:3.11; the
-    source's own registry host is dropped)."""
-    _, path, tag, digest = split_image(image)
-    if digest:
-        raise usage_error(f"cannot push {image!r} by digest: a registry stores images under a tag",
-                          "push it by name, e.g. team/app:1")
-    return f"{address}/{path}:{tag or 'latest'}"
-
-
-def registry_reference(name, address):
-    """`gridx image rm NAME`: (repository path, tag or digest) in this
-    registry; NAME with another registry host is exit 2."""
-    domain, path, tag, digest = split_image(name)
-    if domain and domain != address:
-        raise usage_error(f"{name!r} is not in the hub's registry {address}",
-                          f"name it as gridx image ls shows it: {address}/{path}:{tag or 'TAG'}")
-    return path, digest or tag
-
-
-# -- the registry's HTTP API ------------------------------------------------------
-
-
-def parse_link_next(headers):
-    """The next page of a paginated list (the Link header), or None."""
-    import re
-
-    link = headers.get("link") if headers else None
-    match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link or "")
-    return match.group(1) if match else None
-
-
-def api_json(address, ca_path, path):
-    import json
-
-    status, headers, body = registry_request(address, ca_path, path)
-    if status != 200:
-        raise GridxError(f"the registry answered {status} to GET {path}: {body[:200]}")
-    try:
-        return json.loads(body), headers
-    except ValueError:
-        raise GridxError(f"the registry's answer to GET {path} is not JSON") from None
-
-
-def registry_repositories(address, ca_path):
-    """Every repository, following the catalog's pages."""
-    repositories, path = [], "/v2/_catalog?n=1000"
-    while path:
-        document, headers = api_json(address, ca_path, path)
-        repositories += document.get("repositories") or []
-        path = parse_link_next(headers)
-    return sorted(repositories)
-
-
-def registry_tags(address, ca_path, repository):
-    """A repository's tags (none once its last tag was removed)."""
-    import urllib.parse
-
-    tags, path = [], f"/v2/{urllib.parse.quote(repository)}/tags/list?n=1000"
-    while path:
-        document, headers = api_json(address, ca_path, path)
-        tags += document.get("tags") or []
-        path = parse_link_next(headers)
-    return sorted(tags)
-
-
-def manifest_blobs(manifest):
-    """{digest: size} of what an image manifest references (config, layers)."""
-    blobs = {}
-    for item in [manifest.get("config") or {}] + list(manifest.get("layers") or []):
-        if item.get("digest"):
-            blobs[item["digest"]] = int(item.get("size") or 0)
-    return blobs
-
-
-def registry_manifest(address, ca_path, repository, reference, method="GET"):
-    """(digest, manifest document or None) of a tag or digest; None digest
-    when the registry does not have it."""
-    import json
-    import urllib.parse
-
-    path = f"/v2/{urllib.parse.quote(repository)}/manifests/{urllib.parse.quote(reference)}"
-    status, headers, body = registry_request(address, ca_path, path, method=method, accept=MANIFEST_TYPES)
-    if status == 404:
-        return None, None
-    if status != 200:
-        raise GridxError(f"the registry answered {status} to {method} {path}")
-    digest = headers.get("docker-content-digest")
-    return digest, (json.loads(body) if method == "GET" else None)
-
-
-def image_blobs(address, ca_path, repository, reference):
-    """(digest, {blob digest: size}) of a tag: an index's images summed."""
-    digest, manifest = registry_manifest(address, ca_path, repository, reference)
-    if digest is None:
-        return None, {}
-    blobs = {}
-    if manifest.get("mediaType") in LIST_TYPES or "manifests" in manifest:
-        for child in manifest.get("manifests") or []:
-            blobs.update(image_blobs(address, ca_path, repository, child["digest"])[1])
-    else:
-        blobs = manifest_blobs(manifest)
-    return digest, blobs
-
-
-def registry_images(address, ca_path):
-    """Every tag of every repository: the stable --json shape of `image ls`,
-    and the bytes the distinct blobs take (layers shared count once)."""
-    images, every_blob = [], {}
-    for repository in registry_repositories(address, ca_path):
-        for tag in registry_tags(address, ca_path, repository):
-            digest, blobs = image_blobs(address, ca_path, repository, tag)
-            if digest is None:
-                continue  # removed between the two calls
-            every_blob.update(blobs)
-            images.append({"name": f"{address}/{repository}:{tag}", "repository": repository, "tag": tag,
-                           "digest": digest, "size_bytes": sum(blobs.values())})
-    return images, sum(every_blob.values())
-
-
-def human_bytes(count):
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def folder_bytes(path):
-    """What the files under path take (the registry's storage)."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def image_manager(args):
-    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
-    the registry is the admin's, so only root@HUB, never a user's account."""
-    import urllib.parse
-
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
-    if not manager:
-        return None
-    docker_host = valid_manager(manager)
-    user = urllib.parse.urlsplit(docker_host).username
-    if user not in (None, "root"):
-        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
-                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
-                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
-    return manager
-
-
-def image_registry(args):
-    """(registry address, CA path) for the image commands: on the hub from
-    its config; with --manager root@HUB, HUB:5000 and the CA this machine's
-    Docker has for it in /etc/docker/certs.d."""
-    import urllib.parse
-
-    manager = image_manager(args)
-    if manager:
-        host = urllib.parse.urlsplit(valid_manager(manager)).hostname
-        address = f"{host}:{REGISTRY_PORT}"
-        trust = registry_trust_path(address)
-        if not os.path.exists(trust):
-            raise precondition(
-                f"this machine's Docker does not trust the hub's registry: {trust} is missing",
-                f"copy the hub's CA: ssh {manager} cat {registry_paths()['ca.crt']} | sudo install -D -m 0644 "
-                f"/dev/stdin {trust}")
-        return address, trust
-    config = load_hub_config()
-    address = registry_address(config.hub_ip)
-    trust = registry_trust_path(address)
-    if not os.path.exists(trust):
-        raise precondition(f"the hub has no image registry yet ({trust} is missing)",
-                           "install docker-registry and openssl, then run gridx hub init again")
-    return address, trust
-
-
-# ---------------------------------------------------------------------------
-# Jobs
-# ---------------------------------------------------------------------------
-# A job is a swarm service labelled gridx.job; its tasks say where and how it
-# ran. Docker's output is read in "reading the swarm" only, into Task and
-# Resources (and Node, see Swarm); what follows reads those types.
-#   what a job asks for · reading the swarm · job state · running again · waiting
-
-ACTIVE_TASK_STATES = (
-    "new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
-)
-UNPLACED_TASK_STATES = ("new", "allocated", "pending")  # active, but on no node yet
-# Docker 20.10's swarm constraint enforcer re-checks a node's generic
-# resources whenever the node changes (it joins a network, gets a label, its
-# engine restarts) and can reject a task that holds them with this error
-# although the task fits: seen in the lab on a fresh worker's first GPU job.
-# Such a task did not fail by itself, so it is run again, a bounded number of
-# times (see "running again").
-ENFORCER_REJECTION = "assigned node no longer meets constraints"
-ENFORCER_RERUNS = 3
-LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
-LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
-
-
-# -- what a job asks for --------------------------------------------------------
-
-
-def parse_cpus(value):
-    try:
-        cpus = float(value)
-    except (TypeError, ValueError):
-        cpus = -1.0
-    if not cpus > 0 or cpus != cpus or cpus > 4096:
-        raise usage_error(f"invalid --cpus {value!r}: give a number of CPUs above 0", "for example: --cpus 2")
-    return cpus
-
-
-_SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_memory(value, flag="--memory"):
-    """'8G', '512M', '1.5g', '2GiB' -> bytes."""
-    import re
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
-    if not match or not match.group(2):
-        raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
-    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if size < 4 * 1024**2:
-        raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
-    return size
-
-
-def parse_count(value, flag, minimum, maximum=None):
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = minimum - 1
-    if count < minimum or str(value).strip() != str(count):
-        raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
-    if maximum is not None and count > maximum:
-        raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
-    return count
-
-
-def parse_env(items):
-    import re
-
-    pairs = []
-    for item in items or []:
-        key, sep, _ = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
-        if key == NVIDIA_ENV:
-            raise usage_error(f"--env {NVIDIA_ENV} is Grid-X's: a job sees the GPUs the swarm gives it",
-                              "ask for GPUs with --gpus N")
-        pairs.append(item)
-    return pairs
-
-
-def new_job_id(prefix="job"):
-    import secrets
-
-    return f"{prefix}-{secrets.token_hex(3)}"
-
-
-class JobRequest:
-    """What a job asks for, validated from the command line."""
-
-    def __init__(self, cpus, memory, gpus):
-        import math
-
-        self.cpus = parse_cpus(cpus)
-        self.memory = parse_memory(memory)
-        self.gpus = parse_count(gpus, "--gpus", 0)
-        self.cpu_units = math.ceil(self.cpus)
-        self.memory_mib = math.ceil(self.memory / 1024**2)
-
-    @property
-    def resources(self):
-        """What the swarm reserves for each of its tasks."""
-        return Resources(self.cpu_units, self.memory_mib, self.gpus)
-
-    def service_args(self):
-        args = [
-            "--generic-resource", f"{RES_CPU}={self.cpu_units}",
-            "--generic-resource", f"{RES_MEM}={self.memory_mib}",
-            "--limit-cpu", f"{self.cpus:g}",
-            "--limit-memory", str(self.memory),
-        ]
-        if self.gpus:
-            args += ["--generic-resource", f"{RES_GPU}={self.gpus}"]
-        return args
-
-    def describe(self):
-        text = f"{self.cpus:g} CPU, {human_mib(self.memory_mib)}"
-        return text + (f", {self.gpus} GPU" if self.gpus else "")
-
-
-def worker_nodes(nodes):
-    """The nodes that run jobs: the workers, and a manager that shares."""
-    return [n for n in nodes if not n.manager or n.shared.cpus]
-
-
-def check_fits(request, nodes):
-    """Refuse at once a job no single worker could ever hold (nodes: Node)."""
-    workers = [n for n in worker_nodes(nodes) if n.shared.cpus and n.availability == "active"]
-    if not workers:
-        raise precondition(
-            "no worker shares resources yet", "add one: gridx hub add-peer NAME, then run its join.sh"
-        )
-    asks = request.resources
-    if any(asks.fits(node.shared) for node in workers):
-        return
-    wants = [
-        (asks.gpus, "GPU", lambda n: n.shared.gpus, str),
-        (asks.cpus, "CPU", lambda n: n.shared.cpus, str),
-        (asks.memory_mib, "memory", lambda n: n.shared.memory_mib, human_mib),
-    ]
-    for wanted, what, amount, show in wants:
-        biggest = max(workers, key=amount)
-        if wanted > amount(biggest):
-            raise usage_error(
-                f"no worker can hold this job: it asks for {show(wanted)} {what}, the biggest worker "
-                f"({biggest.hostname}) shares {show(amount(biggest))}",
-                "a job runs on one worker; ask for less",
-            )
-    raise usage_error(
-        f"no single worker shares {request.describe()} at once", "a job runs on one worker; ask for less"
-    )
-
-
-def job_labels(job_id, kind, command, extra=()):
-    import time
-
-    # --flag=VALUE: a value never reads as an option (see create_job)
-    labels = [
-        f"--label={LABEL_JOB}={job_id}",
-        f"--label={LABEL_KIND}={kind}",
-        f"--label={LABEL_CREATED}={int(time.time())}",
-    ]
-    if command:
-        labels.append(f"--label={LABEL_CMD}={command}")
-    labels.append(f"--label={LABEL_OWNER}={job_owner()}")
-    for key, value in extra:
-        labels.append(f"--label={key}={value}")
-    return labels
-
-
-def job_command(command):
-    """One string runs under `sh -c`; several words run as given."""
-    if not command:
-        return [], ""
-    if len(command) == 1:
-        return ["sh", "-c", command[0]], command[0]
-    import shlex
-
-    return list(command), shlex.join(command)
-
-
-def run_naming(argv, job_id, input=None):
-    """Run a docker create call; a name already taken is the user's to fix."""
-    result = run(argv, check=False, input=input)
-    if result.returncode != 0:
-        if "AlreadyExists" in result.stderr or "already exists" in result.stderr:
-            raise usage_error(f"a job named {job_id!r} exists",
-                              f"pick another --name, or: gridx jobs delete {job_id}")
-        raise command_error(argv, result)
-    return result
-
-
-def create_job(job_id, image, request, *, kind, command_argv, command_text, mode, replicas,
-               env=(), restart="none", extra_args=(), extra_labels=()):
-    """`docker service create`: every value a user gave is in --flag=VALUE
-    form, so pflag never reads it as a flag, and `--` comes before the image
-    (validated as well), so neither it nor the command is ever an option."""
-    argv = docker(
-        "service", "create", "--detach", "--quiet", "--no-resolve-image",
-        f"--name={job_id}",
-        f"--mode={mode}",
-        f"--restart-condition={restart}",
-        *job_labels(job_id, kind, command_text, extra_labels),
-        *request.service_args(),
-    )
-    if mode == "replicated-job":
-        argv.append(f"--replicas={replicas}")
-    if not request.gpus:
-        # Where the nvidia runtime is Docker's default, an image that sets
-        # NVIDIA_VISIBLE_DEVICES=all (pytorch's does) would see every GPU of
-        # the worker; the service's value wins over the image's. A job with
-        # GPUs gets the swarm's assignment from the toolkit (swarm-resource).
-        argv.append(f"--env={NVIDIA_ENV}=void")
-    argv += [f"--env={item}" for item in env]
-    argv += list(extra_args)
-    argv += ["--", image, *command_argv]
-    with user_limits_checked(request, replicas if mode == "replicated-job" else 1):
-        run_naming(argv, job_id)
-
-
-# -- reading the swarm ------------------------------------------------------------
-# The only place that reads Docker's task rows and service reservations.
-
-
-class Task:
-    """One task of a job, made once from a `docker service ps` row."""
-
-    __slots__ = ("id", "name", "service", "node", "state", "since", "desired", "error", "exit_code")
-
-    def __init__(self, id="", name="", service="", node="", state="", since="", desired="", error="",
-                 exit_code=None):
-        self.id, self.name, self.service, self.node = id, name, service, node
-        self.state, self.since, self.desired, self.error = state, since, desired, error
-        self.exit_code = exit_code_from(state, error) if exit_code is None else exit_code
-
-    @classmethod
-    def from_docker(cls, row):
-        state, _, since = row.get("CurrentState", "").partition(" ")
-        name = row.get("Name", "")
-        return cls(id=row.get("ID", ""), name=name, service=name.rsplit(".", 1)[0], node=row.get("Node", ""),
-                   state=state.lower(), since=since, desired=row.get("DesiredState", "").lower(),
-                   error=row.get("Error", "").strip('"'))
-
-    @property
-    def active(self):
-        """Pending, starting or running: not over."""
-        return self.state in ACTIVE_TASK_STATES
-
-    @property
-    def placed(self):
-        """Active on a node: it holds that node's resources."""
-        return self.active and self.state not in UNPLACED_TASK_STATES
-
-    def to_dict(self):
-        """The stable --json shape of a job's task."""
-        return {"id": self.id, "name": self.name, "node": self.node, "state": self.state, "since": self.since,
-                "error": self.error, "exit_code": self.exit_code}
-
-
-def exit_code_from(state, error):
-    """A task's exit status: 0 once complete, N from "non-zero exit (N)"."""
-    import re
-
-    if state == "complete":
-        return 0
-    match = re.search(r"non-zero exit \((\d+)\)", error)
-    return int(match.group(1)) if match else None
-
-
-def is_current(task, batch=True):
-    """False for a task that was replaced: run again, orphaned or restarted.
-
-    A batch job's task that ended by itself (even failed, desired state
-    Shutdown) stays current, so its exit status stays visible; a task that
-    Grid-X ran again elsewhere has desired state Remove. A long-running
-    service's restarted tasks (desired Shutdown) are history.
-    """
-    if task.desired == "remove" or task.state == "orphaned":
-        return False
-    return batch or task.desired != "shutdown"
-
-
-def list_job_services(job_ids=None, missing_ok=False):
-    """Inspect every Grid-X job service (two docker calls), or the named ones
-    (missing_ok: [] for a job that is not there, else exit 2)."""
-    import json
-
-    if job_ids is None:
-        job_ids = run(docker("service", "ls", "-q", "--filter", f"label={LABEL_JOB}")).stdout.split()
-        if not job_ids:
-            return []
-    result = run(docker("service", "inspect", "--", *job_ids), check=False)
-    if result.returncode != 0:
-        if "no such service" in result.stderr.lower():
-            if missing_ok:
-                return []
-            missing = [i for i in job_ids if i in result.stderr] or job_ids
-            raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
-        raise command_error(docker("service", "inspect"), result)
-    services = json.loads(result.stdout)
-    for service in services:
-        if LABEL_JOB not in service["Spec"].get("Labels", {}):
-            raise usage_error(f"{service['Spec']['Name']!r} is not a Grid-X job", "list the jobs: gridx jobs list")
-    return services
-
-
-def service_names(services):
-    return [service["Spec"]["Name"] for service in services]
-
-
-def list_tasks(names):
-    """Every task of these services, as Tasks: one `docker service ps` call."""
-    if not names:
-        return []
-    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *names))
-    return [Task.from_docker(row) for row in rows]
-
-
-def tasks_by_service(tasks):
-    """{service name: its tasks}."""
-    by_service = {}
-    for task in tasks:
-        by_service.setdefault(task.service, []).append(task)
-    return by_service
-
-
-def service_request(service):
-    """The Resources each task of a service reserves (its generic resources)."""
-    spec = service["Spec"]["TaskTemplate"].get("Resources", {}).get("Reservations", {})
-    return generic_resources(spec.get("GenericResources"))[0]
-
-
-def task_details(task_ids):
-    """`docker inspect` of tasks: {task ID: (its container's exit code or
-    None, the names of the GPUs it was given)}."""
-    import json
-
-    found = {}
-    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
-        container = (detail.get("Status") or {}).get("ContainerStatus") or {}
-        found[detail.get("ID")] = (container.get("ExitCode"), generic_resources(detail.get("GenericResources"))[1])
-    return found
-
-
-def log_sources(job_id):
-    """What of a job's logs can be read: (sources, hostnames that cannot).
-
-    The job itself, in one call, unless one of its tasks ran on a node that
-    is not Ready: Docker 20.10 then waits forever for that node's part of the
-    stream and 26.1 fails it whole ("incomplete log stream"). Then the tasks
-    on the nodes that are up, one by one. One docker call when every node is
-    Ready, three when one is not.
-    """
-    import json
-
-    down = {}
-    listed = run(docker("node", "ls", "--format", "{{.ID}}\t{{.Hostname}}\t{{.Status}}")).stdout
-    for line in listed.splitlines():
-        node_id, hostname, status = (line.split("\t") + ["", ""])[:3]
-        if status.strip().lower() != "ready":
-            down[node_id] = hostname
-    if not down:
-        return [job_id], []
-    task_ids = run(docker("service", "ps", "-q", "--no-trunc", "--", job_id)).stdout.split()
-    tasks = json.loads(run(docker("inspect", "--type", "task", "--", *task_ids)).stdout) if task_ids else []
-    lost = sorted({down[t["NodeID"]] for t in tasks if t.get("NodeID") in down})
-    if not lost:
-        return [job_id], []
-    tasks.sort(key=lambda t: (t.get("Slot", 0), t.get("CreatedAt", "")))
-    return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
-
-
-# -- job state ------------------------------------------------------------------
-
-
-def job_replicas(mode):
-    """How many tasks a job wants: completions of a batch job, else replicas."""
-    if "ReplicatedJob" in mode:
-        return int(mode["ReplicatedJob"].get("TotalCompletions", 1))
-    return int(mode.get("Replicated", {}).get("Replicas", 1))
-
-
-def job_tasks(tasks, batch=True):
-    """The Tasks that make a job's state."""
-    current = [t for t in tasks if is_current(t, batch)]
-    if any(t.state != "rejected" for t in current):
-        # A task rejected by the constraint enforcer (see ENFORCER_REJECTION)
-        # and then run again is history: the task that ran is the record.
-        current = [t for t in current if t.state != "rejected"]
-    return current
-
-
-def job_state(tasks, wanted, kind):
-    states = [t.state for t in tasks]
-    if not states:
-        return "pending"
-    if any(s == "running" for s in states):
-        return "running"
-    if any(s in UNPLACED_TASK_STATES for s in states):
-        return "pending"
-    if any(s in ACTIVE_TASK_STATES for s in states):
-        return "starting"
-    if any(s in ("failed", "rejected", "orphaned") for s in states):
-        return "failed"
-    if kind != "jupyter" and len([s for s in states if s == "complete"]) >= wanted:
-        return "complete"
-    return states[0]
-
-
-def job_exit_code(codes):
-    """The job's exit status from its tasks' (None: not known yet)."""
-    codes = [code for code in codes if code is not None]
-    if not codes:
-        return None
-    return next((code for code in codes if code), 0)
-
-
-def job_status(tasks, wanted, kind="run", batch=True):
-    """A job's state, exit status and current tasks (in the --json shape),
-    from all its Tasks: what `jobs list/status` show and `--wait` waits on."""
-    current = job_tasks(tasks, batch)
-    return {"state": job_state(current, wanted, kind), "exit_code": job_exit_code(t.exit_code for t in current),
-            "tasks": [t.to_dict() for t in current]}
-
-
-def job_summary(service, tasks):
-    """The stable --json shape of one job."""
-    spec = service["Spec"]
-    labels = spec.get("Labels", {})
-    mode = spec.get("Mode", {})
-    wanted = job_replicas(mode)
-    kind = labels.get(LABEL_KIND, "run")
-    status = job_status(tasks, wanted, kind, batch="ReplicatedJob" in mode)
-    asks = service_request(service)
-    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits", {})
-    return {
-        "id": spec["Name"],
-        "kind": kind,
-        "owner": labels.get(LABEL_OWNER, ADMIN_OWNER),
-        "image": spec["TaskTemplate"]["ContainerSpec"].get("Image", "").split("@")[0],
-        "command": labels.get(LABEL_CMD, ""),
-        "created": int(labels.get(LABEL_CREATED, "0") or 0),
-        "replicas": wanted,
-        "cpus": limits.get("NanoCPUs", asks.cpus * 10**9) / 10**9,
-        "memory_mib": asks.memory_mib,
-        "gpus": asks.gpus,
-        # rejected by the enforcer but about to run again: not failed
-        "state": "pending" if runs_again(tasks) else status["state"],
-        "exit_code": status["exit_code"],
-        "tasks": status["tasks"],
-    }
-
-
-def reserved_by_node(services, tasks):
-    """The Resources held on each node (by hostname) by placed job tasks."""
-    asks = {service["Spec"]["Name"]: service_request(service) for service in services}
-    reserved = {}
-    for task in tasks:
-        if task.placed and is_current(task):
-            reserved[task.node] = reserved.get(task.node, Resources()) + asks.get(task.service, Resources())
-    return reserved
-
-
-def pending_reason(job, service, nodes_by_name, reserved):
-    """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
-    reserved: reserved_by_node's)."""
-    asks = service_request(service)
-    free = {name: node.shared - reserved.get(name, Resources())
-            for name, node in nodes_by_name.items() if node.shared.cpus}
-    if not free:
-        return "waiting: no worker is Ready"
-    name = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
-    room = free[name]
-    if asks.gpus and asks.gpus > room.gpus:
-        return f"waiting: {asks.gpus} GPUs requested, {max(room.gpus, 0)} free on {name}"
-    if asks.cpus > room.cpus:
-        return f"waiting: {asks.cpus} CPUs requested, {max(room.cpus, 0)} free on {name}"
-    if asks.memory_mib > room.memory_mib:
-        return (f"waiting: {human_mib(asks.memory_mib)} memory requested, "
-                f"{human_mib(max(room.memory_mib, 0))} free on {name}")
-    errors = [t["error"] for t in job["tasks"] if t["error"]]
-    if any(ENFORCER_REJECTION in error for error in errors):
-        return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
-    return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
-
-
-def jobs_on_nodes(hostnames, tasks=None):
-    """Job services with unfinished tasks on these nodes."""
-    if tasks is None:
-        tasks = list_tasks(service_names(list_job_services()))
-    return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
-
-
-# -- running again --------------------------------------------------------------
+# -- running again ------------------------------------------------------------
 # One rule, used by `jobs run --wait`, `hub watch` and `jobs list/status`:
 # a job runs again when Docker's constraint enforcer rejected every current
 # task of it (ENFORCER_REJECTION), at most ENFORCER_RERUNS times, counted in
@@ -3423,8 +3179,7 @@ def run_lost_jobs_again(down_node_names, tasks=None):
     run_again(lost)
     return lost
 
-
-# -- waiting --------------------------------------------------------------------
+# -- waiting ------------------------------------------------------------------
 
 
 def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_run_again=True,
@@ -3439,7 +3194,6 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     (unreadable_nodes, by hostname; see log_sources()): tasks made later on
     other nodes are followed too.
     """
-    import time
 
     sources = list(log_sources or [job_id])
     per_task = sources != [job_id]
@@ -3479,13 +3233,10 @@ class RunAgainWait:
         self.job_id, self.seen, self.at = job_id, set(), 0.0
 
     def started(self, tasks):
-        import time
-
         return not self.seen or any(t.id not in self.seen for t in tasks) or time.monotonic() - self.at > 30
 
     def now(self, tasks):
         """Run the job again if the rule says so; True when it did."""
-        import time
 
         if not runs_again(tasks):
             return False
@@ -3512,8 +3263,6 @@ class JobProgress:
         self.job_id, self.started, self.shown = job_id, started, None
 
     def show(self, job):
-        import time
-
         line = job_progress(self.job_id, job, time.monotonic() - self.started)
         if line and line != self.shown:
             info(line)
@@ -3556,7 +3305,6 @@ class LogFollower:
 
     def __init__(self, sources, log_args=(), hold=False):
         import threading
-        import time
 
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
@@ -3579,8 +3327,6 @@ class LogFollower:
             self.copiers.append(copier)
 
     def _copy(self, process):
-        import time
-
         while True:
             chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
@@ -3617,8 +3363,6 @@ class LogFollower:
                     break
 
     def stop(self):
-        import time
-
         deadline = time.monotonic() + LOG_DRAIN_S
         while (self.any_output and time.monotonic() - self.last_output < LOG_QUIET_S
                and time.monotonic() < deadline):
@@ -3670,15 +3414,9 @@ UPLOAD_MAGIC = b"gridx-upload "  # serve: after SESSION_HELLO, this, a JSON head
 RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each watch pass), then given up
 
 
-def results_dir():
-    return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
-
-
 def valid_output_path(value):
     """--output: an absolute path in the container, in plain characters
     (it goes into `docker cp` on the worker through the hub's SSH)."""
-    import posixpath
-    import re
 
     if not value or not re.fullmatch(r"/[A-Za-z0-9._/@+-]*", value) or ".." in value.split("/"):
         raise usage_error(f"invalid --output {value!r}: give an absolute path in the job's container",
@@ -3689,14 +3427,21 @@ def valid_output_path(value):
     return path
 
 
-# -- ignore rules -----------------------------------------------------------------
+def job_output(args):
+    """--output PATH and its limit (default /work/out with --workdir), or None."""
+    output = getattr(args, "output", None)
+    if output is None and getattr(args, "workdir", None) is None:
+        return None
+    path = valid_output_path(output or DEFAULT_OUTPUT)
+    return path, parse_memory(args.output_limit, "--output-limit")
+
+# -- ignore rules -------------------------------------------------------------
 
 
 def ignore_pattern(pattern):
     """One .dockerignore pattern as a regex over a slash path relative to the
     folder: Go's filepath.Match (* and ? stop at '/', [classes]) and ** for
     any number of folders, as Docker reads it."""
-    import re
 
     out, i = [], 0
     while i < len(pattern):
@@ -3732,8 +3477,6 @@ class IgnoreRules:
     or one of its folders decides; '!' keeps what an earlier one left out."""
 
     def __init__(self, text="", source=None):
-        import posixpath
-
         self.source, self.rules = source, []
         for line in text.splitlines():
             line = line.strip()
@@ -3768,8 +3511,7 @@ def folder_ignore_rules(folder):
             raise usage_error(f"cannot read {path}: {error.strerror}") from None
     return IgnoreRules()
 
-
-# -- the work layer -----------------------------------------------------------------
+# -- the work layer -----------------------------------------------------------
 
 
 class WorkFolder:
@@ -3780,7 +3522,6 @@ class WorkFolder:
 
     def __init__(self, path, limit_bytes):
         import math
-        import stat
 
         if not os.path.isdir(path):
             raise usage_error(f"--workdir {path!r} is not a folder", "give the folder the job needs, e.g. --workdir .")
@@ -3849,8 +3590,6 @@ class Meter:
     line every PROGRESS_EVERY_S otherwise, and a last line at the end."""
 
     def __init__(self, what, total):
-        import time
-
         self.what, self.total, self.sent = what, total, 0
         self.started = self.shown = time.monotonic()
         self.terminal = sys.stderr.isatty()
@@ -3860,8 +3599,6 @@ class Meter:
         return f"{self.what}: {human_bytes(self.sent)} of {human_bytes(self.total)} ({human_bytes(rate)}/s)"
 
     def add(self, count):
-        import time
-
         self.sent += count
         now = time.monotonic()
         if self.terminal and now - self.shown > 0.2:
@@ -3872,8 +3609,6 @@ class Meter:
             self.shown = now
 
     def done(self):
-        import time
-
         if self.terminal:
             print("\r\x1b[K", end="", file=sys.stderr, flush=True)
         rate = self.sent / max(time.monotonic() - self.started, 1e-6)
@@ -3894,7 +3629,6 @@ class MeteredPipe:
 
 def write_work_context(out, image, members):
     """The build context: gridx's Dockerfile, the folder under work/."""
-    import io
     import tarfile
 
     dockerfile = WORK_DOCKERFILE.format(image=image, workdir=WORK_DIR).encode()
@@ -4002,11 +3736,12 @@ def work_layer(args, job_id):
     layer.folder = folder  # what a user's gridx sends to serve
     return layer
 
-
-# -- the upload through serve ---------------------------------------------------------
+# -- the upload through serve -------------------------------------------------
 # A user's gridx sends SESSION_HELLO, UPLOAD_MAGIC and a JSON header line,
 # then the folder's tar in frames (a hex length line, that many bytes), and a
 # frame of 0 at the end; stdin then stays open as in any serve session.
+
+SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
 
 
 class FrameWriter:
@@ -4070,7 +3805,6 @@ def read_upload(stream, limit):
 def upload_members(upload):
     """A user's tar as members for the layer: folders, files and links with
     plain relative names only (nothing of it is ever unpacked on the hub)."""
-    import posixpath
     import tarfile
 
     try:
@@ -4098,8 +3832,7 @@ def send_upload(pipe, folder, header):
     frames.end()
     meter.done()
 
-
-# -- results on the hub ------------------------------------------------------------------
+# -- results on the hub -------------------------------------------------------
 # RESULTS/JOB/ holds the files; RESULTS/JOB.json says, per replica slot, which
 # task they came from, what they weigh, or why there are none.
 
@@ -4129,7 +3862,6 @@ def safe_extract(stream, dest, limit, strip=0):
     """Unpack a tar stream into dest (a fresh folder): folders and files only,
     names kept under dest, at most limit bytes. Returns (bytes, files,
     over_limit, left_out)."""
-    import posixpath
     import tarfile
 
     written = files = left_out = 0
@@ -4212,29 +3944,6 @@ def copy_out(node, container, output, dest, limit):
     if not local and code == 255:
         return dict(record, state="unreachable", error=f"the hub's SSH to {node.hostname}: {error or 'failed'}")
     return dict(record, state="failed", error=error or broken or f"exit {code}")
-
-
-def results_owner():
-    """The gridx account's (uid, gid), when there is one: it serves users
-    their results (gridx serve reads, and deletes, what root collected)."""
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(USER_ACCOUNT)
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid
-
-
-def hand_over(path, recursive=True):
-    """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
-    owner = results_owner()
-    if owner is None or os.geteuid() != 0:
-        return
-    os.lchown(path, *owner)
-    for top, folders, files in os.walk(path) if recursive else ():
-        for name in folders + files:
-            os.lchown(os.path.join(top, name), *owner)
 
 
 class ResultsLock:
@@ -4446,8 +4155,7 @@ def remove_containers(found):
     for process in processes:
         process.wait()  # best effort: a container Docker removed itself is no error
 
-
-# -- results to the submitter ---------------------------------------------------------------
+# -- results to the submitter -------------------------------------------------
 
 
 def results_destination(dest, job_id):
@@ -4458,6 +4166,216 @@ def results_destination(dest, job_id):
         raise usage_error(f"{dest or job_id} exists and is not an empty folder: results never overwrite files",
                           f"give another destination: gridx jobs results {job_id} DEST")
     return path
+
+
+def results_here(job_id, dest, record):
+    """On the hub: copy RESULTS/JOB/ to dest; (bytes, files) as its record says."""
+    import shutil
+
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    files = results_files_path(job_id)
+    if os.path.isdir(files):
+        shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
+    tasks = (record or {}).get("tasks", {}).values()
+    return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
+
+
+# ---------------------------------------------------------------------------
+# Remote
+# ---------------------------------------------------------------------------
+# `gridx jobs … --manager USER@HUB` from a machine that is not the hub:
+# root@HUB drives the hub's Docker over Docker's own SSH (DOCKER_HOST, the
+# admin's way); any other USER is a member, whose whole command line runs on
+# the hub through the gridx account's forced `gridx serve NAME` (see
+# Accounts), with stdout, stderr and the exit status passed through
+# (ForwardedExit). serve parses the line with gridx's own parser, allows only
+# SERVE_JOB_COMMANDS, and runs them with OWNER and SERVE_LIMITS set.
+
+# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
+SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
+
+SSH_CONTROL_PERSIST_S = 60
+
+
+def check_manager_reachable(docker_host):
+    """Fail in seconds, not minutes, when the manager's SSH port is silent.
+
+    ssh to an address of the VPN with no peer behind it waits for the
+    kernel's TCP timeout (about 2 minutes) before docker gives up.
+    """
+    import socket
+    import urllib.parse
+
+    if not docker_host.startswith("ssh://"):
+        return
+    parts = urllib.parse.urlsplit(docker_host)
+    try:
+        port = parts.port or 22
+        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return  # a name only ssh's own config knows: let ssh resolve it
+    try:
+        family, kind, proto, _, address = addresses[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(MANAGER_CONNECT_TIMEOUT_S)
+            probe.connect(address)
+    except OSError as error:
+        raise precondition(
+            f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
+            "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
+        ) from None
+
+# -- serve: the hub's side of `--manager gridx@HUB` ---------------------------
+
+
+def serve_words(original):
+    """SSH_ORIGINAL_COMMAND -> the gridx argv to run, or exit 2 with one line:
+    only `[gridx] jobs COMMAND …` and `[gridx] cluster …` (no global option,
+    no `--manager`: that would send the hub's docker elsewhere)."""
+    import shlex
+
+    hint = "through SSH as gridx: gridx jobs … --manager gridx@HUB (jobs run/list/status/logs/delete, cluster)"
+    if not original or not original.strip():
+        raise usage_error("this account runs gridx jobs commands only, never a shell", hint)
+    try:
+        words = shlex.split(original)
+    except ValueError as error:
+        raise usage_error(f"cannot read the command ({error})", hint) from None
+    if words and words[0] == "gridx":
+        words = words[1:]
+    if not words or words[0] not in ("jobs", "cluster"):
+        shown = (words[0] if words else original)[:40]
+        raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
+    return words
+
+
+def check_serve_args(args, words):
+    """After parsing: an allowed command, no --manager, no local script."""
+    hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
+    allowed = {("jobs", name) for name in SERVE_JOB_COMMANDS} | {("cluster",)}
+    if getattr(args, "handler", None) is None:
+        raise usage_error("give a jobs command", "gridx jobs --help")
+    path = args.command_path
+    if path not in allowed:
+        raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
+    if getattr(args, "manager", None):
+        raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
+    if path == ("jobs", "train") and not args.script.startswith(("http://", "https://")) and args.workdir is None:
+        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
+                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
+    if path == ("jobs", "results") and not (args.tar or args.json or args.delete):
+        # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
+        raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
+                          "gridx jobs results JOB [DEST] --manager gridx@HUB copies them to your machine")
+
+
+def load_serve_limits(name):
+    """The user's limits from users.json; exit 3 when they are not a user."""
+    import json
+
+    try:
+        document = json.loads(read_text(users_limits_path()))
+        limits = document["users"][name]
+    except FileNotFoundError:
+        raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
+    except (KeyError, TypeError, ValueError, OSError):
+        raise precondition(f"{name!r} is not a user of this hub",
+                           "ask the hub admin: gridx hub add-user NAME") from None
+    return valid_limits(limits, f"{users_limits_path()}: {name}")
+
+
+def watch_session_end(armed=False):
+    """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
+    sshd then closes serve's stdin (and nothing else: the command would run
+    on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
+    too, once the client said SESSION_HELLO: gridx keeps stdin open while it
+    waits (forward_to_serve); plain `ssh … < /dev/null` ends it at once and
+    is not taken for an interruption."""
+    import signal
+    import threading
+
+    def on_hangup(signum, frame):
+        raise KeyboardInterrupt
+
+    def watch(armed=armed):
+        try:
+            while True:
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    break
+                armed = armed or chunk.startswith(SESSION_HELLO)
+        except OSError:
+            pass
+        if armed:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGHUP, on_hangup)
+    threading.Thread(target=watch, daemon=True).start()
+
+# -- the client's side: `gridx jobs … --manager USER@HUB` ---------------------
+
+
+class ForwardedExit(Exception):
+    """The command ran on the hub through serve: main() exits with its status."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def forwarded_words(argv):
+    """The command line to send to serve: without --manager (and its value)
+    and the global -v; `--` and what follows stay as they are."""
+    words, skip, options = [], False, True
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if options and word == "--":
+            options = False
+        elif options and word.startswith("--ma") and "--manager".startswith(word.partition("=")[0]):
+            skip = "=" not in word
+            continue
+        elif options and not words and (word == "-v" or (word.startswith("--verb") and "--verbose".startswith(word))):
+            continue
+        words.append(word)
+    return words
+
+
+def ssh_control_dir():
+    """A 0700 folder of the user's for ssh's shared connections, or None."""
+    home = os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        return None
+    folder = os.path.join(home, ".gridx", "ssh")
+    if any(c in folder for c in '"%\n '):
+        return None  # ssh expands % and would split a quoted or spaced path
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError:
+        return None
+    return folder
+
+
+def serve_ssh_argv(docker_host, words, control=None):
+    """ssh to the gridx account: it runs `gridx serve NAME` whatever it is
+    sent; the command line goes as one shell-quoted word (ssh joins words
+    with spaces), and no value here can begin with '-' (valid_manager)."""
+    import shlex
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(docker_host)
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
+    key = os.environ.get("GRIDX_SSH_KEY")
+    if key:
+        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
+    if control:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+                 "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
+    if parts.port:
+        argv += ["-p", str(parts.port)]
+    return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
 
 
 def hub_gridx_argv(docker_host, words, control=None):
@@ -4492,34 +4410,79 @@ def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
     return written, files
 
 
-def results_here(job_id, dest, record):
-    """On the hub: copy RESULTS/JOB/ to dest; (bytes, files) as its record says."""
-    import shutil
+def forward_to_serve(docker_host, args=None):
+    """--manager USER@HUB with a USER other than root: the whole command runs
+    on the hub through the gridx account's forced `gridx serve`, needing ssh
+    only here; stdout, stderr and the exit status pass through as they are.
+    Raises ForwardedExit. Root keeps docker over SSH (the admin's path)."""
+    import subprocess
+    import urllib.parse
 
-    os.makedirs(dest, mode=0o755, exist_ok=True)
-    files = results_files_path(job_id)
-    if os.path.isdir(files):
-        shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
-    tasks = (record or {}).get("tasks", {}).values()
-    return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user in (None, ADMIN_OWNER):
+        return
+    need("ssh")
+    check_manager_reachable(docker_host)
+    control = ssh_control_dir()
+    words = forwarded_words(INVOCATION)
+    if getattr(args, "command_path", None) == ("jobs", "results") and not (args.tar or args.json or args.delete):
+        dest = results_destination(args.dest, args.job_id)
+        written, files = fetch_results_over_ssh(docker_host, args.job_id, dest, control)
+        print(dest)
+        info(f"{human_bytes(written)} in {files} file(s)")
+        raise ForwardedExit(EXIT_OK)
+    if getattr(args, "job_name", None) and not args.name:
+        # the ID is chosen here, so that --wait can fetch the job's results
+        words.insert(words.index("jobs") + 2, f"--name={args.job_name}")
+    layer = getattr(args, "layer", None)
+    argv = serve_ssh_argv(docker_host, words, control)
+    # stdin stays open (never written after the hello and the work folder)
+    # while ssh runs: its end tells serve that this side is gone (Ctrl-C, a
+    # kill), see watch_session_end.
+    process = start(argv, stdin=subprocess.PIPE)
+    try:
+        try:
+            if layer:
+                send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
+            else:
+                process.stdin.write(SESSION_HELLO)
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # ssh ended already: its status says why
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if code == 255:  # ssh's own failure; it said why on stderr
+        raise precondition(f"cannot run the command on the hub over SSH as {user}",
+                           "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
+                           "(the bundle's settings.env), or ask the hub admin whether you are a user")
+    if getattr(args, "wait", False) and job_output(args):
+        dest = results_destination(None, args.job_name)
+        written, files = fetch_results_over_ssh(docker_host, args.job_name, dest, control)
+        info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
+    raise ForwardedExit(code)
+
+
+def set_manager(args):
+    """`gridx jobs` on a machine that is not the hub: docker over SSH."""
+    global DOCKER_HOST
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if manager:
+        DOCKER_HOST = valid_manager(manager)
+        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve (see Users)
+        need("docker", "ssh")
+        check_manager_reachable(DOCKER_HOST)
+    else:
+        need("docker")
 
 
 # ---------------------------------------------------------------------------
 # Commands: hub
 # ---------------------------------------------------------------------------
 
-
-def registered(members, name, kind):
-    """config.peers' (or config.users') NAME; exit 2 when there is none."""
-    if name not in members:
-        raise usage_error(f"no {kind} {name!r}", f"list them: gridx hub list-{kind}s")
-    return members[name]
-
-
-def _now():
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+# -- hub init -----------------------------------------------------------------
 
 
 def cmd_hub_init(args):
@@ -4721,15 +4684,6 @@ WantedBy=multi-user.target
 """
 
 
-def own_program():
-    """How to run this gridx again: the binary, or python3 and this file."""
-    import shlex
-
-    if getattr(sys, "frozen", False):
-        return shlex.quote(os.environ.get("STATICX_PROG_PATH") or sys.executable)
-    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
-
-
 def install_watch_service():
     """A systemd unit running `gridx hub watch`; True when it changed."""
     path = "/etc/systemd/system/gridx-watch.service"
@@ -4739,37 +4693,7 @@ def install_watch_service():
     run(["systemctl", "enable", "--now", "gridx-watch.service"])
     return True
 
-
-def cmd_hub_reset(args):
-    require_root()
-    if not args.yes:
-        raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
-    import shutil
-
-    with StateLock():
-        config = load_hub_config()
-        if wg_interface_up(config.interface):
-            run(["wg-quick", "down", config.interface], check=False)
-        run(["docker", "swarm", "leave", "--force"], check=False)
-        if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
-            run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
-            os.unlink("/etc/systemd/system/gridx-watch.service")
-        if os.path.exists(DOCKER_DROPIN):
-            os.unlink(DOCKER_DROPIN)
-            if systemd_running():
-                run(["systemctl", "daemon-reload"], check=False)
-        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
-        reset_users()  # their SSH lines and firewall chain: see Users
-        reset_registry()  # stopped; the CA and the images stay: see Registry
-        for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
-            if os.path.exists(path):
-                os.unlink(path)
-        for folder in ("clients", "bundles", "ssh"):
-            shutil.rmtree(os.path.join(config_dir(), folder), ignore_errors=True)
-    info("the hub is reset: no VPN, no swarm, no peers")
-    return EXIT_OK
+# -- hub add-peer · remove-peer · list-peers · status · join-info · refresh-bundle ---
 
 
 def cmd_hub_add_peer(args):
@@ -4883,27 +4807,6 @@ def refresh_unused_bundles(config, token):
             except GridxError as error:
                 warn(f"bundle {name} keeps the old token: {error.message} (then: gridx hub refresh-bundle {name})")
     return refreshed
-
-
-def cmd_hub_refresh_bundle(args):
-    name = valid_name(args.name)
-    out_dir = os.path.abspath(args.out) if args.out else None
-    if out_dir:
-        check_bundle_target(bundle_path(name, out_dir))
-    require_root()
-    need("docker")
-    with StateLock():
-        config = load_hub_config()
-        registered(config.peers, name, "peer")
-        token, ssh_key = worker_join_token(), ssh_public_key()
-        folder = refresh_bundle(config, name, token, ssh_key)
-        if out_dir:
-            folder = refresh_bundle(config, name, token, ssh_key, out_dir)
-    print(f"Rewrote the bundle of {name} with the current join token: {folder}/  (and {folder}.tar.gz)")
-    print("Next: copy it to the volunteer's machine again and run there:")
-    print(f"  cd gridx-{name}-bundle && sudo ./join.sh"
-          + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
-    return EXIT_OK
 
 
 def peer_rows(config):
@@ -5029,6 +4932,29 @@ def cmd_hub_join_info(args):
     return EXIT_OK
 
 
+def cmd_hub_refresh_bundle(args):
+    name = valid_name(args.name)
+    out_dir = os.path.abspath(args.out) if args.out else None
+    if out_dir:
+        check_bundle_target(bundle_path(name, out_dir))
+    require_root()
+    need("docker")
+    with StateLock():
+        config = load_hub_config()
+        registered(config.peers, name, "peer")
+        token, ssh_key = worker_join_token(), ssh_public_key()
+        folder = refresh_bundle(config, name, token, ssh_key)
+        if out_dir:
+            folder = refresh_bundle(config, name, token, ssh_key, out_dir)
+    print(f"Rewrote the bundle of {name} with the current join token: {folder}/  (and {folder}.tar.gz)")
+    print("Next: copy it to the volunteer's machine again and run there:")
+    print(f"  cd gridx-{name}-bundle && sudo ./join.sh"
+          + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
+    return EXIT_OK
+
+# -- hub ssh · ssh-pubkey · watch ---------------------------------------------
+
+
 def hub_ssh_declined():
     """VPN addresses of the swarm nodes whose engine says they declined the
     hub's SSH (LABEL_HUB_SSH=no). One docker call when none did, a second
@@ -5075,7 +5001,6 @@ def cmd_hub_ssh_pubkey(args):
 
 def cmd_hub_watch(args):
     """Run lost jobs again: the swarm alone leaves them on a Down node."""
-    import time
 
     interval = parse_count(args.interval, "--interval", 1, WATCH_MAX_S)
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
@@ -5117,10 +5042,212 @@ def cmd_hub_watch(args):
             return EXIT_OK
         time.sleep(interval)
 
+# -- hub add-user · set-user · set-defaults · remove-user · list-users --------
+
+
+def cmd_hub_add_user(args):
+    name = valid_name(args.name, "user name")
+    ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
+    wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
+    limits = limits_from_args(args)
+    require_root()
+    need("wg", "docker", "ssh-keygen")
+    with StateLock():
+        config = load_hub_config()
+        refuse_taken_name(config, name, wg_key, "user")
+        if ssh_key and any(u.ssh_key == ssh_key for u in config.users.values()):
+            raise usage_error("that --pubkey already belongs to another user", "each user needs their own key")
+        host_key = host_key_line(config)
+        ip = allocate_ip(config)
+        changes = ensure_user_account()
+        private_wg = None
+        if not wg_key:
+            private_wg, wg_key = wg_genkey()
+        private_ssh = None
+        if not ssh_key:
+            private_ssh, ssh_key = new_ssh_keypair(name)
+        user = User(name, ip, wg_key, ssh_key, {k: v for k, v in limits.items() if v is not ...}, _now())
+        folder = user_bundle_path(name)
+        write_bundle(folder, user_bundle_files(config, user, private_wg, private_ssh, host_key))
+        config.users[name] = user
+        try:
+            write_user_access(config)
+            apply_firewall(config)
+            run(["wg", "set", config.interface, "peer", wg_key, "allowed-ips", f"{ip}/32"])
+        except BaseException:
+            del config.users[name]
+            write_user_access(config)
+            remove_user_bundle(name)
+            raise
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+    for change in changes:
+        info(change)
+    return print_added(args, "user", user, folder, [
+        "Next: give the bundle to them; its README.txt says what to run (wg-quick up, then",
+        f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})"])
+
+
+def remove_user_bundle(name):
+    import shutil
+
+    folder = user_bundle_path(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.exists(folder + ".tar.gz"):
+        os.unlink(folder + ".tar.gz")
+
+
+def cmd_hub_set_user(args):
+    name = valid_name(args.name, "user name")
+    limits = limits_from_args(args)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        user = registered(config.users, name, "user")
+        own = dict(user.limits)
+        for key, value in limits.items():
+            if value is ...:
+                own.pop(key, None)
+            else:
+                own[key] = value
+        config.users[name] = User(user.name, user.ip, user.public_key, user.ssh_key, own, user.added)
+        save_hub_config(config)
+        write_user_access(config)
+    shown = effective_limits(config, config.users[name])
+    print(f"{name}: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_set_defaults(args):
+    limits = limits_from_args(args, allow_default=False)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        config.user_defaults.update(limits)
+        config.user_defaults = {k: v for k, v in config.user_defaults.items() if v is not None}
+        save_hub_config(config)
+        if config.users:
+            write_user_access(config)
+    shown = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_remove_user(args):
+    name = valid_name(args.name, "user name")
+    require_root()
+    need("wg", "docker")
+    with StateLock():
+        config = load_hub_config()
+        user = registered(config.users, name, "user")
+        del config.users[name]
+        # first what lets them in: the SSH line, then the VPN peer
+        write_user_access(config)
+        run(["wg", "set", config.interface, "peer", user.public_key, "remove"])
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+        apply_firewall(config)
+        remove_user_bundle(name)
+    info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
+    ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
+    if ids and args.stop_jobs:
+        import argparse
+
+        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
+    if ids:
+        info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
+    return EXIT_OK
+
+
+def user_rows(config, with_use=True):
+    """Everything list-users shows: one wg call, three docker calls."""
+    _, live = wg_dump(config.interface)
+    use = None
+    if with_use:
+        try:
+            services, tasks, _, _ = jobs_overview()
+            use = use_by_owner(services, tasks)
+        except GridxError as error:
+            warn(f"what users use now is unknown: {error.message}")
+    rows = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        wg = live.get(user.public_key, {})
+        rows.append({
+            "name": user.name, "ip": user.ip, "public_key": user.public_key, "live": user.public_key in live,
+            "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
+            "limits": effective_limits(config, user), "own_limits": dict(user.limits),
+            "use": None if use is None else use.get(user.name, empty_use()),
+            "added": user.added,
+        })
+    return rows
+
+
+def cmd_hub_list_users(args):
+    require_root()
+    need("wg", "docker")
+    config = load_hub_config()
+    rows = user_rows(config)
+    defaults = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    if args.json:
+        print_json({"users": rows, "defaults": defaults})
+        return EXIT_OK
+    if not rows:
+        print("No users yet. Add one: gridx hub add-user NAME")
+        return EXIT_OK
+    table = []
+    for row in rows:
+        limits, use = row["limits"], row["use"]
+        table.append([
+            row["name"], row["ip"], human_age(row["handshake_age"]),
+            "/".join(show_limit(k, limits[k]) for k in USER_LIMITS),
+            "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
+        ])
+    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
+    return EXIT_OK
+
+# -- hub reset ----------------------------------------------------------------
+
+
+def cmd_hub_reset(args):
+    require_root()
+    if not args.yes:
+        raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
+    import shutil
+
+    with StateLock():
+        config = load_hub_config()
+        if wg_interface_up(config.interface):
+            run(["wg-quick", "down", config.interface], check=False)
+        run(["docker", "swarm", "leave", "--force"], check=False)
+        if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
+            run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
+            os.unlink("/etc/systemd/system/gridx-watch.service")
+        if os.path.exists(DOCKER_DROPIN):
+            os.unlink(DOCKER_DROPIN)
+            if systemd_running():
+                run(["systemctl", "daemon-reload"], check=False)
+        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
+        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
+        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        reset_users()  # their SSH lines and firewall chain: see Users
+        reset_registry()  # stopped; the CA and the images stay: see Registry
+        for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
+            if os.path.exists(path):
+                os.unlink(path)
+        for folder in ("clients", "bundles", "ssh"):
+            shutil.rmtree(os.path.join(config_dir(), folder), ignore_errors=True)
+    info("the hub is reset: no VPN, no swarm, no peers")
+    return EXIT_OK
+
 
 # ---------------------------------------------------------------------------
-# Commands: worker (they run the bundle scripts: one implementation)
+# Commands: worker
 # ---------------------------------------------------------------------------
+# They run the bundle scripts: the worker side has one implementation.
 
 
 def parse_worker_conf(text):
@@ -5129,7 +5256,6 @@ def parse_worker_conf(text):
     Every value that goes into settings.env is checked here (join.sh checks
     the config's lines itself)."""
     import ipaddress
-    import re
 
     values, comments = {}, {}
     for line in text.splitlines():
@@ -5221,8 +5347,6 @@ def share_flags(args):
 
 
 def read_token(value):
-    import re
-
     token = (value or "").strip()
     # the shape Docker gives it; same as join.sh's check of swarm-token
     if not re.fullmatch(r"SWMTKN-[0-9]+-[a-z0-9]+-[a-z0-9]+", token):
@@ -5249,15 +5373,6 @@ def read_wg_config(path):
     return text
 
 
-def cmd_worker_join(args):
-    conf = read_wg_config(args.wg_config)
-    token = read_token(args.token)
-    ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
-    settings, conf_ssh_key = parse_worker_conf(conf)
-    folder = materialise_bundle(settings, conf, token, ssh_key or conf_ssh_key)
-    return run_bundle_script(folder, "join.sh", share_flags(args))
-
-
 def cmd_worker_setup(args):
     if not sys.stdin.isatty():
         raise usage_error("setup asks questions and needs a terminal",
@@ -5276,6 +5391,15 @@ def cmd_worker_setup(args):
     return run_bundle_script(folder, "join.sh", share_flags(args))
 
 
+def cmd_worker_join(args):
+    conf = read_wg_config(args.wg_config)
+    token = read_token(args.token)
+    ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
+    settings, conf_ssh_key = parse_worker_conf(conf)
+    folder = materialise_bundle(settings, conf, token, ssh_key or conf_ssh_key)
+    return run_bundle_script(folder, "join.sh", share_flags(args))
+
+
 def cmd_worker_status(args):
     return run_bundle_script(materialise_bundle(), "status.sh", ["--json"] if args.json else [])
 
@@ -5288,62 +5412,13 @@ def cmd_worker_leave(args):
 # Commands: jobs
 # ---------------------------------------------------------------------------
 
-
-def set_manager(args):
-    """`gridx jobs` on a machine that is not the hub: docker over SSH."""
-    global DOCKER_HOST
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
-    if manager:
-        DOCKER_HOST = valid_manager(manager)
-        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve (see Users)
-        need("docker", "ssh")
-        check_manager_reachable(DOCKER_HOST)
-    else:
-        need("docker")
-
-
-def check_manager_reachable(docker_host):
-    """Fail in seconds, not minutes, when the manager's SSH port is silent.
-
-    ssh to an address of the VPN with no peer behind it waits for the
-    kernel's TCP timeout (about 2 minutes) before docker gives up.
-    """
-    import socket
-    import urllib.parse
-
-    if not docker_host.startswith("ssh://"):
-        return
-    parts = urllib.parse.urlsplit(docker_host)
-    try:
-        port = parts.port or 22
-        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (ValueError, OSError):
-        return  # a name only ssh's own config knows: let ssh resolve it
-    try:
-        family, kind, proto, _, address = addresses[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.settimeout(MANAGER_CONNECT_TIMEOUT_S)
-            probe.connect(address)
-    except OSError as error:
-        raise precondition(
-            f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
-            "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
-        ) from None
+# -- submitting (run, jupyter, train) -----------------------------------------
 
 
 def new_job_name(args, prefix="job"):
     if args.name:
         return valid_name(args.name, "job name")
     return new_job_id(prefix)
-
-
-def job_output(args):
-    """--output PATH and its limit (default /work/out with --workdir), or None."""
-    output = getattr(args, "output", None)
-    if output is None and getattr(args, "workdir", None) is None:
-        return None
-    path = valid_output_path(output or DEFAULT_OUTPUT)
-    return path, parse_memory(args.output_limit, "--output-limit")
 
 
 def output_labels(output, layer_image):
@@ -5402,98 +5477,7 @@ def say_results_problems(job_id, record):
             where = f" (replica {s['folder']})" if s.get("folder") else ""
             warn(f"job {job_id}{where}: results {s['state']}: {s.get('error', '')}")
 
-
-def job_or_results(job_id):
-    """(service or None, tasks, record) of a job, or of a deleted job whose
-    results were kept; exit 2 when neither exists or it has no --output."""
-    services = list_job_services([job_id], missing_ok=True)
-    if not services:
-        record = load_results_record(job_id)
-        if record is None:
-            raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
-        if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
-            raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
-        return None, [], record
-    check_owner(services, "fetch the results of")  # through serve: see Users
-    tasks = list_tasks([job_id])
-    record = collect_results(services[0], tasks)
-    if OWNER is not None and record is not None:
-        record = wait_for_watch(services[0], tasks, record)
-    if record is None:
-        raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
-                          f"its output is in its logs: gridx jobs logs {job_id}")
-    return services[0], tasks, record
-
-
-RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
-
-
-def wait_for_watch(service, tasks, record):
-    """serve: the gridx account cannot reach the workers; hub watch (root)
-    collects a task's output within its interval: wait for it, bounded."""
-    import time
-
-    deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
-    while True:
-        if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once
-            return record
-        if time.monotonic() > deadline:
-            raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
-                               f"{RESULTS_WATCH_WAIT_S} s of the job's end",
-                               "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
-        time.sleep(1)
-        record = load_results_record(service["Spec"]["Name"]) or record
-
-
-def cmd_jobs_results(args):
-    job_id = valid_name(args.job_id, "job ID")
-    modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
-    if len(modes) > 1 or (modes and args.dest):
-        raise usage_error("give DEST, --tar, --json or --delete: one of them", f"gridx jobs results {job_id} ./here")
-    dest = None if modes else results_destination(args.dest, job_id)
-    set_manager(args)  # a user's: forward_to_serve fetches into dest and exits
-    if DOCKER_HOST:  # root@HUB: the hub's gridx collects and answers
-        if not modes:
-            written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
-            print(dest)
-            info(f"{human_bytes(written)} in {files} file(s)")
-            return EXIT_OK
-        return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
-    if OWNER is None:
-        require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
-    service, tasks, record = job_or_results(job_id)
-    if args.delete:
-        remove_results(job_id)
-        print(f"removed the results of {job_id}")
-        return EXIT_OK
-    state = job_summary(service, tasks)["state"] if service else "deleted"
-    if args.json:
-        print_json(dict(record, state=state, path=results_files_path(job_id)))
-        return EXIT_OK
-    if not record["tasks"]:
-        raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
-                           f"wait for it: gridx jobs logs {job_id} -f, then run this again")
-    say_results_problems(job_id, record)
-    if args.tar:
-        sys.stdout.flush()
-        write_results_tar(job_id, sys.stdout.buffer)
-        return EXIT_OK
-    written, files = results_here(job_id, dest, record)
-    print(dest)
-    info(f"{human_bytes(written)} in {files} file(s)")
-    return EXIT_OK
-
-
-def hub_results(job_id):
-    """jobs status/delete through --manager root@HUB: the record from the
-    hub's gridx (None when it cannot say)."""
-    import json
-
-    result = run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
-    try:
-        return json.loads(result.stdout) if result.returncode == 0 else None
-    except ValueError:
-        return None
+# -- jobs run · jupyter · train -----------------------------------------------
 
 
 def cmd_jobs_run(args):
@@ -5525,28 +5509,68 @@ def cmd_jobs_run(args):
     return finish_waited_job(job_id, wait_for_job(job_id, replicas), output)
 
 
-def script_in_workdir(args):
-    """train --workdir: the local script's path in the folder (it runs from
-    the layer, /work/PATH); exit 2 when it is outside or left out."""
-    import posixpath
+def cmd_jobs_jupyter(args):
+    image = valid_image(args.image or JUPYTER_IMAGE, "--image")
+    request = JobRequest(args.cpus, args.memory, args.gpus)
+    port = valid_port(args.port)
+    timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
+    job_id = new_job_name(args, "jupyter")
+    set_manager(args)
+    check_fits(request, swarm_nodes())
+    import secrets
 
-    upload = getattr(args, "upload", None)
-    if upload is not None:  # serve: as the user's gridx found it
-        relative = upload.header.get("script")
-        if not isinstance(relative, str) or posixpath.normpath(relative) != relative \
-                or relative.startswith(("/", "../")) or relative == "..":
-            raise usage_error("the training script's path in the work folder did not arrive",
-                              "send it with gridx jobs train SCRIPT --workdir DIR")
-        return relative
-    folder = args.layer.folder
-    relative = os.path.relpath(os.path.abspath(args.script), folder.path).replace(os.sep, "/")
-    if relative.startswith("../") or relative == "..":
-        raise usage_error(f"with --workdir the script must be in that folder: {args.script} is not in {args.workdir}",
-                          f"move it into {args.workdir}, or give --workdir the folder that holds it")
-    if relative not in folder.entries:
-        raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
-                          f"take it out of {folder.rules.source}")
-    return relative
+    token = secrets.token_hex(16)
+    command = [
+        "jupyter", "notebook", "--ip=0.0.0.0", f"--port={port}", "--no-browser", "--allow-root",
+    ]
+    create_job(
+        job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
+        mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
+        extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
+        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
+    )
+    info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
+    url = wait_for_jupyter(job_id, port, token, timeout)
+    if args.json:
+        print_json({"id": job_id, "url": url})
+    else:
+        print(url)
+        info(f"stop it: gridx jobs delete {job_id}")
+    return EXIT_OK
+
+
+def node_addresses():
+    return {n.hostname: n.address for n in swarm_nodes()}
+
+
+def wait_for_jupyter(job_id, port, token, timeout):
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    addresses = None
+    while time.monotonic() < deadline:
+        history = list_tasks([job_id])
+        tasks = [t for t in history if t.state == "running"]
+        failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
+        if not tasks and len(failed) >= JUPYTER_FAILURES:
+            # The swarm restarts it forever; a server that cannot start
+            # (no such image or command) is said now, not at the timeout.
+            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
+                             f"check --image, then: gridx jobs delete {job_id}")
+        if tasks:
+            if addresses is None or tasks[0].node not in addresses:
+                addresses = node_addresses()
+            address = addresses.get(tasks[0].node)
+            url = f"http://{address}:{port}/?token={token}"
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
+                    return url
+            except (OSError, urllib.error.URLError):
+                pass
+        time.sleep(1)
+    raise GridxError(f"Jupyter ({job_id}) did not answer within {timeout} s",
+                     f"see why: gridx jobs status {job_id}; gridx jobs logs {job_id}")
 
 
 def cmd_jobs_train(args):
@@ -5607,79 +5631,29 @@ def cmd_jobs_train(args):
     return finish_waited_job(job_id, wait_for_job(job_id), output)
 
 
-def cmd_jobs_jupyter(args):
-    image = valid_image(args.image or JUPYTER_IMAGE, "--image")
-    request = JobRequest(args.cpus, args.memory, args.gpus)
-    port = valid_port(args.port)
-    timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
-    job_id = new_job_name(args, "jupyter")
-    set_manager(args)
-    check_fits(request, swarm_nodes())
-    import secrets
+def script_in_workdir(args):
+    """train --workdir: the local script's path in the folder (it runs from
+    the layer, /work/PATH); exit 2 when it is outside or left out."""
 
-    token = secrets.token_hex(16)
-    command = [
-        "jupyter", "notebook", "--ip=0.0.0.0", f"--port={port}", "--no-browser", "--allow-root",
-    ]
-    create_job(
-        job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
-        mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
-        extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
-        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
-    )
-    info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
-    url = wait_for_jupyter(job_id, port, token, timeout)
-    if args.json:
-        print_json({"id": job_id, "url": url})
-    else:
-        print(url)
-        info(f"stop it: gridx jobs delete {job_id}")
-    return EXIT_OK
+    upload = getattr(args, "upload", None)
+    if upload is not None:  # serve: as the user's gridx found it
+        relative = upload.header.get("script")
+        if not isinstance(relative, str) or posixpath.normpath(relative) != relative \
+                or relative.startswith(("/", "../")) or relative == "..":
+            raise usage_error("the training script's path in the work folder did not arrive",
+                              "send it with gridx jobs train SCRIPT --workdir DIR")
+        return relative
+    folder = args.layer.folder
+    relative = os.path.relpath(os.path.abspath(args.script), folder.path).replace(os.sep, "/")
+    if relative.startswith("../") or relative == "..":
+        raise usage_error(f"with --workdir the script must be in that folder: {args.script} is not in {args.workdir}",
+                          f"move it into {args.workdir}, or give --workdir the folder that holds it")
+    if relative not in folder.entries:
+        raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
+                          f"take it out of {folder.rules.source}")
+    return relative
 
-
-def node_addresses():
-    return {n.hostname: n.address for n in swarm_nodes()}
-
-
-def wait_for_jupyter(job_id, port, token, timeout):
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    addresses = None
-    while time.monotonic() < deadline:
-        history = list_tasks([job_id])
-        tasks = [t for t in history if t.state == "running"]
-        failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
-        if not tasks and len(failed) >= JUPYTER_FAILURES:
-            # The swarm restarts it forever; a server that cannot start
-            # (no such image or command) is said now, not at the timeout.
-            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
-                             f"check --image, then: gridx jobs delete {job_id}")
-        if tasks:
-            if addresses is None or tasks[0].node not in addresses:
-                addresses = node_addresses()
-            address = addresses.get(tasks[0].node)
-            url = f"http://{address}:{port}/?token={token}"
-            try:
-                with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
-                    return url
-            except (OSError, urllib.error.URLError):
-                pass
-        time.sleep(1)
-    raise GridxError(f"Jupyter ({job_id}) did not answer within {timeout} s",
-                     f"see why: gridx jobs status {job_id}; gridx jobs logs {job_id}")
-
-
-def jobs_overview(job_ids=None, with_nodes=False):
-    """Jobs and (optionally) nodes in a fixed number of docker calls."""
-    services = list_job_services(job_ids)
-    tasks = list_tasks(service_names(services))
-    by_service = tasks_by_service(tasks)
-    jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
-    nodes = swarm_nodes() if with_nodes else []
-    return services, tasks, jobs, nodes
+# -- jobs list · status · logs · delete ---------------------------------------
 
 
 def cmd_jobs_list(args):
@@ -5804,8 +5778,6 @@ def cmd_jobs_logs(args):
 
 
 def cmd_jobs_delete(args):
-    import time
-
     ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
     set_manager(args)
     services = list_job_services(ids)
@@ -5856,6 +5828,102 @@ def cmd_jobs_delete(args):
         print(f"deleted {job_id}{kept}")
     return EXIT_OK
 
+# -- jobs results -------------------------------------------------------------
+
+
+def cmd_jobs_results(args):
+    job_id = valid_name(args.job_id, "job ID")
+    modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
+    if len(modes) > 1 or (modes and args.dest):
+        raise usage_error("give DEST, --tar, --json or --delete: one of them", f"gridx jobs results {job_id} ./here")
+    dest = None if modes else results_destination(args.dest, job_id)
+    set_manager(args)  # a user's: forward_to_serve fetches into dest and exits
+    if DOCKER_HOST:  # root@HUB: the hub's gridx collects and answers
+        if not modes:
+            written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
+            print(dest)
+            info(f"{human_bytes(written)} in {files} file(s)")
+            return EXIT_OK
+        return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
+    if OWNER is None:
+        require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
+    service, tasks, record = job_or_results(job_id)
+    if args.delete:
+        remove_results(job_id)
+        print(f"removed the results of {job_id}")
+        return EXIT_OK
+    state = job_summary(service, tasks)["state"] if service else "deleted"
+    if args.json:
+        print_json(dict(record, state=state, path=results_files_path(job_id)))
+        return EXIT_OK
+    if not record["tasks"]:
+        raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
+                           f"wait for it: gridx jobs logs {job_id} -f, then run this again")
+    say_results_problems(job_id, record)
+    if args.tar:
+        sys.stdout.flush()
+        write_results_tar(job_id, sys.stdout.buffer)
+        return EXIT_OK
+    written, files = results_here(job_id, dest, record)
+    print(dest)
+    info(f"{human_bytes(written)} in {files} file(s)")
+    return EXIT_OK
+
+
+def job_or_results(job_id):
+    """(service or None, tasks, record) of a job, or of a deleted job whose
+    results were kept; exit 2 when neither exists or it has no --output."""
+    services = list_job_services([job_id], missing_ok=True)
+    if not services:
+        record = load_results_record(job_id)
+        if record is None:
+            raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
+        if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
+            raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
+        return None, [], record
+    check_owner(services, "fetch the results of")  # through serve: see Users
+    tasks = list_tasks([job_id])
+    record = collect_results(services[0], tasks)
+    if OWNER is not None and record is not None:
+        record = wait_for_watch(services[0], tasks, record)
+    if record is None:
+        raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
+                          f"its output is in its logs: gridx jobs logs {job_id}")
+    return services[0], tasks, record
+
+
+RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
+
+
+def wait_for_watch(service, tasks, record):
+    """serve: the gridx account cannot reach the workers; hub watch (root)
+    collects a task's output within its interval: wait for it, bounded."""
+
+    deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
+    while True:
+        if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once
+            return record
+        if time.monotonic() > deadline:
+            raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
+                               f"{RESULTS_WATCH_WAIT_S} s of the job's end",
+                               "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
+        time.sleep(1)
+        record = load_results_record(service["Spec"]["Name"]) or record
+
+
+def hub_results(job_id):
+    """jobs status/delete through --manager root@HUB: the record from the
+    hub's gridx (None when it cannot say)."""
+    import json
+
+    result = run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
+    try:
+        return json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+
+# -- cluster ------------------------------------------------------------------
+
 
 def cmd_cluster(args):
     set_manager(args)
@@ -5891,192 +5959,52 @@ def cmd_cluster(args):
 
 
 # ---------------------------------------------------------------------------
-# Commands: users
+# Commands: image
 # ---------------------------------------------------------------------------
+# The hub's registry (see Registry).
 
 
-def cmd_hub_add_user(args):
-    name = valid_name(args.name, "user name")
-    ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
-    wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
-    limits = limits_from_args(args)
-    require_root()
-    need("wg", "docker", "ssh-keygen")
-    with StateLock():
-        config = load_hub_config()
-        refuse_taken_name(config, name, wg_key, "user")
-        if ssh_key and any(u.ssh_key == ssh_key for u in config.users.values()):
-            raise usage_error("that --pubkey already belongs to another user", "each user needs their own key")
-        host_key = host_key_line(config)
-        ip = allocate_ip(config)
-        changes = ensure_user_account()
-        private_wg = None
-        if not wg_key:
-            private_wg, wg_key = wg_genkey()
-        private_ssh = None
-        if not ssh_key:
-            private_ssh, ssh_key = new_ssh_keypair(name)
-        user = User(name, ip, wg_key, ssh_key, {k: v for k, v in limits.items() if v is not ...}, _now())
-        folder = user_bundle_path(name)
-        write_bundle(folder, user_bundle_files(config, user, private_wg, private_ssh, host_key))
-        config.users[name] = user
-        try:
-            write_user_access(config)
-            apply_firewall(config)
-            run(["wg", "set", config.interface, "peer", wg_key, "allowed-ips", f"{ip}/32"])
-        except BaseException:
-            del config.users[name]
-            write_user_access(config)
-            remove_user_bundle(name)
-            raise
-        save_hub_config(config)
-        write_hub_wg_conf(config)
-    for change in changes:
-        info(change)
-    return print_added(args, "user", user, folder, [
-        "Next: give the bundle to them; its README.txt says what to run (wg-quick up, then",
-        f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})"])
+def image_manager(args):
+    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
+    the registry is the admin's, so only root@HUB, never a user's account."""
+    import urllib.parse
+
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if not manager:
+        return None
+    docker_host = valid_manager(manager)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user not in (None, "root"):
+        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
+                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
+                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
+    return manager
 
 
-def remove_user_bundle(name):
-    import shutil
+def image_registry(args):
+    """(registry address, CA path) for the image commands: on the hub from
+    its config; with --manager root@HUB, HUB:5000 and the CA this machine's
+    Docker has for it in /etc/docker/certs.d."""
+    import urllib.parse
 
-    folder = user_bundle_path(name)
-    shutil.rmtree(folder, ignore_errors=True)
-    if os.path.exists(folder + ".tar.gz"):
-        os.unlink(folder + ".tar.gz")
-
-
-def cmd_hub_set_user(args):
-    name = valid_name(args.name, "user name")
-    limits = limits_from_args(args)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
-    require_root()
-    with StateLock():
-        config = load_hub_config()
-        user = registered(config.users, name, "user")
-        own = dict(user.limits)
-        for key, value in limits.items():
-            if value is ...:
-                own.pop(key, None)
-            else:
-                own[key] = value
-        config.users[name] = User(user.name, user.ip, user.public_key, user.ssh_key, own, user.added)
-        save_hub_config(config)
-        write_user_access(config)
-    shown = effective_limits(config, config.users[name])
-    print(f"{name}: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
-    return EXIT_OK
-
-
-def cmd_hub_set_defaults(args):
-    limits = limits_from_args(args, allow_default=False)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
-    require_root()
-    with StateLock():
-        config = load_hub_config()
-        config.user_defaults.update(limits)
-        config.user_defaults = {k: v for k, v in config.user_defaults.items() if v is not None}
-        save_hub_config(config)
-        if config.users:
-            write_user_access(config)
-    shown = {key: config.user_defaults.get(key) for key in USER_LIMITS}
-    print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
-    return EXIT_OK
-
-
-def cmd_hub_remove_user(args):
-    name = valid_name(args.name, "user name")
-    require_root()
-    need("wg", "docker")
-    with StateLock():
-        config = load_hub_config()
-        user = registered(config.users, name, "user")
-        del config.users[name]
-        # first what lets them in: the SSH line, then the VPN peer
-        write_user_access(config)
-        run(["wg", "set", config.interface, "peer", user.public_key, "remove"])
-        save_hub_config(config)
-        write_hub_wg_conf(config)
-        apply_firewall(config)
-        remove_user_bundle(name)
-    info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
-    ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
-    if ids and args.stop_jobs:
-        import argparse
-
-        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
-    if ids:
-        info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
-    return EXIT_OK
-
-
-def cmd_hub_list_users(args):
-    require_root()
-    need("wg", "docker")
+    manager = image_manager(args)
+    if manager:
+        host = urllib.parse.urlsplit(valid_manager(manager)).hostname
+        address = f"{host}:{REGISTRY_PORT}"
+        trust = registry_trust_path(address)
+        if not os.path.exists(trust):
+            raise precondition(
+                f"this machine's Docker does not trust the hub's registry: {trust} is missing",
+                f"copy the hub's CA: ssh {manager} cat {registry_paths()['ca.crt']} | sudo install -D -m 0644 "
+                f"/dev/stdin {trust}")
+        return address, trust
     config = load_hub_config()
-    rows = user_rows(config)
-    defaults = {key: config.user_defaults.get(key) for key in USER_LIMITS}
-    if args.json:
-        print_json({"users": rows, "defaults": defaults})
-        return EXIT_OK
-    if not rows:
-        print("No users yet. Add one: gridx hub add-user NAME")
-        return EXIT_OK
-    table = []
-    for row in rows:
-        limits, use = row["limits"], row["use"]
-        table.append([
-            row["name"], row["ip"], human_age(row["handshake_age"]),
-            "/".join(show_limit(k, limits[k]) for k in USER_LIMITS),
-            "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
-        ])
-    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
-    return EXIT_OK
-
-
-def add_limit_flags(parser, what):
-    parser.add_argument("--max-cpus", metavar="N", help=f"CPUs {what} (none: no limit)")
-    parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
-    parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
-    parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
-
-
-def args_hub_add_user(p):
-    p.add_argument("name", help="the user's name (a DNS label, not a peer's)")
-    p.add_argument("--pubkey", metavar="SSH_KEY",
-                   help="the user's SSH public key line: their private key never exists on the hub")
-    p.add_argument("--wg-pubkey", metavar="KEY", help="the user's WireGuard public key (default: made here)")
-    add_limit_flags(p, "their running and pending jobs reserve at most (default: the hub's defaults)")
-    add_json(p)
-
-
-def args_hub_set_user(p):
-    p.add_argument("name", help="the user's name")
-    add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
-
-
-def args_hub_set_defaults(p):
-    add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
-
-
-def args_hub_remove_user(p):
-    p.add_argument("name", help="the user's name")
-    p.add_argument("--stop-jobs", action="store_true", help="also delete their jobs (default: they run on)")
-
-
-def args_jobs_list(p):
-    p.add_argument("--mine", action="store_true", help="only your jobs")
-    p.add_argument("--user", metavar="NAME", help="only this user's jobs (root: the admin's)")
-    add_json(p)
-    add_manager(p)
-
-
-# ---------------------------------------------------------------------------
-# Commands: image (the hub's registry, see Registry)
-# ---------------------------------------------------------------------------
+    address = registry_address(config.hub_ip)
+    trust = registry_trust_path(address)
+    if not os.path.exists(trust):
+        raise precondition(f"the hub has no image registry yet ({trust} is missing)",
+                           "install docker-registry and openssl, then run gridx hub init again")
+    return address, trust
 
 
 def cmd_image_push(args):
@@ -6125,6 +6053,18 @@ def cmd_image_ls(args):
     return EXIT_OK
 
 
+def folder_bytes(path):
+    """What the files under path take (the registry's storage)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def cmd_image_rm(args):
     image = valid_image(args.name, "image name")
     _, path, tag, digest = split_image(image)
@@ -6162,18 +6102,30 @@ def cmd_image_rm(args):
     return EXIT_OK
 
 
-def args_image_push(p):
-    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
-    add_manager(p)
+# ---------------------------------------------------------------------------
+# Commands: serve
+# ---------------------------------------------------------------------------
 
 
-def args_image_ls(p):
-    add_json(p)
-    add_manager(p)
-
-
-def args_image_rm(p):
-    p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+def cmd_serve(args):
+    """`command="gridx serve NAME"` in the gridx account's authorized_keys:
+    parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
+    and cluster only, and run them for NAME."""
+    global OWNER, SERVE_LIMITS
+    name = valid_name(args.name, "user name")
+    words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
+    parser, _ = build_parser(words)
+    try:
+        parsed = parser.parse_args(words)
+    except SystemExit as exited:  # argparse printed its usage line and why
+        return EXIT_USAGE if exited.code else EXIT_OK
+    check_serve_args(parsed, words)
+    SERVE_LIMITS = load_serve_limits(name)
+    OWNER = name
+    if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
+        parsed.upload = read_upload(sys.stdin.buffer, parse_memory(parsed.workdir_limit, "--workdir-limit"))
+    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
+    return parsed.handler(parsed)
 
 
 # ---------------------------------------------------------------------------
@@ -6216,6 +6168,47 @@ def add_share_flags(parser):
                              "read and write every file here as root")
 
 
+def add_work_flags(parser):
+    parser.add_argument("--workdir", metavar="DIR",
+                        help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
+                             f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
+    parser.add_argument("--workdir-limit", default=DEFAULT_WORKDIR_LIMIT, metavar="SIZE",
+                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT})")
+    parser.add_argument("--output", metavar="PATH",
+                        help=f"collect this path of the job's container onto the hub when it ends "
+                             f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
+    parser.add_argument("--output-limit", default=DEFAULT_OUTPUT_LIMIT, metavar="SIZE",
+                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT})")
+
+
+def add_limit_flags(parser, what):
+    parser.add_argument("--max-cpus", metavar="N", help=f"CPUs {what} (none: no limit)")
+    parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
+    parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
+    parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
+
+
+def args_name(p):
+    p.add_argument("name", help="the peer's name")
+
+
+def args_yes(p):
+    p.add_argument("--yes", "-y", action="store_true", help="confirm, ask nothing")
+
+
+def args_json_manager(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_job_id(p):
+    p.add_argument("job_id")
+    add_json(p)
+    add_manager(p)
+
+# -- one per command, in COMMANDS' order --------------------------------------
+
+
 def args_hub_init(p):
     p.add_argument("--ip", required=True, help="the hub's public IP (workers dial it)")
     p.add_argument("--port", default=str(DEFAULT_PORT), help=f"WireGuard UDP port (default {DEFAULT_PORT})")
@@ -6231,18 +6224,14 @@ def args_hub_add_peer(p):
     add_json(p)
 
 
-def args_hub_refresh_bundle(p):
-    p.add_argument("name", help="the peer's name")
-    p.add_argument("--out", help="also copy the bundle into this folder")
-
-
-def args_name(p):
-    p.add_argument("name", help="the peer's name")
-
-
 def args_hub_join_info(p):
     p.add_argument("--name", required=True, help="the peer's name")
     add_json(p)
+
+
+def args_hub_refresh_bundle(p):
+    p.add_argument("name", help="the peer's name")
+    p.add_argument("--out", help="also copy the bundle into this folder")
 
 
 def args_hub_ssh(p):
@@ -6259,8 +6248,27 @@ def args_hub_watch(p):
     p.add_argument("--once", action="store_true", help="check once and exit")
 
 
-def args_yes(p):
-    p.add_argument("--yes", "-y", action="store_true", help="confirm, ask nothing")
+def args_hub_add_user(p):
+    p.add_argument("name", help="the user's name (a DNS label, not a peer's)")
+    p.add_argument("--pubkey", metavar="SSH_KEY",
+                   help="the user's SSH public key line: their private key never exists on the hub")
+    p.add_argument("--wg-pubkey", metavar="KEY", help="the user's WireGuard public key (default: made here)")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: the hub's defaults)")
+    add_json(p)
+
+
+def args_hub_set_user(p):
+    p.add_argument("name", help="the user's name")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
+
+
+def args_hub_set_defaults(p):
+    add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
+
+
+def args_hub_remove_user(p):
+    p.add_argument("name", help="the user's name")
+    p.add_argument("--stop-jobs", action="store_true", help="also delete their jobs (default: they run on)")
 
 
 def args_worker_join(p):
@@ -6305,26 +6313,9 @@ def args_jobs_train(p):
     add_manager(p)
 
 
-def add_work_flags(parser):
-    parser.add_argument("--workdir", metavar="DIR",
-                        help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
-                             f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
-    parser.add_argument("--workdir-limit", default=DEFAULT_WORKDIR_LIMIT, metavar="SIZE",
-                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT})")
-    parser.add_argument("--output", metavar="PATH",
-                        help=f"collect this path of the job's container onto the hub when it ends "
-                             f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
-    parser.add_argument("--output-limit", default=DEFAULT_OUTPUT_LIMIT, metavar="SIZE",
-                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT})")
-
-
-def args_json_manager(p):
-    add_json(p)
-    add_manager(p)
-
-
-def args_job_id(p):
-    p.add_argument("job_id")
+def args_jobs_list(p):
+    p.add_argument("--mine", action="store_true", help="only your jobs")
+    p.add_argument("--user", metavar="NAME", help="only this user's jobs (root: the admin's)")
     add_json(p)
     add_manager(p)
 
@@ -6350,6 +6341,21 @@ def args_jobs_results(p):
     p.add_argument("--delete", action="store_true", help="remove them from the hub")
     add_manager(p)
 
+
+def args_image_push(p):
+    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
+    add_manager(p)
+
+
+def args_image_ls(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_image_rm(p):
+    p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+
+# -- the command table --------------------------------------------------------
 
 # group -> (help, example, {command: (handler, help, example, add_arguments)})
 COMMANDS = {
@@ -6436,6 +6442,15 @@ def _selected(argv):
     return (words + [None, None])[:2]
 
 
+def add_serve_parser(groups, full):
+    """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
+    parser = groups.add_parser("serve")  # no help=: argparse then lists it nowhere
+    if full:
+        parser.set_defaults(handler=cmd_serve, command_path=("serve",))
+        parser.add_argument("name", help="the user the command runs for")
+    return parser
+
+
 def build_parser(argv=()):
     """The argument parser, built only as deep as argv needs.
 
@@ -6446,14 +6461,15 @@ def build_parser(argv=()):
 
     formatter = argparse.RawDescriptionHelpFormatter
 
-    def command(subparsers, name, handler, help_text, example, add_arguments, full):
+    def command(subparsers, path, handler, help_text, example, add_arguments, full):
+        name = path[-1]
         if not full:
             return subparsers.add_parser(name, help=help_text)
         parser = subparsers.add_parser(
             name, help=help_text, description=help_text, formatter_class=formatter,
             epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
         )
-        parser.set_defaults(handler=handler)
+        parser.set_defaults(handler=handler, command_path=path)
         if add_arguments:
             add_arguments(parser)
         return parser
@@ -6476,13 +6492,14 @@ def build_parser(argv=()):
     group_parsers = {}
     for group, (help_text, example, commands) in COMMANDS.items():
         full = group == wanted_group
-        group_parser = command(groups, group, None, help_text, example, None, full)
+        group_parser = command(groups, (group,), None, help_text, example, None, full)
         group_parsers[group] = group_parser
         if full:
             subcommands = group_parser.add_subparsers(dest="command", metavar="COMMAND")
             for name, (handler, sub_help, sub_example, add_arguments) in commands.items():
-                command(subcommands, name, handler, sub_help, sub_example, add_arguments, name == wanted_command)
-    command(groups, "cluster", *CLUSTER_SHORTCUT, wanted_group == "cluster")
+                command(subcommands, (group, name), handler, sub_help, sub_example, add_arguments,
+                        name == wanted_command)
+    command(groups, ("cluster",), *CLUSTER_SHORTCUT, wanted_group == "cluster")
     add_serve_parser(groups, wanted_group == "serve")
     return parser, group_parsers
 
