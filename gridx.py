@@ -73,10 +73,11 @@ status.sh.
 #   serve NAME (on the hub) OWNER NAME, SERVE_LIMITS theirs: as on the hub, for that user
 # Every command is declared once, in COMMANDS (Argument parser): its handler,
 # help, example and argument builder; args.command_path names it.
-# Imports: modules that Python or argparse load anyway at the top; any other
-# inside the function that needs it (`gridx --help` must stay fast: make
-# bench's startup row).
+# Imports: argparse and what Python and argparse load anyway at the top; any
+# other module inside the function that needs it (`gridx --help` must stay
+# fast: make bench's startup row).
 
+import argparse
 import io
 import os
 import posixpath
@@ -960,7 +961,7 @@ class HubConfig:
         self.address_pool = address_pool
         self.created = created
         self.peers = dict(peers)
-        self.users = dict(users or {})  # name -> User (see Users)
+        self.users = dict(users or {})  # name -> User
         self.user_defaults = dict(user_defaults or {})
 
     @property
@@ -3391,7 +3392,7 @@ class LogFollower:
 # pushes it to the hub's registry (see Registry); the worker pulls it over
 # the VPN. `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
-# the hub's SSH, see Hub SSH) into RESULTS/JOB/ (RESULTS/JOB/N/ when
+# the hub's SSH, see SSH) into RESULTS/JOB/ (RESULTS/JOB/N/ when
 # there are several replicas), so results outlive the worker; `jobs
 # results` copies them to the submitter. Such a job runs only where the
 # hub's SSH reaches (not on a --no-hub-ssh worker).
@@ -4471,7 +4472,7 @@ def set_manager(args):
     manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
     if manager:
         DOCKER_HOST = valid_manager(manager)
-        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve (see Users)
+        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve
         need("docker", "ssh")
         check_manager_reachable(DOCKER_HOST)
     else:
@@ -4486,6 +4487,7 @@ def set_manager(args):
 
 
 def cmd_hub_init(args):
+    """Validate, then (under the state lock) make or check the VPN, firewall, swarm, SSH key, users and registry."""
     public_ip = valid_public_ip(args.ip)
     port = valid_port(args.port)
     subnet = valid_subnet(args.subnet)
@@ -4642,7 +4644,7 @@ def ensure_hub_ssh_key(config):
 
 
 def ensure_users(config):
-    """The users' account and files, when the hub has users already (see Users)."""
+    """The users' account and files, when the hub has users already (see Accounts)."""
     return user_account_ready(config) if config.users else []
 
 
@@ -4697,6 +4699,7 @@ def install_watch_service():
 
 
 def cmd_hub_add_peer(args):
+    """Allocate an address, add the peer live (wg set), write its config and join bundle."""
     name = valid_name(args.name)
     pubkey = valid_wg_key(args.pubkey) if args.pubkey is not None else None
     if args.ip is not None:
@@ -4718,7 +4721,7 @@ def cmd_hub_add_peer(args):
                               f"pick another name, or remove it first: gridx hub remove-peer {name}")
         if pubkey and any(p.public_key == pubkey for p in config.peers.values()):
             raise usage_error("that --pubkey already belongs to another peer", "each worker needs its own key")
-        refuse_taken_name(config, name, pubkey)  # users: see Users
+        refuse_taken_name(config, name, pubkey)  # nor a user's name or key
         ip = allocate_ip(config, args.ip)
         if pubkey:
             private = None
@@ -4759,6 +4762,7 @@ def print_added(args, kind, member, folder, next_lines):
 
 
 def cmd_hub_remove_peer(args):
+    """Remove the peer from the VPN and the swarm, re-run its jobs, rotate the join token."""
     name = valid_name(args.name)
     require_root()
     need("wg", "docker")
@@ -4842,6 +4846,7 @@ def peer_rows(config):
 
 
 def cmd_hub_list_peers(args):
+    """Every peer with its handshake, swarm node, shares and whether the hub may SSH in."""
     require_root()
     need("wg", "docker")
     config = load_hub_config()
@@ -4867,6 +4872,7 @@ def format_shared(shared):
 
 
 def cmd_hub_status(args):
+    """VPN and swarm health; exit 1 when a peer is silent or a node is not Ready (for cron)."""
     require_root()
     need("wg", "docker")
     config = load_hub_config()
@@ -4908,6 +4914,7 @@ def cmd_hub_status(args):
 
 
 def cmd_hub_join_info(args):
+    """Print a peer's WireGuard config and the swarm join command, for joining by hand."""
     name = valid_name(args.name)
     require_root()
     config = load_hub_config()
@@ -4933,6 +4940,7 @@ def cmd_hub_join_info(args):
 
 
 def cmd_hub_refresh_bundle(args):
+    """Rewrite a peer's bundle with the current join token (and copy it to --out)."""
     name = valid_name(args.name)
     out_dir = os.path.abspath(args.out) if args.out else None
     if out_dir:
@@ -4973,6 +4981,7 @@ def hub_ssh_declined():
 
 
 def cmd_hub_ssh(args):
+    """SSH into a worker over the VPN with the hub's key; CMD's exit status passes through."""
     name = valid_name(args.name)
     require_root()
     need("ssh")
@@ -4994,6 +5003,7 @@ def cmd_hub_ssh(args):
 
 
 def cmd_hub_ssh_pubkey(args):
+    """Print the hub's SSH public key."""
     require_root()
     print(ssh_public_key())
     return EXIT_OK
@@ -5046,6 +5056,7 @@ def cmd_hub_watch(args):
 
 
 def cmd_hub_add_user(args):
+    """Add a member: VPN address and peer, SSH key forced to `gridx serve NAME`, limits, bundle."""
     name = valid_name(args.name, "user name")
     ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
     wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
@@ -5098,6 +5109,7 @@ def remove_user_bundle(name):
 
 
 def cmd_hub_set_user(args):
+    """Change a member's own limits (none, a number, or default: the hub's)."""
     name = valid_name(args.name, "user name")
     limits = limits_from_args(args)
     if not limits:
@@ -5121,6 +5133,7 @@ def cmd_hub_set_user(args):
 
 
 def cmd_hub_set_defaults(args):
+    """Change the limits of members who have none of their own."""
     limits = limits_from_args(args, allow_default=False)
     if not limits:
         raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
@@ -5138,6 +5151,7 @@ def cmd_hub_set_defaults(args):
 
 
 def cmd_hub_remove_user(args):
+    """Take a member's SSH key and VPN peer away at once (--stop-jobs: and their jobs)."""
     name = valid_name(args.name, "user name")
     require_root()
     need("wg", "docker")
@@ -5155,8 +5169,6 @@ def cmd_hub_remove_user(args):
     info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
     ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
     if ids and args.stop_jobs:
-        import argparse
-
         return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
     if ids:
         info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
@@ -5187,6 +5199,7 @@ def user_rows(config, with_use=True):
 
 
 def cmd_hub_list_users(args):
+    """Every member: address, handshake, limits and what their unfinished jobs reserve."""
     require_root()
     need("wg", "docker")
     config = load_hub_config()
@@ -5213,6 +5226,7 @@ def cmd_hub_list_users(args):
 
 
 def cmd_hub_reset(args):
+    """Undo hub init: VPN, swarm, peers, keys, users' access, the watch service; the registry stops."""
     require_root()
     if not args.yes:
         raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
@@ -5233,7 +5247,7 @@ def cmd_hub_reset(args):
         run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
         run(["iptables", "-F", FIREWALL_CHAIN], check=False)
         run(["iptables", "-X", FIREWALL_CHAIN], check=False)
-        reset_users()  # their SSH lines and firewall chain: see Users
+        reset_users()  # their SSH lines and firewall chain: see Accounts
         reset_registry()  # stopped; the CA and the images stay: see Registry
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
             if os.path.exists(path):
@@ -5374,6 +5388,7 @@ def read_wg_config(path):
 
 
 def cmd_worker_setup(args):
+    """Ask for the config and the token, then join as `worker join` does."""
     if not sys.stdin.isatty():
         raise usage_error("setup asks questions and needs a terminal",
                           "without one use: gridx worker join --wg-config FILE --token TOKEN --yes")
@@ -5392,6 +5407,7 @@ def cmd_worker_setup(args):
 
 
 def cmd_worker_join(args):
+    """Join with a WireGuard config and a token: the bundle's join.sh, materialised here."""
     conf = read_wg_config(args.wg_config)
     token = read_token(args.token)
     ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
@@ -5401,10 +5417,12 @@ def cmd_worker_join(args):
 
 
 def cmd_worker_status(args):
+    """The bundle's status.sh: link, handshake, swarm, shares."""
     return run_bundle_script(materialise_bundle(), "status.sh", ["--json"] if args.json else [])
 
 
 def cmd_worker_leave(args):
+    """The bundle's leave.sh: leave the swarm and the VPN, restore what join changed."""
     return run_bundle_script(materialise_bundle(), "leave.sh", ["--yes"] if args.yes else [])
 
 
@@ -5481,6 +5499,7 @@ def say_results_problems(job_id, record):
 
 
 def cmd_jobs_run(args):
+    """Submit a batch job (a swarm replicated-job); --wait follows it to its exit status."""
     image = valid_image(args.image)
     request = JobRequest(args.cpus, args.memory, args.gpus)
     env = parse_env(args.env)
@@ -5510,6 +5529,7 @@ def cmd_jobs_run(args):
 
 
 def cmd_jobs_jupyter(args):
+    """Start a Jupyter server as a service and print its URL once it answers."""
     image = valid_image(args.image or JUPYTER_IMAGE, "--image")
     request = JobRequest(args.cpus, args.memory, args.gpus)
     port = valid_port(args.port)
@@ -5574,6 +5594,7 @@ def wait_for_jupyter(job_id, port, token, timeout):
 
 
 def cmd_jobs_train(args):
+    """Run a training script (URL, local file as a swarm config, or in --workdir) on a framework image."""
     framework_image = FRAMEWORK_IMAGES[args.framework]
     image = valid_image(args.image or framework_image, "--image")
     request = JobRequest(args.cpus, args.memory, args.gpus)
@@ -5657,10 +5678,11 @@ def script_in_workdir(args):
 
 
 def cmd_jobs_list(args):
-    check_owner_filter(args)  # --user NAME, before anything runs: see Users
+    """Every job with its owner, state and nodes, from the swarm's labels (--mine, --user)."""
+    check_owner_filter(args)  # --user NAME, before anything runs
     set_manager(args)
     _, _, jobs, _ = jobs_overview()
-    jobs = filter_jobs(jobs, args)  # --mine, --user: see Users
+    jobs = filter_jobs(jobs, args)  # --mine, --user
     jobs.sort(key=lambda j: j["created"])
     if printed_as_json_or_none(args.json, "jobs", jobs,
                                "No jobs. Submit one: gridx jobs run python:3.11 \"python -c 'print(2**100)'\""):
@@ -5676,6 +5698,7 @@ def cmd_jobs_list(args):
 
 
 def cmd_jobs_status(args):
+    """One job: placement, state, exit code, why it waits, and its results."""
     job_id = valid_name(args.job_id, "job ID")
     set_manager(args)
     services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
@@ -5691,7 +5714,7 @@ def cmd_jobs_status(args):
         print_json(job)
         return EXIT_OK
     print(f"Job:      {job['id']} ({job['kind']})")
-    print(f"Owner:    {job['owner']}")  # see Users
+    print(f"Owner:    {job['owner']}")
     print(f"Image:    {job['image']}")
     if job["command"]:
         print(f"Command:  {job['command']}")
@@ -5750,11 +5773,12 @@ def add_task_details(job, nodes_by_name):
 
 
 def cmd_jobs_logs(args):
+    """A job's output from every node that ran it (-f: until a batch job ends)."""
     job_id = valid_name(args.job_id, "job ID")
     tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
     set_manager(args)
     services = list_job_services([job_id])
-    check_owner(services, "read the logs of")  # through serve: see Users
+    check_owner(services, "read the logs of")  # through serve: see Jobs, owners
     mode = services[0]["Spec"]["Mode"]
     sources, lost = log_sources(job_id)
     if lost:
@@ -5778,10 +5802,11 @@ def cmd_jobs_logs(args):
 
 
 def cmd_jobs_delete(args):
+    """Stop a job's containers on every worker, remove it, its configs and (unless kept) its results."""
     ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
     set_manager(args)
     services = list_job_services(ids)
-    check_owner(services, "delete")  # through serve: see Users
+    check_owner(services, "delete")  # through serve: see Jobs, owners
     tasks = list_tasks(ids)
     running_jobs = sorted({
         t.service for t in tasks
@@ -5832,6 +5857,7 @@ def cmd_jobs_delete(args):
 
 
 def cmd_jobs_results(args):
+    """Copy a job's collected --output files here (or --tar, --json, --delete)."""
     job_id = valid_name(args.job_id, "job ID")
     modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
     if len(modes) > 1 or (modes and args.dest):
@@ -5881,7 +5907,7 @@ def job_or_results(job_id):
         if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
             raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
         return None, [], record
-    check_owner(services, "fetch the results of")  # through serve: see Users
+    check_owner(services, "fetch the results of")  # through serve: see Jobs, owners
     tasks = list_tasks([job_id])
     record = collect_results(services[0], tasks)
     if OWNER is not None and record is not None:
@@ -5926,6 +5952,7 @@ def hub_results(job_id):
 
 
 def cmd_cluster(args):
+    """Every node: what it shares, what jobs reserve, what is free; totals and owners."""
     set_manager(args)
     services, tasks, _, nodes = jobs_overview(with_nodes=True)
     reserved = reserved_by_node(services, tasks)
@@ -5954,7 +5981,7 @@ def cmd_cluster(args):
     rows.append(["TOTAL (ready)", "", "", "", total.cpus, human_mib(total.memory_mib), total.gpus,
                  total_used.show(), (total - total_used).show()])
     print_table(["NODE", "VPN IP", "ROLE", "STATE", "CPUS", "MEMORY", "GPUS", "RESERVED c/m/g", "FREE c/m/g"], rows)
-    owners_table(use_by_owner(services, tasks))  # per user: see Users
+    owners_table(use_by_owner(services, tasks))  # per member
     return EXIT_OK
 
 
@@ -6008,6 +6035,7 @@ def image_registry(args):
 
 
 def cmd_image_push(args):
+    """Tag a local image for the hub's registry and push it; print its name there."""
     image = valid_image(args.image)
     image_manager(args)
     if split_image(image)[3]:
@@ -6037,6 +6065,7 @@ def cmd_image_push(args):
 
 
 def cmd_image_ls(args):
+    """The registry's images with their size and digest."""
     image_manager(args)
     address, ca_path = image_registry(args)
     images, stored = registry_images(address, ca_path)
@@ -6066,6 +6095,7 @@ def folder_bytes(path):
 
 
 def cmd_image_rm(args):
+    """Delete an image's manifest from the registry, then collect its unused layers."""
     image = valid_image(args.name, "image name")
     _, path, tag, digest = split_image(image)
     if not tag and not digest:
@@ -6235,8 +6265,6 @@ def args_hub_refresh_bundle(p):
 
 
 def args_hub_ssh(p):
-    import argparse
-
     p.add_argument("name", help="the peer's name")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
 
@@ -6457,8 +6485,6 @@ def build_parser(argv=()):
     Building every subcommand's arguments costs more than Python's own
     start-up; `gridx --help` and `gridx hub init` need one branch each.
     """
-    import argparse
-
     formatter = argparse.RawDescriptionHelpFormatter
 
     def command(subparsers, path, handler, help_text, example, add_arguments, full):
@@ -6522,7 +6548,7 @@ def main(argv=None):
     global VERBOSE
     if argv is None:
         argv = sys.argv[1:]
-    INVOCATION[:] = argv  # what --manager gridx@HUB forwards (see Users)
+    INVOCATION[:] = argv  # what --manager gridx@HUB forwards (see Remote)
     parser, groups = build_parser(argv)
     args = parser.parse_args(argv)
     VERBOSE = args.verbose
@@ -6540,7 +6566,7 @@ def main(argv=None):
         if error.hint:
             print(f"{_tag('hint', '1;36')} {error.hint}", file=sys.stderr)
         return error.code
-    except ForwardedExit as done:  # the command ran on the hub (see Users)
+    except ForwardedExit as done:  # the command ran on the hub (see Remote)
         return done.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
