@@ -609,8 +609,8 @@ _DNS_LABEL = None
 def valid_name(name, what="peer name"):
     global _DNS_LABEL
     if _DNS_LABEL is None:
-        _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-    if not _DNS_LABEL.match(name or ""):
+        _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
         raise usage_error(
             f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and '-' "
             "(a DNS label), starting and ending with a letter or digit",
@@ -700,7 +700,6 @@ def valid_image(image, what="image"):
     """An image reference as Docker's grammar has it, so that a value that is
     not one (a leading '-', an upper-case name) is exit 2 here, never a docker
     option nor an error from the daemon."""
-
     name, _, digest = (image or "").partition("@")
     slash = name.rfind("/")
     colon = name.rfind(":")
@@ -758,7 +757,6 @@ def valid_manager(value):
 def valid_ssh_public_key(value, what="--ssh-key"):
     """One OpenSSH public key line (type, base64, comment): it goes into the
     worker's authorized_keys, where anything before the type is an option."""
-
     if not re.fullmatch(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\n\r]*)?",
                         value or ""):
         raise usage_error(f"invalid {what} {value!r}: give one OpenSSH public key line",
@@ -802,7 +800,6 @@ _SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 def parse_memory(value, flag="--memory"):
     """'8G', '512M', '1.5g', '2GiB' -> bytes."""
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
     if not match or not match.group(2):
         raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
@@ -1389,7 +1386,6 @@ def wg_dump(interface):
 
     Returns (None, {}) when the interface is down.
     """
-
     result = run(["wg", "show", interface, "dump"], check=False)
     if result.returncode != 0:
         return None, {}
@@ -1436,7 +1432,6 @@ BROKEN_ENGINES = ((23, 0, 2), (25, 0, 2))
 
 def engine_refused(version):
     """True for a Docker engine version in BROKEN_ENGINES."""
-
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
     if not match:
         return False
@@ -1766,7 +1761,6 @@ def ensure_registry_ca():
 
 def certificate_ips(path):
     """The IP addresses of a certificate's subjectAltName (openssl's text)."""
-
     text = run(["openssl", "x509", "-noout", "-text", "-in", path]).stdout
     return set(re.findall(r"IP Address:([0-9.]+)", text))
 
@@ -1871,7 +1865,6 @@ def registry_pid():
 
 def stop_registry():
     """Stop the registry (its unit, or the process init started)."""
-
     if systemd_running() and os.path.exists(registry_unit_path()):
         run(["systemctl", "stop", REGISTRY_UNIT], check=False)
         return
@@ -2027,7 +2020,6 @@ def registry_reference(name, address):
 
 def parse_link_next(headers):
     """The next page of a paginated list (the Link header), or None."""
-
     link = headers.get("link") if headers else None
     match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link or "")
     return match.group(1) if match else None
@@ -2754,7 +2746,6 @@ class Task:
 
 def exit_code_from(state, error):
     """A task's exit status: 0 once complete, N from "non-zero exit (N)"."""
-
     if state == "complete":
         return 0
     match = re.search(r"non-zero exit \((\d+)\)", error)
@@ -3195,7 +3186,6 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     (unreadable_nodes, by hostname; see log_sources()): tasks made later on
     other nodes are followed too.
     """
-
     sources = list(log_sources or [job_id])
     per_task = sources != [job_id]
     logs = LogFollower(sources, log_args, hold=True)
@@ -3238,7 +3228,6 @@ class RunAgainWait:
 
     def now(self, tasks):
         """Run the job again if the rule says so; True when it did."""
-
         if not runs_again(tasks):
             return False
         info(f"job {self.job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
@@ -3443,7 +3432,6 @@ def ignore_pattern(pattern):
     """One .dockerignore pattern as a regex over a slash path relative to the
     folder: Go's filepath.Match (* and ? stop at '/', [classes]) and ** for
     any number of folders, as Docker reads it."""
-
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**/", i):
@@ -5011,7 +4999,6 @@ def cmd_hub_ssh_pubkey(args):
 
 def cmd_hub_watch(args):
     """Run lost jobs again: the swarm alone leaves them on a Down node."""
-
     interval = parse_count(args.interval, "--interval", 1, WATCH_MAX_S)
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
@@ -5655,7 +5642,6 @@ def cmd_jobs_train(args):
 def script_in_workdir(args):
     """train --workdir: the local script's path in the folder (it runs from
     the layer, /work/PATH); exit 2 when it is outside or left out."""
-
     upload = getattr(args, "upload", None)
     if upload is not None:  # serve: as the user's gridx found it
         relative = upload.header.get("script")
@@ -5924,7 +5910,6 @@ RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch
 def wait_for_watch(service, tasks, record):
     """serve: the gridx account cannot reach the workers; hub watch (root)
     collects a task's output within its interval: wait for it, bounded."""
-
     deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
     while True:
         if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once

@@ -429,7 +429,8 @@ check_engine_version() {
 		return 0
 	fi
 	local major=$((10#${BASH_REMATCH[1]})) minor=$((10#${BASH_REMATCH[2]})) patch=$((10#${BASH_REMATCH[3]}))
-	if ((major == 24 || (major == 23 && minor == 0 && patch >= 2) || (major == 25 && minor == 0 && patch <= 2))); then
+	# 23.0.2 <= version <= 25.0.2, as gridx.py's BROKEN_ENGINES
+	if ((major == 24 || (major == 23 && (minor > 0 || patch >= 2)) || (major == 25 && minor == 0 && patch <= 2))); then
 		fatal 3 "Docker $v cannot run Grid-X jobs: Docker 23.0.2 to 25.0.2 reject every task that reserves part of a node's generic resources, which is how Grid-X places jobs (moby/swarmkit#3162)" \
 			"upgrade Docker to 25.0.3 or newer (Debian 13's docker.io, Docker CE from https://docs.docker.com/engine/install/) or use 20.10, then run join.sh again"
 	fi

@@ -14,27 +14,12 @@ import subprocess
 import threading
 
 import pytest
+from fakes import make_config
 
 import gridx
 
-KEY_A = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-
-
-def make_config():
-    return gridx.HubConfig("gridx0", "203.0.113.7", 51820, "10.0.0.0/24", "10.0.0.1", KEY_A,
-                           "10.96.0.0/12", "2026-01-01T00:00:00Z", {})
-
-
-@pytest.fixture
-def hub_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path / "cfg"))
-    monkeypatch.setenv("GRIDX_REGISTRY_STORAGE", str(tmp_path / "storage"))
-    monkeypatch.setenv("GRIDX_DOCKER_CERTS_DIR", str(tmp_path / "certs.d"))
-    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
-    gridx.ensure_dir(str(tmp_path / "cfg"))
-    return tmp_path
 
 
 # --- rendering ----------------------------------------------------------------

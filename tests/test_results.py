@@ -11,8 +11,7 @@ import os
 import tarfile
 
 import pytest
-from test_gridx import fake_hub, run_main
-from test_users import serve, serve_env  # noqa: F401 (a fixture)
+from fakes import JOB_SERVICE, NODE, fake_hub, run_main, serve
 
 import gridx
 
@@ -268,8 +267,6 @@ def test_a_users_waited_job_gets_its_id_here_so_its_results_can_follow(tmp_path,
 
 
 def test_a_job_with_output_runs_only_where_the_hubs_ssh_reaches(monkeypatch):
-    from test_gridx import NODE
-
     declined = dict(NODE, Description=dict(NODE["Description"], Engine={"Labels": {gridx.LABEL_HUB_SSH: "no"}}))
     reachable = dict(NODE, ID="n2", Status={"State": "ready", "Addr": "10.0.0.5"},
                      Description=dict(NODE["Description"], Hostname="worker4"))
@@ -302,8 +299,6 @@ def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
 def test_remove_user_stop_jobs_deletes_through_the_same_delete(tmp_path, monkeypatch):
     """remove-user --stop-jobs calls cmd_jobs_delete with its own arguments
     (it once lacked --keep-results' and failed with a traceback)."""
-    from test_gridx import JOB_SERVICE
-
     tools = fake_hub(tmp_path, monkeypatch)
     assert run_main(["hub", "add-user", "u1"]) == 0
     owned = dict(JOB_SERVICE, Spec=dict(JOB_SERVICE["Spec"], Labels=dict(JOB_SERVICE["Spec"]["Labels"],
