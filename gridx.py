@@ -547,6 +547,7 @@ def hand_over(path, recursive=True):
         for name in folders + files:
             os.lchown(os.path.join(top, name), *owner)
 
+
 # -- where things are ---------------------------------------------------------
 
 
@@ -599,6 +600,7 @@ def user_bundle_path(name, out_dir=None):
 
 def results_dir():
     return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
+
 
 # -- validators and parsers ---------------------------------------------------
 # Each returns the normalised value or raises usage_error.
@@ -856,6 +858,7 @@ def hub_ip_of(subnet):
     import ipaddress
 
     return str(next(ipaddress.ip_network(subnet).hosts()))
+
 
 # -- hub configuration --------------------------------------------------------
 
@@ -1979,6 +1982,7 @@ def registry_bundle_files():
         return {}
     return {REGISTRY_CA_FILE: (read_text(path), 0o644)}
 
+
 # -- image names --------------------------------------------------------------
 
 
@@ -2014,6 +2018,7 @@ def registry_reference(name, address):
         raise usage_error(f"{name!r} is not in the hub's registry {address}",
                           f"name it as gridx image ls shows it: {address}/{path}:{tag or 'TAG'}")
     return path, digest or tag
+
 
 # -- the registry's HTTP API --------------------------------------------------
 
@@ -2566,6 +2571,7 @@ ENFORCER_RERUNS = 3
 LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
 LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
 
+
 # -- what a job asks for ------------------------------------------------------
 
 
@@ -2704,6 +2710,7 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
     argv += ["--", image, *command_argv]
     with user_limits_checked(request, replicas if mode == "replicated-job" else 1):
         run_naming(argv, job_id)
+
 
 # -- reading the swarm --------------------------------------------------------
 # The only place that reads Docker's task rows and service reservations.
@@ -2864,6 +2871,7 @@ def jobs_overview(job_ids=None, with_nodes=False):
     nodes = swarm_nodes() if with_nodes else []
     return services, tasks, jobs, nodes
 
+
 # -- job state ----------------------------------------------------------------
 
 
@@ -2983,6 +2991,7 @@ def jobs_on_nodes(hostnames, tasks=None):
     if tasks is None:
         tasks = list_tasks(service_names(list_job_services()))
     return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
+
 
 # -- owners and fair share ----------------------------------------------------
 
@@ -3121,6 +3130,7 @@ def owners_table(use):
                 [[owner, u["jobs"], u["cpus"], human_mib(u["memory_mib"]), u["gpus"]]
                  for owner, u in sorted(use.items())])
 
+
 # -- running again ------------------------------------------------------------
 # One rule, used by `jobs run --wait`, `hub watch` and `jobs list/status`:
 # a job runs again when Docker's constraint enforcer rejected every current
@@ -3170,6 +3180,7 @@ def run_lost_jobs_again(down_node_names, tasks=None):
     lost = jobs_on_nodes(down_node_names, tasks)
     run_again(lost)
     return lost
+
 
 # -- waiting ------------------------------------------------------------------
 
@@ -3425,6 +3436,7 @@ def job_output(args):
     path = valid_output_path(output or DEFAULT_OUTPUT)
     return path, parse_memory(args.output_limit, "--output-limit")
 
+
 # -- ignore rules -------------------------------------------------------------
 
 
@@ -3499,6 +3511,7 @@ def folder_ignore_rules(folder):
         except OSError as error:
             raise usage_error(f"cannot read {path}: {error.strerror}") from None
     return IgnoreRules()
+
 
 # -- the work layer -----------------------------------------------------------
 
@@ -3725,6 +3738,7 @@ def work_layer(args, job_id):
     layer.folder = folder  # what a user's gridx sends to serve
     return layer
 
+
 # -- the upload through serve -------------------------------------------------
 # A user's gridx sends SESSION_HELLO, UPLOAD_MAGIC and a JSON header line,
 # then the folder's tar in frames (a hex length line, that many bytes), and a
@@ -3820,6 +3834,7 @@ def send_upload(pipe, folder, header):
     write_members(MeteredPipe(frames, meter), folder.members())
     frames.end()
     meter.done()
+
 
 # -- results on the hub -------------------------------------------------------
 # RESULTS/JOB/ holds the files; RESULTS/JOB.json says, per replica slot, which
@@ -4144,6 +4159,7 @@ def remove_containers(found):
     for process in processes:
         process.wait()  # best effort: a container Docker removed itself is no error
 
+
 # -- results to the submitter -------------------------------------------------
 
 
@@ -4213,6 +4229,7 @@ def check_manager_reachable(docker_host):
             f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
             "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
         ) from None
+
 
 # -- serve: the hub's side of `--manager gridx@HUB` ---------------------------
 
@@ -4300,6 +4317,7 @@ def watch_session_end(armed=False):
 
     signal.signal(signal.SIGHUP, on_hangup)
     threading.Thread(target=watch, daemon=True).start()
+
 
 # -- the client's side: `gridx jobs … --manager USER@HUB` ---------------------
 
@@ -4470,6 +4488,7 @@ def set_manager(args):
 # ---------------------------------------------------------------------------
 # Commands: hub
 # ---------------------------------------------------------------------------
+
 
 # -- hub init -----------------------------------------------------------------
 
@@ -4682,6 +4701,7 @@ def install_watch_service():
     run(["systemctl", "daemon-reload"])
     run(["systemctl", "enable", "--now", "gridx-watch.service"])
     return True
+
 
 # -- hub add-peer · remove-peer · list-peers · status · join-info · refresh-bundle ---
 
@@ -4948,6 +4968,7 @@ def cmd_hub_refresh_bundle(args):
           + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
     return EXIT_OK
 
+
 # -- hub ssh · ssh-pubkey · watch ---------------------------------------------
 
 
@@ -5038,6 +5059,7 @@ def cmd_hub_watch(args):
         if args.once:
             return EXIT_OK
         time.sleep(interval)
+
 
 # -- hub add-user · set-user · set-defaults · remove-user · list-users --------
 
@@ -5208,6 +5230,7 @@ def cmd_hub_list_users(args):
         ])
     print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
     return EXIT_OK
+
 
 # -- hub reset ----------------------------------------------------------------
 
@@ -5417,6 +5440,7 @@ def cmd_worker_leave(args):
 # Commands: jobs
 # ---------------------------------------------------------------------------
 
+
 # -- submitting (run, jupyter, train) -----------------------------------------
 
 
@@ -5481,6 +5505,7 @@ def say_results_problems(job_id, record):
         if s.get("state") != "collected":
             where = f" (replica {s['folder']})" if s.get("folder") else ""
             warn(f"job {job_id}{where}: results {s['state']}: {s.get('error', '')}")
+
 
 # -- jobs run · jupyter · train -----------------------------------------------
 
@@ -5659,6 +5684,7 @@ def script_in_workdir(args):
         raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
                           f"take it out of {folder.rules.source}")
     return relative
+
 
 # -- jobs list · status · logs · delete ---------------------------------------
 
@@ -5839,6 +5865,7 @@ def cmd_jobs_delete(args):
         print(f"deleted {job_id}{kept}")
     return EXIT_OK
 
+
 # -- jobs results -------------------------------------------------------------
 
 
@@ -5932,6 +5959,7 @@ def hub_results(job_id):
         return json.loads(result.stdout) if result.returncode == 0 else None
     except ValueError:
         return None
+
 
 # -- cluster ------------------------------------------------------------------
 
@@ -6221,6 +6249,7 @@ def args_job_id(p):
     add_json(p)
     add_manager(p)
 
+
 # -- one per command, in COMMANDS' order --------------------------------------
 
 
@@ -6367,6 +6396,7 @@ def args_image_ls(p):
 
 def args_image_rm(p):
     p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+
 
 # -- the command table --------------------------------------------------------
 
