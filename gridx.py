@@ -145,6 +145,12 @@ LABEL_OWNER = "gridx.owner"
 ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
 
 USER_ACCOUNT = "gridx"
+# Names no member may take: the admin's owner, the service account, and
+# words a reader of `jobs list` or a log would take for the system (an
+# account of the hub is refused too: its login owns what it submits there).
+RESERVED_NAMES = frozenset((ADMIN_OWNER, USER_ACCOUNT, "admin", "administrator", "hub", "docker", "daemon",
+                            "nobody", "system", "all", "none", "default", "manager", "worker", "users",
+                            "serve", "registry", "gridx-registry", "wheel", "sudo"))
 
 DEFAULT_JOB_CPUS = 1.0
 DEFAULT_JOB_MEMORY = "1G"
@@ -1107,6 +1113,15 @@ def allocate_ip(config, requested=None):
         f"the VPN subnet {config.subnet} is full ({len(config.peers)} peers)",
         "remove a peer (gridx hub remove-peer NAME) or start a hub with a larger --subnet",
     )
+
+
+def valid_user_name(name, what="user name"):
+    """valid_name, and not a name of RESERVED_NAMES."""
+    name = valid_name(name, what)
+    if name in RESERVED_NAMES:
+        raise usage_error(f"{name!r} is reserved: a member's name never reads as the admin, the hub or "
+                          "its accounts", "pick another name, e.g. the person's first name")
+    return name
 
 
 def refuse_taken_name(config, name, wg_key=None, what="peer"):
@@ -2391,7 +2406,7 @@ def render_authorized_keys(config, program=None):
     lines = [f"{CONFIG_MARKER}: every key runs `gridx serve NAME` only. Change it with",
              "# gridx hub add-user/remove-user: this file is rewritten from /etc/gridx/hub_config.json."]
     lines += [authorized_keys_line(user.name, user.ssh_key, program) for user in
-              sorted(config.users.values(), key=lambda u: u.name)]
+              sorted(config.users.values(), key=lambda u: u.name) if user.name not in RESERVED_NAMES]
     return "\n".join(lines) + "\n"
 
 
@@ -2413,6 +2428,22 @@ def write_user_access(config):
         os.chmod(folder, 0o755)
     atomic_write(authorized_keys_path(), render_authorized_keys(config), 0o644)
     atomic_write(users_limits_path(), render_users_limits(config), 0o644)
+    for name in sorted(set(config.users) & RESERVED_NAMES):  # added before names were reserved
+        warn(f"user {name!r} has a reserved name: their key no longer logs in; "
+             f"remove them (gridx hub remove-user {name}) and add them again under another name")
+
+
+def refuse_hub_login(name):
+    """A member is never named like an account of the hub: a login in the
+    docker group that submits there owns its jobs under its own name."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return
+    raise usage_error(f"{name!r} is an account on the hub: a member of that name would own its jobs",
+                      "pick another name for the user")
 
 
 def ensure_user_account():
@@ -5066,10 +5097,11 @@ def cmd_hub_watch(args):
 
 def cmd_hub_add_user(args):
     """Add a member: VPN address and peer, SSH key forced to `gridx serve NAME`, limits, bundle."""
-    name = valid_name(args.name, "user name")
+    name = valid_user_name(args.name)
     ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
     wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
     limits = limits_from_args(args)
+    refuse_hub_login(name)
     require_root()
     need("wg", "docker", "ssh-keygen")
     with StateLock():
@@ -6155,7 +6187,7 @@ def cmd_serve(args):
     parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
     and cluster only, and run them for NAME."""
     global OWNER, SERVE_LIMITS
-    name = valid_name(args.name, "user name")
+    name = valid_user_name(args.name)
     words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
     parser, _ = build_parser(words)
     try:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from fakes import GRIDX, KEY_A, KEY_B, KEY_C, W1, make_config, serve, ssh_key
+from fakes import GRIDX, KEY_A, KEY_B, KEY_C, W1, fake_hub, make_config, run_main, serve, ssh_key, tree
 
 import gridx
 
@@ -497,6 +497,8 @@ def test_user_bundle_with_the_users_own_keys_holds_no_private_key(tmp_path):
 @pytest.mark.parametrize("args", [
     ["hub", "add-user", "Alice"],
     ["hub", "add-user", "a/b"],
+    ["hub", "add-user", "alice\n"],
+    *[["hub", "add-user", name] for name in ("root", "gridx", "hub", "admin", "docker")],
     ["hub", "add-user", "alice", "--pubkey", "nope"],
     ["hub", "add-user", "alice", "--pubkey", 'command="sh" ' + ssh_key()],
     ["hub", "add-user", "alice", "--wg-pubkey", "short"],
@@ -516,3 +518,25 @@ def test_bad_input_is_exit_2_before_root_or_config(args, tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "cfg").exists() and not (tmp_path / "home").exists()
+
+
+# -- names: a member never reads as the admin, the hub or its accounts (issue 19) ----------
+
+
+def test_a_user_named_like_an_account_of_the_hub_is_refused_and_nothing_changes(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    before = tree(tmp_path / "cfg")
+    assert run_main(["hub", "add-user", "bin"]) == 2  # an account on this machine (Debian has bin)
+    assert "an account on the hub" in capsys.readouterr().err
+    assert tree(tmp_path / "cfg") == before
+    assert not [argv for argv in tools.calls if argv[:2] in (["wg", "set"], ["useradd", "--system"])]
+
+
+def test_a_reserved_name_never_logs_in(monkeypatch, serve_env, capsys):
+    """An older hub's user named root: serve refuses it, its key leaves authorized_keys."""
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "jobs delete adminjob")
+    assert run_main(["serve", "root"]) == 2 and serve_env == []
+    assert "reserved" in capsys.readouterr().err
+    config = make_config(peers=W1, users=[("root", {}), ("alice", {})])
+    keys = gridx.render_authorized_keys(config, "/usr/local/bin/gridx")
+    assert "serve alice" in keys and "serve root" not in keys
