@@ -226,12 +226,33 @@ def _tag(name, colour):
     return f"{name}:"
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides that
+# reorder what a terminal shows: a job's command, a worker's hostname or a
+# task's error comes from a member or a volunteer, and reaches other people's
+# terminals only escaped (JSON escapes them itself).
+_UNPRINTABLE = None
+
+
+def printable(text):
+    """TEXT with every control character as \\xNN (or \\uNNNN)."""
+    global _UNPRINTABLE
+    if _UNPRINTABLE is None:
+        _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def say(line=""):
+    """A line of a command's human output (stdout), escaped."""
+    print(printable(line))
+
+
 def info(message):
-    print(f"{_tag('info', '1;34')} {message}", file=sys.stderr)
+    print(f"{_tag('info', '1;34')} {printable(message)}", file=sys.stderr)
 
 
 def warn(message):
-    print(f"{_tag('warning', '1;33')} {message}", file=sys.stderr)
+    print(f"{_tag('warning', '1;33')} {printable(message)}", file=sys.stderr)
 
 
 def print_json(document):
@@ -242,7 +263,7 @@ def print_json(document):
 
 def print_table(headers, rows):
     """Aligned columns, like `docker ps`."""
-    table = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    table = [list(headers)] + [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -5757,16 +5778,16 @@ def cmd_jobs_status(args):
     if args.json:
         print_json(job)
         return EXIT_OK
-    print(f"Job:      {job['id']} ({job['kind']})")
-    print(f"Owner:    {job['owner']}")
-    print(f"Image:    {job['image']}")
+    say(f"Job:      {job['id']} ({job['kind']})")
+    say(f"Owner:    {job['owner']}")
+    say(f"Image:    {job['image']}")
     if job["command"]:
-        print(f"Command:  {job['command']}")
+        say(f"Command:  {job['command']}")
     gpus = f", {job['gpus']} GPU" if job["gpus"] else ""
-    print(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}{gpus}")
-    print(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
+    say(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}{gpus}")
+    say(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
     if job.get("reason"):
-        print(f"Why:      {job['reason']}")
+        say(f"Why:      {job['reason']}")
     for task in job["tasks"]:
         where = f"{task['node']} ({task.get('address', '')})" if task["node"] else "not placed"
         line = f"  {task['name']}: {task['state']} {task['since']} on {where}"
@@ -5776,7 +5797,7 @@ def cmd_jobs_status(args):
             line += f", GPUs {','.join(task['gpus'])}"
         if task["error"]:
             line += f" — {task['error']}"
-        print(line)
+        say(line)
     print_results(job)
     return EXIT_OK
 
@@ -5794,11 +5815,11 @@ def print_results(job):
     if "results" not in job:
         return
     if job["results"] is None:
-        print("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
+        say("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
         return
-    print(f"Results:  {results_summary(job['results'])}")
+    say(f"Results:  {results_summary(job['results'])}")
     if job["results"]["tasks"]:
-        print(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
+        say(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
 
 
 def add_task_details(job, nodes_by_name):
@@ -6609,9 +6630,9 @@ def main(argv=None):
     try:
         return handler(args)
     except GridxError as error:
-        print(f"{_tag('error', '1;31')} {error.message}", file=sys.stderr)
+        print(f"{_tag('error', '1;31')} {printable(error.message)}", file=sys.stderr)
         if error.hint:
-            print(f"{_tag('hint', '1;36')} {error.hint}", file=sys.stderr)
+            print(f"{_tag('hint', '1;36')} {printable(error.hint)}", file=sys.stderr)
         return error.code
     except ForwardedExit as done:  # the command ran on the hub (see Remote)
         return done.code

@@ -6,16 +6,7 @@ import stat
 import subprocess
 
 import pytest
-from fakes import (
-    HUB_NODE,
-    KEY_A,
-    KEY_B,
-    WORKER_NODE,
-    cli,
-    fake_hub,
-    make_config,
-    tree,
-)
+from fakes import HUB_NODE, JOB_SERVICE, JOB_TASK, KEY_A, KEY_B, WORKER_NODE, cli, fake_hub, make_config, run_main, tree
 
 import gridx
 
@@ -285,3 +276,42 @@ def test_unreachable_manager_is_exit_3_within_seconds(monkeypatch):
         gridx.check_manager_reachable(f"ssh://root@127.0.0.1:{port}")
     assert raised.value.code == gridx.EXIT_PRECONDITION and f"127.0.0.1:{port}" in raised.value.message
     assert time.monotonic() - started < gridx.MANAGER_CONNECT_TIMEOUT_S
+
+
+# -- what members and volunteers wrote reaches others' terminals escaped (issue 19) ----------
+
+HOSTILE_TEXT = "evil\x1b]0;owned\x07\x1b[2J\r\u202eexe.txt"
+
+
+def test_control_characters_from_members_and_workers_are_escaped(tmp_path, monkeypatch, capsys):
+    """A command (a member's), a hostname (a volunteer's) and a task error
+    (Docker's, quoting them) in list, status and cluster: no raw control
+    character reaches stdout or stderr; JSON keeps the value exact."""
+    service = json.loads(json.dumps(JOB_SERVICE))
+    service["Spec"]["Labels"][gridx.LABEL_CMD] = HOSTILE_TEXT
+    task = dict(JOB_TASK, Node="w\x1b[31mrker", Error=HOSTILE_TEXT, DesiredState="Shutdown",
+                CurrentState="Failed 1 second ago")
+    node = json.loads(json.dumps(WORKER_NODE))
+    node["Description"]["Hostname"] = "w\x1b[31mrker"
+    tools = fake_hub(tmp_path, monkeypatch)
+    answer = tools.answer_docker
+
+    def hostile(rest):
+        if rest[:2] == ["service", "inspect"]:
+            return json.dumps([service])
+        if rest[:2] == ["service", "ps"] and "-q" not in rest:
+            return json.dumps(task)
+        if rest[:2] == ["node", "inspect"] and "--format" not in rest:
+            return json.dumps([HUB_NODE, node])
+        return answer(rest)
+
+    monkeypatch.setattr(tools, "answer_docker", hostile)
+    for argv in (["jobs", "list"], ["jobs", "status", "job-1"], ["cluster"]):
+        assert run_main(argv) == 0
+        out, err = capsys.readouterr()
+        for text in (out, err):
+            assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in text), \
+                (argv, text)
+    assert "\\x1b]0;owned\\x07" in gridx.printable(HOSTILE_TEXT) and "\\u202e" in gridx.printable(HOSTILE_TEXT)
+    assert run_main(["jobs", "status", "job-1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["command"] == HOSTILE_TEXT
