@@ -621,6 +621,13 @@ def users_limits_path():
     return os.path.join(users_home(), "users.json")
 
 
+def users_lock_path():
+    """What serve locks around a submission's limit check: a file made once
+    and never replaced (users.json is replaced atomically, so a lock on it
+    would be a lock on whichever copy each process opened)."""
+    return os.path.join(users_home(), "users.lock")
+
+
 def user_bundle_path(name, out_dir=None):
     return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
 
@@ -2449,6 +2456,8 @@ def write_user_access(config):
         os.chmod(folder, 0o755)
     atomic_write(authorized_keys_path(), render_authorized_keys(config), 0o644)
     atomic_write(users_limits_path(), render_users_limits(config), 0o644)
+    if not os.path.exists(users_lock_path()):
+        write_new_file(users_lock_path(), "", 0o644)
     for name in sorted(set(config.users) & RESERVED_NAMES):  # added before names were reserved
         warn(f"user {name!r} has a reserved name: their key no longer logs in; "
              f"remove them (gridx hub remove-user {name}) and add them again under another name")
@@ -3139,7 +3148,10 @@ class user_limits_checked:
             return self
         import fcntl
 
-        self.handle = open(users_limits_path())
+        try:
+            self.handle = open(users_lock_path())  # read-only: serve cannot write there, and needs not to
+        except FileNotFoundError:
+            raise precondition(f"{users_lock_path()} is missing", "the hub admin runs: gridx hub init") from None
         fcntl.flock(self.handle, fcntl.LOCK_EX)
         services, tasks, _, _ = jobs_overview()
         use = use_by_owner(services, tasks).get(OWNER, empty_use())
@@ -3556,7 +3568,9 @@ def folder_ignore_rules(folder):
     for name in IGNORE_FILES:
         path = os.path.join(folder, name)
         try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
+            # utf-8-sig: a byte order mark (Windows editors) is not part of
+            # the first pattern, as Docker's own reader trims it too
+            with open(path, encoding="utf-8-sig", errors="replace") as handle:
                 return IgnoreRules(handle.read(), name)
         except FileNotFoundError:
             continue
@@ -3832,7 +3846,7 @@ def read_upload(stream, limit):
         raise fail("no upload on stdin")
     try:
         header = json.loads(stream.readline(4096))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[… nested deeper than Python parses
         raise fail("a damaged header") from None
     if not isinstance(header, dict):
         raise fail("a damaged header")

@@ -268,6 +268,8 @@ check_registry_ca() {
 	local file=$GRIDX_BUNDLE_DIR/registry-ca.crt line n=0 state=before
 	REGISTRY=${S[GRIDX_REGISTRY]:-}
 	[[ -n $REGISTRY ]] || return 0
+	# Docker trusts the CA for exactly this address: the hub's, never another
+	[[ ${REGISTRY%:*} == "$HUB_VPN_IP" ]] || fatal 2 "settings.env names the registry $REGISTRY, which is not at the hub's VPN address $HUB_VPN_IP" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
 	[[ -f $file && ! -L $file ]] || fatal 2 "settings.env names the registry $REGISTRY but $file is missing" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
 	(($(stat -c %s -- "$file") <= 16384)) || fatal 2 "$file is larger than a certificate (16 KiB)" "ask the hub admin for the bundle again"
 	while IFS= read -r line || [[ -n $line ]]; do

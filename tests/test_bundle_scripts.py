@@ -1635,3 +1635,17 @@ def test_the_registry_setting_is_validated(lab, value):
     r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
     assert r.returncode == 2 and "settings.env: GRIDX_REGISTRY" in r.stderr, r.stderr
     assert lab.log() == []
+
+
+def test_the_registry_ca_is_trusted_only_for_the_hubs_address(lab):
+    """A bundle whose GRIDX_REGISTRY is another machine's address would make
+    Docker trust the hub's CA there (issue 19): exit 2, nothing changes."""
+    env = with_registry(lab)
+    lab.settings["GRIDX_REGISTRY"] = "10.0.0.7:5000"
+    lab.write_bundle()
+    (lab.bundle / "registry-ca.crt").write_text(FAKE_CA)
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 2 and "not at the hub's VPN address 10.0.0.1" in r.stderr, r.stderr
+    assert lab.log() == []
+    assert_nothing_changed(lab, before)

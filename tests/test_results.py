@@ -307,3 +307,19 @@ def test_remove_user_stop_jobs_deletes_through_the_same_delete(tmp_path, monkeyp
     tools.calls.clear()
     assert run_main(["hub", "remove-user", "u1", "--stop-jobs"]) == 0
     assert any(call[1:3] == ["service", "rm"] for call in tools.calls), tools.calls
+
+
+def test_a_dockerignore_with_a_byte_order_mark_keeps_its_first_pattern(tmp_path):
+    """Windows editors save a BOM; Docker trims it, and so does gridx (issue 19)."""
+    (tmp_path / ".env").write_text("SECRET=1\n")
+    (tmp_path / "run.py").write_text("print(1)\n")
+    (tmp_path / ".dockerignore").write_bytes(b"\xef\xbb\xbf.env\n")
+    folder = gridx.WorkFolder(str(tmp_path), 10**6)
+    assert ".env" not in folder.entries and "run.py" in folder.entries
+
+
+def test_a_deeply_nested_upload_header_is_exit_2_not_a_traceback():
+    stream = io.BytesIO(gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC + b"[" * 4000 + b"\n0\n")
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.read_upload(stream, 10**6)
+    assert error.value.code == 2 and "damaged header" in error.value.message

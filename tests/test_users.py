@@ -268,6 +268,7 @@ def test_submit_past_a_limit_is_exit_2_before_docker_creates_anything(tmp_path, 
     home = tmp_path / "users"
     home.mkdir()
     (home / "users.json").write_text("{}")
+    (home / "users.lock").write_text("")
     monkeypatch.setenv("GRIDX_USERS_HOME", str(home))
     monkeypatch.setattr(gridx, "OWNER", "alice")
     monkeypatch.setattr(gridx, "SERVE_LIMITS", {"cpus": None, "memory_mib": None, "gpus": 1, "jobs": None})
@@ -540,3 +541,25 @@ def test_a_reserved_name_never_logs_in(monkeypatch, serve_env, capsys):
     config = make_config(peers=W1, users=[("root", {}), ("alice", {})])
     keys = gridx.render_authorized_keys(config, "/usr/local/bin/gridx")
     assert "serve alice" in keys and "serve root" not in keys
+
+
+def test_the_limit_check_locks_a_file_that_is_never_replaced(tmp_path, monkeypatch):
+    """users.json is replaced atomically by every add-user/set-user: two
+    submissions at once must lock the same file, users.lock (issue 19)."""
+    monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "users"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # no chown to root here
+    config = make_config(peers=W1, users=[("alice", {"gpus": 1})])
+    gridx.write_user_access(config)
+    lock = tmp_path / "users" / "users.lock"
+    inode = lock.stat().st_ino
+    gridx.write_user_access(config)
+    assert lock.stat().st_ino == inode and stat.S_IMODE(lock.stat().st_mode) == 0o644
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+    monkeypatch.setattr(gridx, "OWNER", "alice")
+    monkeypatch.setattr(gridx, "SERVE_LIMITS", {"cpus": None, "memory_mib": None, "gpus": 1, "jobs": None})
+    monkeypatch.setattr(gridx, "jobs_overview", lambda: ([], [], [], []))
+    with gridx.user_limits_checked(gridx.JobRequest("1", "1G", "1"), 1):
+        pass
+    assert opened == [str(lock)]
