@@ -78,7 +78,6 @@ status.sh.
 # fast: make bench's startup row).
 
 import argparse
-import io
 import os
 import posixpath
 import re
@@ -136,6 +135,10 @@ LABEL_CMD = "gridx.command"
 LABEL_CREATED = "gridx.created"
 LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
+LABEL_LAYER = "gridx.layer"  # a job's work layer: its tag in the hub's registry (see Work folders and results)
+# A job whose work layer is being made waits, its name held, on a constraint
+# no node meets: node.labels.gridx.hold==TAG.
+HOLD_CONSTRAINT = "node.labels.gridx.hold"
 # An engine label (docker node inspect: .Description.Engine.Labels) that a
 # worker's join.sh --no-hub-ssh sets to "no": it declined the hub's SSH.
 # Same as join.sh's HUB_SSH_LABEL.
@@ -164,6 +167,7 @@ MANAGER_CONNECT_TIMEOUT_S = 5
 JUPYTER_FAILURES = 3  # failed starts in a row before `jobs jupyter` gives up
 WG_CONFIG_MAX_BYTES = 64 * 1024
 WATCH_DEFAULT_INTERVAL_S = 10
+WATCH_SWEEP_EVERY = 10  # hub watch removes the layers of deleted jobs every this many passes (and at its start)
 WATCH_MAX_S = 86400  # hub watch's --interval / --down-after: time.sleep() overflows on huge values
 JUPYTER_MAX_WAIT_S = 86400
 
@@ -3027,6 +3031,9 @@ def reserved_by_node(services, tasks):
 def pending_reason(job, service, nodes_by_name, reserved):
     """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
     reserved: reserved_by_node's)."""
+    placement = service["Spec"].get("TaskTemplate", {}).get("Placement") or {}
+    if any(c.startswith(HOLD_CONSTRAINT) for c in placement.get("Constraints") or ()):
+        return "waiting: the hub is making its work layer (the folder it was sent)"
     asks = service_request(service)
     free = {name: node.shared - reserved.get(name, Resources())
             for name, node in nodes_by_name.items() if node.shared.cpus}
@@ -3467,7 +3474,7 @@ DEFAULT_OUTPUT = WORK_DIR + "/out"  # --output's default with --workdir
 DEFAULT_WORKDIR_LIMIT = "2G"
 DEFAULT_OUTPUT_LIMIT = "2G"
 IGNORE_FILES = (".gridxignore", ".dockerignore")  # the first one found counts
-WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB
+WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB-TOKEN, run by digest
 WORK_DOCKERFILE = "FROM {image}\nCOPY work/ {workdir}/\nWORKDIR {workdir}\n"
 LABEL_OUTPUT = "gridx.output"
 LABEL_OUTPUT_LIMIT = "gridx.output-limit"
@@ -3695,66 +3702,35 @@ class MeteredPipe:
         return len(data)
 
 
-def write_work_context(out, image, members):
-    """The build context: gridx's Dockerfile, the folder under work/."""
+def tar_member(name, kind, mode, mtime, size=0, linkname=""):
+    """A tar header gridx writes itself, field by field: root's, a plain
+    name, no PAX records (nothing of a member's own tar headers passes
+    through: a PAX `path` would rename a file when Docker reads it)."""
     import tarfile
 
-    dockerfile = WORK_DOCKERFILE.format(image=image, workdir=WORK_DIR).encode()
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size, info.mode = len(dockerfile), 0o644
-        archive.addfile(info, io.BytesIO(dockerfile))
-        folder = tarfile.TarInfo("work")
-        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
-        archive.addfile(folder)
-        for info, handle in members:
-            info.name = "work/" + info.name
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            archive.addfile(info, handle)
+    member = tarfile.TarInfo(name)
+    member.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "link": tarfile.SYMTYPE}[kind]
+    member.mode = mode & 0o777  # no setuid, setgid or sticky bit from a member's folder
+    member.mtime = max(0, int(mtime))
+    member.size = size if kind == "file" else 0
+    member.linkname = linkname if kind == "link" else ""
+    member.uid = member.gid = 0
+    member.uname = member.gname = "root"
+    return member
 
 
-def write_members(out, members):
-    """The folder alone as a tar stream (what a user's gridx sends to serve)."""
+def write_work_tar(out, members, prefix=""):
+    """The folder as a tar stream, every header gridx's own (tar_member),
+    GNU long names rather than PAX: a member's upload is re-written here."""
     import tarfile
 
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        for info, handle in members:
-            archive.addfile(info, handle)
-
-
-def build_work_image(target, image, members, size):
-    """`docker build` of the work layer from a context streamed on stdin
-    (over docker's SSH with --manager root@HUB), then `docker push`."""
-    import subprocess
-    import tempfile
-
-    # --network=none: an ONBUILD RUN of the base image reaches nothing from the hub
-    argv = docker("build", "--quiet", "--network=none", f"--tag={target}", "-")
-    with tempfile.TemporaryFile() as said:
-        process = start(argv, stdin=subprocess.PIPE, stdout=said, stderr=said)
-        meter = Meter("work folder", size)
-        try:
-            write_work_context(MeteredPipe(process.stdin, meter), image, members)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # docker build ended early: its output says why
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-        code = process.wait()
-        meter.done()
-        if code:
-            said.seek(0)
-            lines = said.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
-            raise GridxError(f"the hub's Docker could not build the work layer on {image}: {lines[-1]}",
-                             "is the image on the hub (docker images there), or can the hub pull it?")
-    pushed = run(docker("push", "--", target), check=False, timeout=3600)
-    if pushed.returncode:
-        said = (pushed.stderr.strip().splitlines() or ["docker push failed"])[-1]
-        raise precondition(f"the hub's Docker could not push the work layer to its registry: {said}",
-                           "on the hub: gridx hub init (starts the registry), gridx image ls")
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT, bufsize=STREAM_CHUNK) as archive:
+        if prefix:
+            archive.addfile(tar_member(prefix.rstrip("/"), "dir", 0o755, time.time()))
+        for member, handle in members:
+            kind = "dir" if member.isdir() else "link" if member.issym() else "file"
+            archive.addfile(tar_member(prefix + member.name, kind, member.mode, member.mtime, member.size,
+                                       member.linkname), handle)
 
 
 def hub_registry():
@@ -3771,23 +3747,118 @@ def hub_registry():
                            "is this (or --manager) the hub? gridx hub status there") from None
 
 
+def layer_registries():
+    """(where the hub's Docker pushes a work layer, where workers pull it)."""
+    pull = hub_registry()
+    return pull, pull
+
+
+def base_image_config(image):
+    """The hub Docker's (ID, Config) of the image a layer goes on, pulled
+    there first when it is missing."""
+    import json
+
+    argv = docker("image", "inspect", "--format", "{{json .Id}} {{json .Config}}", "--", image)
+    found = run(argv, check=False)
+    if found.returncode:
+        pulled = run(docker("pull", "--quiet", "--", image), check=False, timeout=3600)
+        if pulled.returncode:
+            said = (pulled.stderr.strip().splitlines() or ["docker pull failed"])[-1]
+            raise usage_error(f"the hub's Docker has no image {image} and cannot pull it: {said}",
+                              "push it to the hub's registry first (gridx image push), or name one the hub has")
+        found = run(argv)
+    image_id, _, config = found.stdout.strip().partition(" ")
+    return json.loads(image_id), json.loads(config) or {}
+
+
+def commit_changes(config):
+    """The image's own entrypoint and command back (docker create needs one
+    to make the container), and /work as the working folder. ENTRYPOINT
+    before CMD: setting it empties the command."""
+    import json
+
+    return [f"--change=ENTRYPOINT {json.dumps(config.get('Entrypoint') or [])}",
+            f"--change=CMD {json.dumps(config.get('Cmd') or [])}",
+            f"--change=WORKDIR {WORK_DIR}"]
+
+
+def copy_into(container, members, size):
+    """`docker cp - CONTAINER:/` of work/ and the folder, metered."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as said:
+        process = start(docker("cp", "-", f"{container}:/"), stdin=subprocess.PIPE, stdout=said, stderr=said)
+        meter = Meter("work folder", size)
+        try:
+            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=WORK_DIR.strip("/") + "/")
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # docker cp ended early: its output says why
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        code = process.wait()
+        meter.done()
+        if code:
+            said.seek(0)
+            lines = said.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            raise GridxError(f"the hub's Docker could not take the work folder: {lines[-1]}")
+
+
+def push_digest(target):
+    """`docker push`, and the digest it printed ("TAG: digest: sha256:… size: N")."""
+    pushed = run(docker("push", "--", target), check=False, timeout=3600)
+    found = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed.stdout)
+    if pushed.returncode or not found:
+        said = (pushed.stderr.strip().splitlines() or ["docker push failed"])[-1]
+        raise precondition(f"the hub's Docker could not push the work layer to its registry: {said}",
+                           "on the hub: gridx hub init (starts the registry), gridx image ls")
+    return found.group(1)
+
+
 class WorkLayer:
-    """A job's --workdir: the folder here, or the one a user sent to serve."""
+    """A job's --workdir: the folder here, or the one a user sent to serve.
+
+    It becomes one layer on the job's image without a build: the hub's
+    Docker creates a container of the image (never started: no network, no
+    ONBUILD trigger, nothing of the image runs), copies the folder into
+    /work and commits it; the commit is pushed under a tag no one can guess
+    and the job runs it by digest."""
 
     def __init__(self, job_id, members, size, what):
         self.job_id, self.members, self.size, self.what = job_id, members, size, what
         self.folder = None
+        self.tag = f"{job_id}-{secrets_token()}"
+        self.pushed = None  # (registry address, digest) once in the registry
 
     def build(self, image):
-        """Build and push it on image: the image the job runs."""
-        target = f"{hub_registry()}/{WORK_REPOSITORY}:{self.job_id}"
+        """Make, push and forget it; the reference workers pull (by digest)."""
+        push_address, pull_address = layer_registries()
+        target = f"{push_address}/{WORK_REPOSITORY}:{self.tag}"
         info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
-        build_work_image(target, image, self.members, self.size)
-        return target
+        image_id, config = base_image_config(image)
+        created = run(docker("create", "--network=none", "--entrypoint=/gridx-layer-never-runs",
+                             f"--label={LABEL_LAYER}={self.tag}", "--", image_id))
+        container = created.stdout.strip()
+        try:
+            copy_into(container, self.members, self.size)
+            run(docker("commit", *commit_changes(config), "--", container, target))
+        finally:
+            run(docker("rm", "--force", "--", container), check=False)
+        try:
+            digest = push_digest(target)
+        finally:
+            run(docker("image", "rm", "--", target), check=False)  # the registry has it
+        self.pushed = (push_address, digest)
+        return f"{pull_address}/{WORK_REPOSITORY}:{self.tag}@{digest}"
 
-    def forget(self, target):
-        """The hub's Docker keeps no copy: the registry has it."""
-        run(docker("image", "rm", "--", target), check=False)
+
+def secrets_token():
+    import secrets
+
+    return secrets.token_hex(16)
 
 
 def work_layer(args, job_id):
@@ -3805,12 +3876,70 @@ def work_layer(args, job_id):
     return layer
 
 
+def registry_writer_access():
+    """(address, CA path) of the registry through which layers are pushed
+    and deleted, from where gridx runs on the hub."""
+    address = layer_registries()[0]
+    return address, registry_trust_path(address)
+
+
+def remove_work_layer(tag, digest=None):
+    """Delete a job's layer from the registry (its manifest; the blobs go at
+    the next garbage collection). False, with a warning, when it could not
+    (hub watch's sweep tries again: sweep_work_layers)."""
+    import urllib.parse
+
+    try:
+        address, ca_path = registry_writer_access()
+        if digest is None:
+            digest, _ = registry_manifest(address, ca_path, WORK_REPOSITORY, tag, method="HEAD")
+            if digest is None:
+                return True
+        path = f"/v2/{urllib.parse.quote(WORK_REPOSITORY)}/manifests/{digest}"
+        status, _, body = registry_request(address, ca_path, path, method="DELETE")
+    except GridxError as error:
+        warn(f"the work layer {tag} stays in the hub's registry for now: {error.message}")
+        return False
+    if status not in (200, 202, 404):
+        warn(f"the registry refused to delete the work layer {tag} ({status}): {body[:120]}")
+        return False
+    return True
+
+
+def sweep_work_layers():
+    """hub watch: remove the layers no job names any more (a job deleted
+    through --manager, or a submit that died before it could clean up).
+    The tags are listed before the jobs, so a layer pushed meanwhile has
+    its (held) job listed already."""
+    address, ca_path = registry_writer_access()
+    tags = registry_tags(address, ca_path, WORK_REPOSITORY)
+    if not tags:
+        return []
+    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in list_job_services(missing_ok=True)}
+    swept = [tag for tag in tags if tag not in live and remove_work_layer(tag)]
+    if swept:
+        info(f"removed the work layers of deleted jobs: {', '.join(swept)}")
+    return swept
+
+
+def refuse_work_layer_image(image):
+    """A member runs a work layer only through --workdir: never another's
+    (nor their own again) by naming it."""
+    if OWNER is not None and split_image(image)[1] == WORK_REPOSITORY:
+        raise usage_error(f"{image} is a job's work layer: members' layers are theirs alone",
+                          "send the folder with --workdir DIR")
+
+
 # -- the upload through serve -------------------------------------------------
 # A user's gridx sends SESSION_HELLO, UPLOAD_MAGIC and a JSON header line,
-# then the folder's tar in frames (a hex length line, that many bytes), and a
-# frame of 0 at the end; stdin then stays open as in any serve session.
+# then the folder's tar in frames (a line of 1-8 lowercase hex digits, then
+# that many bytes, at most FRAME_MAX), and a frame of 0 at the end; stdin then
+# stays open as in any serve session. Nothing of it is unpacked on the hub,
+# and its tar headers are read, never passed on (write_work_tar).
 
 SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
+FRAME_MAX = 4 * STREAM_CHUNK
+_FRAME = None
 
 
 class FrameWriter:
@@ -3818,8 +3947,9 @@ class FrameWriter:
         self.pipe = pipe
 
     def write(self, data):
-        if data:
-            self.pipe.write(b"%x\n" % len(data) + data)
+        for start_at in range(0, len(data), FRAME_MAX):
+            chunk = data[start_at:start_at + FRAME_MAX]
+            self.pipe.write(b"%x\n" % len(chunk) + chunk)
         return len(data)
 
     def end(self):
@@ -3832,6 +3962,18 @@ class Upload:
 
     def __init__(self, spool, size, header):
         self.spool, self.size, self.header = spool, size, header
+
+
+def frame_length(line):
+    """A frame's length line: 1-8 lowercase hex digits and a newline, at most
+    FRAME_MAX; None when it is anything else (a sign, 0x, blanks, -1)."""
+    global _FRAME
+    if _FRAME is None:
+        _FRAME = re.compile(rb"[0-9a-f]{1,8}\n")
+    if not _FRAME.fullmatch(line):
+        return None
+    length = int(line, 16)
+    return length if length <= FRAME_MAX else None
 
 
 def read_upload(stream, limit):
@@ -3852,11 +3994,9 @@ def read_upload(stream, limit):
         raise fail("a damaged header")
     spool, size = tempfile.TemporaryFile(), 0
     while True:
-        line = stream.readline(32)
-        try:
-            length = int(line, 16)
-        except ValueError:
-            raise fail("a damaged frame") from None
+        length = frame_length(stream.readline(16))
+        if length is None:
+            raise fail(f"a damaged frame (each is 1-8 hex digits of at most {FRAME_MAX:x}, then the bytes)")
         if length == 0:
             break
         size += length
@@ -3873,7 +4013,8 @@ def read_upload(stream, limit):
 
 def upload_members(upload):
     """A user's tar as members for the layer: folders, files and links with
-    plain relative names only (nothing of it is ever unpacked on the hub)."""
+    plain relative names only (nothing of it is ever unpacked on the hub,
+    and write_work_tar writes every header anew)."""
     import tarfile
 
     try:
@@ -3897,7 +4038,7 @@ def send_upload(pipe, folder, header):
     pipe.write(SESSION_HELLO + UPLOAD_MAGIC + json.dumps(header).encode() + b"\n")
     frames = FrameWriter(pipe)
     meter = Meter("work folder", folder.bytes)
-    write_members(MeteredPipe(frames, meter), folder.members())
+    write_work_tar(MeteredPipe(frames, meter), folder.members())
     frames.end()
     meter.done()
 
@@ -5090,9 +5231,10 @@ def cmd_hub_watch(args):
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_waiting = {}, {}
+    down_since, seen_waiting, passes = {}, {}, 0
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
+        passes += 1
         try:
             nodes = swarm_nodes()
             now = time.monotonic()
@@ -5120,6 +5262,8 @@ def cmd_hub_watch(args):
             collected = collect_due_results(services, tasks, nodes)  # see Work folders and results
             if collected:
                 info(f"collected the results of {', '.join(collected)}")
+            if passes % WATCH_SWEEP_EVERY == 1:
+                sweep_work_layers()
         except GridxError as error:
             warn(error.message)
         if args.once:
@@ -5539,16 +5683,31 @@ def placeable_nodes(output):
 
 
 def submit_job(args, job_id, image, request, output, **create):
-    """Build the work layer when there is one, then create the job on it."""
+    """Create the job. With a work layer, the job is created first, held (its
+    name and its owner's limits taken before anything is made), then the
+    layer is made and the job moved onto it by digest; a layer that cannot be
+    made takes the job away with it: a refused submit leaves nothing."""
+    refuse_work_layer_image(image)
     layer = args.layer
-    target = layer.build(image) if layer else image
     extra = list(create.pop("extra_args", ()))
     if output:
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
-    create_job(job_id, target, request, extra_args=extra,
-               extra_labels=output_labels(output, image if layer else None), **create)
-    if layer:
-        layer.forget(target)
+    labels = output_labels(output, image if layer else None)
+    if not layer:
+        create_job(job_id, image, request, extra_args=extra, extra_labels=labels, **create)
+        return
+    hold = f"--constraint={HOLD_CONSTRAINT}=={layer.tag}"
+    create_job(job_id, image, request, extra_args=[*extra, hold], extra_labels=[*labels, (LABEL_LAYER, layer.tag)],
+               **create)
+    try:
+        target = layer.build(image)
+        run(docker("service", "update", "--detach", "--quiet", "--no-resolve-image", f"--image={target}",
+                   f"--constraint-rm={hold.partition('=')[2]}", "--", job_id))
+    except BaseException:
+        run(docker("service", "rm", "--", job_id), check=False)
+        if layer.pushed:
+            remove_work_layer(layer.tag, layer.pushed[1])
+        raise
 
 
 def finish_waited_job(job_id, code, output):
@@ -5881,43 +6040,21 @@ def cmd_jobs_logs(args):
 
 
 def cmd_jobs_delete(args):
-    """Stop a job's containers on every worker, remove it, its configs and (unless kept) its results."""
+    """Stop a job's containers on every worker, remove it, its configs, its
+    work layer and (unless kept) its results."""
     ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
     set_manager(args)
     services = list_job_services(ids)
     check_owner(services, "delete")  # through serve: see Jobs, owners
     tasks = list_tasks(ids)
-    running_jobs = sorted({
-        t.service for t in tasks
-        if t.active and is_current(t)
-        and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t.service)["Spec"]["Mode"]
-    })
-    # Docker 20.10 leaves the container of a running replicated-job behind
-    # when its service is removed (moby#44312): stop its tasks first by
-    # moving the job to a constraint no node meets.
-    for job_id in running_jobs:
-        run(docker("service", "update", "--detach", "--force",
-                   "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
-    deadline = time.monotonic() + 30
-    while running_jobs and time.monotonic() < deadline:
-        live = [t for t in list_tasks(running_jobs) if t.state in ("running", "starting", "preparing")]
-        if not live:
-            break
-        time.sleep(0.5)
+    stop_running_jobs(services, tasks)
     leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
     run(docker("service", "rm", "--", *ids))
     remove_containers(leftovers)
-    # Several label=K=V filters on `config ls` do not mean "any of these":
-    # list every job's config and pick the deleted jobs' here.
-    listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",
-                        "--format", '{{.ID}}\t{{.Label "%s"}}' % LABEL_JOB)).stdout
-    configs = [config_id for config_id, _, job_id in (line.partition("\t") for line in listed.splitlines())
-               if job_id in ids]
-    if configs:
-        removed = run(docker("config", "rm", "--", *configs), check=False)
-        if removed.returncode != 0:
-            said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
-            warn(f"the jobs' script configs were not all removed: {said}")
+    remove_job_configs(ids)
+    if not DOCKER_HOST:  # through --manager root@HUB, hub watch's sweep removes them
+        for tag in filter(None, (s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services)):
+            remove_work_layer(tag)
     with_results = [service["Spec"]["Name"] for service in services
                     if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
     if with_results and not args.keep_results:
@@ -5931,6 +6068,39 @@ def cmd_jobs_delete(args):
             if args.keep_results and job_id in with_results else ""
         print(f"deleted {job_id}{kept}")
     return EXIT_OK
+
+
+def stop_running_jobs(services, tasks):
+    """Docker 20.10 leaves the container of a running replicated-job behind
+    when its service is removed (moby#44312): stop its tasks first by moving
+    the job to a constraint no node meets, and wait (30 s at most)."""
+    modes = {s["Spec"]["Name"]: s["Spec"]["Mode"] for s in services}
+    running_jobs = sorted({t.service for t in tasks
+                           if t.active and is_current(t) and "ReplicatedJob" in modes.get(t.service, {})})
+    for job_id in running_jobs:
+        run(docker("service", "update", "--detach", "--force",
+                   "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
+    deadline = time.monotonic() + 30
+    while running_jobs and time.monotonic() < deadline:
+        live = [t for t in list_tasks(running_jobs) if t.state in ("running", "starting", "preparing")]
+        if not live:
+            break
+        time.sleep(0.5)
+
+
+def remove_job_configs(ids):
+    """The swarm configs of the jobs (train's script). Several label=K=V
+    filters on `config ls` do not mean "any of these": list every job's
+    config and pick the deleted jobs' here."""
+    listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",
+                        "--format", '{{.ID}}\t{{.Label "%s"}}' % LABEL_JOB)).stdout
+    configs = [config_id for config_id, _, job_id in (line.partition("\t") for line in listed.splitlines())
+               if job_id in ids]
+    if configs:
+        removed = run(docker("config", "rm", "--", *configs), check=False)
+        if removed.returncode != 0:
+            said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
+            warn(f"the jobs' script configs were not all removed: {said}")
 
 
 # -- jobs results -------------------------------------------------------------

@@ -135,6 +135,8 @@ class FakeTools:
     def answer_docker(self, rest):
         """What the hub's docker prints: the swarm's part, else the jobs'."""
         joined = " ".join(rest)
+        if rest[:1] == ["info"] and "{{.Swarm.NodeAddr}}" in rest:
+            return "10.0.0.1"
         if rest[:1] == ["info"]:
             return json.dumps({"LocalNodeState": "active", "NodeAddr": "10.0.0.1", "ControlAvailable": True})
         if rest[:2] == ["swarm", "join-token"]:
@@ -185,6 +187,7 @@ class FakeTools:
         os.close(write_end)
 
         class Process:
+            stdin = open(os.devnull, "wb")  # what gridx streams (docker cp -, ssh) goes nowhere
             stdout = os.fdopen(read_end, "rb")
             returncode = 0
             pid = 0

@@ -8,6 +8,7 @@ no Docker (the e2e tests in tests/e2e/test_results_lab.py run it for real)."""
 
 import io
 import os
+import re
 import tarfile
 
 import pytest
@@ -48,7 +49,7 @@ def test_ignore_rules_read_as_docker_reads_them(patterns, path, ignored):
 
 
 def make_folder(root):
-    (root / "data").mkdir()
+    (root / "data").mkdir(parents=True)
     (root / "data" / "in.bin").write_bytes(b"x" * 1000)
     (root / "skip").mkdir()
     (root / "skip" / "big.bin").write_bytes(b"y" * 5000)
@@ -92,26 +93,127 @@ def test_a_missing_folder_and_a_bad_output_are_exit_2(tmp_path):
     assert gridx.valid_output_path("/work/out/") == "/work/out"
 
 
-# -- the build context ------------------------------------------------------------------
+# -- the work layer: no build, gridx's own tar headers ------------------------------------
 
 
-def test_the_build_context_is_gridx_dockerfile_and_the_folder_under_work(tmp_path):
+def test_the_layer_is_the_folder_under_work_with_headers_gridx_wrote(tmp_path):
     folder = make_folder(tmp_path)
     (folder / ".gridxignore").write_text("skip\n")
+    os.chmod(folder / "main.py", 0o4755)  # setuid: not carried into the layer
     work = gridx.WorkFolder(str(folder), 10**6)
     out = io.BytesIO()
-    gridx.write_work_context(out, "python:3.11", work.members())
+    gridx.write_work_tar(out, work.members(), prefix="work/")
     out.seek(0)
     with tarfile.open(fileobj=out) as archive:
         members = {m.name: m for m in archive.getmembers()}
-        dockerfile = archive.extractfile("Dockerfile").read().decode()
         assert archive.extractfile("work/data/in.bin").read() == b"x" * 1000
-    assert dockerfile == "FROM python:3.11\nCOPY work/ /work/\nWORKDIR /work\n"
-    assert "RUN" not in dockerfile  # nothing of the user's runs while building
+    assert sorted(members)[0] == "work" and "Dockerfile" not in members
     assert members["work/link.py"].issym() and members["work/link.py"].linkname == "main.py"
+    assert members["work/main.py"].mode == 0o755
     assert not any(name.startswith("work/skip") for name in members)
     assert "work/pipe" not in members
-    assert {(m.uid, m.gid) for m in members.values()} == {(0, 0)}
+    assert {(m.uid, m.gid, m.uname) for m in members.values()} == {(0, 0, "root")}
+    assert all(not m.pax_headers for m in members.values())
+
+
+def test_a_members_pax_headers_never_reach_the_hubs_docker(tmp_path):
+    """A hand-made client's tar whose PAX `path` renames a file to the
+    context's root (a Dockerfile of its own, once): re-written by gridx."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("notes.txt")
+        info.pax_headers = {"path": "../Dockerfile", "SCHILY.xattr.security.capability": "x", "uid": "0"}
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"FROM"))
+    raw.seek(0)
+    upload = gridx.Upload(raw, 4, {})
+    out = io.BytesIO()
+    with pytest.raises(gridx.GridxError):  # tarfile applies `path`: the name is outside the folder
+        gridx.write_work_tar(out, gridx.upload_members(upload), prefix="work/")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("notes.txt")
+        info.pax_headers = {"SCHILY.xattr.security.capability": "x", "comment": "hello"}
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"text"))
+    raw.seek(0)
+    out = io.BytesIO()
+    gridx.write_work_tar(out, gridx.upload_members(gridx.Upload(raw, 4, {})), prefix="work/")
+    assert b"SCHILY" not in out.getvalue() and b"comment" not in out.getvalue()
+    out.seek(0)
+    with tarfile.open(fileobj=out) as archive:
+        assert [(m.name, m.pax_headers) for m in archive.getmembers()] == [("work", {}), ("work/notes.txt", {})]
+
+
+def test_the_commit_keeps_the_images_own_entrypoint_and_command():
+    changes = gridx.commit_changes({"Entrypoint": ["/init"], "Cmd": ["python3", "-V"]})
+    assert changes == ['--change=ENTRYPOINT ["/init"]', '--change=CMD ["python3", "-V"]', "--change=WORKDIR /work"]
+    assert gridx.commit_changes({"Entrypoint": None, "Cmd": None})[:2] == ["--change=ENTRYPOINT []",
+                                                                          "--change=CMD []"]
+
+
+def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):
+    """create (held: the name and the limits taken), then create/cp/commit/
+    push the layer (no docker build), then move the job onto it by digest."""
+    tools = fake_hub(tmp_path, monkeypatch)
+    folder = make_folder(tmp_path / "wd")
+    answer = tools.answer_docker
+
+    def docker(rest):
+        if rest[:2] == ["image", "inspect"]:
+            return '"sha256:' + "1" * 64 + '" {"Entrypoint":null,"Cmd":["python3"]}'
+        if rest[:1] == ["create"]:
+            return "c0ffee"
+        if rest[:1] == ["push"]:
+            return "layer: digest: sha256:" + "d" * 64 + " size: 1234"
+        return answer(rest)
+
+    monkeypatch.setattr(tools, "answer_docker", docker)
+    assert run_main(["jobs", "run", "--name", "wd1", "--workdir", str(folder), "python:3.11", "true"]) == 0
+    calls = [c[1:] for c in tools.calls if c[0] == "docker"]
+    verbs = [" ".join(c[:2]) for c in calls if c[:2] != ["info", "--format"]]
+    create = next(c for c in calls if c[:2] == ["service", "create"])
+    update = next(c for c in calls if c[:2] == ["service", "update"])
+    assert verbs.index("service create") < verbs.index("create --network=none") < verbs.index("service update")
+    assert not any(c[:1] == ["build"] for c in calls)
+    tag = next(a for a in create if a.startswith("--label=gridx.layer=")).partition("=")[2].partition("=")[2]
+    assert re.fullmatch(r"wd1-[0-9a-f]{32}", tag)
+    assert f"--constraint=node.labels.gridx.hold=={tag}" in create
+    assert f"--image=10.0.0.1:5000/gridx/work:{tag}@sha256:{'d' * 64}" in update
+    assert f"--constraint-rm=node.labels.gridx.hold=={tag}" in update
+    assert ["rm", "--force", "--", "c0ffee"] in calls  # the container is gone, the hub keeps no image
+    assert ["image", "rm", "--", f"10.0.0.1:5000/gridx/work:{tag}"] in calls
+
+
+def test_a_layer_that_cannot_be_made_takes_its_held_job_with_it(tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    folder = make_folder(tmp_path / "wd")
+    answer = tools.answer_docker
+
+    def docker(rest):
+        if rest[:2] == ["image", "inspect"]:
+            return '"sha256:' + "1" * 64 + '" {}'
+        if rest[:1] == ["create"]:
+            return "c0ffee"
+        if rest[:1] == ["push"]:
+            return ""  # no digest: the push failed
+        return answer(rest)
+
+    monkeypatch.setattr(tools, "answer_docker", docker)
+    assert run_main(["jobs", "run", "--name", "wd2", "--workdir", str(folder), "python:3.11", "true"]) == 3
+    calls = [c[1:] for c in tools.calls if c[0] == "docker"]
+    assert ["service", "rm", "--", "wd2"] in calls and not any(c[:2] == ["service", "update"] for c in calls)
+
+
+def test_a_member_cannot_run_a_work_layer_by_name(monkeypatch):
+    monkeypatch.setattr(gridx, "OWNER", "bob")
+    for image in ("10.0.0.1:5000/gridx/work:job-1-" + "a" * 32, "10.0.0.1:5000/gridx/work@sha256:" + "b" * 64):
+        with pytest.raises(gridx.GridxError) as error:
+            gridx.refuse_work_layer_image(image)
+        assert error.value.code == 2
+    gridx.refuse_work_layer_image("10.0.0.1:5000/gridx/workbench:1")
+    monkeypatch.setattr(gridx, "OWNER", None)
+    gridx.refuse_work_layer_image("10.0.0.1:5000/gridx/work:job-1-" + "a" * 32)  # the admin may
 
 
 # -- the upload through serve ------------------------------------------------------------
@@ -135,10 +237,28 @@ def test_an_upload_arrives_whole_and_only_once(tmp_path):
 
 def test_an_upload_over_the_limit_or_damaged_is_exit_2(tmp_path):
     assert "limit" in usage(uploaded, tmp_path, None, 100)
-    for damaged in (b"", b"hello", gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC + b"{}\nzz\n",
-                    gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC + b"[1]\n0\n",
-                    gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC + b"{}\n10\nabc"):
-        usage(gridx.read_upload, io.BytesIO(damaged), 10**6)
+    start = gridx.SESSION_HELLO + gridx.UPLOAD_MAGIC
+    for damaged in (b"", b"hello", start + b"{}\nzz\n", start + b"[1]\n0\n", start + b"{}\n10\nabc",
+                    start + b"{}\n-1\n", start + b"{}\n+10\n" + b"x" * 16 + b"0\n", start + b"{}\n0x10\n",
+                    start + b"{}\n 10\n", start + b"{}\n10 \n", start + b"{}\n1_0\n", start + b"{}\nA\n",
+                    start + b"{}\n%x\n" % (gridx.FRAME_MAX + 1), start + b"{}\n000000001\n"):
+        usage(gridx.read_upload, io.BytesIO(damaged + b"x" * 64), 10**6)
+
+
+def test_frames_are_cut_at_their_maximum(tmp_path):
+    stream = io.BytesIO()
+    frames = gridx.FrameWriter(stream)
+    frames.write(b"y" * (gridx.FRAME_MAX * 2 + 5))
+    frames.end()
+    stream.seek(0)
+    lengths = []
+    while True:
+        length = gridx.frame_length(stream.readline(16))
+        if not length:
+            break
+        lengths.append(length)
+        stream.read(length)
+    assert lengths == [gridx.FRAME_MAX, gridx.FRAME_MAX, 5]
 
 
 def tar_of(*members):
