@@ -135,6 +135,8 @@ LABEL_CMD = "gridx.command"
 LABEL_CREATED = "gridx.created"
 LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
+LABEL_KEPT = "gridx.kept"  # a swarm config marking a deleted job's kept results (see Work folders and results)
+LABEL_SERVICE = "gridx.service"  # on that marker: the service ID the results are filed under
 LABEL_LAYER = "gridx.layer"  # a job's work layer: its tag in the hub's registry (see Work folders and results)
 # A job whose work layer is being made waits, its name held, on a constraint
 # no node meets: node.labels.gridx.hold==TAG.
@@ -3463,7 +3465,7 @@ class LogFollower:
 # pushes it to the hub's registry (see Registry); the worker pulls it over
 # the VPN. `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
-# the hub's SSH, see SSH) into RESULTS/JOB/ (RESULTS/JOB/N/ when
+# the hub's SSH, see SSH) into RESULTS/ID/ (RESULTS/ID/N/ when
 # there are several replicas), so results outlive the worker; `jobs
 # results` copies them to the submitter. Such a job runs only where the
 # hub's SSH reaches (not on a --no-hub-ssh worker).
@@ -4044,27 +4046,33 @@ def send_upload(pipe, folder, header):
 
 
 # -- results on the hub -------------------------------------------------------
-# RESULTS/JOB/ holds the files; RESULTS/JOB.json says, per replica slot, which
-# task they came from, what they weigh, or why there are none.
+# Results belong to the job that made them: RESULTS/SERVICE_ID/ holds the
+# files and RESULTS/SERVICE_ID.json (its job's name and owner inside) says,
+# per replica slot, which task they came from, what they weigh, or why there
+# are none. A job is found by name through its service; a deleted job whose
+# results are kept, through a swarm config gridx-kept-JOB (labels: its
+# owner and service ID), which also holds the name: no new job takes it
+# until the results are deleted.
 
 
-def results_record_path(job_id):
-    return os.path.join(results_dir(), f"{job_id}.json")
+def results_record_path(key):
+    return os.path.join(results_dir(), f"{key}.json")
 
 
-def results_files_path(job_id):
-    return os.path.join(results_dir(), job_id)
+def results_files_path(key):
+    return os.path.join(results_dir(), key)
 
 
-def load_results_record(job_id):
+def load_results_record(key):
+    """The record of the job whose service ID is key, or None."""
     import json
 
     try:
-        record = json.loads(read_text(results_record_path(job_id)))
+        record = json.loads(read_text(results_record_path(key)))
     except (FileNotFoundError, ValueError):
         return None
     except PermissionError:
-        raise precondition(f"cannot read {results_record_path(job_id)}",
+        raise precondition(f"cannot read {results_record_path(key)}",
                            "on the hub as root (gridx hub init gives the results to the gridx account)") from None
     return record if isinstance(record, dict) and isinstance(record.get("tasks"), dict) else None
 
@@ -4197,8 +4205,8 @@ def uncollected(record, tasks):
 
 
 def results_folder(record, task_id, several):
-    """RESULTS/JOB/ of a job of one replica (a task run again replaces the
-    old one's); RESULTS/JOB/N/ of its Nth task with several."""
+    """RESULTS/ID/ of a job of one replica (a task run again replaces the
+    old one's); RESULTS/ID/N/ of its Nth task with several."""
     if not several:
         return ""
     taken = [int(t["folder"]) for i, t in record["tasks"].items() if t.get("folder", "").isdigit() and i != task_id]
@@ -4217,16 +4225,16 @@ def collect_results(service, tasks, nodes=None):
     output = labels.get(LABEL_OUTPUT)
     if not output:
         return None
-    job_id = service["Spec"]["Name"]
-    record = load_results_record(job_id) or {"job": job_id, "owner": owner_of(service), "output": output,
-                                              "tasks": {}}
+    job_id, key = service["Spec"]["Name"], service["ID"]
+    record = load_results_record(key) or {"job": job_id, "service": key, "owner": owner_of(service),
+                                          "output": output, "tasks": {}}
     if not uncollected(record, tasks) or os.geteuid() != 0:
         return record  # serve (the gridx account) has no SSH to workers: watch collects
     limit = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
     several = job_replicas(service["Spec"]["Mode"]) > 1
     by_name = {n.hostname: n for n in (nodes if nodes is not None else swarm_nodes())}
     with ResultsLock():
-        record = load_results_record(job_id) or record  # another collector may have been first
+        record = load_results_record(key) or record  # another collector may have been first
         due = uncollected(record, tasks)
         containers = task_containers([task.id for task in due])
         for task in due:
@@ -4241,7 +4249,7 @@ def collect_results(service, tasks, nodes=None):
             attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + 1
             if not several:  # the task that ran last is the job's record
                 record["tasks"] = {}
-            target = os.path.join(results_files_path(job_id), folder) if folder else results_files_path(job_id)
+            target = os.path.join(results_files_path(key), folder) if folder else results_files_path(key)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
@@ -4250,8 +4258,8 @@ def collect_results(service, tasks, nodes=None):
             os.rename(fresh, target)
             record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
         record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
-        atomic_write(results_record_path(job_id), json.dumps(record, indent=2) + "\n", mode=0o644)
-        hand_over(results_record_path(job_id))
+        atomic_write(results_record_path(key), json.dumps(record, indent=2) + "\n", mode=0o644)
+        hand_over(results_record_path(key))
     return record
 
 
@@ -4276,7 +4284,7 @@ def collect_due_results(services, tasks, nodes):
     for service in services:
         if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
             continue
-        before = load_results_record(service["Spec"]["Name"])
+        before = load_results_record(service["ID"])
         record = collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
         if record and record != before:
             collected.append(service["Spec"]["Name"])
@@ -4298,22 +4306,22 @@ def results_summary(record):
     return "; ".join(parts)
 
 
-def remove_results(job_id):
+def remove_results(key):
     import shutil
 
     with ResultsLock():
-        shutil.rmtree(results_files_path(job_id), ignore_errors=True)
+        shutil.rmtree(results_files_path(key), ignore_errors=True)
         try:
-            os.unlink(results_record_path(job_id))
+            os.unlink(results_record_path(key))
         except FileNotFoundError:
             pass
 
 
-def write_results_tar(job_id, out):
-    """The hub's side of `jobs results`: RESULTS/JOB/ as a tar stream."""
+def write_results_tar(key, out):
+    """The hub's side of `jobs results`: RESULTS/SERVICE_ID/ as a tar stream."""
     import tarfile
 
-    files = results_files_path(job_id)
+    files = results_files_path(key)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
         for top, folders, names in os.walk(files):
             folders.sort()
@@ -4367,6 +4375,44 @@ def remove_containers(found):
         process.wait()  # best effort: a container Docker removed itself is no error
 
 
+def kept_marker(job_id):
+    return f"gridx-kept-{job_id}"
+
+
+def kept_results(job_id):
+    """{"service": ID, "owner": NAME} of a deleted job whose results are
+    kept, or None (one docker call)."""
+    import json
+
+    found = run(docker("config", "inspect", "--format", "{{json .Spec.Labels}}", "--", kept_marker(job_id)),
+                check=False)
+    if found.returncode:
+        if "no such config" in found.stderr.lower():
+            return None
+        raise command_error(docker("config", "inspect"), found)
+    labels = json.loads(found.stdout or "{}") or {}
+    return {"service": labels.get(LABEL_SERVICE, ""), "owner": labels.get(LABEL_OWNER, ADMIN_OWNER)}
+
+
+def refuse_kept_name(job_id):
+    """A new job never takes the name of a deleted one whose results are kept."""
+    if kept_results(job_id):
+        raise usage_error(f"the results of an earlier job {job_id} are kept on the hub under that name",
+                          f"pick another --name, or delete them: gridx jobs results {job_id} --delete")
+
+
+def keep_results(service):
+    """jobs delete --keep-results: the marker that finds them, by name, once
+    the job is gone."""
+    name = service["Spec"]["Name"]
+    run(docker("config", "create", f"--label={LABEL_KEPT}={name}", f"--label={LABEL_OWNER}={owner_of(service)}",
+               f"--label={LABEL_SERVICE}={service['ID']}", "--", kept_marker(name), "-"), input=name + "\n")
+
+
+def forget_kept(job_id):
+    run(docker("config", "rm", "--", kept_marker(job_id)), check=False)
+
+
 # -- results to the submitter -------------------------------------------------
 
 
@@ -4380,12 +4426,12 @@ def results_destination(dest, job_id):
     return path
 
 
-def results_here(job_id, dest, record):
-    """On the hub: copy RESULTS/JOB/ to dest; (bytes, files) as its record says."""
+def results_here(key, dest, record):
+    """On the hub: copy RESULTS/SERVICE_ID/ to dest; (bytes, files) as its record says."""
     import shutil
 
     os.makedirs(dest, mode=0o755, exist_ok=True)
-    files = results_files_path(job_id)
+    files = results_files_path(key)
     if os.path.isdir(files):
         shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
     tasks = (record or {}).get("tasks", {}).values()
@@ -5688,6 +5734,7 @@ def submit_job(args, job_id, image, request, output, **create):
     layer is made and the job moved onto it by digest; a layer that cannot be
     made takes the job away with it: a refused submit leaves nothing."""
     refuse_work_layer_image(image)
+    refuse_kept_name(job_id)
     layer = args.layer
     extra = list(create.pop("extra_args", ()))
     if output:
@@ -5718,9 +5765,10 @@ def finish_waited_job(job_id, code, output):
     if DOCKER_HOST:
         written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
     else:
-        record = collect_results(list_job_services([job_id])[0], list_tasks([job_id]))
+        service = list_job_services([job_id])[0]
+        record = collect_results(service, list_tasks([job_id]))
         say_results_problems(job_id, record)
-        written, files = results_here(job_id, dest, record)
+        written, files = results_here(service["ID"], dest, record)
     info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
     return code
 
@@ -5981,7 +6029,7 @@ def add_results(job, service, tasks, nodes):
     if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
         return
     record = hub_results(job["id"]) if DOCKER_HOST else collect_results(service, tasks, nodes)
-    job["results"] = dict(record, path=record.get("path") or results_files_path(job["id"])) if record else None
+    job["results"] = dict(record, path=record.get("path") or results_files_path(service["ID"])) if record else None
 
 
 def print_results(job):
@@ -6047,26 +6095,28 @@ def cmd_jobs_delete(args):
     services = list_job_services(ids)
     check_owner(services, "delete")  # through serve: see Jobs, owners
     tasks = list_tasks(ids)
+    with_results = [service for service in services if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
     stop_running_jobs(services, tasks)
     leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
+    for service in with_results:
+        if args.keep_results:
+            keep_results(service)
+        elif DOCKER_HOST:  # while the job is still there to be found by name
+            run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", service["Spec"]["Name"]]),
+                check=False)
     run(docker("service", "rm", "--", *ids))
     remove_containers(leftovers)
     remove_job_configs(ids)
     if not DOCKER_HOST:  # through --manager root@HUB, hub watch's sweep removes them
         for tag in filter(None, (s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services)):
             remove_work_layer(tag)
-    with_results = [service["Spec"]["Name"] for service in services
-                    if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
-    if with_results and not args.keep_results:
-        for job_id in with_results:
-            if DOCKER_HOST:
-                run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", job_id]), check=False)
-            else:
-                remove_results(job_id)
+    if not DOCKER_HOST and not args.keep_results:
+        for service in with_results:
+            remove_results(service["ID"])
+    kept = {service["Spec"]["Name"] for service in with_results} if args.keep_results else set()
     for job_id in ids:
-        kept = " (its results stay on the hub: gridx jobs results " + job_id + ")" \
-            if args.keep_results and job_id in with_results else ""
-        print(f"deleted {job_id}{kept}")
+        print(f"deleted {job_id}" + (f" (its results stay on the hub: gridx jobs results {job_id})"
+                                     if job_id in kept else ""))
     return EXIT_OK
 
 
@@ -6123,14 +6173,16 @@ def cmd_jobs_results(args):
         return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
     if OWNER is None:
         require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
-    service, tasks, record = job_or_results(job_id)
+    service, tasks, record, key = job_or_results(job_id)
     if args.delete:
-        remove_results(job_id)
+        remove_results(key)
+        if service is None:
+            forget_kept(job_id)  # the name is free again
         print(f"removed the results of {job_id}")
         return EXIT_OK
     state = job_summary(service, tasks)["state"] if service else "deleted"
     if args.json:
-        print_json(dict(record, state=state, path=results_files_path(job_id)))
+        print_json(dict(record, state=state, path=results_files_path(key)))
         return EXIT_OK
     if not record["tasks"]:
         raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
@@ -6138,25 +6190,28 @@ def cmd_jobs_results(args):
     say_results_problems(job_id, record)
     if args.tar:
         sys.stdout.flush()
-        write_results_tar(job_id, sys.stdout.buffer)
+        write_results_tar(key, sys.stdout.buffer)
         return EXIT_OK
-    written, files = results_here(job_id, dest, record)
+    written, files = results_here(key, dest, record)
     print(dest)
     info(f"{human_bytes(written)} in {files} file(s)")
     return EXIT_OK
 
 
 def job_or_results(job_id):
-    """(service or None, tasks, record) of a job, or of a deleted job whose
-    results were kept; exit 2 when neither exists or it has no --output."""
+    """(service or None, tasks, record, key) of a job, or of a deleted job
+    whose results were kept (key: the service ID they are filed under); exit
+    2 when neither exists, it is another member's, or it has no --output."""
     services = list_job_services([job_id], missing_ok=True)
     if not services:
-        record = load_results_record(job_id)
+        kept = kept_results(job_id)
+        record = load_results_record(kept["service"]) if kept and kept["service"] else None
         if record is None:
             raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
-        if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
-            raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
-        return None, [], record
+        owner = kept["owner"]
+        if OWNER is not None and (owner != OWNER or record.get("owner") != OWNER):
+            raise usage_error(f"job {job_id} was {owner}'s: {OWNER} can fetch only their own results")
+        return None, [], record, kept["service"]
     check_owner(services, "fetch the results of")  # through serve: see Jobs, owners
     tasks = list_tasks([job_id])
     record = collect_results(services[0], tasks)
@@ -6165,7 +6220,7 @@ def job_or_results(job_id):
     if record is None:
         raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
                           f"its output is in its logs: gridx jobs logs {job_id}")
-    return services[0], tasks, record
+    return services[0], tasks, record, services[0]["ID"]
 
 
 RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
@@ -6183,7 +6238,7 @@ def wait_for_watch(service, tasks, record):
                                f"{RESULTS_WATCH_WAIT_S} s of the job's end",
                                "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
         time.sleep(1)
-        record = load_results_record(service["Spec"]["Name"]) or record
+        record = load_results_record(service["ID"]) or record
 
 
 def hub_results(job_id):

@@ -106,6 +106,7 @@ class FakeTools:
         self.calls = []
         self.declined = list(declined)  # node IDs with gridx.hub-ssh=no
         self.token = "SWMTKN-1-old"
+        self.kept = {}  # kept-results marker -> its labels
 
     def answer(self, argv):
         words = [w for w in argv if not w.startswith("--host=")]
@@ -174,6 +175,12 @@ class FakeTools:
 
     def run(self, argv, input=None, capture_output=False, text=False, timeout=None, env=None, **kw):
         self.calls.append(list(argv))
+        words = [w for w in argv if not w.startswith("--host=")]
+        if words[1:3] == ["config", "inspect"]:  # kept results' markers (see Work folders and results)
+            name = words[-1]
+            if name in self.kept:
+                return subprocess.CompletedProcess(argv, 0, json.dumps(self.kept[name]) + "\n", "")
+            return subprocess.CompletedProcess(argv, 1, "", f"Error: no such config: {name}\n")
         out, code = self.answer(argv)
         return subprocess.CompletedProcess(argv, code, out + "\n" if out else "", "")
 

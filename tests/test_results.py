@@ -7,6 +7,7 @@ inside, links left out, the limit), and what serve and DEST refuse. No root,
 no Docker (the e2e tests in tests/e2e/test_results_lab.py run it for real)."""
 
 import io
+import json
 import os
 import re
 import tarfile
@@ -443,3 +444,64 @@ def test_a_deeply_nested_upload_header_is_exit_2_not_a_traceback():
     with pytest.raises(gridx.GridxError) as error:
         gridx.read_upload(stream, 10**6)
     assert error.value.code == 2 and "damaged header" in error.value.message
+
+
+# -- results belong to the job that made them (issue 19) ------------------------------------
+
+
+def kept_on_the_hub(tmp_path, tools, name="job-out", owner="alice", service="s-old"):
+    """A deleted job's kept results: the marker in the swarm, the files on the hub."""
+    tools.kept[gridx.kept_marker(name)] = {gridx.LABEL_KEPT: name, gridx.LABEL_OWNER: owner,
+                                          gridx.LABEL_SERVICE: service}
+    results = tmp_path / "results"
+    (results / service).mkdir(parents=True)
+    (results / service / "model.pt").write_text("alice's model\n")
+    (results / f"{service}.json").write_text(json.dumps({
+        "job": name, "service": service, "owner": owner, "output": "/work/out",
+        "tasks": {"t0": {"state": "collected", "bytes": 14, "files": 1, "folder": ""}}}))
+
+
+def test_a_name_whose_results_are_kept_is_refused_until_they_are_deleted(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    kept_on_the_hub(tmp_path, tools)
+    assert run_main(["jobs", "run", "--name", "job-out", "python:3.11", "true"]) == 2
+    assert "are kept on the hub" in capsys.readouterr().err
+    assert not [c for c in tools.calls if "create" in c]
+
+
+def test_kept_results_go_to_their_owner_only(tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    kept_on_the_hub(tmp_path, tools)
+    monkeypatch.setattr(gridx, "list_job_services", lambda ids=None, missing_ok=False: [])
+    monkeypatch.setattr(gridx, "OWNER", "bob")
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.job_or_results("job-out")
+    assert error.value.code == 2 and "alice's" in error.value.message
+    monkeypatch.setattr(gridx, "OWNER", "alice")
+    service, _, record, key = gridx.job_or_results("job-out")
+    assert (service, key, record["owner"]) == (None, "s-old", "alice")
+
+
+def test_a_new_job_of_the_same_name_never_sees_old_results(tmp_path, monkeypatch):
+    """Results are filed under the service ID: a live job-out (service s2)
+    finds its own record, never the one of s-old."""
+    tools = fake_hub(tmp_path, monkeypatch)
+    kept_on_the_hub(tmp_path, tools, owner="root")
+    monkeypatch.setattr(gridx, "collect_results", lambda service, tasks, nodes=None: gridx.load_results_record(
+        service["ID"]) or {"job": "job-out", "service": service["ID"], "owner": "root", "tasks": {}})
+    service, _, record, key = gridx.job_or_results("job-out")
+    assert key == "s2" and service["ID"] == "s2" and record["tasks"] == {}
+    assert gridx.results_files_path(key) == str(tmp_path / "results" / "s2")
+
+
+def test_delete_keep_results_leaves_a_marker_delete_without_removes_by_service_id(tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    (tmp_path / "results" / "s2").mkdir(parents=True)
+    (tmp_path / "results" / "s2.json").write_text('{"tasks": {}}')
+    monkeypatch.setattr(gridx, "output_containers", lambda services, tasks, keep=False: {})
+    assert run_main(["jobs", "delete", "--keep-results", "job-out"]) == 0
+    create = next(c for c in tools.calls if c[1:3] == ["config", "create"])
+    assert "--label=gridx.service=s2" in create and create[-2:] == ["gridx-kept-job-out", "-"]
+    assert (tmp_path / "results" / "s2").exists()
+    assert run_main(["jobs", "delete", "job-out"]) == 0
+    assert not (tmp_path / "results" / "s2").exists() and not (tmp_path / "results" / "s2.json").exists()
