@@ -886,8 +886,8 @@ def parse_limit(value, key):
         return None
     if text == "default":
         return ...
-    flag = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs"}[key]
-    if key == "memory_mib":
+    flag = LIMIT_FLAGS[key]
+    if key.endswith("_mib"):
         import math
 
         return math.ceil(parse_memory(value, flag) / 1024**2)
@@ -919,7 +919,18 @@ class Peer:
         return {slot: getattr(self, slot) for slot in self.__slots__}
 
 
-USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
+# A member's limits. What their unfinished jobs reserve is checked at submit
+# (a key unset: no limit); what their jobs put on the hub has a value even
+# when the admin set none (STORE_DEFAULTS), so a member never fills the hub.
+SUBMIT_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
+STORE_LIMITS = ("workdir_mib", "output_mib", "output_files", "kept")  # per folder, per task, per task, per member
+USER_LIMITS = SUBMIT_LIMITS + STORE_LIMITS
+HUB_LIMITS = ("free_mib",)  # hub-wide (set-defaults): collection stops while the hub has less free
+STORE_DEFAULTS = {"workdir_mib": 2048, "output_mib": 2048, "output_files": 10000, "kept": 20, "free_mib": 1024}
+# The --max-… flag of each limit (and set-defaults' --min-free).
+LIMIT_FLAGS = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs",
+               "workdir_mib": "--max-workdir", "output_mib": "--max-output", "output_files": "--max-output-files",
+               "kept": "--max-kept", "free_mib": "--min-free"}
 
 
 class User:
@@ -942,12 +953,12 @@ class User:
         return {slot: getattr(self, slot) for slot in self.__slots__}
 
 
-def valid_limits(document, where):
+def valid_limits(document, where, keys=USER_LIMITS):
     """{key: whole number >= 0 or None} from hub_config.json."""
     if not isinstance(document, dict):
         raise TypeError(f"{where} is not an object")
     for key, value in document.items():
-        if key not in USER_LIMITS:
+        if key not in keys:
             raise ValueError(f"{where} has an unknown limit {key!r}")
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
@@ -976,7 +987,7 @@ def users_from_dict(document, network, hub_ip, peers):
                            valid_wg_key(item.get("public_key", ""), "user key"),
                            valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
                            valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
-    return users, valid_limits(document.get("user_defaults", {}), "user_defaults")
+    return users, valid_limits(document.get("user_defaults", {}), "user_defaults", USER_LIMITS + HUB_LIMITS)
 
 
 def users_document(config):
@@ -1177,7 +1188,12 @@ def registered(members, name, kind):
 
 
 def effective_limits(config, user):
-    return {key: user.limits.get(key, config.user_defaults.get(key)) for key in USER_LIMITS}
+    return {key: user.limits.get(key, config.user_defaults.get(key, STORE_DEFAULTS.get(key))) for key in USER_LIMITS}
+
+
+def hub_limits(config):
+    """The hub-wide values (HUB_LIMITS): set-defaults', else STORE_DEFAULTS."""
+    return {key: config.user_defaults.get(key, STORE_DEFAULTS[key]) for key in HUB_LIMITS}
 
 
 # ---------------------------------------------------------------------------
@@ -1301,6 +1317,8 @@ def ssh_argv(address, command=(), tty=False):
         "-o", f"UserKnownHostsFile={known_hosts_path()}",
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", "ConnectTimeout=10",
+        # a worker that vanishes mid-command is noticed within a minute, not at TCP's timeout
+        "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
     ]
     if tty:
         argv.append("-t")
@@ -2407,13 +2425,13 @@ def limits_from_args(args, allow_default=True):
     """{key: number, None (no limit), or ... (back to the default)} for the
     --max-… flags given."""
     found = {}
-    for key, flag in (("cpus", "max_cpus"), ("memory_mib", "max_memory"), ("gpus", "max_gpus"), ("jobs", "max_jobs")):
-        value = getattr(args, flag, None)
+    for key, flag in LIMIT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is None:
             continue
         limit = parse_limit(value, key)
         if limit is ... and not allow_default:
-            raise usage_error(f"--{flag.replace('_', '-')} default: these are the defaults", "give a number or none")
+            raise usage_error(f"{flag} default: these are the defaults", "give a number or none")
         found[key] = limit
     return found
 
@@ -2421,7 +2439,7 @@ def limits_from_args(args, allow_default=True):
 def show_limit(key, value):
     if value is None:
         return "-"
-    return human_mib(value) if key == "memory_mib" else str(value)
+    return human_mib(value) if key.endswith("_mib") else str(value)
 
 
 def authorized_keys_line(name, ssh_key, program=None):
@@ -2447,7 +2465,8 @@ def render_authorized_keys(config, program=None):
 def render_users_limits(config):
     import json
 
-    document = {"users": {name: effective_limits(config, user) for name, user in sorted(config.users.items())}}
+    document = {"users": {name: effective_limits(config, user) for name, user in sorted(config.users.items())},
+                "hub": hub_limits(config)}
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
@@ -3130,7 +3149,7 @@ def use_by_owner(services, tasks):
 
 def limit_refusal(owner, use, limits, asks):
     """The first limit a new job would pass, as one line; None when it fits."""
-    for key in USER_LIMITS:
+    for key in SUBMIT_LIMITS:
         limit = limits.get(key)
         if limit is None or use[key] + asks[key] <= limit:
             continue
@@ -3486,6 +3505,7 @@ PROGRESS_EVERY_S = 5  # plain progress lines when stderr is not a terminal
 STREAM_CHUNK = 1024 * 1024
 UPLOAD_MAGIC = b"gridx-upload "  # serve: after SESSION_HELLO, this, a JSON header line, then frames
 RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each watch pass), then given up
+RESULTS_COPY_TIMEOUT_S = 900  # one task's copy from its worker: killed past this, tried again (an attempt)
 
 
 def valid_output_path(value):
@@ -3501,13 +3521,27 @@ def valid_output_path(value):
     return path
 
 
+def capped_size(value, flag, key, default):
+    """A size flag (--workdir-limit, --output-limit) in bytes: through serve,
+    the member's limit (users.json) unless the flag is lower; a flag above it
+    is exit 2. The admin's: the flag, else the default."""
+    cap = SERVE_LIMITS.get(key, STORE_DEFAULTS[key]) if OWNER is not None and SERVE_LIMITS is not None else None
+    if value is None:
+        return parse_memory(default, flag) if cap is None else cap * 1024**2
+    asked = parse_memory(value, flag)
+    if cap is not None and asked > cap * 1024**2:
+        raise usage_error(f"{flag} {value} is over your limit on this hub, {human_mib(cap)}",
+                          f"give {flag} {human_mib(cap)} or less (the hub admin sets the limit)")
+    return asked
+
+
 def job_output(args):
     """--output PATH and its limit (default /work/out with --workdir), or None."""
     output = getattr(args, "output", None)
     if output is None and getattr(args, "workdir", None) is None:
         return None
     path = valid_output_path(output or DEFAULT_OUTPUT)
-    return path, parse_memory(args.output_limit, "--output-limit")
+    return path, capped_size(args.output_limit, "--output-limit", "output_mib", DEFAULT_OUTPUT_LIMIT)
 
 
 # -- ignore rules -------------------------------------------------------------
@@ -3868,7 +3902,7 @@ def work_layer(args, job_id):
     workdir = getattr(args, "workdir", None)
     if workdir is None:
         return None
-    limit = parse_memory(args.workdir_limit, "--workdir-limit")
+    limit = capped_size(args.workdir_limit, "--workdir-limit", "workdir_mib", DEFAULT_WORKDIR_LIMIT)
     upload = getattr(args, "upload", None)
     if upload is not None:  # serve: what the user's gridx sent
         return WorkLayer(job_id, upload_members(upload), upload.size, human_bytes(upload.size))
@@ -4077,9 +4111,10 @@ def load_results_record(key):
     return record if isinstance(record, dict) and isinstance(record.get("tasks"), dict) else None
 
 
-def safe_extract(stream, dest, limit, strip=0):
+def safe_extract(stream, dest, limit, strip=0, max_files=None):
     """Unpack a tar stream into dest (a fresh folder): folders and files only,
-    names kept under dest, at most limit bytes. Returns (bytes, files,
+    names kept under dest, at most limit bytes (a file's full size counts:
+    a sparse one arrives dense) and max_files files. Returns (bytes, files,
     over_limit, left_out)."""
     import tarfile
 
@@ -4104,7 +4139,7 @@ def safe_extract(stream, dest, limit, strip=0):
             if not member.isreg():
                 left_out += 1  # links and devices stay behind: a link could point anywhere here
                 continue
-            if written + member.size > limit:
+            if written + member.size > limit or (max_files is not None and files >= max_files):
                 return written, files, True, left_out
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             source = archive.extractfile(member)
@@ -4120,22 +4155,26 @@ def safe_extract(stream, dest, limit, strip=0):
     return written, files, False, left_out
 
 
-def copy_out(node, container, output, dest, limit):
+def copy_out(node, container, output, dest, limits):
     """docker cp of an ended container's output, on its worker over the hub's
-    SSH (here when the hub itself ran it): what came, or why nothing did."""
+    SSH (here when the hub itself ran it), within RESULTS_COPY_TIMEOUT_S:
+    what came, or why nothing did. limits: (bytes, files or None)."""
     import shlex
     import subprocess
     import tarfile
     import tempfile
+    import threading
 
     copy = ["docker", "cp", "--", f"{container}:{output}", "-"]
     local = node.address == load_hub_config().hub_ip
     argv = copy if local else ssh_argv(node.address, [shlex.join(copy)])
     with tempfile.TemporaryFile() as said:
         process = start(argv, stdout=subprocess.PIPE, stderr=said)
+        deadline = threading.Timer(RESULTS_COPY_TIMEOUT_S, process.kill)  # a worker that stops answering
+        deadline.start()
         written, files, over, left_out, broken = 0, 0, False, 0, None
         try:
-            written, files, over, left_out = safe_extract(process.stdout, dest, limit, strip=1)
+            written, files, over, left_out = safe_extract(process.stdout, dest, limits[0], 1, limits[1])
             while not over and process.stdout.read(STREAM_CHUNK):
                 pass  # the tar's padding: docker cp ends by itself
         except (tarfile.TarError, OSError) as error:
@@ -4145,6 +4184,8 @@ def copy_out(node, container, output, dest, limit):
             if (over or broken) and process.poll() is None:
                 process.kill()  # the rest is not wanted (over the limit) or cannot be read
             code = process.wait()
+            timed_out = not deadline.is_alive() and code < 0
+            deadline.cancel()
         said.seek(0)
         lines = [line for line in said.read().decode("utf-8", "replace").strip().splitlines()
                  if not line.startswith("Warning: Permanently added")]  # ssh's accept-new, not an error
@@ -4153,7 +4194,11 @@ def copy_out(node, container, output, dest, limit):
     if left_out:
         record["left_out"] = left_out
     if over:
-        return dict(record, state="over-limit", error=f"over the {human_bytes(limit)} limit: kept what fit")
+        what = f"{human_bytes(limits[0])}" + (f" or {limits[1]} files" if limits[1] is not None else "")
+        return dict(record, state="over-limit", error=f"over the {what} limit: kept what fit")
+    if timed_out:
+        return dict(record, state="unreachable",
+                    error=f"the copy from {node.hostname} took over {RESULTS_COPY_TIMEOUT_S} s")
     if code == 0 and broken is None:
         return dict(record, state="collected")
     if "Could not find the file" in error or "No such container:path" in error:
@@ -4166,7 +4211,8 @@ def copy_out(node, container, output, dest, limit):
 
 
 class ResultsLock:
-    """One collector at a time (watch, --wait, jobs results)."""
+    """Around a change of RESULTS/: short, never held across a copy from a
+    worker (collectors claim their tasks instead: claim_due)."""
 
     def __enter__(self):
         import fcntl
@@ -4186,7 +4232,7 @@ class ResultsLock:
         self.handle.close()
 
 
-RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed
+RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed, hub-full
 
 
 def ended_tasks(tasks):
@@ -4204,6 +4250,30 @@ def uncollected(record, tasks):
     return [t for t in ended_tasks(tasks) if due(record["tasks"].get(t.id, {}))]
 
 
+def claim_due(record, tasks):
+    """The due tasks no live collector is copying, claimed for this one in
+    the record (the caller saves it under the lock): --wait, jobs results
+    and hub watch never copy the same task at once."""
+    now = time.time()
+    claims = {task_id: claim for task_id, claim in record.get("collecting", {}).items()
+              if claim.get("until", 0) > now and process_alive(claim.get("pid"))}
+    mine = [t for t in uncollected(record, tasks) if t.id not in claims]
+    for task in mine:
+        claims[task.id] = {"pid": os.getpid(), "until": now + RESULTS_COPY_TIMEOUT_S + 60}
+    record["collecting"] = claims
+    return mine
+
+
+def process_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def results_folder(record, task_id, several):
     """RESULTS/ID/ of a job of one replica (a task run again replaces the
     old one's); RESULTS/ID/N/ of its Nth task with several."""
@@ -4214,13 +4284,39 @@ def results_folder(record, task_id, several):
     return known or str(max(taken, default=0) + 1)
 
 
+def collection_limits(service):
+    """(bytes, files or None, free bytes the hub keeps) for a job's output:
+    its --output-limit, and its owner's limits (users.json) when a member's."""
+    import json
+
+    labels = service["Spec"].get("Labels", {})
+    size = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
+    try:
+        document = json.loads(read_text(users_limits_path()))
+    except (OSError, ValueError):
+        document = {}
+    hub = document.get("hub") or {}
+    free = hub.get("free_mib", STORE_DEFAULTS["free_mib"])
+    mine = (document.get("users") or {}).get(owner_of(service))
+    files = None
+    if isinstance(mine, dict):  # a member's job: their limits bound what it puts on the hub
+        cap = mine.get("output_mib", STORE_DEFAULTS["output_mib"])
+        size = size if cap is None else min(size, cap * 1024**2)
+        files = mine.get("output_files", STORE_DEFAULTS["output_files"])
+    return size, files, (free or 0) * 1024**2
+
+
+def hub_room(floor):
+    """Bytes the hub may still take for results: what is free above the floor."""
+    status = os.statvfs(results_dir())
+    return status.f_bavail * status.f_frsize - floor
+
+
 def collect_results(service, tasks, nodes=None):
     """Copy the output of the job's tasks that ended and are not collected
-    yet onto the hub; the job's results record (None: no --output)."""
-    import json
-    import shutil
-    import tempfile
-
+    yet onto the hub; the job's results record (None: no --output). The
+    tasks are claimed under the lock, copied without it (each into a folder
+    of its own, within its deadline), then put in place under it again."""
     labels = service["Spec"].get("Labels", {})
     output = labels.get(LABEL_OUTPUT)
     if not output:
@@ -4230,37 +4326,72 @@ def collect_results(service, tasks, nodes=None):
                                           "output": output, "tasks": {}}
     if not uncollected(record, tasks) or os.geteuid() != 0:
         return record  # serve (the gridx account) has no SSH to workers: watch collects
-    limit = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
-    several = job_replicas(service["Spec"]["Mode"]) > 1
-    by_name = {n.hostname: n for n in (nodes if nodes is not None else swarm_nodes())}
     with ResultsLock():
         record = load_results_record(key) or record  # another collector may have been first
-        due = uncollected(record, tasks)
-        containers = task_containers([task.id for task in due])
+        due = claim_due(record, tasks)
+        save_results_record(key, record)
+    if not due:
+        return record
+    copied = copy_tasks(service, due, nodes if nodes is not None else swarm_nodes())
+    with ResultsLock():
+        record = load_results_record(key) or record
+        several = job_replicas(service["Spec"]["Mode"]) > 1
         for task in due:
-            node, container = by_name.get(task.node), containers.get(task.id)
-            fresh = tempfile.mkdtemp(prefix=f".{job_id}-", dir=results_dir())
-            if node is None or not container:
-                collected = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
-                             "error": f"{task.node or 'its node'} is no longer in the swarm"}
-            else:
-                collected = copy_out(node, container, output, fresh, limit)
-            folder = results_folder(record, task.id, several)
-            attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + 1
-            if not several:  # the task that ran last is the job's record
-                record["tasks"] = {}
-            target = os.path.join(results_files_path(key), folder) if folder else results_files_path(key)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-            os.chmod(fresh, 0o755)
-            hand_over(fresh)
-            os.rename(fresh, target)
-            record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
-        record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
-        atomic_write(results_record_path(key), json.dumps(record, indent=2) + "\n", mode=0o644)
-        hand_over(results_record_path(key))
+            file_results(record, key, task, several, *copied[task.id])
+        save_results_record(key, record)
     return record
+
+
+def copy_tasks(service, due, nodes):
+    """{task ID: (what came, the folder it came into)} of the due tasks."""
+    import tempfile
+
+    output = service["Spec"]["Labels"][LABEL_OUTPUT]
+    size, files, floor = collection_limits(service)
+    by_name = {n.hostname: n for n in nodes}
+    containers = task_containers([task.id for task in due])
+    copied = {}
+    for task in due:
+        node, container = by_name.get(task.node), containers.get(task.id)
+        fresh = tempfile.mkdtemp(prefix=f".{service['ID']}-", dir=results_dir())
+        room = hub_room(floor)
+        if node is None or not container:
+            collected = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
+                         "error": f"{task.node or 'its node'} is no longer in the swarm"}
+        elif room <= 0:
+            collected = {"node": task.node, "bytes": 0, "files": 0, "state": "hub-full",
+                         "error": f"the hub keeps {human_bytes(floor)} of its disk free: collection waits"}
+        else:
+            collected = copy_out(node, container, output, fresh, (min(size, room), files))
+        copied[task.id] = (collected, fresh)
+    return copied
+
+
+def file_results(record, key, task, several, collected, fresh):
+    """Put a task's copied output in place and say so in the record (under the lock)."""
+    import shutil
+
+    folder = results_folder(record, task.id, several)
+    attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + (collected["state"] != "hub-full")
+    if not several:  # the task that ran last is the job's record
+        record["tasks"] = {}
+    target = os.path.join(results_files_path(key), folder) if folder else results_files_path(key)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    os.chmod(fresh, 0o755)
+    hand_over(fresh)
+    os.rename(fresh, target)
+    record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
+    record.get("collecting", {}).pop(task.id, None)
+
+
+def save_results_record(key, record):
+    import json
+
+    record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
+    atomic_write(results_record_path(key), json.dumps(record, indent=2) + "\n", mode=0o644)
+    hand_over(results_record_path(key))
 
 
 def task_containers(task_ids):
@@ -4289,6 +4420,34 @@ def collect_due_results(services, tasks, nodes):
         if record and record != before:
             collected.append(service["Spec"]["Name"])
     return collected
+
+
+class Collector:
+    """hub watch's collection, in a thread of its own (one at a time): a
+    worker that answers slowly, or not at all until RESULTS_COPY_TIMEOUT_S,
+    never holds up the re-running of lost jobs."""
+
+    def __init__(self):
+        self.thread = None
+
+    def start(self, services, tasks, nodes):
+        import threading
+
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.thread = threading.Thread(target=self.collect, args=(services, tasks, nodes), daemon=True)
+        self.thread.start()
+        return True
+
+    @staticmethod
+    def collect(services, tasks, nodes):
+        try:
+            collected = collect_due_results(services, tasks, nodes)
+        except GridxError as error:
+            warn(error.message)
+            return
+        if collected:
+            info(f"collected the results of {', '.join(collected)}")
 
 
 def results_summary(record):
@@ -4407,6 +4566,21 @@ def keep_results(service):
     name = service["Spec"]["Name"]
     run(docker("config", "create", f"--label={LABEL_KEPT}={name}", f"--label={LABEL_OWNER}={owner_of(service)}",
                f"--label={LABEL_SERVICE}={service['ID']}", "--", kept_marker(name), "-"), input=name + "\n")
+
+
+def check_kept_limit(more):
+    """Through serve: exit 2 when keeping MORE results would take the member
+    past their limit of kept results (before anything is deleted)."""
+    if OWNER is None or SERVE_LIMITS is None or not more:
+        return
+    cap = SERVE_LIMITS.get("kept", STORE_DEFAULTS["kept"])
+    listed = run(docker("config", "ls", "--filter", f"label={LABEL_KEPT}",
+                        "--format", '{{.Label "%s"}}' % LABEL_OWNER)).stdout.split()
+    held = listed.count(OWNER)
+    if cap is not None and held + more > cap:
+        raise usage_error(f"{OWNER} keeps the results of {held} deleted job(s), the most the hub allows is {cap}",
+                          "delete some first: gridx jobs results JOB --delete (or delete this job without "
+                          "--keep-results after fetching them: gridx jobs results JOB)")
 
 
 def forget_kept(job_id):
@@ -5277,7 +5451,7 @@ def cmd_hub_watch(args):
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_waiting, passes = {}, {}, 0
+    down_since, seen_waiting, passes, collector = {}, {}, 0, Collector()
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         passes += 1
@@ -5305,14 +5479,14 @@ def cmd_hub_watch(args):
             seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
-            collected = collect_due_results(services, tasks, nodes)  # see Work folders and results
-            if collected:
-                info(f"collected the results of {', '.join(collected)}")
+            collector.start(services, tasks, nodes)  # see Work folders and results
             if passes % WATCH_SWEEP_EVERY == 1:
                 sweep_work_layers()
         except GridxError as error:
             warn(error.message)
         if args.once:
+            if collector.thread is not None:
+                collector.thread.join()
             return EXIT_OK
         time.sleep(interval)
 
@@ -5407,11 +5581,13 @@ def cmd_hub_set_defaults(args):
     with StateLock():
         config = load_hub_config()
         config.user_defaults.update(limits)
-        config.user_defaults = {k: v for k, v in config.user_defaults.items() if v is not None}
+        # an unset submit limit is no limit already; a store limit's "none" must be kept to mean it
+        config.user_defaults = {k: v for k, v in config.user_defaults.items()
+                                if v is not None or k not in SUBMIT_LIMITS}
         save_hub_config(config)
         if config.users:
             write_user_access(config)
-    shown = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    shown = {key: config.user_defaults.get(key, STORE_DEFAULTS.get(key)) for key in USER_LIMITS + HUB_LIMITS}
     print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
     return EXIT_OK
 
@@ -5470,7 +5646,7 @@ def cmd_hub_list_users(args):
     need("wg", "docker")
     config = load_hub_config()
     rows = user_rows(config)
-    defaults = {key: config.user_defaults.get(key) for key in USER_LIMITS}
+    defaults = {key: config.user_defaults.get(key, STORE_DEFAULTS.get(key)) for key in USER_LIMITS + HUB_LIMITS}
     if args.json:
         print_json({"users": rows, "defaults": defaults})
         return EXIT_OK
@@ -5482,7 +5658,7 @@ def cmd_hub_list_users(args):
         limits, use = row["limits"], row["use"]
         table.append([
             row["name"], row["ip"], human_age(row["handshake_age"]),
-            "/".join(show_limit(k, limits[k]) for k in USER_LIMITS),
+            "/".join(show_limit(k, limits[k]) for k in SUBMIT_LIMITS),
             "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
         ])
     print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
@@ -6096,6 +6272,8 @@ def cmd_jobs_delete(args):
     check_owner(services, "delete")  # through serve: see Jobs, owners
     tasks = list_tasks(ids)
     with_results = [service for service in services if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
+    if args.keep_results:
+        check_kept_limit(len(with_results))
     stop_running_jobs(services, tasks)
     leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
     for service in with_results:
@@ -6458,7 +6636,8 @@ def cmd_serve(args):
     SERVE_LIMITS = load_serve_limits(name)
     OWNER = name
     if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
-        parsed.upload = read_upload(sys.stdin.buffer, parse_memory(parsed.workdir_limit, "--workdir-limit"))
+        limit = capped_size(parsed.workdir_limit, "--workdir-limit", "workdir_mib", DEFAULT_WORKDIR_LIMIT)
+        parsed.upload = read_upload(sys.stdin.buffer, limit)
     watch_session_end(armed=getattr(parsed, "upload", None) is not None)
     return parsed.handler(parsed)
 
@@ -6507,13 +6686,14 @@ def add_work_flags(parser):
     parser.add_argument("--workdir", metavar="DIR",
                         help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
                              f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
-    parser.add_argument("--workdir-limit", default=DEFAULT_WORKDIR_LIMIT, metavar="SIZE",
-                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT})")
+    parser.add_argument("--workdir-limit", metavar="SIZE",
+                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT}, or your limit on the hub)")
     parser.add_argument("--output", metavar="PATH",
                         help=f"collect this path of the job's container onto the hub when it ends "
                              f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
-    parser.add_argument("--output-limit", default=DEFAULT_OUTPUT_LIMIT, metavar="SIZE",
-                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT})")
+    parser.add_argument("--output-limit", metavar="SIZE",
+                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT}, "
+                             "or your limit on the hub)")
 
 
 def add_limit_flags(parser, what):
@@ -6521,6 +6701,10 @@ def add_limit_flags(parser, what):
     parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
     parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
     parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
+    parser.add_argument("--max-workdir", metavar="SIZE", help="a --workdir folder sent to the hub (default 2G)")
+    parser.add_argument("--max-output", metavar="SIZE", help="a task's --output collected onto the hub (default 2G)")
+    parser.add_argument("--max-output-files", metavar="N", help="files of a task's --output (default 10000)")
+    parser.add_argument("--max-kept", metavar="N", help="deleted jobs' results kept on the hub (default 20)")
 
 
 def args_name(p):
@@ -6598,6 +6782,8 @@ def args_hub_set_user(p):
 
 def args_hub_set_defaults(p):
     add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
+    p.add_argument("--min-free", metavar="SIZE",
+                   help="the hub keeps this much disk free: results are not collected below it (default 1G)")
 
 
 def args_hub_remove_user(p):

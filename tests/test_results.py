@@ -11,9 +11,10 @@ import json
 import os
 import re
 import tarfile
+import time
 
 import pytest
-from fakes import JOB_SERVICE, NODE, fake_hub, run_main, serve
+from fakes import JOB_SERVICE, NODE, fake_hub, make_config, run_main, serve
 
 import gridx
 
@@ -505,3 +506,126 @@ def test_delete_keep_results_leaves_a_marker_delete_without_removes_by_service_i
     assert (tmp_path / "results" / "s2").exists()
     assert run_main(["jobs", "delete", "job-out"]) == 0
     assert not (tmp_path / "results" / "s2").exists() and not (tmp_path / "results" / "s2.json").exists()
+
+
+# -- what a member's jobs put on the hub is bounded by the admin (issue 19) ---------------------
+
+
+def as_member(monkeypatch, **limits):
+    monkeypatch.setattr(gridx, "OWNER", "alice")
+    monkeypatch.setattr(gridx, "SERVE_LIMITS", limits)
+
+
+def test_a_members_flag_lowers_a_limit_never_raises_it(monkeypatch):
+    as_member(monkeypatch, workdir_mib=1024, output_mib=None)
+    assert gridx.capped_size(None, "--workdir-limit", "workdir_mib", "2G") == 1024**3
+    assert gridx.capped_size("512M", "--workdir-limit", "workdir_mib", "2G") == 512 * 1024**2
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.capped_size("2G", "--workdir-limit", "workdir_mib", "2G")
+    assert error.value.code == 2 and "over your limit on this hub, 1G" in error.value.message
+    assert gridx.capped_size("50G", "--output-limit", "output_mib", "2G") == 50 * 1024**3  # admin said none
+    as_member(monkeypatch)  # an older users.json: the built-in limits
+    assert gridx.capped_size(None, "--output-limit", "output_mib", "2G") == 2 * 1024**3
+    monkeypatch.setattr(gridx, "OWNER", None)  # the admin: the flag, else the default
+    assert gridx.capped_size("50G", "--workdir-limit", "workdir_mib", "2G") == 50 * 1024**3
+
+
+def test_serve_refuses_a_workdir_limit_over_the_members_before_reading_the_upload(serve_env, monkeypatch):
+    users = json.loads(open(os.path.join(os.environ["GRIDX_USERS_HOME"], "users.json")).read())
+    users["users"]["alice"]["workdir_mib"] = 100
+    open(os.path.join(os.environ["GRIDX_USERS_HOME"], "users.json"), "w").write(json.dumps(users))
+    read = []
+    monkeypatch.setattr(gridx, "read_upload", lambda stream, limit: read.append(limit))
+    assert serve(monkeypatch, "jobs run --workdir . --workdir-limit 1G python:3.11 true") == 2
+    assert read == [] and serve_env == []
+
+
+def test_collection_takes_the_owners_limits_and_the_label(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path))
+    (tmp_path / "users.json").write_text(json.dumps({
+        "users": {"alice": {"output_mib": 10, "output_files": 50}}, "hub": {"free_mib": 300}}))
+    service = {"ID": "s9", "Spec": {"Name": "j", "Labels": {gridx.LABEL_OUTPUT: "/work/out",
+                                                           gridx.LABEL_OUTPUT_LIMIT: str(2 * 1024**3),
+                                                           gridx.LABEL_OWNER: "alice"}}}
+    assert gridx.collection_limits(service) == (10 * 1024**2, 50, 300 * 1024**2)
+    service["Spec"]["Labels"][gridx.LABEL_OWNER] = "root"  # the admin's job: its own --output-limit
+    assert gridx.collection_limits(service) == (2 * 1024**3, None, 300 * 1024**2)
+
+
+def test_the_hubs_unpacking_stops_at_the_file_limit(tmp_path):
+    stream = tar_of(*[(f"out/f{i}", tarfile.REGTYPE, b"") for i in range(100)])
+    written, files, over, _ = gridx.safe_extract(stream, str(tmp_path), 10**6, strip=1, max_files=10)
+    assert (files, over) == (10, True) and len(os.listdir(tmp_path)) == 10
+
+
+def task_row(task_id="t1", node="w1"):
+    return gridx.Task.from_docker({"ID": task_id, "Name": "j.1", "Node": node, "DesiredState": "Complete",
+                                   "CurrentState": "Complete 1 second ago", "Error": ""})
+
+
+def test_a_silent_worker_is_given_up_on_at_the_deadline(tmp_path, monkeypatch):
+    """copy_out kills the copy past RESULTS_COPY_TIMEOUT_S: a worker that
+    never answers holds up nothing for long (and no lock is held meanwhile)."""
+    monkeypatch.setattr(gridx, "RESULTS_COPY_TIMEOUT_S", 1)
+    monkeypatch.setattr(gridx, "ssh_argv", lambda address, command=(), tty=False: ["sleep", "60"])
+    monkeypatch.setattr(gridx, "load_hub_config", lambda required=True: make_config())
+    node = gridx.Node.__new__(gridx.Node)
+    node.address, node.hostname = "10.0.0.9", "w9"
+    started = time.monotonic()
+    got = gridx.copy_out(node, "c1", "/work/out", str(tmp_path), (10**6, None))
+    assert time.monotonic() - started < 10
+    assert got["state"] == "unreachable" and "took over 1 s" in got["error"]
+
+
+def test_a_task_claimed_by_a_live_collector_is_not_copied_twice(monkeypatch):
+    other = os.getppid()  # alive: pytest's parent
+    record = {"tasks": {}, "collecting": {"t1": {"pid": other, "until": time.time() + 60},
+                                           "t2": {"pid": 999999999, "until": time.time() + 60}}}
+    tasks = [task_row("t1"), task_row("t2"), task_row("t3")]
+    monkeypatch.setattr(gridx, "ended_tasks", lambda tasks: tasks)
+    mine = gridx.claim_due(record, tasks)
+    assert [t.id for t in mine] == ["t2", "t3"]  # t2's collector is gone: taken over
+    assert set(record["collecting"]) == {"t1", "t2", "t3"} and record["collecting"]["t3"]["pid"] == os.getpid()
+
+
+def test_a_full_hub_stops_collection_without_using_up_the_attempts(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(gridx, "hub_room", lambda floor: -1)
+    monkeypatch.setattr(gridx, "task_containers", lambda ids: {i: "c" + i for i in ids})
+    service = {"ID": "s1", "Spec": {"Name": "j", "Labels": {gridx.LABEL_OUTPUT: "/work/out"}}}
+    node = gridx.Node.__new__(gridx.Node)
+    node.hostname, node.address = "w1", "10.0.0.2"
+    copied = gridx.copy_tasks(service, [task_row()], [node])
+    collected, fresh = copied["t1"]
+    assert collected["state"] == "hub-full" and "of its disk free" in collected["error"]
+    record = {"tasks": {}}
+    gridx.file_results(record, "s1", task_row(), False, collected, fresh)
+    assert record["tasks"]["t1"]["attempts"] == 0 and gridx.uncollected(record, [task_row()])
+
+
+def test_keeping_results_past_the_members_limit_is_exit_2_before_anything(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    answer = tools.answer_docker
+    monkeypatch.setattr(tools, "answer_docker", lambda rest: "alice\nbob\nalice" if rest[:2] == ["config", "ls"]
+                        else answer(rest))
+    service = json.loads(json.dumps(JOB_SERVICE))
+    service["Spec"]["Labels"].update({gridx.LABEL_OWNER: "alice", gridx.LABEL_OUTPUT: "/work/out"})
+    monkeypatch.setattr(gridx, "list_job_services", lambda ids=None, missing_ok=False: [service])
+    as_member(monkeypatch, kept=2)
+    assert run_main(["jobs", "delete", "--keep-results", "job-1"]) == 2
+    assert "keeps the results of 2 deleted job(s)" in capsys.readouterr().err
+    assert not [c for c in tools.calls if c[1:3] in (["service", "rm"], ["service", "update"], ["config", "create"])]
+
+
+def test_watch_collects_in_a_thread_of_its_own_one_at_a_time(monkeypatch):
+    import threading
+
+    release, calls = threading.Event(), []
+    monkeypatch.setattr(gridx, "collect_due_results", lambda s, t, n: calls.append(1) or release.wait(10) and [])
+    collector = gridx.Collector()
+    assert collector.start([], [], []) is True
+    assert collector.start([], [], []) is False  # still copying: the pass goes on without it
+    release.set()
+    collector.thread.join(5)
+    assert collector.start([], [], []) is True and calls == [1, 1]
+    collector.thread.join(5)

@@ -383,8 +383,9 @@ def test_authorized_keys_and_limits_files(tmp_path, monkeypatch):
     for path, mode in ((".ssh/authorized_keys", 0o644), ("users.json", 0o644), (".ssh", 0o755), ("", 0o755)):
         assert stat.S_IMODE(os.stat(tmp_path / "lib" / "users" / path).st_mode) == mode, path
     limits = json.loads((tmp_path / "lib" / "users" / "users.json").read_text())["users"]
-    assert limits == {"alice": {"cpus": 4, "memory_mib": None, "gpus": 1, "jobs": None},
-                      "bob": {"cpus": 4, "memory_mib": None, "gpus": None, "jobs": None}}
+    stored = {key: gridx.STORE_DEFAULTS[key] for key in gridx.STORE_LIMITS}  # what jobs put on the hub: bounded
+    assert limits == {"alice": {"cpus": 4, "memory_mib": None, "gpus": 1, "jobs": None, **stored},
+                      "bob": {"cpus": 4, "memory_mib": None, "gpus": None, "jobs": None, **stored}}
 
 
 # -- the hub config, addresses, the VPN and the firewall ---------------------------------
