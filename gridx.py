@@ -3807,15 +3807,17 @@ def base_image_config(image):
     return json.loads(image_id), json.loads(config) or {}
 
 
-def commit_changes(config):
-    """The image's own entrypoint and command back (docker create needs one
-    to make the container), and /work as the working folder. ENTRYPOINT
-    before CMD: setting it empties the command."""
-    import json
+# `docker create` needs a command; an image without one gets this in its
+# layer (a commit cannot empty a command again): a job that gives none fails
+# to start with these words, as it would have without the layer.
+NO_COMMAND = "/gridx: the image has no command: give one after the image"
 
-    return [f"--change=ENTRYPOINT {json.dumps(config.get('Entrypoint') or [])}",
-            f"--change=CMD {json.dumps(config.get('Cmd') or [])}",
-            f"--change=WORKDIR {WORK_DIR}"]
+
+def create_command(config):
+    """What `docker create` gets after the image: nothing when the image has
+    an entrypoint or a command (the container's config is then the image's,
+    and so is the commit's)."""
+    return [] if config.get("Entrypoint") or config.get("Cmd") else [NO_COMMAND]
 
 
 def copy_into(container, members, size):
@@ -3875,12 +3877,12 @@ class WorkLayer:
         target = f"{push_address}/{WORK_REPOSITORY}:{self.tag}"
         info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
         image_id, config = base_image_config(image)
-        created = run(docker("create", "--network=none", "--entrypoint=/gridx-layer-never-runs",
-                             f"--label={LABEL_LAYER}={self.tag}", "--", image_id))
+        created = run(docker("create", "--network=none", f"--label={LABEL_LAYER}={self.tag}", "--", image_id,
+                             *create_command(config)))
         container = created.stdout.strip()
         try:
             copy_into(container, self.members, self.size)
-            run(docker("commit", *commit_changes(config), "--", container, target))
+            run(docker("commit", f"--change=WORKDIR {WORK_DIR}", "--", container, target))
         finally:
             run(docker("rm", "--force", "--", container), check=False)
         try:
@@ -4330,15 +4332,27 @@ def collect_results(service, tasks, nodes=None):
         record = load_results_record(key) or record  # another collector may have been first
         due = claim_due(record, tasks)
         save_results_record(key, record)
-    if not due:
-        return record
-    copied = copy_tasks(service, due, nodes if nodes is not None else swarm_nodes())
-    with ResultsLock():
+    if due:
+        copied = copy_tasks(service, due, nodes if nodes is not None else swarm_nodes())
+        with ResultsLock():
+            record = load_results_record(key) or record
+            several = job_replicas(service["Spec"]["Mode"]) > 1
+            for task in due:
+                file_results(record, key, task, several, *copied[task.id])
+            save_results_record(key, record)
+    return wait_for_other_collectors(key, record)
+
+
+def wait_for_other_collectors(key, record):
+    """The record once the copies other collectors claimed are filed (or
+    their claims ran out): --wait and jobs results give the whole results
+    even when hub watch was copying them."""
+    while record.get("collecting"):
+        until = max(claim.get("until", 0) for claim in record["collecting"].values())
+        if time.time() > until or not any(process_alive(c.get("pid")) for c in record["collecting"].values()):
+            return record
+        time.sleep(0.5)
         record = load_results_record(key) or record
-        several = job_replicas(service["Spec"]["Mode"]) > 1
-        for task in due:
-            file_results(record, key, task, several, *copied[task.id])
-        save_results_record(key, record)
     return record
 
 

@@ -147,11 +147,12 @@ def test_a_members_pax_headers_never_reach_the_hubs_docker(tmp_path):
         assert [(m.name, m.pax_headers) for m in archive.getmembers()] == [("work", {}), ("work/notes.txt", {})]
 
 
-def test_the_commit_keeps_the_images_own_entrypoint_and_command():
-    changes = gridx.commit_changes({"Entrypoint": ["/init"], "Cmd": ["python3", "-V"]})
-    assert changes == ['--change=ENTRYPOINT ["/init"]', '--change=CMD ["python3", "-V"]', "--change=WORKDIR /work"]
-    assert gridx.commit_changes({"Entrypoint": None, "Cmd": None})[:2] == ["--change=ENTRYPOINT []",
-                                                                          "--change=CMD []"]
+def test_the_container_gets_a_command_only_when_the_image_has_none():
+    """The commit keeps the container's config: the image's own, unless it
+    had no command at all (docker create needs one)."""
+    assert gridx.create_command({"Entrypoint": ["/init"], "Cmd": None}) == []
+    assert gridx.create_command({"Entrypoint": None, "Cmd": ["python3"]}) == []
+    assert gridx.create_command({"Entrypoint": None, "Cmd": None}) == [gridx.NO_COMMAND]
 
 
 def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):

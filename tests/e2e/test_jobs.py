@@ -16,8 +16,19 @@ import subprocess
 import time
 
 import pytest
-from conftest import HUB, WORKERS, container, hub, node_exec
-from e2e_helpers import HUB_VPN_IP, WORKER_BRIDGE_IPS, hub_json, ok, start_stopped_worker, wait_until
+from e2e_helpers import (
+    HUB,
+    HUB_VPN_IP,
+    WORKER_BRIDGE_IPS,
+    WORKERS,
+    container,
+    hub,
+    hub_json,
+    node_exec,
+    ok,
+    start_stopped_worker,
+    wait_until,
+)
 
 SEED_OUTPUT = str(2**100)
 FAKE_GPUS = {"GPU-fake-0000", "GPU-fake-0001"}

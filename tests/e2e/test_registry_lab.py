@@ -11,13 +11,15 @@ import json
 import os
 import time
 
-from conftest import WORKERS, hub, node_exec
 from e2e_helpers import (
     HUB_VPN_IP,
+    WORKERS,
     add_peer,
     contained,
     copy_bundle,
+    hub,
     hub_json,
+    node_exec,
     ok,
     remove_peer_quietly,
     wait_peer_ready,

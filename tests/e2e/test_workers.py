@@ -12,17 +12,19 @@ import os
 import time
 
 import pytest
-from conftest import WORKERS, hub, node_exec
 from e2e_helpers import (
     HUB_VPN_IP,
     OTHER_KEY_LINE,
     WORKER_BRIDGE_IPS,
+    WORKERS,
     add_peer,
     cluster_node,
     contained,
     copy_bundle,
+    hub,
     install_jq,
     machine_state,
+    node_exec,
     ok,
     peer_row,
     prepare_machine,
