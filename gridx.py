@@ -840,14 +840,17 @@ def parse_cpus(value):
 _SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
-def parse_memory(value, flag="--memory"):
-    """'8G', '512M', '1.5g', '2GiB' -> bytes."""
+def parse_memory(value, flag="--memory", job_memory=True):
+    """'8G', '512M', '1.5g', '2GiB' -> bytes (a job's memory: at least 4M;
+    another size: more than none)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
     if not match or not match.group(2):
         raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
     size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if size < 4 * 1024**2:
+    if job_memory and size < 4 * 1024**2:
         raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
+    if size < 1:
+        raise usage_error(f"invalid {flag} {value!r}: give a size above none, like 512M")
     return size
 
 
@@ -890,7 +893,7 @@ def parse_limit(value, key):
     if key.endswith("_mib"):
         import math
 
-        return math.ceil(parse_memory(value, flag) / 1024**2)
+        return math.ceil(parse_memory(value, flag, job_memory=key == "memory_mib") / 1024**2)
     return parse_count(value, flag, 0)
 
 
@@ -3527,8 +3530,8 @@ def capped_size(value, flag, key, default):
     is exit 2. The admin's: the flag, else the default."""
     cap = SERVE_LIMITS.get(key, STORE_DEFAULTS[key]) if OWNER is not None and SERVE_LIMITS is not None else None
     if value is None:
-        return parse_memory(default, flag) if cap is None else cap * 1024**2
-    asked = parse_memory(value, flag)
+        return parse_memory(default, flag, job_memory=False) if cap is None else cap * 1024**2
+    asked = parse_memory(value, flag, job_memory=False)
     if cap is not None and asked > cap * 1024**2:
         raise usage_error(f"{flag} {value} is over your limit on this hub, {human_mib(cap)}",
                           f"give {flag} {human_mib(cap)} or less (the hub admin sets the limit)")
