@@ -1237,7 +1237,7 @@ def ssh_argv(address, command=(), tty=False):
 # Bundles
 # ---------------------------------------------------------------------------
 
-BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "lib.sh")
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh")
 
 
 def templates_dir():

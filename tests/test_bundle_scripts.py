@@ -28,7 +28,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = os.path.join(ROOT, "bundle_templates")
-SCRIPTS = ["join.sh", "leave.sh", "status.sh", "lib.sh"]
+SCRIPTS = ["join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts re-run themselves under sudo when not root")
 
@@ -107,6 +107,7 @@ case "$*" in
     fi ;;
 "link delete dev "*) rm -f "$FAKE/links/$iface" ;;
 "-4 route show") cat "$FAKE/routes" 2>/dev/null || true ;;
+"-6 route show") cat "$FAKE/routes6" 2>/dev/null || true ;;
 esac
 """,
     "docker": r"""
@@ -139,36 +140,53 @@ swarm)
 esac
 """,
     "iptables": r"""
-echo "iptables $*" >>"$FAKE/log"
-rules=$FAKE/iptables_rules chains=$FAKE/iptables_chains
+# iptables and ip6tables (a link to this stub): rules as "CHAIN args" lines
+tool=${0##*/}
+[[ $1 == -w ]] && shift 2  # the lock wait changes nothing here
+echo "$tool $*" >>"$FAKE/log"
+[[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]] && { echo "ip6tables: can't initialize ip6tables table 'filter'" >&2; exit 3; }
+rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
 touch "$rules" "$chains"
 op=$1 chain=$2
 shift 2
 [[ $op == -I && ${1:-} =~ ^[0-9]+$ ]] && shift
 rule="$chain $*"
-builtin() { [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT || $1 == DOCKER-USER ]]; }
+builtin() {
+    [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT ]] && return 0
+    [[ $1 == DOCKER-USER && $tool == iptables ]]  # Docker's, where Docker manages iptables
+}
+exists() { builtin "$1" || grep -qxF -- "$1" "$chains"; }
 case $op in
 -C)
     # Docker's own jump, there unless a test says Docker runs without iptables
-    if [[ $rule == "FORWARD -j DOCKER-USER" ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
+    if [[ $rule == "FORWARD -j DOCKER-USER" && $tool == iptables ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
     grep -qxF -- "$rule" "$rules" ;;
--I | -A) echo "$rule" >>"$rules" ;;
+-I | -A)
+    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    target=${rule##* -j }
+    [[ $rule == *" -j "* ]] && ! exists "${target%% *}" && [[ ! ${target%% *} =~ ^(RETURN|DROP|ACCEPT|REJECT)$ ]] &&
+        { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    if [[ $op == -I ]]; then { echo "$rule"; cat "$rules"; } >"$rules.new"; mv "$rules.new" "$rules"
+    else echo "$rule" >>"$rules"; fi ;;
 -N)
-    if builtin "$chain" || grep -qxF -- "$chain" "$chains"; then echo "iptables: Chain already exists." >&2; exit 1; fi
+    if exists "$chain"; then echo "$tool: Chain already exists." >&2; exit 1; fi
     echo "$chain" >>"$chains" ;;
 -F)
-    builtin "$chain" || grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
+    exists "$chain" || { echo "$tool: No chain by that name." >&2; exit 1; }
     grep -v -- "^$chain " "$rules" >"$rules.new" || true
     mv "$rules.new" "$rules" ;;
 -X)
-    grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
+    grep -qxF -- "$chain" "$chains" || { echo "$tool: No chain by that name." >&2; exit 1; }
+    grep -q -- "^$chain " "$rules" && { echo "$tool: Directory not empty." >&2; exit 1; }
+    grep -q -- " -j $chain\$" "$rules" && { echo "$tool: Too many links." >&2; exit 1; }
     grep -vxF -- "$chain" "$chains" >"$chains.new" || true
     mv "$chains.new" "$chains" ;;
 -S)
-    builtin "$chain" || grep -qxF -- "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
-    grep -- "^$chain " "$rules" || true ;;
+    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    if builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
+    grep -- "^$chain " "$rules" | sed 's/^/-A /' || true ;;
 -D)
-    grep -qxF -- "$rule" "$rules" || { echo "iptables: Bad rule" >&2; exit 1; }
+    grep -qxF -- "$rule" "$rules" || { echo "$tool: Bad rule" >&2; exit 1; }
     gone=0 kept=()
     while IFS= read -r l; do
         if [[ $gone == 0 && $l == "$rule" ]]; then gone=1; else kept+=("$l"); fi
@@ -176,6 +194,30 @@ case $op in
     printf '%s\n' "${kept[@]}" | grep -v '^$' >"$rules.new" || true
     mv "$rules.new" "$rules" ;;
 esac
+""",
+    "iptables-restore": r"""
+# iptables-restore and ip6tables-restore --noflush: each declared chain is
+# made or emptied, then the -A lines appended (all or nothing)
+tool=${0##*/}
+tool=${tool%-restore}
+echo "$tool-restore $*" >>"$FAKE/log"
+input=$(cat)
+printf '%s\n' "$input" >"$FAKE/${tool}_restore_input"
+[[ -f $FAKE/fail/$tool-restore ]] && { echo "$tool-restore: line 3 failed" >&2; exit 1; }
+[[ " $* " == *" --noflush "* ]] || { echo "the stub knows only --noflush" >&2; exit 1; }
+rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
+touch "$rules" "$chains"
+while IFS= read -r line; do
+    case $line in
+    :*) chain=${line#:}; chain=${chain%% *}
+        grep -qxF -- "$chain" "$chains" || echo "$chain" >>"$chains"
+        grep -v -- "^$chain " "$rules" >"$rules.new" || true
+        mv "$rules.new" "$rules" ;;
+    "-A "*) echo "${line#-A }" >>"$rules" ;;
+    '*filter' | COMMIT | '') ;;
+    *) echo "$tool-restore: unexpected line: $line" >&2; exit 1 ;;
+    esac
+done <<<"$input"
 """,
     "systemctl": r"""
 echo "systemctl $*" >>"$FAKE/log"
@@ -226,6 +268,57 @@ WORKER_CHAIN_RULES = [
 ]
 
 
+# The jobs' network (lib.sh): the chains, and their jumps as join.sh inserts
+# them (each at the top: the rules file lists the last one first).
+JOB_CHAINS = ("GRIDX-JOBS", "GRIDX-JOBS-HOST")
+JOB_JUMPS4 = [
+    "DOCKER-USER -i docker0 -j GRIDX-JOBS",
+    "INPUT -i docker0 -j GRIDX-JOBS-HOST",
+    "DOCKER-USER -i docker_gwbridge -j GRIDX-JOBS",
+    "INPUT -i docker_gwbridge -j GRIDX-JOBS-HOST",
+]
+JOB_JUMPS6 = [
+    "DOCKER-USER -i docker0 -j GRIDX-JOBS",
+    "INPUT -i docker0 -j GRIDX-JOBS-HOST",
+    "FORWARD -i docker0 -j GRIDX-JOBS",
+    "DOCKER-USER -i docker_gwbridge -j GRIDX-JOBS",
+    "INPUT -i docker_gwbridge -j GRIDX-JOBS-HOST",
+    "FORWARD -i docker_gwbridge -j GRIDX-JOBS",
+]
+PRIVATE4 = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"]
+REJECT4 = "-j REJECT --reject-with icmp-admin-prohibited"
+REJECT6 = "-j REJECT --reject-with icmp6-adm-prohibited"
+REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+
+
+def job_chains4(opens=("-d 192.168.1.1/32 -p udp --dport 53", "-d 192.168.1.1/32 -p tcp --dport 53"),
+                closed=(*PRIVATE4, "10.0.0.0/24")):
+    """GRIDX-JOBS then GRIDX-JOBS-HOST, rule by rule: replies, then what is
+    open (by default the fake machine's name server, 192.168.1.1), then what
+    is closed (by default the private ranges and the VPN subnet)."""
+    rules = []
+    for chain in JOB_CHAINS:
+        rules.append(f"{chain} {REPLIES}")
+        rules += [f"{chain} {o} -j RETURN" for o in opens]
+        if chain == "GRIDX-JOBS":
+            rules += [f"{chain} -d {net} {REJECT4}" for net in closed]
+        else:
+            rules.append(f"{chain} {REJECT4}")
+    return rules
+
+
+def job_chains6(opens=(), closed=("fc00::/7", "fe80::/10")):
+    rules = []
+    for chain in JOB_CHAINS:
+        rules.append(f"{chain} {REPLIES}")
+        rules += [f"{chain} {o} -j RETURN" for o in opens]
+        if chain == "GRIDX-JOBS":
+            rules += [f"{chain} -d {net} {REJECT6}" for net in closed]
+        else:
+            rules.append(f"{chain} {REJECT6}")
+    return rules
+
+
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -263,10 +356,14 @@ class Lab:
         self.write_bundle()
         for name, body in STUBS.items():
             self.stub(name, body)
+        for family in ("ip6tables", "ip6tables-restore"):  # the same stubs, their own rules
+            (self.bin / family).symlink_to(self.bin / family.replace("ip6", "ip"))
         for tool in REAL_TOOLS:
             self.link(tool)
         (self.fake / "handshake").write_text("now")
         (self.tmp / "meminfo").write_text(MEMINFO)
+        # the volunteer's router answers DNS, as on most home networks
+        (self.etc / "resolv.conf").write_text("# from DHCP\nnameserver 192.168.1.1\noptions edns0\n")
 
     # -- setup helpers
     def write_bundle(self, private_key=PRIVATE_KEY):
@@ -328,6 +425,8 @@ class Lab:
             "GRIDX_AUTHORIZED_KEYS": str(self.auth_keys),
             "GRIDX_STATE_DIR": str(self.state),
             "GRIDX_MEMINFO": str(self.tmp / "meminfo"),
+            "GRIDX_RESOLV_CONF": str(self.etc / "resolv.conf"),
+            "GRIDX_RESOLVED_CONF": str(self.tmp / "run" / "systemd" / "resolve" / "resolv.conf"),
             "GRIDX_SYSTEMD_RUN_DIR": str(self.tmp / "no-systemd"),
             "GRIDX_DOCKER_WAIT": "3",
         }
@@ -362,6 +461,19 @@ class Lab:
 
     def iptables_chains(self):
         p = self.fake / "iptables_chains"
+        return [x for x in p.read_text().splitlines() if x] if p.exists() else []
+
+    def rules(self, tool="iptables", only=(), but=()):
+        """The rules (as "CHAIN args") that name one of only's chains (all when
+        empty), and none of but's, in the order iptables keeps them."""
+        p = self.fake / f"{tool}_rules"
+        out = [x for x in p.read_text().splitlines() if x] if p.exists() else []
+        def names(rule, chains):
+            return any(rule.startswith(c + " ") or rule.endswith(" -j " + c) for c in chains)
+        return [r for r in out if (not only or names(r, only)) and not names(r, but)]
+
+    def chains(self, tool="iptables"):
+        p = self.fake / f"{tool}_chains"
         return [x for x in p.read_text().splitlines() if x] if p.exists() else []
 
     def docker_user_rules(self):
@@ -595,10 +707,13 @@ def test_join_with_flags(lab):
     assert stat.S_IMODE(lab.auth_keys.stat().st_mode) == 0o600
     assert stat.S_IMODE(lab.auth_keys.parent.stat().st_mode) == 0o700
     # published ports answer over the VPN only, and so do the swarm's ports
-    assert lab.iptables_rules() == [
-        "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP"
-    ] + WORKER_CHAIN_RULES
-    assert lab.iptables_chains() == ["GRIDX-WORKER"]
+    assert lab.rules(but=JOB_CHAINS) == [
+        "INPUT -j GRIDX-WORKER",
+        "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP",
+    ] + WORKER_CHAIN_RULES[:-1]
+    # jobs reach nothing private (test_job_network_* for the rules)
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4()
+    assert lab.iptables_chains() == ["GRIDX-JOBS", "GRIDX-JOBS-HOST", "GRIDX-WORKER"]
     # state, as shell values and as JSON
     assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
     env = (lab.state / "state.env").read_text()
@@ -1367,7 +1482,7 @@ def test_leave_after_an_older_join_with_state_in_roots_home(lab):
 
 def test_swarm_ports_chain_comes_with_the_link_and_goes_with_it(lab):
     lab.join()
-    assert lab.iptables_chains() == ["GRIDX-WORKER"]
+    assert "GRIDX-WORKER" in lab.iptables_chains()
     conf = lab.wg_conf.read_text()
     assert "PostUp = iptables -N GRIDX-WORKER 2>/dev/null || iptables -F GRIDX-WORKER; " in conf
     assert "iptables -A GRIDX-WORKER -p udp --dport 4789 -j DROP" in conf
