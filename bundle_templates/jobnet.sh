@@ -20,7 +20,7 @@
 # exit 2 and changes nothing.
 #
 # join.sh keeps a copy of this script and lib.sh in /var/lib/gridx/jobnet/,
-# which wg-quick's PostUp runs; the hub runs it there to change the list:
+# which wg-quick's PreUp runs; the hub runs it there to change the list:
 #   gridx hub ssh NAME -- /var/lib/gridx/jobnet/jobnet.sh allow 'LIST'
 #
 # Reads: ${GRIDX_STATE_DIR:-/var/lib/gridx}/state.env (written by join.sh),

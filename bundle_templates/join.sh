@@ -46,7 +46,8 @@
 #      and GRIDX-JOBS-HOST (from INPUT), for iptables and ip6tables, so a
 #      job reaches the internet and nothing private, except DNS to this
 #      machine's name servers and GRIDX_JOB_ALLOW; a copy of jobnet.sh and
-#      lib.sh in /var/lib/gridx/jobnet/ puts them back at each VPN up
+#      lib.sh in /var/lib/gridx/jobnet/ puts them back before each VPN up
+#      (the config's PreUp)
 #   2. /etc/wireguard/gridx0.conf (0600), never any other WireGuard config:
 #      the bundle's, checked line by line (only the keys Grid-X writes), plus
 #      PostUp/PostDown that add and remove the DOCKER-USER rule keeping ports
@@ -1093,11 +1094,14 @@ render_job_network() {
 	job_resolvers
 }
 
-# wg-quick's PostUp puts the jobs' network back when the VPN comes up (after
+# wg-quick's PreUp puts the jobs' network back before the VPN comes up (after
 # a reboot: iptables rules do not survive one), from the copy join.sh keeps.
+# Before, not after: a worker starts no task until it reaches the manager
+# over the VPN (measured: Docker 20.10 restarted without the VPN left a
+# running job's container exited), so no job runs without the rules.
 job_net_hook() {
 	shell_quote "$STATE_DIR/jobnet/jobnet.sh"
-	printf 'PostUp = bash %s apply\n' "$REPLY"
+	printf 'PreUp = bash %s apply\n' "$REPLY"
 }
 
 # ------------------------------------------------------------------ steps ----
@@ -1123,7 +1127,7 @@ step_state_dir() {
 }
 
 # Before the link, Docker's restart and the swarm join: no job ever runs here
-# without it. The copy of the scripts is what PostUp runs.
+# without it. The copy of the scripts is what PreUp runs.
 step_job_network() {
 	local dir=$STATE_DIR/jobnet f
 	state_set JOB_NET_DIR "$dir" JOB_ALLOW "${S[GRIDX_JOB_ALLOW]:-}" VPN_SUBNET "$SUBNET"

@@ -200,7 +200,7 @@ check_state_owner() {
 			[[ -e $f || -L $f ]] && only_root_writes "$f"
 		done
 	fi
-	# the copy of the scripts that wg-quick's PostUp runs as root
+	# the copy of the scripts that wg-quick's PreUp runs as root
 	only_root_writes "$STATE_DIR/jobnet"
 	for f in "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"; do only_root_writes "$f"; done
 	return 0
@@ -577,7 +577,7 @@ json_str_list() {
 #   CONTAINMENT (1: userns-remap and no-new-privileges asked for) HUB_SSH
 #   (0: --no-hub-ssh)
 #   CREATED_STATE_DIR JOB_NET_DIR (the folder of the copy of jobnet.sh and
-#   lib.sh that wg-quick's PostUp runs) JOB_ALLOW (the allow-list in force,
+#   lib.sh that wg-quick's PreUp runs) JOB_ALLOW (the allow-list in force,
 #   GRIDX_JOB_ALLOW's grammar) VPN_SUBNET (closed to jobs too)
 #   JOB_DOCKER_USER6 (1: ip6tables had no DOCKER-USER chain; the apply made it)
 #   CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
@@ -785,7 +785,7 @@ firewall_rule_present() {
 # job fails at once ("no route to host") instead of waiting for a timeout.
 # The chains' contents are replaced in one iptables-restore (atomic: no
 # moment with the chain half full); join.sh applies them before the link,
-# Docker's restart and the swarm join; wg-quick's PostUp again when the VPN
+# Docker's restart and the swarm join; wg-quick's PreUp again before the VPN
 # comes up (after a reboot); jobnet.sh when the allow-list changes; leave.sh
 # removes them. A VPN going down leaves them in place.
 
@@ -1248,7 +1248,7 @@ undo_wg_config() {
 }
 
 # The jobs' network: the rules (wg-quick down leaves them: a VPN going down
-# must not open anything), then the copy of the scripts PostUp ran.
+# must not open anything), then the copy of the scripts PreUp ran.
 undo_job_network() {
 	[[ -v ST[JOB_NET_DIR] ]] || return 0
 	if have_cmd iptables; then job_net_remove || return 1; fi

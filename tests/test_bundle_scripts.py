@@ -82,15 +82,16 @@ grep SigIgn /proc/$$/status >"$FAKE/wg-quick-$1.sigign"
 [[ -f $FAKE/fail/wg-quick-$1 ]] && { echo "fake wg-quick $1 failure" >&2; exit 1; }
 conf=$2 iface=$(basename "$2" .conf)
 [[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
-hook() {  # run the config's PostUp/PostDown lines as wg-quick does
+hook() {  # run the config's PreUp/PostUp/PostDown lines as wg-quick does (a failing one stops it)
     local line
     while IFS= read -r line; do
-        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}"; fi
+        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}" || return 1; fi
     done <"$conf"
 }
 case $1 in
 up) [[ -f $FAKE/links/$iface ]] && { echo "wg-quick: \`$iface' already exists" >&2; exit 1; }
-    touch "$FAKE/links/$iface"; hook PostUp ;;
+    hook PreUp || exit 1
+    touch "$FAKE/links/$iface"; hook PostUp || { rm -f "$FAKE/links/$iface"; exit 1; } ;;
 down) [[ -f $FAKE/links/$iface ]] || { echo "wg-quick: \`$iface' is not a WireGuard interface" >&2; exit 1; }
     rm -f "$FAKE/links/$iface"; hook PostDown ;;
 esac
@@ -144,7 +145,10 @@ esac
 tool=${0##*/}
 [[ $1 == -w ]] && shift 2  # the lock wait changes nothing here
 echo "$tool $*" >>"$FAKE/log"
-[[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]] && { echo "ip6tables: can't initialize ip6tables table 'filter'" >&2; exit 3; }
+if [[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]]; then
+    echo "ip6tables: can't initialize ip6tables table 'filter'" >&2
+    exit 3
+fi
 rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
 touch "$rules" "$chains"
 op=$1 chain=$2
