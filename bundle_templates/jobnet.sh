@@ -108,11 +108,14 @@ load_joined_state() {
 }
 
 show() {
-	local tool fam
+	local tool fam servers
 	job_allow_parse "${ST[JOB_ALLOW]:-}"
 	job_resolvers
 	printf 'allow-list   %s\n' "${ST[JOB_ALLOW]:-(none)}"
-	printf 'name servers %s\n' "$(printf '%s ' "${JOB_DNS4[@]}" "${JOB_DNS6[@]}")"
+	servers="${JOB_DNS4[*]} ${JOB_DNS6[*]}"
+	servers=${servers# }
+	servers=${servers% }
+	printf 'name servers %s\n' "${servers:-(none: Docker gives containers public ones)}"
 	for fam in 4 6; do
 		job_tool "$fam" || continue
 		tool=$REPLY

@@ -188,7 +188,7 @@ case $op in
 -S)
     exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
     if builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
-    grep -- "^$chain " "$rules" | sed 's/^/-A /' || true ;;
+    while IFS= read -r l; do [[ $l == "$chain "* ]] && echo "-A $l"; done <"$rules"; true ;;
 -D)
     grep -qxF -- "$rule" "$rules" || { echo "$tool: Bad rule" >&2; exit 1; }
     gone=0 kept=()
@@ -2140,3 +2140,17 @@ def test_status_says_when_the_jobs_rules_are_gone(lab):
     assert any("jobs could reach this machine's networks" in p and "jobnet.sh apply" in p for p in doc["problems"])
     assert lab.run("jobnet.sh", "apply").returncode == 0
     assert json.loads(lab.run("status.sh", "--json").stdout)["jobs_network"] is True
+
+
+def test_jobnet_show_says_what_is_open(lab):
+    lab.settings["GRIDX_JOB_ALLOW"] = "203.0.113.7"
+    lab.write_bundle()
+    lab.join()
+    n = len(lab.log())
+    r = lab.run("jobnet.sh", "show")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["allow-list   203.0.113.7", "name servers 192.168.1.1"], r.stdout
+    assert "-A GRIDX-JOBS -d 203.0.113.7/32 -j RETURN" in lines
+    assert f"-A GRIDX-JOBS-HOST {REJECT4}" in lines and f"-A GRIDX-JOBS-HOST {REJECT6}" in lines
+    assert not [c for c in lab.log()[n:] if c.startswith(CHANGING)]
