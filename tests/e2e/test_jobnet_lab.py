@@ -7,7 +7,8 @@ settings.env (GRIDX_JOB_ALLOW: a lab container, the "data server", port
 - the data server's allow-listed port answers, and so does its DNS port
   (the job's resolv.conf names it); its other port does not;
 - the other nodes' LAN and VPN addresses, the hub's SSH and registry, the
-  worker's own LAN and VPN addresses and its docker0 gateway do not answer,
+  worker's own LAN and VPN addresses, its docker0 gateway and another job's
+  container on the same worker do not answer,
   while every one of them answers from the worker itself (so "does not
   answer" is the rules' doing, not a closed port);
 - that the internet stays open is read from the worker's rules (no packet
@@ -75,6 +76,7 @@ for target in sys.argv[1:]:
         s.close()
 """
 NAME = "jobnet"           # the peer the fresh node joins as
+NEIGHBOUR = "jobnet-neighbour"  # a service beside the job on the same worker
 SHARED_MEMORY = "6G"      # more than the lab's workers share (4G): a 5G job lands on fresh only
 JOB_MEMORY = "5G"
 ALLOW = f"{DATA_IP}/32:tcp/8080"
@@ -118,6 +120,23 @@ def firewall(node):
     return out
 
 
+def neighbour_address(node):
+    """A web server in a container on NODE, made by hand on the manager: its
+    address on docker0."""
+    ok(hub_sh(["docker", "service", "create", "--detach", "--quiet", "--no-resolve-image", "--name", NEIGHBOUR,
+               "--constraint", "node.hostname==fresh", "--restart-condition", "none", "python:3.11",
+               "python3", "-m", "http.server", "8000"]), "docker service create the neighbour")
+    find = ("docker ps -q --filter label=com.docker.swarm.service.name=%s | head -n 1 | xargs -r docker inspect "
+            "--format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}'" % NEIGHBOUR)
+    address = wait_until(lambda: node_exec(node, find).stdout.strip(), 120, "the neighbour's container")
+    wait_until(lambda: reaches(node, address, 8000), 60, "the neighbour's web server")
+    return address
+
+
+def hub_sh(argv):
+    return node_exec("hub", argv, timeout=120)
+
+
 def probe(job, targets):
     """Run PROBE as a gridx job that only the fresh node can take; {target: open/closed}, resolvers."""
     proc = hub("jobs", "run", "--wait", "--name", job, "--cpus", "1", "--memory", JOB_MEMORY, "python:3.11", "--",
@@ -159,6 +178,7 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
         wait_peer_ready(NAME, timeout=120)
         ok(node_exec(node, "docker pull -q 10.0.0.1:5000/python:3.11 >/dev/null && "
                            "docker tag 10.0.0.1:5000/python:3.11 python:3.11", timeout=300), "pull python:3.11")
+        neighbour = neighbour_address(node)
 
         closed = {
             "the hub's SSH over the VPN": f"{HUB_VPN_IP}:22",
@@ -169,6 +189,7 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
             "this worker's own LAN address": f"{FRESH_IP}:22",
             "this worker's own VPN address": f"{vpn_ip}:22",
             "this worker's docker0": "172.17.0.1:22",
+            "another container on this worker": f"{neighbour}:8000",
             "the data server's other port": f"{DATA_IP}:8081",
         }
         opened = {"the allow-listed port": f"{DATA_IP}:8080", "DNS to the name server": f"{DATA_IP}:53"}
@@ -183,6 +204,7 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
             assert seen[target] == "open", f"a job does not reach {what} ({target}): {seen}"
         for what, target in closed.items():
             assert seen[target] == "closed", f"a job reaches {what} ({target}): {seen}"
+        ok(hub_sh(["docker", "service", "rm", NEIGHBOUR]), "docker service rm the neighbour")
 
         # The internet stays open: GRIDX-JOBS rejects exactly these, and nothing
         # without a destination; GRIDX-JOBS-HOST (this machine) rejects all.
@@ -226,6 +248,7 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
         assert "-A INPUT -s 192.0.2.1/32 -j DROP" in after["iptables"]
         assert node_exec(node, "test -e /var/lib/gridx").returncode != 0
     finally:
+        hub_sh(["docker", "service", "rm", NEIGHBOUR])
         remove_peer_quietly(NAME)
         for job in ("jobnet-probe", "jobnet-probe2"):
             hub("jobs", "delete", job)
