@@ -2192,7 +2192,7 @@ def registry_images(address, ca_path):
 # Bundles
 # ---------------------------------------------------------------------------
 
-BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "lib.sh")
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh")
 
 
 def templates_dir():

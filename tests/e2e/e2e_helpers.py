@@ -143,6 +143,7 @@ def machine_state(node):
         echo swarm=$(docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown)
         iptables -S DOCKER-USER 2>/dev/null | grep -q 'comment gridx' && echo fwrule=yes || echo fwrule=no
         iptables -S GRIDX-WORKER >/dev/null 2>&1 && echo fwchain=yes || echo fwchain=no
+        iptables -S GRIDX-JOBS >/dev/null 2>&1 && echo jobchain=yes || echo jobchain=no
         docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' | grep -q name=userns \
             && echo remapped=yes || echo remapped=no
         getent passwd dockremap >/dev/null && echo dockremap=yes || echo dockremap=no
@@ -158,7 +159,7 @@ def machine_state(node):
 def unjoined(state_before):
     """What machine_state must say on a node that is not (or no longer) joined."""
     return {**state_before, "link": "no", "wgconf": "no", "statedir": "no", "swarm": "inactive", "fwrule": "no",
-            "fwchain": "no", "remapped": "no"}
+            "fwchain": "no", "jobchain": "no", "remapped": "no"}
 
 
 def contained(node):
