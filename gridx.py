@@ -116,8 +116,10 @@ KEEPALIVE_S = 25
 FIREWALL_CHAIN = "GRIDX-INPUT"
 
 USERS_CHAIN = "GRIDX-USERS"
+OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reach the registry's writer
 
 REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
+REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
 
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
@@ -1142,7 +1144,7 @@ def firewall_rules(config):
     unless route_localnet is on (Docker without its userland proxy, kube-proxy
     turn it on), and the registry's writer listens there (see Registry)."""
     lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", f"-A {FIREWALL_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP",
-             *user_firewall_rules(config)]
+             *user_firewall_rules(config), *output_firewall_rules()]
     lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
@@ -1168,6 +1170,16 @@ def user_firewall_rules(config):
     return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
 
 
+def output_firewall_rules():
+    """iptables-restore lines of OUTPUT_CHAIN (hooked into OUTPUT): the
+    registry's writer on loopback answers root alone (the hub's Docker, the
+    admin's gridx), not the hub's other accounts, the registry's read-only
+    side among them: who reaches the writer may push (see Registry)."""
+    return [f":{OUTPUT_CHAIN} - [0:0]",
+            f"-A {OUTPUT_CHAIN} -o lo -d 127.0.0.1/32 -p tcp --dport {REGISTRY_WRITER_PORT} "
+            "-m owner ! --uid-owner 0 -j REJECT --reject-with tcp-reset"]
+
+
 def firewall_rules_path():
     return os.path.join(config_dir(), "firewall.rules")
 
@@ -1185,13 +1197,14 @@ def firewall_postup(config):
     return (
         f"iptables-restore -n {shlex.quote(path)}; "
         f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
-        + user_firewall_postup()
+        + forward_output_postup()
     )
 
 
-def user_firewall_postup():
-    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
-    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
+def forward_output_postup():
+    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD, OUTPUT_CHAIN in OUTPUT."""
+    return "".join(f"; iptables -C {parent} -j {chain} 2>/dev/null || iptables -I {parent} 1 -j {chain}"
+                   for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)))
 
 
 def apply_firewall(config):
@@ -1203,19 +1216,22 @@ def apply_firewall(config):
     changed = write_if_changed(path, firewall_rules(config), 0o600)
     current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
     hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
-    if not changed and current.returncode == 0 and hooked:
+    output_hooked = run(["iptables", "-C", "OUTPUT", "-j", OUTPUT_CHAIN], check=False).returncode == 0
+    if not changed and current.returncode == 0 and hooked and output_hooked:
         return False
     run(["iptables-restore", "-n", path])
     if not hooked:
         run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
-    hook_user_firewall()
+    hook_forward_output()
     return True
 
 
-def hook_user_firewall():
-    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
-    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
-        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
+def hook_forward_output():
+    """USERS_CHAIN in FORWARD and OUTPUT_CHAIN in OUTPUT now (apply_firewall),
+    as PostUp does at boot."""
+    for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+        if run(["iptables", "-C", parent, "-j", chain], check=False).returncode != 0:
+            run(["iptables", "-I", parent, "1", "-j", chain])
 
 
 # ---------------------------------------------------------------------------
@@ -1631,21 +1647,25 @@ def all_swarm_nodes():
 # distribution registry) as two processes on one storage:
 #   the reader   HUB_VPN_IP:5000, TLS, storage.maintenance.readonly: what
 #                workers pull from (and `image ls` reads); every write (an
-#                upload, a manifest, a delete) is answered 405 UNSUPPORTED
+#                upload, a manifest, a delete) is answered 405 Method not
+#                allowed (Allow: GET, HEAD; measured on the lab)
 #   the writer   127.0.0.1:5001, plain HTTP, deletes on: only the hub itself
 #                reaches it: `gridx image push` (the hub's Docker pushes
 #                there), the work layer's push, `gridx image rm`
 # The registry has no authentication: who may write is who reaches the
-# writer, i.e. root and the docker group on the hub (the hub's admin). A
-# job, a worker or a volunteer's own Docker reach only the reader. The
-# alternative, htpasswd credentials, would gate reads too (every worker
-# would hold a password, and distribution's htpasswd has no read-only user).
+# writer, i.e. root on the hub (the firewall's OUTPUT_CHAIN turns the hub's
+# other accounts away) and so the hub's Docker, which the docker group
+# drives: the hub's admin. A job, a worker or a volunteer's own Docker
+# reach only the reader. Credentials (htpasswd) would gate reads too: every
+# worker would hold a password, and distribution's htpasswd has no
+# read-only user.
 # Each runs as its own system account: REGISTRY_ACCOUNT owns the storage
-# (folders 0750, files 0640) and runs the writer; REGISTRY_READER_ACCOUNT is
-# in its group, so it reads the storage and cannot change a byte of it, even
-# if the process that every worker talks to were taken over; it alone (and
-# root) reads the copy of the TLS key (the writer has no key: loopback,
-# plain HTTP). Their configs are root's, readable by their group only.
+# (folders 0750, files 0640) and runs the writer; REGISTRY_READER_ACCOUNT
+# is in its group, so it reads the storage and can neither change a byte of
+# it nor reach the writer, even if the process every worker talks to were
+# taken over. It alone (and root) reads the copy of the TLS key; the writer
+# has none (loopback, plain HTTP). Their configs are root's, readable by
+# their group only.
 # TLS comes from a small CA the hub makes once at init (never regenerated:
 # every worker's bundle carries it). Workers trust it through Docker's own
 # /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
@@ -1657,7 +1677,6 @@ def all_swarm_nodes():
 
 REGISTRY_UNIT = "gridx-registry.service"  # the reader (the single registry's name before the split)
 REGISTRY_WRITER_UNIT = "gridx-registry-writer.service"
-REGISTRY_WRITER_PORT = 5001
 REGISTRY_ACCOUNT = "gridx-registry"  # the writer's, and the storage's owner
 REGISTRY_READER_ACCOUNT = "gridx-registry-ro"  # the reader's: in REGISTRY_ACCOUNT's group
 REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
@@ -5547,9 +5566,10 @@ def cmd_hub_reset(args):
             os.unlink(DOCKER_DROPIN)
             if systemd_running():
                 run(["systemctl", "daemon-reload"], check=False)
-        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        for parent, chain in (("INPUT", FIREWALL_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+            run(["iptables", "-D", parent, "-j", chain], check=False)
+            run(["iptables", "-F", chain], check=False)
+            run(["iptables", "-X", chain], check=False)
         reset_users()  # their SSH lines and firewall chain: see Accounts
         reset_registry()  # stopped; the CA and the images stay: see Registry
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):

@@ -87,6 +87,30 @@ def test_the_firewall_keeps_the_registry_port_on_the_vpn_and_loopback_on_lo():
     assert rules.index("-A GRIDX-INPUT -p tcp --dport 5000 -j DROP") > vpn
     # the writer's 127.0.0.1:5001 from any other interface (route_localnet on): dropped before the VPN's RETURN
     assert rules.index("-A GRIDX-INPUT -d 127.0.0.0/8 ! -i lo -j DROP") < vpn
+    # and on the hub itself, root's alone: not the reader's account, nor the users' gridx account
+    assert rules.index(":GRIDX-OUTPUT - [0:0]") < rules.index(
+        "-A GRIDX-OUTPUT -o lo -d 127.0.0.1/32 -p tcp --dport 5001 -m owner ! --uid-owner 0 "
+        "-j REJECT --reject-with tcp-reset")
+    postup = gridx.firewall_postup(make_config())
+    assert "iptables -C OUTPUT -j GRIDX-OUTPUT 2>/dev/null || iptables -I OUTPUT 1 -j GRIDX-OUTPUT" in postup
+
+
+def test_init_hooks_the_output_chain_once(hub_dirs, monkeypatch):
+    hooked = set()
+
+    def run(argv, **kw):
+        if argv[1] == "-C":
+            return subprocess.CompletedProcess(argv, 0 if argv[2] in hooked else 1, "", "")
+        if argv[1] == "-I":
+            hooked.add(argv[2])
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(gridx, "run", run)
+    assert gridx.apply_firewall(make_config()) is True
+    assert hooked == {"INPUT", "FORWARD", "OUTPUT"}
+    assert gridx.apply_firewall(make_config()) is False
+    hooked.discard("OUTPUT")  # unhooked by hand: init hooks it again
+    assert gridx.apply_firewall(make_config()) is True and "OUTPUT" in hooked
 
 
 # --- the units and the processes -------------------------------------------------
@@ -151,6 +175,11 @@ def test_start_without_systemd_runs_setpriv_in_its_own_session(hub_dirs, monkeyp
     assert (hub_dirs / "cfg" / "registry" / "writer.pid").read_text() == "4242\n"
 
 
+def write(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
 def sleeper(*words):
     """A process whose command line holds words (as the registry's holds its config)."""
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *words])
@@ -161,7 +190,7 @@ def test_stop_ends_only_a_process_of_its_config(hub_dirs):
     pid_file = gridx.registry_paths()["reader.pid"]
     other = sleeper("/somewhere/else.yml")
     try:
-        open(pid_file, "w").write(f"{other.pid}\n")  # a reused pid: not the registry's
+        write(pid_file, f"{other.pid}\n")  # a reused pid: not the registry's
         assert gridx.registry_pid("reader") is None
         gridx.stop_registry("reader")
         assert other.poll() is None and not os.path.exists(pid_file)
@@ -169,7 +198,7 @@ def test_stop_ends_only_a_process_of_its_config(hub_dirs):
         other.kill()
         other.wait()
     mine = sleeper(gridx.registry_config_path("reader"))
-    open(pid_file, "w").write(f"{mine.pid}\n")
+    write(pid_file, f"{mine.pid}\n")
     assert gridx.registry_pid("reader") == mine.pid
     gridx.stop_registry("reader")
     assert mine.wait(timeout=10) == -15 and not os.path.exists(pid_file)
@@ -321,9 +350,9 @@ def test_init_without_systemd_starts_both_once_then_changes_nothing(registry_hos
 def test_init_moves_a_hub_off_the_single_root_registry(registry_host, hub_dirs):
     gridx.ensure_dir(gridx.registry_dir())
     paths = gridx.registry_paths()
-    open(paths["config.yml"], "w").write("# the single registry of before\n")
+    write(paths["config.yml"], "# the single registry of before\n")
     old = sleeper("serve", paths["config.yml"])  # `docker-registry serve /etc/gridx/registry/config.yml`
-    open(paths["registry.pid"], "w").write(f"{old.pid}\n")
+    write(paths["registry.pid"], f"{old.pid}\n")
     try:
         changes = gridx.registry_ready(make_config())
         assert old.wait(timeout=10) == -15  # stopped before anything took its port or storage
