@@ -171,6 +171,7 @@ INSTALL_HINTS = {
     "ssh-keygen": "openssh-client (Debian/Ubuntu), openssh (Arch, Fedora)",
     "iptables": "iptables",
     "ip": "iproute2 (Debian/Ubuntu/Arch), iproute (Fedora)",
+    "setpriv": "util-linux",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -6733,7 +6734,7 @@ def args_jobs_results(p):
 
 
 def args_image_push(p):
-    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
+    p.add_argument("image", help="an image of the hub's Docker (docker images there), e.g. team/app:1")
     add_manager(p)
 
 
@@ -6816,7 +6817,7 @@ COMMANDS = {
 }
 COMMANDS["image"] = ("the hub's image registry (HUB_VPN_IP:5000): push, list, remove",
                      "sudo gridx image push team/app:1", {
-    "push": (cmd_image_push, "tag and push a local image to the hub's registry; prints its name there",
+    "push": (cmd_image_push, "push an image of the hub's Docker to its registry; prints the name jobs use",
              "sudo gridx image push team/app:1   (then: gridx jobs run 10.0.0.1:5000/team/app:1 …)",
              args_image_push),
     "ls": (cmd_image_ls, "the registry's images: name, size, digest",
