@@ -375,6 +375,40 @@ def test_reset_stops_both_and_keeps_the_ca_and_the_images(registry_host, hub_dir
     assert (hub_dirs / "storage" / "blob").read_text() == "kept\n"
 
 
+def test_with_systemd_each_unit_is_written_enabled_and_restarted_once(hub_dirs, monkeypatch, tmp_path):
+    calls, answering = [], set()
+    monkeypatch.setattr(gridx, "systemd_running", lambda: True)
+    monkeypatch.setattr(gridx, "registry_unit_path", lambda role: str(tmp_path / gridx.REGISTRY_ROLES[role][1]))
+    monkeypatch.setattr(gridx, "registry_answers", lambda address, ca, timeout=2: address in answering)
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv) or answering.update(
+        ["127.0.0.1:5001", "10.0.0.1:5000"] if argv[:2] == ["systemctl", "restart"] else []))
+    config = make_config()
+    changes = gridx.ensure_registry_process(config, "/usr/bin/docker-registry", "writer", False)
+    assert calls == [["systemctl", "daemon-reload"], ["systemctl", "enable", "gridx-registry-writer.service"],
+                     ["systemctl", "restart", "gridx-registry-writer.service"]]
+    assert changes == ["started the registry's writer on 127.0.0.1:5001 (gridx-registry-writer.service, "
+                       "as gridx-registry)"]
+    assert (tmp_path / "gridx-registry-writer.service").read_text() == gridx.render_registry_unit(
+        "writer", "10.0.0.1", "gridx0", "/usr/bin/docker-registry")
+    assert gridx.ensure_registry_process(config, "/usr/bin/docker-registry", "writer", False) == []
+    assert len(calls) == 3
+    assert len(gridx.ensure_registry_process(config, "/usr/bin/docker-registry", "writer", True)) == 1
+    assert calls[-1] == ["systemctl", "restart", "gridx-registry-writer.service"]  # its config changed
+
+
+def test_with_systemd_the_single_registrys_unit_is_stopped_before_the_move(hub_dirs, monkeypatch, tmp_path):
+    calls = []
+    unit = tmp_path / "gridx-registry.service"
+    monkeypatch.setattr(gridx, "systemd_running", lambda: True)
+    monkeypatch.setattr(gridx, "registry_unit_path", lambda role: str(tmp_path / gridx.REGISTRY_ROLES[role][1]))
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: calls.append(argv))
+    unit.write_text("[Service]\nExecStart=/usr/bin/docker-registry serve /etc/gridx/registry/config.yml\n")
+    assert gridx.stop_single_registry() is True
+    assert calls == [["systemctl", "stop", "gridx-registry.service"]]
+    unit.write_text(gridx.render_registry_unit("reader", "10.0.0.1", "gridx0", "/usr/bin/docker-registry"))
+    assert gridx.stop_single_registry() is False and len(calls) == 1  # the reader's own unit: left alone
+
+
 def test_init_without_docker_registry_warns_and_goes_on(hub_dirs, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     assert gridx.registry_ready(make_config()) == []
