@@ -36,9 +36,9 @@ Exit status:
 Standard library only. It runs other programs through one helper, run(), or
 its siblings start() and run_streaming() for a command whose output streams
 past gridx (all echo the command under -v): wg, wg-quick, docker, ssh,
-ssh-keygen, iptables, iptables-restore, ip, openssl, docker-registry,
-useradd, usermod, systemctl, and the bundle's own join.sh, leave.sh and
-status.sh.
+ssh-keygen, iptables, iptables-restore, ip, openssl, curl, docker-registry,
+setpriv, useradd, usermod, systemctl, and the bundle's own join.sh, leave.sh
+and status.sh.
 """
 
 # Map: the sections below, in order; each uses only what stands above it
@@ -52,7 +52,7 @@ status.sh.
 #   SSH                       the hub's key, ssh's argv, known_hosts
 #   WireGuard                 keys, the hub's, workers' and users' configs, `wg show`
 #   Swarm                     engine versions, swarm info, nodes and their resources
-#   Registry                  the hub's image registry: certificate, process, HTTP API
+#   Registry                  the hub's image registry: read-only side, loopback writer, accounts, HTTP API
 #   Bundles                   a worker's join bundle: settings, files, writing it
 #   Accounts                  users: the gridx account, authorized_keys, user bundles
 #   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
@@ -115,8 +115,10 @@ KEEPALIVE_S = 25
 FIREWALL_CHAIN = "GRIDX-INPUT"
 
 USERS_CHAIN = "GRIDX-USERS"
+OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reach the registry's writer
 
 REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
+REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
 
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
@@ -181,6 +183,7 @@ INSTALL_HINTS = {
     "ssh-keygen": "openssh-client (Debian/Ubuntu), openssh (Arch, Fedora)",
     "iptables": "iptables",
     "ip": "iproute2 (Debian/Ubuntu/Arch), iproute (Fedora)",
+    "setpriv": "util-linux",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -1205,8 +1208,12 @@ def hub_limits(config):
 
 
 def firewall_rules(config):
-    """iptables-restore input: swarm ports answer on the VPN interface only."""
-    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", *user_firewall_rules(config)]
+    """iptables-restore input: swarm ports answer on the VPN interface only.
+    Loopback addresses answer on lo only: the kernel drops them elsewhere
+    unless route_localnet is on (Docker without its userland proxy, kube-proxy
+    turn it on), and the registry's writer listens there (see Registry)."""
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", f"-A {FIREWALL_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP",
+             *user_firewall_rules(config), *output_firewall_rules()]
     lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
     lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
@@ -1232,6 +1239,16 @@ def user_firewall_rules(config):
     return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
 
 
+def output_firewall_rules():
+    """iptables-restore lines of OUTPUT_CHAIN (hooked into OUTPUT): the
+    registry's writer on loopback answers root alone (the hub's Docker, the
+    admin's gridx), not the hub's other accounts, the registry's read-only
+    side among them: who reaches the writer may push (see Registry)."""
+    return [f":{OUTPUT_CHAIN} - [0:0]",
+            f"-A {OUTPUT_CHAIN} -o lo -d 127.0.0.1/32 -p tcp --dport {REGISTRY_WRITER_PORT} "
+            "-m owner ! --uid-owner 0 -j REJECT --reject-with tcp-reset"]
+
+
 def firewall_rules_path():
     return os.path.join(config_dir(), "firewall.rules")
 
@@ -1249,13 +1266,14 @@ def firewall_postup(config):
     return (
         f"iptables-restore -n {shlex.quote(path)}; "
         f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
-        + user_firewall_postup()
+        + forward_output_postup()
     )
 
 
-def user_firewall_postup():
-    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
-    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
+def forward_output_postup():
+    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD, OUTPUT_CHAIN in OUTPUT."""
+    return "".join(f"; iptables -C {parent} -j {chain} 2>/dev/null || iptables -I {parent} 1 -j {chain}"
+                   for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)))
 
 
 def apply_firewall(config):
@@ -1267,19 +1285,22 @@ def apply_firewall(config):
     changed = write_if_changed(path, firewall_rules(config), 0o600)
     current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
     hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
-    if not changed and current.returncode == 0 and hooked:
+    output_hooked = run(["iptables", "-C", "OUTPUT", "-j", OUTPUT_CHAIN], check=False).returncode == 0
+    if not changed and current.returncode == 0 and hooked and output_hooked:
         return False
     run(["iptables-restore", "-n", path])
     if not hooked:
         run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
-    hook_user_firewall()
+    hook_forward_output()
     return True
 
 
-def hook_user_firewall():
-    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
-    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
-        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
+def hook_forward_output():
+    """USERS_CHAIN in FORWARD and OUTPUT_CHAIN in OUTPUT now (apply_firewall),
+    as PostUp does at boot."""
+    for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+        if run(["iptables", "-C", parent, "-j", chain], check=False).returncode != 0:
+            run(["iptables", "-I", parent, "1", "-j", chain])
 
 
 # ---------------------------------------------------------------------------
@@ -1694,16 +1715,41 @@ def all_swarm_nodes():
 # Registry
 # ---------------------------------------------------------------------------
 # An image registry on the hub (Debian's docker-registry, the CNCF
-# distribution registry), listening on the hub's VPN address only, with TLS
-# from a small CA the hub makes once at init (never regenerated: every
-# worker's bundle carries it). Workers trust it through Docker's own
+# distribution registry) as two processes on one storage:
+#   the reader   HUB_VPN_IP:5000, TLS, storage.maintenance.readonly: what
+#                workers pull from (and `image ls` reads); every write (an
+#                upload, a manifest, a delete) is answered 405 Method not
+#                allowed (Allow: GET, HEAD; measured on the lab)
+#   the writer   127.0.0.1:5001, plain HTTP, deletes on: only the hub itself
+#                reaches it: `gridx image push` (the hub's Docker pushes
+#                there), the work layer's push, `gridx image rm`
+# The registry has no authentication: who may write is who reaches the
+# writer, i.e. root on the hub (the firewall's OUTPUT_CHAIN turns the hub's
+# other accounts away) and so the hub's Docker, which the docker group
+# drives: the hub's admin. A job, a worker or a volunteer's own Docker
+# reach only the reader. Credentials (htpasswd) would gate reads too: every
+# worker would hold a password, and distribution's htpasswd has no
+# read-only user.
+# Each runs as its own system account: REGISTRY_ACCOUNT owns the storage
+# (folders 0750, files 0640) and runs the writer; REGISTRY_READER_ACCOUNT
+# is in its group, so it reads the storage and can neither change a byte of
+# it nor reach the writer, even if the process every worker talks to were
+# taken over. It alone (and root) reads the copy of the TLS key; the writer
+# has none (loopback, plain HTTP). Their configs are root's, readable by
+# their group only.
+# TLS comes from a small CA the hub makes once at init (never regenerated:
+# every worker's bundle carries it). Workers trust it through Docker's own
 # /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
 # registry-ca.crt there, leave.sh removes it): no insecure-registries, no
-# Docker restart. The hub's own Docker trusts it the same way, so `docker
-# push` from the hub works. Users (GRIDX-USERS) reach the hub's SSH only,
-# never this port; they have no docker to pull with anyway.
+# Docker restart. The hub's Docker needs nothing for the writer: Docker
+# treats 127.0.0.0/8 as an insecure registry by default (moby's
+# loadInsecureRegistries, from 1.3.2 to today). Users (GRIDX-USERS) reach
+# the hub's SSH only, never port 5000; they have no docker to pull with.
 
-REGISTRY_UNIT = "gridx-registry.service"
+REGISTRY_UNIT = "gridx-registry.service"  # the reader (the single registry's name before the split)
+REGISTRY_WRITER_UNIT = "gridx-registry-writer.service"
+REGISTRY_ACCOUNT = "gridx-registry"  # the writer's, and the storage's owner
+REGISTRY_READER_ACCOUNT = "gridx-registry-ro"  # the reader's: in REGISTRY_ACCOUNT's group
 REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
 REGISTRY_CA_DAYS = 3650
 REGISTRY_CERT_DAYS = 3650
@@ -1715,16 +1761,33 @@ MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
 )
 LIST_TYPES = MANIFEST_TYPES[2:]
+# role -> (account, systemd unit, log without systemd, umask): the reader
+# writes nothing; the writer's files are readable by its group (the reader)
+REGISTRY_ROLES = {
+    "reader": (REGISTRY_READER_ACCOUNT, REGISTRY_UNIT, "/var/log/gridx-registry.log", 0o077),
+    "writer": (REGISTRY_ACCOUNT, REGISTRY_WRITER_UNIT, "/var/log/gridx-registry-writer.log", 0o027),
+}
 
 
 def registry_dir():
-    """CA key and cert, server key and cert, the registry's config: 0700."""
+    """CA key and cert, server key and cert, the pid files: root's, 0700."""
     return os.path.join(config_dir(), "registry")
 
 
 def registry_storage():
     """Where the registry keeps its blobs (GRIDX_REGISTRY_STORAGE in tests)."""
     return os.path.abspath(os.environ.get("GRIDX_REGISTRY_STORAGE") or "/var/lib/gridx/registry")
+
+
+def registry_service_dir(role):
+    """What one process reads: its config.yml (and the reader's TLS cert and
+    key copy), root-owned, readable by the role's group. Beside config_dir()
+    (/etc/gridx-registry/ROLE): /etc/gridx is root's alone."""
+    return os.path.join(os.path.dirname(config_dir()), "gridx-registry", role)
+
+
+def registry_config_path(role):
+    return os.path.join(registry_service_dir(role), "config.yml")
 
 
 def docker_certs_dir():
@@ -1734,13 +1797,26 @@ def docker_certs_dir():
 
 
 def registry_paths():
+    """root's files; config.yml and registry.pid are the single registry's
+    of before the split (hub init removes them)."""
     folder = registry_dir()
     return {name: os.path.join(folder, name) for name in (
-        "ca.key", "ca.crt", "server.key", "server.crt", "config.yml", "registry.pid")}
+        "ca.key", "ca.crt", "server.key", "server.crt", "reader.pid", "writer.pid", "config.yml", "registry.pid")}
 
 
 def registry_address(hub_ip):
+    """The reader: the name workers pull and jobs run (HUB_VPN_IP:5000/…)."""
     return f"{hub_ip}:{REGISTRY_PORT}"
+
+
+def registry_writer():
+    """The writer, where the hub's own Docker pushes (`gridx image push`,
+    the work layer) and `gridx image rm` deletes: on the hub's loopback,
+    plain HTTP. The hub's Docker needs no setting for it (127.0.0.0/8 is an
+    insecure registry by default) and nothing off the hub reaches it. What
+    is pushed there as 127.0.0.1:5001/P:T is served to workers as
+    HUB_VPN_IP:5000/P:T (one storage): see writer_reference."""
+    return f"127.0.0.1:{REGISTRY_WRITER_PORT}"
 
 
 def registry_trust_path(address):
@@ -1748,56 +1824,97 @@ def registry_trust_path(address):
     return os.path.join(docker_certs_dir(), address, "ca.crt")
 
 
-def render_registry_config(hub_ip):
-    """The registry's config: the VPN address only, TLS, deletion on (for
-    `gridx image rm`), no blob descriptor cache (after a garbage collection a
-    cached descriptor would say a removed blob still exists)."""
-    paths = registry_paths()
-    return f"""{CONFIG_MARKER}: the hub's image registry (gridx hub init writes it).
+def render_storage_config(delete):
+    """The storage part both processes share. No blob descriptor cache: a
+    process would keep saying a blob exists after the other side's garbage
+    collection removed it."""
+    return f"""storage:
+  filesystem:
+    rootdirectory: {registry_storage()}
+  delete:
+    enabled: {"true" if delete else "false"}
+"""
+
+
+def render_reader_config(hub_ip):
+    """The VPN side: read-only (uploads, manifests and deletes refused; no
+    purge of old uploads either, the writer does that), TLS."""
+    folder = registry_service_dir("reader")
+    return f"""{CONFIG_MARKER}: the hub's image registry, read-only side (gridx hub init writes it).
 version: 0.1
 log:
   level: warn
   accesslog:
     disabled: true
-storage:
-  filesystem:
-    rootdirectory: {registry_storage()}
-  delete:
-    enabled: true
+{render_storage_config(delete=False)}  maintenance:
+    readonly:
+      enabled: true
+    uploadpurging:
+      enabled: false
 http:
   addr: {registry_address(hub_ip)}
   tls:
-    certificate: {paths["server.crt"]}
-    key: {paths["server.key"]}
+    certificate: {os.path.join(folder, "server.crt")}
+    key: {os.path.join(folder, "server.key")}
+  headers:
+    X-Content-Type-Options: [nosniff]
+"""
+
+
+def render_writer_config():
+    """The hub's side: loopback only, plain HTTP, deletion on (image rm)."""
+    return f"""{CONFIG_MARKER}: the hub's image registry, writing side (gridx hub init writes it).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+{render_storage_config(delete=True)}http:
+  addr: {registry_writer()}
   headers:
     X-Content-Type-Options: [nosniff]
 """
 
 
 REGISTRY_UNIT_TEXT = """[Unit]
-Description=Grid-X: the hub's image registry on {address} (VPN only)
-# It listens on the VPN address, which exists once the interface is up.
-Wants=wg-quick@{interface}.service
-After=wg-quick@{interface}.service network-online.target
-
+Description=Grid-X: the hub's image registry, {what}
+{after}
 [Service]
-ExecStart={program} serve {config}
+User={account}
+Group={account}
+{groups}ExecStart={program} serve {config}
 Restart=always
 RestartSec=5
-UMask=0077
+UMask={umask:04o}
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+ProtectSystem=strict
+{writable}ProtectHome=yes
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
 """
 
 
-def render_registry_unit(hub_ip, interface, program):
-    return REGISTRY_UNIT_TEXT.format(address=registry_address(hub_ip), interface=interface, program=program,
-                                     config=registry_paths()["config.yml"])
+def render_registry_unit(role, hub_ip, interface, program):
+    """The reader listens on the VPN address, which exists once the VPN is
+    up; the writer writes the storage and nothing else (ProtectSystem)."""
+    account, _, _, umask = REGISTRY_ROLES[role]
+    if role == "reader":
+        what = f"read-only, on {registry_address(hub_ip)} (VPN only)"
+        after = (f"# It listens on the VPN address, which exists once the interface is up.\n"
+                 f"Wants=wg-quick@{interface}.service\nAfter=wg-quick@{interface}.service network-online.target\n")
+        groups, writable = f"SupplementaryGroups={REGISTRY_ACCOUNT}\n", ""
+    else:
+        what = f"writing side, on {registry_writer()} (the hub alone)"
+        after, groups, writable = "", "", f"ReadWritePaths={registry_storage()}\n"
+    return REGISTRY_UNIT_TEXT.format(what=what, after=after, account=account, groups=groups, program=program,
+                                     config=registry_config_path(role), umask=umask, writable=writable)
 
 
-def registry_unit_path():
-    return f"/etc/systemd/system/{REGISTRY_UNIT}"
+def registry_unit_path(role):
+    return f"/etc/systemd/system/{REGISTRY_ROLES[role][1]}"
 
 
 def openssl_quiet(argv):
@@ -1872,11 +1989,107 @@ def ensure_registry_cert(hub_ip):
 
 
 def install_registry_trust(hub_ip):
-    """The hub's own Docker trusts the CA (docker push from the hub): the
-    same file join.sh installs on workers. True when it changed."""
+    """The hub's own Docker trusts the CA (image ls, service create resolving
+    a digest): the same file join.sh installs on workers. True when it changed."""
     path = registry_trust_path(registry_address(hub_ip))
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     return write_if_changed(path, read_text(registry_paths()["ca.crt"]), 0o644)
+
+
+# -- the accounts and their files ----------------------------------------------
+
+
+def registry_ids(role):
+    """(uid, gid, supplementary gids) the role's process runs with."""
+    import grp
+    import pwd
+
+    entry = pwd.getpwnam(REGISTRY_ROLES[role][0])
+    groups = [grp.getgrnam(REGISTRY_ACCOUNT).gr_gid] if role == "reader" else []
+    return entry.pw_uid, entry.pw_gid, groups
+
+
+def ensure_registry_accounts():
+    """The two system accounts (no login, no home, a group each); the
+    reader's also in the writer's group. Returns what changed."""
+    import grp
+    import pwd
+
+    changes = []
+    for account, extra in ((REGISTRY_ACCOUNT, []), (REGISTRY_READER_ACCOUNT, ["--groups", REGISTRY_ACCOUNT])):
+        try:
+            pwd.getpwnam(account)
+            continue
+        except KeyError:
+            pass
+        need("useradd")
+        run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", "--comment", "Grid-X image registry", *extra, "--", account])
+        changes.append(f"created the system account {account!r} (the registry's "
+                       f"{'writing' if account == REGISTRY_ACCOUNT else 'read-only'} side runs as it)")
+    if REGISTRY_READER_ACCOUNT not in grp.getgrnam(REGISTRY_ACCOUNT).gr_mem:
+        run(["usermod", "--append", "--groups", REGISTRY_ACCOUNT, "--", REGISTRY_READER_ACCOUNT])
+        changes.append(f"added {REGISTRY_READER_ACCOUNT!r} to the group {REGISTRY_ACCOUNT!r} (it reads the storage)")
+    return changes
+
+
+def install_registry_files(role, files):
+    """The role's folder and files: root-owned (no account can change its
+    own config), group the role's, 0750 and 0640. True when a file changed."""
+    gid = registry_ids(role)[1] if os.geteuid() == 0 else os.getegid()
+    folder = registry_service_dir(role)
+    os.makedirs(os.path.dirname(folder), mode=0o755, exist_ok=True)
+    os.makedirs(folder, mode=0o750, exist_ok=True)
+    changed = False
+    for path, mode in [(folder, 0o750)] + [(os.path.join(folder, name), 0o640) for name in files]:
+        if path != folder:
+            changed |= write_if_changed(path, files[os.path.basename(path)], mode)
+        if os.geteuid() == 0:
+            os.chown(path, 0, gid)  # in a root-owned folder: no account can put a link there
+        os.chmod(path, mode)
+    return changed
+
+
+def ancestors_open(path):
+    """The folders above path that other accounts cannot pass through."""
+    closed, folder = [], os.path.dirname(path)
+    while folder != os.path.dirname(folder):
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            closed.append(folder)
+        folder = os.path.dirname(folder)
+    return closed
+
+
+def own_registry_storage():
+    """The storage is the writer's: folders 0750, files 0640 (the reader
+    reads through the group). A storage the single registry of before wrote
+    as root is handed over file by file, its top folder last, so that an
+    interrupted hand-over is finished by the next init. True when it changed."""
+    storage = registry_storage()
+    os.makedirs(storage, mode=0o750, exist_ok=True)
+    closed = ancestors_open(storage)
+    if closed:
+        raise precondition(f"the registry's accounts cannot reach {storage}: {closed[0]} is closed to them",
+                           f"chmod o+x {closed[0]}, then gridx hub init again")
+    if os.geteuid() != 0:
+        return False
+    uid, gid, _ = registry_ids("writer")
+    top = os.lstat(storage)
+    if (top.st_uid, top.st_gid, stat.S_IMODE(top.st_mode)) == (uid, gid, 0o750):
+        return False
+    for folder, folders, files in os.walk(storage):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            kind = os.lstat(path).st_mode
+            os.lchown(path, uid, gid)
+            if stat.S_ISDIR(kind) or stat.S_ISREG(kind):  # never through a link
+                os.chmod(path, 0o750 if stat.S_ISDIR(kind) else 0o640)
+    os.chown(storage, uid, gid)
+    os.chmod(storage, 0o750)
+    return True
+
+
+# -- the two processes -----------------------------------------------------------
 
 
 def parse_http_response(output):
@@ -1896,21 +2109,23 @@ def parse_http_response(output):
 
 
 def registry_request(address, ca_path, path, method="GET", accept=(), timeout=10):
-    """One HTTPS request to the registry's API: (status, {header: value},
-    body). Through curl: the frozen gridx has no ssl module (the binary
-    leaves libssl out), and curl checks the server against the CA. Exit 3
-    with a hint when the registry does not answer (HTTP errors are returned)."""
-    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--cacert", ca_path,
-            "--max-time", str(timeout)]
+    """One request to the registry's API: (status, {header: value}, body).
+    HTTPS checked against ca_path; plain HTTP when ca_path is None (the
+    writer, on loopback). Through curl: the frozen gridx has no ssl module
+    (the binary leaves libssl out). Exit 3 with a hint when the registry does
+    not answer (HTTP errors are returned)."""
+    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--max-time", str(timeout)]
+    argv += ["--cacert", ca_path] if ca_path else ["--noproxy", "*"]
     argv += ["--head"] if method == "HEAD" else ["--request", method]
     if accept:
         argv += ["--header", "Accept: " + ", ".join(accept)]
-    result = run(argv + [f"https://{address}{path}"], check=False, timeout=timeout + 5)
+    result = run(argv + [f"{'https' if ca_path else 'http'}://{address}{path}"], check=False, timeout=timeout + 5)
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1]
+        unit = REGISTRY_UNIT if ca_path else REGISTRY_WRITER_UNIT
         raise precondition(
             f"the hub's registry at {address} does not answer: {reason}",
-            "on the hub: gridx hub init (starts it again); systemctl status gridx-registry; "
+            f"on the hub: gridx hub init (starts it again); systemctl status {unit.removesuffix('.service')}; "
             "from a worker: check the VPN (sudo ./status.sh)",
         )
     return parse_http_response(result.stdout)
@@ -1924,62 +2139,131 @@ def registry_answers(address, ca_path, timeout=2):
     return status == 200
 
 
-def registry_pid():
-    """The pid of the registry init started without systemd, when it runs."""
-    path = registry_paths()["registry.pid"]
+def pid_running(path, config):
+    """The pid in path, when that process runs with that config; else None."""
     try:
         pid = int(read_text(path).strip())
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             cmdline = handle.read().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if registry_paths()["config.yml"].encode() in cmdline else None
+    return pid if config.encode() in cmdline else None
 
 
-def stop_registry():
-    """Stop the registry (its unit, or the process init started)."""
-    if systemd_running() and os.path.exists(registry_unit_path()):
-        run(["systemctl", "stop", REGISTRY_UNIT], check=False)
-        return
-    pid = registry_pid()
-    if pid is None:
-        return
+def registry_pid(role):
+    """The pid of the role's process init started without systemd, when it runs."""
+    return pid_running(registry_paths()[f"{role}.pid"], registry_config_path(role))
+
+
+def stop_pid(path, config):
+    """SIGTERM to the process of a pid file (when it is that process), up to
+    5 s for it to end; the pid file goes."""
     import signal
 
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
-        if registry_pid() is None:
-            break
-        time.sleep(0.1)
-    path = registry_paths()["registry.pid"]
+    pid = pid_running(path, config)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if pid_running(path, config) is None:
+                break
+            time.sleep(0.1)
     if os.path.exists(path):
         os.unlink(path)
 
 
-def start_registry_process(program):
-    """No systemd (a container, the lab): the registry in its own session,
-    in the background, logging to /var/log/gridx-registry.log; its pid in
-    registry.pid. `gridx hub init` starts it again when it does not answer."""
-    config = registry_paths()["config.yml"]
-    with open("/var/log/gridx-registry.log", "ab") as log, open(os.devnull, "rb") as null:
+def stop_registry(*roles):
+    """Stop the processes of these roles (default both): their units, or the
+    processes init started."""
+    for role in roles or ("writer", "reader"):
+        if systemd_running() and os.path.exists(registry_unit_path(role)):
+            run(["systemctl", "stop", REGISTRY_ROLES[role][1]], check=False)
+        else:
+            stop_pid(registry_paths()[f"{role}.pid"], registry_config_path(role))
+
+
+def stop_single_registry():
+    """The single registry of before the split (root, one config.yml in
+    /etc/gridx/registry): stopped before anything takes its storage, its
+    config and pid file removed. True when there was one."""
+    paths = registry_paths()
+    found = os.path.exists(paths["config.yml"]) or os.path.exists(paths["registry.pid"])
+    unit = registry_unit_path("reader")
+    if systemd_running() and os.path.exists(unit) and f"User={REGISTRY_READER_ACCOUNT}\n" not in read_text(unit):
+        run(["systemctl", "stop", REGISTRY_UNIT], check=False)  # its unit has the reader's name
+        found = True
+    stop_pid(paths["registry.pid"], paths["config.yml"])
+    if os.path.exists(paths["config.yml"]):
+        os.unlink(paths["config.yml"])
+    return found
+
+
+def as_account(role):
+    """setpriv's argv prefix: the role's uid, gid and groups only, no new
+    privileges (a setuid program gains nothing), a clean environment."""
+    account = REGISTRY_ROLES[role][0]
+    groups = [f"--groups={REGISTRY_ACCOUNT}"] if role == "reader" else ["--clear-groups"]
+    return ["setpriv", f"--reuid={account}", f"--regid={account}", *groups, "--no-new-privs", "--reset-env", "--"]
+
+
+def start_registry_process(program, role):
+    """No systemd (a container, the lab): the role's process as its account,
+    in its own session, in the background, logging to its log; its pid in
+    ROLE.pid. `gridx hub init` starts it again when it does not run."""
+    _, _, log_path, umask = REGISTRY_ROLES[role]
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as null:
         # start(): echoed under -v as every command is; its own session (setsid)
-        process = start([program, "serve", config], stdin=null, stdout=log, stderr=log, start_new_session=True)
-    atomic_write(registry_paths()["registry.pid"], f"{process.pid}\n", 0o600)
+        process = start(as_account(role) + [program, "serve", registry_config_path(role)],
+                        stdin=null, stdout=log, stderr=log, start_new_session=True, umask=umask)
+    atomic_write(registry_paths()[f"{role}.pid"], f"{process.pid}\n", 0o600)
+
+
+def registry_side(role, hub_ip):
+    """(address, CA path or None) a role answers on."""
+    if role == "writer":
+        return registry_writer(), None
+    address = registry_address(hub_ip)
+    return address, registry_trust_path(address)
 
 
 def wait_registry(address, ca_path):
     deadline = time.monotonic() + REGISTRY_WAIT_S
     while not registry_answers(address, ca_path, timeout=1):
         if time.monotonic() > deadline:
+            log = "gridx-registry-writer" if ca_path is None else "gridx-registry"
             raise GridxError(f"the registry did not answer on {address} within {REGISTRY_WAIT_S} s",
-                             "look at journalctl -u gridx-registry or /var/log/gridx-registry.log")
+                             f"look at journalctl -u {log} or /var/log/{log}.log (is the port taken?)")
         time.sleep(0.1)
 
 
+def ensure_registry_process(config, program, role, changed):
+    """One role running its current config: (re)started when its files
+    changed or it does not answer. The list of what changed."""
+    address, ca_path = registry_side(role, config.hub_ip)
+    unit = REGISTRY_ROLES[role][1]
+    if systemd_running():
+        text = render_registry_unit(role, config.hub_ip, config.interface, program)
+        if write_if_changed(registry_unit_path(role), text, 0o644):
+            run(["systemctl", "daemon-reload"])
+            run(["systemctl", "enable", unit])
+            changed = True
+        if not changed and registry_answers(address, ca_path):
+            return []
+        run(["systemctl", "restart", unit])
+        return [f"started the registry's {role} on {address} ({unit}, as {REGISTRY_ROLES[role][0]})"]
+    if not changed and registry_pid(role) is not None and registry_answers(address, ca_path):
+        return []
+    stop_registry(role)
+    start_registry_process(program, role)
+    return [f"started the registry's {role} on {address} as {REGISTRY_ROLES[role][0]} (no systemd: in the "
+            f"background, log {REGISTRY_ROLES[role][2]}; gridx hub init starts it again)"]
+
+
 def registry_ready(config):
-    """hub init: the CA, the server cert, the config and a running registry
-    on HUB_VPN_IP:5000, each changed only when it differs; the list of what
-    changed. A hub without docker-registry or openssl gets a warning."""
+    """hub init: the accounts, the CA, the server cert, both configs, the
+    storage's owner and both processes running, each changed only when it
+    differs (a hub that ran the single root registry is moved over, its
+    images kept); the list of what changed. A hub without docker-registry
+    or openssl gets a warning."""
     import shutil
 
     program = shutil.which("docker-registry")
@@ -1987,55 +2271,74 @@ def registry_ready(config):
         warn("no image registry on this hub: docker-registry or openssl is missing "
              "(apt install docker-registry openssl), then run gridx hub init again")
         return []
-    changes = []
-    address, paths = registry_address(config.hub_ip), registry_paths()
+    if not systemd_running():
+        need("setpriv")
+    changes = ensure_registry_accounts()
+    paths = registry_paths()
     if ensure_registry_ca():
         changes.append(f"created the registry's CA {paths['ca.crt']} (never made again: bundles carry it)")
-    restart = False
     if ensure_registry_cert(config.hub_ip):
         changes.append(f"made the registry's TLS certificate for {config.hub_ip}")
-        restart = True
-    if write_if_changed(paths["config.yml"], render_registry_config(config.hub_ip), 0o600):
-        changes.append(f"wrote {paths['config.yml']}")
-        restart = True
-    os.makedirs(registry_storage(), mode=0o700, exist_ok=True)
+    changed = {
+        "reader": install_registry_files("reader", {
+            "config.yml": render_reader_config(config.hub_ip),
+            "server.crt": read_text(paths["server.crt"]),
+            "server.key": read_text(paths["server.key"]),  # a copy its account reads: /etc/gridx is root's
+        }),
+        "writer": install_registry_files("writer", {"config.yml": render_writer_config()}),
+    }
+    changes += [f"wrote {registry_config_path(role)}" for role in changed if changed[role]]
     if install_registry_trust(config.hub_ip):
-        changes.append(f"this hub's Docker trusts the registry ({registry_trust_path(address)})")
-    trust = registry_trust_path(address)
-    if systemd_running():
-        unit = render_registry_unit(config.hub_ip, config.interface, program)
-        if write_if_changed(registry_unit_path(), unit, 0o644):
-            run(["systemctl", "daemon-reload"])
-            run(["systemctl", "enable", REGISTRY_UNIT])
-            restart = True
-        if restart or not registry_answers(address, trust):
-            run(["systemctl", "restart", REGISTRY_UNIT])
-            changes.append(f"started the registry on {address} ({REGISTRY_UNIT})")
-    elif restart or not registry_answers(address, trust):
-        stop_registry()
-        start_registry_process(program)
-        changes.append(f"started the registry on {address} (no systemd: in the background, "
-                       "log /var/log/gridx-registry.log; gridx hub init starts it again)")
-    wait_registry(address, trust)
+        trust = registry_trust_path(registry_address(config.hub_ip))
+        changes.append(f"this hub's Docker trusts the registry ({trust})")
+    if stop_single_registry():
+        changes.append("stopped the single registry of before (it ran as root, writable over the VPN)")
+    if own_registry_storage():
+        changes.append(f"gave {registry_storage()} to {REGISTRY_ACCOUNT!r} (its images kept)")
+    for role in ("writer", "reader"):
+        changes += ensure_registry_process(config, program, role, changed[role])
+    for role in ("writer", "reader"):
+        wait_registry(*registry_side(role, config.hub_ip))
     return changes
 
 
 def reset_registry():
-    """hub reset: the registry stops and its server cert and config go (the
-    next init makes them for its address); the CA stays (never regenerated)
-    and so do the images (the hint says where)."""
+    """hub reset: both processes stop, their units, configs and the key's
+    copy go, and the server cert (the next init makes them for its
+    address); the CA stays (never regenerated), and so do the images and
+    the accounts (the hint says where)."""
+    stop_single_registry()
     stop_registry()
-    unit = os.path.exists(registry_unit_path())
-    if systemd_running() and unit:
-        run(["systemctl", "disable", REGISTRY_UNIT], check=False)
-    if unit:
-        os.unlink(registry_unit_path())
-        if systemd_running():
-            run(["systemctl", "daemon-reload"], check=False)
-    for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
+    reload = False
+    for role in REGISTRY_ROLES:
+        unit = registry_unit_path(role)
+        if os.path.exists(unit):
+            if systemd_running():
+                run(["systemctl", "disable", REGISTRY_ROLES[role][1]], check=False)
+            os.unlink(unit)
+            reload = True
+    if reload and systemd_running():
+        run(["systemctl", "daemon-reload"], check=False)
+    import shutil
+
+    shutil.rmtree(os.path.dirname(registry_service_dir("reader")), ignore_errors=True)
+    for name in ("server.key", "server.crt", "reader.pid", "writer.pid"):
         path = registry_paths()[name]
         if os.path.exists(path):
             os.unlink(path)
+
+
+def collect_registry_garbage(config):
+    """`docker-registry garbage-collect` as the writer's account, with the
+    writer stopped: an upload during a collection could lose a layer the
+    collector did not see referenced. The reader goes on serving pulls: a
+    read-only registry is what distribution's docs ask for during one."""
+    stop_registry("writer")
+    try:
+        run(as_account("writer") + ["docker-registry", "garbage-collect", registry_config_path("writer")],
+            timeout=1800)
+    finally:
+        registry_ready(config)
 
 
 def registry_bundle_settings(config):
@@ -2078,6 +2381,14 @@ def pushed_name(image, address):
         raise usage_error(f"cannot push {image!r} by digest: a registry stores images under a tag",
                           "push it by name, e.g. team/app:1")
     return f"{address}/{path}:{tag or 'latest'}"
+
+
+def writer_reference(name):
+    """The same repository and tag at the writer, where the hub's Docker
+    pushes it: 10.0.0.1:5000/team/app:1 -> 127.0.0.1:5001/team/app:1 (one
+    storage: workers then pull it by the first name)."""
+    _, path, tag, _ = split_image(name)
+    return f"{registry_writer()}/{path}:{tag or 'latest'}"
 
 
 def registry_reference(name, address):
@@ -3787,9 +4098,9 @@ def hub_registry():
 
 
 def layer_registries():
-    """(where the hub's Docker pushes a work layer, where workers pull it)."""
-    pull = hub_registry()
-    return pull, pull
+    """(where the hub's Docker pushes a work layer: the registry's writer on
+    its loopback, where workers pull it: the read-only side on the VPN)."""
+    return registry_writer(), hub_registry()
 
 
 def base_image_config(image):
@@ -3918,10 +4229,9 @@ def work_layer(args, job_id):
 
 
 def registry_writer_access():
-    """(address, CA path) of the registry through which layers are pushed
-    and deleted, from where gridx runs on the hub."""
-    address = layer_registries()[0]
-    return address, registry_trust_path(address)
+    """(address, CA path: None, plain HTTP) of the registry's writer, through
+    which layers are pushed and deleted: root's on the hub alone (GRIDX-OUTPUT)."""
+    return registry_writer(), None
 
 
 def remove_work_layer(tag, digest=None):
@@ -5100,7 +5410,7 @@ def ensure_users(config):
 
 
 def ensure_registry(config):
-    """The image registry on HUB_VPN_IP:5000 (see Registry)."""
+    """The image registry: read-only on HUB_VPN_IP:5000, its writer on the hub's loopback (see Registry)."""
     return registry_ready(config)
 
 
@@ -5704,9 +6014,10 @@ def cmd_hub_reset(args):
             os.unlink(DOCKER_DROPIN)
             if systemd_running():
                 run(["systemctl", "daemon-reload"], check=False)
-        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
+        for parent, chain in (("INPUT", FIREWALL_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+            run(["iptables", "-D", parent, "-j", chain], check=False)
+            run(["iptables", "-F", chain], check=False)
+            run(["iptables", "-X", chain], check=False)
         reset_users()  # their SSH lines and firewall chain: see Accounts
         reset_registry()  # stopped; the CA and the images stay: see Registry
         for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
@@ -6302,7 +6613,7 @@ def cmd_jobs_delete(args):
     run(docker("service", "rm", "--", *ids))
     remove_containers(leftovers)
     remove_job_configs(ids)
-    if not DOCKER_HOST:  # through --manager root@HUB, hub watch's sweep removes them
+    if not DOCKER_HOST and os.geteuid() == 0:  # else (--manager, serve) hub watch's sweep removes them
         for tag in filter(None, (s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services)):
             remove_work_layer(tag)
     if not DOCKER_HOST and not args.keep_results:
@@ -6509,9 +6820,9 @@ def image_manager(args):
 
 
 def image_registry(args):
-    """(registry address, CA path) for the image commands: on the hub from
-    its config; with --manager root@HUB, HUB:5000 and the CA this machine's
-    Docker has for it in /etc/docker/certs.d."""
+    """(registry address, CA path) of the reader, which image ls reads: on
+    the hub from its config; with --manager root@HUB, HUB:5000 and the CA
+    this machine's Docker has for it in /etc/docker/certs.d."""
     import urllib.parse
 
     manager = image_manager(args)
@@ -6534,23 +6845,55 @@ def image_registry(args):
     return address, trust
 
 
+def pushed_digest(writer_name):
+    """The digest the hub's Docker recorded for its push of writer_name."""
+    import json
+
+    path = writer_name.rsplit(":", 1)[0]
+    found = run(docker("image", "inspect", "--format={{json .RepoDigests}}", "--", writer_name), check=False)
+    for entry in (json.loads(found.stdout or "null") or []) if found.returncode == 0 else []:
+        name, _, digest = entry.partition("@")
+        if name == path:
+            return digest
+    return None
+
+
+def check_served(target, writer_name, address, ca_path):
+    """On the hub: the reader serves the tag just pushed through the writer
+    with the same digest (one storage), or the pushed name would not run."""
+    _, path, tag, _ = split_image(target)
+    served, _ = registry_manifest(address, ca_path, path, tag, method="HEAD")
+    pushed = pushed_digest(writer_name)
+    if served is None or (pushed and served != pushed):
+        raise GridxError(f"the registry's read-only side {address} serves {served or 'nothing'} for {path}:{tag}, "
+                         f"not the {pushed or 'image'} pushed to {registry_writer()}",
+                         f"do both use one storage? gridx hub init rewrites their configs ({registry_storage()})")
+
+
 def cmd_image_push(args):
-    """Tag a local image for the hub's registry and push it; print its name there."""
+    """Push an image of the hub's Docker through the registry's writer; print the name workers pull."""
     image = valid_image(args.image)
-    image_manager(args)
+    manager = image_manager(args)
     if split_image(image)[3]:
         pushed_name(image, "")  # by digest: exit 2 before anything
-    need("docker")
-    address, ca_path = image_registry(args)
-    target = pushed_name(image, address)
-    if run(["docker", "image", "inspect", "--format={{.Id}}", "--", image], check=False).returncode != 0:
-        raise usage_error(f"there is no image {image!r} in this machine's Docker",
-                          "build or pull it first (docker images lists what is here)")
-    if not registry_answers(address, ca_path):
-        registry_request(address, ca_path, "/v2/")  # exit 3 with the reason and a hint
-    run(["docker", "tag", "--", image, target])
-    info(f"pushing {image} to {address} (over the VPN)")
-    push = ["docker", "push", "--", target]
+    writer = registry_writer()
+    if manager:
+        set_manager(args)  # the push runs in the hub's Docker (docker over SSH): the writer is its loopback
+        address, ca_path = hub_registry(), None
+    else:
+        need("docker")
+        address, ca_path = image_registry(args)
+        if not registry_answers(writer, None):
+            registry_request(writer, None, "/v2/")  # exit 3 with the reason and a hint
+    target, writer_name = pushed_name(image, address), pushed_name(image, writer)
+    if run(docker("image", "inspect", "--format={{.Id}}", "--", image), check=False).returncode != 0:
+        where = f"the hub's Docker ({manager})" if manager else "this machine's Docker"
+        hint = (f"copy it there: docker save {image} | docker --host {DOCKER_HOST} load" if manager
+                else "build or pull it first (docker images lists what is here)")
+        raise usage_error(f"there is no image {image!r} in {where}", hint)
+    run(docker("tag", "--", image, writer_name))
+    info(f"pushing {image} to the hub's registry (through its writer {writer}, on the hub's loopback)")
+    push = docker("push", "--", writer_name)
     code = run_streaming(push) if sys.stderr.isatty() else None  # Docker's progress on a terminal
     if code is None:
         result = run(push, check=False, timeout=3600)
@@ -6558,7 +6901,11 @@ def cmd_image_push(args):
         if code:
             raise command_error(push, result)
     elif code:
-        raise GridxError(f"docker push {target} failed (exit {code})", "see Docker's message above")
+        raise GridxError(f"docker push {writer_name} failed (exit {code})", "see Docker's message above")
+    if ca_path:
+        check_served(target, writer_name, address, ca_path)
+    if writer_name != image:
+        run(docker("image", "rm", "--", writer_name), check=False)  # only the name: the image stays
     print(target)
     info(f"run it: gridx jobs run {target} …   ·   list: gridx image ls")
     return EXIT_OK
@@ -6595,38 +6942,37 @@ def folder_bytes(path):
 
 
 def cmd_image_rm(args):
-    """Delete an image's manifest from the registry, then collect its unused layers."""
+    """Delete an image's manifest through the registry's writer, then collect its unused layers."""
     image = valid_image(args.name, "image name")
     _, path, tag, digest = split_image(image)
     if not tag and not digest:
         raise usage_error(f"give the tag to remove: {image}:TAG", "gridx image ls lists the tags")
+    if os.environ.get("GRIDX_MANAGER"):
+        raise usage_error("gridx image rm runs on the hub (it deletes through the registry's writer, which "
+                          "only the hub reaches, and collects its storage)",
+                          f"ssh {os.environ['GRIDX_MANAGER']} gridx image rm {image}")
     require_root()
-    need("docker-registry")
-    address, ca_path = image_registry(args)
+    need("docker-registry", "setpriv")
+    config = load_hub_config()
+    address, writer = registry_address(config.hub_ip), registry_writer()
     repository, reference = registry_reference(image, address)
-    digest, _ = registry_manifest(address, ca_path, repository, reference, method="HEAD")
+    digest, _ = registry_manifest(writer, None, repository, reference, method="HEAD")
     if digest is None:
         raise usage_error(f"the hub's registry has no {address}/{repository}:{reference}",
                           "gridx image ls lists what it has")
-    also = [tag for tag in registry_tags(address, ca_path, repository)
-            if tag != reference and registry_manifest(address, ca_path, repository, tag, "HEAD")[0] == digest]
+    also = [tag for tag in registry_tags(writer, None, repository)
+            if tag != reference and registry_manifest(writer, None, repository, tag, "HEAD")[0] == digest]
     import urllib.parse
 
     path = f"/v2/{urllib.parse.quote(repository)}/manifests/{digest}"
-    status, _, body = registry_request(address, ca_path, path, method="DELETE")
+    status, _, body = registry_request(writer, None, path, method="DELETE")
     if status not in (200, 202):
         raise GridxError(f"the registry refused to delete {repository}@{digest} ({status}): {body[:200]}")
     info(f"removed {address}/{repository}:{reference} ({digest[:19]})"
          + (f", and the tags with the same image: {', '.join(also)}" if also else ""))
-    # The collection runs with the registry stopped: a push during it could
-    # lose a layer the collector did not see referenced (distribution's docs).
-    storage, config = registry_storage(), registry_paths()["config.yml"]
+    storage = registry_storage()
     before = folder_bytes(storage)
-    stop_registry()
-    try:
-        run(["docker-registry", "garbage-collect", config], timeout=1800)
-    finally:
-        registry_ready(load_hub_config())
+    collect_registry_garbage(config)
     freed = max(0, before - folder_bytes(storage))
     print(f"removed {address}/{repository}:{reference}; garbage collection freed {human_bytes(freed)}")
     return EXIT_OK
@@ -6880,7 +7226,7 @@ def args_jobs_results(p):
 
 
 def args_image_push(p):
-    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
+    p.add_argument("image", help="an image of the hub's Docker (docker images there), e.g. team/app:1")
     add_manager(p)
 
 
@@ -6963,7 +7309,7 @@ COMMANDS = {
 }
 COMMANDS["image"] = ("the hub's image registry (HUB_VPN_IP:5000): push, list, remove",
                      "sudo gridx image push team/app:1", {
-    "push": (cmd_image_push, "tag and push a local image to the hub's registry; prints its name there",
+    "push": (cmd_image_push, "push an image of the hub's Docker to its registry; prints the name jobs use",
              "sudo gridx image push team/app:1   (then: gridx jobs run 10.0.0.1:5000/team/app:1 …)",
              args_image_push),
     "ls": (cmd_image_ls, "the registry's images: name, size, digest",

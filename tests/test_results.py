@@ -185,7 +185,10 @@ def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypa
     assert f"--image=10.0.0.1:5000/gridx/work:{tag}@sha256:{'d' * 64}" in update
     assert f"--constraint-rm=node.labels.gridx.hold=={tag}" in update
     assert ["rm", "--force", "--", "c0ffee"] in calls  # the container is gone, the hub keeps no image
-    assert ["image", "rm", "--", f"10.0.0.1:5000/gridx/work:{tag}"] in calls
+    # committed and pushed at the registry's writer (the hub's loopback), run from its read-only side
+    assert ["commit", "--change=WORKDIR /work", "--", "c0ffee", f"127.0.0.1:5001/gridx/work:{tag}"] in calls
+    assert ["push", "--", f"127.0.0.1:5001/gridx/work:{tag}"] in calls
+    assert ["image", "rm", "--", f"127.0.0.1:5001/gridx/work:{tag}"] in calls
 
 
 def test_a_layer_that_cannot_be_made_takes_its_held_job_with_it(tmp_path, monkeypatch):
