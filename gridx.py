@@ -830,6 +830,43 @@ def valid_user_ssh_key(value, what="--pubkey"):
     return f"{kind} {blob}"
 
 
+JOB_ALLOW_MAX = 64  # same as lib.sh's JOB_ALLOW_MAX
+
+
+def valid_job_allow(entries):
+    """The allow-list the admin opens for every job (hub allow-jobs): each
+    entry ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]], IPv6 in brackets, a
+    network no broader than /8 (IPv6 /16) named by its first address. The
+    grammar of lib.sh's job_allow_parse, which workers apply (a test runs
+    both on the same samples)."""
+    import ipaddress
+
+    if len(entries) > JOB_ALLOW_MAX:
+        raise usage_error(f"{len(entries)} entries: the allow-list holds at most {JOB_ALLOW_MAX}")
+    grammar = (r"(?:(?P<v4>[0-9.]+)|\[(?P<v6>[0-9A-Fa-f:]+))(?:/(?P<prefix>[0-9]{1,3}))?(?(v6)\])"
+               r"(?::(?P<proto>tcp|udp)(?:/(?P<lo>[1-9][0-9]{0,4})(?:-(?P<hi>[1-9][0-9]{0,4}))?)?)?")
+    hint = "ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]], e.g. 10.0.0.1:tcp/5000 or [fd00::5]:tcp/443"
+    for entry in entries:
+        found = re.fullmatch(grammar, entry or "")
+        if not found:
+            raise usage_error(f"invalid allow-list entry {entry!r}", hint)
+        address = found["v4"] or found["v6"]
+        narrowest = 8 if found["v4"] else 16
+        prefix = found["prefix"] or ("32" if found["v4"] else "128")
+        try:
+            network = ipaddress.ip_network(f"{address}/{int(prefix)}", strict=True)
+        except ValueError:
+            raise usage_error(f"invalid allow-list entry {entry!r}: not an address, or bits set past its prefix",
+                              hint) from None
+        if network.version != (4 if found["v4"] else 6) or network.prefixlen < narrowest:
+            raise usage_error(f"invalid allow-list entry {entry!r}: broader than /{narrowest}",
+                              "the allow-list names servers and their networks, not whole address ranges")
+        ports = [int(p) for p in (found["lo"], found["hi"]) if p]
+        if any(port > 65535 for port in ports) or (len(ports) == 2 and ports[0] > ports[1]):
+            raise usage_error(f"invalid allow-list entry {entry!r}: ports are 1-65535, LOW-HIGH", hint)
+    return list(entries)
+
+
 def parse_cpus(value):
     try:
         cpus = float(value)
@@ -1008,7 +1045,7 @@ class HubConfig:
     FIELDS = ("interface", "public_ip", "port", "subnet", "hub_ip", "public_key", "address_pool", "created")
 
     def __init__(self, interface, public_ip, port, subnet, hub_ip, public_key, address_pool, created, peers,
-                 users=None, user_defaults=None):
+                 users=None, user_defaults=None, job_allow=()):
         self.interface = interface
         self.public_ip = public_ip
         self.port = port
@@ -1020,6 +1057,7 @@ class HubConfig:
         self.peers = dict(peers)
         self.users = dict(users or {})  # name -> User
         self.user_defaults = dict(user_defaults or {})
+        self.job_allow = list(job_allow)  # what every job may reach on private networks (hub allow-jobs)
 
     @property
     def endpoint(self):
@@ -1035,6 +1073,8 @@ class HubConfig:
         document["version"] = 1
         document["peers"] = {name: peer.to_dict() for name, peer in sorted(self.peers.items())}
         document.update(users_document(self))
+        if self.job_allow:
+            document["job_allow"] = list(self.job_allow)
         return document
 
     @classmethod
@@ -1090,6 +1130,7 @@ class HubConfig:
                 field(document, "created", str, ""),
                 peers,
                 *users_from_dict(document, network, hub_ip, peers),
+                valid_job_allow(field(document, "job_allow", list, [])),
             )
         except (TypeError, ValueError, GridxError) as error:
             detail = error.message if isinstance(error, GridxError) else str(error)
@@ -2556,6 +2597,8 @@ def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, 
 def bundle_settings(config, peer, key_on_hub):
     settings = worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
                                config.manager, not key_on_hub)
+    if config.job_allow:  # jobnet.sh applies it on the worker
+        settings["GRIDX_JOB_ALLOW"] = " ".join(config.job_allow)
     return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
 
 
@@ -5818,6 +5861,66 @@ def cmd_hub_watch(args):
         time.sleep(interval)
 
 
+# -- hub allow-jobs -------------------------------------------------------------
+# Jobs reach the internet and nothing private (the worker's jobnet.sh); the
+# admin opens private destinations for every job here. The list lives in
+# hub_config.json and every bundle's settings (GRIDX_JOB_ALLOW); joined
+# workers get it at once over the hub's SSH.
+
+JOBNET_SCRIPT = "/var/lib/gridx/jobnet/jobnet.sh"  # same as join.sh's copy (lib.sh's JOB_NET_DIR)
+
+
+def cmd_hub_allow_jobs(args):
+    """Show, or set, what every job may reach on private networks; apply it to the joined workers."""
+    entries = [] if args.none else valid_job_allow(list(args.entries))
+    require_root()
+    need("docker", "ssh")
+    if not entries and not args.none:
+        config = load_hub_config()
+        if args.json:
+            print_json({"job_allow": config.job_allow})
+        else:
+            print(" ".join(config.job_allow) if config.job_allow else "(none: jobs reach the internet only)")
+        return EXIT_OK
+    with StateLock():
+        config = load_hub_config()
+        config.job_allow = entries
+        save_hub_config(config)
+        refreshed = refresh_unused_bundles(config, worker_join_token())
+    shown = " ".join(entries) or "nothing private"
+    info(f"jobs may reach: {shown}" + (f"; rewrote the bundles on the hub ({', '.join(refreshed)})"
+                                        if refreshed else ""))
+    return apply_job_allow(config, entries)
+
+
+def apply_job_allow(config, entries):
+    """jobnet.sh allow LIST on every joined worker at once, over the hub's SSH;
+    exit 1 when one that allows the hub's SSH could not take it."""
+    import shlex
+    import subprocess
+
+    declined = hub_ssh_declined()
+    nodes = {n.address: n for n in swarm_nodes() if not n.manager and n.state == "ready"}
+    targets = sorted((peer for peer in config.peers.values() if peer.ip in nodes), key=lambda p: _ip_sort_key(p.ip))
+    remote = shlex.join([JOBNET_SCRIPT, "allow", " ".join(entries)])
+    running = [(peer, start(ssh_argv(peer.ip, [remote]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+               for peer in targets if peer.ip not in declined]
+    failed = []
+    for peer, process in running:
+        said = process.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        if process.wait():
+            failed.append(peer.name)
+            warn(f"{peer.name}: {said[-1] if said else 'jobnet.sh allow failed'}")
+    applied = [peer.name for peer, _ in running if peer.name not in failed]
+    if applied:
+        info(f"applied on {', '.join(applied)}")
+    for peer in targets:
+        if peer.ip in declined:
+            warn(f"{peer.name} declined the hub's SSH: its volunteer runs sudo ./jobnet.sh allow in the bundle "
+                 f"(gridx hub refresh-bundle {peer.name} writes it)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # -- hub add-user · set-user · set-defaults · remove-user · list-users --------
 
 
@@ -7122,6 +7225,13 @@ def args_hub_ssh(p):
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
 
 
+def args_hub_allow_jobs(p):
+    p.add_argument("entries", nargs="*", metavar="ENTRY",
+                   help="ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]] (IPv6 in brackets); none given: show the list")
+    p.add_argument("--none", action="store_true", help="open nothing private (the default)")
+    add_json(p)
+
+
 def args_hub_watch(p):
     p.add_argument("--interval", default=str(WATCH_DEFAULT_INTERVAL_S),
                    help=f"seconds between checks (default {WATCH_DEFAULT_INTERVAL_S})")
@@ -7264,6 +7374,8 @@ COMMANDS = {
                        "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys", None),
         "watch": (cmd_hub_watch, "keep jobs alive: run again the jobs of workers that went down",
                   "sudo gridx hub watch --interval 10 --down-after 30", args_hub_watch),
+        "allow-jobs": (cmd_hub_allow_jobs, "what every job may reach on private networks (default: nothing)",
+                       "sudo gridx hub allow-jobs 10.0.0.1:tcp/8080 192.168.1.20:tcp/2049", args_hub_allow_jobs),
         "add-user": (cmd_hub_add_user, "add a person who submits jobs (not a worker) and write their bundle",
                      "sudo gridx hub add-user alice --max-gpus 1", args_hub_add_user),
         "set-user": (cmd_hub_set_user, "change a user's limits (none: no limit; default: the hub's)",

@@ -5,6 +5,7 @@ them are in conftest.py; pytest advises against importing conftest, so
 tests import from here."""
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -196,6 +197,7 @@ class FakeTools:
         class Process:
             stdin = open(os.devnull, "wb")  # what gridx streams (docker cp -, ssh) goes nowhere
             stdout = os.fdopen(read_end, "rb")
+            stderr = io.BytesIO()
             returncode = 0
             pid = 0
 

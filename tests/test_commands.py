@@ -315,3 +315,37 @@ def test_control_characters_from_members_and_workers_are_escaped(tmp_path, monke
     assert "\\x1b]0;owned\\x07" in gridx.printable(HOSTILE_TEXT) and "\\u202e" in gridx.printable(HOSTILE_TEXT)
     assert run_main(["jobs", "status", "job-1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["command"] == HOSTILE_TEXT
+
+
+# -- hub allow-jobs (issue 19): what every job may reach on private networks ---------------
+
+
+def test_allow_jobs_saves_the_list_writes_it_into_bundles_and_applies_it_over_ssh(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    assert run_main(["hub", "allow-jobs", "10.0.0.9:tcp/80", "192.168.1.20/32:udp/2049"]) == 0
+    assert gridx.load_hub_config().job_allow == ["10.0.0.9:tcp/80", "192.168.1.20/32:udp/2049"]
+    settings = (tmp_path / "cfg" / "bundles" / "gridx-w2-bundle" / "settings.env").read_text()
+    assert "GRIDX_JOB_ALLOW='10.0.0.9:tcp/80 192.168.1.20/32:udp/2049'" in settings
+    ssh = [c for c in tools.calls if c[0] == "ssh"]
+    assert ssh and ssh[0][-2:] == ["root@10.0.0.2", "/var/lib/gridx/jobnet/jobnet.sh allow "
+                                                     "'10.0.0.9:tcp/80 192.168.1.20/32:udp/2049'"]
+    assert "applied on w1" in capsys.readouterr().err
+    assert run_main(["hub", "allow-jobs"]) == 0
+    assert capsys.readouterr().out.strip() == "10.0.0.9:tcp/80 192.168.1.20/32:udp/2049"
+    assert run_main(["hub", "allow-jobs", "--none"]) == 0
+    assert gridx.load_hub_config().job_allow == [] and "job_allow" not in gridx.load_hub_config().to_dict()
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.9:80", "0.0.0.0/0", "10.0.0.9:tcp/-1", "--none=x", "a b"])
+def test_a_bad_allow_list_is_exit_2_and_nothing_changes(entry, tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    before = tree(tmp_path / "cfg")
+    assert run_main(["hub", "allow-jobs", "--", entry]) == 2
+    assert tree(tmp_path / "cfg") == before and tools.calls == []
+
+
+def test_a_worker_that_declined_the_hubs_ssh_is_told_how(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch, declined=["n1"])
+    assert run_main(["hub", "allow-jobs", "10.0.0.9:tcp/80"]) == 0
+    assert not [c for c in tools.calls if c[0] == "ssh"]
+    assert "w1 declined the hub's SSH: its volunteer runs sudo ./jobnet.sh allow" in capsys.readouterr().err

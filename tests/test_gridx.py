@@ -149,6 +149,7 @@ ARGV_BASE = {
     ("hub", "join-info"): (["--name=w1"], {}),
     ("hub", "ssh"): ([], {"name": ["w1"], "command": ["true"]}),
     ("hub", "watch"): (["--once"], {}),
+    ("hub", "allow-jobs"): ([], {"entries": ["10.0.0.9:tcp/80"]}),
     ("hub", "reset"): (["--yes"], {}),
     ("worker", "join"): (["--wg-config=w.conf", "--token=SWMTKN-1-abc123-def456"], {}),
     ("jobs", "run"): ([], {"image": ["python:3.11"], "command": ["true"]}),

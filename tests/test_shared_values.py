@@ -127,3 +127,21 @@ def test_hub_address_from_the_manager(manager):
     conf = gridx.render_worker_wg_conf(config, gridx.Peer("w1", "10.0.0.2", KEY_B, True, ""), KEY_A)
     conf = conf.replace("# gridx-manager = 10.0.0.1:2377", f"# gridx-manager = {manager}")
     assert in_shell == gridx.parse_worker_conf(conf)[0]["GRIDX_HUB_VPN_IP"]
+
+
+ALLOW_ENTRIES = ["10.0.0.1", "10.0.0.0/24:tcp/5000", "[fd00::5]:tcp/443", "[fd00::/64]", "1.2.3.4:udp/1-100",
+                 "10.0.0.1/16", "1.2.3.4:tcp/0", "fd00::5", "10.0.0.1:5000", "1.2.3.4:tcp/70000", "[fd00::5]/64",
+                 "1.2.3.4:tcp/10-5", "10.0.0.0/7", "[fd00::/15]", "1.2.3.4:icmp", "1.2.3.4:tcp/080", "256.1.1.1",
+                 "1.2.3.4:tcp/", "-1.2.3.4", "[::1]:udp/53", "1.2.3.4:TCP/80"]
+
+
+@pytest.mark.parametrize("entry", ALLOW_ENTRIES)
+def test_the_jobs_allow_list_grammar(entry):
+    """gridx hub allow-jobs validates what the workers' jobnet.sh applies."""
+    program = f'. "{TEMPLATES}/lib.sh"; job_allow_parse "$1"'
+    assert (bash(program, entry).returncode == 0) == python_accepts(lambda e: gridx.valid_job_allow([e]), entry)
+
+
+def test_the_allow_lists_length():
+    program = f'. "{TEMPLATES}/lib.sh"; printf %s "$JOB_ALLOW_MAX"'
+    assert int(bash(program).stdout) == gridx.JOB_ALLOW_MAX

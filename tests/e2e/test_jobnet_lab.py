@@ -171,10 +171,12 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
     before = firewall(node)
     vpn_ip = None
     try:
+        # the admin opens the data server for every job; a bundle made now carries it
+        ok(hub("hub", "allow-jobs", *ALLOW.split()), "gridx hub allow-jobs")
         added = add_peer(NAME)
         vpn_ip = added["peer"]["ip"]
         folder = copy_bundle(added["bundle"], node)
-        ok(node_exec(node, f"printf \"GRIDX_JOB_ALLOW='%s'\\n\" '{ALLOW}' >> {folder}/settings.env"), "allow-list")
+        assert f"GRIDX_JOB_ALLOW='{ALLOW}'" in ok(node_exec(node, f"cat {folder}/settings.env"), "settings.env")
         # The name server a home router would be: DNS to it, and only DNS, is let through.
         ok(node_exec(node, f"printf 'nameserver {DATA_IP}\\n' > /etc/resolv.conf"), "resolv.conf")
         joined = node_exec(node, [f"{folder}/join.sh", "--yes", "--cpus", "1", "--memory", SHARED_MEMORY],
@@ -236,12 +238,12 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
         assert firewall(node)["ip6tables"] == saved["ip6tables"]
         wait_peer_ready(NAME, timeout=120)
 
-        # The hub changes the list of a joined worker over SSH: a bad list first
-        bad = hub("hub", "ssh", NAME, "--", "/var/lib/gridx/jobnet/jobnet.sh", "allow", f"{DATA_IP}:8081")
-        assert bad.returncode == 2 and "name the protocol before the port" in bad.stderr, bad.stderr
-        assert firewall(node) == saved
-        ok(hub("hub", "ssh", NAME, "--", "/var/lib/gridx/jobnet/jobnet.sh", "allow",
-               f"{DATA_IP}/32:tcp/8081 198.51.100.7:udp/9000-9009"), "jobnet.sh allow over the hub's SSH")
+        # The hub changes the list of the joined workers (over their SSH): a bad list first
+        bad = hub("hub", "allow-jobs", f"{DATA_IP}:8081")
+        assert bad.returncode == 2 and "invalid allow-list entry" in bad.stderr, bad.stderr
+        assert firewall(node) == saved and hub("hub", "allow-jobs").stdout.strip() == ALLOW
+        changed = hub("hub", "allow-jobs", f"{DATA_IP}/32:tcp/8081", "198.51.100.7:udp/9000-9009")
+        assert changed.returncode == 0 and NAME in changed.stderr, changed.stderr  # "applied on …"
         seen, _ = probe("jobnet-probe2", [f"{DATA_IP}:8080", f"{DATA_IP}:8081", f"{HUB_VPN_IP}:22"])
         assert seen == {f"{DATA_IP}:8080": "closed", f"{DATA_IP}:8081": "open", f"{HUB_VPN_IP}:22": "closed"}, seen
 
@@ -255,6 +257,7 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
         assert "-A INPUT -s 192.0.2.1/32 -j DROP" in after["iptables"]
         assert node_exec(node, "test -e /var/lib/gridx").returncode != 0
     finally:
+        hub("hub", "allow-jobs", "--none")
         hub_sh(["docker", "service", "rm", NEIGHBOUR])
         remove_peer_quietly(NAME)
         for job in ("jobnet-probe", "jobnet-probe2"):
