@@ -2645,7 +2645,11 @@ def write_bundle(folder, files, private_parent=True):
     old = None
     try:
         os.chmod(staging, 0o700)
-        write_files(staging, files)
+        token = files.get("swarm-token") if private_parent else None
+        write_files(staging, {name: item for name, item in files.items() if not (token and name == "swarm-token")})
+        if token:  # the hub's own bundles share one token file (see hub_token_path)
+            store_join_token(token[0].strip())
+            os.link(hub_token_path(), os.path.join(staging, "swarm-token"))
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             tar.add(staging, arcname=os.path.basename(folder))
         if os.path.lexists(folder):
@@ -2663,6 +2667,34 @@ def write_bundle(folder, files, private_parent=True):
     finally:
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def hub_token_path():
+    """The one copy of the worker join token that every bundle on the hub
+    links to (its swarm-token is a hard link), so a rotation rewrites one
+    file, not every bundle: remove-peer costs the same with 2 peers or 250."""
+    return os.path.join(bundles_dir(), ".swarm-token")
+
+
+def store_join_token(token):
+    """Write the join token into hub_token_path() in place (its inode, which
+    the bundles link to, stays)."""
+    ensure_dir(bundles_dir())
+    fd = os.open(hub_token_path(), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "r+") as handle:
+        handle.truncate(0)
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def linked_to_hub_token(folder):
+    """Whether a bundle's swarm-token is hub_token_path() (older bundles
+    hold a copy of their own)."""
+    try:
+        return os.path.samefile(os.path.join(folder, "swarm-token"), hub_token_path())
+    except OSError:
+        return False
 
 
 def write_files(folder, files):
@@ -5589,26 +5621,48 @@ def cmd_hub_remove_peer(args):
         write_hub_wg_conf(config)
         remove_bundle(name)
         forget_host_key(peer.ip)
-        refreshed = refresh_unused_bundles(config, token)
+        archives = new_token_in_bundles(config, token)
     info(f"removed peer {name} ({peer.ip}) from the VPN" + (" and the swarm" if nodes else ""))
     if lost:
         info(f"jobs that ran on it run again elsewhere: {', '.join(lost)}")
-    info("rotated the worker join token: the removed bundle no longer joins"
-         + (f"; rewrote the bundles on the hub with the new one ({', '.join(refreshed)})" if refreshed else ""))
+    info("rotated the worker join token: the removed bundle no longer joins; the bundles on the hub have the new one"
+         + (f" (their .tar.gz went: gridx hub refresh-bundle NAME makes one again: {', '.join(archives)})"
+            if archives else ""))
     if config.peers:
         info("a copy of a bundle given out before now needs the new token: "
              "gridx hub refresh-bundle NAME, then give it again")
     return EXIT_OK
 
 
-def refresh_unused_bundles(config, token):
-    """After a token rotation: every bundle still on the hub gets the new
-    token, so the ones not yet used still join. Returns their peers' names."""
-    if not any(os.path.isdir(bundle_path(name)) for name in config.peers):
+def new_token_in_bundles(config, token):
+    """After a rotation: the hub's bundles see the new token through their
+    shared token file (one write); their .tar.gz, which hold the old one,
+    go (an unlink each); a bundle older than the shared file is rewritten
+    once. Returns the peers whose archive went."""
+    store_join_token(token)
+    legacy = [name for name in sorted(config.peers)
+              if os.path.isdir(bundle_path(name)) and not linked_to_hub_token(bundle_path(name))]
+    if legacy:
+        refresh_unused_bundles(config, token, legacy)
+    gone = []
+    for name in sorted(config.peers):
+        archive = bundle_path(name) + ".tar.gz"
+        if name not in legacy and os.path.lexists(archive):
+            os.unlink(archive)
+            gone.append(name)
+    return gone
+
+
+def refresh_unused_bundles(config, token, names=None):
+    """Every bundle still on the hub (or those of names) written again with
+    the token and the hub's settings (allow-jobs changed them). Returns
+    their peers' names."""
+    names = sorted(config.peers) if names is None else names
+    if not any(os.path.isdir(bundle_path(name)) for name in names):
         return []
     ssh_key = ssh_public_key()
     refreshed = []
-    for name in sorted(config.peers):
+    for name in names:
         if os.path.isdir(bundle_path(name)):
             try:
                 refresh_bundle(config, name, token, ssh_key)

@@ -94,15 +94,55 @@ def bundle_token(folder):
 
 
 def test_remove_peer_gives_the_unused_bundles_the_new_token(tmp_path, monkeypatch, capsys):
+    """The bundles on the hub share one token file: the new token is in
+    their folders at once, and no archive keeps the dead one."""
     fake_hub(tmp_path, monkeypatch)
     w2 = gridx.bundle_path("w2")
     assert bundle_token(w2) == ("SWMTKN-1-old", "SWMTKN-1-old")
+    assert gridx.linked_to_hub_token(w2)
     assert gridx.main(["hub", "remove-peer", "w1"]) == 0
-    assert bundle_token(w2) == ("SWMTKN-1-new", "SWMTKN-1-new")
+    with open(os.path.join(w2, "swarm-token")) as handle:
+        assert handle.read().strip() == "SWMTKN-1-new"
+    assert not os.path.exists(w2 + ".tar.gz")  # it held the old one
     assert stat.S_IMODE(os.stat(w2).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(os.path.join(w2, "gridx0.conf")).st_mode) == 0o600
-    assert sorted(os.listdir(gridx.bundles_dir())) == ["gridx-w2-bundle", "gridx-w2-bundle.tar.gz"]
+    assert stat.S_IMODE(os.stat(os.path.join(w2, "swarm-token")).st_mode) == 0o600
+    assert sorted(os.listdir(gridx.bundles_dir())) == [".swarm-token", "gridx-w2-bundle"]
     assert "refresh-bundle" in capsys.readouterr().err
+    assert gridx.main(["hub", "refresh-bundle", "w2"]) == 0  # the archive again, with the live token
+    assert bundle_token(w2) == ("SWMTKN-1-new", "SWMTKN-1-new")
+
+
+def test_remove_peer_costs_the_same_with_many_bundles_on_the_hub(tmp_path, monkeypatch):
+    """No bundle is written again at a rotation, however many there are
+    (issue 20: the 250th remove-peer cost 14x the first)."""
+    fake_hub(tmp_path, monkeypatch)
+    config = gridx.load_hub_config()
+    for i in range(40):
+        name = f"p{i}"
+        config.peers[name] = gridx.Peer(name, f"10.0.0.{10 + i}", KEY_A, True, "")
+        gridx.atomic_write(gridx.client_conf_path(name), "conf\n")
+        gridx.write_bundle(gridx.bundle_path(name), gridx.bundle_files(
+            config, config.peers[name], "conf\n", "SWMTKN-1-old", "ssh-ed25519 AAAA", True))
+    gridx.save_hub_config(config)
+    written = []
+    real = gridx.write_bundle
+    monkeypatch.setattr(gridx, "write_bundle", lambda *a, **kw: written.append(a[0]) or real(*a, **kw))
+    assert gridx.main(["hub", "remove-peer", "p0"]) == 0
+    assert written == []
+    with open(os.path.join(gridx.bundle_path("p39"), "swarm-token")) as handle:
+        assert handle.read().strip() == "SWMTKN-1-new"
+
+
+def test_a_bundle_older_than_the_shared_token_is_written_once(tmp_path, monkeypatch):
+    fake_hub(tmp_path, monkeypatch)
+    w2 = gridx.bundle_path("w2")
+    token = os.path.join(w2, "swarm-token")
+    os.unlink(token)
+    with open(token, "w") as handle:  # as an older gridx wrote it: a copy
+        handle.write("SWMTKN-1-old\n")
+    assert gridx.main(["hub", "remove-peer", "w1"]) == 0
+    assert gridx.linked_to_hub_token(w2) and bundle_token(w2) == ("SWMTKN-1-new", "SWMTKN-1-new")
 
 
 def test_refresh_bundle_rewrites_one_bundle_with_the_current_token(tmp_path, monkeypatch, capsys):
