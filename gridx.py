@@ -57,7 +57,9 @@ and status.sh.
 #   Accounts                  users: the gridx account, authorized_keys, user bundles
 #   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
 #   Work folders and results  --workdir layers, uploads through serve, --output collection
-#   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users)
+#   Usage                     the ledger hub watch writes: who used, and which node gave, how much
+#   Notifications             --notify: events when jobs end, signed, sent by hub watch with retries
+#   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users); jobs forward
 #   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
 #   Commands: worker          they run the bundle's scripts (one implementation)
 #   Commands: jobs
@@ -299,6 +301,20 @@ def human_age(seconds):
     if seconds < 7200:
         return f"{seconds // 60}m ago"
     return f"{seconds // 3600}h ago"
+
+
+def human_duration(seconds):
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def show_hours(hours):
+    """cpu-h/gpu-h/GiB-h of a usage (gridx usage, hub list-users)."""
+    return "/".join(f"{hours[key]:.1f}" for key in ("cpu_hours", "gpu_hours", "memory_gib_hours"))
 
 
 def human_mib(mib):
@@ -4402,18 +4418,21 @@ def frame_length(line):
     return length if length <= FRAME_MAX else None
 
 
-def read_upload(stream, limit):
+def read_upload(stream, limit, what="the work folder"):
     """serve: read the framed upload from stdin; exit 2 when it is not one."""
     import json
     import tempfile
 
     def fail(why):
-        return usage_error(f"the work folder did not arrive: {why}", "send it with gridx jobs … --workdir DIR")
+        return usage_error(f"{what} did not arrive: {why}", "send it with gridx jobs … --workdir DIR, or "
+                                                           "gridx jobs train FILE, through the hub's SSH")
 
-    if stream.read(len(SESSION_HELLO)) != SESSION_HELLO or stream.read(len(UPLOAD_MAGIC)) != UPLOAD_MAGIC:
-        raise fail("no upload on stdin")
     try:
+        if stream.read(len(SESSION_HELLO)) != SESSION_HELLO or stream.read(len(UPLOAD_MAGIC)) != UPLOAD_MAGIC:
+            raise fail("no upload on stdin")
         header = json.loads(stream.readline(4096))
+    except OSError:  # no input at all
+        raise fail("no upload on stdin") from None
     except (ValueError, RecursionError):  # RecursionError: [[[[… nested deeper than Python parses
         raise fail("a damaged header") from None
     if not isinstance(header, dict):
@@ -4427,8 +4446,9 @@ def read_upload(stream, limit):
             break
         size += length
         if size > limit:
-            raise usage_error(f"the work folder is over the {human_bytes(limit)} limit",
-                              f"leave files out with a {IGNORE_FILES[0]}, or raise it: --workdir-limit")
+            raise usage_error(f"{what} is over the {human_bytes(limit)} limit",
+                              f"leave files out with a {IGNORE_FILES[0]}, or raise it: --workdir-limit"
+                              if what == "the work folder" else "send its folder with --workdir DIR")
         data = stream.read(length)
         if len(data) != length:
             raise fail("it ended early")
@@ -4467,6 +4487,16 @@ def send_upload(pipe, folder, header):
     write_work_tar(MeteredPipe(frames, meter), folder.members())
     frames.end()
     meter.done()
+
+
+def send_script(pipe, name, content):
+    """`jobs train FILE` through serve: hello, header and the file's bytes in frames."""
+    import json
+
+    pipe.write(SESSION_HELLO + UPLOAD_MAGIC + json.dumps({"script": name}).encode() + b"\n")
+    frames = FrameWriter(pipe)
+    frames.write(content)
+    frames.end()
 
 
 # -- results on the hub -------------------------------------------------------
@@ -5015,6 +5045,959 @@ def results_here(key, dest, record):
 
 
 # ---------------------------------------------------------------------------
+# Usage
+# ---------------------------------------------------------------------------
+# Who used how much, and who gave how much: `hub watch` writes a ledger,
+# USAGE/ledger.jsonl (/var/lib/gridx/usage), one JSON line per span a task
+# held its node's resources: from the time it started running to the time
+# it ended (complete, failed, shut down), went away with its job, or its node
+# went Down (Docker 20.10 shows such a task "running" for 24 hours). A span
+# is written once, when it closes, by an append of one line under a lock
+# (the lines already there are read first: a span is never written twice,
+# whoever else appends); a line cut short by a crash is skipped. The spans
+# still open are USAGE/open.json (rewritten atomically), so a span outlives
+# a restart of the hub; a task whose job was deleted while hub watch was not
+# running ends at the last time watch saw it. Resources are what a task
+# reserves (its CPUs rounded up, its memory, its GPUs), the amount a
+# volunteer gave and others could not have; a task shorter than watch's
+# interval starts no earlier than the pass before the one that saw it end.
+# The folder is root's (0755) and its files 0644: members read it through
+# serve (`gridx usage`), as they see what everyone's jobs reserve now.
+
+USAGE_SEEN_EVERY_S = 60  # open.json's "seen" times are rewritten at most this often
+USAGE_DEFAULT_SINCE = "7d"
+USAGE_KINDS = ("run", "train", "jupyter")
+ENDED_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
+
+
+def usage_dir():
+    return os.path.abspath(os.environ.get("GRIDX_USAGE_DIR") or "/var/lib/gridx/usage")
+
+
+def ledger_path():
+    return os.path.join(usage_dir(), "ledger.jsonl")
+
+
+def open_spans_path():
+    return os.path.join(usage_dir(), "open.json")
+
+
+def unix_seconds(stamp):
+    """Docker's RFC 3339 time (nanoseconds, Z) -> Unix seconds, or None."""
+    import calendar
+
+    match = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z$", stamp or "")
+    if not match:
+        return None
+    whole = calendar.timegm(tuple(int(part) for part in match.groups()[:6]))
+    return whole + float("0." + (match.group(7) or "0"))
+
+
+def task_times(task_ids):
+    """{task ID: (its node's ID, its state, the Unix time it entered it, the
+    Unix time it was created)} from one `docker inspect` of the tasks (a
+    task gone meanwhile is left out)."""
+    import json
+
+    if not task_ids:
+        return {}
+    result = run(docker("inspect", "--type", "task", "--", *task_ids), check=False)
+    try:
+        details = json.loads(result.stdout or "[]")
+    except ValueError:
+        details = []
+    found = {}
+    for detail in details:
+        status = detail.get("Status") or {}
+        found[detail.get("ID")] = (detail.get("NodeID") or "", (status.get("State") or "").lower(),
+                                   unix_seconds(status.get("Timestamp")), unix_seconds(detail.get("CreatedAt")))
+    return found
+
+
+def read_ledger(path=None, offset=0):
+    """(the spans from offset on, the offset after the last whole line)."""
+    import json
+
+    spans = []
+    try:
+        with open(path or ledger_path(), "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        try:
+            span = json.loads(line)
+        except ValueError:
+            continue  # cut short by a crash: the next append starts a new line
+        if isinstance(span, dict) and isinstance(span.get("task"), str):
+            spans.append(span)
+    return spans, offset + end
+
+
+def span_key(span):
+    return span["task"], round(float(span.get("started") or 0), 3)
+
+
+class Ledger:
+    """The append-only ledger: what it holds (keys), appended to under a lock."""
+
+    def __init__(self):
+        self.keys, self.offset, self.last_end = set(), 0, {}
+        self.extent = {}  # service ID -> (first start, last end): a job's run time (Notifications)
+        self.catch_up()
+
+    def catch_up(self):
+        spans, self.offset = read_ledger(offset=self.offset)
+        for span in spans:
+            self.learn(span)
+
+    def learn(self, span):
+        self.keys.add(span_key(span))
+        ended, started = float(span.get("ended") or 0), float(span.get("started") or 0)
+        self.last_end[span["task"]] = max(self.last_end.get(span["task"], 0), ended)
+        first, last = self.extent.get(span.get("service"), (started, ended))
+        self.extent[span.get("service")] = (min(first, started), max(last, ended))
+
+    def append(self, spans):
+        """Write the spans not written yet; the ones written."""
+        import fcntl
+        import json
+
+        ensure_dir(usage_dir(), 0o755)
+        with open(os.path.join(usage_dir(), ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.catch_up()  # another writer's lines first
+            fresh = [span for span in spans if span_key(span) not in self.keys]
+            if not fresh:
+                return []
+            fd = os.open(ledger_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                text = "".join(json.dumps(span, sort_keys=True) + "\n" for span in fresh)
+                if size and size != self.offset:  # a line cut short by a crash: end it
+                    text = "\n" + text
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for span in fresh:
+                self.learn(span)
+            self.offset = os.path.getsize(ledger_path())
+        return fresh
+
+
+class UsageRecorder:
+    """hub watch's side: every pass, the spans that opened and closed."""
+
+    def __init__(self):
+        self.ledger = Ledger()
+        self.open = self.load_open()
+        self.previous_pass = None
+        self.passed = set()  # ended tasks taken note of and not counted (see short_tasks)
+        self.saved_at = 0.0
+
+    @staticmethod
+    def load_open():
+        import json
+
+        try:
+            document = json.loads(read_text(open_spans_path()))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: v for k, v in document.items() if isinstance(v, dict)} if isinstance(document, dict) else {}
+
+    def save_open(self, now):
+        import json
+
+        ensure_dir(usage_dir(), 0o755)
+        atomic_write(open_spans_path(), json.dumps(self.open, indent=1, sort_keys=True) + "\n", 0o644)
+        self.saved_at = now
+
+    def record(self, services, tasks, nodes, now=None):
+        """Open the spans of tasks now running, close those that ended; never raises."""
+        now = time.time() if now is None else now
+        try:
+            closed = self.step(services, tasks, nodes, now)
+        except (GridxError, OSError, ValueError) as error:
+            warn(f"usage: not recorded this pass: {getattr(error, 'message', error)}")
+            return []
+        finally:
+            self.previous_pass = now
+        return closed
+
+    def step(self, services, tasks, nodes, now):
+        by_name = {s["Spec"]["Name"]: s for s in services}
+        node_of = {node.id: node for node in nodes}
+        down = {node.id for node in nodes if node.state == "down"}
+        seen = {t.id: t for t in tasks if t.service in by_name}
+        starting = [t.id for t in seen.values() if t.state == "running" and t.id not in self.open]
+        ending = [i for i in self.open if i in seen and seen[i].state != "running"]
+        fresh = self.short_tasks(seen)
+        times = task_times(starting + ending + fresh)  # no docker call when nothing changed
+        closed, changed = [], False
+        for task_id, span in list(self.open.items()):
+            task = seen.get(task_id)
+            if task is None:
+                closed.append(dict(span, ended=span["seen"], how="gone"))  # its job was deleted
+            elif task.state != "running":
+                _, state, stamp, _ = times.get(task_id, ("", task.state, None, None))
+                closed.append(dict(span, ended=min(max(span["started"], stamp or now), now), how=state))
+            elif span.get("node_id") in down:
+                closed.append(dict(span, ended=now, how="node-down"))
+            else:
+                changed = changed or now - span["seen"] >= USAGE_SEEN_EVERY_S
+                span["seen"] = now
+                continue
+            del self.open[task_id]
+        for task_id in starting:
+            node_id, state, stamp, _ = times.get(task_id, ("", "", None, None))
+            if state != "running" or node_id in down:
+                continue  # ended (or cut off) between the two reads: the next pass sees it
+            task, service = seen[task_id], by_name[seen[task_id].service]
+            # a task whose node came back after a span was closed starts again now
+            started = now if task_id in self.ledger.last_end else min(stamp or now, now)
+            self.open[task_id] = dict(task_usage_fields(task, service, node_id, node_of.get(node_id)),
+                                      started=started, seen=now)
+            changed = True
+        closed += self.short_spans(fresh, seen, times, by_name, node_of)
+        written = self.ledger.append(closed)
+        if closed or changed:
+            self.save_open(now)
+        return written
+
+    def short_tasks(self, seen):
+        """Tasks that ran and ended between two passes (never seen running).
+        The first pass after a start cannot tell them from ones that ended
+        long ago: it only takes note of them."""
+        fresh = [t.id for t in seen.values() if t.state in ("complete", "failed") and t.node
+                 and t.id not in self.open and t.id not in self.ledger.last_end and t.id not in self.passed]
+        if self.previous_pass is None:
+            self.passed.update(fresh)
+            return []
+        return fresh
+
+    def short_spans(self, fresh, seen, times, by_name, node_of):
+        """A span for each short task: from its creation, or the pass before
+        the one that saw it end if that is later, to its end."""
+        spans = []
+        for task_id in fresh:
+            self.passed.add(task_id)
+            node_id, state, stamp, created = times.get(task_id, ("", "", None, None))
+            if stamp is None or stamp < self.previous_pass:
+                continue
+            task = seen[task_id]
+            started = max(self.previous_pass, created or 0)
+            spans.append(dict(task_usage_fields(task, by_name[task.service], node_id, node_of.get(node_id)),
+                              started=min(started, stamp), ended=stamp, seen=stamp, how=f"{state} (short)"))
+        return spans
+
+
+def task_node(task, nodes):
+    """The Node a task runs on: by node ID where the task knows it, else by
+    its hostname when exactly one node has it."""
+    node_id = getattr(task, "node_id", "")
+    for node in nodes:
+        if node_id and node.id == node_id:
+            return node
+    named = [node for node in nodes if node.hostname == task.node]
+    return named[0] if len(named) == 1 else None
+
+
+def task_usage_fields(task, service, node_id, node):
+    """What a span says of its task: its job, owner, kind, node and reservation."""
+    asks = service_request(service)
+    labels = service["Spec"].get("Labels", {})
+    return {"task": task.id, "service": service["ID"], "job": service["Spec"]["Name"], "owner": owner_of(service),
+            "kind": labels.get(LABEL_KIND, "run"), "node_id": node_id, "node": node.hostname if node else task.node,
+            "cpus": asks.cpus, "memory_mib": asks.memory_mib, "gpus": asks.gpus}
+
+
+def parse_since(value, now=None):
+    """--since: 7d, 12h, 30m, or a date (2026-12-01): Unix seconds."""
+    import calendar
+
+    now = time.time() if now is None else now
+    match = re.fullmatch(r"(\d{1,5})([dhm])", (value or "").strip())
+    if match:
+        return now - int(match.group(1)) * {"d": 86400, "h": 3600, "m": 60}[match.group(2)]
+    try:
+        return float(calendar.timegm(time.strptime(value.strip(), "%Y-%m-%d")))
+    except (ValueError, AttributeError):
+        raise usage_error(f"invalid --since {value!r}: give an age (7d, 12h, 30m) or a date (2026-12-01)",
+                          "for example: gridx usage --since 30d") from None
+
+
+def empty_hours():
+    return {"cpu_hours": 0.0, "gpu_hours": 0.0, "memory_gib_hours": 0.0, "tasks": 0}
+
+
+def add_hours(total, span, seconds):
+    hours = seconds / 3600
+    total["cpu_hours"] += span.get("cpus", 0) * hours
+    total["gpu_hours"] += span.get("gpus", 0) * hours
+    total["memory_gib_hours"] += span.get("memory_mib", 0) / 1024 * hours
+    total["tasks"] += 1
+
+
+def rounded(hours):
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in hours.items()}
+
+
+def usage_report(spans, open_spans, since, now, user=None):
+    """The --json shape of `gridx usage`: what each member used (by kind)
+    and each node gave between since and now; a span counts the part of it
+    inside that window, an open one up to now."""
+    users, nodes, running = {}, {}, 0
+    for span in list(spans) + [dict(s, ended=now, running=True) for s in open_spans]:
+        if user is not None and span.get("owner") != user:
+            continue
+        seconds = min(float(span.get("ended") or 0), now) - max(float(span.get("started") or 0), since)
+        if seconds <= 0:
+            continue
+        running += bool(span.get("running"))
+        member = users.setdefault(span.get("owner", "?"), {"kinds": {}})
+        add_hours(member["kinds"].setdefault(span.get("kind", "run"), empty_hours()), span, seconds)
+        node = nodes.setdefault(span.get("node_id") or span.get("node", "?"),
+                                dict(empty_hours(), hostname=span.get("node", "")))
+        add_hours(node, span, seconds)
+    shaped = []
+    for name, member in sorted(users.items()):
+        total = empty_hours()
+        for hours in member["kinds"].values():
+            for key in total:
+                total[key] += hours[key]
+        shaped.append(dict(rounded(total), name=name,
+                           kinds={kind: rounded(hours) for kind, hours in sorted(member["kinds"].items())}))
+    ordered = sorted(nodes.items(), key=lambda item: (item[1]["hostname"], item[0]))
+    given = [dict(rounded(hours), node_id=node_id) for node_id, hours in ordered]
+    return {"since": int(since), "until": int(now), "users": shaped, "nodes": given, "running": running}
+
+
+def usage_since(since, now=None, user=None):
+    """usage_report from the ledger and the open spans on this machine (the hub)."""
+    import json
+
+    now = time.time() if now is None else now
+    try:
+        spans, _ = read_ledger()
+        try:
+            document = json.loads(read_text(open_spans_path()))
+        except FileNotFoundError:
+            document = {}
+    except PermissionError:
+        raise precondition(f"cannot read {usage_dir()}", "run it on the hub (as root, or through gridx serve)") \
+            from None
+    except ValueError:
+        document = {}
+    open_spans = [s for s in document.values() if isinstance(s, dict)] if isinstance(document, dict) else []
+    return usage_report(spans, open_spans, since, now, user)
+
+
+def usage_of_members(days=7):
+    """{member: their total hours of the last days} (hub list-users)."""
+    report = usage_since(time.time() - days * 86400)
+    return {member["name"]: {k: member[k] for k in ("cpu_hours", "gpu_hours", "memory_gib_hours")}
+            for member in report["users"]}
+
+
+# ---------------------------------------------------------------------------
+# Notifications
+# ---------------------------------------------------------------------------
+# `--notify TARGET` (and a default per member and per hub, set by the admin):
+# when a job ends, `hub watch` sends one event to TARGET, an http(s) URL, as
+# Standard Webhooks does it: a JSON POST with webhook-id (the same on every
+# try of one event), webhook-timestamp and webhook-signature (v1, HMAC-SHA256
+# over "id.timestamp.body" with the key of whoever chose the target: the
+# member's own for their --notify and their default, the hub's for the hub's
+# default and the admin's jobs). `text+URL` sends the line alone (ntfy-style
+# topics), `slack+`/`discord+` (found by themselves from hooks.slack.com and
+# discord.com/api/webhooks) their incoming webhooks' JSON. Events wait in an
+# outbox that a thread of hub watch sends, each request within
+# NOTIFY_TIMEOUT_S, again after NOTIFY_RETRY_S (a slow receiver never holds
+# up watch); the outbox is saved before a try and after it, so an event is
+# made once per end, across restarts, and never sent again once delivered.
+# A member's own target never reaches the hub itself, the networks the hub
+# is on (the VPN among them) or an address that is not global, unless the
+# admin allows it (checked at submit, and again on each try, connecting to
+# the address that was checked): the hub is no member's way into its own
+# services. Keys are 0600 in a 0700 folder and never printed.
+#   NOTIFY_SETTINGS   /etc/gridx/notify/settings.json (0600): defaults, the admin's allowances
+#   keys/WHO.key      /etc/gridx/notify/keys/ (0600): whsec_…, WHO a member or "hub"
+#   NOTIFY_STATE      /var/lib/gridx/notify/outbox.json (0600), status.json (0644, what serve shows)
+#   users' copy       /var/lib/gridx/users/notify.json (0644): the allowances alone, for serve's check
+
+LABEL_NOTIFY = "gridx.notify"
+NOTIFY_TIMEOUT_S = 10
+NOTIFY_RETRY_S = (5, 30, 120, 600, 1800, 3600, 7200)  # waits after each failed try: 8 tries in about 3.6 h
+NOTIFY_FORMATS = ("json", "text", "slack", "discord")
+NOTIFY_URL_MAX = 2000
+NOTIFY_PRUNE_S = 86400  # events of a job that is gone are forgotten this long after their last try
+
+
+def notify_config_dir():
+    return os.path.join(config_dir(), "notify")
+
+
+def notify_settings_path():
+    return os.path.join(notify_config_dir(), "settings.json")
+
+
+def notify_key_path(who):
+    return os.path.join(notify_config_dir(), "keys", f"{who}.key")
+
+
+def notify_state_dir():
+    return os.path.abspath(os.environ.get("GRIDX_NOTIFY_DIR") or "/var/lib/gridx/notify")
+
+
+def notify_public_path():
+    return os.path.join(users_home(), "notify.json")
+
+
+def parse_target(value):
+    """--notify [FORMAT+]http(s)://HOST[:PORT]/PATH -> (format, URL); the
+    format found from the URL when not given (Slack's and Discord's
+    incoming webhooks), else json. Exit 2 for anything else."""
+    import urllib.parse
+
+    hint = "for example: --notify https://example.org/hooks/gridx or --notify text+https://ntfy.sh/my-topic"
+    text = (value or "").strip()
+    fmt, plus, rest = text.partition("+")
+    if not plus or fmt not in NOTIFY_FORMATS:
+        fmt, rest = "", text
+    if len(rest) > NOTIFY_URL_MAX or re.search(r"[\x00-\x20\x7f-\x9f]", rest):
+        raise usage_error(f"invalid --notify: at most {NOTIFY_URL_MAX} characters, no blanks", hint)
+    try:
+        parts = urllib.parse.urlsplit(rest)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise usage_error("invalid --notify: give an http:// or https:// URL", hint)
+    if parts.username is not None or parts.password is not None:
+        raise usage_error("invalid --notify: no user or password in the URL", "put a token in its path, as "
+                          "Slack's and Discord's webhooks do")
+    if not fmt:
+        host = parts.hostname.lower()
+        fmt = ("slack" if host == "hooks.slack.com" else
+               "discord" if host in ("discord.com", "discordapp.com") and parts.path.startswith("/api/webhooks/")
+               else "json")
+    return fmt, rest
+
+
+def shown_target(url):
+    """scheme://host of a target: what status shows (a path can hold a secret)."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def valid_notify_allow(entries):
+    """--notify-allow: addresses or networks a member's target may be on
+    although private; `none` (alone) clears them."""
+    import ipaddress
+
+    if entries == ["none"]:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            found.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise usage_error(f"invalid --notify-allow {entry!r}: give an address or a network",
+                              "for example: --notify-allow 192.168.1.20 (or none)") from None
+    return found
+
+
+def hub_networks():
+    """Every address of this machine with its network (IPv4 and IPv6)."""
+    import ipaddress
+    import json
+
+    result = run(["ip", "-j", "addr", "show"], check=False)
+    found = []
+    try:
+        links = json.loads(result.stdout or "[]") if result.returncode == 0 else []
+    except ValueError:
+        links = []
+    for link in links:
+        for addr in link.get("addr_info", []):
+            try:
+                found.append(ipaddress.ip_interface(f"{addr['local']}/{addr.get('prefixlen', 32)}"))
+            except (KeyError, ValueError):
+                continue
+    return found
+
+
+def address_refusal(address, allowed=(), local=()):
+    """Why a member's target may not be at this address, or None: the hub
+    itself and the networks it is on (the VPN), and any address that is not
+    global (private, loopback, link-local, shared, reserved), unless allowed."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(net) for net in allowed):
+        return None
+    if any(ip == interface.ip for interface in local):
+        return "it is the hub itself"
+    if any(ip in interface.network for interface in local if interface.network.prefixlen < interface.max_prefixlen):
+        return f"it is on a network of the hub's ({next(i.network for i in local if ip in i.network)})"
+    if not ip.is_global or ip.is_multicast:
+        return f"{ip} is not a public address"
+    return None
+
+
+def target_address(url, allowed):
+    """(the address to connect to, None) of a member's target, or (None,
+    why it is refused): every address its name has must pass."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        return None, f"{parts.hostname} does not resolve: {getattr(error, 'strerror', None) or error}"
+    local = hub_networks()
+    addresses = list(dict.fromkeys(item[4][0] for item in found))
+    for address in addresses:
+        why = address_refusal(address, allowed, local)
+        if why:
+            return None, why
+    return addresses[0], None
+
+
+def public_allowances():
+    """The admin's --notify-allow, as serve reads it (users' copy)."""
+    import json
+
+    try:
+        document = json.loads(read_text(notify_public_path()))
+        return [str(net) for net in document.get("allow", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def notify_labels(value):
+    """--notify: the job's label ([] without). A member's target (through
+    serve) is checked here: exit 2, nothing made, when it is refused.
+    `none`: no event, whatever the defaults say."""
+    if value is None:
+        return []
+    if value.strip().lower() == "none":
+        return [(LABEL_NOTIFY, "none")]
+    fmt, url = parse_target(value)
+    if OWNER is not None:
+        _, why = target_address(url, public_allowances())
+        if why:
+            raise usage_error(f"--notify {shown_target(url)} is refused: {why}",
+                              "give a public http(s) URL, or ask the hub admin to allow it "
+                              "(gridx hub set-defaults --notify-allow ADDRESS)")
+    return [(LABEL_NOTIFY, f"{fmt}+{url}")]
+
+
+def load_notify_settings():
+    import json
+
+    empty = {"default": None, "users": {}, "allow": []}
+    try:
+        document = json.loads(read_text(notify_settings_path()))
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as error:
+        raise GridxError(f"{notify_settings_path()} is damaged: {error}",
+                         "restore it, or set the defaults again") from None
+    if not isinstance(document, dict):
+        return empty
+    return {"default": document.get("default") if isinstance(document.get("default"), dict) else None,
+            "users": {k: v for k, v in (document.get("users") or {}).items() if isinstance(v, dict)},
+            "allow": [str(net) for net in document.get("allow") or []]}
+
+
+def save_notify_settings(settings):
+    """settings.json (root's), and the allowances for serve (users' copy)."""
+    import json
+
+    ensure_dir(notify_config_dir())
+    atomic_write(notify_settings_path(), json.dumps(settings, indent=2, sort_keys=True) + "\n", 0o600)
+    ensure_dir(users_home(), 0o755)
+    atomic_write(notify_public_path(), json.dumps({"allow": settings["allow"]}, indent=2) + "\n", 0o644)
+
+
+def notify_setting(value):
+    """A default target as saved ({"url": FORMAT+URL, "set_at": now}; it
+    applies to jobs made from then on), or None for `none`."""
+    if value.strip().lower() == "none":
+        return None
+    fmt, url = parse_target(value)
+    return {"url": f"{fmt}+{url}", "set_at": int(time.time())}
+
+
+def signing_key(who):
+    """whsec_… of WHO (a member, or "hub"): made once, 0600, never printed."""
+    import base64
+    import secrets
+
+    path = notify_key_path(who)
+    try:
+        return read_text(path).strip()
+    except FileNotFoundError:
+        pass
+    ensure_dir(notify_config_dir())
+    ensure_dir(os.path.dirname(path))
+    key = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    try:
+        write_new_file(path, key + "\n", 0o600)
+    except FileExistsError:
+        return read_text(path).strip()
+    return key
+
+
+def webhook_signature(key, msg_id, timestamp, body):
+    """Standard Webhooks' webhook-signature: v1,base64(HMAC-SHA256 of "id.timestamp.body")."""
+    import base64
+    import hashlib
+    import hmac
+
+    secret = base64.b64decode(key[len("whsec_"):] if key.startswith("whsec_") else key)
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
+
+
+def job_target(service, settings):
+    """Where a job's events go: (FORMAT+URL, whose key signs, checked: a
+    member chose it), or None. Its --notify, else its owner's default, else
+    the hub's; a default applies to jobs made after it was set."""
+    labels = service["Spec"].get("Labels", {})
+    owner, made = owner_of(service), int(labels.get(LABEL_CREATED) or 0)
+    own = labels.get(LABEL_NOTIFY)
+    if own == "none":
+        return None
+    signer = owner if owner != ADMIN_OWNER and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", owner) else "hub"
+    if own:
+        return own, signer, owner != ADMIN_OWNER
+    for setting, who in ((settings["users"].get(owner), signer), (settings["default"], "hub")):
+        if setting and made >= int(setting.get("set_at", 0)) and setting.get("url"):
+            return setting["url"], who, False
+    return None
+
+
+def job_event_data(service, tasks, nodes, state, ledger=None, reason=None, record=None):
+    """An event's data: the job, its owner, state, exit status, run time,
+    where it ran (node ID and hostname) and its results."""
+    summary = job_summary(service, tasks)
+    where = []
+    for task in job_tasks(tasks):
+        node = task_node(task, nodes) if task.node else None
+        if task.node and {"hostname": task.node, "node_id": node.id if node else ""} not in where:
+            where.append({"hostname": task.node, "node_id": node.id if node else ""})
+    extent = (ledger.extent.get(service["ID"]) if ledger else None) or None
+    data = {"job": summary["id"], "service": service["ID"], "owner": summary["owner"], "kind": summary["kind"],
+            "state": state, "exit_code": summary["exit_code"],
+            "run_time_s": round(extent[1] - extent[0], 1) if extent else None, "where": where}
+    if reason:
+        data["reason"] = reason
+    if record is not None:
+        data["results"] = {"bytes": record.get("bytes", 0), "files": sum(t.get("files", 0) for t in
+                                                                        record["tasks"].values()),
+                           "states": sorted({t.get("state", "") for t in record["tasks"].values()})}
+    return data
+
+
+def job_events(service, tasks, nodes, ledger=None):
+    """[(key, type, data)]: what a job's tasks say has happened to it. A
+    batch job: it ran again elsewhere (its worker lost, or preempted: one
+    per task it lost), it ended (complete, failed, or gave up after Docker
+    rejected it ENFORCER_RERUNS times), its results were collected."""
+    sid, mode = service["ID"], service["Spec"].get("Mode", {})
+    if "ReplicatedJob" not in mode:
+        return []
+    events = []
+    summary_state = job_summary(service, tasks)["state"]
+    placement = service["Spec"].get("TaskTemplate", {}).get("Placement") or {}
+    if any("gridx-deleted" in c for c in placement.get("Constraints") or ()):
+        return []  # being deleted (stop_running_jobs): its tasks stop, nothing runs again
+    for task in tasks:
+        lost = task.node and task.state != "rejected" and (task.desired == "remove" or task.state == "orphaned")
+        if lost and summary_state not in ("complete", "failed"):
+            events.append((f"{sid}/waiting/{task.id}", "job.waiting", job_event_data(
+                service, tasks, nodes, "waiting", reason=f"its task on {task.node} stopped ({task.state}): it runs "
+                                                          "again when a worker has room")))
+    if summary_state in ("complete", "failed") and not runs_again(tasks):
+        gave_up = sum(1 for t in tasks if ENFORCER_REJECTION in t.error) > ENFORCER_RERUNS
+        state = "gave-up" if gave_up and summary_state == "failed" else summary_state
+        events.append((f"{sid}/ended", "job.ended", job_event_data(service, tasks, nodes, state, ledger)))
+        record = load_results_record(sid) if LABEL_OUTPUT in service["Spec"].get("Labels", {}) else None
+        if record and record["tasks"] and not uncollected(record, tasks) and not record.get("collecting") \
+                and all(t.id in record["tasks"] for t in ended_tasks(tasks)):
+            events.append((f"{sid}/results", "job.results",
+                           job_event_data(service, tasks, nodes, state, ledger, record=record)))
+    return events
+
+
+def event_line(event):
+    """The event as one line (text, Slack, Discord)."""
+    data = event["data"]
+    parts = [f"Grid-X: job {data['job']} ({data['owner']}) {data['state']}"]
+    if data.get("exit_code") is not None:
+        parts.append(f"exit {data['exit_code']}")
+    if data.get("run_time_s") is not None:
+        parts.append(f"ran {human_duration(data['run_time_s'])}")
+    if data.get("where"):
+        parts.append("on " + ", ".join(w["hostname"] for w in data["where"]))
+    if data.get("results"):
+        parts.append(f"results {human_bytes(data['results']['bytes'])} in {data['results']['files']} file(s)")
+    if data.get("reason"):
+        parts.append(data["reason"])
+    return printable(", ".join(parts))
+
+
+def event_body(event):
+    """(body, content type) in the target's format."""
+    import json
+
+    fmt = event["target"].partition("+")[0]
+    if fmt == "text":
+        return event_line(event).encode() + b"\n", "text/plain; charset=utf-8"
+    if fmt in ("slack", "discord"):
+        return json.dumps({"text" if fmt == "slack" else "content": event_line(event)}).encode(), "application/json"
+    document = {"type": event["type"], "timestamp": event["made"], "data": event["data"]}
+    return json.dumps(document, sort_keys=True).encode(), "application/json"
+
+
+def post_event(event, allowed):
+    """One try, through curl (the static gridx has no TLS of its own):
+    (delivered, why not). A member's target is checked again and reached at
+    the address that passed (curl --resolve): a name that resolves elsewhere
+    now reaches nothing private."""
+    import ipaddress
+    import urllib.parse
+
+    url = event["target"].partition("+")[2]
+    parts = urllib.parse.urlsplit(url)
+    body, content_type = event_body(event)
+    stamp = int(time.time())
+    signature = webhook_signature(signing_key(event["signer"]), event["id"], stamp, body)
+    argv = ["curl", "-q", "--silent", "--show-error", "--output", "/dev/null", "--write-out", "%{http_code}",
+            "--max-time", str(NOTIFY_TIMEOUT_S), "--proto", "=http,https", "--request", "POST",
+            "--header", f"Content-Type: {content_type}", "--header", f"User-Agent: gridx/{VERSION}",
+            "--header", f"webhook-id: {event['id']}", "--header", f"webhook-timestamp: {stamp}",
+            "--header", f"webhook-signature: {signature}", "--data-binary", "@-"]
+    if event.get("checked"):
+        address, why = target_address(url, allowed)
+        if why:
+            return False, f"refused: {why}"
+        try:
+            ipaddress.ip_address(parts.hostname)  # an address: nothing to resolve
+        except ValueError:
+            shown = f"[{address}]" if ":" in address else address
+            argv += ["--resolve", f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}:{shown}"]
+    argv += ["--url", url]  # http(s)://…: parse_target made sure
+    result = run(argv, check=False, input=body.decode(), timeout=NOTIFY_TIMEOUT_S + 5)
+    status = result.stdout.strip()
+    if result.returncode:
+        return False, ((result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1])[:200]
+    return status.startswith("2"), f"HTTP {status}"
+
+
+class Notifier:
+    """hub watch's notifications: notice() finds the new events of a pass
+    and saves them (no network), a thread of its own sends them."""
+
+    def __init__(self, background=True):
+        import threading
+
+        self.lock, self.wake, self.thread = threading.Lock(), threading.Event(), None
+        self.background = background  # hub watch --once sends in drain(), here
+        self.outbox = self.load()
+
+    @staticmethod
+    def load():
+        import json
+
+        try:
+            document = json.loads(read_text(os.path.join(notify_state_dir(), "outbox.json")))
+        except (FileNotFoundError, ValueError):
+            document = {}
+        document = document if isinstance(document, dict) else {}
+        return {"events": dict(document.get("events") or {}), "known": dict(document.get("known") or {})}
+
+    def save(self):
+        """The outbox (root's) and each job's status (for jobs status, serve's too). Under self.lock."""
+        import json
+
+        ensure_dir(notify_state_dir(), 0o755)
+        atomic_write(os.path.join(notify_state_dir(), "outbox.json"),
+                     json.dumps(self.outbox, indent=1, sort_keys=True) + "\n", 0o600)
+        status = {}
+        for event in self.outbox["events"].values():
+            job = status.setdefault(event["data"]["service"], {"job": event["data"]["job"], "delivered": 0,
+                                                               "pending": 0, "undelivered": []})
+            if event["state"] == "undelivered":
+                job["undelivered"].append({"type": event["type"], "to": shown_target(event["target"].partition("+")[2]),
+                                           "tries": event["tries"], "error": event.get("error", "")})
+            else:
+                job[event["state"]] += 1
+        atomic_write(os.path.join(notify_state_dir(), "status.json"), json.dumps(status, indent=1, sort_keys=True)
+                     + "\n", 0o644)
+
+    def notice(self, services, tasks, nodes, ledger=None):
+        """Make and save the events this pass found; never raises."""
+        try:
+            settings = load_notify_settings()
+            by_service = tasks_by_service(tasks)
+            made = []
+            with self.lock:
+                present = set()
+                for service in services:
+                    target = job_target(service, settings)
+                    if target is None:
+                        continue
+                    present.add(service["ID"])
+                    known = self.outbox["known"].setdefault(service["ID"], {
+                        "job": service["Spec"]["Name"], "owner": owner_of(service), "ended": False})
+                    known["target"] = list(target)
+                    if f"{service['ID']}/ended" in self.outbox["events"] and (
+                            LABEL_OUTPUT not in service["Spec"].get("Labels", {})
+                            or f"{service['ID']}/results" in self.outbox["events"]):
+                        continue  # all it will ever say is said
+                    for key, kind, data in job_events(service, by_service.get(service["Spec"]["Name"], []), nodes,
+                                                      ledger):
+                        if key not in self.outbox["events"]:
+                            made.append(self.add(key, kind, data, target))
+                        if kind == "job.ended":
+                            known["ended"] = True
+                made += self.gone(present, {s["ID"] for s in services})
+                if made or self.prune({s["ID"] for s in services}):
+                    self.save()
+        except (GridxError, OSError, ValueError) as error:
+            warn(f"notifications: {getattr(error, 'message', error)}")
+            return []
+        if made and self.background:
+            self.wake.set()
+            self.start()
+        return made
+
+    def add(self, key, kind, data, target):
+        import hashlib
+
+        event = {"id": "msg_" + hashlib.sha256(key.encode()).hexdigest()[:32], "type": kind, "data": data,
+                 "target": target[0], "signer": target[1], "checked": target[2], "made": _now(), "state": "pending",
+                 "tries": 0, "next_try": 0, "last_try": 0}
+        self.outbox["events"][key] = event
+        return key
+
+    def gone(self, present, listed):
+        """A job with a target deleted before it ended: a job.deleted event."""
+        made = []
+        for sid, known in list(self.outbox["known"].items()):
+            if sid in listed:
+                continue
+            if not known.get("ended") and f"{sid}/deleted" not in self.outbox["events"]:
+                data = {"job": known["job"], "service": sid, "owner": known.get("owner"), "state": "deleted",
+                        "exit_code": None, "run_time_s": None, "where": []}
+                target = known.get("target")
+                if target:
+                    made.append(self.add(f"{sid}/deleted", "job.deleted", data, target))
+            del self.outbox["known"][sid]
+        return made
+
+    def prune(self, listed):
+        """Forget the delivered (or given up) events of jobs that are gone."""
+        now = time.time()
+        old = [key for key, event in self.outbox["events"].items() if event["data"]["service"] not in listed
+               and event["state"] != "pending" and now - event.get("last_try", 0) > NOTIFY_PRUNE_S]
+        for key in old:
+            del self.outbox["events"][key]
+        return bool(old)
+
+    def start(self):
+        import threading
+
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self.send_forever, daemon=True)
+            self.thread.start()
+
+    def due(self):
+        now = time.time()
+        with self.lock:
+            return [(key, dict(event)) for key, event in self.outbox["events"].items()
+                    if event["state"] == "pending" and event["next_try"] <= now]
+
+    def send_due(self):
+        """One try of each event that is due; how many were tried."""
+        due = self.due()
+        allowed = load_notify_settings()["allow"] if due else []
+        for key, event in due:
+            try:
+                delivered, why = post_event(event, allowed)
+            except (GridxError, OSError, ValueError) as error:  # a key that cannot be made, say
+                delivered, why = False, getattr(error, "message", str(error))
+            with self.lock:
+                event = self.outbox["events"].get(key)
+                if event is None:
+                    continue
+                event["tries"] += 1
+                event["last_try"] = time.time()
+                if delivered:
+                    event["state"], event["error"] = "delivered", ""
+                elif event["tries"] > len(NOTIFY_RETRY_S) or why.startswith("refused"):
+                    event["state"], event["error"] = "undelivered", why
+                    warn(f"notifications: {event['type']} of {event['data']['job']} not delivered: {why}")
+                else:
+                    event["error"] = why
+                    event["next_try"] = time.time() + NOTIFY_RETRY_S[event["tries"] - 1]
+                self.save()
+        return len(due)
+
+    def send_forever(self):
+        while True:
+            try:
+                self.send_due()
+            except (GridxError, OSError, ValueError) as error:
+                warn(f"notifications: {getattr(error, 'message', error)}")
+            with self.lock:
+                waits = [e["next_try"] for e in self.outbox["events"].values() if e["state"] == "pending"]
+            self.wake.wait(max(0.2, min(waits) - time.time()) if waits else 60)
+            self.wake.clear()
+
+    def drain(self):
+        """hub watch --once: one try of what is due now, here."""
+        try:
+            self.send_due()
+        except (GridxError, OSError, ValueError) as error:
+            warn(f"notifications: {getattr(error, 'message', error)}")
+
+
+def notify_status(service_id):
+    """What became of a job's events (status.json), or None."""
+    import json
+
+    try:
+        document = json.loads(read_text(os.path.join(notify_state_dir(), "status.json")))
+    except (OSError, ValueError):
+        return None
+    found = document.get(service_id) if isinstance(document, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def notify_summary(status):
+    """The line jobs status shows."""
+    parts = [f"{status.get('delivered', 0)} delivered"]
+    if status.get("pending"):
+        parts.append(f"{status['pending']} being sent")
+    for event in status.get("undelivered", []):
+        parts.append(f"NOT delivered: {event['type']} to {event['to']} ({event['error']}, {event['tries']} tries)")
+    return printable("; ".join(parts))
+
+
+# ---------------------------------------------------------------------------
 # Remote
 # ---------------------------------------------------------------------------
 # `gridx jobs … --manager USER@HUB` from a machine that is not the hub:
@@ -5025,8 +6008,9 @@ def results_here(key, dest, record):
 # (ForwardedExit). serve parses the line with gridx's own parser, allows only
 # SERVE_JOB_COMMANDS, and runs them with OWNER and SERVE_LIMITS set.
 
-# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
-SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
+# What `gridx serve` runs: `gridx jobs COMMAND …` for these, `gridx cluster` and `gridx usage`.
+SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "connect", "usage",
+                      "cluster")
 
 SSH_CONTROL_PERSIST_S = 60
 
@@ -5078,7 +6062,7 @@ def serve_words(original):
         raise usage_error(f"cannot read the command ({error})", hint) from None
     if words and words[0] == "gridx":
         words = words[1:]
-    if not words or words[0] not in ("jobs", "cluster"):
+    if not words or words[0] not in ("jobs", "cluster", "usage"):
         shown = (words[0] if words else original)[:40]
         raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
     return words
@@ -5087,7 +6071,7 @@ def serve_words(original):
 def check_serve_args(args, words):
     """After parsing: an allowed command, no --manager, no local script."""
     hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
-    allowed = {("jobs", name) for name in SERVE_JOB_COMMANDS} | {("cluster",)}
+    allowed = {("jobs", name) for name in SERVE_JOB_COMMANDS} | {("cluster",), ("usage",)}
     if getattr(args, "handler", None) is None:
         raise usage_error("give a jobs command", "gridx jobs --help")
     path = args.command_path
@@ -5095,9 +6079,9 @@ def check_serve_args(args, words):
         raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
     if getattr(args, "manager", None):
         raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
-    if path == ("jobs", "train") and not args.script.startswith(("http://", "https://")) and args.workdir is None:
-        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
-                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
+    if getattr(args, "forward", None) is not None:
+        raise usage_error("not allowed here: --forward (it listens where gridx runs: your gridx does that)",
+                          "gridx jobs jupyter --forward --manager gridx@HUB")
     if path == ("jobs", "results") and not (args.tar or args.json or args.delete):
         # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
         raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
@@ -5280,6 +6264,8 @@ def forward_to_serve(docker_host, args=None):
         try:
             if layer:
                 send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
+            elif getattr(args, "script_file", None):
+                send_script(process.stdin, *args.script_file)
             else:
                 process.stdin.write(SESSION_HELLO)
             process.stdin.flush()
@@ -5312,6 +6298,356 @@ def set_manager(args):
         check_manager_reachable(DOCKER_HOST)
     else:
         need("docker")
+
+
+# -- a job's port, forwarded: `jobs forward` and the hub's `jobs connect` -----
+# The forwarding gridx listens where its user is (127.0.0.1 by default).
+# Each connection it accepts gets a session of its own to the hub (ssh's
+# shared connection, ssh_control_dir, makes that cheap) running `gridx jobs
+# connect JOB` there, with the connection itself as ssh's input and output,
+# as `ssh -W` would do: serve checks the owner and relays the session's
+# input and output to the job's published port on its worker's VPN address
+# (the hub reaches the workers; members never do). sshd forwards nothing
+# (`restrict` stays) and the firewall keeps members off the workers. On the
+# hub itself gridx connects to the worker directly; with --manager root@HUB
+# root's shell on the hub runs the same `gridx jobs connect`.
+
+FORWARD_CHECK_S = 10  # how often a forward asks whether its job is still there
+RELAY_CHUNK = 256 * 1024
+JOB_CONNECT_TIMEOUT_S = 10
+
+
+def job_endpoint(job_id):
+    """The hub's side: where a job's published port answers now. Through
+    serve only its owner's (exit 2 naming the owner), and only a job that
+    publishes a port (exit 2). {"id", "owner", "kind", "state", "port",
+    "token" (Jupyter's), "address" (the worker's VPN address, None while no
+    task of it runs)}."""
+    services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
+    check_owner(services, "forward the port of")  # through serve: see Jobs, owners
+    labels = services[0]["Spec"].get("Labels", {})
+    if not labels.get(LABEL_PORT):
+        raise usage_error(f"job {job_id} publishes no port (jobs jupyter does)",
+                          "forward a Jupyter job: gridx jobs list shows their KIND")
+    running = [t for t in tasks if t.state == "running" and is_current(t, batch=False)]
+    node = task_node(running[0], nodes) if running else None
+    return {"id": job_id, "owner": jobs[0]["owner"], "kind": jobs[0]["kind"], "state": jobs[0]["state"],
+            "port": int(labels[LABEL_PORT]), "token": labels.get(LABEL_TOKEN),
+            "address": node.address if node else None}
+
+
+def connect_job(job_id):
+    """A TCP connection to the job's published port, from the hub."""
+    import socket
+
+    endpoint = job_endpoint(job_id)
+    if not endpoint["address"]:
+        raise GridxError(f"job {job_id} is {endpoint['state']}: its port answers once it runs",
+                         f"see why: gridx jobs status {job_id}")
+    try:
+        return socket.create_connection((endpoint["address"], endpoint["port"]), timeout=JOB_CONNECT_TIMEOUT_S)
+    except OSError as error:
+        raise GridxError(f"job {job_id}'s port {endpoint['port']} does not answer on its worker: "
+                         f"{error.strerror or error}", f"gridx jobs logs {job_id}") from None
+
+
+def pump(read, write, after=None):
+    """Copy read()'s chunks to write() until read() gives b"" or either
+    fails; then after() (a half-close), whatever went wrong."""
+    try:
+        while True:
+            data = read(RELAY_CHUNK)
+            if not data:
+                break
+            write(data)
+    except OSError:
+        pass
+    if after:
+        try:
+            after()
+        except OSError:
+            pass
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def relay_stdio(sock):
+    """`jobs connect`: this process's input to the job's socket (its end, a
+    half-close), the socket to this process's output; over when the job's
+    side ends. serve's session input is the data here, so the session's
+    end is the end of this input (no watch_session_end)."""
+    import socket
+    import threading
+
+    sock.settimeout(None)
+    threading.Thread(target=pump, args=(lambda n: os.read(0, n), sock.sendall,
+                                        lambda: sock.shutdown(socket.SHUT_WR)), daemon=True).start()
+    try:
+        pump(sock.recv, lambda data: write_all(1, data))
+    finally:
+        sock.close()
+
+
+def relay_sockets(client, upstream):
+    """On the hub: one forwarded connection, both ways, until the job's side ends."""
+    import socket
+    import threading
+
+    upstream.settimeout(None)
+    going = threading.Thread(target=pump, args=(client.recv, upstream.sendall,
+                                                lambda: upstream.shutdown(socket.SHUT_WR)), daemon=True)
+    going.start()
+    pump(upstream.recv, client.sendall)
+    for end in (client, upstream):
+        end.close()
+
+
+def parse_listen(value):
+    """`jobs forward`'s [[ADDR:]LOCAL_PORT] -> (address, port or None: the
+    job's; 0: any free one). The address is 127.0.0.1 unless given ([::1]
+    for IPv6)."""
+    import ipaddress
+
+    hint = "for example: 8888, 127.0.0.1:18888 or [::1]:8888"
+    if value is None or value == "":
+        return "127.0.0.1", None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise usage_error(f"invalid local address {value!r}: an IPv6 address goes in brackets", hint)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise usage_error(f"invalid local address {value!r}: [[ADDRESS:]PORT], the address an IP of this "
+                          "machine", hint) from None
+    return host, 0 if port == "0" else valid_port(port)
+
+
+def listen_socket(host, port):
+    """The forward's listening socket; a port taken here is exit 2."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        why = "is in use here" if error.errno == errno.EADDRINUSE else f"cannot be used: {error.strerror}"
+        raise usage_error(f"{host}:{port} {why}", "give another local port, e.g. gridx jobs forward JOB 18888") \
+            from None
+    listener.listen(64)
+    return listener
+
+
+class HubWay:
+    """A forward on the hub: each connection goes straight to the worker."""
+
+    def probe(self, job_id):
+        return job_endpoint(job_id)
+
+    def still_there(self, job_id):
+        try:
+            return self.probe(job_id)
+        except GridxError as error:
+            if error.code == EXIT_USAGE:  # gone
+                return None
+            warn(f"cannot check job {job_id}: {error.message}")
+            return True
+
+    def relay(self, job_id, conn, children):
+        import threading
+
+        def one():
+            try:
+                upstream = connect_job(job_id)
+            except GridxError as error:
+                warn(error.message)
+                conn.close()
+                return
+            relay_sockets(conn, upstream)
+
+        threading.Thread(target=one, daemon=True).start()
+
+
+class SSHWay:
+    """A forward through the hub's SSH (serve for a member, root's shell for
+    root@HUB): each connection is a session running `gridx jobs connect`,
+    the connection itself its input and output."""
+
+    def __init__(self, docker_host):
+        self.docker_host, self.control = docker_host, ssh_control_dir()
+
+    def argv(self, words):
+        return hub_gridx_argv(self.docker_host, words, self.control)
+
+    def ask(self, job_id):
+        """(exit status, the endpoint or None); serve's own words go to stderr."""
+        import json
+        import subprocess
+
+        process = start(self.argv(["jobs", "connect", "--probe", "--", job_id]), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE)
+        out = process.communicate()[0]
+        try:
+            return process.returncode, json.loads(out) if process.returncode == 0 else None
+        except ValueError:
+            return EXIT_FAILED, None
+
+    def probe(self, job_id):
+        code, endpoint = self.ask(job_id)
+        if code == 255:
+            raise precondition(f"cannot reach the hub over SSH ({urlsplit_user(self.docker_host)})",
+                               "check the VPN and --manager / GRIDX_MANAGER")
+        if code or endpoint is None:
+            raise ForwardedExit(code or EXIT_FAILED)  # the hub said why
+        return endpoint
+
+    def still_there(self, job_id):
+        code, endpoint = self.ask(job_id)
+        if code == EXIT_USAGE:
+            return None
+        return endpoint or True  # the hub did not answer this time: the next check asks again
+
+    def relay(self, job_id, conn, children):
+        children.append(start(self.argv(["jobs", "connect", "--", job_id]), stdin=conn.fileno(),
+                              stdout=conn.fileno()))
+        conn.close()  # ssh holds it now
+
+
+def urlsplit_user(docker_host):
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(docker_host)
+    return f"{parts.username}@{parts.hostname}"
+
+
+def forward_way(args):
+    """HubWay on the hub, SSHWay with --manager / GRIDX_MANAGER."""
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if not manager:
+        need("docker")
+        return HubWay()
+    docker_host = valid_manager(manager)
+    need("ssh")
+    check_manager_reachable(docker_host)
+    return SSHWay(docker_host)
+
+
+class Forward:
+    """`jobs forward`: a listening socket here, each connection relayed to
+    the job's port (way.relay), until Ctrl-C or the job is gone or over (a
+    check every FORWARD_CHECK_S, in a thread: a slow answer never holds up a
+    connection)."""
+
+    def __init__(self, way, job_id, listen):
+        self.way, self.job_id = way, job_id
+        self.listener = listen_socket(*listen)
+        self.children, self.ended = [], None
+
+    def check(self):
+        while self.ended is None:
+            time.sleep(FORWARD_CHECK_S)
+            endpoint = self.way.still_there(self.job_id)
+            if endpoint is None:
+                self.ended = f"job {self.job_id} is gone"
+            elif isinstance(endpoint, dict) and endpoint["state"] in ("complete", "failed"):
+                self.ended = f"job {self.job_id} is {endpoint['state']}"
+
+    def run(self):
+        import socket
+        import threading
+
+        threading.Thread(target=self.check, daemon=True).start()
+        self.listener.settimeout(0.5)
+        try:
+            while self.ended is None:
+                try:
+                    conn, _ = self.listener.accept()
+                except socket.timeout:
+                    conn = None
+                if conn is not None:
+                    conn.settimeout(None)
+                    self.way.relay(self.job_id, conn, self.children)
+                self.children = [child for child in self.children if child.poll() is None]
+        finally:
+            self.listener.close()
+            for child in self.children:
+                child.terminate()
+            for child in self.children:
+                child.wait()
+        info(f"{self.ended}: the forward ends")
+
+
+def local_url(host, port, token=None):
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def forward_job(way, job_id, listen, as_json=False, endpoint=None):
+    """Listen, say where (stdout: the local URL, with Jupyter's token), relay."""
+    endpoint = endpoint or way.probe(job_id)
+    host, port = listen[0], endpoint["port"] if listen[1] is None else listen[1]
+    forward = Forward(way, job_id, (host, port))
+    port = forward.listener.getsockname()[1]  # the one chosen, for 0
+    url = local_url(host, port, endpoint.get("token"))
+    if as_json:
+        print_json({"id": job_id, "local": f"{host}:{port}", "url": url})
+    else:
+        print(url)
+    sys.stdout.flush()
+    info(f"forwarding {host}:{port} to job {job_id}'s port {endpoint['port']}; Ctrl-C ends it")
+    if not host.startswith("127.") and host != "::1":
+        warn(f"{host}:{port} is not a loopback address: others who reach this machine reach the job too")
+    forward.run()
+    return EXIT_OK
+
+
+def jupyter_through_hub(docker_host, args):
+    """`jobs jupyter --forward` with --manager: the hub's gridx starts it
+    (serve for a member, root's shell for root@HUB) and says its job and
+    URL; {"id", "url"}. Its progress passes through on stderr."""
+    import json
+    import subprocess
+
+    words = ["jobs", "jupyter", f"--cpus={args.cpus}", f"--memory={args.memory}", f"--gpus={args.gpus}",
+             f"--port={args.port}", f"--timeout={args.timeout}", "--json"]
+    words += [f"--{flag}={getattr(args, flag)}" for flag in ("image", "name", "notify") if getattr(args, flag)]
+    process = start(hub_gridx_argv(docker_host, words, ssh_control_dir()), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE)
+    try:
+        try:
+            process.stdin.write(SESSION_HELLO)  # stdin stays open: its end tells serve this side is gone
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass
+        out = process.stdout.read()
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if code == 255:
+        raise precondition(f"cannot run the command on the hub over SSH ({urlsplit_user(docker_host)})",
+                           "check the VPN and --manager / GRIDX_MANAGER")
+    try:
+        started = json.loads(out) if code == 0 else None
+    except ValueError:
+        started = None
+    if not isinstance(started, dict) or "id" not in started:
+        raise ForwardedExit(code or EXIT_FAILED)
+    return started
 
 
 # ---------------------------------------------------------------------------
@@ -5876,6 +7212,7 @@ def cmd_hub_watch(args):
     require_root()
     need("docker")
     down_since, seen_waiting, passes, collector = {}, {}, 0, Collector()
+    recorder, notifier = UsageRecorder(), Notifier(background=not args.once)  # see Usage, Notifications
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         passes += 1
@@ -5904,6 +7241,8 @@ def cmd_hub_watch(args):
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
             collector.start(services, tasks, nodes)  # see Work folders and results
+            recorder.record(services, tasks, nodes)
+            notifier.notice(services, tasks, nodes, recorder.ledger)  # sent by a thread of its own
             if passes % WATCH_SWEEP_EVERY == 1:
                 sweep_work_layers()
         except GridxError as error:
@@ -5911,6 +7250,7 @@ def cmd_hub_watch(args):
         if args.once:
             if collector.thread is not None:
                 collector.thread.join()
+            notifier.drain()
             return EXIT_OK
         time.sleep(interval)
 
@@ -6036,12 +7376,21 @@ def cmd_hub_set_user(args):
     """Change a member's own limits (none, a number, or default: the hub's)."""
     name = valid_name(args.name, "user name")
     limits = limits_from_args(args)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
+    notify = notify_setting(args.notify) if args.notify is not None else ...
+    if not limits and notify is ...:
+        raise usage_error("give a limit (or --notify) to change", "for example: gridx hub set-user alice --max-gpus 1")
     require_root()
     with StateLock():
         config = load_hub_config()
         user = registered(config.users, name, "user")
+        if notify is not ...:  # see Notifications
+            settings = load_notify_settings()
+            settings["users"][name] = notify
+            save_notify_settings(settings)
+            info(f"{name}'s jobs made from now on notify " + (shown_target(notify["url"].partition("+")[2])
+                                                             if notify else "no one (unless their --notify says)"))
+        if not limits:
+            return EXIT_OK
         own = dict(user.limits)
         for key, value in limits.items():
             if value is ...:
@@ -6059,11 +7408,24 @@ def cmd_hub_set_user(args):
 def cmd_hub_set_defaults(args):
     """Change the limits of members who have none of their own."""
     limits = limits_from_args(args, allow_default=False)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
+    notify = notify_setting(args.notify) if args.notify is not None else ...
+    allow = valid_notify_allow(args.notify_allow) if args.notify_allow else None
+    if not limits and notify is ... and allow is None:
+        raise usage_error("give a limit (or --notify, --notify-allow) to change",
+                          "for example: gridx hub set-defaults --max-cpus 8")
     require_root()
     with StateLock():
         config = load_hub_config()
+        if notify is not ... or allow is not None:  # see Notifications
+            settings = load_notify_settings()
+            settings["default"] = settings["default"] if notify is ... else notify
+            settings["allow"] = settings["allow"] if allow is None else allow
+            save_notify_settings(settings)
+            info("jobs made from now on notify " + (shown_target(settings["default"]["url"].partition("+")[2])
+                                                    if settings["default"] else "no one by default")
+                 + "; members' targets may also be on: " + (", ".join(settings["allow"]) or "nothing private"))
+        if not limits:
+            return EXIT_OK
         config.user_defaults.update(limits)
         # an unset submit limit is no limit already; a store limit's "none" must be kept to mean it
         config.user_defaults = {k: v for k, v in config.user_defaults.items()
@@ -6111,6 +7473,7 @@ def user_rows(config, with_use=True):
             use = use_by_owner(services, tasks)
         except GridxError as error:
             warn(f"what users use now is unknown: {error.message}")
+    week = usage_of_members(7)  # see Usage
     rows = []
     for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
         wg = live.get(user.public_key, {})
@@ -6119,6 +7482,7 @@ def user_rows(config, with_use=True):
             "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
             "limits": effective_limits(config, user), "own_limits": dict(user.limits),
             "use": None if use is None else use.get(user.name, empty_use()),
+            "usage_7d": week.get(user.name, {"cpu_hours": 0.0, "gpu_hours": 0.0, "memory_gib_hours": 0.0}),
             "added": user.added,
         })
     return rows
@@ -6144,8 +7508,10 @@ def cmd_hub_list_users(args):
             row["name"], row["ip"], human_age(row["handshake_age"]),
             "/".join(show_limit(k, limits[k]) for k in SUBMIT_LIMITS),
             "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
+            show_hours(row["usage_7d"]),
         ])
-    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
+    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs", "USED 7d cpu-h/gpu-h/GiB-h"],
+                table)
     return EXIT_OK
 
 
@@ -6400,7 +7766,7 @@ def submit_job(args, job_id, image, request, output, **create):
     extra = list(create.pop("extra_args", ()))
     if output:
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
-    labels = output_labels(output, image if layer else None)
+    labels = output_labels(output, image if layer else None) + list(getattr(args, "notify_labels", ()))
     if not layer:
         create_job(job_id, image, request, extra_args=extra, extra_labels=labels, **create)
         return
@@ -6457,6 +7823,7 @@ def cmd_jobs_run(args):
     command_argv, command_text = job_command(command)
     job_id = args.job_name = new_job_name(args)
     output = job_output(args)
+    args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)  # the folder is read (and its size checked) now
     if args.wait and output:
         results_destination(None, job_id)
@@ -6482,6 +7849,13 @@ def cmd_jobs_jupyter(args):
     port = valid_port(args.port)
     timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
     job_id = new_job_name(args, "jupyter")
+    notify = notify_labels(args.notify)  # see Notifications
+    listen = parse_listen(args.forward) if args.forward is not None else None
+    manager = args.manager or os.environ.get("GRIDX_MANAGER")
+    if listen and manager:  # the hub's gridx starts it, this one listens (see Remote)
+        way = forward_way(args)
+        started = jupyter_through_hub(way.docker_host, args)
+        return forward_job(way, started["id"], listen, args.json)
     set_manager(args)
     check_fits(request, swarm_nodes())
     import secrets
@@ -6494,10 +7868,13 @@ def cmd_jobs_jupyter(args):
         job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
         mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
         extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
-        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
+        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port)), *notify],
     )
     info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
     url = wait_for_jupyter(job_id, port, token, timeout)
+    if listen:
+        info(f"Jupyter answers at {url}")
+        return forward_job(HubWay(), job_id, listen, args.json)
     if args.json:
         print_json({"id": job_id, "url": url})
     else:
@@ -6550,10 +7927,13 @@ def cmd_jobs_train(args):
     is_url = script.startswith(("http://", "https://"))
     job_id = args.job_name = new_job_name(args, "train")
     output = job_output(args)
+    args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)
     args.script_in_workdir = script_in_workdir(args) if args.layer and not is_url else None
     content = None
-    if not is_url and not args.script_in_workdir:
+    if getattr(args, "upload", None) is not None and not args.layer:  # serve: the file the user's gridx sent
+        content = args.upload.spool.read(CONFIG_MAX_BYTES + 1)
+    elif not is_url and not args.script_in_workdir:
         try:
             with open(script, "rb") as handle:
                 content = handle.read(CONFIG_MAX_BYTES + 1)
@@ -6565,6 +7945,7 @@ def cmd_jobs_train(args):
                 f"the script {script} is over {CONFIG_MAX_BYTES // 1024} KiB, the swarm config limit",
                 "send its folder with --workdir DIR, serve it over http(s), or build it into the image",
             )
+        args.script_file = (os.path.basename(script), content)  # what a user's gridx sends to serve
     if args.wait and output:
         results_destination(None, job_id)
     set_manager(args)
@@ -6657,6 +8038,9 @@ def cmd_jobs_status(args):
     if job["tasks"]:
         add_task_details(job, by_name)
     add_results(job, services[0], tasks, nodes)
+    sent = notify_status(services[0]["ID"])  # see Notifications
+    if sent:
+        job["notify"] = sent
     if args.json:
         print_json(job)
         return EXIT_OK
@@ -6681,6 +8065,8 @@ def cmd_jobs_status(args):
             line += f" — {task['error']}"
         say(line)
     print_results(job)
+    if job.get("notify"):
+        say(f"Notify:   {notify_summary(job['notify'])}")
     return EXIT_OK
 
 
@@ -6914,6 +8300,63 @@ def hub_results(job_id):
         return json.loads(result.stdout) if result.returncode == 0 else None
     except ValueError:
         return None
+
+
+# -- jobs forward · connect · usage -------------------------------------------
+
+
+def cmd_jobs_forward(args):
+    """Listen here and relay each connection to a job's published port (Jupyter), through the hub."""
+    job_id = valid_name(args.job_id, "job ID")
+    listen = parse_listen(args.local)
+    return forward_job(forward_way(args), job_id, listen, args.json)  # see Remote
+
+
+def cmd_jobs_connect(args):
+    """The hub's side of a forward (not in --help): this session's input and
+    output to the job's published port, as `ssh -W` does; --probe says where it is."""
+    job_id = valid_name(args.job_id, "job ID")
+    need("docker")
+    if args.probe:
+        print_json(job_endpoint(job_id))
+        return EXIT_OK
+    relay_stdio(connect_job(job_id))
+    return EXIT_OK
+
+
+def cmd_jobs_usage(args):
+    """CPU-, GPU- and memory-hours each member used (by kind) and each node gave, from hub watch's ledger."""
+    since = parse_since(args.since)
+    if args.user not in (None, ADMIN_OWNER):
+        valid_name(args.user, "--user")
+    manager = args.manager or os.environ.get("GRIDX_MANAGER")
+    if manager:
+        docker_host = valid_manager(manager)
+        forward_to_serve(docker_host, args)  # a member's runs on the hub (see Remote)
+        need("ssh")
+        words = ["usage", f"--since={args.since}"] + [f"--user={args.user}"] * bool(args.user) + ["--json"] * args.json
+        return run_streaming(hub_gridx_argv(docker_host, words))  # root@HUB: the hub's gridx reads its ledger
+    report = usage_since(since, user=args.user)
+    if args.json:
+        print_json(report)
+        return EXIT_OK
+    days = (report["until"] - report["since"]) / 86400
+    running = f"; {report['running']} task(s) still running, counted until now" if report["running"] else ""
+    print(f"Usage since {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(report['since']))} "
+          f"({days:.1f} days{running}), from the resources jobs reserved")
+    if not report["users"]:
+        print("Nothing used in that time (hub watch writes the ledger: is it running?)")
+        return EXIT_OK
+    print()
+    print_table(["MEMBER", "KIND", "CPU-H", "GPU-H", "MEM GiB-H", "TASKS"],
+                [[member["name"], kind, f"{hours['cpu_hours']:.2f}", f"{hours['gpu_hours']:.2f}",
+                  f"{hours['memory_gib_hours']:.2f}", hours["tasks"]]
+                 for member in report["users"] for kind, hours in member["kinds"].items()])
+    print()
+    print_table(["GIVEN BY", "NODE ID", "CPU-H", "GPU-H", "MEM GiB-H", "TASKS"],
+                [[node["hostname"], node["node_id"][:12], f"{node['cpu_hours']:.2f}", f"{node['gpu_hours']:.2f}",
+                  f"{node['memory_gib_hours']:.2f}", node["tasks"]] for node in report["nodes"]])
+    return EXIT_OK
 
 
 # -- cluster ------------------------------------------------------------------
@@ -7158,7 +8601,11 @@ def cmd_serve(args):
     if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
         limit = capped_size(parsed.workdir_limit, "--workdir-limit", "workdir_mib", DEFAULT_WORKDIR_LIMIT)
         parsed.upload = read_upload(sys.stdin.buffer, limit)
-    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
+    elif parsed.command_path == ("jobs", "train") and not parsed.script.startswith(("http://", "https://")):
+        # a local script comes on stdin as the work folder does (never a file of the hub's)
+        parsed.upload = read_upload(sys.stdin.buffer, CONFIG_MAX_BYTES, "the training script")
+    if parsed.command_path != ("jobs", "connect"):  # connect's input is the data it relays
+        watch_session_end(armed=getattr(parsed, "upload", None) is not None)
     return parsed.handler(parsed)
 
 
@@ -7214,6 +8661,13 @@ def add_work_flags(parser):
     parser.add_argument("--output-limit", metavar="SIZE",
                         help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT}, "
                              "or your limit on the hub)")
+
+
+def add_notify(parser):
+    parser.add_argument("--notify", metavar="URL",
+                        help="when the job ends, POST an event there (signed as Standard Webhooks; text+URL: "
+                             "the line alone, for ntfy; Slack and Discord webhooks found by their URL); "
+                             "none: not even to the defaults")
 
 
 def add_limit_flags(parser, what):
@@ -7305,12 +8759,18 @@ def args_hub_add_user(p):
 def args_hub_set_user(p):
     p.add_argument("name", help="the user's name")
     add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
+    p.add_argument("--notify", metavar="URL", help="where their jobs made from now on send events unless their "
+                                                   "--notify says (none: the hub's default)")
 
 
 def args_hub_set_defaults(p):
     add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
     p.add_argument("--min-free", metavar="SIZE",
                    help="the hub keeps this much disk free: results are not collected below it (default 1G)")
+    p.add_argument("--notify", metavar="URL",
+                   help="where jobs made from now on send events unless their owner has a target (none: nowhere)")
+    p.add_argument("--notify-allow", metavar="NET", nargs="+",
+                   help="addresses or networks members' --notify may reach although private (none: nothing)")
 
 
 def args_hub_remove_user(p):
@@ -7334,6 +8794,7 @@ def args_jobs_run(p):
     p.add_argument("--replicas", default="1", help="how many copies run to completion (default 1)")
     p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
     add_work_flags(p)
+    add_notify(p)
     add_json(p)
     add_manager(p)
 
@@ -7344,6 +8805,10 @@ def args_jobs_jupyter(p):
     p.add_argument("--image", help=f"image with Jupyter (default {JUPYTER_IMAGE})")
     p.add_argument("--name", help="job ID (default jupyter-XXXXXX)")
     p.add_argument("--timeout", default="600", help="seconds to wait for it to answer (default 600)")
+    p.add_argument("--forward", nargs="?", const="", metavar="[ADDR:]PORT",
+                   help="then forward it here (default 127.0.0.1 and its port), print the local URL and relay "
+                        "until Ctrl-C, as jobs forward does")
+    add_notify(p)
     add_json(p)
     add_manager(p)
 
@@ -7357,6 +8822,7 @@ def args_jobs_train(p):
     p.add_argument("--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--wait", action="store_true", help="stream the logs, exit with the job's status")
     add_work_flags(p)
+    add_notify(p)
     add_manager(p)
 
 
@@ -7386,6 +8852,27 @@ def args_jobs_results(p):
     p.add_argument("--tar", action="store_true", help="write them to stdout as a tar stream instead")
     p.add_argument("--json", action="store_true", help="say where they are and what they weigh; copy nothing")
     p.add_argument("--delete", action="store_true", help="remove them from the hub")
+    add_manager(p)
+
+
+def args_jobs_forward(p):
+    p.add_argument("job_id")
+    p.add_argument("local", nargs="?", metavar="[ADDR:]LOCAL_PORT",
+                   help="where to listen (default 127.0.0.1 and the job's port)")
+    add_json(p)
+    add_manager(p)
+
+
+def args_jobs_connect(p):
+    p.add_argument("job_id")
+    p.add_argument("--probe", action="store_true", help="say where the job's port is (JSON), connect nothing")
+
+
+def args_usage(p):
+    p.add_argument("--since", default=USAGE_DEFAULT_SINCE,
+                   help=f"an age (7d, 12h, 30m) or a date (2026-12-01) (default {USAGE_DEFAULT_SINCE})")
+    p.add_argument("--user", metavar="NAME", help="only this member's use (and what nodes gave them)")
+    add_json(p)
     add_manager(p)
 
 
@@ -7469,6 +8956,11 @@ COMMANDS = {
                    "gridx jobs delete job-3f9a1c", args_jobs_delete),
         "results": (cmd_jobs_results, "copy a job's collected --output files here",
                     "gridx jobs results job-3f9a1c ./out", args_jobs_results),
+        "forward": (cmd_jobs_forward, "relay a port here to a job's published port (Jupyter), through the hub",
+                    "gridx jobs forward jupyter-3f9a1c 8888", args_jobs_forward),
+        "connect": (cmd_jobs_connect, None, "gridx jobs connect jupyter-3f9a1c", args_jobs_connect),  # not in --help
+        "usage": (cmd_jobs_usage, "CPU/GPU/memory-hours per member and per volunteer node",
+                  "gridx jobs usage --since 30d --json", args_usage),
         "cluster": (cmd_cluster, "every node: shared, reserved, free; totals",
                     "gridx jobs cluster --json", args_json_manager),
     }),
@@ -7484,6 +8976,8 @@ COMMANDS["image"] = ("the hub's image registry (HUB_VPN_IP:5000): push, list, re
            "sudo gridx image rm 10.0.0.1:5000/team/app:1", args_image_rm),
 })
 CLUSTER_SHORTCUT = (cmd_cluster, "shortcut for `gridx jobs cluster`", "gridx cluster", args_json_manager)
+USAGE_SHORTCUT = (cmd_jobs_usage, "shortcut for `gridx jobs usage`: who used, and which node gave, how much",
+                  "gridx usage --since 7d --user alice", args_usage)
 
 
 def _selected(argv):
@@ -7511,11 +9005,12 @@ def build_parser(argv=()):
 
     def command(subparsers, path, handler, help_text, example, add_arguments, full):
         name = path[-1]
+        listed = {"help": help_text} if help_text else {}  # no help=: argparse lists it nowhere
         if not full:
-            return subparsers.add_parser(name, help=help_text)
+            return subparsers.add_parser(name, **listed)
         parser = subparsers.add_parser(
-            name, help=help_text, description=help_text, formatter_class=formatter,
-            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+            name, description=help_text, formatter_class=formatter,
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}", **listed,
         )
         parser.set_defaults(handler=handler, command_path=path)
         if add_arguments:
@@ -7535,7 +9030,7 @@ def build_parser(argv=()):
     )
     parser.add_argument("--version", action="version", version=f"gridx {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each command before it runs")
-    groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,image,cluster}")
+    groups = parser.add_subparsers(dest="group", metavar="{hub,worker,jobs,image,cluster,usage}")
     wanted_group, wanted_command = _selected(argv)
     group_parsers = {}
     for group, (help_text, example, commands) in COMMANDS.items():
@@ -7548,6 +9043,7 @@ def build_parser(argv=()):
                 command(subcommands, (group, name), handler, sub_help, sub_example, add_arguments,
                         name == wanted_command)
     command(groups, ("cluster",), *CLUSTER_SHORTCUT, wanted_group == "cluster")
+    command(groups, ("usage",), *USAGE_SHORTCUT, wanted_group == "usage")
     add_serve_parser(groups, wanted_group == "serve")
     return parser, group_parsers
 

@@ -82,6 +82,14 @@ JOB_OUT_SERVICE = {"ID": "s2", "Spec": dict(JOB_SERVICE["Spec"], Name="job-out",
     JOB_SERVICE["Spec"]["Labels"], **{gridx.LABEL_JOB: "job-out", gridx.LABEL_OUTPUT: "/work/out"}))}
 
 
+# a Jupyter job (jobs jupyter): a service publishing its port
+JUPYTER_SERVICE = {"ID": "s3", "Spec": {
+    "Name": "jupyter-1", "Labels": {gridx.LABEL_JOB: "jupyter-1", gridx.LABEL_KIND: "jupyter",
+                                    gridx.LABEL_PORT: "8888", gridx.LABEL_TOKEN: "ab" * 16},
+    "Mode": {"Replicated": {"Replicas": 1}},
+    "TaskTemplate": {"ContainerSpec": {"Image": "jupyter:1"}, "Resources": {}}}}
+
+
 JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "Complete",
             "CurrentState": "Complete 1 second ago", "Error": ""}
 
@@ -160,7 +168,8 @@ class FakeTools:
         if rest[:2] == ["service", "ls"]:
             return "job-1"
         if rest[:2] == ["service", "inspect"]:
-            return json.dumps([JOB_OUT_SERVICE if rest[-1] == "job-out" else JOB_SERVICE])
+            return json.dumps([JOB_OUT_SERVICE if rest[-1] == "job-out" else
+                               JUPYTER_SERVICE if rest[-1].startswith("jupyter-") else JOB_SERVICE])
         if rest[:2] == ["service", "ps"] and "-q" in rest:
             return "t1"
         if rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
