@@ -5487,6 +5487,11 @@ def parse_target(value):
     return fmt, rest
 
 
+def split_target(target):
+    """A saved target (FORMAT+URL; a label made by hand may lack FORMAT+) -> (format, URL)."""
+    return parse_target(target)
+
+
 def shown_target(url):
     """scheme://host of a target: what status shows (a path can hold a secret)."""
     import urllib.parse
@@ -5762,7 +5767,7 @@ def event_body(event):
     """(body, content type) in the target's format."""
     import json
 
-    fmt = event["target"].partition("+")[0]
+    fmt = split_target(event["target"])[0]
     if fmt == "text":
         return event_line(event).encode() + b"\n", "text/plain; charset=utf-8"
     if fmt in ("slack", "discord"):
@@ -5779,7 +5784,7 @@ def post_event(event, allowed):
     import ipaddress
     import urllib.parse
 
-    url = event["target"].partition("+")[2]
+    url = split_target(event["target"])[1]
     parts = urllib.parse.urlsplit(url)
     body, content_type = event_body(event)
     stamp = int(time.time())
@@ -5840,7 +5845,7 @@ class Notifier:
             job = status.setdefault(event["data"]["service"], {"job": event["data"]["job"], "delivered": 0,
                                                                "pending": 0, "undelivered": []})
             if event["state"] == "undelivered":
-                job["undelivered"].append({"type": event["type"], "to": shown_target(event["target"].partition("+")[2]),
+                job["undelivered"].append({"type": event["type"], "to": shown_target(event["target"].split("+")[-1]),
                                            "tries": event["tries"], "error": event.get("error", "")})
             else:
                 job[event["state"]] += 1
@@ -5854,12 +5859,13 @@ class Notifier:
             by_service = tasks_by_service(tasks)
             made = []
             with self.lock:
-                present = set()
+                present, learnt = set(), False
                 for service in services:
                     target = job_target(service, settings)
                     if target is None:
                         continue
                     present.add(service["ID"])
+                    learnt = learnt or service["ID"] not in self.outbox["known"]
                     known = self.outbox["known"].setdefault(service["ID"], {
                         "job": service["Spec"]["Name"], "owner": owner_of(service), "ended": False})
                     known["target"] = list(target)
@@ -5874,7 +5880,7 @@ class Notifier:
                         if kind == "job.ended":
                             known["ended"] = True
                 made += self.gone(present, {s["ID"] for s in services})
-                if made or self.prune({s["ID"] for s in services}):
+                if made or learnt or self.prune({s["ID"] for s in services}):
                     self.save()
         except (GridxError, OSError, ValueError) as error:
             warn(f"notifications: {getattr(error, 'message', error)}")
@@ -5937,7 +5943,7 @@ class Notifier:
         for key, event in due:
             try:
                 delivered, why = post_event(event, allowed)
-            except (GridxError, OSError, ValueError) as error:  # a key that cannot be made, say
+            except (GridxError, OSError, ValueError) as error:  # a key that cannot be made, a label made by hand
                 delivered, why = False, getattr(error, "message", str(error))
             with self.lock:
                 event = self.outbox["events"].get(key)
@@ -5960,7 +5966,7 @@ class Notifier:
         while True:
             try:
                 self.send_due()
-            except (GridxError, OSError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 (the sender must outlive anything one event does to it)
                 warn(f"notifications: {getattr(error, 'message', error)}")
             with self.lock:
                 waits = [e["next_try"] for e in self.outbox["events"].values() if e["state"] == "pending"]
@@ -6552,13 +6558,14 @@ class Forward:
     connection)."""
 
     def __init__(self, way, job_id, listen):
+        import threading
+
         self.way, self.job_id = way, job_id
         self.listener = listen_socket(*listen)
-        self.children, self.ended = [], None
+        self.children, self.ended, self.over = [], None, threading.Event()
 
     def check(self):
-        while self.ended is None:
-            time.sleep(FORWARD_CHECK_S)
+        while not self.over.wait(FORWARD_CHECK_S):
             endpoint = self.way.still_there(self.job_id)
             if endpoint is None:
                 self.ended = f"job {self.job_id} is gone"
@@ -6582,6 +6589,7 @@ class Forward:
                     self.way.relay(self.job_id, conn, self.children)
                 self.children = [child for child in self.children if child.poll() is None]
         finally:
+            self.over.set()
             self.listener.close()
             for child in self.children:
                 child.terminate()
