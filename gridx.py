@@ -6194,10 +6194,17 @@ def serve_ssh_argv(docker_host, words, control=None):
     parts = urllib.parse.urlsplit(docker_host)
     argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
     key = os.environ.get("GRIDX_SSH_KEY")
+    who = ""
     if key:
-        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
+        key = os.path.abspath(os.path.expanduser(key))
+        argv += ["-i", key, "-o", "IdentitiesOnly=yes"]
+        # one shared connection per key: ssh's %C names the host and login
+        # only, and a connection made with one member's key is that member
+        import hashlib
+
+        who = "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
     if control:
-        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C{who}",
                  "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
     if parts.port:
         argv += ["-p", str(parts.port)]

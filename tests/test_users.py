@@ -4,6 +4,7 @@ ssh argv, limits arithmetic, the authorized_keys line, the user bundle's
 files and modes, the hub config's users (no root, no Docker needed)."""
 
 import base64
+import hashlib
 import json
 import os
 import stat
@@ -128,14 +129,19 @@ def test_serve_ssh_argv(monkeypatch, tmp_path):
     monkeypatch.setenv("GRIDX_SSH_KEY", "~/.ssh/gridx-alice")
     monkeypatch.setenv("HOME", str(tmp_path))
     argv = gridx.serve_ssh_argv("ssh://gridx@10.0.0.1:2222", ["jobs", "list"], control=str(tmp_path / "cm"))
+    who = hashlib.sha256(str(tmp_path / ".ssh" / "gridx-alice").encode()).hexdigest()[:12]
     assert argv == [
         "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
         "-i", str(tmp_path / ".ssh" / "gridx-alice"), "-o", "IdentitiesOnly=yes",
-        "-o", "ControlMaster=auto", "-o", f"ControlPath={tmp_path / 'cm'}/%C", "-o", "ControlPersist=60",
+        "-o", "ControlMaster=auto", "-o", f"ControlPath={tmp_path / 'cm'}/%C-{who}", "-o", "ControlPersist=60",
         "-p", "2222", "--", "gridx@10.0.0.1", "jobs list",
     ]
     # no value there begins with '-' unless gridx put it (the host is after --)
     assert all(not w.startswith("-") or w in ("-o", "-i", "-p", "--") for w in argv[1::2])
+    # another member's key on the same machine never shares her connection
+    monkeypatch.setenv("GRIDX_SSH_KEY", "~/.ssh/gridx-bob")
+    other = gridx.serve_ssh_argv("ssh://gridx@10.0.0.1:2222", ["jobs", "list"], control=str(tmp_path / "cm"))
+    assert [w for w in other if w.startswith("ControlPath=")] != [w for w in argv if w.startswith("ControlPath=")]
 
 
 def test_ssh_control_dir_is_private(monkeypatch, tmp_path):

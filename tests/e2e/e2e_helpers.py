@@ -356,8 +356,12 @@ MANAGER = "gridx@10.0.0.1"
 
 
 def settings(name):
-    """The shell prefix that loads a user bundle's settings (its README's step 3)."""
-    return f"set -a; . /root/gridx-{name}-user/settings.env; set +a; "
+    """The shell prefix that loads a user bundle's settings (its README's step
+    3); a member who brought their own key (bob) names it, as they would in
+    their own settings: their gridx then shares no SSH connection with
+    another member's key on this machine (alice's)."""
+    return (f"set -a; . /root/gridx-{name}-user/settings.env; set +a; "
+            f'export GRIDX_SSH_KEY="${{GRIDX_SSH_KEY:-/root/.ssh/gridx-{name}}}"; ')
 
 
 def as_user(cmd, name=ALICE, timeout=300):
