@@ -5664,6 +5664,13 @@ def signing_key(who):
     return key
 
 
+def forget_signing_key(who):
+    try:
+        os.unlink(notify_key_path(who))
+    except FileNotFoundError:
+        pass
+
+
 def webhook_signature(key, msg_id, timestamp, body):
     """Standard Webhooks' webhook-signature: v1,base64(HMAC-SHA256 of "id.timestamp.body")."""
     import base64
@@ -7371,6 +7378,7 @@ def cmd_hub_add_user(args):
             raise
         save_hub_config(config)
         write_hub_wg_conf(config)
+        signing_key(name)  # their events' key, ready to hand over (see Notifications)
     for change in changes:
         info(change)
     return print_added(args, "user", user, folder, [
@@ -7469,6 +7477,7 @@ def cmd_hub_remove_user(args):
         write_hub_wg_conf(config)
         apply_firewall(config)
         remove_user_bundle(name)
+        forget_signing_key(name)  # a new member of that name gets a key of their own
     info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
     ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
     if ids and args.stop_jobs:

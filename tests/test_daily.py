@@ -759,10 +759,12 @@ def test_set_defaults_and_set_user_keep_targets_private_and_never_print_keys(tmp
     assert stat.S_IMODE(os.stat(settings).st_mode) == 0o600
     assert json.loads(settings.read_text())["users"]["u1"]["url"] == "json+https://ntfy.sh/secret-topic"
     assert json.loads((tmp_path / "users" / "notify.json").read_text()) == {"allow": ["192.168.1.20/32"]}
-    gridx.signing_key("u1")
+    key = tmp_path / "cfg" / "notify" / "keys" / "u1.key"
+    assert key.read_text().startswith("whsec_") and stat.S_IMODE(os.stat(key).st_mode) == 0o600  # made at add-user
     assert run_main(["hub", "list-users", "--json"]) == 0
     assert "whsec_" not in capsys.readouterr().out
     assert run_main(["hub", "set-defaults", "--notify-allow", "10.0.0.0/33"]) == 2
+    assert run_main(["hub", "remove-user", "u1"]) == 0 and not key.exists()
 
 
 def test_jobs_status_says_what_was_not_delivered(tmp_path, monkeypatch, capsys):

@@ -203,6 +203,10 @@ def events_of(job):
     return [e for e in received() if json.loads(base64.b64decode(e["body"]))["data"]["job"] == job]
 
 
+def mine(spans, ids):
+    return [s for s in spans if s["service"] in ids]
+
+
 def signed_by(event, key):
     body = base64.b64decode(event["body"])
     secret = base64.b64decode(key[len("whsec_"):])
@@ -232,7 +236,9 @@ def test_one_signed_event_per_end_across_a_hub_restart_and_the_usage_it_leaves(d
     for name, command in (("e2e-n1", "sleep 2; exit 3"), ("e2e-n2", "sleep 45")):
         ok(as_user(f"gridx jobs run python:3.11 '{command}' --name {name} --notify {HOOK} --manager {MANAGER}"),
            f"submit {name}")
-    key = ok(hub_sh(f"cat /etc/gridx/notify/keys/{ALICE}.key"), "alice's key").strip()
+    ids = {ok(hub_sh(f"docker service inspect --format '{{{{.ID}}}}' {name}"), "service ID").strip(): name
+           for name in ("e2e-n1", "e2e-n2")}  # an earlier run's jobs of these names are in the ledger too
+    key = ok(hub_sh(f"cat /etc/gridx/notify/keys/{ALICE}.key"), "alice's key (made at add-user)").strip()
     assert hub_sh(f"stat -c %a /etc/gridx/notify/keys/{ALICE}.key /etc/gridx/notify/keys").stdout.split() == \
         ["600", "700"]
     first = wait_until(lambda: events_of("e2e-n1"), 90, "e2e-n1's event")
@@ -240,7 +246,7 @@ def test_one_signed_event_per_end_across_a_hub_restart_and_the_usage_it_leaves(d
     assert signed_by(first[0], key) and data["type"] == "job.ended"
     assert data["data"]["state"] == "failed" and data["data"]["exit_code"] == 3 and data["data"]["owner"] == ALICE
     assert data["data"]["where"][0]["node_id"] and data["data"]["run_time_s"] >= 1, data
-    wait_until(lambda: any(s["job"] == "e2e-n1" for s in ledger()), 30, "e2e-n1 in the ledger")
+    wait_until(lambda: mine(ledger(), ids), 30, "e2e-n1 in the ledger")
     # the hub restarts while e2e-n2 runs; it ends before hub watch is back
     running = wait_until(lambda: json.loads(hub("jobs", "status", "e2e-n2", "--json").stdout or "{}")
                          .get("state") == "running", 120, "e2e-n2 running")
@@ -255,8 +261,11 @@ def test_one_signed_event_per_end_across_a_hub_restart_and_the_usage_it_leaves(d
     assert len(events_of("e2e-n1")) == 1 and len(events_of("e2e-n2")) == 1
     assert json.loads(hub("jobs", "status", "e2e-n2", "--json").stdout)["notify"]["delivered"] == 1
     # usage: one line per task, the same after the restart and after the jobs are gone
-    spans = [s for s in ledger() if s["job"] in ("e2e-n1", "e2e-n2")]
-    assert sorted(s["job"] for s in spans) == ["e2e-n1", "e2e-n2"], spans
+    # one line per task; Docker 20.10 runs a failed job once more when the
+    # hub's Docker restarts (measured: a second task of e2e-n1, no `hub
+    # watch` re-run): that task ran, and is counted as itself
+    spans = mine(ledger(), ids)
+    assert {s["job"] for s in spans} == {"e2e-n1", "e2e-n2"} and len({s["task"] for s in spans}) == len(spans), spans
     node_ids = set(hub_sh("docker node ls -q").stdout.split())
     assert all(s["node_id"] in node_ids and s["node"] for s in spans)
     assert next(s for s in spans if s["job"] == "e2e-n2")["ended"] - \
@@ -270,7 +279,7 @@ def test_one_signed_event_per_end_across_a_hub_restart_and_the_usage_it_leaves(d
     after = json.loads(ok(as_user(f"gridx usage --json --user {ALICE} --manager {MANAGER}"), "usage via serve"))
     assert after["users"][0]["kinds"]["run"]["tasks"] >= before["users"][0]["kinds"]["run"]["tasks"]
     assert after["users"][0]["kinds"]["run"]["cpu_hours"] >= before["users"][0]["kinds"]["run"]["cpu_hours"]
-    assert len([s for s in ledger() if s["job"] in ("e2e-n1", "e2e-n2")]) == 2
+    assert mine(ledger(), ids) == spans
     assert len({(s["task"], s["started"]) for s in ledger()}) == len(ledger())
     given = {n["node_id"] for n in after["nodes"]}
     assert {s["node_id"] for s in spans} <= given
