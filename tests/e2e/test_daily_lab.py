@@ -25,7 +25,6 @@ import hmac
 import json
 import re
 import select
-import signal
 import subprocess
 import time
 
