@@ -46,6 +46,10 @@ figure, its target, met or missed) and writes bench-results.json.
            (<= 1.3x), interleaved; hub watch is stopped meanwhile (it would
            collect first) and started again as test.sh's start_watch does;
            the jobs' ended containers are removed from the workers
+  forward  100 MB of a member's Jupyter through `gridx jobs jupyter --forward`
+           in a user container (GET /files/… with bash's /dev/tcp) / bare
+           `scp` of the same bytes from the job's worker to the hub with the
+           hub's key (<= 1.5x), interleaved; the bytes checked on both sides
 
 Usage: python3 tests/bench.py [--only SECTION,...] [--skip SECTION,...]
                               [--json PATH] [--quick]
@@ -91,7 +95,7 @@ NODE_RUN_FLAGS = [
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
     "--label", "io.gridx.lab.name=" + LAB, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
-SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results")
+SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results", "forward")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
 SCRIPTS = os.path.join(ROOT, "tests", "bench")
 
@@ -600,25 +604,34 @@ USER_RUN = bench_script("user_run")
 HUB_RUN = 't hub gridx jobs run --wait --name "$2" python:3.11 true'
 
 
-def bench_users(res, args):
+def user_container():
+    """A user's machine: the node image without the docker CLI or Python,
+    the static binary, set up from benchuser's bundle (USER_SETUP)."""
     if not os.path.isfile(BINARY):
         raise BenchError(f"{BINARY} is missing: make binary")
-    reps = 3 if args.quick else 5
+    remove_user_container()
+    sh(["docker", "run", "-d", "--name", USER_NODE, "--hostname", "benchuser", "--network", LAB,
+        "--ip", USER_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE])
+    wait_ready(USER_NODE)
+    sh(["docker", "exec", USER_NODE, "rm", "-f", "/usr/bin/docker", "/usr/bin/dockerd"])
+    sh(["docker", "cp", BINARY, f"{USER_NODE}:/usr/local/bin/gridx"])
+    path = json.loads(hub_bash(f"gridx hub add-user {BENCH_USER} --json").stdout)["bundle"]
+    copy = subprocess.Popen(["docker", "cp", f"{HUB}:{path}", "-"], stdout=subprocess.PIPE)
+    subprocess.run(["docker", "cp", "-", f"{USER_NODE}:/root/"], stdin=copy.stdout, check=True)
+    copy.wait()
+    hub_bash(USER_SETUP, container=USER_NODE)
+
+
+def remove_user_container():
     sh(["docker", "rm", "-f", "-v", USER_NODE], check=False)
     hub_bash(f"gridx hub remove-user {BENCH_USER} --stop-jobs >/dev/null 2>&1; true", check=False)
+
+
+def bench_users(res, args):
+    reps = 3 if args.quick else 5
     got, names = {"hub": [], "user": [], "user+limits": []}, []
     try:
-        sh(["docker", "run", "-d", "--name", USER_NODE, "--hostname", "benchuser", "--network", LAB,
-            "--ip", USER_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE])
-        wait_ready(USER_NODE)
-        # a user's machine: no docker CLI, no Python, the static binary
-        sh(["docker", "exec", USER_NODE, "rm", "-f", "/usr/bin/docker", "/usr/bin/dockerd"])
-        sh(["docker", "cp", BINARY, f"{USER_NODE}:/usr/local/bin/gridx"])
-        path = json.loads(hub_bash(f"gridx hub add-user {BENCH_USER} --json").stdout)["bundle"]
-        copy = subprocess.Popen(["docker", "cp", f"{HUB}:{path}", "-"], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "cp", "-", f"{USER_NODE}:/root/"], stdin=copy.stdout, check=True)
-        copy.wait()
-        hub_bash(USER_SETUP, container=USER_NODE)
+        user_container()
         for variant in ("user", "user+limits"):
             if variant == "user+limits":
                 hub_bash(f"gridx hub set-user {BENCH_USER} --max-cpus 100 >/dev/null")
@@ -630,9 +643,8 @@ def bench_users(res, args):
                     if i >= 2:
                         got[label] += timings(out).get(label, [])
     finally:
-        hub_bash("gridx jobs delete \"$@\" >/dev/null 2>&1; gridx hub remove-user benchuser >/dev/null 2>&1; true",
-                 *names, check=False)
-        sh(["docker", "rm", "-f", "-v", USER_NODE], check=False)
+        hub_bash("gridx jobs delete \"$@\" >/dev/null 2>&1; true", *names, check=False)
+        remove_user_container()
     failed = {k: sum(1 for _, rc in v if rc != 0) for k, v in got.items()}
     med = {k: median([s for s, rc in v if rc == 0]) for k, v in got.items()}
     res.raw["users"] = {"runs": got, "median_ok_s": med, "failed": failed}
@@ -809,6 +821,75 @@ def bench_results(res, args):
     if not was_running:
         res.notes.append("results: hub watch was not running before the section (left stopped)")
 
+
+
+# ---------------------------------------------------------------------------
+# 10. A member's Jupyter forwarded: 100 MB through `jobs forward` vs scp (issue 22)
+# ---------------------------------------------------------------------------
+
+FORWARD_JOB, FORWARD_PORT, FORWARD_LOCAL = "gxbench-fwd", 8897, 18897
+FORWARD_PREPARE = bench_script("forward_prepare")
+FORWARD_GET = bench_script("forward_get")
+FORWARD_SCP = bench_script("forward_scp")
+# the member's forward, left running in the user container (its URL in /tmp/gxbench-fwd.out)
+FORWARD_START = (". /root/gridx-benchuser-user/settings.env; export GRIDX_MANAGER GRIDX_SSH_KEY; "
+                 f"exec gridx jobs jupyter --image gridx-lab-jupyter:latest --name {FORWARD_JOB} "
+                 f"--port {FORWARD_PORT} --forward {FORWARD_LOCAL} >/tmp/gxbench-fwd.out 2>/tmp/gxbench-fwd.err")
+
+
+def forward_url():
+    return sh(["docker", "exec", USER_NODE, "cat", "/tmp/gxbench-fwd.out"], check=False).stdout.strip()
+
+
+def bench_forward(res, args):
+    reps = 3 if args.quick else 5
+    size = 100_000_000
+    key = hub_bash('k=${GRIDX_CONFIG_DIR:-/etc/gridx}/ssh/id_ed25519; test -f "$k" && echo "$k"').stdout.strip()
+    known = os.path.join(os.path.dirname(key), "known_hosts")
+    hub_bash(f"gridx jobs delete {FORWARD_JOB} >/dev/null 2>&1; true", check=False)
+    got, hashes, said = {}, {"forward": [], "bare": []}, []
+    try:
+        user_container()
+        sh(["docker", "exec", "-d", USER_NODE, "bash", "-c", FORWARD_START])
+        deadline = time.monotonic() + 600
+        while not forward_url().startswith("http://"):
+            if time.monotonic() > deadline:
+                raise BenchError("the forward printed no URL within 600 s: " + sh(
+                    ["docker", "exec", USER_NODE, "cat", "/tmp/gxbench-fwd.err"], check=False).stdout[-400:])
+            time.sleep(1)
+        token = forward_url().rpartition("token=")[2]
+        out = hub_bash(FORWARD_PREPARE, FORWARD_JOB, size, key, known, timeout=600).stdout
+        node, addr = next(line.split()[1:3] for line in out.splitlines() if line.startswith("N "))
+        source = next(line.split()[1] for line in out.splitlines() if line.startswith("H "))
+        for i in range(reps + 1):  # the first round warms both up (the shared SSH connection, page cache)
+            sides = [("forward", USER_NODE, FORWARD_GET, (FORWARD_LOCAL, token, size)),
+                     ("bare", HUB, FORWARD_SCP, (key, known, addr))]
+            for label, where, script, script_args in (sides if i % 2 else sides[::-1]):
+                out = hub_bash(script, *script_args, container=where, timeout=600, check=False).stdout
+                if i:
+                    for name, runs in timings(out).items():
+                        got.setdefault(name, []).extend(runs)
+                    hashes[label] += [line.split()[1] for line in out.splitlines() if line.startswith("H ")]
+    finally:
+        said = sh(["docker", "exec", USER_NODE, "cat", "/tmp/gxbench-fwd.err"], check=False).stdout.splitlines()
+        hub_bash(f"gridx jobs delete {FORWARD_JOB} >/dev/null 2>&1; true", check=False)
+        remove_user_container()
+        for worker in WORKERS:
+            sh(["docker", "exec", f"{LAB}-{worker}", "rm", "-f", "/tmp/gxbench-fwd.bin"], check=False)
+    failed = {k: sum(1 for _, rc in got.get(k, []) if rc != 0) + max(0, reps - len(got.get(k, [])))
+              for k in ("forward", "bare")}
+    wrong = [k for k, found in hashes.items() if any(h != source for h in found)]
+    med = {k: median([s_ for s_, rc in got.get(k, []) if rc == 0]) for k in ("forward", "bare")}
+    res.raw["forward"] = {"runs": got, "median_ok_s": med, "failed": failed, "bytes": size, "node": node,
+                          "hashes_differ": wrong, "stderr": said[-20:]}
+    note = "; ".join([f"{k}: {n}/{reps} FAILED" for k, n in failed.items() if n] +
+                     [f"{k}: the bytes differ from the job's" for k in wrong])
+    r = ratio(med["forward"], med["bare"])
+    res.row("forward", f"100 MB of a member's Jupyter (`/files/…` through `gridx jobs jupyter --forward` in a "
+            f"user container: ssh to the hub's serve, the hub to worker {node} over the VPN) vs bare `scp` of the "
+            f"same bytes from that worker to the hub with the hub's key ({reps} each, interleaved, order alternating)",
+            med["forward"], med["bare"], "≤ 1.5×",
+            False if any(failed.values()) or wrong else target_ratio(1.5, r), note=note)
 
 
 # ---------------------------------------------------------------------------
