@@ -5220,7 +5220,7 @@ class UsageRecorder:
         now = time.time() if now is None else now
         try:
             closed = self.step(services, tasks, nodes, now)
-        except (GridxError, OSError, ValueError) as error:
+        except (GridxError, OSError, ValueError, KeyError, TypeError) as error:  # a damaged open.json too
             warn(f"usage: not recorded this pass: {getattr(error, 'message', error)}")
             return []
         finally:
@@ -5889,7 +5889,7 @@ class Notifier:
                 made += self.gone(present, {s["ID"] for s in services})
                 if made or learnt or self.prune({s["ID"] for s in services}):
                     self.save()
-        except (GridxError, OSError, ValueError) as error:
+        except (GridxError, OSError, ValueError, KeyError, TypeError) as error:  # a damaged outbox too
             warn(f"notifications: {getattr(error, 'message', error)}")
             return []
         if made and self.background:
@@ -6333,6 +6333,10 @@ def set_manager(args):
 # root's shell on the hub runs the same `gridx jobs connect`.
 
 FORWARD_CHECK_S = 10  # how often a forward asks whether its job is still there
+# Ports a forward never reaches on a worker, whatever a job's label says: the
+# system's, and the swarm's and the registry's (a moment when no job holds
+# the port would reach the worker's own service).
+FORWARD_NEVER = frozenset(port for _, port in SWARM_PORTS) | {REGISTRY_PORT, REGISTRY_WRITER_PORT}
 RELAY_CHUNK = 256 * 1024
 JOB_CONNECT_TIMEOUT_S = 10
 
@@ -6349,10 +6353,15 @@ def job_endpoint(job_id):
     if not labels.get(LABEL_PORT):
         raise usage_error(f"job {job_id} publishes no port (jobs jupyter does)",
                           "forward a Jupyter job: gridx jobs list shows their KIND")
+    port = valid_port(labels[LABEL_PORT])
+    if port < 1024 or port in FORWARD_NEVER:
+        raise usage_error(f"job {job_id} publishes port {port}, one of the worker's own services' ports: "
+                          "a forward reaches 1024-65535 only, never the swarm's or the registry's",
+                          "start it again with another --port, e.g. 8888")
     running = [t for t in tasks if t.state == "running" and is_current(t, batch=False)]
     node = task_node(running[0], nodes) if running else None
     return {"id": job_id, "owner": jobs[0]["owner"], "kind": jobs[0]["kind"], "state": jobs[0]["state"],
-            "port": int(labels[LABEL_PORT]), "token": labels.get(LABEL_TOKEN),
+            "port": port, "token": labels.get(LABEL_TOKEN),
             "address": node.address if node else None}
 
 

@@ -226,6 +226,17 @@ def test_the_hub_side_checks_the_owner_and_the_port(tmp_path, monkeypatch):
     assert error.value.code == 2 and "publishes no port" in error.value.message
 
 
+@pytest.mark.parametrize("port", ["22", "80", "2377", "7946", "5000", "5001"])
+def test_a_forward_never_reaches_a_workers_own_service_port(port, tmp_path, monkeypatch):
+    fake_hub(tmp_path, monkeypatch)
+    labels = dict(JUPYTER_SERVICE["Spec"]["Labels"], **{gridx.LABEL_PORT: port})
+    service = dict(JUPYTER_SERVICE, Spec=dict(JUPYTER_SERVICE["Spec"], Labels=labels))
+    monkeypatch.setattr(gridx, "list_job_services", lambda ids=None, missing_ok=False: [service])
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.job_endpoint("jupyter-1")
+    assert error.value.code == 2 and "own services' ports" in error.value.message
+
+
 def test_the_hub_side_follows_its_job_to_the_node_it_runs_on():
     nodes = [gridx.Node(id=i, hostname=h, address=a, state="ready", availability="active", role="worker",
                         manager=False, shared=gridx.Resources(), gpu_ids=[], created="", updated="", hub_ssh=True)
