@@ -5066,8 +5066,6 @@ def results_here(key, dest, record):
 
 USAGE_SEEN_EVERY_S = 60  # open.json's "seen" times are rewritten at most this often
 USAGE_DEFAULT_SINCE = "7d"
-USAGE_KINDS = ("run", "train", "jupyter")
-ENDED_TASK_STATES = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 
 
 def usage_dir():
