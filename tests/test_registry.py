@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from fakes import make_config
@@ -181,8 +182,16 @@ def write(path, text):
 
 
 def sleeper(*words):
-    """A process whose command line holds words (as the registry's holds its config)."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *words])
+    """A process whose command line holds words (as the registry's holds its
+    config), once it does: until the child has exec'd, /proc shows the
+    parent's command line (a loaded machine showed it)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *words])
+    for _ in range(100):
+        with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+            if all(word.encode() in handle.read().split(b"\0") for word in words):
+                break
+        time.sleep(0.05)
+    return process
 
 
 def test_stop_ends_only_a_process_of_its_config(hub_dirs):
