@@ -155,11 +155,10 @@ def test_the_container_gets_a_command_only_when_the_image_has_none():
     assert gridx.create_command({"Entrypoint": None, "Cmd": None}) == [gridx.NO_COMMAND]
 
 
-def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):
-    """create (held: the name and the limits taken), then create/cp/commit/
-    push the layer (no docker build), then move the job onto it by digest."""
+def hub_making_layers(tmp_path, monkeypatch, pushed):
+    """fake_hub whose Docker has python:3.11, makes container c0ffee and
+    prints PUSHED for a push; and a work folder. (tools, folder)."""
     tools = fake_hub(tmp_path, monkeypatch)
-    folder = make_folder(tmp_path / "wd")
     answer = tools.answer_docker
 
     def docker(rest):
@@ -168,10 +167,17 @@ def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypa
         if rest[:1] == ["create"]:
             return "c0ffee"
         if rest[:1] == ["push"]:
-            return "layer: digest: sha256:" + "d" * 64 + " size: 1234"
+            return pushed
         return answer(rest)
 
     monkeypatch.setattr(tools, "answer_docker", docker)
+    return tools, make_folder(tmp_path / "wd")
+
+
+def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):
+    """create (held: the name and the limits taken), then create/cp/commit/
+    push the layer (no docker build), then move the job onto it by digest."""
+    tools, folder = hub_making_layers(tmp_path, monkeypatch, "layer: digest: sha256:" + "d" * 64 + " size: 1234")
     assert run_main(["jobs", "run", "--name", "wd1", "--workdir", str(folder), "python:3.11", "true"]) == 0
     calls = [c[1:] for c in tools.calls if c[0] == "docker"]
     verbs = [" ".join(c[:2]) for c in calls if c[:2] != ["info", "--format"]]
@@ -192,20 +198,7 @@ def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypa
 
 
 def test_a_layer_that_cannot_be_made_takes_its_held_job_with_it(tmp_path, monkeypatch):
-    tools = fake_hub(tmp_path, monkeypatch)
-    folder = make_folder(tmp_path / "wd")
-    answer = tools.answer_docker
-
-    def docker(rest):
-        if rest[:2] == ["image", "inspect"]:
-            return '"sha256:' + "1" * 64 + '" {}'
-        if rest[:1] == ["create"]:
-            return "c0ffee"
-        if rest[:1] == ["push"]:
-            return ""  # no digest: the push failed
-        return answer(rest)
-
-    monkeypatch.setattr(tools, "answer_docker", docker)
+    tools, folder = hub_making_layers(tmp_path, monkeypatch, "")  # no digest: the push failed
     assert run_main(["jobs", "run", "--name", "wd2", "--workdir", str(folder), "python:3.11", "true"]) == 3
     calls = [c[1:] for c in tools.calls if c[0] == "docker"]
     assert ["service", "rm", "--", "wd2"] in calls and not any(c[:2] == ["service", "update"] for c in calls)
