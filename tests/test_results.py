@@ -287,7 +287,7 @@ def test_an_output_that_is_one_file_comes_as_itself(tmp_path):
 
 
 def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
-    task = gridx.Task(id="t1", name="job.1", node="w1", state="failed", desired="shutdown")
+    task = gridx.Task(id="t1", name="job.1", node_id="n1", node="w1", state="failed", desired="shutdown")
     record = {"tasks": {"t1": {"state": "unreachable", "attempts": 1}}}
     assert gridx.uncollected(record, [task]) == [task]
     record["tasks"]["t1"]["attempts"] = gridx.RESULTS_ATTEMPTS
