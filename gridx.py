@@ -575,11 +575,37 @@ def engine_host():
 def engine_get(path, filters=None):
     """GET PATH of the Engine API (/services, /tasks, /nodes…) with these
     filters ({name: [values]}): the JSON it answers."""
+    import json
+
+    query = {"filters": json.dumps(filters, separators=(",", ":"))} if filters else None
+    body = engine().read(path, query)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise GridxError(f"Docker's API: GET {path} did not answer JSON") from None
+
+
+def engine():
+    """This process's EngineAPI, for where engine_host() says."""
     global ENGINE
     host = engine_host()
     if ENGINE is None or ENGINE.host != host:
         ENGINE = EngineAPI(host)
-    return ENGINE.get(path, filters)
+    return ENGINE
+
+
+def write_log_stream(data):
+    """Docker's multiplexed log stream (frames of an 8-byte header: the
+    stream, 0, 0, 0, the size) to stdout and stderr, as `docker service logs`
+    writes it; what has no header (a TTY's stream) to stdout."""
+    at = 0
+    while at + 8 <= len(data) and data[at] in (0, 1, 2) and data[at + 1:at + 4] == b"\0\0\0":
+        size = int.from_bytes(data[at + 4:at + 8], "big")
+        (sys.stderr if data[at] == 2 else sys.stdout).buffer.write(data[at + 8:at + 8 + size])
+        at += 8 + size
+    sys.stdout.buffer.write(data[at:])
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.flush()
 
 
 def engine_unix_socket(path):
@@ -659,30 +685,28 @@ class EngineAPI:
         self.process = self.said = None  # ssh and its stderr, for ssh://
         self.version = None
 
-    def get(self, path, filters=None):
+    def read(self, path, query=None):
+        """The body of GET PATH?QUERY at the negotiated version; an error
+        status raises, with what the engine said."""
         import json
+        import urllib.parse
 
         if self.version is None:
             self.version = self.negotiate()
         target = "/v%d.%d%s" % (self.version + (path,))
-        if filters:
-            import urllib.parse
-
-            target += "?filters=" + urllib.parse.quote(json.dumps(filters, separators=(",", ":")))
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
         status, _, body = self.request(target)
+        if status < 400:
+            return body
         try:
-            document = json.loads(body or b"null")
-        except ValueError:
-            document = None
-        if status >= 400:
-            said = (document or {}).get("message") if isinstance(document, dict) else None
-            said = said or body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-            if "not a swarm manager" in said:
-                raise not_a_swarm_manager()
-            raise EngineError(status, f"Docker's API: GET {path}: {said}")
-        if document is None:
-            raise GridxError(f"Docker's API: GET {path} did not answer JSON")
-        return document
+            said = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            said = None
+        said = said or body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+        if "not a swarm manager" in said:
+            raise not_a_swarm_manager()
+        raise EngineError(status, f"Docker's API: GET {path}: {said}")
 
     def negotiate(self):
         """The API version both speak: the engine's, at most ENGINE_API_NEWEST."""
@@ -3632,7 +3656,7 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     """
     sources = list(log_sources or [job_id])
     per_task = sources != [job_id]
-    logs = LogFollower(sources, log_args, hold=True)
+    logs = LogFollower(sources, log_args, hold=True, job_id=job_id)
     started = time.monotonic()
     progress = JobProgress(job_id, started)
     ran_again = RunAgainWait(job_id)
@@ -3735,17 +3759,19 @@ class LogFollower:
     (at most LOG_DRAIN_S) before ending them. A follower that has shown
     nothing by then may not have caught up yet with a job that ended at once
     (seen on a loaded machine: `logs -f` of a finished job printed nothing):
-    stop() then reads what there is, whole, with one plain `service logs`.
+    stop() then reads what there is, whole, with one request to the Engine
+    API per source (the job_id's service, else a task), not one more docker
+    process: a job that prints nothing always comes to this.
     """
 
-    def __init__(self, sources, log_args=(), hold=False):
+    def __init__(self, sources, log_args=(), hold=False, job_id=None):
         import threading
 
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
         self.last_output = time.monotonic()
         self.any_output = False
-        self.log_args = tuple(log_args)
+        self.log_args, self.job_id = tuple(log_args), job_id
         self.sources, self.processes, self.copiers = [], [], []
         self.add(sources, log_args)
 
@@ -3811,7 +3837,16 @@ class LogFollower:
         self.release()
         if not self.any_output:
             for source in self.sources:
-                run_streaming(logs_argv(source, self.log_args))
+                self.read_whole(source)
+
+    def read_whole(self, source):
+        query = {"stdout": "1", "stderr": "1"}
+        query.update(("tail", arg.partition("=")[2]) for arg in self.log_args if arg.startswith("--tail="))
+        what = "services" if source == self.job_id else "tasks"
+        try:
+            write_log_stream(engine().read(f"/{what}/{source}/logs", query))
+        except GridxError as error:
+            warn(error.message)
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class FakeEngine:
         self.version, self.fail = version, None
         self.chunked = False  # bodies in chunks, as Docker sends its bigger answers
         self.drop = 0  # this many of the next requests: the connection closes without an answer
+        self.logs = {}  # service name or task ID: [(stream, bytes)], what GET …/logs answers
         self.requests, self.connections = [], 0
         self.folder = tempfile.mkdtemp(prefix="gx-engine-")  # short: a socket path has 108 bytes at most
         self.path = os.path.join(self.folder, "docker.sock")
@@ -162,13 +163,15 @@ class FakeEngine:
             return 200, b"OK"
         if self.fail:
             return self.fail[0], {"message": self.fail[1]}
-        match = re.match(r"/v(\d+)\.(\d+)/(\w+)$", path)
+        match = re.match(r"/v(\d+)\.(\d+)/(\w+)(?:/([^/]+)/logs)?$", path)
         if not match:
             return 400, {"message": f"gridx asked for an unversioned path: {path}"}
         asked, what = (int(match.group(1)), int(match.group(2))), match.group(3)
         if asked > tuple(int(part) for part in self.version.split(".")):
             return 400, {"message": f"client version {asked} is too new. Maximum supported API version is "
                                     f"{self.version}"}
+        if match.group(4):
+            return self.answer_logs(what, match.group(4))
         if what == "services":
             return 200, [s for s in self.services if self.service_matches(s, filters)]
         if what == "tasks":
@@ -176,6 +179,13 @@ class FakeEngine:
         if what == "nodes":
             return 200, self.nodes
         return 404, {"message": f"page not found: {path}"}
+
+    def answer_logs(self, what, name):
+        known = [s["Spec"]["Name"] for s in self.services] if what == "services" else [t["ID"] for t in self.tasks]
+        if name not in known and name not in self.logs:
+            return 404, {"message": f"{what[:-1]} {name} not found"}
+        return 200, b"".join(bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+                             for stream, data in self.logs.get(name, []))
 
     def service_matches(self, service, filters):
         spec = service["Spec"]

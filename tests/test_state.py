@@ -122,6 +122,14 @@ def test_an_engine_error_says_what_docker_said(monkeypatch):
     assert error.value.code == 1 and "DeadlineExceeded" in error.value.message
 
 
+def test_a_log_stream_goes_to_stdout_and_stderr_as_docker_writes_it(capfdbinary):
+    frames = b"\x01\0\0\0\0\0\0\x03out\x02\0\0\0\0\0\0\x04err\n\x01\0\0\0\0\0\0\x02!\n"
+    gridx.write_log_stream(frames)
+    assert capfdbinary.readouterr() == (b"out!\n", b"err\n")
+    gridx.write_log_stream(b"a TTY's stream has no frames\n")
+    assert capfdbinary.readouterr() == (b"a TTY's stream has no frames\n", b"")
+
+
 # A stand-in for ssh: checks the argv the docker CLI would give it for
 # ssh://root@hub:2222, then carries stdin and stdout to FAKE_ENGINE's socket,
 # as `docker system dial-stdio` does; FAKE_SSH_FAIL: ssh's own failure.
