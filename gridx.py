@@ -3267,11 +3267,13 @@ def tasks_of(job_id, hostnames=None):
 
 def tasks_from_api(found, names, hostnames):
     """The API's tasks as Tasks (names: {service ID: job name}), sorted as
-    `docker service ps` sorts them: by slot, the newest first."""
+    `docker service ps` sorts them: by name in natural order (job.2 before
+    job.10; a task of slot 0 is named by its node ID), the newest first."""
     now = time.time()
     tasks = [Task.from_api(task, names[task.get("ServiceID")], hostnames, now) for task in found]
     tasks.sort(key=lambda t: t.created, reverse=True)
-    tasks.sort(key=lambda t: (t.service, t.slot == 0, t.slot, t.node_id))
+    tasks.sort(key=lambda t: (t.service, [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                                          for part in re.findall(r"[0-9]+|[^0-9]+", t.name)]))
     return tasks
 
 
