@@ -3235,8 +3235,9 @@ def list_tasks(services, nodes=None):
     identities: all_swarm_nodes()) are given.
 
     By the services' IDs, as `docker service ps` asks: Docker 20.10 keeps
-    the tasks of a deleted job (pending or ended) for good, and a filter on
-    the jobs' label would read them all, on every call, for ever.
+    the tasks of deleted jobs (on the lab, all 1285 of them 40 minutes after
+    the deletes; 28.5 removes them), and a filter on the jobs' label would
+    read them all on every call.
     """
     if not services:
         return []
