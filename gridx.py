@@ -524,14 +524,6 @@ def docker(*args):
     return ["docker", *args]
 
 
-def docker_json_lines(argv):
-    """Run a docker command printing one JSON document per line."""
-    import json
-
-    output = run(argv).stdout
-    return [json.loads(line) for line in output.splitlines() if line.strip()]
-
-
 # -- the Engine API -------------------------------------------------------------
 # What gridx reads of the swarm (jobs, their tasks, the nodes) comes from
 # Docker's Engine API in a fixed number of requests whatever the number of

@@ -266,6 +266,7 @@ def use_engine(monkeypatch, engine):
     """gridx reads this FakeEngine (started here) from now on."""
     if engine.server is None:
         engine.start()
+    monkeypatch.setattr(gridx, "DOCKER_HOST", None)  # --manager of an earlier test: not this engine
     monkeypatch.setenv("DOCKER_HOST", engine.host)
     monkeypatch.setattr(gridx, "ENGINE", None)
     return engine

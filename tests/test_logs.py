@@ -40,6 +40,8 @@ def fake_docker(tmp_path, nodes, tasks=TASKS, engine=None):
     (tmp_path / "docker").write_text(FAKE_DOCKER)
     (tmp_path / "docker").chmod(0o755)
     engine = engine or FakeEngine([SERVICE], tasks, nodes)
+    # what a follower that had not caught up reads whole (as the fake docker's task-up)
+    engine.logs["task-up"] = [(1, b"output of task-up\n")]
     engine.start()
     return engine, {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path), "DOCKER_HOST": engine.host}
 
