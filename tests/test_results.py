@@ -406,7 +406,7 @@ def test_an_output_that_is_one_file_comes_as_itself(tmp_path):
 
 
 def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
-    task = gridx.Task(id="t1", name="job.1", node="w1", state="failed", desired="shutdown")
+    task = gridx.Task(id="t1", name="job.1", node_id="n1", node="w1", state="failed", desired="shutdown")
     record = {"tasks": {"t1": {"state": "unreachable", "attempts": 1}}}
     assert gridx.uncollected(record, [task]) == [task]
     record["tasks"]["t1"]["attempts"] = gridx.RESULTS_ATTEMPTS
@@ -556,8 +556,8 @@ def test_the_hubs_unpacking_stops_at_the_file_limit(tmp_path):
 
 
 def task_row(task_id="t1", node="w1"):
-    return gridx.Task.from_docker({"ID": task_id, "Name": "j.1", "Node": node, "DesiredState": "Complete",
-                                   "CurrentState": "Complete 1 second ago", "Error": ""})
+    return gridx.Task(id=task_id, name="j.1", service="j", node_id="id-" + node, node=node, state="complete",
+                      since="1 second ago", desired="complete", container="c" + task_id)
 
 
 def test_a_silent_worker_is_given_up_on_at_the_deadline(tmp_path, monkeypatch):
@@ -588,10 +588,9 @@ def test_a_task_claimed_by_a_live_collector_is_not_copied_twice(monkeypatch):
 def test_a_full_hub_stops_collection_without_using_up_the_attempts(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path))
     monkeypatch.setattr(gridx, "hub_room", lambda floor: -1)
-    monkeypatch.setattr(gridx, "task_containers", lambda ids: {i: "c" + i for i in ids})
     service = {"ID": "s1", "Spec": {"Name": "j", "Labels": {gridx.LABEL_OUTPUT: "/work/out"}}}
     node = gridx.Node.__new__(gridx.Node)
-    node.hostname, node.address = "w1", "10.0.0.2"
+    node.id, node.hostname, node.address = "id-w1", "w1", "10.0.0.2"
     copied = gridx.copy_tasks(service, [task_row()], [node])
     collected, fresh = copied["t1"]
     assert collected["state"] == "hub-full" and "of its disk free" in collected["error"]
