@@ -4164,6 +4164,72 @@ def logs_argv(source, log_args=(), follow=False):
     return docker("service", "logs", "--raw", *(["--follow"] if follow else []), *log_args, "--", source)
 
 
+# The swarm's log broker sometimes loses a node that is up (moby#35011,
+# #37336, open since Docker 17.06; seen on 20.10 here after a worker was
+# killed and came back): `docker service logs` then fails with "incomplete
+# log stream … node ID is not available". Those nodes' tasks are read from
+# their containers on the workers, over the hub's SSH.
+BROKER_LOST = re.compile(r"node ([\w.-]+) is not available")
+
+
+def container_logs_argv(node, container, log_args=()):
+    """`docker logs` of a task's container on its worker, over the hub's SSH."""
+    import shlex
+
+    return ssh_argv(node.address, [shlex.join(["docker", "logs", *log_args, "--", container])])
+
+
+def logs_from_containers(job_id, node_ids, log_args=()):
+    """The logs of a job's tasks on these nodes (the broker lost them), each
+    from its container; one line for each that cannot be read. True when
+    every one was read."""
+    nodes = {node.id: node for node in all_swarm_nodes()}
+    tasks = [t for t in tasks_of(job_id, {i: n.hostname for i, n in nodes.items()}) if t.node_id in node_ids]
+    whole = True
+    for task in sorted(tasks, key=lambda t: (t.slot, t.created)):
+        node, why = nodes.get(task.node_id), None
+        if OWNER is not None or DOCKER_HOST or os.geteuid() != 0:
+            why = "only root on the hub reaches the workers: there, sudo gridx jobs logs " + job_id
+        elif node is None or node.state != "ready":
+            why = "its node is not up"
+        elif not node.hub_ssh:
+            why = f"{node.hostname} declined the hub's SSH"
+        elif not task.container:
+            continue  # never started: nothing to read
+        if why:
+            warn(f"the swarm cannot give the logs of {task.name} ({BROKER_FAILURE_HINT}): {why}")
+            whole = False
+            continue
+        whole = run_streaming(container_logs_argv(node, task.container, log_args)) == 0 and whole
+    return whole
+
+
+BROKER_FAILURE_HINT = "its log broker lost that node, moby#37336"
+
+
+def read_job_logs(job_id, source, log_args=()):
+    """`docker service logs` of a job (or a task): its output as it comes,
+    and, where the broker lost a node, that node's tasks from their
+    containers. The exit status: 0 when everything was read."""
+    import subprocess
+
+    process = start(logs_argv(source, log_args), stderr=subprocess.PIPE)
+    try:
+        said = process.stderr.read().decode("utf-8", "replace")
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    lost = set(BROKER_LOST.findall(said))
+    for line in said.splitlines():
+        if not (lost and "incomplete log stream" in line):
+            print(line, file=sys.stderr)
+    if code and lost:
+        return 0 if logs_from_containers(job_id, lost, log_args) else 1
+    return code
+
+
 class LogFollower:
     """`docker service logs --follow` of a job (or of some of its tasks),
     copied to stdout as it comes.
@@ -4188,6 +4254,7 @@ class LogFollower:
         self.any_output = False
         self.log_args, self.job_id = tuple(log_args), job_id
         self.sources, self.processes, self.copiers = [], [], []
+        self.broken = set()  # node IDs the swarm's log broker lost (see BROKER_LOST)
         self.add(sources, log_args)
 
     def add(self, sources, log_args=()):
@@ -4196,11 +4263,26 @@ class LogFollower:
 
         for source in sources:
             self.sources.append(source)
-            process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE)
-            copier = threading.Thread(target=self._copy, args=(process,), daemon=True)
-            copier.start()
+            process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+            for target in (self._copy, self._errors):
+                copier = threading.Thread(target=target, args=(process,), daemon=True)
+                copier.start()
+                self.copiers.append(copier)
             self.processes.append(process)
-            self.copiers.append(copier)
+
+    def _errors(self, process):
+        """Docker's own stderr, passed on; the nodes its log broker lost, kept
+        (stop() reads them from their containers)."""
+        for raw in iter(process.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            lost = BROKER_LOST.findall(line)
+            if lost and "incomplete log stream" in line:
+                with self.lock:
+                    self.broken.update(lost)
+                continue
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
     def _copy(self, process):
         while True:
@@ -4250,7 +4332,9 @@ class LogFollower:
         for copier in self.copiers:
             copier.join(timeout=1)
         self.release()
-        if not self.any_output:
+        if self.broken and self.job_id:
+            logs_from_containers(self.job_id, self.broken, self.log_args)
+        elif not self.any_output:
             for source in self.sources:
                 self.read_whole(source)
 
@@ -7131,7 +7215,7 @@ def cmd_jobs_logs(args):
         finally:
             for follower in followers:
                 follower.terminate()
-    codes = [run_streaming(logs_argv(source, tail)) for source in sources]
+    codes = [read_job_logs(job_id, source, tail) for source in sources]
     return max(codes or [0])
 
 

@@ -173,3 +173,67 @@ esac
     # read whole through the Engine API, its streams apart, as the docker CLI writes them
     assert result.stdout == "the job's output\nmore output\n" and result.stderr == "and its errors\n"
     assert "/services/job-1/logs" in engine.paths()
+
+
+# -- the swarm's log broker loses a node that is up (issue 20) -------------------------------
+# Docker prints this when its manager's log broker lost a node's log
+# publisher (moby#35011, #37336); the node stays Ready.
+BROKER_LOST = ("error from daemon in stream: Error grabbing logs: rpc error: code = Unknown desc = warning: "
+               "incomplete log stream. some logs could not be retrieved for the following reasons: "
+               "node node-lost is not available")
+
+BROKEN_DOCKER = """#!/bin/sh
+printf '%s\\n' "$*" >> "$FAKE/calls"
+case "$1 $2" in
+  "service logs") echo "output of task-up"; echo "$BROKER_LOST" >&2; exit 1 ;;
+esac
+"""
+
+# the hub's SSH to a worker: `docker logs` of the task's container there
+FAKE_SSH = """#!/bin/sh
+printf '%s\\n' "$*" >> "$FAKE/ssh.calls"
+echo "output of task-lost, from its container"
+"""
+
+
+def broken_broker(tmp_path, hub_ssh=True):
+    for name, text in (("docker", BROKEN_DOCKER), ("ssh", FAKE_SSH)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    nodes = [UP, api_node("node-lost", "worker2", address="10.0.0.3", hub_ssh=hub_ssh)]
+    tasks = [api_task("task-up", "s1", "node-up", slot=1, exit_code=0, ago_s=2),
+             api_task("task-lost", "s1", "node-lost", slot=2, exit_code=0, container="c-lost", ago_s=1)]
+    engine = FakeEngine([SERVICE], tasks, nodes).start()
+    return {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path), "DOCKER_HOST": engine.host,
+            "BROKER_LOST": BROKER_LOST, "GRIDX_CONFIG_DIR": str(tmp_path / "cfg")}
+
+
+def test_a_node_the_broker_lost_is_read_from_its_container(tmp_path):
+    """What the broker gives, then the lost node's task from its container
+    over the hub's SSH; exit 0, and no broker error on the terminal."""
+    assert os.geteuid() == 0  # the hub's SSH is root's
+    env = broken_broker(tmp_path)
+    result = gridx("jobs", "logs", "job-1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "output of task-up\noutput of task-lost, from its container\n"
+    assert "incomplete log stream" not in result.stderr
+    ssh = (tmp_path / "ssh.calls").read_text()
+    assert "root@10.0.0.3 docker logs -- c-lost" in ssh
+
+
+def test_follow_reads_the_lost_node_from_its_container_at_the_jobs_end(tmp_path):
+    env = broken_broker(tmp_path)
+    result = gridx("jobs", "logs", "-f", "job-1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "output of task-up\noutput of task-lost, from its container\n"
+    assert "incomplete log stream" not in result.stderr
+
+
+def test_a_lost_node_that_declined_the_hubs_ssh_is_said_in_one_line(tmp_path):
+    env = broken_broker(tmp_path, hub_ssh=False)
+    result = gridx("jobs", "logs", "job-1", env=env)
+    assert result.returncode == 1
+    assert result.stdout == "output of task-up\n"
+    said = [line for line in result.stderr.splitlines() if "task-lost" in line or "job-1.2" in line]
+    assert len(said) == 1 and "worker2 declined the hub's SSH" in said[0], result.stderr
+    assert not (tmp_path / "ssh.calls").exists()
