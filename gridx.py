@@ -4352,13 +4352,12 @@ class LogFollower:
 # Work folders and results
 # ---------------------------------------------------------------------------
 # `--workdir DIR`: the folder's files (less what its .gridxignore, else its
-# .dockerignore, leaves out) become one layer on the job's image. gridx
-# streams them, with a Dockerfile of its own (FROM the image, COPY to /work:
-# nothing of the user's runs at build time), as the build context of the
-# hub's Docker: here on the hub, through docker's own SSH with --manager
-# root@HUB, or through gridx serve for a user. The hub's Docker builds and
-# pushes it to the hub's registry (see Registry); the worker pulls it over
-# the VPN. `--output PATH`: when a task ends, complete or failed, the hub
+# .dockerignore, leaves out) become one layer on the job's image, made by the
+# hub's Docker without a build (a container of the image, never started,
+# the folder copied in, committed): here on the hub, through docker's own
+# SSH with --manager root@HUB, or through gridx serve for a user. It is
+# pushed through the registry's writer under a tag no one can guess, and the
+# job runs it by digest from the read-only side (see Registry). `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
 # the hub's SSH, see SSH) into RESULTS/ID/ (RESULTS/ID/N/ when
 # there are several replicas), so results outlive the worker; `jobs
