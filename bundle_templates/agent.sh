@@ -97,7 +97,7 @@ either only within the hours you give.
     --preempt-time T     paused this long, jobs are stopped to run elsewhere (10m)
     --grace T            SIGTERM to SIGKILL when stopped (60s)
     --cpu-busy PERCENT   your programs' CPU use that counts as you, in % of
-                         one core, held 1 s (default 50)
+                         one core, held 1 s (default 25)
     --input-devices auto|PATH,PATH  input devices to watch (auto: keyboards,
                          mice, touchpads, joysticks)
     T is seconds, or with s, m or h (90, 5m, 1h).
@@ -194,7 +194,8 @@ declare -A READERS=()
 watch_inputs() {
 	local dev
 	local -A want=()
-	input_paths
+	WATCH=()
+	((WATCH_OWNER == 0)) || input_paths
 	for dev in "${WATCH[@]}"; do
 		want[$dev]=1
 		if [[ -v READERS[$dev] ]] && kill -0 "${READERS[$dev]}" 2>/dev/null; then continue; fi
@@ -325,7 +326,7 @@ cgroup_of() {
 cgroup_cpu_ns() {
 	local key value
 	if [[ -f $1/cpuacct.usage ]]; then
-		read -r REPLY <"$1/cpuacct.usage" 2>/dev/null && [[ $REPLY =~ ^[0-9]+$ ]]
+		read -r REPLY 2>/dev/null <"$1/cpuacct.usage" && [[ $REPLY =~ ^[0-9]+$ ]]
 		return
 	fi
 	[[ -f $1/cpu.stat ]] || return 1
@@ -334,7 +335,7 @@ cgroup_cpu_ns() {
 			REPLY=$((value * 1000))
 			return 0
 		fi
-	done <"$1/cpu.stat" 2>/dev/null
+	done 2>/dev/null <"$1/cpu.stat"
 	return 1
 }
 
@@ -343,7 +344,7 @@ cgroup_cpu_ns() {
 cgroup_mem_bytes() {
 	local f
 	for f in "$1/memory.usage_in_bytes" "$1/memory.current"; do
-		if [[ -f $f ]] && read -r REPLY <"$f" 2>/dev/null && [[ $REPLY =~ ^[0-9]+$ ]]; then return 0; fi
+		if [[ -f $f ]] && read -r REPLY 2>/dev/null <"$f" && [[ $REPLY =~ ^[0-9]+$ ]]; then return 0; fi
 	done
 	REPLY=0
 	return 1
@@ -387,16 +388,31 @@ outside_pct() {
 	((REPLY >= 0)) || REPLY=0
 }
 
+# self_cpu_ns STAT -> REPLY: CPU time of a process and of its children that
+# ended, in ns, from /proc/PID/stat (utime, stime, cutime, cstime: fields 14
+# to 17, counted after the name, which may hold spaces).
+self_cpu_ns() {
+	local -a f
+	# shellcheck disable=SC2206 # numbers and a state letter: split on purpose
+	f=(${1##*) })
+	[[ ${f[11]:-}${f[12]:-}${f[13]:-}${f[14]:-} =~ ^[0-9]+$ ]] || return 1
+	REPLY=$(((f[11] + f[12] + f[13] + f[14]) * (1000000000 / CLK_TCK)))
+}
+
 # One sample: busy when the owner's programs used CPU_BUSY_PCT of a core or
-# more, for CPU_BUSY_SAMPLES samples in a row. A sample across a change of
-# Grid-X's containers (one started, one ended) is skipped: a container's use
-# before it was seen would count as the owner's.
-CPU_PREV_TOTAL=0 CPU_PREV_CS=0 CPU_BUSY_RUN=0 CPU_OUTSIDE_PCT=0
+# more in every sample for CPU_BUSY_MS (CPU_BUSY_FROM: since when). Not the owner's: Grid-X's
+# containers, and the agent itself with the docker commands it ran. A
+# sample across a change of Grid-X's containers (one started, one ended) is
+# skipped: a container's use before it was seen would count as the owner's.
+CPU_PREV_TOTAL=0 CPU_PREV_CS=0 CPU_BUSY_FROM=0 CPU_OUTSIDE_PCT=0 CPU_PREV_SELF=0
 declare -A C_CPU=()
 cpu_sample() {
-	local total id sum=0 skip=$CONTAINERS_CHANGED
+	local total id sum=0 skip=$CONTAINERS_CHANGED stat self=0
 	cpu_total_ns || return 0
 	total=$REPLY
+	if { read -r stat </proc/$$/stat; } 2>/dev/null && self_cpu_ns "$stat"; then self=$REPLY; fi
+	((CPU_PREV_CS == 0)) || sum=$((self - CPU_PREV_SELF))
+	CPU_PREV_SELF=$self
 	for id in "${!C_TASK[@]}"; do
 		if ! cgroup_cpu_ns "${C_CPUDIR[$id]:-/nonexistent}"; then
 			skip=1
@@ -407,8 +423,12 @@ cpu_sample() {
 	done
 	if ((CPU_PREV_CS > 0 && !skip)) && outside_pct $((total - CPU_PREV_TOTAL)) "$sum" $((NOW_CS - CPU_PREV_CS)); then
 		CPU_OUTSIDE_PCT=$REPLY
-		if ((REPLY >= AG[CPU_BUSY_PCT])); then CPU_BUSY_RUN=$((CPU_BUSY_RUN + 1)); else CPU_BUSY_RUN=0; fi
-		((CPU_BUSY_RUN >= CPU_BUSY_SAMPLES)) && note_activity cpu
+		if ((REPLY >= AG[CPU_BUSY_PCT])); then
+			((CPU_BUSY_FROM > 0)) || CPU_BUSY_FROM=$CPU_PREV_CS
+			((NOW_CS - CPU_BUSY_FROM < AG[CPU_BUSY_MS] / 10)) || note_activity cpu
+		else
+			CPU_BUSY_FROM=0
+		fi
 	fi
 	CPU_PREV_TOTAL=$total CPU_PREV_CS=$NOW_CS CONTAINERS_CHANGED=0
 	return 0
@@ -510,10 +530,14 @@ container_cgroups() {
 	done <<<"$out"
 }
 
-ids_in_state() { # STATE -> IDS
+# ids_in_state STATE -> IDS: Grid-X's containers in STATE, less those being
+# preempted (a frozen process cannot take its SIGTERM).
+ids_in_state() {
 	local id
 	IDS=()
-	for id in "${!C_TASK[@]}"; do [[ ${C_STATE[$id]} == "$1" ]] && IDS+=("$id"); done
+	for id in "${!C_TASK[@]}"; do
+		[[ ${C_STATE[$id]} == "$1" && ! -v PREEMPTING[$id] ]] && IDS+=("$id")
+	done
 	return 0
 }
 
@@ -567,6 +591,7 @@ watch_docker() {
 
 STATE=starting SINCE=0 REASON=- SPELL_SINCE=0 LAST_ACTIVE=0 LAST_REASON=- NOW=0 NOW_CS=0
 STOPPER_PID='' PREEMPT_IDS=() MEM_MIB=0 HUB_OK_AT=0 SENT_KEY=''
+declare -A PREEMPTING=()
 
 # note_activity SOURCE [EPOCH]: the owner did something at EPOCH (now).
 note_activity() {
@@ -604,7 +629,7 @@ act() {
 			return 0
 		fi
 		wait "$STOPPER_PID" 2>/dev/null || true
-		STOPPER_PID='' PREEMPT_IDS=()
+		STOPPER_PID='' PREEMPT_IDS=() PREEMPTING=()
 		log "preemption done"
 		refresh_containers || true
 	fi
@@ -644,7 +669,10 @@ preempt() {
 	local reason=$1 paused=() id
 	shift
 	PREEMPT_IDS=("$@")
-	for id in "$@"; do [[ ${C_STATE[$id]} == paused ]] && paused+=("$id"); done
+	for id in "$@"; do
+		PREEMPTING[$id]=1
+		[[ ${C_STATE[$id]} == paused ]] && paused+=("$id")
+	done
 	STATE=preempting REASON=$reason SINCE=$NOW
 	log "preempting ($reason): $(container_names "$@"): SIGTERM now, SIGKILL after ${AG[GRACE_S]} s"
 	publish wait
@@ -654,7 +682,6 @@ preempt() {
 	) &
 	last_job
 	STOPPER_PID=$REPLY
-	for id in "$@"; do C_STATE[$id]=stopping; done
 }
 
 # ------------------------------------------------------------------ reports ----
@@ -669,12 +696,8 @@ shown_tasks() {
 	preempting) SHOWN_IDS=("${PREEMPT_IDS[@]}") ;;
 	*) for id in "${!C_TASK[@]}"; do SHOWN_IDS+=("$id"); done ;;
 	esac
-	TASKS='' JOBS='' MEM_MIB=0 PREEMPT_AT=0
-	for id in "${SHOWN_IDS[@]}"; do
-		TASKS+=${TASKS:+,}${C_TASK[$id]:-?} JOBS+=${JOBS:+,}${C_JOB[$id]:-?}
-		cgroup_mem_bytes "${C_MEMDIR[$id]:-/nonexistent}" || true
-		MEM_MIB=$((MEM_MIB + REPLY / 1048576))
-	done
+	TASKS='' JOBS='' PREEMPT_AT=0
+	for id in "${SHOWN_IDS[@]}"; do TASKS+=${TASKS:+,}${C_TASK[$id]:-?} JOBS+=${JOBS:+,}${C_JOB[$id]:-?}; done
 	case $STATE in
 	preempting) PREEMPT_AT=$SINCE ;;
 	paused | outside-hours) ((${#SHOWN_IDS[@]} == 0)) || PREEMPT_AT=$((SPELL_SINCE + AG[PREEMPT_S])) ;;
@@ -726,8 +749,13 @@ reap_sender() { # [force]: a sender still running is killed
 # publish [wait]: status.env for status.sh, and the line for the hub; with
 # wait, up to REPORT_TIMEOUT_S for the hub's answer (before a preemption).
 publish() {
-	local tries=0
+	local tries=0 id
 	shown_tasks
+	MEM_MIB=0
+	for id in "${SHOWN_IDS[@]}"; do
+		cgroup_mem_bytes "${C_MEMDIR[$id]:-/nonexistent}" || true
+		MEM_MIB=$((MEM_MIB + REPLY / 1048576))
+	done
 	report_line
 	SENT_KEY="$STATE $REASON $TASKS $PREEMPT_AT ${AG[SHARE]} ${AG[HOURS]}"
 	send_report "$REPLY"
@@ -780,11 +808,13 @@ restore_status() {
 
 STOPPING=0 RELOAD=0 EVENTS_PID=''
 
-# Settings into numbers the loop uses.
+# Settings into numbers the loop uses. WATCH_OWNER: 0 when the policy
+# never pauses for the owner (always, at any hour): nothing is measured then
+# (outside the hours, the clock alone pauses).
 apply_settings() {
-	CPU_PERIOD_CS=$((AG[CPU_PERIOD_MS] / 10))
-	CPU_BUSY_SAMPLES=$(((AG[CPU_BUSY_S] * 1000 + AG[CPU_PERIOD_MS] - 1) / AG[CPU_PERIOD_MS]))
-	((CPU_BUSY_SAMPLES >= 1)) || CPU_BUSY_SAMPLES=1
+	WATCH_OWNER=1
+	[[ ${AG[SHARE]} == idle ]] || WATCH_OWNER=0
+	FAST_CS=$((AG[CPU_PERIOD_MS] / 10))
 }
 
 reload() {
@@ -806,13 +836,20 @@ every() {
 	NEXT[$1]=$((NOW_CS + $2))
 }
 
+# The CPU sample period: CPU_PERIOD_MS while Grid-X's containers run here
+# (2 s to pause them); once a second otherwise (nothing to pause, or all
+# paused already: the owner's CPU keeps them so, or goes; the hub hears of
+# an owner within about a second all the same).
+SLOW_CS=100
 loop() {
-	local line wait_cs wait_s
+	local line wait_cs wait_s period
 	while ((!STOPPING)); do
+		period=$SLOW_CS
+		[[ $STATE != sharing || ${#C_TASK[@]} == 0 ]] || period=$FAST_CS
 		now_cs
 		wait_cs=$((${NEXT[cpu]:-0} - REPLY))
 		((wait_cs > 0)) || wait_cs=1
-		((wait_cs <= CPU_PERIOD_CS)) || wait_cs=$CPU_PERIOD_CS
+		((wait_cs <= period)) || wait_cs=$period
 		printf -v wait_s '%d.%02d' $((wait_cs / 100)) $((wait_cs % 100))
 		if read -r -t "$wait_s" -u "$EV_FD" line; then
 			case $line in
@@ -825,21 +862,25 @@ loop() {
 		NOW_CS=$REPLY
 		epoch
 		NOW=$REPLY
-		if every cpu "$CPU_PERIOD_CS"; then
+		if every cpu "$period"; then
 			((CONTAINERS_DIRTY == 0)) || refresh_containers || true
-			cpu_sample
+			((WATCH_OWNER == 0)) || cpu_sample
 		fi
-		if every tty $((AG[TTY_POLL_S] * 100)); then tty_poll; fi
-		if ((HAVE_LOGINCTL)) && every logind $((AG[LOGIND_POLL_S] * 100)); then logind_poll; fi
-		if ((HAVE_NVIDIA_SMI)) && every gpu $((AG[GPU_POLL_S] * 100)); then gpu_poll; fi
+		if ((WATCH_OWNER)); then
+			if every tty $((AG[TTY_POLL_S] * 100)); then tty_poll; fi
+			if ((HAVE_LOGINCTL)) && every logind $((AG[LOGIND_POLL_S] * 100)); then logind_poll; fi
+			if ((HAVE_NVIDIA_SMI)) && every gpu $((AG[GPU_POLL_S] * 100)); then gpu_poll; fi
+		fi
 		if every inputs 1000; then
 			watch_inputs
 			watch_docker
 		fi
 		act
 		reap_sender
+		# docker events says what changes; docker ps once in 5 min in case it
+		# missed something (it costs more than the rest of a minute's work).
+		if every reconcile 30000; then refresh_containers || true; fi
 		if every heartbeat $((AG[HEARTBEAT_S] * 100)); then
-			refresh_containers || true
 			publish
 		else
 			publish_if_changed
@@ -905,7 +946,9 @@ cmd_run() {
 	if have_cmd nvidia-smi; then HAVE_NVIDIA_SMI=1; fi
 	restore_status
 	trap 'STOPPING=1' TERM INT
-	trap 'RELOAD=1' HUP
+	# SIGUSR1, not SIGHUP: the supervisor ignores SIGHUP (a closing terminal's),
+	# and a signal ignored when a shell starts cannot be trapped in it.
+	trap 'RELOAD=1' USR1
 	now_cs
 	NOW_CS=$REPLY
 	epoch
@@ -1050,7 +1093,7 @@ cmd_policy() {
 		read_agent_status
 		pid=${ASTAT[PID]:-}
 		if agent_pid_is "$pid" run; then
-			kill -HUP "$pid"
+			kill -USR1 "$pid"
 			ok "the agent follows the new policy now"
 		else
 			warn "the agent is not running: the policy holds once it starts (sudo $AGENT_DIR/agent.sh start)"
