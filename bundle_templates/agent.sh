@@ -757,7 +757,7 @@ publish() {
 		MEM_MIB=$((MEM_MIB + REPLY / 1048576))
 	done
 	report_line
-	SENT_KEY="$STATE $REASON $TASKS $PREEMPT_AT ${AG[SHARE]} ${AG[HOURS]}"
+	SENT_KEY="$STATE $REASON $TASKS $PREEMPT_AT ${AG[SHARE]} ${AG[HOURS]} ${!READERS[*]}"
 	send_report "$REPLY"
 	write_status
 	if [[ ${1:-} == wait ]]; then
@@ -766,10 +766,11 @@ publish() {
 	fi
 }
 
-# A change worth telling at once: state, reason, tasks, preemption time, policy.
+# A change worth telling at once: state, reason, tasks, preemption time,
+# policy (and, for status.sh, the input devices watched).
 publish_if_changed() {
 	shown_tasks
-	[[ "$STATE $REASON $TASKS $PREEMPT_AT ${AG[SHARE]} ${AG[HOURS]}" == "$SENT_KEY" ]] || publish
+	[[ "$STATE $REASON $TASKS $PREEMPT_AT ${AG[SHARE]} ${AG[HOURS]} ${!READERS[*]}" == "$SENT_KEY" ]] || publish
 }
 
 write_status() {
@@ -824,6 +825,7 @@ reload() {
 		apply_settings
 		log "settings read again: share ${AG[SHARE]}${AG[HOURS]:+, hours ${AG[HOURS]}}, idle ${AG[IDLE_S]} s, preempt ${AG[PREEMPT_S]} s"
 		watch_inputs
+		SENT_KEY='' # the hub and status.sh hear of it at once
 	else
 		log "agent.env is not valid: the settings stay as they were"
 	fi
