@@ -838,16 +838,21 @@ every() {
 	NEXT[$1]=$((NOW_CS + $2))
 }
 
-# The CPU sample period: CPU_PERIOD_MS while Grid-X's containers run here
-# (2 s to pause them); once a second otherwise (nothing to pause, or all
-# paused already: the owner's CPU keeps them so, or goes; the hub hears of
-# an owner within about a second all the same).
-SLOW_CS=100
+# How often the loop looks: CPU_PERIOD_MS while Grid-X's containers run
+# here and the owner is watched (2 s to pause them); once a second otherwise
+# (nothing to pause, or all paused already: the owner's CPU keeps them so,
+# or goes; the hub hears of an owner within about a second all the same);
+# every 5 s when nothing is measured (share always: only the hours, docker
+# events and the heartbeat matter, and docker events wake it at once).
+SLOW_CS=100 IDLE_CS=500
 loop() {
 	local line wait_cs wait_s period
 	while ((!STOPPING)); do
-		period=$SLOW_CS
-		[[ $STATE != sharing || ${#C_TASK[@]} == 0 ]] || period=$FAST_CS
+		period=$IDLE_CS
+		if ((WATCH_OWNER)); then
+			period=$SLOW_CS
+			[[ $STATE != sharing || ${#C_TASK[@]} == 0 ]] || period=$FAST_CS
+		fi
 		now_cs
 		wait_cs=$((${NEXT[cpu]:-0} - REPLY))
 		((wait_cs > 0)) || wait_cs=1
@@ -856,6 +861,7 @@ loop() {
 		if read -r -t "$wait_s" -u "$EV_FD" line; then
 			case $line in
 			input\ *) note_activity input ;;
+			wake) ;; # a signal to take now (agent_wake)
 			*) CONTAINERS_DIRTY=1 ;;
 			esac
 		fi
@@ -864,8 +870,10 @@ loop() {
 		NOW_CS=$REPLY
 		epoch
 		NOW=$REPLY
+		# docker events said something changed: a new task is paused at once
+		# when the owner is here
+		((CONTAINERS_DIRTY == 0)) || refresh_containers || true
 		if every cpu "$period"; then
-			((CONTAINERS_DIRTY == 0)) || refresh_containers || true
 			((WATCH_OWNER == 0)) || cpu_sample
 		fi
 		if ((WATCH_OWNER)); then
@@ -1096,6 +1104,7 @@ cmd_policy() {
 		pid=${ASTAT[PID]:-}
 		if agent_pid_is "$pid" run; then
 			kill -USR1 "$pid"
+			agent_wake
 			ok "the agent follows the new policy now"
 		else
 			warn "the agent is not running: the policy holds once it starts (sudo $AGENT_DIR/agent.sh start)"

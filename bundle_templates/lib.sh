@@ -944,6 +944,17 @@ agent_launch() {
 	done
 }
 
+# agent_wake: a line into the agent's FIFO, so that a signal just sent is
+# taken now (bash runs a trap once its read's timeout ends, up to 5 s). Open
+# read-write: never blocks, whether the agent reads it or not.
+agent_wake() {
+	local fd
+	[[ -p $AGENT_FIFO ]] || return 0
+	exec {fd}<>"$AGENT_FIFO"
+	printf 'wake\n' >&"$fd"
+	exec {fd}>&-
+}
+
 # Stop the agent; it unpauses what it paused as it ends.
 agent_stop() {
 	local tries=0 pid
@@ -955,7 +966,10 @@ agent_stop() {
 	pid=$REPLY
 	cmd kill -TERM "$pid" || return 1
 	# The agent has GRACE-free work to do (docker unpause): 20 s is plenty.
-	while kill -0 "$pid" 2>/dev/null && ((tries++ < 200)); do sleep 0.1; done
+	while kill -0 "$pid" 2>/dev/null && ((tries++ < 200)); do
+		agent_wake
+		sleep 0.1
+	done
 	if kill -0 "$pid" 2>/dev/null; then
 		warn "the agent's supervisor ($pid) did not stop within 20 s: killing it"
 		kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true

@@ -744,9 +744,15 @@ class AgentLab(tbs.Lab):
             sids.add(int((self.fake / "agent_unit.pid").read_text()))
         if self.state.exists():
             self.run("leave.sh")
+        mark = ("FAKE=%s" % self.fake).encode()
         for sid in sids - {0}:
             for pid in session_pids(sid):
-                os.kill(pid, signal.SIGKILL)
+                try:  # this lab's processes only (a pid may have been taken again)
+                    with open("/proc/%d/environ" % pid, "rb") as f:
+                        if mark in f.read().split(b"\0"):
+                            os.kill(pid, signal.SIGKILL)
+                except (OSError, ProcessLookupError):
+                    pass
 
 
 @pytest.fixture
@@ -911,7 +917,8 @@ def test_outside_the_hours_jobs_pause(alab, hub):
     alab.add_container()
     alab.policy("--hours", window_without_now())
     st = alab.wait_state("outside-hours")
-    assert st["REASON"] == "hours" and alab.container_state() == "paused"
+    assert st["REASON"] == "hours"
+    wait_for(lambda: alab.container_state() == "paused", 5, "the job paused")
     wait_for(lambda: "outside-hours" in hub.states(), 5, "the report")
     alab.policy("--hours", "any")
     alab.wait_state("sharing")
@@ -960,7 +967,7 @@ def test_leave_unpauses_then_removes_the_agent(alab):
     alab.policy("--idle-time", "600")
     alab.press_key()
     alab.wait_state("paused")
-    assert alab.container_state() == "paused"
+    wait_for(lambda: alab.container_state() == "paused", 5, "the job paused")
     supervisor = int((alab.agent_dir / "supervisor.pid").read_text())
     agent = alab.agent_pid()
     r = alab.run("leave.sh")
@@ -993,14 +1000,18 @@ def test_the_supervisor_restarts_a_killed_agent_which_keeps_the_pause(alab, hub)
     alab.policy("--idle-time", "600")
     alab.press_key()
     alab.wait_state("paused")
+    wait_for(lambda: alab.container_state() == "paused", 5, "the job paused")
     old = alab.agent_pid()
     left = session_pids(old)
     assert len(left) > 1  # its readers and docker events
+    killed = time.time()
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: alab.agent_pid() not in (0, old), 15, "a new agent")
     st = alab.wait_state("paused")
     assert st["REASON"] == "input"
-    assert alab.container_state() == "paused"  # the owner is still there: not unpaused
+    # the owner is still there: never unpaused meanwhile
+    assert alab.container_state() == "paused"
+    assert not [c for t, c in alab.timeline() if t > killed and c.startswith("docker unpause")]
     assert [p for p in left if alive(p)] == []  # what the killed one left is gone
     assert "supervisor: the agent ended" in (alab.agent_dir / "agent.log").read_text()
 
