@@ -492,17 +492,21 @@ gpu_poll() {
 # says something changed (docker events) and at every heartbeat.
 
 declare -A C_TASK=() C_JOB=() C_STATE=() C_CPUDIR=() C_MEMDIR=() C_CGPATH=()
-CONTAINERS_CHANGED=0 CONTAINERS_DIRTY=1
+CONTAINERS_CHANGED=0 CONTAINERS_DIRTY=1 DOCKER_FAILED=0
 
 refresh_containers() {
 	local out id state task job new=()
 	local -A seen=()
+	# Asked again when docker events (started again every 10 s while Docker
+	# is away) says so, or at the next reconcile: not at every sample.
+	CONTAINERS_DIRTY=0
 	out=$(docker ps --no-trunc --filter "label=$TASK_LABEL" \
 		--format '{{.ID}} {{.State}} {{.Label "com.docker.swarm.task.id"}} {{.Label "com.docker.swarm.service.name"}}' 2>/dev/null) || {
-		log "docker ps failed: Grid-X's containers unknown until Docker answers"
+		((DOCKER_FAILED++)) || log "docker ps failed: Grid-X's containers unknown until Docker answers"
 		return 1
 	}
-	CONTAINERS_DIRTY=0
+	((DOCKER_FAILED == 0)) || log "Docker answers again"
+	DOCKER_FAILED=0
 	while read -r id state task job; do
 		[[ $id =~ ^[0-9a-f]{12,64}$ && $task =~ ^[0-9a-z]+$ ]] || continue
 		seen[$id]=1

@@ -438,6 +438,7 @@ DOCKER_CONTAINERS = r"""
 printf '%s docker %s\n' "$EPOCHREALTIME" "$*" >>"$FAKE/timeline"
 case $1 in
 ps)
+    [[ -f $FAKE/fail/docker-ps ]] && { echo "Cannot connect to the Docker daemon" >&2; exit 1; }
     quiet=0 status=''
     for a in "$@"; do case $a in -q) quiet=1 ;; status=*) status=${a#status=} ;; esac; done
     for f in "$FAKE"/containers/*; do
@@ -955,6 +956,25 @@ def test_a_hub_that_does_not_answer_never_holds_the_agent_up(alab, hub_kind):
     if hub_kind == "silent":
         wait_for(lambda: other.lines or other.held, 5, "the silent hub reached")
         other.close()
+
+
+def test_docker_away_is_said_once_and_not_asked_at_every_sample(alab):
+    joined(alab, "--share", "idle")
+    alab.add_container()
+    wait_for(lambda: alab.first("docker inspect"), 10, "the container seen")
+    alab.fail("docker-ps")
+    with open(alab.fake / "events", "a") as f:
+        f.write("start\n")
+    time.sleep(3)
+    t = time.time() - 2.5
+    assert len([c for at, c in alab.timeline() if at > t and c.startswith("docker ps")]) <= 1
+    log = (alab.agent_dir / "agent.log").read_text()
+    assert log.count("docker ps failed") == 1
+    alab.unfail("docker-ps")
+    with open(alab.fake / "events", "a") as f:
+        f.write("start\n")
+    wait_for(lambda: "Docker answers again" in (alab.agent_dir / "agent.log").read_text(), 5, "Docker back")
+    assert alab.agent_pid() and alive(alab.agent_pid())
 
 
 # --------------------------------------------------------------- leaving ----
