@@ -746,6 +746,9 @@ choose_policy() {
 		return 0
 	fi
 	AGENT_BUNDLED=1
+	# what the agent runs with (coreutils, util-linux; libc's getconf)
+	need_cmd dd od stat tr mkfifo getconf
+	systemd_runs || need_cmd setsid
 	default_share
 	SHARE=${OPT_SHARE:-$REPLY}
 	HOURS=${OPT_HOURS#any}

@@ -26,6 +26,8 @@
 #   GRIDX_MEMINFO             /proc/meminfo
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
 #   GRIDX_SYSTEMD_UNIT_DIR    /etc/systemd/system (the agent's unit goes there)
+#   GRIDX_PROC_DIR            /proc (input devices and CPU flags for join's
+#                             default policy; agent.sh reads its sources there)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
 #   NO_COLOR                  set: no colour even on a terminal
 #

@@ -12,6 +12,7 @@ import tarfile
 import pytest
 from conftest import LAB_NET, NETWORK, ROOT, TEST_SH, WORKERS, container, node_exec, test_sh
 from e2e_helpers import (
+    answer_policy_then_continue,
     machine_state,
     ok,
     peer_row,
@@ -89,7 +90,7 @@ def test_add_external_bundle_joins_through_a_terminal_and_leaves(lab, fresh_node
             term.type("1")
             term.expect(r"How much memory to share .*\]: ")
             term.type("512M")
-            term.expect(r"Continue\? \[Y/n\]: ")
+            answer_policy_then_continue(term)
             term.type("y")
             rc = term.wait(timeout=300)
         finally:

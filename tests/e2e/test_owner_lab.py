@@ -217,6 +217,10 @@ def owner(lab):
     installed = w2("sha256sum < %s/agent.sh 2>/dev/null || true" % AGENT_DIR).split()
     if "AGENT_DIR" not in joined or installed[:1] != [hashlib.sha256(open(AGENT, "rb").read()).hexdigest()]:
         join_worker2(cpus)
+    # a worker container restarted by an earlier test has no init to start it
+    ok(node_exec(NODE, [AGENT_DIR + "/agent.sh", "start"], timeout=60), "agent.sh start")
+    wait_until(lambda: w2(". %s/status.env 2>/dev/null && kill -0 \"$PID\" 2>/dev/null && echo yes || true"
+                          % AGENT_DIR).strip() == "yes", 20, "the agent's status from a running agent")
     ok(node_exec("hub", "cat > /tmp/gridx-e2e-receiver.py", input=RECEIVER), "receiver")
     node_exec("hub", "rm -f %s; kill $(cat %s.pid 2>/dev/null) 2>/dev/null; sleep 0.2" % (RECEIVED, RECEIVED))
     ok(node_exec("hub", ["sh", "-c", "python3 /tmp/gridx-e2e-receiver.py %s %d %s >/dev/null 2>&1 &"
