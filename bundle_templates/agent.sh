@@ -1073,6 +1073,7 @@ parse_policy() {
 		--hours)
 			key=HOURS
 			[[ $value != any ]] || value=''
+			[[ -z $value ]] || is_hours "$value" || fatal 2 "--hours '$value' is not HH:MM-HH:MM" "e.g. --hours 22:00-08:00 (local time; may cross midnight), or --hours any"
 			;;
 		--idle-time | --preempt-time | --grace)
 			seconds_value "$value" || fatal 2 "$opt '$value' is not a time" "e.g. $opt 90, $opt 5m, $opt 1h"

@@ -816,17 +816,22 @@ def test_input_pauses_within_2_s_and_idle_unpauses(alab, hub):
     alab.press_key("events_led_only.bin")
     time.sleep(1.5)
     assert alab.container_state() == "running"
+    alab.policy("--idle-time", "4")
     t0 = alab.press_key()
     wait_for(lambda: alab.first("docker pause"), 2, "docker pause within 2 s of the key")
     assert alab.first("docker pause") - t0 < 2.0
     assert "docker pause %s" % CID in [c for _, c in alab.timeline()]
     st = alab.wait_state("paused")
     assert st["REASON"] == "input" and st["TASKS"] == TASK and st["JOBS"] == "train"
+    human = alab.run("status.sh").stdout
+    assert "now             paused since " in human and ": the owner is active (input)" in human, human
+    assert "jobs paused: train (tasks %s), holding 100 MiB of memory" % TASK in human, human
+    assert "they will be stopped at " in human and "unless the owner is away 4 s before" in human, human
     line = wait_for(lambda: [x for _, _, x in hub.lines if " state=paused " in x], 5, "the paused report")[0]
     m = LINE.match(line.rstrip("\n"))
     assert m.group(3) == "input" and m.group(7) == TASK and m.group(8) == "100"
     assert int(m.group(6)) == int(m.group(2)) + 600  # preempted after the default 10 min
-    # away for the idle time (2 s): unpaused, and the hub hears it
+    # away for the idle time (4 s): unpaused, and the hub hears it
     st = alab.wait_state("sharing", timeout=10)
     assert alab.container_state() == "running"
     assert hub.states()[-1] == "sharing"
@@ -1078,7 +1083,7 @@ def test_join_under_systemd_installs_the_unit_and_leave_removes_it(alab):
 
 @pytest.mark.parametrize("args, says", [
     (["--share", "sometimes"], "--share 'sometimes': must be idle or always"),
-    (["--hours", "25:00-08:00"], "--hours '25:00-08:00': must be HH:MM-HH:MM"),
+    (["--hours", "25:00-08:00"], "--hours '25:00-08:00' is not HH:MM-HH:MM"),
     (["--idle-time", "5x"], "--idle-time '5x' is not a time"),
     (["--idle-time", "0"], "--idle-time '0': must be seconds from 1"),
     (["--cpu-busy", "-5"], "--cpu-busy '-5': must be a percentage of one core"),
