@@ -122,6 +122,10 @@ OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reac
 
 REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
 REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
+# The hub's port for the workers' owner-activity reports, on its VPN address
+# (the registry's writer has 5001 on loopback, a socket of its own): same as
+# lib.sh's AGENT_PORT_DEFAULT (bundles carry it as GRIDX_AGENT_PORT).
+AGENT_PORT = 5001
 
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
@@ -2899,7 +2903,7 @@ def registry_images(address, ca_path):
 # Bundles
 # ---------------------------------------------------------------------------
 
-BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh")
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "agent.sh", "lib.sh")
 
 
 def templates_dir():
@@ -2954,6 +2958,7 @@ def bundle_settings(config, peer, key_on_hub):
                                config.manager, not key_on_hub)
     if config.job_allow:  # jobnet.sh applies it on the worker
         settings["GRIDX_JOB_ALLOW"] = " ".join(config.job_allow)
+    settings["GRIDX_AGENT_PORT"] = str(AGENT_PORT)  # agent.sh reports there
     return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
 
 
@@ -4357,7 +4362,8 @@ class LogFollower:
 # the folder copied in, committed): here on the hub, through docker's own
 # SSH with --manager root@HUB, or through gridx serve for a user. It is
 # pushed through the registry's writer under a tag no one can guess, and the
-# job runs it by digest from the read-only side (see Registry). `--output PATH`: when a task ends, complete or failed, the hub
+# job runs it by digest from the read-only side (see Registry).
+# `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
 # the hub's SSH, see SSH) into RESULTS/ID/ (RESULTS/ID/N/ when
 # there are several replicas), so results outlive the worker; `jobs
@@ -6751,7 +6757,7 @@ def share_flags(args):
     """join.sh's flags: --flag=VALUE, so that no value reads as an option
     there (join.sh checks each value itself)."""
     flags = []
-    for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout"):
+    for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout", "share", "hours"):
         value = getattr(args, flag, None)
         if value is not None:
             if flag == "private_key":
@@ -7664,6 +7670,8 @@ def add_share_flags(parser):
     parser.add_argument("--gpu-ids", help="which GPUs to share: GPU-…,GPU-…")
     parser.add_argument("--private-key", help="the worker's WireGuard private key file (bundles made with --pubkey)")
     parser.add_argument("--handshake-timeout", help="seconds to wait for the hub's handshake (default 30)")
+    parser.add_argument("--share", help="idle (only while the owner is away) or always (asked when missing)")
+    parser.add_argument("--hours", help="share only within these hours, HH:MM-HH:MM in local time")
     parser.add_argument("--yes", "-y", action="store_true", help="accept the defaults, ask nothing")
     parser.add_argument("--install-deps", action="store_true", help="install missing packages")
     parser.add_argument("--no-hub-ssh", action="store_true",

@@ -17,6 +17,7 @@ from e2e_helpers import (
     TEST_SH,
     WORKERS,
     container,
+    answer_policy_then_continue,
     machine_state,
     node_exec,
     ok,
@@ -96,7 +97,7 @@ def test_add_external_bundle_joins_through_a_terminal_and_leaves(lab, fresh_node
             term.type("1")
             term.expect(r"How much memory to share .*\]: ")
             term.type("512M")
-            term.expect(r"Continue\? \[Y/n\]: ")
+            answer_policy_then_continue(term)
             term.type("y")
             rc = term.wait(timeout=300)
         finally:

@@ -18,6 +18,7 @@ from e2e_helpers import (
     WORKER_BRIDGE_IPS,
     WORKERS,
     add_peer,
+    answer_policy_then_continue,
     cluster_node,
     contained,
     copy_bundle,
@@ -125,7 +126,7 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
             term.type("1")
             term.expect(r"Which GPUs .*\]: ")
             term.type("1")
-            term.expect(r"Continue\? \[Y/n\]: ")
+            answer_policy_then_continue(term)
             term.type("y")
             rc = term.wait(timeout=300)
         finally:
