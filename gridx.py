@@ -59,6 +59,7 @@ and status.sh.
 #   Accounts                  users: the gridx account, authorized_keys, user bundles
 #   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
 #   Work folders and results  --workdir layers, uploads through serve, --output collection
+#   Owner activity and checkpoints  the agents' reports, paused nodes, preemption, --checkpoint
 #   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users)
 #   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
 #   Commands: worker          they run the bundle's scripts (one implementation)
@@ -146,6 +147,11 @@ LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
 LABEL_KEPT = "gridx.kept"  # a swarm config marking a deleted job's kept results (see Work folders and results)
 LABEL_SERVICE = "gridx.service"  # on that marker: the service ID the results are filed under
+LABEL_OWNER_STATE = "gridx.owner-state"  # on a node: what its owner does (see Owner activity)
+LABEL_PREEMPTED = "gridx.preempted"  # on a node: the task IDs its agent is preempting (--wait waits on)
+LABEL_CHECKPOINT = "gridx.checkpoint"  # --checkpoint PATH (see Owner activity and checkpoints)
+LABEL_CHECKPOINT_EVERY = "gridx.checkpoint-every"  # seconds
+LABEL_RUN_IMAGE = "gridx.run-image"  # the image a job with checkpoints runs without one (a re-run's base)
 LABEL_LAYER = "gridx.layer"  # a job's work layer: its tag in the hub's registry (see Work folders and results)
 # A job whose work layer is being made waits, its name held, on a constraint
 # no node meets: node.labels.gridx.hold==TAG.
@@ -477,6 +483,35 @@ def run_streaming(argv):
         process.terminate()
         process.wait()
         raise
+
+
+class Background:
+    """One of hub watch's chores in a thread of its own, one run at a time:
+    a copy from a worker that answers slowly (or not at all, until its
+    deadline) never holds up the pass that re-runs lost jobs."""
+
+    def __init__(self, work):
+        self.work, self.thread = work, None
+
+    def start(self, *args):
+        """False when the last run has not ended (this pass skips it)."""
+        import threading
+
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.thread = threading.Thread(target=self.run, args=args, daemon=True)
+        self.thread.start()
+        return True
+
+    def run(self, *args):
+        try:
+            self.work(*args)
+        except GridxError as error:
+            warn(error.message)
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
 
 
 # What stops gridx from reading Docker, the same whether the docker CLI said
@@ -1255,6 +1290,16 @@ def parse_count(value, flag, minimum, maximum=None):
     if maximum is not None and count > maximum:
         raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
     return count
+
+
+def parse_duration(value, flag):
+    """'90', '30s', '10m', '2h' -> seconds (at least 10, at most a week)."""
+    match = re.fullmatch(r"\s*([0-9]{1,7})\s*([smh]?)\s*", str(value or ""))
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
+    if not 10 <= seconds <= 7 * 86400:
+        raise usage_error(f"invalid {flag} {value!r}: give a time from 10s to 168h, like 10m",
+                          f"for example: {flag} 10m")
+    return seconds
 
 
 def parse_env(items):
@@ -2042,7 +2087,7 @@ class Node:
     (shared.gpus counts its GPUs, gpu_ids names them)."""
 
     __slots__ = ("id", "hostname", "address", "state", "availability", "role", "manager", "shared", "gpu_ids",
-                 "created", "updated", "hub_ssh")
+                 "created", "updated", "hub_ssh", "owner", "preempted")
 
     def __init__(self, **values):
         for slot in self.__slots__:
@@ -2070,11 +2115,48 @@ class Node:
             updated=node.get("UpdatedAt", ""),
             # False: the worker declined the hub's SSH (join.sh --no-hub-ssh)
             hub_ssh=((description.get("Engine") or {}).get("Labels") or {}).get(LABEL_HUB_SSH) != "no",
+            # what its volunteer's agent last said, as hub watch labels it (see Owner activity)
+            owner=(spec.get("Labels") or {}).get(LABEL_OWNER_STATE, ""),
+            preempted=[t for t in (spec.get("Labels") or {}).get(LABEL_PREEMPTED, "").split(",") if t],
         )
 
     def shared_dict(self):
         """The --json shape of what it shares: its GPUs by name."""
         return {"cpus": self.shared.cpus, "memory_mib": self.shared.memory_mib, "gpus": list(self.gpu_ids)}
+
+
+# What a node's volunteer does (its label gridx.owner-state, which hub watch
+# sets from the agent's reports: see Owner activity and checkpoints).
+
+
+def describe_owner(label, now=None):
+    """A node's owner state, from its label, in words for `gridx cluster` and
+    `jobs status` (empty: sharing, or no agent)."""
+    parts = (label or "").split()
+    if len(parts) < 5 or parts[0] == "sharing":
+        return ""
+    state, reason, since, preempt_at, hours = parts[:5]
+    now = time.time() if now is None else now
+    if state == "outside-hours":
+        return f"outside its hours ({hours})"
+    if state == "unknown":
+        return "its agent is silent: owner unknown"
+    said = f"paused: owner active ({reason}) for {human_age(now - int(since)).replace(' ago', '')}"
+    if state == "preempting":
+        return said + ", its jobs preempted"
+    if int(preempt_at):
+        said += f", jobs preempted in {human_age(max(0, int(preempt_at) - now)).replace(' ago', '')}"
+    return said
+
+
+def owner_document(label):
+    """A node's owner state for --json: {state, reason, since, preempt_at,
+    hours}, or None (no agent has reported)."""
+    parts = (label or "").split()
+    if len(parts) < 5:
+        return None
+    return {"state": parts[0], "reason": parts[1], "since": int(parts[2]) if parts[2].isdigit() else 0,
+            "preempt_at": int(parts[3]) if parts[3].isdigit() else 0, "hours": parts[4]}
 
 
 def swarm_nodes(nodes=None):
@@ -3841,9 +3923,12 @@ def pending_reason(job, service, nodes, reserved):
     asks = service_request(service)
     names = node_names(nodes)
     free = {node.id: node.shared - reserved.get(node.id, Resources())
-            for node in nodes if node.shared.cpus and node.state == "ready"}
+            for node in nodes if node.shared.cpus and node.state == "ready" and node.availability == "active"}
+    owned = [f"{names[n.id]} ({describe_owner(n.owner)})" for n in nodes
+             if n.state == "ready" and n.availability == "pause" and describe_owner(n.owner)]
     if not free:
-        return "waiting: no worker is Ready"
+        return "waiting: " + (f"the volunteers are at their machines: {'; '.join(owned)}" if owned
+                              else "no worker is Ready and available")
     roomiest = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
     room, name = free[roomiest], names[roomiest]
     if asks.gpus and asks.gpus > room.gpus:
@@ -3856,6 +3941,8 @@ def pending_reason(job, service, nodes, reserved):
     errors = [t["error"] for t in job["tasks"] if t["error"]]
     if any(ENFORCER_REJECTION in error for error in errors):
         return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
+    if owned and errors and "no suitable node" in errors[0]:
+        return f"waiting: {errors[0]}; and the volunteers are at their machines: {'; '.join(owned)}"
     return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
 
 
@@ -4079,7 +4166,7 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     logs = LogFollower(sources, log_args, hold=True, job_id=job_id)
     started = time.monotonic()
     progress = JobProgress(job_id, started)
-    ran_again = RunAgainWait(job_id)
+    ran_again, preempted = RunAgainWait(job_id), PreemptedWait(job_id)
     hostnames = {}
     try:
         while True:
@@ -4093,6 +4180,9 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
                 logs.add([t.id for t in tasks if t.id not in logs.sources and t.node_id
                           and t.node_id not in unreadable_nodes], log_args)
             if job["state"] in ("complete", "failed") and ran_again.started(tasks):
+                if preempted.holds(tasks):
+                    time.sleep(1)
+                    continue
                 if not (may_run_again and ran_again.now(tasks)):
                     break
                 continue
@@ -4123,6 +4213,29 @@ class RunAgainWait:
         self.seen, self.at = {t.id for t in tasks}, time.monotonic()
         run_again([self.job_id])
         return True
+
+
+class PreemptedWait:
+    """`--wait`'s side of a preemption: a task that its worker's agent
+    stopped (listed in the node's gridx.preempted label, set by hub watch
+    before the task's SIGTERM) did not end the job: hub watch runs it again
+    elsewhere, from its checkpoint. One request a check, once the job ended."""
+
+    def __init__(self, job_id):
+        self.job_id, self.said = job_id, set()
+
+    def holds(self, tasks):
+        ended = [t for t in tasks if is_current(t) and not t.active]
+        if not ended:
+            return False
+        marked = {task_id for node in all_swarm_nodes() for task_id in node.preempted}
+        stopped = [t for t in ended if t.id in marked]
+        for task in stopped:
+            if task.id not in self.said:
+                info(f"job {self.job_id}: its volunteer on {task.node} needs the machine back: preempted; "
+                     "it runs again elsewhere, from its checkpoint when it has one")
+                self.said.add(task.id)
+        return bool(stopped)
 
 
 def job_end(job_id, job):
@@ -4373,10 +4486,13 @@ class LogFollower:
 
 WORK_DIR = "/work"  # where the folder lands and the job starts
 DEFAULT_OUTPUT = WORK_DIR + "/out"  # --output's default with --workdir
+DEFAULT_CHECKPOINT = WORK_DIR + "/ckpt"  # --checkpoint's default with --workdir (GRIDX_CHECKPOINT_DIR)
+DEFAULT_CHECKPOINT_EVERY_S = 600  # --checkpoint-every: at most this much work is lost when a worker vanishes
 DEFAULT_WORKDIR_LIMIT = "2G"
 DEFAULT_OUTPUT_LIMIT = "2G"
 IGNORE_FILES = (".gridxignore", ".dockerignore")  # the first one found counts
 WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB-TOKEN, run by digest
+CHECKPOINT_REPOSITORY = "gridx/checkpoint"  # a job's checkpoint as a layer on its image, for a re-run
 WORK_DOCKERFILE = "FROM {image}\nCOPY work/ {workdir}/\nWORKDIR {workdir}\n"
 LABEL_OUTPUT = "gridx.output"
 LABEL_OUTPUT_LIMIT = "gridx.output-limit"
@@ -4389,16 +4505,16 @@ RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each
 RESULTS_COPY_TIMEOUT_S = 900  # one task's copy from its worker: killed past this, tried again (an attempt)
 
 
-def valid_output_path(value):
-    """--output: an absolute path in the container, in plain characters
-    (it goes into `docker cp` on the worker through the hub's SSH)."""
-
+def valid_output_path(value, flag="--output"):
+    """--output (--checkpoint): an absolute path in the container, in plain
+    characters (it goes into `docker cp` on the worker through the hub's SSH)."""
+    example = DEFAULT_OUTPUT if flag == "--output" else DEFAULT_CHECKPOINT
     if not value or not re.fullmatch(r"/[A-Za-z0-9._/@+-]*", value) or ".." in value.split("/"):
-        raise usage_error(f"invalid --output {value!r}: give an absolute path in the job's container",
-                          f"for example: --output {DEFAULT_OUTPUT}")
+        raise usage_error(f"invalid {flag} {value!r}: give an absolute path in the job's container",
+                          f"for example: {flag} {example}")
     path = posixpath.normpath(value)
     if path == "/":
-        raise usage_error("--output / would copy the whole container", f"for example: --output {DEFAULT_OUTPUT}")
+        raise usage_error(f"{flag} / would copy the whole container", f"for example: {flag} {example}")
     return path
 
 
@@ -4414,6 +4530,17 @@ def capped_size(value, flag, key, default):
         raise usage_error(f"{flag} {value} is over your limit on this hub, {human_mib(cap)}",
                           f"give {flag} {human_mib(cap)} or less (the hub admin sets the limit)")
     return asked
+
+
+def job_checkpoint(args):
+    """(--checkpoint PATH, --checkpoint-every seconds), default /work/ckpt with
+    --workdir, or None."""
+    path = getattr(args, "checkpoint", None)
+    if path is None and getattr(args, "workdir", None) is None:
+        return None
+    every = getattr(args, "checkpoint_every", None)
+    return (valid_output_path(path or DEFAULT_CHECKPOINT, "--checkpoint"),
+            parse_duration(every, "--checkpoint-every") if every else DEFAULT_CHECKPOINT_EVERY_S)
 
 
 def job_output(args):
@@ -4512,13 +4639,13 @@ class WorkFolder:
     weigh, and what was left out. Read once, before anything runs, so a
     folder over the limit is refused at once."""
 
-    def __init__(self, path, limit_bytes):
+    def __init__(self, path, limit_bytes, ignore=True):
         import math
 
         if not os.path.isdir(path):
             raise usage_error(f"--workdir {path!r} is not a folder", "give the folder the job needs, e.g. --workdir .")
         self.path = os.path.abspath(path)
-        self.rules = folder_ignore_rules(self.path)
+        self.rules = folder_ignore_rules(self.path) if ignore else IgnoreRules()  # a checkpoint: all of it
         self.entries, self.bytes, self.skipped = [], 0, 0
         for top, folders, files in os.walk(self.path, onerror=self._unreadable):
             base = os.path.relpath(top, self.path).replace(os.sep, "/")
@@ -4642,8 +4769,9 @@ def write_work_tar(out, members, prefix=""):
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        if prefix:
-            archive.addfile(tar_member(prefix.rstrip("/"), "dir", 0o755, time.time()))
+        parts = prefix.strip("/").split("/") if prefix else []
+        for depth in range(1, len(parts) + 1):  # /work, then /work/ckpt: never left to the extractor
+            archive.addfile(tar_member("/".join(parts[:depth]), "dir", 0o755, time.time()))
         for member, handle in members:
             kind = "dir" if member.isdir() else "link" if member.issym() else "file"
             archive.addfile(tar_member(prefix + member.name, kind, member.mode, member.mtime, member.size,
@@ -4701,8 +4829,8 @@ def create_command(config):
     return [] if config.get("Entrypoint") or config.get("Cmd") else [NO_COMMAND]
 
 
-def copy_into(container, members, size):
-    """`docker cp - CONTAINER:/` of work/ and the folder, metered."""
+def copy_into(container, members, size, into=WORK_DIR):
+    """`docker cp - CONTAINER:/` of the folder at into (its folders too), metered."""
     import subprocess
     import tempfile
 
@@ -4710,7 +4838,7 @@ def copy_into(container, members, size):
         process = start(docker("cp", "-", f"{container}:/"), stdin=subprocess.PIPE, stdout=said, stderr=said)
         meter = Meter("work folder", size)
         try:
-            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=WORK_DIR.strip("/") + "/")
+            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=into.strip("/") + "/")
             process.stdin.close()
         except BrokenPipeError:
             pass  # docker cp ended early: its output says why
@@ -4746,8 +4874,9 @@ class WorkLayer:
     /work and commits it; the commit is pushed under a tag no one can guess
     and the job runs it by digest."""
 
-    def __init__(self, job_id, members, size, what):
+    def __init__(self, job_id, members, size, what, into=WORK_DIR, repository=WORK_REPOSITORY):
         self.job_id, self.members, self.size, self.what = job_id, members, size, what
+        self.into, self.repository = into, repository  # a checkpoint's layer: its PATH, CHECKPOINT_REPOSITORY
         self.folder = None
         self.tag = f"{job_id}-{secrets_token()}"
         self.pushed = None  # (registry address, digest) once in the registry
@@ -4755,15 +4884,17 @@ class WorkLayer:
     def build(self, image):
         """Make, push and forget it; the reference workers pull (by digest)."""
         push_address, pull_address = layer_registries()
-        target = f"{push_address}/{WORK_REPOSITORY}:{self.tag}"
-        info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
+        target = f"{push_address}/{self.repository}:{self.tag}"
+        what = "the work folder" if self.into == WORK_DIR else "its checkpoint"
+        info(f"job {self.job_id}: {what} ({self.what}) goes to the hub as a layer on {image}")
         image_id, config = base_image_config(image)
         created = run(docker("create", "--network=none", f"--label={LABEL_LAYER}={self.tag}", "--", image_id,
                              *create_command(config)))
         container = created.stdout.strip()
+        changes = [f"--change=WORKDIR {WORK_DIR}"] if self.into == WORK_DIR else []  # a job starts in its folder
         try:
-            copy_into(container, self.members, self.size)
-            run(docker("commit", f"--change=WORKDIR {WORK_DIR}", "--", container, target))
+            copy_into(container, self.members, self.size, self.into)
+            run(docker("commit", *changes, "--", container, target))
         finally:
             run(docker("rm", "--force", "--", container), check=False)
         try:
@@ -4771,7 +4902,7 @@ class WorkLayer:
         finally:
             run(docker("image", "rm", "--", target), check=False)  # the registry has it
         self.pushed = (push_address, digest)
-        return f"{pull_address}/{WORK_REPOSITORY}:{self.tag}@{digest}"
+        return f"{pull_address}/{self.repository}:{self.tag}@{digest}"
 
 
 def secrets_token():
@@ -4801,7 +4932,7 @@ def registry_writer_access():
     return registry_writer(), None
 
 
-def remove_work_layer(tag, digest=None):
+def remove_work_layer(tag, digest=None, repository=WORK_REPOSITORY):
     """Delete a job's layer from the registry (its manifest; the blobs go at
     the next garbage collection). False, with a warning, when it could not
     (hub watch's sweep tries again: sweep_work_layers)."""
@@ -4810,10 +4941,10 @@ def remove_work_layer(tag, digest=None):
     try:
         address, ca_path = registry_writer_access()
         if digest is None:
-            digest, _ = registry_manifest(address, ca_path, WORK_REPOSITORY, tag, method="HEAD")
+            digest, _ = registry_manifest(address, ca_path, repository, tag, method="HEAD")
             if digest is None:
                 return True
-        path = f"/v2/{urllib.parse.quote(WORK_REPOSITORY)}/manifests/{digest}"
+        path = f"/v2/{urllib.parse.quote(repository)}/manifests/{digest}"
         status, _, body = registry_request(address, ca_path, path, method="DELETE")
     except GridxError as error:
         warn(f"the work layer {tag} stays in the hub's registry for now: {error.message}")
@@ -4826,17 +4957,25 @@ def remove_work_layer(tag, digest=None):
 
 def sweep_work_layers():
     """hub watch: remove the layers no job names any more (a job deleted
-    through --manager, or a submit that died before it could clean up).
-    The tags are listed before the jobs, so a layer pushed meanwhile has
-    its (held) job listed already."""
+    through --manager, or a submit that died before it could clean up; a
+    checkpoint's layer once its job runs another). The tags are listed
+    before the jobs, so a layer pushed meanwhile has its (held) job listed
+    already."""
     address, ca_path = registry_writer_access()
-    tags = registry_tags(address, ca_path, WORK_REPOSITORY)
-    if not tags:
+    tags = {repository: registry_tags(address, ca_path, repository)
+            for repository in (WORK_REPOSITORY, CHECKPOINT_REPOSITORY)}
+    if not any(tags.values()):
         return []
-    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in list_job_services(missing_ok=True)}
-    swept = [tag for tag in tags if tag not in live and remove_work_layer(tag)]
+    services = list_job_services(missing_ok=True)
+    images = [s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image", "") for s in services]
+    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services}
+    live |= {image.split("@")[0].rpartition(":")[2] for image in images}
+    live |= {s["Spec"].get("Labels", {}).get(LABEL_RUN_IMAGE, "").split("@")[0].rpartition(":")[2]
+             for s in services}
+    swept = [tag for repository, found in tags.items() for tag in found
+             if tag not in live and remove_work_layer(tag, repository=repository)]
     if swept:
-        info(f"removed the work layers of deleted jobs: {', '.join(swept)}")
+        info(f"removed the layers of deleted jobs: {', '.join(swept)}")
     return swept
 
 
@@ -5188,9 +5327,10 @@ def collection_limits(service):
     return size, files, (free or 0) * 1024**2
 
 
-def hub_room(floor):
-    """Bytes the hub may still take for results: what is free above the floor."""
-    status = os.statvfs(results_dir())
+def hub_room(floor, folder=None):
+    """Bytes the hub may still take for results (or checkpoints, in folder):
+    what is free above the floor."""
+    status = os.statvfs(folder or results_dir())
     return status.f_bavail * status.f_frsize - floor
 
 
@@ -5304,32 +5444,11 @@ def collect_due_results(services, tasks, nodes):
     return collected
 
 
-class Collector:
-    """hub watch's collection, in a thread of its own (one at a time): a
-    worker that answers slowly, or not at all until RESULTS_COPY_TIMEOUT_S,
-    never holds up the re-running of lost jobs."""
-
-    def __init__(self):
-        self.thread = None
-
-    def start(self, services, tasks, nodes):
-        import threading
-
-        if self.thread is not None and self.thread.is_alive():
-            return False
-        self.thread = threading.Thread(target=self.collect, args=(services, tasks, nodes), daemon=True)
-        self.thread.start()
-        return True
-
-    @staticmethod
-    def collect(services, tasks, nodes):
-        try:
-            collected = collect_due_results(services, tasks, nodes)
-        except GridxError as error:
-            warn(error.message)
-            return
-        if collected:
-            info(f"collected the results of {', '.join(collected)}")
+def collect_and_say(services, tasks, nodes):
+    """hub watch's collection (in a Background of its own)."""
+    collected = collect_due_results(services, tasks, nodes)
+    if collected:
+        info(f"collected the results of {', '.join(collected)}")
 
 
 def results_summary(record):
@@ -5492,6 +5611,391 @@ def results_here(key, dest, record):
         shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
     tasks = (record or {}).get("tasks", {}).values()
     return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
+
+
+# ---------------------------------------------------------------------------
+# Owner activity and checkpoints
+# ---------------------------------------------------------------------------
+# A volunteer's machine is theirs first. Its agent (the bundle's agent.sh,
+# docs/CONTRACT.md) freezes Grid-X's containers there while the owner is at
+# it, and reports each change to the hub: one line over TCP to
+# HUB_VPN_IP:AGENT_PORT, the worker known by the connection's source (its
+# VPN address, which WireGuard authenticates; jobs cannot reach the hub).
+# hub watch listens (OwnerReports, a thread of its own), pauses the node in
+# the swarm (no new task there) and labels it with the owner's state
+# (gridx cluster and jobs status read the label, through any manager path).
+# A task the agent stops (preempting) is recorded before its end, and its
+# job runs again elsewhere from its latest checkpoint: `--checkpoint PATH`
+# is copied from the running container every --checkpoint-every and at the
+# end of a preempted task, kept whole on the hub, and laid on the job's
+# image (a layer, as a work folder is) whenever it runs again.
+#   the agent's reports · checkpoints · running again from a checkpoint
+
+OWNER_STATES = ("sharing", "paused", "outside-hours", "preempting")
+OWNER_REASONS = ("-", "input", "terminal", "logind", "cpu", "gpu", "hours")
+AGENT_LINE_MAX = 4096  # same as the agent's contract: one line, at most 4 KiB, within 5 s
+AGENT_SILENT_S = 90  # three heartbeats missed: the owner's state is unknown
+CHECKPOINTS = "/var/lib/gridx/checkpoints"  # CHECKPOINTS/SERVICE_ID/{current/,checkpoint.json}
+_AGENT_REPORT = None
+_OWNERS_LOCK = None
+
+
+def checkpoints_dir():
+    return os.path.abspath(os.environ.get("GRIDX_CHECKPOINTS_DIR") or CHECKPOINTS)
+
+
+def owners_path():
+    """What hub watch knows of the owners (their last reports) and of the
+    tasks the agents preempted: kept across the hub's restarts."""
+    return os.path.join(config_dir(), "owners.json")
+
+
+# -- the agent's reports ------------------------------------------------------
+
+
+def parse_agent_report(line):
+    """One line of the agent ({field: value}), or None when it is not one:
+    the version-1 grammar of docs/CONTRACT.md, fields in order; later
+    key=value fields are ignored."""
+    global _AGENT_REPORT
+    if _AGENT_REPORT is None:
+        _AGENT_REPORT = re.compile(
+            rf"gridx-agent 1 state=(?P<state>{'|'.join(OWNER_STATES)}) since=(?P<since>[0-9]{{1,12}}) "
+            rf"reason=(?P<reason>{'|'.join(map(re.escape, OWNER_REASONS))}) policy=(?P<policy>idle|always) "
+            r"hours=(?P<hours>-|[0-2][0-9]:[0-5][0-9]-[0-2][0-9]:[0-5][0-9]) preempt_at=(?P<preempt_at>[0-9]{1,12}) "
+            r"tasks=(?P<tasks>-|[a-z0-9]{25}(?:,[a-z0-9]{25})*) mem_mib=(?P<mem_mib>[0-9]{1,9})"
+            r"(?: [a-z_]{1,32}=[!-~]{0,256})*\n?")
+    found = _AGENT_REPORT.fullmatch(line)
+    if not found:
+        return None
+    report = found.groupdict()
+    for key in ("since", "preempt_at", "mem_mib"):
+        report[key] = int(report[key])
+    report["tasks"] = [] if report["tasks"] == "-" else report["tasks"].split(",")
+    return report
+
+
+def owner_label(report):
+    """The node label gridx.owner-state: STATE REASON SINCE PREEMPT_AT HOURS."""
+    return f"{report['state']} {report['reason']} {report['since']} {report['preempt_at']} {report['hours']}"
+
+
+def owners_lock():
+    import threading
+
+    global _OWNERS_LOCK
+    if _OWNERS_LOCK is None:
+        _OWNERS_LOCK = threading.Lock()
+    return _OWNERS_LOCK
+
+
+def load_owners():
+    import json
+
+    try:
+        document = json.loads(read_text(owners_path()))
+    except (FileNotFoundError, ValueError):
+        document = {}
+    return {"nodes": dict(document.get("nodes") or {}), "preempted": dict(document.get("preempted") or {})}
+
+
+def save_owners(document):
+    import json
+
+    ensure_dir(config_dir())
+    atomic_write(owners_path(), json.dumps(document, indent=2, sort_keys=True) + "\n", 0o600)
+
+
+def owner_node_update(node, report, known):
+    """The `docker node update` that makes the swarm follow a report (None
+    when nothing changes): paused while the owner is active or outside the
+    hours (no new task there, its tasks left as they are), active again when
+    sharing, but only if gridx paused it (an admin's drain or pause stays)."""
+    label = owner_label(report)
+    argv = ["node", "update"]
+    sharing = report["state"] == "sharing"
+    if report["state"] == "preempting" and report["tasks"]:  # what --wait waits on, not a failure
+        argv.append(f"--label-add={LABEL_PREEMPTED}={','.join(report['tasks'])}")
+    if not sharing and node.availability == "active":
+        argv.append("--availability=pause")
+        known["paused_by_gridx"] = True
+    elif sharing and node.availability == "pause" and known.get("paused_by_gridx"):
+        argv.append("--availability=active")
+        known["paused_by_gridx"] = False
+    if len(argv) == 2 and node.owner == label:
+        return None
+    return docker(*argv, f"--label-add={LABEL_OWNER_STATE}={label}", "--", node.id)
+
+
+def apply_owner_report(address, report, nodes=None):
+    """A report from the worker at address: recorded (its preempted tasks
+    first, durably), then the swarm follows. The node it names, or None."""
+    node = next((n for n in (all_swarm_nodes() if nodes is None else nodes)
+                 if n.address == address and not n.manager and n.state == "ready"), None)
+    if node is None:
+        return None
+    with owners_lock():
+        owners = load_owners()
+        known = owners["nodes"].setdefault(node.id, {})
+        known.update(report=report, seen=time.time(), address=address)
+        if report["state"] == "preempting":
+            for task_id in report["tasks"]:
+                owners["preempted"].setdefault(task_id, {"node": node.id, "at": report["preempt_at"]})
+        argv = owner_node_update(node, report, known)
+        save_owners(owners)
+    if argv:
+        run(argv, check=False)
+    return node
+
+
+def silent_agents(nodes, now=None):
+    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S:
+    labelled unknown (they stay paused: an agent that died may have left
+    Grid-X's containers frozen there, and its volunteer is told by status.sh)."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    silent = []
+    with owners_lock():
+        owners = load_owners()
+        for node_id, known in owners["nodes"].items():
+            node = by_id.get(node_id)
+            if node and now - known.get("seen", 0) > AGENT_SILENT_S and not node.owner.startswith("unknown"):
+                silent.append(node)
+    for node in silent:
+        run(docker("node", "update", f"--label-add={LABEL_OWNER_STATE}=unknown - 0 0 -", "--", node.id), check=False)
+    return silent
+
+
+class OwnerReports:
+    """hub watch's listener for the agents' reports, in a thread of its own:
+    one line a connection (AGENT_LINE_MAX, 5 s), `ok`, closed. A line that
+    is not a report, or from an address that is no worker, is answered
+    nothing and changes nothing."""
+
+    def __init__(self, hub_ip, port=AGENT_PORT):
+        import socket
+        import threading
+
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind((hub_ip, port))
+        self.server.listen(16)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, (address, _) = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                self.answer(conn, address)
+
+    def answer(self, conn, address):
+        conn.settimeout(5)
+        try:
+            raw = conn.makefile("rb").readline(AGENT_LINE_MAX + 1)
+        except OSError:
+            return
+        report = parse_agent_report(raw.decode("ascii", "replace")) if len(raw) <= AGENT_LINE_MAX else None
+        if report is None:
+            return
+        try:
+            node = apply_owner_report(address, report)
+        except GridxError as error:
+            warn(f"the report of {address} could not be applied: {error.message}")
+            return
+        if node is None:
+            return
+        try:
+            conn.sendall(b"ok\n")
+        except OSError:
+            pass
+        if report["state"] != "sharing":
+            info(f"{node.hostname}: {describe_owner(owner_label(report)) or report['state']}")
+
+
+# -- checkpoints ----------------------------------------------------------------
+
+
+def checkpoint_folder(key):
+    return os.path.join(checkpoints_dir(), key)
+
+
+def checkpoint_record(key):
+    """What the hub keeps of a job's checkpoint (its service ID: key): {task,
+    node, at, bytes, files}, or None."""
+    import json
+
+    try:
+        return json.loads(read_text(os.path.join(checkpoint_folder(key), "checkpoint.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def take_checkpoint(service, task, node):
+    """--checkpoint PATH of a task's container (running, or ended) onto the
+    hub: copied into a fresh folder, which replaces the kept one only once
+    whole (a half-copied checkpoint never replaces the last complete one).
+    What copy_out said."""
+    import json
+    import shutil
+    import tempfile
+
+    key, path = service["ID"], service["Spec"]["Labels"][LABEL_CHECKPOINT]
+    size, files, floor = collection_limits(service)  # the owner's limits, as for results
+    folder = checkpoint_folder(key)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=".incoming-", dir=folder)
+    room = hub_room(floor, folder)
+    got = (copy_out(node, task.container, path, fresh, (min(size, room), files)) if room > 0 else
+           {"state": "hub-full", "error": f"the hub keeps {human_bytes(floor)} of its disk free"})
+    if got["state"] != "collected":
+        shutil.rmtree(fresh, ignore_errors=True)
+        return got
+    current, old = os.path.join(folder, "current"), os.path.join(folder, ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(current):
+        os.rename(current, old)
+    os.rename(fresh, current)
+    shutil.rmtree(old, ignore_errors=True)
+    record = {"task": task.id, "node": node.hostname, "at": int(time.time()), "bytes": got["bytes"],
+              "files": got["files"], "path": path}
+    atomic_write(os.path.join(folder, "checkpoint.json"), json.dumps(record) + "\n", 0o644)
+    hand_over(folder)  # serve (the gridx account) says its age and size
+    return got
+
+
+def remove_checkpoint(key):
+    import shutil
+
+    shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
+
+
+def due_checkpoints(services, tasks, nodes, now=None):
+    """hub watch: the running tasks of jobs with --checkpoint whose latest
+    checkpoint is older than their --checkpoint-every: taken now."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    by_service = tasks_by_service(tasks)
+    taken = []
+    for service in services:
+        labels = service["Spec"].get("Labels", {})
+        if LABEL_CHECKPOINT not in labels:
+            continue
+        every = int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S)
+        last = (checkpoint_record(service["ID"]) or {}).get("at", 0)
+        for task in by_service.get(service["Spec"]["Name"], []):
+            node = by_id.get(task.node_id)
+            started = unix_time(task.created) or now
+            if (task.state == "running" and task.container and node and node.hub_ssh
+                    and now - max(last, started) >= every):
+                got = take_checkpoint(service, task, node)
+                if got["state"] == "collected":
+                    taken.append(service["Spec"]["Name"])
+                    last = now
+    return taken
+
+
+def checkpoint_image(service):
+    """The image a job runs again with: its first image with its latest
+    checkpoint laid at PATH (a layer, made as a work folder's is); None
+    when there is no checkpoint yet."""
+    labels = service["Spec"]["Labels"]
+    key, path = service["ID"], labels[LABEL_CHECKPOINT]
+    current = os.path.join(checkpoint_folder(key), "current")
+    if not os.path.isdir(current):
+        return None
+    folder = WorkFolder(current, float("inf"), ignore=False)
+    base = labels.get(LABEL_RUN_IMAGE) or service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    layer = WorkLayer(service["Spec"]["Name"], folder.members(), folder.bytes, folder.describe(),
+                      into=path, repository=CHECKPOINT_REPOSITORY)
+    return layer.build(base)
+
+
+def run_again_from_checkpoint(services, job_ids):
+    """Run these jobs again, each from its latest checkpoint when it has one
+    (the same forced update as run_again, on the image with it)."""
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    for job_id in job_ids:
+        service = by_name.get(job_id)
+        image = None
+        if service and LABEL_CHECKPOINT in service["Spec"].get("Labels", {}):
+            try:
+                image = checkpoint_image(service)
+            except GridxError as error:
+                warn(f"job {job_id} runs again from its start: its checkpoint could not be laid on its image: "
+                     f"{error.message}")
+        if image is None:
+            run_again([job_id])
+            continue
+        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", f"--image={image}",
+                   "--", job_id))
+        info(f"job {job_id} runs again from its checkpoint of "
+             f"{time.strftime('%H:%M:%S', time.localtime(checkpoint_record(service['ID'])['at']))}")
+
+
+def rerun_preempted(services, tasks, nodes):
+    """The jobs whose tasks an agent preempted, once those tasks ended: their
+    checkpoint taken from the ended container, then run again elsewhere (the
+    node is paused). A preemption is recorded before the task's end and
+    kept until it ran again: a hub restart loses none."""
+    by_task = {t.id: t for t in tasks}
+    by_node = {n.id: n for n in nodes}
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    with owners_lock():
+        preempted = dict(load_owners()["preempted"])
+    done, again = [], []
+    for task_id in preempted:
+        task = by_task.get(task_id)
+        service = by_name.get(task.service) if task else None
+        if task is None or service is None:
+            done.append(task_id)  # the job is gone (or its task's history): nothing to run again
+            continue
+        if task.active:
+            continue  # still stopping (SIGTERM, then its grace)
+        node = by_node.get(task.node_id)
+        if LABEL_CHECKPOINT in service["Spec"]["Labels"] and node and task.container and node.hub_ssh:
+            take_checkpoint(service, task, node)
+        if is_current(task) and task.service not in again:
+            again.append(task.service)
+        done.append(task_id)
+    if again:
+        run_again_from_checkpoint(services, again)
+        info(f"ran again, preempted by their volunteers: {', '.join(again)}")
+    if done:
+        with owners_lock():
+            owners = load_owners()
+            for task_id in done:
+                owners["preempted"].pop(task_id, None)
+            save_owners(owners)
+    return again
+
+
+def owner_chores(services, tasks, nodes):
+    """hub watch's part of this section (in a Background of its own): the
+    preempted jobs run again from their checkpoints, the periodic
+    checkpoints taken, the silent agents marked."""
+    rerun_preempted(services, tasks, nodes)
+    taken = due_checkpoints(services, tasks, nodes)
+    if taken:
+        info(f"took the checkpoints of {', '.join(taken)}")
+    silent_agents(nodes)
+    live = {service["ID"] for service in services}
+    for key in os.listdir(checkpoints_dir()) if os.path.isdir(checkpoints_dir()) else ():
+        if key not in live:  # its job was deleted through --manager
+            remove_checkpoint(key)
+
+
+def listen_to_owners():
+    """hub watch's OwnerReports on the hub's VPN address, or None (said once)."""
+    try:
+        return OwnerReports(load_hub_config().hub_ip)
+    except (OSError, GridxError) as error:
+        warn(f"the workers' owner-activity reports cannot be heard on port {AGENT_PORT}: "
+             f"{getattr(error, 'message', None) or error}")
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -6355,7 +6859,9 @@ def cmd_hub_watch(args):
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_waiting, passes, collector = {}, {}, 0, Collector()  # down_since by node ID
+    down_since, seen_waiting, passes = {}, {}, 0  # down_since by node ID
+    collector, owners = Background(collect_and_say), Background(owner_chores)  # see Work folders, Owner activity
+    listen_to_owners()
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         passes += 1
@@ -6372,7 +6878,8 @@ def cmd_hub_watch(args):
             services = list_job_services()
             tasks = list_tasks(services, nodes)
             if expired:
-                lost = run_lost_jobs_again(expired, tasks)
+                lost = jobs_on_nodes(expired, tasks)
+                run_again_from_checkpoint(services, lost)
                 if lost:
                     names = node_names(nodes)
                     info(f"worker(s) {', '.join(sorted(names[i] for i in expired))} down: ran again {', '.join(lost)}")
@@ -6380,18 +6887,19 @@ def cmd_hub_watch(args):
             # `jobs run --wait` that polls far more often has not run it again itself.
             waiting = jobs_that_run_again(services, tasks)
             due = sorted(job for job, ids in waiting.items() if args.once or seen_waiting.get(job) == ids)
-            run_again(due)
+            run_again_from_checkpoint(services, due)
             seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
-            collector.start(services, tasks, nodes)  # see Work folders and results
+            collector.start(services, tasks, nodes)
+            owners.start(services, tasks, nodes)
             if passes % WATCH_SWEEP_EVERY == 1:
                 sweep_work_layers()
         except GridxError as error:
             warn(error.message)
         if args.once:
-            if collector.thread is not None:
-                collector.thread.join()
+            collector.join()
+            owners.join()
             return EXIT_OK
         time.sleep(interval)
 
@@ -6879,19 +7387,25 @@ def submit_job(args, job_id, image, request, output, **create):
     refuse_kept_name(job_id)
     layer = args.layer
     extra = list(create.pop("extra_args", ()))
-    if output:
+    checkpoint = job_checkpoint(args)
+    if output or checkpoint:  # the hub copies them out over its SSH
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
     labels = output_labels(output, image if layer else None)
+    if checkpoint:
+        labels += [(LABEL_CHECKPOINT, checkpoint[0]), (LABEL_CHECKPOINT_EVERY, str(checkpoint[1]))]
+        create["env"] = [*create.get("env", ()), f"GRIDX_CHECKPOINT_DIR={checkpoint[0]}"]
     if not layer:
-        create_job(job_id, image, request, extra_args=extra, extra_labels=labels, **create)
+        create_job(job_id, image, request, extra_args=extra,
+                   extra_labels=[*labels, *([(LABEL_RUN_IMAGE, image)] if checkpoint else [])], **create)
         return
     hold = f"--constraint={HOLD_CONSTRAINT}=={layer.tag}"
     create_job(job_id, image, request, extra_args=[*extra, hold], extra_labels=[*labels, (LABEL_LAYER, layer.tag)],
                **create)
     try:
         target = layer.build(image)
+        run_image = [f"--label-add={LABEL_RUN_IMAGE}={target}"] if checkpoint else []  # a re-run's base
         run(docker("service", "update", "--detach", "--quiet", "--no-resolve-image", f"--image={target}",
-                   f"--constraint-rm={hold.partition('=')[2]}", "--", job_id))
+                   f"--constraint-rm={hold.partition('=')[2]}", *run_image, "--", job_id))
     except BaseException:
         run(docker("service", "rm", "--", job_id), check=False)
         if layer.pushed:
@@ -7133,6 +7647,7 @@ def cmd_jobs_status(args):
     if job["tasks"]:
         add_task_details(job, tasks, nodes)
     add_results(job, services[0], tasks, nodes)
+    add_checkpoint(job, services[0])
     if args.json:
         print_json(job)
         return EXIT_OK
@@ -7157,6 +7672,7 @@ def cmd_jobs_status(args):
             line += f" — {task['error']}"
         say(line)
     print_results(job)
+    print_checkpoint(job)
     return EXIT_OK
 
 
@@ -7167,6 +7683,31 @@ def add_results(job, service, tasks, nodes):
         return
     record = hub_results(job["id"]) if DOCKER_HOST else collect_results(service, tasks, nodes)
     job["results"] = dict(record, path=record.get("path") or results_files_path(service["ID"])) if record else None
+
+
+def add_checkpoint(job, service):
+    """jobs status of a job with --checkpoint: its latest checkpoint on the
+    hub ({path, at, age_s, bytes, files, node}), or None when there is none yet
+    (through --manager root@HUB the hub's files are not here: not said)."""
+    labels = service["Spec"].get("Labels", {})
+    if LABEL_CHECKPOINT not in labels or DOCKER_HOST:
+        return
+    record = checkpoint_record(service["ID"])
+    job["checkpoint"] = None if record is None else dict(
+        record, every_s=int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S),
+        age_s=max(0, int(time.time()) - record.get("at", 0)))
+    job.setdefault("checkpoint_path", labels[LABEL_CHECKPOINT])
+
+
+def print_checkpoint(job):
+    if "checkpoint_path" not in job:
+        return
+    kept = job["checkpoint"]
+    if kept is None:
+        say(f"Checkpoint: {job['checkpoint_path']}: none yet")
+        return
+    say(f"Checkpoint: {job['checkpoint_path']}: {human_bytes(kept['bytes'])} in {kept['files']} file(s), "
+        f"taken {human_age(kept['age_s'])} from {kept['node']}")
 
 
 def print_results(job):
@@ -7252,6 +7793,9 @@ def cmd_jobs_delete(args):
     if not DOCKER_HOST and not args.keep_results:
         for service in with_results:
             remove_results(service["ID"])
+    if not DOCKER_HOST:  # else hub watch's sweep takes them
+        for service in services:
+            remove_checkpoint(service["ID"])
     kept = {service["Spec"]["Name"] for service in with_results} if args.keep_results else set()
     for job_id in ids:
         print(f"deleted {job_id}" + (f" (its results stay on the hub: gridx jobs results {job_id})"
@@ -7408,16 +7952,18 @@ def cmd_cluster(args):
         free = node.shared - used
         document.append({
             "id": node.id, "hostname": node.hostname, "address": node.address, "state": node.state,
-            "availability": node.availability, "manager": node.manager,
+            "availability": node.availability, "manager": node.manager, "owner": owner_document(node.owner),
             "shared": dict(node.shared.to_dict(), gpu_ids=node.gpu_ids),
             "reserved": used.to_dict(),
             "free": free.to_dict(),
         })
         if node.state == "ready":
             total, total_used = total + node.shared, total_used + used
+        said = describe_owner(node.owner) if node.state == "ready" else ""
         rows.append([
-            node.hostname, node.address, "manager" if node.manager else "worker", node.state,
-            node.shared.cpus, human_mib(node.shared.memory_mib), node.shared.gpus, used.show(), free.show(),
+            node.hostname, node.address, "manager" if node.manager else "worker",
+            node.state + (f", {said}" if said else ""), node.shared.cpus, human_mib(node.shared.memory_mib),
+            node.shared.gpus, used.show(), free.show(),
         ])
     if args.json:
         totals = dict(total.to_dict(), **{f"used_{key}": value for key, value in total_used.to_dict().items()})
@@ -7690,6 +8236,12 @@ def add_work_flags(parser):
     parser.add_argument("--output", metavar="PATH",
                         help=f"collect this path of the job's container onto the hub when it ends "
                              f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help=f"the job's checkpoints (GRIDX_CHECKPOINT_DIR): copied to the hub every "
+                             f"--checkpoint-every and when it is preempted, and put back when it runs again "
+                             f"(default {DEFAULT_CHECKPOINT} with --workdir)")
+    parser.add_argument("--checkpoint-every", metavar="TIME",
+                        help=f"how often (default {DEFAULT_CHECKPOINT_EVERY_S // 60}m; 30s, 10m, 2h)")
     parser.add_argument("--output-limit", metavar="SIZE",
                         help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT}, "
                              "or your limit on the hub)")

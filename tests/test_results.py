@@ -587,7 +587,7 @@ def test_a_task_claimed_by_a_live_collector_is_not_copied_twice(monkeypatch):
 
 def test_a_full_hub_stops_collection_without_using_up_the_attempts(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path))
-    monkeypatch.setattr(gridx, "hub_room", lambda floor: -1)
+    monkeypatch.setattr(gridx, "hub_room", lambda floor, folder=None: -1)
     service = {"ID": "s1", "Spec": {"Name": "j", "Labels": {gridx.LABEL_OUTPUT: "/work/out"}}}
     node = gridx.Node.__new__(gridx.Node)
     node.id, node.hostname, node.address = "id-w1", "w1", "10.0.0.2"
@@ -618,10 +618,10 @@ def test_watch_collects_in_a_thread_of_its_own_one_at_a_time(monkeypatch):
 
     release, calls = threading.Event(), []
     monkeypatch.setattr(gridx, "collect_due_results", lambda s, t, n: calls.append(1) or release.wait(10) and [])
-    collector = gridx.Collector()
+    collector = gridx.Background(gridx.collect_and_say)
     assert collector.start([], [], []) is True
     assert collector.start([], [], []) is False  # still copying: the pass goes on without it
     release.set()
-    collector.thread.join(5)
+    collector.join()
     assert collector.start([], [], []) is True and calls == [1, 1]
-    collector.thread.join(5)
+    collector.join()
