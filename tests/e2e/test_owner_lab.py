@@ -34,8 +34,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import container, hub, node_exec
-from e2e_helpers import HUB_VPN_IP, copy_bundle, ok, wait_peer_ready, wait_until
+from e2e_helpers import HUB_VPN_IP, container, copy_bundle, hub, node_exec, ok, wait_peer_ready, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data", "agent")
