@@ -2916,10 +2916,14 @@ def registry_repositories(address, ca_path):
 
 
 def registry_tags(address, ca_path, repository):
-    """A repository's tags (none once its last tag was removed)."""
+    """A repository's tags (none once its last tag was removed, or before
+    its first was pushed)."""
     import urllib.parse
 
     tags, path = [], f"/v2/{urllib.parse.quote(repository)}/tags/list?n=1000"
+    status, _, body = registry_request(address, ca_path, path)
+    if status == 404 and "NAME_UNKNOWN" in body:
+        return []
     while path:
         document, headers = api_json(address, ca_path, path)
         tags += document.get("tags") or []
@@ -3032,6 +3036,7 @@ def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, 
         "GRIDX_MANAGER": manager,
         "GRIDX_NEEDS_PRIVATE_KEY": "1" if needs_private_key else "0",
         "GRIDX_VERSION": VERSION,
+        "GRIDX_AGENT_PORT": str(AGENT_PORT),  # agent.sh reports there
     }
 
 
@@ -3040,7 +3045,6 @@ def bundle_settings(config, peer, key_on_hub):
                                config.manager, not key_on_hub)
     if config.job_allow:  # jobnet.sh applies it on the worker
         settings["GRIDX_JOB_ALLOW"] = " ".join(config.job_allow)
-    settings["GRIDX_AGENT_PORT"] = str(AGENT_PORT)  # agent.sh reports there
     return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
 
 
@@ -5430,6 +5434,11 @@ def save_results_record(key, record):
     hand_over(results_record_path(key))
 
 
+def came(record):
+    """The tasks whose output is on the hub (state collected)."""
+    return {task_id for task_id, entry in record["tasks"].items() if entry.get("state") == "collected"}
+
+
 def collect_due_results(services, tasks, nodes):
     """hub watch: every job with --output whose ended tasks are not collected."""
     by_service = tasks_by_service(tasks)
@@ -5437,9 +5446,9 @@ def collect_due_results(services, tasks, nodes):
     for service in services:
         if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
             continue
-        before = load_results_record(service["ID"])
+        before = load_results_record(service["ID"]) or {"tasks": {}}
         record = collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
-        if record and record != before:
+        if record and came(record) - came(before):
             collected.append(service["Spec"]["Name"])
     return collected
 
@@ -5722,7 +5731,10 @@ def owner_node_update(node, report, known):
     elif sharing and node.availability == "pause" and known.get("paused_by_gridx"):
         argv.append("--availability=active")
         known["paused_by_gridx"] = False
-    if len(argv) == 2 and node.owner == label:
+    if len(argv) == 2 and (node.owner == label or (sharing and not node.owner)):
+        # Every node update is a chance for Docker 20.10's constraint
+        # enforcer to reject a running task there (see ENFORCER_REJECTION):
+        # a sharing node that never paused keeps no label at all.
         return None
     return docker(*argv, f"--label-add={LABEL_OWNER_STATE}={label}", "--", node.id)
 
@@ -5749,9 +5761,10 @@ def apply_owner_report(address, report, nodes=None):
 
 
 def silent_agents(nodes, now=None):
-    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S:
-    labelled unknown (they stay paused: an agent that died may have left
-    Grid-X's containers frozen there, and its volunteer is told by status.sh)."""
+    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S
+    are labelled unknown (one that shares is left alone: no node update for
+    nothing). They stay paused: an agent that died may have left Grid-X's
+    containers frozen there, and its volunteer is told by status.sh."""
     now = time.time() if now is None else now
     by_id = {n.id: n for n in nodes}
     silent = []
@@ -5759,7 +5772,8 @@ def silent_agents(nodes, now=None):
         owners = load_owners()
         for node_id, known in owners["nodes"].items():
             node = by_id.get(node_id)
-            if node and now - known.get("seen", 0) > AGENT_SILENT_S and not node.owner.startswith("unknown"):
+            if (node and known.get("paused_by_gridx") and now - known.get("seen", 0) > AGENT_SILENT_S
+                    and not node.owner.startswith("unknown")):
                 silent.append(node)
     for node in silent:
         run(docker("node", "update", f"--label-add={LABEL_OWNER_STATE}=unknown - 0 0 -", "--", node.id), check=False)

@@ -75,16 +75,15 @@ def test_strict_documented_and_executable():
 
 
 def test_the_port_is_the_one_gridx_names():
-    """lib.sh's default report port says it is gridx.py's AGENT_PORT: the same
-    number once gridx.py has it (the hub side listens there)."""
+    """lib.sh's default report port says it is gridx.py's AGENT_PORT (the hub
+    listens there), which bundles carry as GRIDX_AGENT_PORT."""
     import gridx
 
     lib = open(os.path.join(TEMPLATES, "lib.sh")).read()
     m = re.search(r"# Same as gridx.py's AGENT_PORT[^\n]*\n(?:#[^\n]*\n)*AGENT_PORT_DEFAULT=(\d+)", lib)
     assert m, "lib.sh must say its port is gridx.py's AGENT_PORT"
-    if not hasattr(gridx, "AGENT_PORT"):
-        pytest.skip("gridx.py has no AGENT_PORT yet (the hub side's)")
-    assert int(m.group(1)) == gridx.AGENT_PORT
+    assert int(m.group(1)) == gridx.AGENT_PORT == int(gridx.worker_settings(
+        "w", "gridx0", "10.0.0.2", "10.0.0.1", "h:1", "10.0.0.0/24", "10.0.0.1:2377", False)["GRIDX_AGENT_PORT"])
 
 
 # ----------------------------------------------------------- source: cpu ----
