@@ -2,9 +2,9 @@
 #
 # lib.sh - what join.sh, leave.sh and status.sh share. Sourced, never run.
 #
-# Defines functions only; nothing here changes the machine until a script
-# calls a step. Sections, in dependency order:
-#   output · running commands · paths · values files (settings.env, state.env)
+# Defines functions only (and PATH, below); nothing here changes the machine
+# until a script calls a step. Sections, in dependency order:
+#   PATH · output · running commands · paths · values files (settings.env, state.env)
 #   · the journal of changes (state) · checks · Docker · undo (used by both
 #   join.sh's rollback and leave.sh, so removal matches installation exactly)
 #
@@ -25,6 +25,8 @@
 #   GRIDX_MEMINFO             /proc/meminfo
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
+#   GRIDX_LOCAL_BIN           /usr/local/sbin:/usr/local/bin (added to PATH
+#                             where it lacks them: see "PATH" below)
 #   NO_COLOR                  set: no colour even on a terminal
 #
 # The caller sets GRIDX_BUNDLE_DIR (its own folder) and GRIDX_PROG (its name)
@@ -35,6 +37,24 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
 	printf 'error: Grid-X needs bash 4.4 or newer (this is %s)\n' "$BASH_VERSION" >&2
 	exit 3
 fi
+
+# ------------------------------------------------------------------ PATH ----
+# sudo replaces PATH with its secure_path, and Debian's since forky (sudo
+# 1.9.17: /usr/sbin:/usr/bin:/sbin:/bin), like RHEL's, leaves /usr/local out:
+# `sudo ./join.sh` would not find what the volunteer installed there (jq,
+# nvidia-smi, a Docker from static binaries). Its folders are added at the
+# end, where PATH lacks them: what PATH already names keeps its place and
+# comes first. Runs when sourced: every command the scripts look up comes
+# after it, and the programs they start (wg-quick) inherit it.
+path_with_local_bin() {
+	local dir dirs
+	IFS=: read -r -a dirs <<<"${GRIDX_LOCAL_BIN-/usr/local/sbin:/usr/local/bin}"
+	for dir in "${dirs[@]}"; do
+		if [[ -n $dir && :$PATH: != *":$dir:"* ]]; then PATH=${PATH:+$PATH:}$dir; fi
+	done
+	export PATH
+}
+path_with_local_bin
 
 # ---------------------------------------------------------------- output ----
 # Progress, warnings and errors go to stderr; results to stdout. Colour only

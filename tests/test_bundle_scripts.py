@@ -238,6 +238,8 @@ class Lab:
         self.tmp = tmp
         self.bundle = tmp / "gridx-worker1-bundle"
         self.bin = tmp / "bin"
+        # what /usr/local/bin is to the scripts (GRIDX_LOCAL_BIN): off PATH
+        self.local_bin = tmp / "usr-local-bin"
         self.fake = tmp / "fake"
         self.etc = tmp / "etc"
         self.home = tmp / "root"
@@ -247,7 +249,7 @@ class Lab:
         self.daemon_json = self.etc / "docker" / "daemon.json"
         self.nvidia_toml = self.etc / "nvidia-container-runtime" / "config.toml"
         self.auth_keys = self.home / ".ssh" / "authorized_keys"
-        for d in (self.bundle, self.bin, self.fake / "links", self.fake / "fail", self.etc, self.home):
+        for d in (self.bundle, self.bin, self.local_bin, self.fake / "links", self.fake / "fail", self.etc, self.home):
             d.mkdir(parents=True)
         self.settings = {
             "GRIDX_NAME": "worker1",
@@ -320,6 +322,7 @@ class Lab:
     def env(self, **extra):
         env = {
             "PATH": str(self.bin),
+            "GRIDX_LOCAL_BIN": str(self.local_bin),
             "HOME": str(self.home),
             "FAKE": str(self.fake),
             "GRIDX_WG_DIR": str(self.wg_dir),
@@ -1006,6 +1009,39 @@ def test_gpus_with_nvidia_runtime_set_default_runtime_and_swarm_resource(lab):
         "accept-nvidia-visible-devices-envvar-when-unprivileged = true"] + want
     assert lab.run("leave.sh").returncode == 0
     assert lab.snapshot() == before
+
+
+def test_tools_only_in_usr_local_bin_are_found_under_sudos_secure_path(lab):
+    """sudo's secure_path on Debian forky (and RHEL) has no /usr/local/bin:
+    jq, nvidia-smi and the NVIDIA runtime installed only there are found."""
+    if not shutil.which("jq"):
+        pytest.skip("jq not installed")
+    os.symlink(shutil.which("jq"), lab.local_bin / "jq")
+    (lab.fake / "gpus").write_text("GPU-aaaa\n")
+    for name, body in (("nvidia-smi", NVIDIA_SMI), ("nvidia-container-runtime", "exit 0\n")):
+        (lab.local_bin / name).write_text("#!/bin/bash\n" + body)
+        (lab.local_bin / name).chmod(0o755)
+    lab.daemon_json.parent.mkdir()
+    lab.daemon_json.write_bytes(EXISTING)
+    r = lab.join("--cpus", "1", "--memory", "1G", "--gpus", "1", "--yes")
+    assert "unchecked" not in r.stderr and "nvidia-container-runtime is not installed" not in r.stderr, r.stderr
+    d = json.loads(lab.daemon_json.read_text())
+    assert d["node-generic-resources"][-1] == "NVIDIA-GPU=GPU-aaaa"
+    assert d["runtimes"]["nvidia"]["path"] == str(lab.local_bin / "nvidia-container-runtime")
+    assert any(line.startswith("nvidia-smi ") for line in lab.log()), lab.log()
+
+
+@pytest.mark.parametrize("path, want", [
+    ("/usr/sbin:/usr/bin:/sbin:/bin", "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"),
+    ("/usr/local/bin:/usr/bin:/bin", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin"),
+    ("/usr/local/sbin:/usr/local/bin:/usr/bin", "/usr/local/sbin:/usr/local/bin:/usr/bin"),
+    ("", "/usr/local/sbin:/usr/local/bin"),
+])
+def test_path_gets_usr_local_at_its_end_where_it_lacks_it(path, want):
+    script = 'GRIDX_PROG=t; . "$1"; printf %s "$PATH"'
+    r = subprocess.run([shutil.which("bash"), "-c", script, "t", os.path.join(TEMPLATES, "lib.sh")],
+                       env={"PATH": path}, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == want, (r.stdout, r.stderr)
 
 
 # ----------------------------------------------------------- private key ----
