@@ -7,8 +7,9 @@
 #
 # Environment:
 #   GRIDX_LAB_SUITE       Debian suite the nodes run: bookworm (Debian 12,
-#                         Docker 20.10; the default) or trixie (Debian 13,
-#                         Docker 26.1). Images are tagged per suite
+#                         Docker 20.10; the default), trixie (Debian 13,
+#                         Docker 26.1) or forky (Debian testing, Docker
+#                         28.5). Images are tagged per suite
 #                         (gridx-lab-node:SUITE, gridx-lab-hub:SUITE), so both
 #                         can exist side by side; a lab keeps its suite until
 #                         it is cleaned.
@@ -45,7 +46,11 @@ HUB_IP=$LAB_NET.10
 LAB_LABEL=io.gridx.lab          # on every image the lab builds
 NAME_LABEL=io.gridx.lab.name    # on every container of this lab: its name
 SUITE_LABEL=io.gridx.lab.suite  # on every container of this lab: its suite
-SUITES=(bookworm trixie)
+SUITES=(bookworm trixie forky)
+# Debian testing: newer than this machine's debootstrap may know (see
+# debootstrap_script), and its Release file can be served past Valid-Until
+# (allow_expired_release).
+TESTING_SUITES=(forky)
 SUITE=${GRIDX_LAB_SUITE:-bookworm}
 export GRIDX_LAB_SUITE=$SUITE # for docker-compose.yml
 NODE_IMAGE=gridx-lab-node:$SUITE
@@ -113,7 +118,7 @@ Commands:
   test-gpu            a --gpus 1 job (shows the GPU it got) and a --gpus 3 job
                       that must be refused
   cluster             gridx cluster on the hub
-  suite               the Debian suite the lab's containers run (bookworm, trixie)
+  suite               the Debian suite the lab's containers run (bookworm, trixie, forky)
   logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
   clean [--keep-images]
@@ -123,7 +128,8 @@ Commands:
   help                this text
 
 Typical: ./test.sh start && ./test.sh setup && ./test.sh test-job
-Debian 13 (Docker 26.1) instead of 12 (Docker 20.10): GRIDX_LAB_SUITE=trixie
+Debian 13 (Docker 26.1) instead of 12 (Docker 20.10): GRIDX_LAB_SUITE=trixie;
+Debian testing (Docker 28.5): GRIDX_LAB_SUITE=forky
 EOF
 }
 
@@ -250,6 +256,34 @@ debian_mirror() {
 	printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }
 
+# debootstrap_script SUITE: the debootstrap script that builds SUITE. A
+# debootstrap older than the suite has none for it: Debian testing (forky,
+# while Debian 13 is stable) is built as unstable is, from sid's script, as
+# bookworm's debootstrap does for its own testing (its trixie and testing are
+# links to sid). Fails for a suite it cannot build.
+debootstrap_script() {
+	local dir=/usr/share/debootstrap/scripts
+	if [ -e "$dir/$1" ]; then
+		printf '%s\n' "$dir/$1"
+	elif [[ " ${TESTING_SUITES[*]} " == *" $1 "* ]] && [ -e "$dir/sid" ]; then
+		printf '%s\n' "$dir/sid"
+	else
+		return 1
+	fi
+}
+
+# allow_expired_release SUITE ROOTFS: apt in a testing suite's tree accepts
+# a Release file past its Valid-Until. Testing's Release files carry one
+# (stable's do not), and a mirror that is a snapshot, such as this machine's,
+# goes on serving the one it has ("is expired (invalid since 31d)"): every
+# apt-get update in the images' builds would fail. The signatures are still
+# checked. Written at each import, so a tree debootstrapped earlier gets it.
+allow_expired_release() {
+	[[ " ${TESTING_SUITES[*]} " == *" $1 "* ]] || return 0
+	printf '%s\n' '// gridx lab (test.sh): the mirror may serve an expired Release of Debian testing' \
+		'Acquire::Check-Valid-Until "false";' >"$2/etc/apt/apt.conf.d/99gridx-lab-valid-until"
+}
+
 # build_base_image SUITE: gridx-lab-base:SUITE from a debootstrap tree of
 # SUITE, kept in $CACHE/rootfs-SUITE for the next build.
 build_base_image() {
@@ -257,19 +291,21 @@ build_base_image() {
 	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
 		"sudo ./test.sh start"
 	need_cmd debootstrap
-	[ -e "/usr/share/debootstrap/scripts/$suite" ] \
+	local script
+	script=$(debootstrap_script "$suite") \
 		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
 	mirror=$(debian_mirror)
 	if [ ! -e "$rootfs/.gridx-complete" ]; then
 		info "debootstrap $suite from $mirror into $rootfs (about a minute)"
 		rm -rf "$rootfs"
 		mkdir -p "$CACHE"
-		echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >"$log" 2>&1 \
+		echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" "$script" >"$log" 2>&1 \
 			|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
 		rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
 			"$rootfs"/var/cache/apt/*.bin
 		touch "$rootfs/.gridx-complete"
 	fi
+	allow_expired_release "$suite" "$rootfs"
 	info "docker import $rootfs as gridx-lab-base:$suite"
 	tar -C "$rootfs" --exclude=./.gridx-complete -c . \
 		| docker import --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \

@@ -25,7 +25,8 @@ Environment:
                      GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.250 for a
                      lab of its own beside a developer's gridx-lab.
     GRIDX_LAB_SUITE  the Debian suite the lab's nodes run: bookworm (Docker
-                     20.10, the default) or trixie (Docker 26.1), as test.sh.
+                     20.10, the default), trixie (Docker 26.1) or forky
+                     (Docker 28.5), as test.sh.
 """
 
 import os
