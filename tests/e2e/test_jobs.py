@@ -6,8 +6,9 @@ scripts from a file and from a URL, the fixed number of docker calls of
 
 The lab's workers each share LAB_CPUS CPUs (2 on a 2-core machine) and 4 GiB;
 worker3 shares the made-up GPUs GPU-fake-0000 and GPU-fake-0001. Jobs use
-the lab's python:3.11 and gridx-lab-jupyter images (loaded into every worker
-by ./test.sh setup).
+the lab's python:3.11 (in every node since ./test.sh start) and the Jupyter
+image gridx-lab-jupyter, which the Jupyter test pushes to the hub's registry
+(./test.sh push-image) for the worker that runs it to pull over the VPN.
 """
 
 import json
@@ -16,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import HUB, WORKERS, container, hub, node_exec
+from conftest import HUB, WORKERS, container, hub, node_exec, test_sh
 from e2e_helpers import HUB_VPN_IP, WORKER_BRIDGE_IPS, hub_json, ok, start_stopped_worker, wait_until
 
 SEED_OUTPUT = str(2**100)
@@ -177,9 +178,13 @@ def http_get(url):
 
 
 def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
+    # the image only this test uses: built when missing, pushed to the hub's
+    # registry; the worker the job lands on pulls it over the VPN
+    pushed = test_sh("push-image", JUPYTER_IMAGE, timeout=1200)
+    image = ok(pushed, f"./test.sh push-image {JUPYTER_IMAGE}").strip()
+    assert image == f"{HUB_VPN_IP}:5000/{JUPYTER_IMAGE}", image
     jobs.append("nb")
-    proc = hub("jobs", "jupyter", "--image", JUPYTER_IMAGE, "--name", "nb", "--port", "8890", "--json",
-               timeout=300)
+    proc = hub("jobs", "jupyter", "--image", image, "--name", "nb", "--port", "8890", "--json", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     url = json.loads(proc.stdout)["url"]
     match = re.fullmatch(r"http://(10\.0\.0\.\d+):8890/\?token=([0-9a-f]{32})", url)
