@@ -7,14 +7,15 @@
 #   LAB_SUITES=bookworm make test     one suite only
 #   E2E=required make test            fail (not just warn) when Docker cannot
 #                                     run the end-to-end tests (.ci/run)
-#   GRIDX_LAB_SUITE=trixie make e2e   the end-to-end tests on one suite
+#   GRIDX_LAB_SUITE=forky make e2e    the end-to-end tests on one suite
 #   GRIDX_LAB_NAME, GRIDX_LAB_NET     which lab (see test.sh)
 
 PYTHON ?= python3
 SHELL := /bin/bash
-# Debian suites the end-to-end tests run on: trixie (Docker 26.1) first, so
-# the lab left running afterwards is the default bookworm (Docker 20.10) one.
-LAB_SUITES ?= trixie bookworm
+# Debian suites the end-to-end tests run on: forky (Debian testing, Docker
+# 28.5) and trixie (Docker 26.1) first, so the lab left running afterwards is
+# the default bookworm (Docker 20.10) one.
+LAB_SUITES ?= forky trixie bookworm
 E2E ?= auto
 # What dist/gridx is built from (packaging/gridx.spec packs bundle_templates'
 # files but its dotfiles).
@@ -25,8 +26,8 @@ BINARY_SOURCES := gridx.py $(wildcard bundle_templates/*) $(wildcard packaging/*
 help:
 	@echo "make demo    bring up the lab (1 hub + 3 workers) and run a job on it"
 	@echo "make test    every test: unit (and dist/gridx's, built when stale), then end-to-end"
-	@echo "             on a Debian 13 and a Debian 12 lab when Docker can run"
-	@echo "make e2e     end-to-end tests on one lab (GRIDX_LAB_SUITE=bookworm|trixie)"
+	@echo "             on a Debian testing (forky), a Debian 13 and a Debian 12 lab when Docker can run"
+	@echo "make e2e     end-to-end tests on one lab (GRIDX_LAB_SUITE=bookworm|trixie|forky)"
 	@echo "make lint    ruff + shellcheck"
 	@echo "make binary  build dist/gridx, one static file (PyInstaller + staticx)"
 	@echo "make bench   measure Grid-X against the raw tools (needs the lab)"
@@ -39,10 +40,16 @@ deps:
 lab-deps:
 	@scripts/install-deps.sh lab
 
-demo: lab-deps
-	./test.sh start
-	./test.sh setup
-	./test.sh test-job
+# Timed from the packages on: on a fresh machine the installs, debootstrap
+# and the image builds are most of it (test.sh prints each stage's time).
+demo:
+	@set -e; start=$$SECONDS; step() { echo "[#] $$*"; "$$@"; }; \
+	step scripts/install-deps.sh lab; deps=$$SECONDS; \
+	step ./test.sh start; started=$$SECONDS; \
+	step ./test.sh setup; setup=$$SECONDS; \
+	step ./test.sh test-job; \
+	echo "make demo: $$((SECONDS - start)) s (packages $$((deps - start)) s, start $$((started - deps)) s," \
+		"setup $$((setup - started)) s, test-job $$((SECONDS - setup)) s)"
 	@echo
 	@echo "Next: ./test.sh status · ./test.sh cluster · ./test.sh ssh worker2 hostname · ./test.sh test-gpu"
 	@echo "      ./test.sh add-external laptop · ./test.sh clean"

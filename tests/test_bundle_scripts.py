@@ -1179,7 +1179,7 @@ def test_live_restore_is_refused(lab, where):
 
 @pytest.mark.parametrize("version, refused", [
     ("20.10.24+dfsg1", False), ("23.0.1", False), ("23.0.2", True), ("24.0.7", True), ("24.0.9", True),
-    ("25.0.2", True), ("25.0.3", False), ("26.1.5+dfsg1", False), ("29.1.2", False),
+    ("25.0.2", True), ("25.0.3", False), ("26.1.5+dfsg1", False), ("28.5.2+dfsg4", False), ("29.1.2", False),
 ])
 def test_engine_versions_with_the_inverted_resource_check_are_refused(lab, version, refused):
     (lab.fake / "docker_version").write_text(version + "\n")

@@ -194,6 +194,14 @@ def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
     assert http_get(f"http://{address}:8890/api/status?token={token}") == 200
     assert http_get(f"http://{address}:8890/api/status") == 403  # the token is needed
     assert http_get(f"http://{WORKER_BRIDGE_IPS[node]}:8890/api/status?token={token}") == 0
+    # nor over the worker's IPv6 (Docker 27 and later turn ip6tables on by
+    # default; the DOCKER-USER rule join.sh adds is IPv4's): the job's
+    # container is IPv4 only and the userland proxy is off, so nothing on the
+    # worker listens on IPv6 for the port and no ip6tables rule forwards it
+    listening = ok(node_exec(node, "ss -Hltn6 'sport = :8890'"), "ss on the worker")
+    assert listening.strip() == "", listening
+    nat6 = node_exec(node, "ip6tables -t nat -S 2>/dev/null | grep -e '--dport 8890' || true")
+    assert nat6.stdout.strip() == "", nat6.stdout
 
 
 # ---------------------------------------------------------------------------
