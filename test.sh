@@ -116,6 +116,11 @@ Commands:
   setup               hub init, add-peer + join.sh for worker1..3 (worker3
                       shares 2 made-up GPUs), start gridx hub watch in the
                       hub; idempotent (start put python:3.11 into every node)
+  job-images          build (or pull) every job image the tests use, the
+                      Jupyter one too, and start nothing
+  rootfs              debootstrap now the trees start will build base images
+                      from (Docker need not run yet; make demo does this
+                      while Docker is being installed)
   push-image IMAGE    IMAGE into the hub and its registry (prints the name
                       workers pull it by); $JUPYTER_IMAGE is built
                       first when missing
@@ -295,29 +300,53 @@ allow_expired_release() {
 # build_base_image SUITE: gridx-lab-base:SUITE from a debootstrap tree of
 # SUITE, kept in $CACHE/rootfs-SUITE for the next build.
 build_base_image() {
-	local suite=$1 mirror rootfs=$CACHE/rootfs-$1 log=$CACHE/debootstrap-$1.log
-	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
-		"sudo ./test.sh start"
-	need_cmd debootstrap
-	local script
-	script=$(debootstrap_script "$suite") \
-		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
-	mirror=$(debian_mirror)
-	if [ ! -e "$rootfs/.gridx-complete" ]; then
-		info "debootstrap $suite from $mirror into $rootfs (about a minute)"
-		rm -rf "$rootfs"
-		mkdir -p "$CACHE"
-		echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" "$script" >"$log" 2>&1 \
-			|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
-		rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
-			"$rootfs"/var/cache/apt/*.bin
-		touch "$rootfs/.gridx-complete"
-	fi
+	local suite=$1 rootfs=$CACHE/rootfs-$1
+	make_rootfs "$suite"
 	allow_expired_release "$suite" "$rootfs"
 	info "docker import $rootfs as gridx-lab-base:$suite"
 	tar -C "$rootfs" --exclude=./.gridx-complete -c . \
 		| docker import --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
 			--change "LABEL $LAB_LABEL=1" - "gridx-lab-base:$suite" >/dev/null
+}
+
+# make_rootfs SUITE: the debootstrap tree of SUITE in $CACHE/rootfs-SUITE,
+# unless a complete one is there.
+make_rootfs() {
+	local suite=$1 mirror rootfs=$CACHE/rootfs-$1 log=$CACHE/debootstrap-$1.log script
+	[ ! -e "$rootfs/.gridx-complete" ] || return 0
+	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
+		"sudo ./test.sh start"
+	need_cmd debootstrap
+	script=$(debootstrap_script "$suite") \
+		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
+	mirror=$(debian_mirror)
+	info "debootstrap $suite from $mirror into $rootfs (about a minute)"
+	rm -rf "$rootfs"
+	mkdir -p "$CACHE"
+	echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" "$script" >"$log" 2>&1 \
+		|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
+	rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+		"$rootfs"/var/cache/apt/*.bin
+	touch "$rootfs/.gridx-complete"
+}
+
+# ./test.sh rootfs: the debootstrap trees start will need (the lab's suite
+# and the job images' one), made now. Docker need not run yet: make demo runs
+# this while the machine's Docker is still being installed. Where Docker
+# answers and a base image is here already, nothing is needed.
+cmd_rootfs() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh rootfs (no arguments)"
+	local suite t0=$EPOCHREALTIME
+	for suite in $(printf '%s\n' "$SUITE" "$JOB_SUITE" | sort -u); do
+		if docker info >/dev/null 2>&1 \
+			&& { image_exists "debian:$suite-slim" || image_exists "gridx-lab-base:$suite" \
+				|| { [ "$suite" != "$SUITE" ] && image_exists python:3.11; }; }; then
+			info "the images $suite's tree would make are here: no debootstrap"
+			continue
+		fi
+		make_rootfs "$suite"
+	done
+	info "debootstrap trees ready in $(elapsed "$t0")s"
 }
 
 # base_image SUITE: prints the base image to build SUITE's images from:
@@ -373,7 +402,7 @@ build_images() {
 
 # job_base_image: the base the job images are built from ($JOB_SUITE's).
 job_base_image() {
-	if [ "$SUITE" = "$JOB_SUITE" ]; then
+	if [ "$SUITE" = "$JOB_SUITE" ] && [ -n "${BASE_IMAGE:-}" ]; then
 		printf '%s\n' "$BASE_IMAGE"
 	else
 		base_image "$JOB_SUITE"
@@ -397,6 +426,18 @@ ensure_image() {
 }
 
 ensure_job_images() { ensure_image python:3.11 job-python; }
+
+# ./test.sh job-images: every job image the tests use, the Jupyter one too,
+# built (or pulled) now; nothing started. make test runs it once before the
+# suites' labs start side by side, so that they do not build it at once.
+cmd_job_images() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh job-images (no arguments)"
+	need_docker
+	export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
+	docker buildx version >/dev/null 2>&1 && DOCKER_BUILDKIT=1
+	ensure_image python:3.11 job-python
+	ensure_image "$JUPYTER_IMAGE" job-jupyter
+}
 
 # build_all_images: the job image builds (when missing) while the node and
 # hub images do: each waits on the mirror and on apt part of the time.
@@ -940,6 +981,8 @@ main() {
 		test-job) cmd_test_job "$@" ;;
 		test-gpu) cmd_test_gpu "$@" ;;
 		push-image) cmd_push_image "$@" ;;
+		rootfs) cmd_rootfs "$@" ;;
+		job-images) cmd_job_images "$@" ;;
 		cluster) cmd_cluster "$@" ;;
 		suite) cmd_suite "$@" ;;
 		logs) cmd_logs "$@" ;;

@@ -126,7 +126,8 @@ def test_setup_cuts_a_dead_node_left_on_the_lab_bridge(lab):
         pytest.skip("needs root: ip netns")
     bridge = "br-" + ok(subprocess.run(["docker", "network", "inspect", "-f", "{{.Id}}", NETWORK],
                                        capture_output=True, text=True), "docker network inspect")[:12]
-    netns, port, address = "gridx-e2e-dead", "gxdead0", LAB_NET + ".40"
+    # named after the lab: labs side by side (make test's suites) run this at once
+    netns, port, address = f"{NETWORK}-dead", "gxdead" + LAB_NET.rsplit(".", 1)[1], LAB_NET + ".40"
 
     def ip(*args):
         return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
