@@ -94,7 +94,7 @@ test: deps dist/gridx
 
 lint: deps
 	$(PYTHON) -m ruff check gridx.py tests packaging
-	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh packaging/*.sh .ci/run
+	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh packaging/*.sh tests/bench/*.sh .ci/run
 
 binary:
 	packaging/build.sh

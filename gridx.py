@@ -33,14 +33,57 @@ Exit status:
     missing (not root, a tool not installed, Docker not running, hub not
     initialised, manager unreachable), 130 interrupted.
 
-Standard library only: it shells out to wg, wg-quick, docker, ssh and
-ssh-keygen, through one helper, run(), or its sibling start() (and
-run_streaming()) for a command whose output streams past gridx; both echo
-the command under -v.
+Standard library only. It runs other programs through one helper, run(), or
+its siblings start() and run_streaming() for a command whose output streams
+past gridx (all echo the command under -v): wg, wg-quick, docker, ssh,
+ssh-keygen, iptables, iptables-restore, ip, openssl, curl, docker-registry,
+setpriv, useradd, usermod, systemctl, and the bundle's own join.sh, leave.sh
+and status.sh.
 """
 
+# Map: the sections below, in order; each uses only what stands above it
+# (tests/test_layout.py holds this list and the direction against the code).
+#   Constants                 values every section reads; "same as" notes for the bundle's shell
+#   Errors                    GridxError: a message, a hint and an exit status
+#   Output                    info/warn, tables, JSON, human_* formats
+#   Running commands          run(), start(), need(), docker(); the module state of the four ways
+#   State on disk             atomic files, locks, paths, validators and parsers, HubConfig
+#   Firewall                  the hub's iptables chains: swarm on the VPN only, users to SSH only
+#   SSH                       the hub's key, ssh's argv, known_hosts
+#   WireGuard                 keys, the hub's, workers' and users' configs, `wg show`
+#   Swarm                     engine versions, swarm info, nodes and their resources
+#   Registry                  the hub's image registry: read-only side, loopback writer, accounts, HTTP API
+#   Bundles                   a worker's join bundle: settings, files, writing it
+#   Accounts                  users: the gridx account, authorized_keys, user bundles
+#   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
+#   Work folders and results  --workdir layers, uploads through serve, --output collection
+#   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users)
+#   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
+#   Commands: worker          they run the bundle's scripts (one implementation)
+#   Commands: jobs
+#   Commands: image
+#   Commands: serve           the forced command of the users' SSH account
+#   Argument parser           argument builders (args_*, add_*), COMMANDS, build_parser
+#   Main                      main(): the one place that catches GridxError
+#
+# A command runs one of four ways, chosen by module state (Running commands):
+#   on the hub              DOCKER_HOST None, OWNER None: the local docker, wg, files
+#   --manager root@HUB      DOCKER_HOST "ssh://root@HUB": docker's own SSH (set_manager)
+#   --manager USER@HUB      forward_to_serve sends INVOCATION to the hub; ForwardedExit
+#   serve NAME (on the hub) OWNER NAME, SERVE_LIMITS theirs: as on the hub, for that user
+# Every command is declared once, in COMMANDS (Argument parser): its handler,
+# help, example and argument builder; args.command_path names it.
+# Imports: argparse and what Python and argparse load anyway at the top; any
+# other module inside the function that needs it (`gridx --help` must stay
+# fast: make bench's startup row).
+
+import argparse
 import os
+import posixpath
+import re
+import stat
 import sys
+import time
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -70,6 +113,13 @@ ADDRESS_POOLS = ("10.96.0.0/12", "10.208.0.0/12", "172.80.0.0/12", "100.80.0.0/1
 HANDSHAKE_SILENT_S = 180
 KEEPALIVE_S = 25
 FIREWALL_CHAIN = "GRIDX-INPUT"
+
+USERS_CHAIN = "GRIDX-USERS"
+OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reach the registry's writer
+
+REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
+REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
+
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
 
@@ -87,10 +137,28 @@ LABEL_CMD = "gridx.command"
 LABEL_CREATED = "gridx.created"
 LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
+LABEL_KEPT = "gridx.kept"  # a swarm config marking a deleted job's kept results (see Work folders and results)
+LABEL_SERVICE = "gridx.service"  # on that marker: the service ID the results are filed under
+LABEL_LAYER = "gridx.layer"  # a job's work layer: its tag in the hub's registry (see Work folders and results)
+# A job whose work layer is being made waits, its name held, on a constraint
+# no node meets: node.labels.gridx.hold==TAG.
+HOLD_CONSTRAINT = "node.labels.gridx.hold"
 # An engine label (docker node inspect: .Description.Engine.Labels) that a
 # worker's join.sh --no-hub-ssh sets to "no": it declined the hub's SSH.
 # Same as join.sh's HUB_SSH_LABEL.
 LABEL_HUB_SSH = "gridx.hub-ssh"
+
+LABEL_OWNER = "gridx.owner"
+ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
+
+USER_ACCOUNT = "gridx"
+# Names no member may take: the admin's owner, the service account, and
+# words a reader of `jobs list` or a log would take for the system (an
+# account of the hub is refused too: its login owns what it submits there).
+RESERVED_NAMES = frozenset((ADMIN_OWNER, USER_ACCOUNT, "admin", "administrator", "hub", "docker", "daemon",
+                            "nobody", "system", "all", "none", "default", "manager", "worker", "users",
+                            "serve", "registry", "gridx-registry", "wheel", "sudo"))
+
 DEFAULT_JOB_CPUS = 1.0
 DEFAULT_JOB_MEMORY = "1G"
 CONFIG_MAX_BYTES = 1000 * 1024  # swarmkit's limit for one config
@@ -103,6 +171,7 @@ MANAGER_CONNECT_TIMEOUT_S = 5
 JUPYTER_FAILURES = 3  # failed starts in a row before `jobs jupyter` gives up
 WG_CONFIG_MAX_BYTES = 64 * 1024
 WATCH_DEFAULT_INTERVAL_S = 10
+WATCH_SWEEP_EVERY = 10  # hub watch removes the layers of deleted jobs every this many passes (and at its start)
 WATCH_MAX_S = 86400  # hub watch's --interval / --down-after: time.sleep() overflows on huge values
 JUPYTER_MAX_WAIT_S = 86400
 
@@ -114,6 +183,7 @@ INSTALL_HINTS = {
     "ssh-keygen": "openssh-client (Debian/Ubuntu), openssh (Arch, Fedora)",
     "iptables": "iptables",
     "ip": "iproute2 (Debian/Ubuntu/Arch), iproute (Fedora)",
+    "setpriv": "util-linux",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PRECONDITION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -165,12 +235,33 @@ def _tag(name, colour):
     return f"{name}:"
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides that
+# reorder what a terminal shows: a job's command, a worker's hostname or a
+# task's error comes from a member or a volunteer, and reaches other people's
+# terminals only escaped (JSON escapes them itself).
+_UNPRINTABLE = None
+
+
+def printable(text):
+    """TEXT with every control character as \\xNN (or \\uNNNN)."""
+    global _UNPRINTABLE
+    if _UNPRINTABLE is None:
+        _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def say(line=""):
+    """A line of a command's human output (stdout), escaped."""
+    print(printable(line))
+
+
 def info(message):
-    print(f"{_tag('info', '1;34')} {message}", file=sys.stderr)
+    print(f"{_tag('info', '1;34')} {printable(message)}", file=sys.stderr)
 
 
 def warn(message):
-    print(f"{_tag('warning', '1;33')} {message}", file=sys.stderr)
+    print(f"{_tag('warning', '1;33')} {printable(message)}", file=sys.stderr)
 
 
 def print_json(document):
@@ -181,7 +272,7 @@ def print_json(document):
 
 def print_table(headers, rows):
     """Aligned columns, like `docker ps`."""
-    table = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    table = [list(headers)] + [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -216,6 +307,19 @@ def human_mib(mib):
     if mib >= 1024:
         return f"{mib / 1024:.1f}G"
     return f"{mib}M"
+
+
+def human_bytes(count):
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +452,10 @@ def command_error(argv, result):
 
 DOCKER_HOST = None  # set from --manager / GRIDX_MANAGER: docker over SSH
 
+OWNER = None  # set by `gridx serve NAME`: whom the command runs for
+SERVE_LIMITS = None  # serve: that user's limits, {USER_LIMITS key: number or None}
+INVOCATION = []  # main()'s argv: what the client side forwards to serve
+
 
 def docker(*args):
     """argv for a docker call, against the remote manager when one is set."""
@@ -362,6 +470,15 @@ def docker_json_lines(argv):
 
     output = run(argv).stdout
     return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def own_program():
+    """How to run this gridx again: the binary, or python3 and this file."""
+    import shlex
+
+    if getattr(sys, "frozen", False):
+        return shlex.quote(os.environ.get("STATICX_PROG_PATH") or sys.executable)
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +561,32 @@ class StateLock:
         self.handle.close()
 
 
+def results_owner():
+    """The gridx account's (uid, gid), when there is one: it serves users
+    their results (gridx serve reads, and deletes, what root collected)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(USER_ACCOUNT)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(path, recursive=True):
+    """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
+    owner = results_owner()
+    if owner is None or os.geteuid() != 0:
+        return
+    os.lchown(path, *owner)
+    for top, folders, files in os.walk(path) if recursive else ():
+        for name in folders + files:
+            os.lchown(os.path.join(top, name), *owner)
+
+
+# -- where things are ---------------------------------------------------------
+
+
 def hub_config_path():
     return os.path.join(config_dir(), "hub_config.json")
 
@@ -472,18 +615,47 @@ def wg_conf_path(interface):
     return os.path.join(wg_dir(), f"{interface}.conf")
 
 
-# -- validators: each returns the normalised value or raises usage_error ----
+def users_home():
+    """The account's home: root-owned, so the account can change nothing
+    there (sshd's StrictModes accepts root-owned folders and files)."""
+    return os.path.abspath(os.environ.get("GRIDX_USERS_HOME") or "/var/lib/gridx/users")
+
+
+def authorized_keys_path():
+    return os.path.join(users_home(), ".ssh", "authorized_keys")
+
+
+def users_limits_path():
+    """The users' limits, for serve (which cannot read /etc/gridx)."""
+    return os.path.join(users_home(), "users.json")
+
+
+def users_lock_path():
+    """What serve locks around a submission's limit check: a file made once
+    and never replaced (users.json is replaced atomically, so a lock on it
+    would be a lock on whichever copy each process opened)."""
+    return os.path.join(users_home(), "users.lock")
+
+
+def user_bundle_path(name, out_dir=None):
+    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
+
+
+def results_dir():
+    return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
+
+
+# -- validators and parsers ---------------------------------------------------
+# Each returns the normalised value or raises usage_error.
 
 _DNS_LABEL = None
 
 
 def valid_name(name, what="peer name"):
-    import re
-
     global _DNS_LABEL
     if _DNS_LABEL is None:
-        _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-    if not _DNS_LABEL.match(name or ""):
+        _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
         raise usage_error(
             f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and '-' "
             "(a DNS label), starting and ending with a letter or digit",
@@ -493,8 +665,6 @@ def valid_name(name, what="peer name"):
 
 
 def valid_interface(name):
-    import re
-
     # a leading '-' would reach wg, wg-quick and iptables as an option;
     # the rule is wg-quick's, same as lib.sh's is_interface
     if not re.fullmatch(r"[a-zA-Z0-9_=+.][a-zA-Z0-9_=+.-]{0,14}", name or "") or name in (".", ".."):
@@ -575,8 +745,6 @@ def valid_image(image, what="image"):
     """An image reference as Docker's grammar has it, so that a value that is
     not one (a leading '-', an upper-case name) is exit 2 here, never a docker
     option nor an error from the daemon."""
-    import re
-
     name, _, digest = (image or "").partition("@")
     slash = name.rfind("/")
     colon = name.rfind(":")
@@ -610,7 +778,6 @@ def valid_manager(value):
     `docker -H` (and so ssh's argv): a login name, an IPv4 address or a host
     name, a port; nothing there can begin with '-'."""
     import ipaddress
-    import re
 
     rest = value[len("ssh://"):] if value.startswith("ssh://") else value
     match = re.fullmatch(r"(?:([A-Za-z_][A-Za-z0-9_.-]{0,31})@)?([A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?", rest)
@@ -635,13 +802,139 @@ def valid_manager(value):
 def valid_ssh_public_key(value, what="--ssh-key"):
     """One OpenSSH public key line (type, base64, comment): it goes into the
     worker's authorized_keys, where anything before the type is an option."""
-    import re
-
     if not re.fullmatch(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\n\r]*)?",
                         value or ""):
         raise usage_error(f"invalid {what} {value!r}: give one OpenSSH public key line",
                           "for example: the hub's key, from: sudo gridx hub ssh-pubkey")
     return value
+
+
+def valid_user_ssh_key(value, what="--pubkey"):
+    """valid_ssh_public_key, and the key's own bytes name its type: only
+    the type and the key go into authorized_keys (the comment is gridx's)."""
+    import base64
+    import binascii
+    import struct
+
+    line = valid_ssh_public_key((value or "").strip(), what)
+    kind, blob = line.split()[:2]
+    try:
+        raw = base64.b64decode(blob, validate=True)
+        length = struct.unpack(">I", raw[:4])[0]
+        inner = raw[4:4 + length].decode("ascii")
+    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
+        inner = None
+    if inner != kind or len(raw) < 4 + length + 4:
+        raise usage_error(f"invalid {what}: the key's data is not a {kind} key",
+                          "give the .pub file's line, e.g. --pubkey \"$(cat ~/.ssh/id_ed25519.pub)\"")
+    return f"{kind} {blob}"
+
+
+JOB_ALLOW_MAX = 64  # same as lib.sh's JOB_ALLOW_MAX
+
+
+def valid_job_allow(entries):
+    """The allow-list the admin opens for every job (hub allow-jobs): each
+    entry ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]], IPv6 in brackets, a
+    network no broader than /8 (IPv6 /16) named by its first address. The
+    grammar of lib.sh's job_allow_parse, which workers apply (a test runs
+    both on the same samples)."""
+    import ipaddress
+
+    if len(entries) > JOB_ALLOW_MAX:
+        raise usage_error(f"{len(entries)} entries: the allow-list holds at most {JOB_ALLOW_MAX}")
+    grammar = (r"(?:(?P<v4>[0-9.]+)|\[(?P<v6>[0-9A-Fa-f:]+))(?:/(?P<prefix>[0-9]{1,3}))?(?(v6)\])"
+               r"(?::(?P<proto>tcp|udp)(?:/(?P<lo>[1-9][0-9]{0,4})(?:-(?P<hi>[1-9][0-9]{0,4}))?)?)?")
+    hint = "ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]], e.g. 10.0.0.1:tcp/5000 or [fd00::5]:tcp/443"
+    for entry in entries:
+        found = re.fullmatch(grammar, entry or "")
+        if not found:
+            raise usage_error(f"invalid allow-list entry {entry!r}", hint)
+        address = found["v4"] or found["v6"]
+        narrowest = 8 if found["v4"] else 16
+        prefix = found["prefix"] or ("32" if found["v4"] else "128")
+        try:
+            network = ipaddress.ip_network(f"{address}/{int(prefix)}", strict=True)
+        except ValueError:
+            raise usage_error(f"invalid allow-list entry {entry!r}: not an address, or bits set past its prefix",
+                              hint) from None
+        if network.version != (4 if found["v4"] else 6) or network.prefixlen < narrowest:
+            raise usage_error(f"invalid allow-list entry {entry!r}: broader than /{narrowest}",
+                              "the allow-list names servers and their networks, not whole address ranges")
+        ports = [int(p) for p in (found["lo"], found["hi"]) if p]
+        if any(port > 65535 for port in ports) or (len(ports) == 2 and ports[0] > ports[1]):
+            raise usage_error(f"invalid allow-list entry {entry!r}: ports are 1-65535, LOW-HIGH", hint)
+    return list(entries)
+
+
+def parse_cpus(value):
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        cpus = -1.0
+    if not cpus > 0 or cpus != cpus or cpus > 4096:
+        raise usage_error(f"invalid --cpus {value!r}: give a number of CPUs above 0", "for example: --cpus 2")
+    return cpus
+
+
+_SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory(value, flag="--memory", job_memory=True):
+    """'8G', '512M', '1.5g', '2GiB' -> bytes (a job's memory: at least 4M;
+    another size: more than none)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
+    if not match or not match.group(2):
+        raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if job_memory and size < 4 * 1024**2:
+        raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
+    if size < 1:
+        raise usage_error(f"invalid {flag} {value!r}: give a size above none, like 512M")
+    return size
+
+
+def parse_count(value, flag, minimum, maximum=None):
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = minimum - 1
+    if count < minimum or str(value).strip() != str(count):
+        raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
+    if maximum is not None and count > maximum:
+        raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
+    return count
+
+
+def parse_env(items):
+    pairs = []
+    for item in items or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
+        if key == NVIDIA_ENV:
+            raise usage_error(f"--env {NVIDIA_ENV} is Grid-X's: a job sees the GPUs the swarm gives it",
+                              "ask for GPUs with --gpus N")
+        pairs.append(item)
+    return pairs
+
+
+def parse_limit(value, key):
+    """A --max-… value: a number, `none` (no limit) or `default` (the hub's
+    default: returned as ...)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "none":
+        return None
+    if text == "default":
+        return ...
+    flag = LIMIT_FLAGS[key]
+    if key.endswith("_mib"):
+        import math
+
+        return math.ceil(parse_memory(value, flag, job_memory=key == "memory_mib") / 1024**2)
+    return parse_count(value, flag, 0)
 
 
 def hub_ip_of(subnet):
@@ -669,13 +962,90 @@ class Peer:
         return {slot: getattr(self, slot) for slot in self.__slots__}
 
 
+# A member's limits. What their unfinished jobs reserve is checked at submit
+# (a key unset: no limit); what their jobs put on the hub has a value even
+# when the admin set none (STORE_DEFAULTS), so a member never fills the hub.
+SUBMIT_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
+STORE_LIMITS = ("workdir_mib", "output_mib", "output_files", "kept")  # per folder, per task, per task, per member
+USER_LIMITS = SUBMIT_LIMITS + STORE_LIMITS
+HUB_LIMITS = ("free_mib",)  # hub-wide (set-defaults): collection stops while the hub has less free
+STORE_DEFAULTS = {"workdir_mib": 2048, "output_mib": 2048, "output_files": 10000, "kept": 20, "free_mib": 1024}
+# The --max-… flag of each limit (and set-defaults' --min-free).
+LIMIT_FLAGS = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs",
+               "workdir_mib": "--max-workdir", "output_mib": "--max-output", "output_files": "--max-output-files",
+               "kept": "--max-kept", "free_mib": "--min-free"}
+
+
+class User:
+    """A person who submits jobs. Immutable once made.
+
+    limits: only the ones set for this user; a missing key takes the hub's
+    default, None is no limit."""
+
+    __slots__ = ("name", "ip", "public_key", "ssh_key", "limits", "added")
+
+    def __init__(self, name, ip, public_key, ssh_key, limits=None, added=""):
+        values = (name, ip, public_key, ssh_key, dict(limits or {}), added)
+        for slot, value in zip(self.__slots__, values):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("User is immutable")
+
+    def to_dict(self):
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+def valid_limits(document, where, keys=USER_LIMITS):
+    """{key: whole number >= 0 or None} from hub_config.json."""
+    if not isinstance(document, dict):
+        raise TypeError(f"{where} is not an object")
+    for key, value in document.items():
+        if key not in keys:
+            raise ValueError(f"{where} has an unknown limit {key!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
+    return dict(document)
+
+
+def users_from_dict(document, network, hub_ip, peers):
+    """The users and the default limits of hub_config.json, validated (the
+    caller turns any error into one line: the file is damaged)."""
+    import ipaddress
+
+    users = {}
+    taken = {hub_ip} | {peer.ip for peer in peers.values()}
+    items = document.get("users", {})
+    if not isinstance(items, dict):
+        raise TypeError("'users' is not an object")
+    for name, item in items.items():
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "ip", "ssh_key")):
+            raise TypeError(f"user {name!r} is not an object with name, ip and ssh_key")
+        if item["name"] != name or name in peers:
+            raise ValueError(f"user {name!r} is named {item['name']!r} inside, or is also a peer")
+        if ipaddress.ip_address(item["ip"]) not in network or item["ip"] in taken:
+            raise ValueError(f"user {name!r} has the address {item['ip']}, not a free one of {network}")
+        taken.add(item["ip"])
+        users[name] = User(valid_name(name, "user name"), item["ip"],
+                           valid_wg_key(item.get("public_key", ""), "user key"),
+                           valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
+                           valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
+    return users, valid_limits(document.get("user_defaults", {}), "user_defaults", USER_LIMITS + HUB_LIMITS)
+
+
+def users_document(config):
+    """hub_config.json's part for users (HubConfig.to_dict)."""
+    return {"users": {name: user.to_dict() for name, user in sorted(config.users.items())},
+            "user_defaults": dict(config.user_defaults)}
+
+
 class HubConfig:
     """The hub's settings and peers, as saved in hub_config.json."""
 
     FIELDS = ("interface", "public_ip", "port", "subnet", "hub_ip", "public_key", "address_pool", "created")
 
     def __init__(self, interface, public_ip, port, subnet, hub_ip, public_key, address_pool, created, peers,
-                 users=None, user_defaults=None):
+                 users=None, user_defaults=None, job_allow=()):
         self.interface = interface
         self.public_ip = public_ip
         self.port = port
@@ -685,8 +1055,9 @@ class HubConfig:
         self.address_pool = address_pool
         self.created = created
         self.peers = dict(peers)
-        self.users = dict(users or {})  # name -> User (see Users)
+        self.users = dict(users or {})  # name -> User
         self.user_defaults = dict(user_defaults or {})
+        self.job_allow = list(job_allow)  # what every job may reach on private networks (hub allow-jobs)
 
     @property
     def endpoint(self):
@@ -702,6 +1073,8 @@ class HubConfig:
         document["version"] = 1
         document["peers"] = {name: peer.to_dict() for name, peer in sorted(self.peers.items())}
         document.update(users_document(self))
+        if self.job_allow:
+            document["job_allow"] = list(self.job_allow)
         return document
 
     @classmethod
@@ -757,6 +1130,7 @@ class HubConfig:
                 field(document, "created", str, ""),
                 peers,
                 *users_from_dict(document, network, hub_ip, peers),
+                valid_job_allow(field(document, "job_allow", list, [])),
             )
         except (TypeError, ValueError, GridxError) as error:
             detail = error.message if isinstance(error, GridxError) else str(error)
@@ -797,6 +1171,14 @@ def save_hub_config(config):
     atomic_write(hub_config_path(), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", 0o600)
 
 
+def _ip_sort_key(ip):
+    return tuple(int(part) for part in ip.split("."))
+
+
+def user_ips(config):
+    return {user.ip for user in config.users.values()}
+
+
 def allocate_ip(config, requested=None):
     """The requested address after checks, or the lowest free one."""
     import ipaddress
@@ -823,6 +1205,225 @@ def allocate_ip(config, requested=None):
         f"the VPN subnet {config.subnet} is full ({len(config.peers)} peers)",
         "remove a peer (gridx hub remove-peer NAME) or start a hub with a larger --subnet",
     )
+
+
+def valid_user_name(name, what="user name"):
+    """valid_name, and not a name of RESERVED_NAMES."""
+    name = valid_name(name, what)
+    if name in RESERVED_NAMES:
+        raise usage_error(f"{name!r} is reserved: a member's name never reads as the admin, the hub or "
+                          "its accounts", "pick another name, e.g. the person's first name")
+    return name
+
+
+def refuse_taken_name(config, name, wg_key=None, what="peer"):
+    """A peer and a user never share a name or a WireGuard key (add-peer and
+    add-user both ask)."""
+    if name in config.users or name in config.peers:
+        kind = "user" if name in config.users else "peer"
+        raise usage_error(f"{name!r} is already a {kind}" + (f" ({config.users[name].ip})" if kind == "user" else ""),
+                          f"pick another name for the {what}")
+    if wg_key and any(u.public_key == wg_key for u in [*config.peers.values(), *config.users.values()]):
+        raise usage_error("that WireGuard key already belongs to another peer or user", "each needs its own key")
+
+
+def registered(members, name, kind):
+    """config.peers' (or config.users') NAME; exit 2 when there is none."""
+    if name not in members:
+        raise usage_error(f"no {kind} {name!r}", f"list them: gridx hub list-{kind}s")
+    return members[name]
+
+
+def effective_limits(config, user):
+    return {key: user.limits.get(key, config.user_defaults.get(key, STORE_DEFAULTS.get(key))) for key in USER_LIMITS}
+
+
+def hub_limits(config):
+    """The hub-wide values (HUB_LIMITS): set-defaults', else STORE_DEFAULTS."""
+    return {key: config.user_defaults.get(key, STORE_DEFAULTS[key]) for key in HUB_LIMITS}
+
+
+# ---------------------------------------------------------------------------
+# Firewall
+# ---------------------------------------------------------------------------
+
+
+def firewall_rules(config):
+    """iptables-restore input: swarm ports answer on the VPN interface only.
+    Loopback addresses answer on lo only: the kernel drops them elsewhere
+    unless route_localnet is on (Docker without its userland proxy, kube-proxy
+    turn it on), and the registry's writer listens there (see Registry)."""
+    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", f"-A {FIREWALL_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP",
+             *user_firewall_rules(config), *output_firewall_rules()]
+    lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
+    lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
+    for proto, port in SWARM_PORTS + (("tcp", REGISTRY_PORT),):  # the registry too: see Registry
+        lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def user_firewall_rules(config):
+    """iptables-restore lines of USERS_CHAIN (hooked into INPUT through the
+    hub's chain, and into FORWARD): a user's VPN address reaches the hub's
+    SSH port (and ping) only; never the swarm's ports, nor a worker through
+    the hub (ip_forward is on for the VPN)."""
+    lines = [f":{USERS_CHAIN} - [0:0]"]
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        source = f"-s {user.ip}/32"
+        lines += [
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p tcp --dport 22 -j RETURN",
+            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p icmp -j RETURN",
+            f"-A {USERS_CHAIN} {source} -j DROP",
+        ]
+    return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
+
+
+def output_firewall_rules():
+    """iptables-restore lines of OUTPUT_CHAIN (hooked into OUTPUT): the
+    registry's writer on loopback answers root alone (the hub's Docker, the
+    admin's gridx), not the hub's other accounts, the registry's read-only
+    side among them: who reaches the writer may push (see Registry)."""
+    return [f":{OUTPUT_CHAIN} - [0:0]",
+            f"-A {OUTPUT_CHAIN} -o lo -d 127.0.0.1/32 -p tcp --dport {REGISTRY_WRITER_PORT} "
+            "-m owner ! --uid-owner 0 -j REJECT --reject-with tcp-reset"]
+
+
+def firewall_rules_path():
+    return os.path.join(config_dir(), "firewall.rules")
+
+
+def firewall_postup(config):
+    """The hub interface's PostUp line: wg-quick runs it through bash (eval),
+    so the rules file's path is shell-quoted (a GRIDX_CONFIG_DIR with spaces);
+    wg-quick itself cuts a line at '#' and expands %i, which no quoting hides."""
+    import shlex
+
+    path = firewall_rules_path()
+    if any(c in path for c in "#%\n"):
+        raise precondition(f"GRIDX_CONFIG_DIR {config_dir()!r} has a '#', '%' or newline, "
+                           "which wg-quick cannot read in a PostUp line", "choose another folder")
+    return (
+        f"iptables-restore -n {shlex.quote(path)}; "
+        f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
+        + forward_output_postup()
+    )
+
+
+def forward_output_postup():
+    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD, OUTPUT_CHAIN in OUTPUT."""
+    return "".join(f"; iptables -C {parent} -j {chain} 2>/dev/null || iptables -I {parent} 1 -j {chain}"
+                   for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)))
+
+
+def apply_firewall(config):
+    """Install the rules now; the interface's PostUp re-applies them at boot.
+
+    Returns True when something changed.
+    """
+    path = firewall_rules_path()
+    changed = write_if_changed(path, firewall_rules(config), 0o600)
+    current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
+    hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
+    output_hooked = run(["iptables", "-C", "OUTPUT", "-j", OUTPUT_CHAIN], check=False).returncode == 0
+    if not changed and current.returncode == 0 and hooked and output_hooked:
+        return False
+    run(["iptables-restore", "-n", path])
+    if not hooked:
+        run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
+    hook_forward_output()
+    return True
+
+
+def hook_forward_output():
+    """USERS_CHAIN in FORWARD and OUTPUT_CHAIN in OUTPUT now (apply_firewall),
+    as PostUp does at boot."""
+    for parent, chain in (("FORWARD", USERS_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+        if run(["iptables", "-C", parent, "-j", chain], check=False).returncode != 0:
+            run(["iptables", "-I", parent, "1", "-j", chain])
+
+
+# ---------------------------------------------------------------------------
+# SSH
+# ---------------------------------------------------------------------------
+
+
+def ssh_public_key():
+    path = ssh_key_path() + ".pub"
+    try:
+        return read_text(path).strip()
+    except FileNotFoundError:
+        raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
+    except PermissionError:
+        raise precondition(f"cannot read {path}", "run it again with sudo") from None
+
+
+def ensure_ssh_key():
+    """Create the hub's keypair once; never replace it. True if created."""
+    path = ssh_key_path()
+    ensure_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        return False
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gridx-hub", "-f", path])
+    os.chmod(path, 0o600)
+    return True
+
+
+def known_hosts_path():
+    return os.path.join(os.path.dirname(ssh_key_path()), "known_hosts")
+
+
+def ssh_argv(address, command=(), tty=False):
+    argv = [
+        "ssh",
+        "-i", ssh_key_path(),
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts_path()}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", "ConnectTimeout=10",
+        # a worker that vanishes mid-command is noticed within a minute, not at TCP's timeout
+        "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+    ]
+    if tty:
+        argv.append("-t")
+    else:
+        argv += ["-o", "BatchMode=yes"]
+    # `--`: ssh reads options after the host too, unless they come after it
+    return argv + ["--", f"root@{address}", *command]
+
+
+def forget_host_key(address):
+    """Drop an address's lines, plain or hashed (HashKnownHosts), from the
+    hub's known_hosts, so that a worker given the address later is reached
+    instead of refused as an impostor. True when a line went."""
+    import base64
+    import binascii
+    import hashlib
+    import hmac
+
+    def names(pattern):
+        if pattern.startswith("|1|"):
+            try:
+                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
+            except (binascii.Error, ValueError):
+                return False
+            return any(hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
+                       for host in (address, f"[{address}]:22"))
+        return pattern in (address, f"[{address}]:22")
+
+    path = known_hosts_path()
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in text.splitlines(keepends=True)
+            if not (line.split() and not line.startswith(("#", "@"))
+                    and any(names(pattern) for pattern in line.split()[0].split(",")))]
+    if len(kept) == len(text.splitlines()):
+        return False
+    atomic_write(path, "".join(kept), os.stat(path).st_mode & 0o777)
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -858,6 +1459,14 @@ def render_hub_wg_conf(config, private_key):
     return "\n".join(lines)
 
 
+def user_wg_peers(config):
+    """The hub's [Peer] sections for users (render_hub_wg_conf)."""
+    lines = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        lines += [f"# user {user.name}", "[Peer]", f"PublicKey = {user.public_key}", f"AllowedIPs = {user.ip}/32", ""]
+    return lines
+
+
 def render_worker_wg_conf(config, peer, private_key, ssh_public_key=""):
     prefix = config.subnet.split("/")[1]
     lines = [
@@ -883,8 +1492,22 @@ def render_worker_wg_conf(config, peer, private_key, ssh_public_key=""):
     return "\n".join(lines)
 
 
-def _ip_sort_key(ip):
-    return tuple(int(part) for part in ip.split("."))
+def render_user_wg_conf(config, user, private_key):
+    """The user's side: only the hub's address goes through the tunnel."""
+    return "\n".join([
+        f"{CONFIG_MARKER} (user). Written by the hub for user {user.name}.",
+        "[Interface]",
+        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
+        f"Address = {user.ip}/32",
+        f"MTU = {WG_MTU}",
+        "",
+        "[Peer]",
+        f"PublicKey = {config.public_key}",
+        f"Endpoint = {config.endpoint}",
+        f"AllowedIPs = {config.hub_ip}/32",
+        f"PersistentKeepalive = {KEEPALIVE_S}",
+        "",
+    ])
 
 
 def write_hub_wg_conf(config):
@@ -898,8 +1521,6 @@ def wg_dump(interface):
 
     Returns (None, {}) when the interface is down.
     """
-    import time
-
     result = run(["wg", "show", interface, "dump"], check=False)
     if result.returncode != 0:
         return None, {}
@@ -935,7 +1556,6 @@ def systemd_running():
 # Swarm
 # ---------------------------------------------------------------------------
 
-
 # Docker 23.0.2 to 25.0.2 (inclusive) carry moby/swarmkit#3162: the swarm
 # manager's constraint enforcer compares discrete generic resources the wrong
 # way round and rejects every task that reserves part of a node's gridx_cpu
@@ -947,8 +1567,6 @@ BROKEN_ENGINES = ((23, 0, 2), (25, 0, 2))
 
 def engine_refused(version):
     """True for a Docker engine version in BROKEN_ENGINES."""
-    import re
-
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
     if not match:
         return False
@@ -1135,1196 +1753,44 @@ def all_swarm_nodes():
 
 
 # ---------------------------------------------------------------------------
-# Firewall
-# ---------------------------------------------------------------------------
-
-
-def firewall_rules(config):
-    """iptables-restore input: swarm ports answer on the VPN interface only."""
-    lines = ["*filter", f":{FIREWALL_CHAIN} - [0:0]", *user_firewall_rules(config)]
-    lines.append(f"-A {FIREWALL_CHAIN} -i {config.interface} -j RETURN")
-    lines.append(f"-A {FIREWALL_CHAIN} -i lo -j RETURN")
-    lines.append(f"-A {FIREWALL_CHAIN} -p udp --dport {config.port} -j ACCEPT")
-    for proto, port in SWARM_PORTS + (("tcp", REGISTRY_PORT),):  # the registry too: see Registry
-        lines.append(f"-A {FIREWALL_CHAIN} -p {proto} --dport {port} -j DROP")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def firewall_rules_path():
-    return os.path.join(config_dir(), "firewall.rules")
-
-
-def firewall_postup(config):
-    """The hub interface's PostUp line: wg-quick runs it through bash (eval),
-    so the rules file's path is shell-quoted (a GRIDX_CONFIG_DIR with spaces);
-    wg-quick itself cuts a line at '#' and expands %i, which no quoting hides."""
-    import shlex
-
-    path = firewall_rules_path()
-    if any(c in path for c in "#%\n"):
-        raise precondition(f"GRIDX_CONFIG_DIR {config_dir()!r} has a '#', '%' or newline, "
-                           "which wg-quick cannot read in a PostUp line", "choose another folder")
-    return (
-        f"iptables-restore -n {shlex.quote(path)}; "
-        f"iptables -C INPUT -j {FIREWALL_CHAIN} 2>/dev/null || iptables -I INPUT 1 -j {FIREWALL_CHAIN}"
-        + user_firewall_postup()
-    )
-
-
-def apply_firewall(config):
-    """Install the rules now; the interface's PostUp re-applies them at boot.
-
-    Returns True when something changed.
-    """
-    path = firewall_rules_path()
-    changed = write_if_changed(path, firewall_rules(config), 0o600)
-    current = run(["iptables", "-S", FIREWALL_CHAIN], check=False)
-    hooked = run(["iptables", "-C", "INPUT", "-j", FIREWALL_CHAIN], check=False).returncode == 0
-    if not changed and current.returncode == 0 and hooked:
-        return False
-    run(["iptables-restore", "-n", path])
-    if not hooked:
-        run(["iptables", "-I", "INPUT", "1", "-j", FIREWALL_CHAIN])
-    hook_user_firewall()
-    return True
-
-
-# ---------------------------------------------------------------------------
-# SSH
-# ---------------------------------------------------------------------------
-
-
-def ssh_public_key():
-    path = ssh_key_path() + ".pub"
-    try:
-        return read_text(path).strip()
-    except FileNotFoundError:
-        raise precondition(f"the hub has no SSH key ({path})", "run: gridx hub init --ip PUBLIC_IP") from None
-    except PermissionError:
-        raise precondition(f"cannot read {path}", "run it again with sudo") from None
-
-
-def ensure_ssh_key():
-    """Create the hub's keypair once; never replace it. True if created."""
-    path = ssh_key_path()
-    ensure_dir(os.path.dirname(path))
-    if os.path.exists(path):
-        return False
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gridx-hub", "-f", path])
-    os.chmod(path, 0o600)
-    return True
-
-
-def ssh_argv(address, command=(), tty=False):
-    argv = [
-        "ssh",
-        "-i", ssh_key_path(),
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={known_hosts_path()}",
-        "-o", "StrictHostKeyChecking=accept-new",
-        "-o", "ConnectTimeout=10",
-    ]
-    if tty:
-        argv.append("-t")
-    else:
-        argv += ["-o", "BatchMode=yes"]
-    # `--`: ssh reads options after the host too, unless they come after it
-    return argv + ["--", f"root@{address}", *command]
-
-
-# ---------------------------------------------------------------------------
-# Bundles
-# ---------------------------------------------------------------------------
-
-BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "lib.sh")
-
-
-def templates_dir():
-    """bundle_templates/ inside the frozen binary, beside this file (a
-    checkout), or where `pip install` put them (pyproject.toml's data-files):
-    PREFIX/share/gridx/bundle_templates, PREFIX being the one this module was
-    installed into (PREFIX/lib/pythonX.Y/site-packages: a venv, ~/.local,
-    /usr/local), else sys.prefix."""
-    frozen = getattr(sys, "_MEIPASS", None)
-    if frozen:
-        return os.path.join(frozen, "bundle_templates")
-    here = os.path.dirname(os.path.abspath(__file__))
-    installed = os.path.join("share", "gridx", "bundle_templates")
-    candidates = (
-        os.path.join(here, "bundle_templates"),
-        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(here))), installed),
-        os.path.join(sys.prefix, installed),
-    )
-    return next((path for path in candidates if os.path.isdir(path)), candidates[0])
-
-
-def shell_quote(value):
-    return "'" + str(value).replace("'", "'\\''") + "'"
-
-
-def render_settings(settings):
-    lines = ["# Grid-X bundle settings: values only, read by join.sh, leave.sh and status.sh."]
-    lines += [f"{key}={shell_quote(value)}" for key, value in settings.items()]
-    return "\n".join(lines) + "\n"
-
-
-def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, needs_private_key):
-    """A worker bundle's settings.env values: the one place they are named
-    (join.sh, leave.sh and status.sh read them; lib.sh checks them). Built
-    from the hub's records (bundle_settings) or from a worker config
-    (parse_worker_conf)."""
-    return {
-        "GRIDX_NAME": name,
-        "GRIDX_INTERFACE": interface,
-        "GRIDX_VPN_IP": vpn_ip,
-        "GRIDX_HUB_VPN_IP": hub_ip,
-        "GRIDX_HUB_ENDPOINT": endpoint,
-        "GRIDX_SUBNET": subnet,
-        "GRIDX_MANAGER": manager,
-        "GRIDX_NEEDS_PRIVATE_KEY": "1" if needs_private_key else "0",
-        "GRIDX_VERSION": VERSION,
-    }
-
-
-def bundle_settings(config, peer, key_on_hub):
-    settings = worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
-                               config.manager, not key_on_hub)
-    return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
-
-
-BUNDLE_README = """Grid-X join bundle for {name}
-
-This folder lets this computer share its CPUs, memory and GPUs with the
-Grid-X hub at {endpoint}. It holds secrets (a VPN key, a swarm token):
-keep it private.
-
-  sudo ./join.sh            join: asks how many CPUs, how much RAM and how
-                            many GPUs to share (or: --cpus 4 --memory 8G
-                            --gpus 0 --yes)
-  sudo ./status.sh          is the link up, is the node in the swarm
-  sudo ./leave.sh           leave and restore everything join changed
-{key_note}"""
-
-KEY_NOTE = """
-This bundle holds no private key (the hub admin added it with --pubkey).
-Give join.sh the key you created:  sudo ./join.sh --private-key private.key
-"""
-
-
-def write_bundle(folder, files, private_parent=True):
-    """Write a bundle folder (0700) atomically, and a .tar.gz beside it.
-
-    files: {relative name: (content, mode)}. An existing bundle of the same
-    name is replaced whole: readers see the old folder or the new one. The
-    parent is the hub's own 0700 bundles folder, or (private_parent False) a
-    user's add-peer --out folder, left as it is; nothing here follows a
-    symbolic link (check_bundle_target refused them before anything was saved).
-    """
-    import shutil
-    import tarfile
-    import tempfile
-
-    parent = os.path.dirname(folder)
-    if private_parent:
-        ensure_dir(parent)
-    else:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    check_bundle_target(folder)
-    staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
-    fd, tmp_archive = tempfile.mkstemp(prefix=".bundle-", suffix=".tar.gz", dir=parent)  # 0600, O_EXCL
-    old = None
-    try:
-        os.chmod(staging, 0o700)
-        write_files(staging, files)
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            tar.add(staging, arcname=os.path.basename(folder))
-        if os.path.lexists(folder):
-            old = tempfile.mkdtemp(prefix=".old-bundle-", dir=parent)
-            os.rename(folder, os.path.join(old, "bundle"))
-        os.rename(staging, folder)
-        os.replace(tmp_archive, folder + ".tar.gz")  # replaces a name, never follows it
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if os.path.lexists(tmp_archive):
-            os.unlink(tmp_archive)
-        if old and not os.path.lexists(folder):
-            os.rename(os.path.join(old, "bundle"), folder)
-        raise
-    finally:
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def write_files(folder, files):
-    """Create each of files ({name: (content, mode)}) new in folder, with its
-    mode, never through a symbolic link."""
-    for name, (content, mode) in files.items():
-        path = os.path.join(folder, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content if isinstance(content, bytes) else content.encode())
-        os.chmod(path, mode)
-
-
-def check_bundle_target(folder):
-    """Refuse to write a bundle through a symbolic link, or over something
-    that is not an earlier bundle (exit 2)."""
-    parent = os.path.dirname(folder)
-    archive = folder + ".tar.gz"
-    problem = None
-    if os.path.islink(parent):
-        problem = f"{parent} is a symbolic link"
-    elif os.path.lexists(parent) and not os.path.isdir(parent):
-        problem = f"{parent} is not a folder"
-    elif not os.path.lexists(parent):
-        ancestor = os.path.dirname(parent)
-        while not os.path.lexists(ancestor):
-            ancestor = os.path.dirname(ancestor)
-        if not os.path.isdir(ancestor):
-            problem = f"{parent} cannot be made: {ancestor} is not a folder"
-    elif os.path.islink(folder) or os.path.islink(archive):
-        problem = f"{folder if os.path.islink(folder) else archive} is a symbolic link"
-    elif os.path.lexists(folder) and not os.path.isdir(folder):
-        problem = f"{folder} exists and is not a bundle folder"
-    elif os.path.lexists(archive) and not os.path.isfile(archive):
-        problem = f"{archive} exists and is not a file"
-    if problem:
-        raise usage_error(f"cannot write the bundle: {problem}", "choose another --out folder, or move that away")
-
-
-def bundle_contents(settings=None, conf=None, token=None, ssh_key="", readme=None):
-    """A worker bundle's files, {name: (content, mode)}: the scripts, and with
-    settings their values (the WireGuard config, the join token, the hub's
-    SSH key when known), and a README. The one definition of a bundle: the
-    hub's (bundle_files) and `gridx worker`'s (materialise_bundle)."""
-    files = {}
-    for script in BUNDLE_SCRIPTS:
-        path = os.path.join(templates_dir(), script)
-        try:
-            with open(path, "rb") as handle:
-                content = handle.read()
-        except FileNotFoundError:
-            raise GridxError(f"bundle template {path} is missing", "reinstall gridx") from None
-        files[script] = (content, 0o644 if script == "lib.sh" else 0o755)
-    if settings:
-        files["settings.env"] = (render_settings(settings), 0o600)
-        files[f"{settings['GRIDX_INTERFACE']}.conf"] = (conf, 0o600)
-        files["swarm-token"] = (token + "\n", 0o600)
-        if ssh_key:
-            files["hub_ssh.pub"] = (ssh_key + "\n", 0o644)
-    if readme:
-        files["README.txt"] = (readme, 0o644)
-    return files
-
-
-def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
-    """The bundle the hub writes for a peer (add-peer, refresh-bundle)."""
-    readme = BUNDLE_README.format(
-        name=peer.name, endpoint=config.endpoint, key_note="" if key_on_hub else KEY_NOTE
-    )
-    files = bundle_contents(bundle_settings(config, peer, key_on_hub), worker_conf, token, ssh_key, readme)
-    files.update(registry_bundle_files())  # the registry's CA: see Registry
-    return files
-
-
-def refresh_bundle(config, name, token, ssh_key, out_dir=None):
-    """Rewrite a peer's bundle from the hub's record of it (its client config)
-    with the current join token and templates. Returns the folder."""
-    peer = config.peers[name]
-    try:
-        conf = read_text(client_conf_path(name))
-    except FileNotFoundError:
-        raise GridxError(f"{client_conf_path(name)} is missing",
-                         f"re-add the peer: gridx hub remove-peer {name}, then add-peer") from None
-    folder = bundle_path(name, out_dir)
-    write_bundle(folder, bundle_files(config, peer, conf, token, ssh_key, peer.key_on_hub), out_dir is None)
-    return folder
-
-
-def known_hosts_path():
-    return os.path.join(os.path.dirname(ssh_key_path()), "known_hosts")
-
-
-def forget_host_key(address):
-    """Drop an address's lines, plain or hashed (HashKnownHosts), from the
-    hub's known_hosts, so that a worker given the address later is reached
-    instead of refused as an impostor. True when a line went."""
-    import base64
-    import binascii
-    import hashlib
-    import hmac
-
-    def names(pattern):
-        if pattern.startswith("|1|"):
-            try:
-                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
-            except (binascii.Error, ValueError):
-                return False
-            return any(hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
-                       for host in (address, f"[{address}]:22"))
-        return pattern in (address, f"[{address}]:22")
-
-    path = known_hosts_path()
-    try:
-        text = read_text(path)
-    except FileNotFoundError:
-        return False
-    kept = [line for line in text.splitlines(keepends=True)
-            if not (line.split() and not line.startswith(("#", "@"))
-                    and any(names(pattern) for pattern in line.split()[0].split(",")))]
-    if len(kept) == len(text.splitlines()):
-        return False
-    atomic_write(path, "".join(kept), os.stat(path).st_mode & 0o777)
-    return True
-
-
-def remove_bundle(name):
-    import shutil
-
-    folder = bundle_path(name)
-    shutil.rmtree(folder, ignore_errors=True)
-    for path in (folder + ".tar.gz", client_conf_path(name)):
-        if os.path.exists(path):
-            os.unlink(path)
-
-
-# ---------------------------------------------------------------------------
-# Users
-# ---------------------------------------------------------------------------
-# People who submit jobs without being root anywhere. A user is a VPN peer
-# that is not a swarm node (no resources, not in `cluster`); it reaches the
-# hub over SSH as the unprivileged account USER_ACCOUNT, whose authorized_keys
-# (written by gridx, root-owned) force `gridx serve NAME` on every key: serve
-# runs only `gridx jobs …` and `gridx cluster`, with the owner set to NAME.
-# The account is in the docker group (serve needs the socket), so it must
-# never reach a shell: the forced command, `restrict` (no forwarding, no pty,
-# no ~/.ssh/rc) and the firewall chain below (a user's VPN address reaches
-# the hub's SSH port only) are what keep it there.
-
-USER_ACCOUNT = "gridx"
-LABEL_OWNER = "gridx.owner"
-ADMIN_OWNER = "root"  # the owner of jobs made by root on the hub (the admin)
-USER_LIMITS = ("cpus", "memory_mib", "gpus", "jobs")
-# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
-SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
-HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
-USER_WG_INTERFACE = "gridx-user"  # the user's side: beside a worker's gridx0
-USERS_CHAIN = "GRIDX-USERS"
-SSH_CONTROL_PERSIST_S = 60
-
-OWNER = None  # set by `gridx serve NAME`: whom the command runs for
-SERVE_LIMITS = None  # serve: that user's limits, {USER_LIMITS key: number or None}
-INVOCATION = []  # main()'s argv: what the client side forwards to serve
-
-
-def users_home():
-    """The account's home: root-owned, so the account can change nothing
-    there (sshd's StrictModes accepts root-owned folders and files)."""
-    return os.path.abspath(os.environ.get("GRIDX_USERS_HOME") or "/var/lib/gridx/users")
-
-
-def authorized_keys_path():
-    return os.path.join(users_home(), ".ssh", "authorized_keys")
-
-
-def users_limits_path():
-    """The users' limits, for serve (which cannot read /etc/gridx)."""
-    return os.path.join(users_home(), "users.json")
-
-
-def user_bundle_path(name, out_dir=None):
-    return os.path.join(out_dir or bundles_dir(), f"gridx-{name}-user")
-
-
-class User:
-    """A person who submits jobs. Immutable once made.
-
-    limits: only the ones set for this user; a missing key takes the hub's
-    default, None is no limit."""
-
-    __slots__ = ("name", "ip", "public_key", "ssh_key", "limits", "added")
-
-    def __init__(self, name, ip, public_key, ssh_key, limits=None, added=""):
-        values = (name, ip, public_key, ssh_key, dict(limits or {}), added)
-        for slot, value in zip(self.__slots__, values):
-            object.__setattr__(self, slot, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("User is immutable")
-
-    def to_dict(self):
-        return {slot: getattr(self, slot) for slot in self.__slots__}
-
-
-def valid_limits(document, where):
-    """{key: whole number >= 0 or None} from hub_config.json."""
-    if not isinstance(document, dict):
-        raise TypeError(f"{where} is not an object")
-    for key, value in document.items():
-        if key not in USER_LIMITS:
-            raise ValueError(f"{where} has an unknown limit {key!r}")
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{where}: {key} is {value!r}, not a whole number or null")
-    return dict(document)
-
-
-def users_from_dict(document, network, hub_ip, peers):
-    """The users and the default limits of hub_config.json, validated (the
-    caller turns any error into one line: the file is damaged)."""
-    import ipaddress
-
-    users = {}
-    taken = {hub_ip} | {peer.ip for peer in peers.values()}
-    items = document.get("users", {})
-    if not isinstance(items, dict):
-        raise TypeError("'users' is not an object")
-    for name, item in items.items():
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "ip", "ssh_key")):
-            raise TypeError(f"user {name!r} is not an object with name, ip and ssh_key")
-        if item["name"] != name or name in peers:
-            raise ValueError(f"user {name!r} is named {item['name']!r} inside, or is also a peer")
-        if ipaddress.ip_address(item["ip"]) not in network or item["ip"] in taken:
-            raise ValueError(f"user {name!r} has the address {item['ip']}, not a free one of {network}")
-        taken.add(item["ip"])
-        users[name] = User(valid_name(name, "user name"), item["ip"],
-                           valid_wg_key(item.get("public_key", ""), "user key"),
-                           valid_user_ssh_key(item["ssh_key"], f"user {name}'s ssh_key"),
-                           valid_limits(item.get("limits", {}), f"user {name!r}'s limits"), str(item.get("added", "")))
-    return users, valid_limits(document.get("user_defaults", {}), "user_defaults")
-
-
-def users_document(config):
-    """hub_config.json's part for users (HubConfig.to_dict)."""
-    return {"users": {name: user.to_dict() for name, user in sorted(config.users.items())},
-            "user_defaults": dict(config.user_defaults)}
-
-
-def user_ips(config):
-    return {user.ip for user in config.users.values()}
-
-
-def refuse_taken_name(config, name, wg_key=None, what="peer"):
-    """A peer and a user never share a name or a WireGuard key (add-peer and
-    add-user both ask)."""
-    if name in config.users or name in config.peers:
-        kind = "user" if name in config.users else "peer"
-        raise usage_error(f"{name!r} is already a {kind}" + (f" ({config.users[name].ip})" if kind == "user" else ""),
-                          f"pick another name for the {what}")
-    if wg_key and any(u.public_key == wg_key for u in [*config.peers.values(), *config.users.values()]):
-        raise usage_error("that WireGuard key already belongs to another peer or user", "each needs its own key")
-
-
-def valid_user_ssh_key(value, what="--pubkey"):
-    """valid_ssh_public_key, and the key's own bytes name its type: only
-    the type and the key go into authorized_keys (the comment is gridx's)."""
-    import base64
-    import binascii
-    import struct
-
-    line = valid_ssh_public_key((value or "").strip(), what)
-    kind, blob = line.split()[:2]
-    try:
-        raw = base64.b64decode(blob, validate=True)
-        length = struct.unpack(">I", raw[:4])[0]
-        inner = raw[4:4 + length].decode("ascii")
-    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
-        inner = None
-    if inner != kind or len(raw) < 4 + length + 4:
-        raise usage_error(f"invalid {what}: the key's data is not a {kind} key",
-                          "give the .pub file's line, e.g. --pubkey \"$(cat ~/.ssh/id_ed25519.pub)\"")
-    return f"{kind} {blob}"
-
-
-def parse_limit(value, key):
-    """A --max-… value: a number, `none` (no limit) or `default` (the hub's
-    default: returned as ...)."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    if text == "none":
-        return None
-    if text == "default":
-        return ...
-    flag = {"cpus": "--max-cpus", "memory_mib": "--max-memory", "gpus": "--max-gpus", "jobs": "--max-jobs"}[key]
-    if key == "memory_mib":
-        import math
-
-        return math.ceil(parse_memory(value, flag) / 1024**2)
-    return parse_count(value, flag, 0)
-
-
-def limits_from_args(args, allow_default=True):
-    """{key: number, None (no limit), or ... (back to the default)} for the
-    --max-… flags given."""
-    found = {}
-    for key, flag in (("cpus", "max_cpus"), ("memory_mib", "max_memory"), ("gpus", "max_gpus"), ("jobs", "max_jobs")):
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        limit = parse_limit(value, key)
-        if limit is ... and not allow_default:
-            raise usage_error(f"--{flag.replace('_', '-')} default: these are the defaults", "give a number or none")
-        found[key] = limit
-    return found
-
-
-def effective_limits(config, user):
-    return {key: user.limits.get(key, config.user_defaults.get(key)) for key in USER_LIMITS}
-
-
-def show_limit(key, value):
-    if value is None:
-        return "-"
-    return human_mib(value) if key == "memory_mib" else str(value)
-
-
-def authorized_keys_line(name, ssh_key, program=None):
-    """One line of the account's authorized_keys: every key forces `gridx
-    serve NAME`; `restrict` forbids port, agent and X11 forwarding, a pty and
-    ~/.ssh/rc. No pty: Ctrl-C reaches serve as the end of its session's input
-    (see watch_session_end)."""
-    program = program or own_program()
-    if any(c in program for c in '"\\\n'):
-        raise precondition(f"gridx's path {program!r} has a quote, backslash or newline, "
-                           "which an authorized_keys command cannot hold", "install gridx in another folder")
-    return f'command="{program} serve {valid_name(name, "user name")}",restrict {ssh_key} gridx-user-{name}'
-
-
-def render_authorized_keys(config, program=None):
-    lines = [f"{CONFIG_MARKER}: every key runs `gridx serve NAME` only. Change it with",
-             "# gridx hub add-user/remove-user: this file is rewritten from /etc/gridx/hub_config.json."]
-    lines += [authorized_keys_line(user.name, user.ssh_key, program) for user in
-              sorted(config.users.values(), key=lambda u: u.name)]
-    return "\n".join(lines) + "\n"
-
-
-def render_users_limits(config):
-    import json
-
-    document = {"users": {name: effective_limits(config, user) for name, user in sorted(config.users.items())}}
-    return json.dumps(document, indent=2, sort_keys=True) + "\n"
-
-
-def write_user_access(config):
-    """The account's authorized_keys and users.json, root-owned in root-owned
-    folders (the account reads them, changes nothing), atomically."""
-    home = users_home()
-    for folder in (os.path.dirname(home), home, os.path.join(home, ".ssh")):
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(folder, 0, 0)
-        os.chmod(folder, 0o755)
-    atomic_write(authorized_keys_path(), render_authorized_keys(config), 0o644)
-    atomic_write(users_limits_path(), render_users_limits(config), 0o644)
-
-
-def ensure_user_account():
-    """The unprivileged account users log in as, in the docker group (serve
-    runs docker), with its home root-owned. Returns what changed."""
-    import grp
-    import pwd
-
-    changes = []
-    try:
-        pwd.getpwnam(USER_ACCOUNT)
-    except KeyError:
-        need("useradd")
-        # password "*": no password, and not "!" (locked), which sshd without PAM refuses keys for too
-        run(["useradd", "--system", "--password", "*", "--home-dir", users_home(), "--no-create-home",
-             "--shell", "/bin/sh",
-             "--comment", "Grid-X users (gridx serve only)", "--", USER_ACCOUNT])
-        changes.append(f"created the account {USER_ACCOUNT!r} (users log in as it; it runs gridx serve only)")
-    try:
-        docker_group = grp.getgrnam("docker")
-    except KeyError:
-        raise precondition("there is no docker group: gridx serve needs the Docker socket",
-                           "install Docker from your distribution (docker.io), which makes the group") from None
-    if USER_ACCOUNT not in docker_group.gr_mem:
-        run(["usermod", "--append", "--groups", "docker", "--", USER_ACCOUNT])
-        changes.append(f"added {USER_ACCOUNT!r} to the docker group (for gridx serve)")
-    if os.path.isdir(results_dir()) and os.stat(results_dir()).st_uid != pwd.getpwnam(USER_ACCOUNT).pw_uid:
-        hand_over(results_dir())  # results collected before there were users: serve hands them out
-        changes.append(f"gave {results_dir()} to {USER_ACCOUNT!r} (gridx serve hands users their results)")
-    return changes
-
-
-def user_account_ready(config):
-    """hub init: the account and its files, when the hub has users already."""
-    changes = ensure_user_account()
-    write_user_access(config)
-    return changes
-
-
-def reset_users():
-    """hub reset: no user can log in any more, and their firewall chain
-    goes (the account itself stays, unused; a new hub init reuses it)."""
-    for path in (authorized_keys_path(), users_limits_path()):
-        if os.path.exists(path):
-            os.unlink(path)
-    run(["iptables", "-D", "FORWARD", "-j", USERS_CHAIN], check=False)
-    run(["iptables", "-F", USERS_CHAIN], check=False)
-    run(["iptables", "-X", USERS_CHAIN], check=False)
-
-
-def user_wg_peers(config):
-    """The hub's [Peer] sections for users (render_hub_wg_conf)."""
-    lines = []
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        lines += [f"# user {user.name}", "[Peer]", f"PublicKey = {user.public_key}", f"AllowedIPs = {user.ip}/32", ""]
-    return lines
-
-
-def render_user_wg_conf(config, user, private_key):
-    """The user's side: only the hub's address goes through the tunnel."""
-    return "\n".join([
-        f"{CONFIG_MARKER} (user). Written by the hub for user {user.name}.",
-        "[Interface]",
-        f"PrivateKey = {private_key or PRIVATE_KEY_PLACEHOLDER}",
-        f"Address = {user.ip}/32",
-        f"MTU = {WG_MTU}",
-        "",
-        "[Peer]",
-        f"PublicKey = {config.public_key}",
-        f"Endpoint = {config.endpoint}",
-        f"AllowedIPs = {config.hub_ip}/32",
-        f"PersistentKeepalive = {KEEPALIVE_S}",
-        "",
-    ])
-
-
-def user_firewall_rules(config):
-    """iptables-restore lines of USERS_CHAIN (hooked into INPUT through the
-    hub's chain, and into FORWARD): a user's VPN address reaches the hub's
-    SSH port (and ping) only; never the swarm's ports, nor a worker through
-    the hub (ip_forward is on for the VPN)."""
-    lines = [f":{USERS_CHAIN} - [0:0]"]
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        source = f"-s {user.ip}/32"
-        lines += [
-            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p tcp --dport 22 -j RETURN",
-            f"-A {USERS_CHAIN} {source} -d {config.hub_ip}/32 -p icmp -j RETURN",
-            f"-A {USERS_CHAIN} {source} -j DROP",
-        ]
-    return lines + [f"-A {FIREWALL_CHAIN} -j {USERS_CHAIN}"]
-
-
-def user_firewall_postup():
-    """The hub interface's PostUp, continued: USERS_CHAIN in FORWARD."""
-    return f"; iptables -C FORWARD -j {USERS_CHAIN} 2>/dev/null || iptables -I FORWARD 1 -j {USERS_CHAIN}"
-
-
-def hook_user_firewall():
-    """USERS_CHAIN in FORWARD now (apply_firewall), as PostUp does at boot."""
-    if run(["iptables", "-C", "FORWARD", "-j", USERS_CHAIN], check=False).returncode != 0:
-        run(["iptables", "-I", "FORWARD", "1", "-j", USERS_CHAIN])
-
-
-def host_key_line(config):
-    """known_hosts for the user: the hub's SSH host key at its VPN address."""
-    try:
-        kind, blob = read_text(HOST_KEY_PATH).split()[:2]
-    except FileNotFoundError:
-        raise precondition(f"{HOST_KEY_PATH} not found: users reach the hub over SSH",
-                           f"install the SSH server: {install_hint(['openssh-server'])}") from None
-    except ValueError:
-        raise GridxError(f"{HOST_KEY_PATH} is not an SSH public key", "ssh-keygen -A makes the host keys") from None
-    return f"{config.hub_ip} {kind} {blob}"
-
-
-USER_README = """Grid-X user bundle for {name}
-
-This folder lets you submit jobs to the Grid-X hub at {endpoint} from this
-computer: you need WireGuard and ssh here, nothing else (no Docker, no
-Python with the gridx binary). It holds secrets: keep it private.
-
-1. Join the VPN (your address {ip}, the hub {hub_ip}):
-     sudo install -m 600 {interface}.conf /etc/wireguard/{interface}.conf
-     sudo wg-quick up {interface}
-{key_step}
-2. Trust the hub's SSH host key, and keep your SSH key:
-     install -d -m 700 ~/.ssh
-     cat known_hosts >> ~/.ssh/known_hosts
-{ssh_step}
-3. Submit jobs (they run as {name}; you manage only your own):
-     set -a; . ./settings.env; set +a      # GRIDX_MANAGER={manager}
-     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
-     gridx jobs list --mine
-     gridx cluster
-   or name the hub on each command:
-     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait --manager {manager}
-
-   Without gridx, ssh alone does the same:
-     ssh {manager} jobs list
-{limits}"""
-
-
-def user_bundle_files(config, user, private_wg_key, private_ssh_key, host_key):
-    settings = {"GRIDX_USER": user.name, "GRIDX_HUB_VPN_IP": config.hub_ip,
-                "GRIDX_MANAGER": f"{USER_ACCOUNT}@{config.hub_ip}", "GRIDX_VERSION": VERSION}
-    if private_ssh_key:
-        settings["GRIDX_SSH_KEY"] = f"~/.ssh/gridx-{user.name}"
-    limits = effective_limits(config, user)
-    shown = ", ".join(f"{key.replace('_mib', '')} {show_limit(key, value)}" for key, value in limits.items()
-                      if value is not None)
-    readme = USER_README.format(
-        name=user.name, endpoint=config.endpoint, ip=user.ip, hub_ip=config.hub_ip, interface=USER_WG_INTERFACE,
-        manager=settings["GRIDX_MANAGER"],
-        key_step="" if private_wg_key else (
-            "   This config holds no private key (the hub admin added you with --wg-pubkey):\n"
-            f"   put yours in place of {PRIVATE_KEY_PLACEHOLDER} first.\n"),
-        ssh_step=(f"     install -m 600 id_ed25519 ~/.ssh/gridx-{user.name}   # settings.env names it"
-                  if private_ssh_key else "   (your own SSH key: the hub has only its public half)"),
-        limits=f"\nYour limits: {shown}.\n" if shown else "",
-    )
-    files = {
-        f"{USER_WG_INTERFACE}.conf": (render_user_wg_conf(config, user, private_wg_key), 0o600),
-        "known_hosts": (host_key + "\n", 0o644),
-        "settings.env": (render_settings(settings).replace(  # the header names a worker bundle's scripts
-            render_settings({}), "# Grid-X user settings, values only: set -a; . ./settings.env; set +a\n"), 0o644),
-        "README.txt": (readme, 0o644),
-    }
-    if private_ssh_key:
-        files["id_ed25519"] = (private_ssh_key, 0o600)
-        files["id_ed25519.pub"] = (user.ssh_key + f" gridx-user-{user.name}\n", 0o644)
-    return files
-
-
-def new_ssh_keypair(name):
-    """(private key text, public key line), made in a private temp folder
-    that is gone afterwards: the private key lives only in the bundle."""
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix=".sshkey-", dir=config_dir())
-    try:
-        path = os.path.join(folder, "key")
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gridx-user-{name}", "-f", path])
-        return read_text(path), valid_user_ssh_key(read_text(path + ".pub"), "the new key")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def user_rows(config, with_use=True):
-    """Everything list-users shows: one wg call, three docker calls."""
-    _, live = wg_dump(config.interface)
-    use = None
-    if with_use:
-        try:
-            services, tasks, _, _ = jobs_overview()
-            use = use_by_owner(services, tasks)
-        except GridxError as error:
-            warn(f"what users use now is unknown: {error.message}")
-    rows = []
-    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
-        wg = live.get(user.public_key, {})
-        rows.append({
-            "name": user.name, "ip": user.ip, "public_key": user.public_key, "live": user.public_key in live,
-            "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
-            "limits": effective_limits(config, user), "own_limits": dict(user.limits),
-            "use": None if use is None else use.get(user.name, empty_use()),
-            "added": user.added,
-        })
-    return rows
-
-
-# -- owners and fair share ----------------------------------------------------
-
-
-def job_owner():
-    """The owner label of a job made now: the serve user, else the admin
-    (root on the hub, or docker over SSH as root), else the local login."""
-    import pwd
-
-    if OWNER:
-        return OWNER
-    if DOCKER_HOST or os.geteuid() == 0:
-        return ADMIN_OWNER
-    try:
-        return valid_name(pwd.getpwuid(os.geteuid()).pw_name, "login")
-    except (KeyError, GridxError):
-        return f"uid-{os.geteuid()}"
-
-
-def owner_of(service):
-    """A job's owner; a job made before owners existed is the admin's."""
-    return service["Spec"].get("Labels", {}).get(LABEL_OWNER) or ADMIN_OWNER
-
-
-def check_owner(services, action):
-    """Through serve, a user acts only on their own jobs (exit 2 naming
-    the owner); the admin on all."""
-    if OWNER is None:
-        return
-    for service in services:
-        owner = owner_of(service)
-        if owner != OWNER:
-            raise usage_error(f"job {service['Spec']['Name']} is {owner}'s: {OWNER} can {action} only their own jobs",
-                              "see yours: gridx jobs list --mine")
-
-
-def empty_use():
-    return {"cpus": 0, "memory_mib": 0, "gpus": 0, "jobs": 0}
-
-
-def use_by_owner(services, tasks):
-    """What each owner's unfinished jobs reserve: per task that is pending,
-    starting or running (a job whose tasks the swarm has not made yet counts
-    as all its replicas), and how many such jobs. {owner: use}."""
-    by_service = {}
-    for task in tasks:
-        if task.active and is_current(task):
-            by_service[task.service] = by_service.get(task.service, 0) + 1
-    seen = {task.service for task in tasks}
-    use = {}
-    for service in services:
-        name = service["Spec"]["Name"]
-        active = by_service.get(name, 0)
-        if name not in seen:
-            active = job_replicas(service["Spec"].get("Mode", {}))
-        if not active:
-            continue
-        asks = service_request(service) * active
-        held = use.setdefault(owner_of(service), empty_use())
-        held["cpus"] += asks.cpus
-        held["memory_mib"] += asks.memory_mib
-        held["gpus"] += asks.gpus
-        held["jobs"] += 1
-    return use
-
-
-def limit_refusal(owner, use, limits, asks):
-    """The first limit a new job would pass, as one line; None when it fits."""
-    for key in USER_LIMITS:
-        limit = limits.get(key)
-        if limit is None or use[key] + asks[key] <= limit:
-            continue
-        if key == "jobs":
-            return f"{owner} has {use['jobs']} of {limit} jobs unfinished; this job would be one more"
-        if key == "memory_mib":
-            return (f"{owner} uses {human_mib(use[key])} of {human_mib(limit)} memory; "
-                    f"this job asks {human_mib(asks[key])}")
-        what = "CPUs" if key == "cpus" else "GPUs"
-        return f"{owner} uses {use[key]} of {limit} {what}; this job asks {asks[key]}"
-    return None
-
-
-class user_limits_checked:
-    """Around a job's `docker service create`: through serve, refuse a job
-    that would take its owner past their limits (exit 2), holding a lock on
-    users.json so that two submissions at once cannot both pass."""
-
-    def __init__(self, request, replicas):
-        self.request, self.replicas, self.handle = request, replicas, None
-
-    def __enter__(self):
-        if OWNER is None or not SERVE_LIMITS or all(v is None for v in SERVE_LIMITS.values()):
-            return self
-        import fcntl
-
-        self.handle = open(users_limits_path())
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        services, tasks, _, _ = jobs_overview()
-        use = use_by_owner(services, tasks).get(OWNER, empty_use())
-        asks = dict((self.request.resources * self.replicas).to_dict(), jobs=1)
-        refusal = limit_refusal(OWNER, use, SERVE_LIMITS, asks)
-        if refusal:
-            self.handle.close()
-            raise usage_error(refusal, "wait for one of your jobs to end, or delete one (gridx jobs list --mine); "
-                                       "the hub admin sets the limits")
-        return self
-
-    def __exit__(self, *exc):
-        if self.handle:
-            self.handle.close()
-        return False
-
-
-def check_owner_filter(args):
-    if getattr(args, "user", None) not in (None, ADMIN_OWNER):
-        valid_name(args.user, "--user")
-
-
-def filter_jobs(jobs, args):
-    """jobs list --mine / --user NAME."""
-    if getattr(args, "user", None):
-        wanted = args.user
-    elif getattr(args, "mine", False):
-        wanted = job_owner()
-    else:
-        return jobs
-    return [job for job in jobs if job.get("owner") == wanted]
-
-
-def owners_table(use):
-    """cluster: what each owner's unfinished jobs reserve."""
-    if not use:
-        return
-    print()
-    print_table(["OWNER", "JOBS", "CPUS", "MEMORY", "GPUS"],
-                [[owner, u["jobs"], u["cpus"], human_mib(u["memory_mib"]), u["gpus"]]
-                 for owner, u in sorted(use.items())])
-
-
-# -- serve: the hub's side of `--manager gridx@HUB` ----------------------------
-
-
-def serve_words(original):
-    """SSH_ORIGINAL_COMMAND -> the gridx argv to run, or exit 2 with one line:
-    only `[gridx] jobs COMMAND …` and `[gridx] cluster …` (no global option,
-    no `--manager`: that would send the hub's docker elsewhere)."""
-    import shlex
-
-    hint = "through SSH as gridx: gridx jobs … --manager gridx@HUB (jobs run/list/status/logs/delete, cluster)"
-    if not original or not original.strip():
-        raise usage_error("this account runs gridx jobs commands only, never a shell", hint)
-    try:
-        words = shlex.split(original)
-    except ValueError as error:
-        raise usage_error(f"cannot read the command ({error})", hint) from None
-    if words and words[0] == "gridx":
-        words = words[1:]
-    if not words or words[0] not in ("jobs", "cluster"):
-        shown = (words[0] if words else original)[:40]
-        raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
-    return words
-
-
-def check_serve_args(args, words):
-    """After parsing: an allowed command, no --manager, no local script."""
-    hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
-    # by handler: the jobs commands' dest "command" is also run's positional
-    allowed = {COMMANDS["jobs"][2][name][0] for name in SERVE_JOB_COMMANDS} | {CLUSTER_SHORTCUT[0]}
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        raise usage_error("give a jobs command", "gridx jobs --help")
-    if handler not in allowed:
-        raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
-    if getattr(args, "manager", None):
-        raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
-    if handler is cmd_jobs_train and not args.script.startswith(("http://", "https://")) and args.workdir is None:
-        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
-                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
-    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
-        # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
-        raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
-                          "gridx jobs results JOB [DEST] --manager gridx@HUB copies them to your machine")
-
-
-def load_serve_limits(name):
-    """The user's limits from users.json; exit 3 when they are not a user."""
-    import json
-
-    try:
-        document = json.loads(read_text(users_limits_path()))
-        limits = document["users"][name]
-    except FileNotFoundError:
-        raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
-    except (KeyError, TypeError, ValueError, OSError):
-        raise precondition(f"{name!r} is not a user of this hub",
-                           "ask the hub admin: gridx hub add-user NAME") from None
-    return valid_limits(limits, f"{users_limits_path()}: {name}")
-
-
-SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
-
-
-def watch_session_end(armed=False):
-    """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
-    sshd then closes serve's stdin (and nothing else: the command would run
-    on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
-    too, once the client said SESSION_HELLO: gridx keeps stdin open while it
-    waits (forward_to_serve); plain `ssh … < /dev/null` ends it at once and
-    is not taken for an interruption."""
-    import signal
-    import threading
-
-    def on_hangup(signum, frame):
-        raise KeyboardInterrupt
-
-    def watch(armed=armed):
-        try:
-            while True:
-                chunk = os.read(0, 4096)
-                if not chunk:
-                    break
-                armed = armed or chunk.startswith(SESSION_HELLO)
-        except OSError:
-            pass
-        if armed:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGHUP, on_hangup)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def cmd_serve(args):
-    """`command="gridx serve NAME"` in the gridx account's authorized_keys:
-    parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
-    and cluster only, and run them for NAME."""
-    global OWNER, SERVE_LIMITS
-    name = valid_name(args.name, "user name")
-    words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
-    parser, _ = build_parser(words)
-    try:
-        parsed = parser.parse_args(words)
-    except SystemExit as exited:  # argparse printed its usage line and why
-        return EXIT_USAGE if exited.code else EXIT_OK
-    check_serve_args(parsed, words)
-    SERVE_LIMITS = load_serve_limits(name)
-    OWNER = name
-    if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
-        parsed.upload = read_upload(sys.stdin.buffer, parse_memory(parsed.workdir_limit, "--workdir-limit"))
-    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
-    return parsed.handler(parsed)
-
-
-def add_serve_parser(groups, full):
-    """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
-    parser = groups.add_parser("serve")  # no help=: argparse then lists it nowhere
-    if full:
-        parser.set_defaults(handler=cmd_serve)
-        parser.add_argument("name", help="the user the command runs for")
-    return parser
-
-
-# -- the client's side: `gridx jobs … --manager gridx@HUB` ---------------------
-
-
-class ForwardedExit(Exception):
-    """The command ran on the hub through serve: main() exits with its status."""
-
-    def __init__(self, code):
-        super().__init__(code)
-        self.code = code
-
-
-def forwarded_words(argv):
-    """The command line to send to serve: without --manager (and its value)
-    and the global -v; `--` and what follows stay as they are."""
-    words, skip, options = [], False, True
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if options and word == "--":
-            options = False
-        elif options and word.startswith("--ma") and "--manager".startswith(word.partition("=")[0]):
-            skip = "=" not in word
-            continue
-        elif options and not words and (word == "-v" or (word.startswith("--verb") and "--verbose".startswith(word))):
-            continue
-        words.append(word)
-    return words
-
-
-def ssh_control_dir():
-    """A 0700 folder of the user's for ssh's shared connections, or None."""
-    home = os.path.expanduser("~")
-    if home == "~" or not os.path.isabs(home):
-        return None
-    folder = os.path.join(home, ".gridx", "ssh")
-    if any(c in folder for c in '"%\n '):
-        return None  # ssh expands % and would split a quoted or spaced path
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
-    except OSError:
-        return None
-    return folder
-
-
-def serve_ssh_argv(docker_host, words, control=None):
-    """ssh to the gridx account: it runs `gridx serve NAME` whatever it is
-    sent; the command line goes as one shell-quoted word (ssh joins words
-    with spaces), and no value here can begin with '-' (valid_manager)."""
-    import shlex
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(docker_host)
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
-    key = os.environ.get("GRIDX_SSH_KEY")
-    if key:
-        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
-    if control:
-        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
-                 "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
-    if parts.port:
-        argv += ["-p", str(parts.port)]
-    return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
-
-
-def forward_to_serve(docker_host, args=None):
-    """--manager USER@HUB with a USER other than root: the whole command runs
-    on the hub through the gridx account's forced `gridx serve`, needing ssh
-    only here; stdout, stderr and the exit status pass through as they are.
-    Raises ForwardedExit. Root keeps docker over SSH (the admin's path)."""
-    import subprocess
-    import urllib.parse
-
-    user = urllib.parse.urlsplit(docker_host).username
-    if user in (None, ADMIN_OWNER):
-        return
-    need("ssh")
-    check_manager_reachable(docker_host)
-    control = ssh_control_dir()
-    words = forwarded_words(INVOCATION)
-    handler = getattr(args, "handler", None)
-    if handler is cmd_jobs_results and not (args.tar or args.json or args.delete):
-        dest = results_destination(args.dest, args.job_id)
-        written, files = fetch_results_over_ssh(docker_host, args.job_id, dest, control)
-        print(dest)
-        info(f"{human_bytes(written)} in {files} file(s)")
-        raise ForwardedExit(EXIT_OK)
-    if getattr(args, "job_name", None) and not args.name:
-        # the ID is chosen here, so that --wait can fetch the job's results
-        words.insert(words.index("jobs") + 2, f"--name={args.job_name}")
-    layer = getattr(args, "layer", None)
-    argv = serve_ssh_argv(docker_host, words, control)
-    # stdin stays open (never written after the hello and the work folder)
-    # while ssh runs: its end tells serve that this side is gone (Ctrl-C, a
-    # kill), see watch_session_end.
-    process = start(argv, stdin=subprocess.PIPE)
-    try:
-        try:
-            if layer:
-                send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
-            else:
-                process.stdin.write(SESSION_HELLO)
-            process.stdin.flush()
-        except BrokenPipeError:
-            pass  # ssh ended already: its status says why
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
-        raise
-    if code == 255:  # ssh's own failure; it said why on stderr
-        raise precondition(f"cannot run the command on the hub over SSH as {user}",
-                           "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
-                           "(the bundle's settings.env), or ask the hub admin whether you are a user")
-    if getattr(args, "wait", False) and job_output(args):
-        dest = results_destination(None, args.job_name)
-        written, files = fetch_results_over_ssh(docker_host, args.job_name, dest, control)
-        info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
-    raise ForwardedExit(code)
-
-
-# ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
 # An image registry on the hub (Debian's docker-registry, the CNCF
-# distribution registry), listening on the hub's VPN address only, with TLS
-# from a small CA the hub makes once at init (never regenerated: every
-# worker's bundle carries it). Workers trust it through Docker's own
+# distribution registry) as two processes on one storage:
+#   the reader   HUB_VPN_IP:5000, TLS, storage.maintenance.readonly: what
+#                workers pull from (and `image ls` reads); every write (an
+#                upload, a manifest, a delete) is answered 405 Method not
+#                allowed (Allow: GET, HEAD; measured on the lab)
+#   the writer   127.0.0.1:5001, plain HTTP, deletes on: only the hub itself
+#                reaches it: `gridx image push` (the hub's Docker pushes
+#                there), the work layer's push, `gridx image rm`
+# The registry has no authentication: who may write is who reaches the
+# writer, i.e. root on the hub (the firewall's OUTPUT_CHAIN turns the hub's
+# other accounts away) and so the hub's Docker, which the docker group
+# drives: the hub's admin. A job, a worker or a volunteer's own Docker
+# reach only the reader. Credentials (htpasswd) would gate reads too: every
+# worker would hold a password, and distribution's htpasswd has no
+# read-only user.
+# Each runs as its own system account: REGISTRY_ACCOUNT owns the storage
+# (folders 0750, files 0640) and runs the writer; REGISTRY_READER_ACCOUNT
+# is in its group, so it reads the storage and can neither change a byte of
+# it nor reach the writer, even if the process every worker talks to were
+# taken over. It alone (and root) reads the copy of the TLS key; the writer
+# has none (loopback, plain HTTP). Their configs are root's, readable by
+# their group only.
+# TLS comes from a small CA the hub makes once at init (never regenerated:
+# every worker's bundle carries it). Workers trust it through Docker's own
 # /etc/docker/certs.d/HUB_VPN_IP:5000/ca.crt (join.sh installs the bundle's
 # registry-ca.crt there, leave.sh removes it): no insecure-registries, no
-# Docker restart. The hub's own Docker trusts it the same way, so `docker
-# push` from the hub works. Users (GRIDX-USERS) reach the hub's SSH only,
-# never this port; they have no docker to pull with anyway.
+# Docker restart. The hub's Docker needs nothing for the writer: Docker
+# treats 127.0.0.0/8 as an insecure registry by default (moby's
+# loadInsecureRegistries, from 1.3.2 to today). Users (GRIDX-USERS) reach
+# the hub's SSH only, never port 5000; they have no docker to pull with.
 
-REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
-REGISTRY_UNIT = "gridx-registry.service"
+REGISTRY_UNIT = "gridx-registry.service"  # the reader (the single registry's name before the split)
+REGISTRY_WRITER_UNIT = "gridx-registry-writer.service"
+REGISTRY_ACCOUNT = "gridx-registry"  # the writer's, and the storage's owner
+REGISTRY_READER_ACCOUNT = "gridx-registry-ro"  # the reader's: in REGISTRY_ACCOUNT's group
 REGISTRY_CA_FILE = "registry-ca.crt"  # the CA's name in a join bundle (join.sh reads it)
 REGISTRY_CA_DAYS = 3650
 REGISTRY_CERT_DAYS = 3650
@@ -2336,16 +1802,33 @@ MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
 )
 LIST_TYPES = MANIFEST_TYPES[2:]
+# role -> (account, systemd unit, log without systemd, umask): the reader
+# writes nothing; the writer's files are readable by its group (the reader)
+REGISTRY_ROLES = {
+    "reader": (REGISTRY_READER_ACCOUNT, REGISTRY_UNIT, "/var/log/gridx-registry.log", 0o077),
+    "writer": (REGISTRY_ACCOUNT, REGISTRY_WRITER_UNIT, "/var/log/gridx-registry-writer.log", 0o027),
+}
 
 
 def registry_dir():
-    """CA key and cert, server key and cert, the registry's config: 0700."""
+    """CA key and cert, server key and cert, the pid files: root's, 0700."""
     return os.path.join(config_dir(), "registry")
 
 
 def registry_storage():
     """Where the registry keeps its blobs (GRIDX_REGISTRY_STORAGE in tests)."""
     return os.path.abspath(os.environ.get("GRIDX_REGISTRY_STORAGE") or "/var/lib/gridx/registry")
+
+
+def registry_service_dir(role):
+    """What one process reads: its config.yml (and the reader's TLS cert and
+    key copy), root-owned, readable by the role's group. Beside config_dir()
+    (/etc/gridx-registry/ROLE): /etc/gridx is root's alone."""
+    return os.path.join(os.path.dirname(config_dir()), "gridx-registry", role)
+
+
+def registry_config_path(role):
+    return os.path.join(registry_service_dir(role), "config.yml")
 
 
 def docker_certs_dir():
@@ -2355,13 +1838,26 @@ def docker_certs_dir():
 
 
 def registry_paths():
+    """root's files; config.yml and registry.pid are the single registry's
+    of before the split (hub init removes them)."""
     folder = registry_dir()
     return {name: os.path.join(folder, name) for name in (
-        "ca.key", "ca.crt", "server.key", "server.crt", "config.yml", "registry.pid")}
+        "ca.key", "ca.crt", "server.key", "server.crt", "reader.pid", "writer.pid", "config.yml", "registry.pid")}
 
 
 def registry_address(hub_ip):
+    """The reader: the name workers pull and jobs run (HUB_VPN_IP:5000/…)."""
     return f"{hub_ip}:{REGISTRY_PORT}"
+
+
+def registry_writer():
+    """The writer, where the hub's own Docker pushes (`gridx image push`,
+    the work layer) and `gridx image rm` deletes: on the hub's loopback,
+    plain HTTP. The hub's Docker needs no setting for it (127.0.0.0/8 is an
+    insecure registry by default) and nothing off the hub reaches it. What
+    is pushed there as 127.0.0.1:5001/P:T is served to workers as
+    HUB_VPN_IP:5000/P:T (one storage): see writer_reference."""
+    return f"127.0.0.1:{REGISTRY_WRITER_PORT}"
 
 
 def registry_trust_path(address):
@@ -2369,56 +1865,97 @@ def registry_trust_path(address):
     return os.path.join(docker_certs_dir(), address, "ca.crt")
 
 
-def render_registry_config(hub_ip):
-    """The registry's config: the VPN address only, TLS, deletion on (for
-    `gridx image rm`), no blob descriptor cache (after a garbage collection a
-    cached descriptor would say a removed blob still exists)."""
-    paths = registry_paths()
-    return f"""{CONFIG_MARKER}: the hub's image registry (gridx hub init writes it).
+def render_storage_config(delete):
+    """The storage part both processes share. No blob descriptor cache: a
+    process would keep saying a blob exists after the other side's garbage
+    collection removed it."""
+    return f"""storage:
+  filesystem:
+    rootdirectory: {registry_storage()}
+  delete:
+    enabled: {"true" if delete else "false"}
+"""
+
+
+def render_reader_config(hub_ip):
+    """The VPN side: read-only (uploads, manifests and deletes refused; no
+    purge of old uploads either, the writer does that), TLS."""
+    folder = registry_service_dir("reader")
+    return f"""{CONFIG_MARKER}: the hub's image registry, read-only side (gridx hub init writes it).
 version: 0.1
 log:
   level: warn
   accesslog:
     disabled: true
-storage:
-  filesystem:
-    rootdirectory: {registry_storage()}
-  delete:
-    enabled: true
+{render_storage_config(delete=False)}  maintenance:
+    readonly:
+      enabled: true
+    uploadpurging:
+      enabled: false
 http:
   addr: {registry_address(hub_ip)}
   tls:
-    certificate: {paths["server.crt"]}
-    key: {paths["server.key"]}
+    certificate: {os.path.join(folder, "server.crt")}
+    key: {os.path.join(folder, "server.key")}
+  headers:
+    X-Content-Type-Options: [nosniff]
+"""
+
+
+def render_writer_config():
+    """The hub's side: loopback only, plain HTTP, deletion on (image rm)."""
+    return f"""{CONFIG_MARKER}: the hub's image registry, writing side (gridx hub init writes it).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+{render_storage_config(delete=True)}http:
+  addr: {registry_writer()}
   headers:
     X-Content-Type-Options: [nosniff]
 """
 
 
 REGISTRY_UNIT_TEXT = """[Unit]
-Description=Grid-X: the hub's image registry on {address} (VPN only)
-# It listens on the VPN address, which exists once the interface is up.
-Wants=wg-quick@{interface}.service
-After=wg-quick@{interface}.service network-online.target
-
+Description=Grid-X: the hub's image registry, {what}
+{after}
 [Service]
-ExecStart={program} serve {config}
+User={account}
+Group={account}
+{groups}ExecStart={program} serve {config}
 Restart=always
 RestartSec=5
-UMask=0077
+UMask={umask:04o}
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+ProtectSystem=strict
+{writable}ProtectHome=yes
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
 """
 
 
-def render_registry_unit(hub_ip, interface, program):
-    return REGISTRY_UNIT_TEXT.format(address=registry_address(hub_ip), interface=interface, program=program,
-                                     config=registry_paths()["config.yml"])
+def render_registry_unit(role, hub_ip, interface, program):
+    """The reader listens on the VPN address, which exists once the VPN is
+    up; the writer writes the storage and nothing else (ProtectSystem)."""
+    account, _, _, umask = REGISTRY_ROLES[role]
+    if role == "reader":
+        what = f"read-only, on {registry_address(hub_ip)} (VPN only)"
+        after = (f"# It listens on the VPN address, which exists once the interface is up.\n"
+                 f"Wants=wg-quick@{interface}.service\nAfter=wg-quick@{interface}.service network-online.target\n")
+        groups, writable = f"SupplementaryGroups={REGISTRY_ACCOUNT}\n", ""
+    else:
+        what = f"writing side, on {registry_writer()} (the hub alone)"
+        after, groups, writable = "", "", f"ReadWritePaths={registry_storage()}\n"
+    return REGISTRY_UNIT_TEXT.format(what=what, after=after, account=account, groups=groups, program=program,
+                                     config=registry_config_path(role), umask=umask, writable=writable)
 
 
-def registry_unit_path():
-    return f"/etc/systemd/system/{REGISTRY_UNIT}"
+def registry_unit_path(role):
+    return f"/etc/systemd/system/{REGISTRY_ROLES[role][1]}"
 
 
 def openssl_quiet(argv):
@@ -2455,8 +1992,6 @@ def ensure_registry_ca():
 
 def certificate_ips(path):
     """The IP addresses of a certificate's subjectAltName (openssl's text)."""
-    import re
-
     text = run(["openssl", "x509", "-noout", "-text", "-in", path]).stdout
     return set(re.findall(r"IP Address:([0-9.]+)", text))
 
@@ -2495,11 +2030,107 @@ def ensure_registry_cert(hub_ip):
 
 
 def install_registry_trust(hub_ip):
-    """The hub's own Docker trusts the CA (docker push from the hub): the
-    same file join.sh installs on workers. True when it changed."""
+    """The hub's own Docker trusts the CA (image ls, service create resolving
+    a digest): the same file join.sh installs on workers. True when it changed."""
     path = registry_trust_path(registry_address(hub_ip))
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     return write_if_changed(path, read_text(registry_paths()["ca.crt"]), 0o644)
+
+
+# -- the accounts and their files ----------------------------------------------
+
+
+def registry_ids(role):
+    """(uid, gid, supplementary gids) the role's process runs with."""
+    import grp
+    import pwd
+
+    entry = pwd.getpwnam(REGISTRY_ROLES[role][0])
+    groups = [grp.getgrnam(REGISTRY_ACCOUNT).gr_gid] if role == "reader" else []
+    return entry.pw_uid, entry.pw_gid, groups
+
+
+def ensure_registry_accounts():
+    """The two system accounts (no login, no home, a group each); the
+    reader's also in the writer's group. Returns what changed."""
+    import grp
+    import pwd
+
+    changes = []
+    for account, extra in ((REGISTRY_ACCOUNT, []), (REGISTRY_READER_ACCOUNT, ["--groups", REGISTRY_ACCOUNT])):
+        try:
+            pwd.getpwnam(account)
+            continue
+        except KeyError:
+            pass
+        need("useradd")
+        run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", "--comment", "Grid-X image registry", *extra, "--", account])
+        changes.append(f"created the system account {account!r} (the registry's "
+                       f"{'writing' if account == REGISTRY_ACCOUNT else 'read-only'} side runs as it)")
+    if REGISTRY_READER_ACCOUNT not in grp.getgrnam(REGISTRY_ACCOUNT).gr_mem:
+        run(["usermod", "--append", "--groups", REGISTRY_ACCOUNT, "--", REGISTRY_READER_ACCOUNT])
+        changes.append(f"added {REGISTRY_READER_ACCOUNT!r} to the group {REGISTRY_ACCOUNT!r} (it reads the storage)")
+    return changes
+
+
+def install_registry_files(role, files):
+    """The role's folder and files: root-owned (no account can change its
+    own config), group the role's, 0750 and 0640. True when a file changed."""
+    gid = registry_ids(role)[1] if os.geteuid() == 0 else os.getegid()
+    folder = registry_service_dir(role)
+    os.makedirs(os.path.dirname(folder), mode=0o755, exist_ok=True)
+    os.makedirs(folder, mode=0o750, exist_ok=True)
+    changed = False
+    for path, mode in [(folder, 0o750)] + [(os.path.join(folder, name), 0o640) for name in files]:
+        if path != folder:
+            changed |= write_if_changed(path, files[os.path.basename(path)], mode)
+        if os.geteuid() == 0:
+            os.chown(path, 0, gid)  # in a root-owned folder: no account can put a link there
+        os.chmod(path, mode)
+    return changed
+
+
+def ancestors_open(path):
+    """The folders above path that other accounts cannot pass through."""
+    closed, folder = [], os.path.dirname(path)
+    while folder != os.path.dirname(folder):
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            closed.append(folder)
+        folder = os.path.dirname(folder)
+    return closed
+
+
+def own_registry_storage():
+    """The storage is the writer's: folders 0750, files 0640 (the reader
+    reads through the group). A storage the single registry of before wrote
+    as root is handed over file by file, its top folder last, so that an
+    interrupted hand-over is finished by the next init. True when it changed."""
+    storage = registry_storage()
+    os.makedirs(storage, mode=0o750, exist_ok=True)
+    closed = ancestors_open(storage)
+    if closed:
+        raise precondition(f"the registry's accounts cannot reach {storage}: {closed[0]} is closed to them",
+                           f"chmod o+x {closed[0]}, then gridx hub init again")
+    if os.geteuid() != 0:
+        return False
+    uid, gid, _ = registry_ids("writer")
+    top = os.lstat(storage)
+    if (top.st_uid, top.st_gid, stat.S_IMODE(top.st_mode)) == (uid, gid, 0o750):
+        return False
+    for folder, folders, files in os.walk(storage):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            kind = os.lstat(path).st_mode
+            os.lchown(path, uid, gid)
+            if stat.S_ISDIR(kind) or stat.S_ISREG(kind):  # never through a link
+                os.chmod(path, 0o750 if stat.S_ISDIR(kind) else 0o640)
+    os.chown(storage, uid, gid)
+    os.chmod(storage, 0o750)
+    return True
+
+
+# -- the two processes -----------------------------------------------------------
 
 
 def parse_http_response(output):
@@ -2519,21 +2150,23 @@ def parse_http_response(output):
 
 
 def registry_request(address, ca_path, path, method="GET", accept=(), timeout=10):
-    """One HTTPS request to the registry's API: (status, {header: value},
-    body). Through curl: the frozen gridx has no ssl module (the binary
-    leaves libssl out), and curl checks the server against the CA. Exit 3
-    with a hint when the registry does not answer (HTTP errors are returned)."""
-    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--cacert", ca_path,
-            "--max-time", str(timeout)]
+    """One request to the registry's API: (status, {header: value}, body).
+    HTTPS checked against ca_path; plain HTTP when ca_path is None (the
+    writer, on loopback). Through curl: the frozen gridx has no ssl module
+    (the binary leaves libssl out). Exit 3 with a hint when the registry does
+    not answer (HTTP errors are returned)."""
+    argv = ["curl", "--silent", "--show-error", "--http1.1", "--include", "--max-time", str(timeout)]
+    argv += ["--cacert", ca_path] if ca_path else ["--noproxy", "*"]
     argv += ["--head"] if method == "HEAD" else ["--request", method]
     if accept:
         argv += ["--header", "Accept: " + ", ".join(accept)]
-    result = run(argv + [f"https://{address}{path}"], check=False, timeout=timeout + 5)
+    result = run(argv + [f"{'https' if ca_path else 'http'}://{address}{path}"], check=False, timeout=timeout + 5)
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or [f"curl exit {result.returncode}"])[-1]
+        unit = REGISTRY_UNIT if ca_path else REGISTRY_WRITER_UNIT
         raise precondition(
             f"the hub's registry at {address} does not answer: {reason}",
-            "on the hub: gridx hub init (starts it again); systemctl status gridx-registry; "
+            f"on the hub: gridx hub init (starts it again); systemctl status {unit.removesuffix('.service')}; "
             "from a worker: check the VPN (sudo ./status.sh)",
         )
     return parse_http_response(result.stdout)
@@ -2547,66 +2180,131 @@ def registry_answers(address, ca_path, timeout=2):
     return status == 200
 
 
-def registry_pid():
-    """The pid of the registry init started without systemd, when it runs."""
-    path = registry_paths()["registry.pid"]
+def pid_running(path, config):
+    """The pid in path, when that process runs with that config; else None."""
     try:
         pid = int(read_text(path).strip())
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             cmdline = handle.read().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if registry_paths()["config.yml"].encode() in cmdline else None
+    return pid if config.encode() in cmdline else None
 
 
-def stop_registry():
-    """Stop the registry (its unit, or the process init started)."""
-    import time
+def registry_pid(role):
+    """The pid of the role's process init started without systemd, when it runs."""
+    return pid_running(registry_paths()[f"{role}.pid"], registry_config_path(role))
 
-    if systemd_running() and os.path.exists(registry_unit_path()):
-        run(["systemctl", "stop", REGISTRY_UNIT], check=False)
-        return
-    pid = registry_pid()
-    if pid is None:
-        return
+
+def stop_pid(path, config):
+    """SIGTERM to the process of a pid file (when it is that process), up to
+    5 s for it to end; the pid file goes."""
     import signal
 
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
-        if registry_pid() is None:
-            break
-        time.sleep(0.1)
-    path = registry_paths()["registry.pid"]
+    pid = pid_running(path, config)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if pid_running(path, config) is None:
+                break
+            time.sleep(0.1)
     if os.path.exists(path):
         os.unlink(path)
 
 
-def start_registry_process(program):
-    """No systemd (a container, the lab): the registry in its own session,
-    in the background, logging to /var/log/gridx-registry.log; its pid in
-    registry.pid. `gridx hub init` starts it again when it does not answer."""
-    config = registry_paths()["config.yml"]
-    with open("/var/log/gridx-registry.log", "ab") as log, open(os.devnull, "rb") as null:
+def stop_registry(*roles):
+    """Stop the processes of these roles (default both): their units, or the
+    processes init started."""
+    for role in roles or ("writer", "reader"):
+        if systemd_running() and os.path.exists(registry_unit_path(role)):
+            run(["systemctl", "stop", REGISTRY_ROLES[role][1]], check=False)
+        else:
+            stop_pid(registry_paths()[f"{role}.pid"], registry_config_path(role))
+
+
+def stop_single_registry():
+    """The single registry of before the split (root, one config.yml in
+    /etc/gridx/registry): stopped before anything takes its storage, its
+    config and pid file removed. True when there was one."""
+    paths = registry_paths()
+    found = os.path.exists(paths["config.yml"]) or os.path.exists(paths["registry.pid"])
+    unit = registry_unit_path("reader")
+    if systemd_running() and os.path.exists(unit) and f"User={REGISTRY_READER_ACCOUNT}\n" not in read_text(unit):
+        run(["systemctl", "stop", REGISTRY_UNIT], check=False)  # its unit has the reader's name
+        found = True
+    stop_pid(paths["registry.pid"], paths["config.yml"])
+    if os.path.exists(paths["config.yml"]):
+        os.unlink(paths["config.yml"])
+    return found
+
+
+def as_account(role):
+    """setpriv's argv prefix: the role's uid, gid and groups only, no new
+    privileges (a setuid program gains nothing), a clean environment."""
+    account = REGISTRY_ROLES[role][0]
+    groups = [f"--groups={REGISTRY_ACCOUNT}"] if role == "reader" else ["--clear-groups"]
+    return ["setpriv", f"--reuid={account}", f"--regid={account}", *groups, "--no-new-privs", "--reset-env", "--"]
+
+
+def start_registry_process(program, role):
+    """No systemd (a container, the lab): the role's process as its account,
+    in its own session, in the background, logging to its log; its pid in
+    ROLE.pid. `gridx hub init` starts it again when it does not run."""
+    _, _, log_path, umask = REGISTRY_ROLES[role]
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as null:
         # start(): echoed under -v as every command is; its own session (setsid)
-        process = start([program, "serve", config], stdin=null, stdout=log, stderr=log, start_new_session=True)
-    atomic_write(registry_paths()["registry.pid"], f"{process.pid}\n", 0o600)
+        process = start(as_account(role) + [program, "serve", registry_config_path(role)],
+                        stdin=null, stdout=log, stderr=log, start_new_session=True, umask=umask)
+    atomic_write(registry_paths()[f"{role}.pid"], f"{process.pid}\n", 0o600)
+
+
+def registry_side(role, hub_ip):
+    """(address, CA path or None) a role answers on."""
+    if role == "writer":
+        return registry_writer(), None
+    address = registry_address(hub_ip)
+    return address, registry_trust_path(address)
 
 
 def wait_registry(address, ca_path):
-    import time
-
     deadline = time.monotonic() + REGISTRY_WAIT_S
     while not registry_answers(address, ca_path, timeout=1):
         if time.monotonic() > deadline:
+            log = "gridx-registry-writer" if ca_path is None else "gridx-registry"
             raise GridxError(f"the registry did not answer on {address} within {REGISTRY_WAIT_S} s",
-                             "look at journalctl -u gridx-registry or /var/log/gridx-registry.log")
+                             f"look at journalctl -u {log} or /var/log/{log}.log (is the port taken?)")
         time.sleep(0.1)
 
 
+def ensure_registry_process(config, program, role, changed):
+    """One role running its current config: (re)started when its files
+    changed or it does not answer. The list of what changed."""
+    address, ca_path = registry_side(role, config.hub_ip)
+    unit = REGISTRY_ROLES[role][1]
+    if systemd_running():
+        text = render_registry_unit(role, config.hub_ip, config.interface, program)
+        if write_if_changed(registry_unit_path(role), text, 0o644):
+            run(["systemctl", "daemon-reload"])
+            run(["systemctl", "enable", unit])
+            changed = True
+        if not changed and registry_answers(address, ca_path):
+            return []
+        run(["systemctl", "restart", unit])
+        return [f"started the registry's {role} on {address} ({unit}, as {REGISTRY_ROLES[role][0]})"]
+    if not changed and registry_pid(role) is not None and registry_answers(address, ca_path):
+        return []
+    stop_registry(role)
+    start_registry_process(program, role)
+    return [f"started the registry's {role} on {address} as {REGISTRY_ROLES[role][0]} (no systemd: in the "
+            f"background, log {REGISTRY_ROLES[role][2]}; gridx hub init starts it again)"]
+
+
 def registry_ready(config):
-    """hub init: the CA, the server cert, the config and a running registry
-    on HUB_VPN_IP:5000, each changed only when it differs; the list of what
-    changed. A hub without docker-registry or openssl gets a warning."""
+    """hub init: the accounts, the CA, the server cert, both configs, the
+    storage's owner and both processes running, each changed only when it
+    differs (a hub that ran the single root registry is moved over, its
+    images kept); the list of what changed. A hub without docker-registry
+    or openssl gets a warning."""
     import shutil
 
     program = shutil.which("docker-registry")
@@ -2614,55 +2312,74 @@ def registry_ready(config):
         warn("no image registry on this hub: docker-registry or openssl is missing "
              "(apt install docker-registry openssl), then run gridx hub init again")
         return []
-    changes = []
-    address, paths = registry_address(config.hub_ip), registry_paths()
+    if not systemd_running():
+        need("setpriv")
+    changes = ensure_registry_accounts()
+    paths = registry_paths()
     if ensure_registry_ca():
         changes.append(f"created the registry's CA {paths['ca.crt']} (never made again: bundles carry it)")
-    restart = False
     if ensure_registry_cert(config.hub_ip):
         changes.append(f"made the registry's TLS certificate for {config.hub_ip}")
-        restart = True
-    if write_if_changed(paths["config.yml"], render_registry_config(config.hub_ip), 0o600):
-        changes.append(f"wrote {paths['config.yml']}")
-        restart = True
-    os.makedirs(registry_storage(), mode=0o700, exist_ok=True)
+    changed = {
+        "reader": install_registry_files("reader", {
+            "config.yml": render_reader_config(config.hub_ip),
+            "server.crt": read_text(paths["server.crt"]),
+            "server.key": read_text(paths["server.key"]),  # a copy its account reads: /etc/gridx is root's
+        }),
+        "writer": install_registry_files("writer", {"config.yml": render_writer_config()}),
+    }
+    changes += [f"wrote {registry_config_path(role)}" for role in changed if changed[role]]
     if install_registry_trust(config.hub_ip):
-        changes.append(f"this hub's Docker trusts the registry ({registry_trust_path(address)})")
-    trust = registry_trust_path(address)
-    if systemd_running():
-        unit = render_registry_unit(config.hub_ip, config.interface, program)
-        if write_if_changed(registry_unit_path(), unit, 0o644):
-            run(["systemctl", "daemon-reload"])
-            run(["systemctl", "enable", REGISTRY_UNIT])
-            restart = True
-        if restart or not registry_answers(address, trust):
-            run(["systemctl", "restart", REGISTRY_UNIT])
-            changes.append(f"started the registry on {address} ({REGISTRY_UNIT})")
-    elif restart or not registry_answers(address, trust):
-        stop_registry()
-        start_registry_process(program)
-        changes.append(f"started the registry on {address} (no systemd: in the background, "
-                       "log /var/log/gridx-registry.log; gridx hub init starts it again)")
-    wait_registry(address, trust)
+        trust = registry_trust_path(registry_address(config.hub_ip))
+        changes.append(f"this hub's Docker trusts the registry ({trust})")
+    if stop_single_registry():
+        changes.append("stopped the single registry of before (it ran as root, writable over the VPN)")
+    if own_registry_storage():
+        changes.append(f"gave {registry_storage()} to {REGISTRY_ACCOUNT!r} (its images kept)")
+    for role in ("writer", "reader"):
+        changes += ensure_registry_process(config, program, role, changed[role])
+    for role in ("writer", "reader"):
+        wait_registry(*registry_side(role, config.hub_ip))
     return changes
 
 
 def reset_registry():
-    """hub reset: the registry stops and its server cert and config go (the
-    next init makes them for its address); the CA stays (never regenerated)
-    and so do the images (the hint says where)."""
+    """hub reset: both processes stop, their units, configs and the key's
+    copy go, and the server cert (the next init makes them for its
+    address); the CA stays (never regenerated), and so do the images and
+    the accounts (the hint says where)."""
+    stop_single_registry()
     stop_registry()
-    unit = os.path.exists(registry_unit_path())
-    if systemd_running() and unit:
-        run(["systemctl", "disable", REGISTRY_UNIT], check=False)
-    if unit:
-        os.unlink(registry_unit_path())
-        if systemd_running():
-            run(["systemctl", "daemon-reload"], check=False)
-    for name in ("server.key", "server.crt", "config.yml", "registry.pid"):
+    reload = False
+    for role in REGISTRY_ROLES:
+        unit = registry_unit_path(role)
+        if os.path.exists(unit):
+            if systemd_running():
+                run(["systemctl", "disable", REGISTRY_ROLES[role][1]], check=False)
+            os.unlink(unit)
+            reload = True
+    if reload and systemd_running():
+        run(["systemctl", "daemon-reload"], check=False)
+    import shutil
+
+    shutil.rmtree(os.path.dirname(registry_service_dir("reader")), ignore_errors=True)
+    for name in ("server.key", "server.crt", "reader.pid", "writer.pid"):
         path = registry_paths()[name]
         if os.path.exists(path):
             os.unlink(path)
+
+
+def collect_registry_garbage(config):
+    """`docker-registry garbage-collect` as the writer's account, with the
+    writer stopped: an upload during a collection could lose a layer the
+    collector did not see referenced. The reader goes on serving pulls: a
+    read-only registry is what distribution's docs ask for during one."""
+    stop_registry("writer")
+    try:
+        run(as_account("writer") + ["docker-registry", "garbage-collect", registry_config_path("writer")],
+            timeout=1800)
+    finally:
+        registry_ready(config)
 
 
 def registry_bundle_settings(config):
@@ -2680,7 +2397,7 @@ def registry_bundle_files():
     return {REGISTRY_CA_FILE: (read_text(path), 0o644)}
 
 
-# -- image names ----------------------------------------------------------------
+# -- image names --------------------------------------------------------------
 
 
 def split_image(image):
@@ -2707,6 +2424,14 @@ def pushed_name(image, address):
     return f"{address}/{path}:{tag or 'latest'}"
 
 
+def writer_reference(name):
+    """The same repository and tag at the writer, where the hub's Docker
+    pushes it: 10.0.0.1:5000/team/app:1 -> 127.0.0.1:5001/team/app:1 (one
+    storage: workers then pull it by the first name)."""
+    _, path, tag, _ = split_image(name)
+    return f"{registry_writer()}/{path}:{tag or 'latest'}"
+
+
 def registry_reference(name, address):
     """`gridx image rm NAME`: (repository path, tag or digest) in this
     registry; NAME with another registry host is exit 2."""
@@ -2717,13 +2442,11 @@ def registry_reference(name, address):
     return path, digest or tag
 
 
-# -- the registry's HTTP API ------------------------------------------------------
+# -- the registry's HTTP API --------------------------------------------------
 
 
 def parse_link_next(headers):
     """The next page of a paginated list (the Link header), or None."""
-    import re
-
     link = headers.get("link") if headers else None
     match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link or "")
     return match.group(1) if match else None
@@ -2817,68 +2540,487 @@ def registry_images(address, ca_path):
     return images, sum(every_blob.values())
 
 
-def human_bytes(count):
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+# ---------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------
+
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh")
 
 
-def folder_bytes(path):
-    """What the files under path take (the registry's storage)."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
+def templates_dir():
+    """bundle_templates/ inside the frozen binary, beside this file (a
+    checkout), or where `pip install` put them (pyproject.toml's data-files):
+    PREFIX/share/gridx/bundle_templates, PREFIX being the one this module was
+    installed into (PREFIX/lib/pythonX.Y/site-packages: a venv, ~/.local,
+    /usr/local), else sys.prefix."""
+    frozen = getattr(sys, "_MEIPASS", None)
+    if frozen:
+        return os.path.join(frozen, "bundle_templates")
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join("share", "gridx", "bundle_templates")
+    candidates = (
+        os.path.join(here, "bundle_templates"),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(here))), installed),
+        os.path.join(sys.prefix, installed),
+    )
+    return next((path for path in candidates if os.path.isdir(path)), candidates[0])
 
 
-def image_manager(args):
-    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
-    the registry is the admin's, so only root@HUB, never a user's account."""
-    import urllib.parse
-
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
-    if not manager:
-        return None
-    docker_host = valid_manager(manager)
-    user = urllib.parse.urlsplit(docker_host).username
-    if user not in (None, "root"):
-        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
-                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
-                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
-    return manager
+def shell_quote(value):
+    return "'" + str(value).replace("'", "'\\''") + "'"
 
 
-def image_registry(args):
-    """(registry address, CA path) for the image commands: on the hub from
-    its config; with --manager root@HUB, HUB:5000 and the CA this machine's
-    Docker has for it in /etc/docker/certs.d."""
-    import urllib.parse
+def render_settings(settings):
+    lines = ["# Grid-X bundle settings: values only, read by join.sh, leave.sh and status.sh."]
+    lines += [f"{key}={shell_quote(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
 
-    manager = image_manager(args)
-    if manager:
-        host = urllib.parse.urlsplit(valid_manager(manager)).hostname
-        address = f"{host}:{REGISTRY_PORT}"
-        trust = registry_trust_path(address)
-        if not os.path.exists(trust):
-            raise precondition(
-                f"this machine's Docker does not trust the hub's registry: {trust} is missing",
-                f"copy the hub's CA: ssh {manager} cat {registry_paths()['ca.crt']} | sudo install -D -m 0644 "
-                f"/dev/stdin {trust}")
-        return address, trust
-    config = load_hub_config()
-    address = registry_address(config.hub_ip)
-    trust = registry_trust_path(address)
-    if not os.path.exists(trust):
-        raise precondition(f"the hub has no image registry yet ({trust} is missing)",
-                           "install docker-registry and openssl, then run gridx hub init again")
-    return address, trust
+
+def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, needs_private_key):
+    """A worker bundle's settings.env values: the one place they are named
+    (join.sh, leave.sh and status.sh read them; lib.sh checks them). Built
+    from the hub's records (bundle_settings) or from a worker config
+    (parse_worker_conf)."""
+    return {
+        "GRIDX_NAME": name,
+        "GRIDX_INTERFACE": interface,
+        "GRIDX_VPN_IP": vpn_ip,
+        "GRIDX_HUB_VPN_IP": hub_ip,
+        "GRIDX_HUB_ENDPOINT": endpoint,
+        "GRIDX_SUBNET": subnet,
+        "GRIDX_MANAGER": manager,
+        "GRIDX_NEEDS_PRIVATE_KEY": "1" if needs_private_key else "0",
+        "GRIDX_VERSION": VERSION,
+    }
+
+
+def bundle_settings(config, peer, key_on_hub):
+    settings = worker_settings(peer.name, config.interface, peer.ip, config.hub_ip, config.endpoint, config.subnet,
+                               config.manager, not key_on_hub)
+    if config.job_allow:  # jobnet.sh applies it on the worker
+        settings["GRIDX_JOB_ALLOW"] = " ".join(config.job_allow)
+    return dict(settings, **registry_bundle_settings(config))  # GRIDX_REGISTRY: see Registry
+
+
+BUNDLE_README = """Grid-X join bundle for {name}
+
+This folder lets this computer share its CPUs, memory and GPUs with the
+Grid-X hub at {endpoint}. It holds secrets (a VPN key, a swarm token):
+keep it private.
+
+  sudo ./join.sh            join: asks how many CPUs, how much RAM and how
+                            many GPUs to share (or: --cpus 4 --memory 8G
+                            --gpus 0 --yes)
+  sudo ./status.sh          is the link up, is the node in the swarm
+  sudo ./leave.sh           leave and restore everything join changed
+{key_note}"""
+
+KEY_NOTE = """
+This bundle holds no private key (the hub admin added it with --pubkey).
+Give join.sh the key you created:  sudo ./join.sh --private-key private.key
+"""
+
+
+def write_bundle(folder, files, private_parent=True):
+    """Write a bundle folder (0700) atomically, and a .tar.gz beside it.
+
+    files: {relative name: (content, mode)}. An existing bundle of the same
+    name is replaced whole: readers see the old folder or the new one. The
+    parent is the hub's own 0700 bundles folder, or (private_parent False) a
+    user's add-peer --out folder, left as it is; nothing here follows a
+    symbolic link (check_bundle_target refused them before anything was saved).
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    parent = os.path.dirname(folder)
+    if private_parent:
+        ensure_dir(parent)
+    else:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    check_bundle_target(folder)
+    staging = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    fd, tmp_archive = tempfile.mkstemp(prefix=".bundle-", suffix=".tar.gz", dir=parent)  # 0600, O_EXCL
+    old = None
+    try:
+        os.chmod(staging, 0o700)
+        token = files.get("swarm-token") if private_parent else None
+        write_files(staging, {name: item for name, item in files.items() if not (token and name == "swarm-token")})
+        if token:  # the hub's own bundles share one token file (see hub_token_path)
+            store_join_token(token[0].strip())
+            os.link(hub_token_path(), os.path.join(staging, "swarm-token"))
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.add(staging, arcname=os.path.basename(folder))
+        if os.path.lexists(folder):
+            old = tempfile.mkdtemp(prefix=".old-bundle-", dir=parent)
+            os.rename(folder, os.path.join(old, "bundle"))
+        os.rename(staging, folder)
+        os.replace(tmp_archive, folder + ".tar.gz")  # replaces a name, never follows it
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(tmp_archive):
+            os.unlink(tmp_archive)
+        if old and not os.path.lexists(folder):
+            os.rename(os.path.join(old, "bundle"), folder)
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def hub_token_path():
+    """The one copy of the worker join token that every bundle on the hub
+    links to (its swarm-token is a hard link), so a rotation rewrites one
+    file, not every bundle: remove-peer costs the same with 2 peers or 250."""
+    return os.path.join(bundles_dir(), ".swarm-token")
+
+
+def store_join_token(token):
+    """Write the join token into hub_token_path() in place (its inode, which
+    the bundles link to, stays)."""
+    ensure_dir(bundles_dir())
+    fd = os.open(hub_token_path(), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "r+") as handle:
+        handle.truncate(0)
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def linked_to_hub_token(folder):
+    """Whether a bundle's swarm-token is hub_token_path() (older bundles
+    hold a copy of their own)."""
+    try:
+        return os.path.samefile(os.path.join(folder, "swarm-token"), hub_token_path())
+    except OSError:
+        return False
+
+
+def write_files(folder, files):
+    """Create each of files ({name: (content, mode)}) new in folder, with its
+    mode, never through a symbolic link."""
+    for name, (content, mode) in files.items():
+        path = os.path.join(folder, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content if isinstance(content, bytes) else content.encode())
+        os.chmod(path, mode)
+
+
+def check_bundle_target(folder):
+    """Refuse to write a bundle through a symbolic link, or over something
+    that is not an earlier bundle (exit 2)."""
+    parent = os.path.dirname(folder)
+    archive = folder + ".tar.gz"
+    problem = None
+    if os.path.islink(parent):
+        problem = f"{parent} is a symbolic link"
+    elif os.path.lexists(parent) and not os.path.isdir(parent):
+        problem = f"{parent} is not a folder"
+    elif not os.path.lexists(parent):
+        ancestor = os.path.dirname(parent)
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            problem = f"{parent} cannot be made: {ancestor} is not a folder"
+    elif os.path.islink(folder) or os.path.islink(archive):
+        problem = f"{folder if os.path.islink(folder) else archive} is a symbolic link"
+    elif os.path.lexists(folder) and not os.path.isdir(folder):
+        problem = f"{folder} exists and is not a bundle folder"
+    elif os.path.lexists(archive) and not os.path.isfile(archive):
+        problem = f"{archive} exists and is not a file"
+    if problem:
+        raise usage_error(f"cannot write the bundle: {problem}", "choose another --out folder, or move that away")
+
+
+def bundle_contents(settings=None, conf=None, token=None, ssh_key="", readme=None):
+    """A worker bundle's files, {name: (content, mode)}: the scripts, and with
+    settings their values (the WireGuard config, the join token, the hub's
+    SSH key when known), and a README. The one definition of a bundle: the
+    hub's (bundle_files) and `gridx worker`'s (materialise_bundle)."""
+    files = {}
+    for script in BUNDLE_SCRIPTS:
+        path = os.path.join(templates_dir(), script)
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read()
+        except FileNotFoundError:
+            raise GridxError(f"bundle template {path} is missing", "reinstall gridx") from None
+        files[script] = (content, 0o644 if script == "lib.sh" else 0o755)
+    if settings:
+        files["settings.env"] = (render_settings(settings), 0o600)
+        files[f"{settings['GRIDX_INTERFACE']}.conf"] = (conf, 0o600)
+        files["swarm-token"] = (token + "\n", 0o600)
+        if ssh_key:
+            files["hub_ssh.pub"] = (ssh_key + "\n", 0o644)
+    if readme:
+        files["README.txt"] = (readme, 0o644)
+    return files
+
+
+def bundle_files(config, peer, worker_conf, token, ssh_key, key_on_hub):
+    """The bundle the hub writes for a peer (add-peer, refresh-bundle)."""
+    readme = BUNDLE_README.format(
+        name=peer.name, endpoint=config.endpoint, key_note="" if key_on_hub else KEY_NOTE
+    )
+    files = bundle_contents(bundle_settings(config, peer, key_on_hub), worker_conf, token, ssh_key, readme)
+    files.update(registry_bundle_files())  # the registry's CA: see Registry
+    return files
+
+
+def refresh_bundle(config, name, token, ssh_key, out_dir=None):
+    """Rewrite a peer's bundle from the hub's record of it (its client config)
+    with the current join token and templates. Returns the folder."""
+    peer = config.peers[name]
+    try:
+        conf = read_text(client_conf_path(name))
+    except FileNotFoundError:
+        raise GridxError(f"{client_conf_path(name)} is missing",
+                         f"re-add the peer: gridx hub remove-peer {name}, then add-peer") from None
+    folder = bundle_path(name, out_dir)
+    write_bundle(folder, bundle_files(config, peer, conf, token, ssh_key, peer.key_on_hub), out_dir is None)
+    return folder
+
+
+def remove_bundle(name):
+    import shutil
+
+    folder = bundle_path(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in (folder + ".tar.gz", client_conf_path(name)):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+# ---------------------------------------------------------------------------
+# Accounts
+# ---------------------------------------------------------------------------
+# People who submit jobs without being root anywhere. A user is a VPN peer
+# that is not a swarm node (no resources, not in `cluster`); it reaches the
+# hub over SSH as the unprivileged account USER_ACCOUNT, whose authorized_keys
+# (written by gridx, root-owned) force `gridx serve NAME` on every key: serve
+# runs only `gridx jobs …` and `gridx cluster`, with the owner set to NAME
+# (see Remote). The account is in the docker group (serve needs the socket),
+# so it must never reach a shell: the forced command, `restrict` (no
+# forwarding, no pty, no ~/.ssh/rc) and the firewall's USERS_CHAIN (a user's
+# VPN address reaches the hub's SSH port only) are what keep it there.
+
+HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key.pub"
+USER_WG_INTERFACE = "gridx-user"  # the user's side: beside a worker's gridx0
+
+
+def limits_from_args(args, allow_default=True):
+    """{key: number, None (no limit), or ... (back to the default)} for the
+    --max-… flags given."""
+    found = {}
+    for key, flag in LIMIT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
+        limit = parse_limit(value, key)
+        if limit is ... and not allow_default:
+            raise usage_error(f"{flag} default: these are the defaults", "give a number or none")
+        found[key] = limit
+    return found
+
+
+def show_limit(key, value):
+    if value is None:
+        return "-"
+    return human_mib(value) if key.endswith("_mib") else str(value)
+
+
+def authorized_keys_line(name, ssh_key, program=None):
+    """One line of the account's authorized_keys: every key forces `gridx
+    serve NAME`; `restrict` forbids port, agent and X11 forwarding, a pty and
+    ~/.ssh/rc. No pty: Ctrl-C reaches serve as the end of its session's input
+    (see watch_session_end)."""
+    program = program or own_program()
+    if any(c in program for c in '"\\\n'):
+        raise precondition(f"gridx's path {program!r} has a quote, backslash or newline, "
+                           "which an authorized_keys command cannot hold", "install gridx in another folder")
+    return f'command="{program} serve {valid_name(name, "user name")}",restrict {ssh_key} gridx-user-{name}'
+
+
+def render_authorized_keys(config, program=None):
+    lines = [f"{CONFIG_MARKER}: every key runs `gridx serve NAME` only. Change it with",
+             "# gridx hub add-user/remove-user: this file is rewritten from /etc/gridx/hub_config.json."]
+    lines += [authorized_keys_line(user.name, user.ssh_key, program) for user in
+              sorted(config.users.values(), key=lambda u: u.name) if user.name not in RESERVED_NAMES]
+    return "\n".join(lines) + "\n"
+
+
+def render_users_limits(config):
+    import json
+
+    document = {"users": {name: effective_limits(config, user) for name, user in sorted(config.users.items())},
+                "hub": hub_limits(config)}
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def write_user_access(config):
+    """The account's authorized_keys and users.json, root-owned in root-owned
+    folders (the account reads them, changes nothing), atomically."""
+    home = users_home()
+    for folder in (os.path.dirname(home), home, os.path.join(home, ".ssh")):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(folder, 0, 0)
+        os.chmod(folder, 0o755)
+    atomic_write(authorized_keys_path(), render_authorized_keys(config), 0o644)
+    atomic_write(users_limits_path(), render_users_limits(config), 0o644)
+    if not os.path.exists(users_lock_path()):
+        write_new_file(users_lock_path(), "", 0o644)
+    for name in sorted(set(config.users) & RESERVED_NAMES):  # added before names were reserved
+        warn(f"user {name!r} has a reserved name: their key no longer logs in; "
+             f"remove them (gridx hub remove-user {name}) and add them again under another name")
+
+
+def refuse_hub_login(name):
+    """A member is never named like an account of the hub: a login in the
+    docker group that submits there owns its jobs under its own name."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return
+    raise usage_error(f"{name!r} is an account on the hub: a member of that name would own its jobs",
+                      "pick another name for the user")
+
+
+def ensure_user_account():
+    """The unprivileged account users log in as, in the docker group (serve
+    runs docker), with its home root-owned. Returns what changed."""
+    import grp
+    import pwd
+
+    changes = []
+    try:
+        pwd.getpwnam(USER_ACCOUNT)
+    except KeyError:
+        need("useradd")
+        # password "*": no password, and not "!" (locked), which sshd without PAM refuses keys for too
+        run(["useradd", "--system", "--password", "*", "--home-dir", users_home(), "--no-create-home",
+             "--shell", "/bin/sh",
+             "--comment", "Grid-X users (gridx serve only)", "--", USER_ACCOUNT])
+        changes.append(f"created the account {USER_ACCOUNT!r} (users log in as it; it runs gridx serve only)")
+    try:
+        docker_group = grp.getgrnam("docker")
+    except KeyError:
+        raise precondition("there is no docker group: gridx serve needs the Docker socket",
+                           "install Docker from your distribution (docker.io), which makes the group") from None
+    if USER_ACCOUNT not in docker_group.gr_mem:
+        run(["usermod", "--append", "--groups", "docker", "--", USER_ACCOUNT])
+        changes.append(f"added {USER_ACCOUNT!r} to the docker group (for gridx serve)")
+    if os.path.isdir(results_dir()) and os.stat(results_dir()).st_uid != pwd.getpwnam(USER_ACCOUNT).pw_uid:
+        hand_over(results_dir())  # results collected before there were users: serve hands them out
+        changes.append(f"gave {results_dir()} to {USER_ACCOUNT!r} (gridx serve hands users their results)")
+    return changes
+
+
+def user_account_ready(config):
+    """hub init: the account and its files, when the hub has users already."""
+    changes = ensure_user_account()
+    write_user_access(config)
+    return changes
+
+
+def reset_users():
+    """hub reset: no user can log in any more, and their firewall chain
+    goes (the account itself stays, unused; a new hub init reuses it)."""
+    for path in (authorized_keys_path(), users_limits_path()):
+        if os.path.exists(path):
+            os.unlink(path)
+    run(["iptables", "-D", "FORWARD", "-j", USERS_CHAIN], check=False)
+    run(["iptables", "-F", USERS_CHAIN], check=False)
+    run(["iptables", "-X", USERS_CHAIN], check=False)
+
+
+def host_key_line(config):
+    """known_hosts for the user: the hub's SSH host key at its VPN address."""
+    try:
+        kind, blob = read_text(HOST_KEY_PATH).split()[:2]
+    except FileNotFoundError:
+        raise precondition(f"{HOST_KEY_PATH} not found: users reach the hub over SSH",
+                           f"install the SSH server: {install_hint(['openssh-server'])}") from None
+    except ValueError:
+        raise GridxError(f"{HOST_KEY_PATH} is not an SSH public key", "ssh-keygen -A makes the host keys") from None
+    return f"{config.hub_ip} {kind} {blob}"
+
+
+USER_README = """Grid-X user bundle for {name}
+
+This folder lets you submit jobs to the Grid-X hub at {endpoint} from this
+computer: you need WireGuard and ssh here, nothing else (no Docker, no
+Python with the gridx binary). It holds secrets: keep it private.
+
+1. Join the VPN (your address {ip}, the hub {hub_ip}):
+     sudo install -m 600 {interface}.conf /etc/wireguard/{interface}.conf
+     sudo wg-quick up {interface}
+{key_step}
+2. Trust the hub's SSH host key, and keep your SSH key:
+     install -d -m 700 ~/.ssh
+     cat known_hosts >> ~/.ssh/known_hosts
+{ssh_step}
+3. Submit jobs (they run as {name}; you manage only your own):
+     set -a; . ./settings.env; set +a      # GRIDX_MANAGER={manager}
+     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait
+     gridx jobs list --mine
+     gridx cluster
+   or name the hub on each command:
+     gridx jobs run python:3.11 "python -c 'print(2**100)'" --wait --manager {manager}
+
+   Without gridx, ssh alone does the same:
+     ssh {manager} jobs list
+{limits}"""
+
+
+def user_bundle_files(config, user, private_wg_key, private_ssh_key, host_key):
+    settings = {"GRIDX_USER": user.name, "GRIDX_HUB_VPN_IP": config.hub_ip,
+                "GRIDX_MANAGER": f"{USER_ACCOUNT}@{config.hub_ip}", "GRIDX_VERSION": VERSION}
+    if private_ssh_key:
+        settings["GRIDX_SSH_KEY"] = f"~/.ssh/gridx-{user.name}"
+    limits = effective_limits(config, user)
+    shown = ", ".join(f"{key.replace('_mib', '')} {show_limit(key, value)}" for key, value in limits.items()
+                      if value is not None)
+    readme = USER_README.format(
+        name=user.name, endpoint=config.endpoint, ip=user.ip, hub_ip=config.hub_ip, interface=USER_WG_INTERFACE,
+        manager=settings["GRIDX_MANAGER"],
+        key_step="" if private_wg_key else (
+            "   This config holds no private key (the hub admin added you with --wg-pubkey):\n"
+            f"   put yours in place of {PRIVATE_KEY_PLACEHOLDER} first.\n"),
+        ssh_step=(f"     install -m 600 id_ed25519 ~/.ssh/gridx-{user.name}   # settings.env names it"
+                  if private_ssh_key else "   (your own SSH key: the hub has only its public half)"),
+        limits=f"\nYour limits: {shown}.\n" if shown else "",
+    )
+    files = {
+        f"{USER_WG_INTERFACE}.conf": (render_user_wg_conf(config, user, private_wg_key), 0o600),
+        "known_hosts": (host_key + "\n", 0o644),
+        "settings.env": (render_settings(settings).replace(  # the header names a worker bundle's scripts
+            render_settings({}), "# Grid-X user settings, values only: set -a; . ./settings.env; set +a\n"), 0o644),
+        "README.txt": (readme, 0o644),
+    }
+    if private_ssh_key:
+        files["id_ed25519"] = (private_ssh_key, 0o600)
+        files["id_ed25519.pub"] = (user.ssh_key + f" gridx-user-{user.name}\n", 0o644)
+    return files
+
+
+def new_ssh_keypair(name):
+    """(private key text, public key line), made in a private temp folder
+    that is gone afterwards: the private key lives only in the bundle."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=".sshkey-", dir=config_dir())
+    try:
+        path = os.path.join(folder, "key")
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gridx-user-{name}", "-f", path])
+        return read_text(path), valid_user_ssh_key(read_text(path + ".pub"), "the new key")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -2905,60 +3047,7 @@ LOG_QUIET_S = 0.1  # `--wait`: a job's logs are over once quiet this long...
 LOG_DRAIN_S = 2.0  # ...or after this long past the job's end
 
 
-# -- what a job asks for --------------------------------------------------------
-
-
-def parse_cpus(value):
-    try:
-        cpus = float(value)
-    except (TypeError, ValueError):
-        cpus = -1.0
-    if not cpus > 0 or cpus != cpus or cpus > 4096:
-        raise usage_error(f"invalid --cpus {value!r}: give a number of CPUs above 0", "for example: --cpus 2")
-    return cpus
-
-
-_SIZE_UNITS = {"": None, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_memory(value, flag="--memory"):
-    """'8G', '512M', '1.5g', '2GiB' -> bytes."""
-    import re
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", value or "")
-    if not match or not match.group(2):
-        raise usage_error(f"invalid {flag} {value!r}: use a size with a unit, like 512M or 8G")
-    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if size < 4 * 1024**2:
-        raise usage_error(f"invalid {flag} {value!r}: a job needs at least 4M")
-    return size
-
-
-def parse_count(value, flag, minimum, maximum=None):
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = minimum - 1
-    if count < minimum or str(value).strip() != str(count):
-        raise usage_error(f"invalid {flag} {value!r}: give a whole number of at least {minimum}")
-    if maximum is not None and count > maximum:
-        raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
-    return count
-
-
-def parse_env(items):
-    import re
-
-    pairs = []
-    for item in items or []:
-        key, sep, _ = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise usage_error(f"invalid --env {item!r}: use KEY=VALUE", "for example: --env EPOCHS=10")
-        if key == NVIDIA_ENV:
-            raise usage_error(f"--env {NVIDIA_ENV} is Grid-X's: a job sees the GPUs the swarm gives it",
-                              "ask for GPUs with --gpus N")
-        pairs.append(item)
-    return pairs
+# -- what a job asks for ------------------------------------------------------
 
 
 def new_job_id(prefix="job"):
@@ -3034,8 +3123,6 @@ def check_fits(request, nodes):
 
 
 def job_labels(job_id, kind, command, extra=()):
-    import time
-
     # --flag=VALUE: a value never reads as an option (see create_job)
     labels = [
         f"--label={LABEL_JOB}={job_id}",
@@ -3100,7 +3187,7 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
         run_naming(argv, job_id)
 
 
-# -- reading the swarm ------------------------------------------------------------
+# -- reading the swarm --------------------------------------------------------
 # The only place that reads Docker's task rows and service reservations.
 
 
@@ -3141,8 +3228,6 @@ class Task:
 
 def exit_code_from(state, error):
     """A task's exit status: 0 once complete, N from "non-zero exit (N)"."""
-    import re
-
     if state == "complete":
         return 0
     match = re.search(r"non-zero exit \((\d+)\)", error)
@@ -3252,7 +3337,17 @@ def log_sources(job_id):
     return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
 
 
-# -- job state ------------------------------------------------------------------
+def jobs_overview(job_ids=None, with_nodes=False):
+    """Jobs and (optionally) nodes in a fixed number of docker calls."""
+    services = list_job_services(job_ids)
+    tasks = list_tasks(service_names(services))
+    by_service = tasks_by_service(tasks)
+    jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
+    nodes = swarm_nodes() if with_nodes else []
+    return services, tasks, jobs, nodes
+
+
+# -- job state ----------------------------------------------------------------
 
 
 def job_replicas(mode):
@@ -3346,6 +3441,9 @@ def reserved_by_node(services, tasks):
 def pending_reason(job, service, nodes_by_name, reserved):
     """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
     reserved: reserved_by_node's)."""
+    placement = service["Spec"].get("TaskTemplate", {}).get("Placement") or {}
+    if any(c.startswith(HOLD_CONSTRAINT) for c in placement.get("Constraints") or ()):
+        return "waiting: the hub is making its work layer (the folder it was sent)"
     asks = service_request(service)
     free = {name: node.shared - reserved.get(name, Resources())
             for name, node in nodes_by_name.items() if node.shared.cpus}
@@ -3373,7 +3471,148 @@ def jobs_on_nodes(hostnames, tasks=None):
     return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
 
 
-# -- running again --------------------------------------------------------------
+# -- owners and fair share ----------------------------------------------------
+
+
+def job_owner():
+    """The owner label of a job made now: the serve user, else the admin
+    (root on the hub, or docker over SSH as root), else the local login."""
+    import pwd
+
+    if OWNER:
+        return OWNER
+    if DOCKER_HOST or os.geteuid() == 0:
+        return ADMIN_OWNER
+    try:
+        return valid_name(pwd.getpwuid(os.geteuid()).pw_name, "login")
+    except (KeyError, GridxError):
+        return f"uid-{os.geteuid()}"
+
+
+def owner_of(service):
+    """A job's owner; a job made before owners existed is the admin's."""
+    return service["Spec"].get("Labels", {}).get(LABEL_OWNER) or ADMIN_OWNER
+
+
+def check_owner(services, action):
+    """Through serve, a user acts only on their own jobs (exit 2 naming
+    the owner); the admin on all."""
+    if OWNER is None:
+        return
+    for service in services:
+        owner = owner_of(service)
+        if owner != OWNER:
+            raise usage_error(f"job {service['Spec']['Name']} is {owner}'s: {OWNER} can {action} only their own jobs",
+                              "see yours: gridx jobs list --mine")
+
+
+def empty_use():
+    return {"cpus": 0, "memory_mib": 0, "gpus": 0, "jobs": 0}
+
+
+def use_by_owner(services, tasks):
+    """What each owner's unfinished jobs reserve: per task that is pending,
+    starting or running (a job whose tasks the swarm has not made yet counts
+    as all its replicas), and how many such jobs. {owner: use}."""
+    by_service = {}
+    for task in tasks:
+        if task.active and is_current(task):
+            by_service[task.service] = by_service.get(task.service, 0) + 1
+    seen = {task.service for task in tasks}
+    use = {}
+    for service in services:
+        name = service["Spec"]["Name"]
+        active = by_service.get(name, 0)
+        if name not in seen:
+            active = job_replicas(service["Spec"].get("Mode", {}))
+        if not active:
+            continue
+        asks = service_request(service) * active
+        held = use.setdefault(owner_of(service), empty_use())
+        held["cpus"] += asks.cpus
+        held["memory_mib"] += asks.memory_mib
+        held["gpus"] += asks.gpus
+        held["jobs"] += 1
+    return use
+
+
+def limit_refusal(owner, use, limits, asks):
+    """The first limit a new job would pass, as one line; None when it fits."""
+    for key in SUBMIT_LIMITS:
+        limit = limits.get(key)
+        if limit is None or use[key] + asks[key] <= limit:
+            continue
+        if key == "jobs":
+            return f"{owner} has {use['jobs']} of {limit} jobs unfinished; this job would be one more"
+        if key == "memory_mib":
+            return (f"{owner} uses {human_mib(use[key])} of {human_mib(limit)} memory; "
+                    f"this job asks {human_mib(asks[key])}")
+        what = "CPUs" if key == "cpus" else "GPUs"
+        return f"{owner} uses {use[key]} of {limit} {what}; this job asks {asks[key]}"
+    return None
+
+
+class user_limits_checked:
+    """Around a job's `docker service create`: through serve, refuse a job
+    that would take its owner past their limits (exit 2), holding a lock on
+    users.json so that two submissions at once cannot both pass."""
+
+    def __init__(self, request, replicas):
+        self.request, self.replicas, self.handle = request, replicas, None
+
+    def __enter__(self):
+        if OWNER is None or not SERVE_LIMITS or all(v is None for v in SERVE_LIMITS.values()):
+            return self
+        import fcntl
+
+        try:
+            self.handle = open(users_lock_path())  # read-only: serve cannot write there, and needs not to
+        except FileNotFoundError:
+            raise precondition(f"{users_lock_path()} is missing", "the hub admin runs: gridx hub init") from None
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        services, tasks, _, _ = jobs_overview()
+        use = use_by_owner(services, tasks).get(OWNER, empty_use())
+        asks = dict((self.request.resources * self.replicas).to_dict(), jobs=1)
+        refusal = limit_refusal(OWNER, use, SERVE_LIMITS, asks)
+        if refusal:
+            self.handle.close()
+            raise usage_error(refusal, "wait for one of your jobs to end, or delete one (gridx jobs list --mine); "
+                                       "the hub admin sets the limits")
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle:
+            self.handle.close()
+        return False
+
+
+def check_owner_filter(args):
+    if getattr(args, "user", None) not in (None, ADMIN_OWNER):
+        valid_name(args.user, "--user")
+
+
+def filter_jobs(jobs, args):
+    """jobs list --mine / --user NAME."""
+    if getattr(args, "user", None):
+        wanted = args.user
+    elif getattr(args, "mine", False):
+        wanted = job_owner()
+    else:
+        return jobs
+    return [job for job in jobs if job.get("owner") == wanted]
+
+
+def owners_table(use):
+    """cluster: what each owner's unfinished jobs reserve."""
+    if not use:
+        return
+    print()
+    print_table(["OWNER", "JOBS", "CPUS", "MEMORY", "GPUS"],
+                [[owner, u["jobs"], u["cpus"], human_mib(u["memory_mib"]), u["gpus"]]
+                 for owner, u in sorted(use.items())])
+
+
+# -- running again ------------------------------------------------------------
 # One rule, used by `jobs run --wait`, `hub watch` and `jobs list/status`:
 # a job runs again when Docker's constraint enforcer rejected every current
 # task of it (ENFORCER_REJECTION), at most ENFORCER_RERUNS times, counted in
@@ -3424,7 +3663,7 @@ def run_lost_jobs_again(down_node_names, tasks=None):
     return lost
 
 
-# -- waiting --------------------------------------------------------------------
+# -- waiting ------------------------------------------------------------------
 
 
 def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_run_again=True,
@@ -3439,8 +3678,6 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     (unreadable_nodes, by hostname; see log_sources()): tasks made later on
     other nodes are followed too.
     """
-    import time
-
     sources = list(log_sources or [job_id])
     per_task = sources != [job_id]
     logs = LogFollower(sources, log_args, hold=True)
@@ -3479,14 +3716,10 @@ class RunAgainWait:
         self.job_id, self.seen, self.at = job_id, set(), 0.0
 
     def started(self, tasks):
-        import time
-
         return not self.seen or any(t.id not in self.seen for t in tasks) or time.monotonic() - self.at > 30
 
     def now(self, tasks):
         """Run the job again if the rule says so; True when it did."""
-        import time
-
         if not runs_again(tasks):
             return False
         info(f"job {self.job_id}: Docker rejected it ({ENFORCER_REJECTION}); running it again")
@@ -3512,8 +3745,6 @@ class JobProgress:
         self.job_id, self.started, self.shown = job_id, started, None
 
     def show(self, job):
-        import time
-
         line = job_progress(self.job_id, job, time.monotonic() - self.started)
         if line and line != self.shown:
             info(line)
@@ -3556,7 +3787,6 @@ class LogFollower:
 
     def __init__(self, sources, log_args=(), hold=False):
         import threading
-        import time
 
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
@@ -3579,8 +3809,6 @@ class LogFollower:
             self.copiers.append(copier)
 
     def _copy(self, process):
-        import time
-
         while True:
             chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
@@ -3617,8 +3845,6 @@ class LogFollower:
                     break
 
     def stop(self):
-        import time
-
         deadline = time.monotonic() + LOG_DRAIN_S
         while (self.any_output and time.monotonic() - self.last_output < LOG_QUIET_S
                and time.monotonic() < deadline):
@@ -3647,7 +3873,7 @@ class LogFollower:
 # pushes it to the hub's registry (see Registry); the worker pulls it over
 # the VPN. `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
-# the hub's SSH, see Hub SSH) into RESULTS/JOB/ (RESULTS/JOB/N/ when
+# the hub's SSH, see SSH) into RESULTS/ID/ (RESULTS/ID/N/ when
 # there are several replicas), so results outlive the worker; `jobs
 # results` copies them to the submitter. Such a job runs only where the
 # hub's SSH reaches (not on a --no-hub-ssh worker).
@@ -3658,7 +3884,7 @@ DEFAULT_OUTPUT = WORK_DIR + "/out"  # --output's default with --workdir
 DEFAULT_WORKDIR_LIMIT = "2G"
 DEFAULT_OUTPUT_LIMIT = "2G"
 IGNORE_FILES = (".gridxignore", ".dockerignore")  # the first one found counts
-WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB
+WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB-TOKEN, run by digest
 WORK_DOCKERFILE = "FROM {image}\nCOPY work/ {workdir}/\nWORKDIR {workdir}\n"
 LABEL_OUTPUT = "gridx.output"
 LABEL_OUTPUT_LIMIT = "gridx.output-limit"
@@ -3668,17 +3894,12 @@ PROGRESS_EVERY_S = 5  # plain progress lines when stderr is not a terminal
 STREAM_CHUNK = 1024 * 1024
 UPLOAD_MAGIC = b"gridx-upload "  # serve: after SESSION_HELLO, this, a JSON header line, then frames
 RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each watch pass), then given up
-
-
-def results_dir():
-    return os.path.abspath(os.environ.get("GRIDX_RESULTS_DIR") or "/var/lib/gridx/results")
+RESULTS_COPY_TIMEOUT_S = 900  # one task's copy from its worker: killed past this, tried again (an attempt)
 
 
 def valid_output_path(value):
     """--output: an absolute path in the container, in plain characters
     (it goes into `docker cp` on the worker through the hub's SSH)."""
-    import posixpath
-    import re
 
     if not value or not re.fullmatch(r"/[A-Za-z0-9._/@+-]*", value) or ".." in value.split("/"):
         raise usage_error(f"invalid --output {value!r}: give an absolute path in the job's container",
@@ -3689,15 +3910,36 @@ def valid_output_path(value):
     return path
 
 
-# -- ignore rules -----------------------------------------------------------------
+def capped_size(value, flag, key, default):
+    """A size flag (--workdir-limit, --output-limit) in bytes: through serve,
+    the member's limit (users.json) unless the flag is lower; a flag above it
+    is exit 2. The admin's: the flag, else the default."""
+    cap = SERVE_LIMITS.get(key, STORE_DEFAULTS[key]) if OWNER is not None and SERVE_LIMITS is not None else None
+    if value is None:
+        return parse_memory(default, flag, job_memory=False) if cap is None else cap * 1024**2
+    asked = parse_memory(value, flag, job_memory=False)
+    if cap is not None and asked > cap * 1024**2:
+        raise usage_error(f"{flag} {value} is over your limit on this hub, {human_mib(cap)}",
+                          f"give {flag} {human_mib(cap)} or less (the hub admin sets the limit)")
+    return asked
+
+
+def job_output(args):
+    """--output PATH and its limit (default /work/out with --workdir), or None."""
+    output = getattr(args, "output", None)
+    if output is None and getattr(args, "workdir", None) is None:
+        return None
+    path = valid_output_path(output or DEFAULT_OUTPUT)
+    return path, capped_size(args.output_limit, "--output-limit", "output_mib", DEFAULT_OUTPUT_LIMIT)
+
+
+# -- ignore rules -------------------------------------------------------------
 
 
 def ignore_pattern(pattern):
     """One .dockerignore pattern as a regex over a slash path relative to the
     folder: Go's filepath.Match (* and ? stop at '/', [classes]) and ** for
     any number of folders, as Docker reads it."""
-    import re
-
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**/", i):
@@ -3732,8 +3974,6 @@ class IgnoreRules:
     or one of its folders decides; '!' keeps what an earlier one left out."""
 
     def __init__(self, text="", source=None):
-        import posixpath
-
         self.source, self.rules = source, []
         for line in text.splitlines():
             line = line.strip()
@@ -3760,7 +4000,9 @@ def folder_ignore_rules(folder):
     for name in IGNORE_FILES:
         path = os.path.join(folder, name)
         try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
+            # utf-8-sig: a byte order mark (Windows editors) is not part of
+            # the first pattern, as Docker's own reader trims it too
+            with open(path, encoding="utf-8-sig", errors="replace") as handle:
                 return IgnoreRules(handle.read(), name)
         except FileNotFoundError:
             continue
@@ -3769,7 +4011,7 @@ def folder_ignore_rules(folder):
     return IgnoreRules()
 
 
-# -- the work layer -----------------------------------------------------------------
+# -- the work layer -----------------------------------------------------------
 
 
 class WorkFolder:
@@ -3780,7 +4022,6 @@ class WorkFolder:
 
     def __init__(self, path, limit_bytes):
         import math
-        import stat
 
         if not os.path.isdir(path):
             raise usage_error(f"--workdir {path!r} is not a folder", "give the folder the job needs, e.g. --workdir .")
@@ -3849,8 +4090,6 @@ class Meter:
     line every PROGRESS_EVERY_S otherwise, and a last line at the end."""
 
     def __init__(self, what, total):
-        import time
-
         self.what, self.total, self.sent = what, total, 0
         self.started = self.shown = time.monotonic()
         self.terminal = sys.stderr.isatty()
@@ -3860,8 +4099,6 @@ class Meter:
         return f"{self.what}: {human_bytes(self.sent)} of {human_bytes(self.total)} ({human_bytes(rate)}/s)"
 
     def add(self, count):
-        import time
-
         self.sent += count
         now = time.monotonic()
         if self.terminal and now - self.shown > 0.2:
@@ -3872,8 +4109,6 @@ class Meter:
             self.shown = now
 
     def done(self):
-        import time
-
         if self.terminal:
             print("\r\x1b[K", end="", file=sys.stderr, flush=True)
         rate = self.sent / max(time.monotonic() - self.started, 1e-6)
@@ -3892,67 +4127,35 @@ class MeteredPipe:
         return len(data)
 
 
-def write_work_context(out, image, members):
-    """The build context: gridx's Dockerfile, the folder under work/."""
-    import io
+def tar_member(name, kind, mode, mtime, size=0, linkname=""):
+    """A tar header gridx writes itself, field by field: root's, a plain
+    name, no PAX records (nothing of a member's own tar headers passes
+    through: a PAX `path` would rename a file when Docker reads it)."""
     import tarfile
 
-    dockerfile = WORK_DOCKERFILE.format(image=image, workdir=WORK_DIR).encode()
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size, info.mode = len(dockerfile), 0o644
-        archive.addfile(info, io.BytesIO(dockerfile))
-        folder = tarfile.TarInfo("work")
-        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
-        archive.addfile(folder)
-        for info, handle in members:
-            info.name = "work/" + info.name
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            archive.addfile(info, handle)
+    member = tarfile.TarInfo(name)
+    member.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "link": tarfile.SYMTYPE}[kind]
+    member.mode = mode & 0o777  # no setuid, setgid or sticky bit from a member's folder
+    member.mtime = max(0, int(mtime))
+    member.size = size if kind == "file" else 0
+    member.linkname = linkname if kind == "link" else ""
+    member.uid = member.gid = 0
+    member.uname = member.gname = "root"
+    return member
 
 
-def write_members(out, members):
-    """The folder alone as a tar stream (what a user's gridx sends to serve)."""
+def write_work_tar(out, members, prefix=""):
+    """The folder as a tar stream, every header gridx's own (tar_member),
+    GNU long names rather than PAX: a member's upload is re-written here."""
     import tarfile
 
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        for info, handle in members:
-            archive.addfile(info, handle)
-
-
-def build_work_image(target, image, members, size):
-    """`docker build` of the work layer from a context streamed on stdin
-    (over docker's SSH with --manager root@HUB), then `docker push`."""
-    import subprocess
-    import tempfile
-
-    # --network=none: an ONBUILD RUN of the base image reaches nothing from the hub
-    argv = docker("build", "--quiet", "--network=none", f"--tag={target}", "-")
-    with tempfile.TemporaryFile() as said:
-        process = start(argv, stdin=subprocess.PIPE, stdout=said, stderr=said)
-        meter = Meter("work folder", size)
-        try:
-            write_work_context(MeteredPipe(process.stdin, meter), image, members)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # docker build ended early: its output says why
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-        code = process.wait()
-        meter.done()
-        if code:
-            said.seek(0)
-            lines = said.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
-            raise GridxError(f"the hub's Docker could not build the work layer on {image}: {lines[-1]}",
-                             "is the image on the hub (docker images there), or can the hub pull it?")
-    pushed = run(docker("push", "--", target), check=False, timeout=3600)
-    if pushed.returncode:
-        said = (pushed.stderr.strip().splitlines() or ["docker push failed"])[-1]
-        raise precondition(f"the hub's Docker could not push the work layer to its registry: {said}",
-                           "on the hub: gridx hub init (starts the registry), gridx image ls")
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT, bufsize=STREAM_CHUNK) as archive:
+        if prefix:
+            archive.addfile(tar_member(prefix.rstrip("/"), "dir", 0o755, time.time()))
+        for member, handle in members:
+            kind = "dir" if member.isdir() else "link" if member.issym() else "file"
+            archive.addfile(tar_member(prefix + member.name, kind, member.mode, member.mtime, member.size,
+                                       member.linkname), handle)
 
 
 def hub_registry():
@@ -3969,23 +4172,120 @@ def hub_registry():
                            "is this (or --manager) the hub? gridx hub status there") from None
 
 
+def layer_registries():
+    """(where the hub's Docker pushes a work layer: the registry's writer on
+    its loopback, where workers pull it: the read-only side on the VPN)."""
+    return registry_writer(), hub_registry()
+
+
+def base_image_config(image):
+    """The hub Docker's (ID, Config) of the image a layer goes on, pulled
+    there first when it is missing."""
+    import json
+
+    argv = docker("image", "inspect", "--format", "{{json .Id}} {{json .Config}}", "--", image)
+    found = run(argv, check=False)
+    if found.returncode:
+        pulled = run(docker("pull", "--quiet", "--", image), check=False, timeout=3600)
+        if pulled.returncode:
+            said = (pulled.stderr.strip().splitlines() or ["docker pull failed"])[-1]
+            raise usage_error(f"the hub's Docker has no image {image} and cannot pull it: {said}",
+                              "push it to the hub's registry first (gridx image push), or name one the hub has")
+        found = run(argv)
+    image_id, _, config = found.stdout.strip().partition(" ")
+    return json.loads(image_id), json.loads(config) or {}
+
+
+# `docker create` needs a command; an image without one gets this in its
+# layer (a commit cannot empty a command again): a job that gives none fails
+# to start with these words, as it would have without the layer.
+NO_COMMAND = "/gridx: the image has no command: give one after the image"
+
+
+def create_command(config):
+    """What `docker create` gets after the image: nothing when the image has
+    an entrypoint or a command (the container's config is then the image's,
+    and so is the commit's)."""
+    return [] if config.get("Entrypoint") or config.get("Cmd") else [NO_COMMAND]
+
+
+def copy_into(container, members, size):
+    """`docker cp - CONTAINER:/` of work/ and the folder, metered."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as said:
+        process = start(docker("cp", "-", f"{container}:/"), stdin=subprocess.PIPE, stdout=said, stderr=said)
+        meter = Meter("work folder", size)
+        try:
+            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=WORK_DIR.strip("/") + "/")
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # docker cp ended early: its output says why
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        code = process.wait()
+        meter.done()
+        if code:
+            said.seek(0)
+            lines = said.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            raise GridxError(f"the hub's Docker could not take the work folder: {lines[-1]}")
+
+
+def push_digest(target):
+    """`docker push`, and the digest it printed ("TAG: digest: sha256:… size: N")."""
+    pushed = run(docker("push", "--", target), check=False, timeout=3600)
+    found = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed.stdout)
+    if pushed.returncode or not found:
+        said = (pushed.stderr.strip().splitlines() or ["docker push failed"])[-1]
+        raise precondition(f"the hub's Docker could not push the work layer to its registry: {said}",
+                           "on the hub: gridx hub init (starts the registry), gridx image ls")
+    return found.group(1)
+
+
 class WorkLayer:
-    """A job's --workdir: the folder here, or the one a user sent to serve."""
+    """A job's --workdir: the folder here, or the one a user sent to serve.
+
+    It becomes one layer on the job's image without a build: the hub's
+    Docker creates a container of the image (never started: no network, no
+    ONBUILD trigger, nothing of the image runs), copies the folder into
+    /work and commits it; the commit is pushed under a tag no one can guess
+    and the job runs it by digest."""
 
     def __init__(self, job_id, members, size, what):
         self.job_id, self.members, self.size, self.what = job_id, members, size, what
         self.folder = None
+        self.tag = f"{job_id}-{secrets_token()}"
+        self.pushed = None  # (registry address, digest) once in the registry
 
     def build(self, image):
-        """Build and push it on image: the image the job runs."""
-        target = f"{hub_registry()}/{WORK_REPOSITORY}:{self.job_id}"
+        """Make, push and forget it; the reference workers pull (by digest)."""
+        push_address, pull_address = layer_registries()
+        target = f"{push_address}/{WORK_REPOSITORY}:{self.tag}"
         info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
-        build_work_image(target, image, self.members, self.size)
-        return target
+        image_id, config = base_image_config(image)
+        created = run(docker("create", "--network=none", f"--label={LABEL_LAYER}={self.tag}", "--", image_id,
+                             *create_command(config)))
+        container = created.stdout.strip()
+        try:
+            copy_into(container, self.members, self.size)
+            run(docker("commit", f"--change=WORKDIR {WORK_DIR}", "--", container, target))
+        finally:
+            run(docker("rm", "--force", "--", container), check=False)
+        try:
+            digest = push_digest(target)
+        finally:
+            run(docker("image", "rm", "--", target), check=False)  # the registry has it
+        self.pushed = (push_address, digest)
+        return f"{pull_address}/{WORK_REPOSITORY}:{self.tag}@{digest}"
 
-    def forget(self, target):
-        """The hub's Docker keeps no copy: the registry has it."""
-        run(docker("image", "rm", "--", target), check=False)
+
+def secrets_token():
+    import secrets
+
+    return secrets.token_hex(16)
 
 
 def work_layer(args, job_id):
@@ -3993,7 +4293,7 @@ def work_layer(args, job_id):
     workdir = getattr(args, "workdir", None)
     if workdir is None:
         return None
-    limit = parse_memory(args.workdir_limit, "--workdir-limit")
+    limit = capped_size(args.workdir_limit, "--workdir-limit", "workdir_mib", DEFAULT_WORKDIR_LIMIT)
     upload = getattr(args, "upload", None)
     if upload is not None:  # serve: what the user's gridx sent
         return WorkLayer(job_id, upload_members(upload), upload.size, human_bytes(upload.size))
@@ -4003,10 +4303,69 @@ def work_layer(args, job_id):
     return layer
 
 
-# -- the upload through serve ---------------------------------------------------------
+def registry_writer_access():
+    """(address, CA path: None, plain HTTP) of the registry's writer, through
+    which layers are pushed and deleted: root's on the hub alone (GRIDX-OUTPUT)."""
+    return registry_writer(), None
+
+
+def remove_work_layer(tag, digest=None):
+    """Delete a job's layer from the registry (its manifest; the blobs go at
+    the next garbage collection). False, with a warning, when it could not
+    (hub watch's sweep tries again: sweep_work_layers)."""
+    import urllib.parse
+
+    try:
+        address, ca_path = registry_writer_access()
+        if digest is None:
+            digest, _ = registry_manifest(address, ca_path, WORK_REPOSITORY, tag, method="HEAD")
+            if digest is None:
+                return True
+        path = f"/v2/{urllib.parse.quote(WORK_REPOSITORY)}/manifests/{digest}"
+        status, _, body = registry_request(address, ca_path, path, method="DELETE")
+    except GridxError as error:
+        warn(f"the work layer {tag} stays in the hub's registry for now: {error.message}")
+        return False
+    if status not in (200, 202, 404):
+        warn(f"the registry refused to delete the work layer {tag} ({status}): {body[:120]}")
+        return False
+    return True
+
+
+def sweep_work_layers():
+    """hub watch: remove the layers no job names any more (a job deleted
+    through --manager, or a submit that died before it could clean up).
+    The tags are listed before the jobs, so a layer pushed meanwhile has
+    its (held) job listed already."""
+    address, ca_path = registry_writer_access()
+    tags = registry_tags(address, ca_path, WORK_REPOSITORY)
+    if not tags:
+        return []
+    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in list_job_services(missing_ok=True)}
+    swept = [tag for tag in tags if tag not in live and remove_work_layer(tag)]
+    if swept:
+        info(f"removed the work layers of deleted jobs: {', '.join(swept)}")
+    return swept
+
+
+def refuse_work_layer_image(image):
+    """A member runs a work layer only through --workdir: never another's
+    (nor their own again) by naming it."""
+    if OWNER is not None and split_image(image)[1] == WORK_REPOSITORY:
+        raise usage_error(f"{image} is a job's work layer: members' layers are theirs alone",
+                          "send the folder with --workdir DIR")
+
+
+# -- the upload through serve -------------------------------------------------
 # A user's gridx sends SESSION_HELLO, UPLOAD_MAGIC and a JSON header line,
-# then the folder's tar in frames (a hex length line, that many bytes), and a
-# frame of 0 at the end; stdin then stays open as in any serve session.
+# then the folder's tar in frames (a line of 1-8 lowercase hex digits, then
+# that many bytes, at most FRAME_MAX), and a frame of 0 at the end; stdin then
+# stays open as in any serve session. Nothing of it is unpacked on the hub,
+# and its tar headers are read, never passed on (write_work_tar).
+
+SESSION_HELLO = b"gridx\n"  # the client's first bytes on serve's stdin
+FRAME_MAX = 4 * STREAM_CHUNK
+_FRAME = None
 
 
 class FrameWriter:
@@ -4014,8 +4373,9 @@ class FrameWriter:
         self.pipe = pipe
 
     def write(self, data):
-        if data:
-            self.pipe.write(b"%x\n" % len(data) + data)
+        for start_at in range(0, len(data), FRAME_MAX):
+            chunk = data[start_at:start_at + FRAME_MAX]
+            self.pipe.write(b"%x\n" % len(chunk) + chunk)
         return len(data)
 
     def end(self):
@@ -4030,6 +4390,18 @@ class Upload:
         self.spool, self.size, self.header = spool, size, header
 
 
+def frame_length(line):
+    """A frame's length line: 1-8 lowercase hex digits and a newline, at most
+    FRAME_MAX; None when it is anything else (a sign, 0x, blanks, -1)."""
+    global _FRAME
+    if _FRAME is None:
+        _FRAME = re.compile(rb"[0-9a-f]{1,8}\n")
+    if not _FRAME.fullmatch(line):
+        return None
+    length = int(line, 16)
+    return length if length <= FRAME_MAX else None
+
+
 def read_upload(stream, limit):
     """serve: read the framed upload from stdin; exit 2 when it is not one."""
     import json
@@ -4042,17 +4414,15 @@ def read_upload(stream, limit):
         raise fail("no upload on stdin")
     try:
         header = json.loads(stream.readline(4096))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[… nested deeper than Python parses
         raise fail("a damaged header") from None
     if not isinstance(header, dict):
         raise fail("a damaged header")
     spool, size = tempfile.TemporaryFile(), 0
     while True:
-        line = stream.readline(32)
-        try:
-            length = int(line, 16)
-        except ValueError:
-            raise fail("a damaged frame") from None
+        length = frame_length(stream.readline(16))
+        if length is None:
+            raise fail(f"a damaged frame (each is 1-8 hex digits of at most {FRAME_MAX:x}, then the bytes)")
         if length == 0:
             break
         size += length
@@ -4069,8 +4439,8 @@ def read_upload(stream, limit):
 
 def upload_members(upload):
     """A user's tar as members for the layer: folders, files and links with
-    plain relative names only (nothing of it is ever unpacked on the hub)."""
-    import posixpath
+    plain relative names only (nothing of it is ever unpacked on the hub,
+    and write_work_tar writes every header anew)."""
     import tarfile
 
     try:
@@ -4094,42 +4464,48 @@ def send_upload(pipe, folder, header):
     pipe.write(SESSION_HELLO + UPLOAD_MAGIC + json.dumps(header).encode() + b"\n")
     frames = FrameWriter(pipe)
     meter = Meter("work folder", folder.bytes)
-    write_members(MeteredPipe(frames, meter), folder.members())
+    write_work_tar(MeteredPipe(frames, meter), folder.members())
     frames.end()
     meter.done()
 
 
-# -- results on the hub ------------------------------------------------------------------
-# RESULTS/JOB/ holds the files; RESULTS/JOB.json says, per replica slot, which
-# task they came from, what they weigh, or why there are none.
+# -- results on the hub -------------------------------------------------------
+# Results belong to the job that made them: RESULTS/SERVICE_ID/ holds the
+# files and RESULTS/SERVICE_ID.json (its job's name and owner inside) says,
+# per replica slot, which task they came from, what they weigh, or why there
+# are none. A job is found by name through its service; a deleted job whose
+# results are kept, through a swarm config gridx-kept-JOB (labels: its
+# owner and service ID), which also holds the name: no new job takes it
+# until the results are deleted.
 
 
-def results_record_path(job_id):
-    return os.path.join(results_dir(), f"{job_id}.json")
+def results_record_path(key):
+    return os.path.join(results_dir(), f"{key}.json")
 
 
-def results_files_path(job_id):
-    return os.path.join(results_dir(), job_id)
+def results_files_path(key):
+    return os.path.join(results_dir(), key)
 
 
-def load_results_record(job_id):
+def load_results_record(key):
+    """The record of the job whose service ID is key, or None."""
     import json
 
     try:
-        record = json.loads(read_text(results_record_path(job_id)))
+        record = json.loads(read_text(results_record_path(key)))
     except (FileNotFoundError, ValueError):
         return None
     except PermissionError:
-        raise precondition(f"cannot read {results_record_path(job_id)}",
+        raise precondition(f"cannot read {results_record_path(key)}",
                            "on the hub as root (gridx hub init gives the results to the gridx account)") from None
     return record if isinstance(record, dict) and isinstance(record.get("tasks"), dict) else None
 
 
-def safe_extract(stream, dest, limit, strip=0):
+def safe_extract(stream, dest, limit, strip=0, max_files=None):
     """Unpack a tar stream into dest (a fresh folder): folders and files only,
-    names kept under dest, at most limit bytes. Returns (bytes, files,
+    names kept under dest, at most limit bytes (a file's full size counts:
+    a sparse one arrives dense) and max_files files. Returns (bytes, files,
     over_limit, left_out)."""
-    import posixpath
     import tarfile
 
     written = files = left_out = 0
@@ -4153,7 +4529,7 @@ def safe_extract(stream, dest, limit, strip=0):
             if not member.isreg():
                 left_out += 1  # links and devices stay behind: a link could point anywhere here
                 continue
-            if written + member.size > limit:
+            if written + member.size > limit or (max_files is not None and files >= max_files):
                 return written, files, True, left_out
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             source = archive.extractfile(member)
@@ -4169,22 +4545,26 @@ def safe_extract(stream, dest, limit, strip=0):
     return written, files, False, left_out
 
 
-def copy_out(node, container, output, dest, limit):
+def copy_out(node, container, output, dest, limits):
     """docker cp of an ended container's output, on its worker over the hub's
-    SSH (here when the hub itself ran it): what came, or why nothing did."""
+    SSH (here when the hub itself ran it), within RESULTS_COPY_TIMEOUT_S:
+    what came, or why nothing did. limits: (bytes, files or None)."""
     import shlex
     import subprocess
     import tarfile
     import tempfile
+    import threading
 
     copy = ["docker", "cp", "--", f"{container}:{output}", "-"]
     local = node.address == load_hub_config().hub_ip
     argv = copy if local else ssh_argv(node.address, [shlex.join(copy)])
     with tempfile.TemporaryFile() as said:
         process = start(argv, stdout=subprocess.PIPE, stderr=said)
+        deadline = threading.Timer(RESULTS_COPY_TIMEOUT_S, process.kill)  # a worker that stops answering
+        deadline.start()
         written, files, over, left_out, broken = 0, 0, False, 0, None
         try:
-            written, files, over, left_out = safe_extract(process.stdout, dest, limit, strip=1)
+            written, files, over, left_out = safe_extract(process.stdout, dest, limits[0], 1, limits[1])
             while not over and process.stdout.read(STREAM_CHUNK):
                 pass  # the tar's padding: docker cp ends by itself
         except (tarfile.TarError, OSError) as error:
@@ -4194,6 +4574,8 @@ def copy_out(node, container, output, dest, limit):
             if (over or broken) and process.poll() is None:
                 process.kill()  # the rest is not wanted (over the limit) or cannot be read
             code = process.wait()
+            timed_out = not deadline.is_alive() and code < 0
+            deadline.cancel()
         said.seek(0)
         lines = [line for line in said.read().decode("utf-8", "replace").strip().splitlines()
                  if not line.startswith("Warning: Permanently added")]  # ssh's accept-new, not an error
@@ -4202,7 +4584,11 @@ def copy_out(node, container, output, dest, limit):
     if left_out:
         record["left_out"] = left_out
     if over:
-        return dict(record, state="over-limit", error=f"over the {human_bytes(limit)} limit: kept what fit")
+        what = f"{human_bytes(limits[0])}" + (f" or {limits[1]} files" if limits[1] is not None else "")
+        return dict(record, state="over-limit", error=f"over the {what} limit: kept what fit")
+    if timed_out:
+        return dict(record, state="unreachable",
+                    error=f"the copy from {node.hostname} took over {RESULTS_COPY_TIMEOUT_S} s")
     if code == 0 and broken is None:
         return dict(record, state="collected")
     if "Could not find the file" in error or "No such container:path" in error:
@@ -4214,31 +4600,9 @@ def copy_out(node, container, output, dest, limit):
     return dict(record, state="failed", error=error or broken or f"exit {code}")
 
 
-def results_owner():
-    """The gridx account's (uid, gid), when there is one: it serves users
-    their results (gridx serve reads, and deletes, what root collected)."""
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(USER_ACCOUNT)
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid
-
-
-def hand_over(path, recursive=True):
-    """Root's collector: what it wrote goes to the gridx account (see results_owner)."""
-    owner = results_owner()
-    if owner is None or os.geteuid() != 0:
-        return
-    os.lchown(path, *owner)
-    for top, folders, files in os.walk(path) if recursive else ():
-        for name in folders + files:
-            os.lchown(os.path.join(top, name), *owner)
-
-
 class ResultsLock:
-    """One collector at a time (watch, --wait, jobs results)."""
+    """Around a change of RESULTS/: short, never held across a copy from a
+    worker (collectors claim their tasks instead: claim_due)."""
 
     def __enter__(self):
         import fcntl
@@ -4258,7 +4622,7 @@ class ResultsLock:
         self.handle.close()
 
 
-RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed
+RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: unreachable, failed, hub-full
 
 
 def ended_tasks(tasks):
@@ -4276,9 +4640,33 @@ def uncollected(record, tasks):
     return [t for t in ended_tasks(tasks) if due(record["tasks"].get(t.id, {}))]
 
 
+def claim_due(record, tasks):
+    """The due tasks no live collector is copying, claimed for this one in
+    the record (the caller saves it under the lock): --wait, jobs results
+    and hub watch never copy the same task at once."""
+    now = time.time()
+    claims = {task_id: claim for task_id, claim in record.get("collecting", {}).items()
+              if claim.get("until", 0) > now and process_alive(claim.get("pid"))}
+    mine = [t for t in uncollected(record, tasks) if t.id not in claims]
+    for task in mine:
+        claims[task.id] = {"pid": os.getpid(), "until": now + RESULTS_COPY_TIMEOUT_S + 60}
+    record["collecting"] = claims
+    return mine
+
+
+def process_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def results_folder(record, task_id, several):
-    """RESULTS/JOB/ of a job of one replica (a task run again replaces the
-    old one's); RESULTS/JOB/N/ of its Nth task with several."""
+    """RESULTS/ID/ of a job of one replica (a task run again replaces the
+    old one's); RESULTS/ID/N/ of its Nth task with several."""
     if not several:
         return ""
     taken = [int(t["folder"]) for i, t in record["tasks"].items() if t.get("folder", "").isdigit() and i != task_id]
@@ -4286,53 +4674,126 @@ def results_folder(record, task_id, several):
     return known or str(max(taken, default=0) + 1)
 
 
+def collection_limits(service):
+    """(bytes, files or None, free bytes the hub keeps) for a job's output:
+    its --output-limit, and its owner's limits (users.json) when a member's."""
+    import json
+
+    labels = service["Spec"].get("Labels", {})
+    size = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
+    try:
+        document = json.loads(read_text(users_limits_path()))
+    except (OSError, ValueError):
+        document = {}
+    hub = document.get("hub") or {}
+    free = hub.get("free_mib", STORE_DEFAULTS["free_mib"])
+    mine = (document.get("users") or {}).get(owner_of(service))
+    files = None
+    if isinstance(mine, dict):  # a member's job: their limits bound what it puts on the hub
+        cap = mine.get("output_mib", STORE_DEFAULTS["output_mib"])
+        size = size if cap is None else min(size, cap * 1024**2)
+        files = mine.get("output_files", STORE_DEFAULTS["output_files"])
+    return size, files, (free or 0) * 1024**2
+
+
+def hub_room(floor):
+    """Bytes the hub may still take for results: what is free above the floor."""
+    status = os.statvfs(results_dir())
+    return status.f_bavail * status.f_frsize - floor
+
+
 def collect_results(service, tasks, nodes=None):
     """Copy the output of the job's tasks that ended and are not collected
-    yet onto the hub; the job's results record (None: no --output)."""
-    import json
-    import shutil
-    import tempfile
-
+    yet onto the hub; the job's results record (None: no --output). The
+    tasks are claimed under the lock, copied without it (each into a folder
+    of its own, within its deadline), then put in place under it again."""
     labels = service["Spec"].get("Labels", {})
     output = labels.get(LABEL_OUTPUT)
     if not output:
         return None
-    job_id = service["Spec"]["Name"]
-    record = load_results_record(job_id) or {"job": job_id, "owner": owner_of(service), "output": output,
-                                              "tasks": {}}
+    job_id, key = service["Spec"]["Name"], service["ID"]
+    record = load_results_record(key) or {"job": job_id, "service": key, "owner": owner_of(service),
+                                          "output": output, "tasks": {}}
     if not uncollected(record, tasks) or os.geteuid() != 0:
         return record  # serve (the gridx account) has no SSH to workers: watch collects
-    limit = int(labels.get(LABEL_OUTPUT_LIMIT) or parse_memory(DEFAULT_OUTPUT_LIMIT))
-    several = job_replicas(service["Spec"]["Mode"]) > 1
-    by_name = {n.hostname: n for n in (nodes if nodes is not None else swarm_nodes())}
     with ResultsLock():
-        record = load_results_record(job_id) or record  # another collector may have been first
-        due = uncollected(record, tasks)
-        containers = task_containers([task.id for task in due])
-        for task in due:
-            node, container = by_name.get(task.node), containers.get(task.id)
-            fresh = tempfile.mkdtemp(prefix=f".{job_id}-", dir=results_dir())
-            if node is None or not container:
-                collected = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
-                             "error": f"{task.node or 'its node'} is no longer in the swarm"}
-            else:
-                collected = copy_out(node, container, output, fresh, limit)
-            folder = results_folder(record, task.id, several)
-            attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + 1
-            if not several:  # the task that ran last is the job's record
-                record["tasks"] = {}
-            target = os.path.join(results_files_path(job_id), folder) if folder else results_files_path(job_id)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-            os.chmod(fresh, 0o755)
-            hand_over(fresh)
-            os.rename(fresh, target)
-            record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
-        record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
-        atomic_write(results_record_path(job_id), json.dumps(record, indent=2) + "\n", mode=0o644)
-        hand_over(results_record_path(job_id))
+        record = load_results_record(key) or record  # another collector may have been first
+        due = claim_due(record, tasks)
+        save_results_record(key, record)
+    if due:
+        copied = copy_tasks(service, due, nodes if nodes is not None else swarm_nodes())
+        with ResultsLock():
+            record = load_results_record(key) or record
+            several = job_replicas(service["Spec"]["Mode"]) > 1
+            for task in due:
+                file_results(record, key, task, several, *copied[task.id])
+            save_results_record(key, record)
+    return wait_for_other_collectors(key, record)
+
+
+def wait_for_other_collectors(key, record):
+    """The record once the copies other collectors claimed are filed (or
+    their claims ran out): --wait and jobs results give the whole results
+    even when hub watch was copying them."""
+    while record.get("collecting"):
+        until = max(claim.get("until", 0) for claim in record["collecting"].values())
+        if time.time() > until or not any(process_alive(c.get("pid")) for c in record["collecting"].values()):
+            return record
+        time.sleep(0.5)
+        record = load_results_record(key) or record
     return record
+
+
+def copy_tasks(service, due, nodes):
+    """{task ID: (what came, the folder it came into)} of the due tasks."""
+    import tempfile
+
+    output = service["Spec"]["Labels"][LABEL_OUTPUT]
+    size, files, floor = collection_limits(service)
+    by_name = {n.hostname: n for n in nodes}
+    containers = task_containers([task.id for task in due])
+    copied = {}
+    for task in due:
+        node, container = by_name.get(task.node), containers.get(task.id)
+        fresh = tempfile.mkdtemp(prefix=f".{service['ID']}-", dir=results_dir())
+        room = hub_room(floor)
+        if node is None or not container:
+            collected = {"node": task.node, "bytes": 0, "files": 0, "state": "gone",
+                         "error": f"{task.node or 'its node'} is no longer in the swarm"}
+        elif room <= 0:
+            collected = {"node": task.node, "bytes": 0, "files": 0, "state": "hub-full",
+                         "error": f"the hub keeps {human_bytes(floor)} of its disk free: collection waits"}
+        else:
+            collected = copy_out(node, container, output, fresh, (min(size, room), files))
+        copied[task.id] = (collected, fresh)
+    return copied
+
+
+def file_results(record, key, task, several, collected, fresh):
+    """Put a task's copied output in place and say so in the record (under the lock)."""
+    import shutil
+
+    folder = results_folder(record, task.id, several)
+    attempts = record["tasks"].get(task.id, {}).get("attempts", 0) + (collected["state"] != "hub-full")
+    if not several:  # the task that ran last is the job's record
+        record["tasks"] = {}
+    target = os.path.join(results_files_path(key), folder) if folder else results_files_path(key)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    os.chmod(fresh, 0o755)
+    hand_over(fresh)
+    os.rename(fresh, target)
+    record["tasks"][task.id] = dict(collected, folder=folder, exit_code=task.exit_code, attempts=attempts)
+    record.get("collecting", {}).pop(task.id, None)
+
+
+def save_results_record(key, record):
+    import json
+
+    record["bytes"] = sum(t.get("bytes", 0) for t in record["tasks"].values())
+    atomic_write(results_record_path(key), json.dumps(record, indent=2) + "\n", mode=0o644)
+    hand_over(results_record_path(key))
 
 
 def task_containers(task_ids):
@@ -4356,11 +4817,39 @@ def collect_due_results(services, tasks, nodes):
     for service in services:
         if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
             continue
-        before = load_results_record(service["Spec"]["Name"])
+        before = load_results_record(service["ID"])
         record = collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
         if record and record != before:
             collected.append(service["Spec"]["Name"])
     return collected
+
+
+class Collector:
+    """hub watch's collection, in a thread of its own (one at a time): a
+    worker that answers slowly, or not at all until RESULTS_COPY_TIMEOUT_S,
+    never holds up the re-running of lost jobs."""
+
+    def __init__(self):
+        self.thread = None
+
+    def start(self, services, tasks, nodes):
+        import threading
+
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.thread = threading.Thread(target=self.collect, args=(services, tasks, nodes), daemon=True)
+        self.thread.start()
+        return True
+
+    @staticmethod
+    def collect(services, tasks, nodes):
+        try:
+            collected = collect_due_results(services, tasks, nodes)
+        except GridxError as error:
+            warn(error.message)
+            return
+        if collected:
+            info(f"collected the results of {', '.join(collected)}")
 
 
 def results_summary(record):
@@ -4378,22 +4867,22 @@ def results_summary(record):
     return "; ".join(parts)
 
 
-def remove_results(job_id):
+def remove_results(key):
     import shutil
 
     with ResultsLock():
-        shutil.rmtree(results_files_path(job_id), ignore_errors=True)
+        shutil.rmtree(results_files_path(key), ignore_errors=True)
         try:
-            os.unlink(results_record_path(job_id))
+            os.unlink(results_record_path(key))
         except FileNotFoundError:
             pass
 
 
-def write_results_tar(job_id, out):
-    """The hub's side of `jobs results`: RESULTS/JOB/ as a tar stream."""
+def write_results_tar(key, out):
+    """The hub's side of `jobs results`: RESULTS/SERVICE_ID/ as a tar stream."""
     import tarfile
 
-    files = results_files_path(job_id)
+    files = results_files_path(key)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=STREAM_CHUNK) as archive:
         for top, folders, names in os.walk(files):
             folders.sort()
@@ -4447,7 +4936,60 @@ def remove_containers(found):
         process.wait()  # best effort: a container Docker removed itself is no error
 
 
-# -- results to the submitter ---------------------------------------------------------------
+def kept_marker(job_id):
+    return f"gridx-kept-{job_id}"
+
+
+def kept_results(job_id):
+    """{"service": ID, "owner": NAME} of a deleted job whose results are
+    kept, or None (one docker call)."""
+    import json
+
+    found = run(docker("config", "inspect", "--format", "{{json .Spec.Labels}}", "--", kept_marker(job_id)),
+                check=False)
+    if found.returncode:
+        if "no such config" in found.stderr.lower():
+            return None
+        raise command_error(docker("config", "inspect"), found)
+    labels = json.loads(found.stdout or "{}") or {}
+    return {"service": labels.get(LABEL_SERVICE, ""), "owner": labels.get(LABEL_OWNER, ADMIN_OWNER)}
+
+
+def refuse_kept_name(job_id):
+    """A new job never takes the name of a deleted one whose results are kept."""
+    if kept_results(job_id):
+        raise usage_error(f"the results of an earlier job {job_id} are kept on the hub under that name",
+                          f"pick another --name, or delete them: gridx jobs results {job_id} --delete")
+
+
+def keep_results(service):
+    """jobs delete --keep-results: the marker that finds them, by name, once
+    the job is gone."""
+    name = service["Spec"]["Name"]
+    run(docker("config", "create", f"--label={LABEL_KEPT}={name}", f"--label={LABEL_OWNER}={owner_of(service)}",
+               f"--label={LABEL_SERVICE}={service['ID']}", "--", kept_marker(name), "-"), input=name + "\n")
+
+
+def check_kept_limit(more):
+    """Through serve: exit 2 when keeping MORE results would take the member
+    past their limit of kept results (before anything is deleted)."""
+    if OWNER is None or SERVE_LIMITS is None or not more:
+        return
+    cap = SERVE_LIMITS.get("kept", STORE_DEFAULTS["kept"])
+    listed = run(docker("config", "ls", "--filter", f"label={LABEL_KEPT}",
+                        "--format", '{{.Label "%s"}}' % LABEL_OWNER)).stdout.split()
+    held = listed.count(OWNER)
+    if cap is not None and held + more > cap:
+        raise usage_error(f"{OWNER} keeps the results of {held} deleted job(s), the most the hub allows is {cap}",
+                          "delete some first: gridx jobs results JOB --delete (or delete this job without "
+                          "--keep-results after fetching them: gridx jobs results JOB)")
+
+
+def forget_kept(job_id):
+    run(docker("config", "rm", "--", kept_marker(job_id)), check=False)
+
+
+# -- results to the submitter -------------------------------------------------
 
 
 def results_destination(dest, job_id):
@@ -4458,6 +5000,218 @@ def results_destination(dest, job_id):
         raise usage_error(f"{dest or job_id} exists and is not an empty folder: results never overwrite files",
                           f"give another destination: gridx jobs results {job_id} DEST")
     return path
+
+
+def results_here(key, dest, record):
+    """On the hub: copy RESULTS/SERVICE_ID/ to dest; (bytes, files) as its record says."""
+    import shutil
+
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    files = results_files_path(key)
+    if os.path.isdir(files):
+        shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
+    tasks = (record or {}).get("tasks", {}).values()
+    return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
+
+
+# ---------------------------------------------------------------------------
+# Remote
+# ---------------------------------------------------------------------------
+# `gridx jobs … --manager USER@HUB` from a machine that is not the hub:
+# root@HUB drives the hub's Docker over Docker's own SSH (DOCKER_HOST, the
+# admin's way); any other USER is a member, whose whole command line runs on
+# the hub through the gridx account's forced `gridx serve NAME` (see
+# Accounts), with stdout, stderr and the exit status passed through
+# (ForwardedExit). serve parses the line with gridx's own parser, allows only
+# SERVE_JOB_COMMANDS, and runs them with OWNER and SERVE_LIMITS set.
+
+# What `gridx serve` runs: `gridx jobs COMMAND …` for these, and `gridx cluster`.
+SERVE_JOB_COMMANDS = ("run", "jupyter", "train", "list", "status", "logs", "delete", "results", "cluster")
+
+SSH_CONTROL_PERSIST_S = 60
+
+
+def check_manager_reachable(docker_host):
+    """Fail in seconds, not minutes, when the manager's SSH port is silent.
+
+    ssh to an address of the VPN with no peer behind it waits for the
+    kernel's TCP timeout (about 2 minutes) before docker gives up.
+    """
+    import socket
+    import urllib.parse
+
+    if not docker_host.startswith("ssh://"):
+        return
+    parts = urllib.parse.urlsplit(docker_host)
+    try:
+        port = parts.port or 22
+        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return  # a name only ssh's own config knows: let ssh resolve it
+    try:
+        family, kind, proto, _, address = addresses[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(MANAGER_CONNECT_TIMEOUT_S)
+            probe.connect(address)
+    except OSError as error:
+        raise precondition(
+            f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
+            "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
+        ) from None
+
+
+# -- serve: the hub's side of `--manager gridx@HUB` ---------------------------
+
+
+def serve_words(original):
+    """SSH_ORIGINAL_COMMAND -> the gridx argv to run, or exit 2 with one line:
+    only `[gridx] jobs COMMAND …` and `[gridx] cluster …` (no global option,
+    no `--manager`: that would send the hub's docker elsewhere)."""
+    import shlex
+
+    hint = "through SSH as gridx: gridx jobs … --manager gridx@HUB (jobs run/list/status/logs/delete, cluster)"
+    if not original or not original.strip():
+        raise usage_error("this account runs gridx jobs commands only, never a shell", hint)
+    try:
+        words = shlex.split(original)
+    except ValueError as error:
+        raise usage_error(f"cannot read the command ({error})", hint) from None
+    if words and words[0] == "gridx":
+        words = words[1:]
+    if not words or words[0] not in ("jobs", "cluster"):
+        shown = (words[0] if words else original)[:40]
+        raise usage_error(f"not allowed here: {shown!r}: only `gridx jobs …` and `gridx cluster` run", hint)
+    return words
+
+
+def check_serve_args(args, words):
+    """After parsing: an allowed command, no --manager, no local script."""
+    hint = "gridx jobs … --manager gridx@HUB runs jobs commands only"
+    allowed = {("jobs", name) for name in SERVE_JOB_COMMANDS} | {("cluster",)}
+    if getattr(args, "handler", None) is None:
+        raise usage_error("give a jobs command", "gridx jobs --help")
+    path = args.command_path
+    if path not in allowed:
+        raise usage_error(f"not allowed here: {' '.join(words[:2])}", hint)
+    if getattr(args, "manager", None):
+        raise usage_error("not allowed here: --manager (serve runs on the hub's own swarm)", hint)
+    if path == ("jobs", "train") and not args.script.startswith(("http://", "https://")) and args.workdir is None:
+        raise usage_error(f"through the hub's SSH a training script must be an http(s) URL, not {args.script!r}",
+                          "send its folder with --workdir DIR, serve it over http(s), or build it into an image")
+    if path == ("jobs", "results") and not (args.tar or args.json or args.delete):
+        # a DEST here would be a folder of the hub's: the user's gridx asks for --tar
+        raise usage_error("through the hub's SSH, results come as --tar (or --json, --delete)",
+                          "gridx jobs results JOB [DEST] --manager gridx@HUB copies them to your machine")
+
+
+def load_serve_limits(name):
+    """The user's limits from users.json; exit 3 when they are not a user."""
+    import json
+
+    try:
+        document = json.loads(read_text(users_limits_path()))
+        limits = document["users"][name]
+    except FileNotFoundError:
+        raise precondition(f"{users_limits_path()} not found", "the hub admin runs: gridx hub add-user NAME") from None
+    except (KeyError, TypeError, ValueError, OSError):
+        raise precondition(f"{name!r} is not a user of this hub",
+                           "ask the hub admin: gridx hub add-user NAME") from None
+    return valid_limits(limits, f"{users_limits_path()}: {name}")
+
+
+def watch_session_end(armed=False):
+    """serve has no pty, so Ctrl-C on the user's side ends their ssh, and
+    sshd then closes serve's stdin (and nothing else: the command would run
+    on). The end of stdin interrupts serve as Ctrl-C would, and a hang-up
+    too, once the client said SESSION_HELLO: gridx keeps stdin open while it
+    waits (forward_to_serve); plain `ssh … < /dev/null` ends it at once and
+    is not taken for an interruption."""
+    import signal
+    import threading
+
+    def on_hangup(signum, frame):
+        raise KeyboardInterrupt
+
+    def watch(armed=armed):
+        try:
+            while True:
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    break
+                armed = armed or chunk.startswith(SESSION_HELLO)
+        except OSError:
+            pass
+        if armed:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGHUP, on_hangup)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# -- the client's side: `gridx jobs … --manager USER@HUB` ---------------------
+
+
+class ForwardedExit(Exception):
+    """The command ran on the hub through serve: main() exits with its status."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def forwarded_words(argv):
+    """The command line to send to serve: without --manager (and its value)
+    and the global -v; `--` and what follows stay as they are."""
+    words, skip, options = [], False, True
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if options and word == "--":
+            options = False
+        elif options and word.startswith("--ma") and "--manager".startswith(word.partition("=")[0]):
+            skip = "=" not in word
+            continue
+        elif options and not words and (word == "-v" or (word.startswith("--verb") and "--verbose".startswith(word))):
+            continue
+        words.append(word)
+    return words
+
+
+def ssh_control_dir():
+    """A 0700 folder of the user's for ssh's shared connections, or None."""
+    home = os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        return None
+    folder = os.path.join(home, ".gridx", "ssh")
+    if any(c in folder for c in '"%\n '):
+        return None  # ssh expands % and would split a quoted or spaced path
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError:
+        return None
+    return folder
+
+
+def serve_ssh_argv(docker_host, words, control=None):
+    """ssh to the gridx account: it runs `gridx serve NAME` whatever it is
+    sent; the command line goes as one shell-quoted word (ssh joins words
+    with spaces), and no value here can begin with '-' (valid_manager)."""
+    import shlex
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(docker_host)
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 2}"]
+    key = os.environ.get("GRIDX_SSH_KEY")
+    if key:
+        argv += ["-i", os.path.abspath(os.path.expanduser(key)), "-o", "IdentitiesOnly=yes"]
+    if control:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+                 "-o", f"ControlPersist={SSH_CONTROL_PERSIST_S}"]
+    if parts.port:
+        argv += ["-p", str(parts.port)]
+    return argv + ["--", f"{parts.username}@{parts.hostname}", shlex.join(words)]
 
 
 def hub_gridx_argv(docker_host, words, control=None):
@@ -4492,16 +5246,72 @@ def fetch_results_over_ssh(docker_host, job_id, dest, control=None):
     return written, files
 
 
-def results_here(job_id, dest, record):
-    """On the hub: copy RESULTS/JOB/ to dest; (bytes, files) as its record says."""
-    import shutil
+def forward_to_serve(docker_host, args=None):
+    """--manager USER@HUB with a USER other than root: the whole command runs
+    on the hub through the gridx account's forced `gridx serve`, needing ssh
+    only here; stdout, stderr and the exit status pass through as they are.
+    Raises ForwardedExit. Root keeps docker over SSH (the admin's path)."""
+    import subprocess
+    import urllib.parse
 
-    os.makedirs(dest, mode=0o755, exist_ok=True)
-    files = results_files_path(job_id)
-    if os.path.isdir(files):
-        shutil.copytree(files, dest, symlinks=True, dirs_exist_ok=True)
-    tasks = (record or {}).get("tasks", {}).values()
-    return sum(t.get("bytes", 0) for t in tasks), sum(t.get("files", 0) for t in tasks)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user in (None, ADMIN_OWNER):
+        return
+    need("ssh")
+    check_manager_reachable(docker_host)
+    control = ssh_control_dir()
+    words = forwarded_words(INVOCATION)
+    if getattr(args, "command_path", None) == ("jobs", "results") and not (args.tar or args.json or args.delete):
+        dest = results_destination(args.dest, args.job_id)
+        written, files = fetch_results_over_ssh(docker_host, args.job_id, dest, control)
+        print(dest)
+        info(f"{human_bytes(written)} in {files} file(s)")
+        raise ForwardedExit(EXIT_OK)
+    if getattr(args, "job_name", None) and not args.name:
+        # the ID is chosen here, so that --wait can fetch the job's results
+        words.insert(words.index("jobs") + 2, f"--name={args.job_name}")
+    layer = getattr(args, "layer", None)
+    argv = serve_ssh_argv(docker_host, words, control)
+    # stdin stays open (never written after the hello and the work folder)
+    # while ssh runs: its end tells serve that this side is gone (Ctrl-C, a
+    # kill), see watch_session_end.
+    process = start(argv, stdin=subprocess.PIPE)
+    try:
+        try:
+            if layer:
+                send_upload(process.stdin, layer.folder, {"script": getattr(args, "script_in_workdir", None)})
+            else:
+                process.stdin.write(SESSION_HELLO)
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # ssh ended already: its status says why
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if code == 255:  # ssh's own failure; it said why on stderr
+        raise precondition(f"cannot run the command on the hub over SSH as {user}",
+                           "check the VPN, ~/.ssh/known_hosts (the bundle's known_hosts) and GRIDX_SSH_KEY "
+                           "(the bundle's settings.env), or ask the hub admin whether you are a user")
+    if getattr(args, "wait", False) and job_output(args):
+        dest = results_destination(None, args.job_name)
+        written, files = fetch_results_over_ssh(docker_host, args.job_name, dest, control)
+        info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
+    raise ForwardedExit(code)
+
+
+def set_manager(args):
+    """`gridx jobs` on a machine that is not the hub: docker over SSH."""
+    global DOCKER_HOST
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if manager:
+        DOCKER_HOST = valid_manager(manager)
+        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve
+        need("docker", "ssh")
+        check_manager_reachable(DOCKER_HOST)
+    else:
+        need("docker")
 
 
 # ---------------------------------------------------------------------------
@@ -4509,20 +5319,11 @@ def results_here(job_id, dest, record):
 # ---------------------------------------------------------------------------
 
 
-def registered(members, name, kind):
-    """config.peers' (or config.users') NAME; exit 2 when there is none."""
-    if name not in members:
-        raise usage_error(f"no {kind} {name!r}", f"list them: gridx hub list-{kind}s")
-    return members[name]
-
-
-def _now():
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+# -- hub init -----------------------------------------------------------------
 
 
 def cmd_hub_init(args):
+    """Validate, then (under the state lock) make or check the VPN, firewall, swarm, SSH key, users and registry."""
     public_ip = valid_public_ip(args.ip)
     port = valid_port(args.port)
     subnet = valid_subnet(args.subnet)
@@ -4679,12 +5480,12 @@ def ensure_hub_ssh_key(config):
 
 
 def ensure_users(config):
-    """The users' account and files, when the hub has users already (see Users)."""
+    """The users' account and files, when the hub has users already (see Accounts)."""
     return user_account_ready(config) if config.users else []
 
 
 def ensure_registry(config):
-    """The image registry on HUB_VPN_IP:5000 (see Registry)."""
+    """The image registry: read-only on HUB_VPN_IP:5000, its writer on the hub's loopback (see Registry)."""
     return registry_ready(config)
 
 
@@ -4721,15 +5522,6 @@ WantedBy=multi-user.target
 """
 
 
-def own_program():
-    """How to run this gridx again: the binary, or python3 and this file."""
-    import shlex
-
-    if getattr(sys, "frozen", False):
-        return shlex.quote(os.environ.get("STATICX_PROG_PATH") or sys.executable)
-    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
-
-
 def install_watch_service():
     """A systemd unit running `gridx hub watch`; True when it changed."""
     path = "/etc/systemd/system/gridx-watch.service"
@@ -4740,39 +5532,11 @@ def install_watch_service():
     return True
 
 
-def cmd_hub_reset(args):
-    require_root()
-    if not args.yes:
-        raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
-    import shutil
-
-    with StateLock():
-        config = load_hub_config()
-        if wg_interface_up(config.interface):
-            run(["wg-quick", "down", config.interface], check=False)
-        run(["docker", "swarm", "leave", "--force"], check=False)
-        if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
-            run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
-            os.unlink("/etc/systemd/system/gridx-watch.service")
-        if os.path.exists(DOCKER_DROPIN):
-            os.unlink(DOCKER_DROPIN)
-            if systemd_running():
-                run(["systemctl", "daemon-reload"], check=False)
-        run(["iptables", "-D", "INPUT", "-j", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-F", FIREWALL_CHAIN], check=False)
-        run(["iptables", "-X", FIREWALL_CHAIN], check=False)
-        reset_users()  # their SSH lines and firewall chain: see Users
-        reset_registry()  # stopped; the CA and the images stay: see Registry
-        for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
-            if os.path.exists(path):
-                os.unlink(path)
-        for folder in ("clients", "bundles", "ssh"):
-            shutil.rmtree(os.path.join(config_dir(), folder), ignore_errors=True)
-    info("the hub is reset: no VPN, no swarm, no peers")
-    return EXIT_OK
+# -- hub add-peer · remove-peer · list-peers · status · join-info · refresh-bundle ---
 
 
 def cmd_hub_add_peer(args):
+    """Allocate an address, add the peer live (wg set), write its config and join bundle."""
     name = valid_name(args.name)
     pubkey = valid_wg_key(args.pubkey) if args.pubkey is not None else None
     if args.ip is not None:
@@ -4794,7 +5558,7 @@ def cmd_hub_add_peer(args):
                               f"pick another name, or remove it first: gridx hub remove-peer {name}")
         if pubkey and any(p.public_key == pubkey for p in config.peers.values()):
             raise usage_error("that --pubkey already belongs to another peer", "each worker needs its own key")
-        refuse_taken_name(config, name, pubkey)  # users: see Users
+        refuse_taken_name(config, name, pubkey)  # nor a user's name or key
         ip = allocate_ip(config, args.ip)
         if pubkey:
             private = None
@@ -4835,6 +5599,7 @@ def print_added(args, kind, member, folder, next_lines):
 
 
 def cmd_hub_remove_peer(args):
+    """Remove the peer from the VPN and the swarm, re-run its jobs, rotate the join token."""
     name = valid_name(args.name)
     require_root()
     need("wg", "docker")
@@ -4856,26 +5621,48 @@ def cmd_hub_remove_peer(args):
         write_hub_wg_conf(config)
         remove_bundle(name)
         forget_host_key(peer.ip)
-        refreshed = refresh_unused_bundles(config, token)
+        archives = new_token_in_bundles(config, token)
     info(f"removed peer {name} ({peer.ip}) from the VPN" + (" and the swarm" if nodes else ""))
     if lost:
         info(f"jobs that ran on it run again elsewhere: {', '.join(lost)}")
-    info("rotated the worker join token: the removed bundle no longer joins"
-         + (f"; rewrote the bundles on the hub with the new one ({', '.join(refreshed)})" if refreshed else ""))
+    info("rotated the worker join token: the removed bundle no longer joins; the bundles on the hub have the new one"
+         + (f" (their .tar.gz went: gridx hub refresh-bundle NAME makes one again: {', '.join(archives)})"
+            if archives else ""))
     if config.peers:
         info("a copy of a bundle given out before now needs the new token: "
              "gridx hub refresh-bundle NAME, then give it again")
     return EXIT_OK
 
 
-def refresh_unused_bundles(config, token):
-    """After a token rotation: every bundle still on the hub gets the new
-    token, so the ones not yet used still join. Returns their peers' names."""
-    if not any(os.path.isdir(bundle_path(name)) for name in config.peers):
+def new_token_in_bundles(config, token):
+    """After a rotation: the hub's bundles see the new token through their
+    shared token file (one write); their .tar.gz, which hold the old one,
+    go (an unlink each); a bundle older than the shared file is rewritten
+    once. Returns the peers whose archive went."""
+    store_join_token(token)
+    legacy = [name for name in sorted(config.peers)
+              if os.path.isdir(bundle_path(name)) and not linked_to_hub_token(bundle_path(name))]
+    if legacy:
+        refresh_unused_bundles(config, token, legacy)
+    gone = []
+    for name in sorted(config.peers):
+        archive = bundle_path(name) + ".tar.gz"
+        if name not in legacy and os.path.lexists(archive):
+            os.unlink(archive)
+            gone.append(name)
+    return gone
+
+
+def refresh_unused_bundles(config, token, names=None):
+    """Every bundle still on the hub (or those of names) written again with
+    the token and the hub's settings (allow-jobs changed them). Returns
+    their peers' names."""
+    names = sorted(config.peers) if names is None else names
+    if not any(os.path.isdir(bundle_path(name)) for name in names):
         return []
     ssh_key = ssh_public_key()
     refreshed = []
-    for name in sorted(config.peers):
+    for name in names:
         if os.path.isdir(bundle_path(name)):
             try:
                 refresh_bundle(config, name, token, ssh_key)
@@ -4883,27 +5670,6 @@ def refresh_unused_bundles(config, token):
             except GridxError as error:
                 warn(f"bundle {name} keeps the old token: {error.message} (then: gridx hub refresh-bundle {name})")
     return refreshed
-
-
-def cmd_hub_refresh_bundle(args):
-    name = valid_name(args.name)
-    out_dir = os.path.abspath(args.out) if args.out else None
-    if out_dir:
-        check_bundle_target(bundle_path(name, out_dir))
-    require_root()
-    need("docker")
-    with StateLock():
-        config = load_hub_config()
-        registered(config.peers, name, "peer")
-        token, ssh_key = worker_join_token(), ssh_public_key()
-        folder = refresh_bundle(config, name, token, ssh_key)
-        if out_dir:
-            folder = refresh_bundle(config, name, token, ssh_key, out_dir)
-    print(f"Rewrote the bundle of {name} with the current join token: {folder}/  (and {folder}.tar.gz)")
-    print("Next: copy it to the volunteer's machine again and run there:")
-    print(f"  cd gridx-{name}-bundle && sudo ./join.sh"
-          + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
-    return EXIT_OK
 
 
 def peer_rows(config):
@@ -4939,6 +5705,7 @@ def peer_rows(config):
 
 
 def cmd_hub_list_peers(args):
+    """Every peer with its handshake, swarm node, shares and whether the hub may SSH in."""
     require_root()
     need("wg", "docker")
     config = load_hub_config()
@@ -4964,6 +5731,7 @@ def format_shared(shared):
 
 
 def cmd_hub_status(args):
+    """VPN and swarm health; exit 1 when a peer is silent or a node is not Ready (for cron)."""
     require_root()
     need("wg", "docker")
     config = load_hub_config()
@@ -5005,6 +5773,7 @@ def cmd_hub_status(args):
 
 
 def cmd_hub_join_info(args):
+    """Print a peer's WireGuard config and the swarm join command, for joining by hand."""
     name = valid_name(args.name)
     require_root()
     config = load_hub_config()
@@ -5029,6 +5798,31 @@ def cmd_hub_join_info(args):
     return EXIT_OK
 
 
+def cmd_hub_refresh_bundle(args):
+    """Rewrite a peer's bundle with the current join token (and copy it to --out)."""
+    name = valid_name(args.name)
+    out_dir = os.path.abspath(args.out) if args.out else None
+    if out_dir:
+        check_bundle_target(bundle_path(name, out_dir))
+    require_root()
+    need("docker")
+    with StateLock():
+        config = load_hub_config()
+        registered(config.peers, name, "peer")
+        token, ssh_key = worker_join_token(), ssh_public_key()
+        folder = refresh_bundle(config, name, token, ssh_key)
+        if out_dir:
+            folder = refresh_bundle(config, name, token, ssh_key, out_dir)
+    print(f"Rewrote the bundle of {name} with the current join token: {folder}/  (and {folder}.tar.gz)")
+    print("Next: copy it to the volunteer's machine again and run there:")
+    print(f"  cd gridx-{name}-bundle && sudo ./join.sh"
+          + ("" if config.peers[name].key_on_hub else " --private-key private.key"))
+    return EXIT_OK
+
+
+# -- hub ssh · ssh-pubkey · watch ---------------------------------------------
+
+
 def hub_ssh_declined():
     """VPN addresses of the swarm nodes whose engine says they declined the
     hub's SSH (LABEL_HUB_SSH=no). One docker call when none did, a second
@@ -5047,6 +5841,7 @@ def hub_ssh_declined():
 
 
 def cmd_hub_ssh(args):
+    """SSH into a worker over the VPN with the hub's key; CMD's exit status passes through."""
     name = valid_name(args.name)
     require_root()
     need("ssh")
@@ -5068,6 +5863,7 @@ def cmd_hub_ssh(args):
 
 
 def cmd_hub_ssh_pubkey(args):
+    """Print the hub's SSH public key."""
     require_root()
     print(ssh_public_key())
     return EXIT_OK
@@ -5075,15 +5871,14 @@ def cmd_hub_ssh_pubkey(args):
 
 def cmd_hub_watch(args):
     """Run lost jobs again: the swarm alone leaves them on a Down node."""
-    import time
-
     interval = parse_count(args.interval, "--interval", 1, WATCH_MAX_S)
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_waiting = {}, {}
+    down_since, seen_waiting, passes, collector = {}, {}, 0, Collector()
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
+        passes += 1
         try:
             nodes = swarm_nodes()
             now = time.monotonic()
@@ -5108,19 +5903,293 @@ def cmd_hub_watch(args):
             seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
-            collected = collect_due_results(services, tasks, nodes)  # see Work folders and results
-            if collected:
-                info(f"collected the results of {', '.join(collected)}")
+            collector.start(services, tasks, nodes)  # see Work folders and results
+            if passes % WATCH_SWEEP_EVERY == 1:
+                sweep_work_layers()
         except GridxError as error:
             warn(error.message)
         if args.once:
+            if collector.thread is not None:
+                collector.thread.join()
             return EXIT_OK
         time.sleep(interval)
 
 
+# -- hub allow-jobs -------------------------------------------------------------
+# Jobs reach the internet and nothing private (the worker's jobnet.sh); the
+# admin opens private destinations for every job here. The list lives in
+# hub_config.json and every bundle's settings (GRIDX_JOB_ALLOW); joined
+# workers get it at once over the hub's SSH.
+
+JOBNET_SCRIPT = "/var/lib/gridx/jobnet/jobnet.sh"  # same as join.sh's copy (lib.sh's JOB_NET_DIR)
+
+
+def cmd_hub_allow_jobs(args):
+    """Show, or set, what every job may reach on private networks; apply it to the joined workers."""
+    entries = [] if args.none else valid_job_allow(list(args.entries))
+    require_root()
+    need("docker", "ssh")
+    if not entries and not args.none:
+        config = load_hub_config()
+        if args.json:
+            print_json({"job_allow": config.job_allow})
+        else:
+            print(" ".join(config.job_allow) if config.job_allow else "(none: jobs reach the internet only)")
+        return EXIT_OK
+    with StateLock():
+        config = load_hub_config()
+        config.job_allow = entries
+        save_hub_config(config)
+        refreshed = refresh_unused_bundles(config, worker_join_token())
+    shown = " ".join(entries) or "nothing private"
+    info(f"jobs may reach: {shown}" + (f"; rewrote the bundles on the hub ({', '.join(refreshed)})"
+                                        if refreshed else ""))
+    return apply_job_allow(config, entries)
+
+
+def apply_job_allow(config, entries):
+    """jobnet.sh allow LIST on every joined worker at once, over the hub's SSH;
+    exit 1 when one that allows the hub's SSH could not take it."""
+    import shlex
+    import subprocess
+
+    declined = hub_ssh_declined()
+    nodes = {n.address: n for n in swarm_nodes() if not n.manager and n.state == "ready"}
+    targets = sorted((peer for peer in config.peers.values() if peer.ip in nodes), key=lambda p: _ip_sort_key(p.ip))
+    remote = shlex.join([JOBNET_SCRIPT, "allow", " ".join(entries)])
+    running = [(peer, start(ssh_argv(peer.ip, [remote]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+               for peer in targets if peer.ip not in declined]
+    failed = []
+    for peer, process in running:
+        said = process.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        if process.wait():
+            failed.append(peer.name)
+            warn(f"{peer.name}: {said[-1] if said else 'jobnet.sh allow failed'}")
+    applied = [peer.name for peer, _ in running if peer.name not in failed]
+    if applied:
+        info(f"applied on {', '.join(applied)}")
+    for peer in targets:
+        if peer.ip in declined:
+            warn(f"{peer.name} declined the hub's SSH: its volunteer runs sudo ./jobnet.sh allow in the bundle "
+                 f"(gridx hub refresh-bundle {peer.name} writes it)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# -- hub add-user · set-user · set-defaults · remove-user · list-users --------
+
+
+def cmd_hub_add_user(args):
+    """Add a member: VPN address and peer, SSH key forced to `gridx serve NAME`, limits, bundle."""
+    name = valid_user_name(args.name)
+    ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
+    wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
+    limits = limits_from_args(args)
+    refuse_hub_login(name)
+    require_root()
+    need("wg", "docker", "ssh-keygen")
+    with StateLock():
+        config = load_hub_config()
+        refuse_taken_name(config, name, wg_key, "user")
+        if ssh_key and any(u.ssh_key == ssh_key for u in config.users.values()):
+            raise usage_error("that --pubkey already belongs to another user", "each user needs their own key")
+        host_key = host_key_line(config)
+        ip = allocate_ip(config)
+        changes = ensure_user_account()
+        private_wg = None
+        if not wg_key:
+            private_wg, wg_key = wg_genkey()
+        private_ssh = None
+        if not ssh_key:
+            private_ssh, ssh_key = new_ssh_keypair(name)
+        user = User(name, ip, wg_key, ssh_key, {k: v for k, v in limits.items() if v is not ...}, _now())
+        folder = user_bundle_path(name)
+        write_bundle(folder, user_bundle_files(config, user, private_wg, private_ssh, host_key))
+        config.users[name] = user
+        try:
+            write_user_access(config)
+            apply_firewall(config)
+            run(["wg", "set", config.interface, "peer", wg_key, "allowed-ips", f"{ip}/32"])
+        except BaseException:
+            del config.users[name]
+            write_user_access(config)
+            remove_user_bundle(name)
+            raise
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+    for change in changes:
+        info(change)
+    return print_added(args, "user", user, folder, [
+        "Next: give the bundle to them; its README.txt says what to run (wg-quick up, then",
+        f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})"])
+
+
+def remove_user_bundle(name):
+    import shutil
+
+    folder = user_bundle_path(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.exists(folder + ".tar.gz"):
+        os.unlink(folder + ".tar.gz")
+
+
+def cmd_hub_set_user(args):
+    """Change a member's own limits (none, a number, or default: the hub's)."""
+    name = valid_name(args.name, "user name")
+    limits = limits_from_args(args)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        user = registered(config.users, name, "user")
+        own = dict(user.limits)
+        for key, value in limits.items():
+            if value is ...:
+                own.pop(key, None)
+            else:
+                own[key] = value
+        config.users[name] = User(user.name, user.ip, user.public_key, user.ssh_key, own, user.added)
+        save_hub_config(config)
+        write_user_access(config)
+    shown = effective_limits(config, config.users[name])
+    print(f"{name}: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_set_defaults(args):
+    """Change the limits of members who have none of their own."""
+    limits = limits_from_args(args, allow_default=False)
+    if not limits:
+        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
+    require_root()
+    with StateLock():
+        config = load_hub_config()
+        config.user_defaults.update(limits)
+        # an unset submit limit is no limit already; a store limit's "none" must be kept to mean it
+        config.user_defaults = {k: v for k, v in config.user_defaults.items()
+                                if v is not None or k not in SUBMIT_LIMITS}
+        save_hub_config(config)
+        if config.users:
+            write_user_access(config)
+    shown = {key: config.user_defaults.get(key, STORE_DEFAULTS.get(key)) for key in USER_LIMITS + HUB_LIMITS}
+    print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
+    return EXIT_OK
+
+
+def cmd_hub_remove_user(args):
+    """Take a member's SSH key and VPN peer away at once (--stop-jobs: and their jobs)."""
+    name = valid_name(args.name, "user name")
+    require_root()
+    need("wg", "docker")
+    with StateLock():
+        config = load_hub_config()
+        user = registered(config.users, name, "user")
+        del config.users[name]
+        # first what lets them in: the SSH line, then the VPN peer
+        write_user_access(config)
+        run(["wg", "set", config.interface, "peer", user.public_key, "remove"])
+        save_hub_config(config)
+        write_hub_wg_conf(config)
+        apply_firewall(config)
+        remove_user_bundle(name)
+    info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
+    ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
+    if ids and args.stop_jobs:
+        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
+    if ids:
+        info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
+    return EXIT_OK
+
+
+def user_rows(config, with_use=True):
+    """Everything list-users shows: one wg call, three docker calls."""
+    _, live = wg_dump(config.interface)
+    use = None
+    if with_use:
+        try:
+            services, tasks, _, _ = jobs_overview()
+            use = use_by_owner(services, tasks)
+        except GridxError as error:
+            warn(f"what users use now is unknown: {error.message}")
+    rows = []
+    for user in sorted(config.users.values(), key=lambda u: _ip_sort_key(u.ip)):
+        wg = live.get(user.public_key, {})
+        rows.append({
+            "name": user.name, "ip": user.ip, "public_key": user.public_key, "live": user.public_key in live,
+            "endpoint": wg.get("endpoint"), "handshake_age": wg.get("handshake_age"),
+            "limits": effective_limits(config, user), "own_limits": dict(user.limits),
+            "use": None if use is None else use.get(user.name, empty_use()),
+            "added": user.added,
+        })
+    return rows
+
+
+def cmd_hub_list_users(args):
+    """Every member: address, handshake, limits and what their unfinished jobs reserve."""
+    require_root()
+    need("wg", "docker")
+    config = load_hub_config()
+    rows = user_rows(config)
+    defaults = {key: config.user_defaults.get(key, STORE_DEFAULTS.get(key)) for key in USER_LIMITS + HUB_LIMITS}
+    if args.json:
+        print_json({"users": rows, "defaults": defaults})
+        return EXIT_OK
+    if not rows:
+        print("No users yet. Add one: gridx hub add-user NAME")
+        return EXIT_OK
+    table = []
+    for row in rows:
+        limits, use = row["limits"], row["use"]
+        table.append([
+            row["name"], row["ip"], human_age(row["handshake_age"]),
+            "/".join(show_limit(k, limits[k]) for k in SUBMIT_LIMITS),
+            "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
+        ])
+    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
+    return EXIT_OK
+
+
+# -- hub reset ----------------------------------------------------------------
+
+
+def cmd_hub_reset(args):
+    """Undo hub init: VPN, swarm, peers, keys, users' access, the watch service; the registry stops."""
+    require_root()
+    if not args.yes:
+        raise usage_error("hub reset removes the VPN, the swarm and every peer", "confirm with --yes")
+    import shutil
+
+    with StateLock():
+        config = load_hub_config()
+        if wg_interface_up(config.interface):
+            run(["wg-quick", "down", config.interface], check=False)
+        run(["docker", "swarm", "leave", "--force"], check=False)
+        if systemd_running() and os.path.exists("/etc/systemd/system/gridx-watch.service"):
+            run(["systemctl", "disable", "--now", "gridx-watch.service"], check=False)
+            os.unlink("/etc/systemd/system/gridx-watch.service")
+        if os.path.exists(DOCKER_DROPIN):
+            os.unlink(DOCKER_DROPIN)
+            if systemd_running():
+                run(["systemctl", "daemon-reload"], check=False)
+        for parent, chain in (("INPUT", FIREWALL_CHAIN), ("OUTPUT", OUTPUT_CHAIN)):
+            run(["iptables", "-D", parent, "-j", chain], check=False)
+            run(["iptables", "-F", chain], check=False)
+            run(["iptables", "-X", chain], check=False)
+        reset_users()  # their SSH lines and firewall chain: see Accounts
+        reset_registry()  # stopped; the CA and the images stay: see Registry
+        for path in (wg_conf_path(config.interface), hub_config_path(), server_key_path()):
+            if os.path.exists(path):
+                os.unlink(path)
+        for folder in ("clients", "bundles", "ssh"):
+            shutil.rmtree(os.path.join(config_dir(), folder), ignore_errors=True)
+    info("the hub is reset: no VPN, no swarm, no peers")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
-# Commands: worker (they run the bundle scripts: one implementation)
+# Commands: worker
 # ---------------------------------------------------------------------------
+# They run the bundle scripts: the worker side has one implementation.
 
 
 def parse_worker_conf(text):
@@ -5129,7 +6198,6 @@ def parse_worker_conf(text):
     Every value that goes into settings.env is checked here (join.sh checks
     the config's lines itself)."""
     import ipaddress
-    import re
 
     values, comments = {}, {}
     for line in text.splitlines():
@@ -5221,8 +6289,6 @@ def share_flags(args):
 
 
 def read_token(value):
-    import re
-
     token = (value or "").strip()
     # the shape Docker gives it; same as join.sh's check of swarm-token
     if not re.fullmatch(r"SWMTKN-[0-9]+-[a-z0-9]+-[a-z0-9]+", token):
@@ -5249,16 +6315,8 @@ def read_wg_config(path):
     return text
 
 
-def cmd_worker_join(args):
-    conf = read_wg_config(args.wg_config)
-    token = read_token(args.token)
-    ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
-    settings, conf_ssh_key = parse_worker_conf(conf)
-    folder = materialise_bundle(settings, conf, token, ssh_key or conf_ssh_key)
-    return run_bundle_script(folder, "join.sh", share_flags(args))
-
-
 def cmd_worker_setup(args):
+    """Ask for the config and the token, then join as `worker join` does."""
     if not sys.stdin.isatty():
         raise usage_error("setup asks questions and needs a terminal",
                           "without one use: gridx worker join --wg-config FILE --token TOKEN --yes")
@@ -5276,11 +6334,23 @@ def cmd_worker_setup(args):
     return run_bundle_script(folder, "join.sh", share_flags(args))
 
 
+def cmd_worker_join(args):
+    """Join with a WireGuard config and a token: the bundle's join.sh, materialised here."""
+    conf = read_wg_config(args.wg_config)
+    token = read_token(args.token)
+    ssh_key = valid_ssh_public_key(args.ssh_key) if args.ssh_key is not None else None
+    settings, conf_ssh_key = parse_worker_conf(conf)
+    folder = materialise_bundle(settings, conf, token, ssh_key or conf_ssh_key)
+    return run_bundle_script(folder, "join.sh", share_flags(args))
+
+
 def cmd_worker_status(args):
+    """The bundle's status.sh: link, handshake, swarm, shares."""
     return run_bundle_script(materialise_bundle(), "status.sh", ["--json"] if args.json else [])
 
 
 def cmd_worker_leave(args):
+    """The bundle's leave.sh: leave the swarm and the VPN, restore what join changed."""
     return run_bundle_script(materialise_bundle(), "leave.sh", ["--yes"] if args.yes else [])
 
 
@@ -5289,61 +6359,13 @@ def cmd_worker_leave(args):
 # ---------------------------------------------------------------------------
 
 
-def set_manager(args):
-    """`gridx jobs` on a machine that is not the hub: docker over SSH."""
-    global DOCKER_HOST
-    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
-    if manager:
-        DOCKER_HOST = valid_manager(manager)
-        forward_to_serve(DOCKER_HOST, args)  # a user that is not root: the hub's gridx serve (see Users)
-        need("docker", "ssh")
-        check_manager_reachable(DOCKER_HOST)
-    else:
-        need("docker")
-
-
-def check_manager_reachable(docker_host):
-    """Fail in seconds, not minutes, when the manager's SSH port is silent.
-
-    ssh to an address of the VPN with no peer behind it waits for the
-    kernel's TCP timeout (about 2 minutes) before docker gives up.
-    """
-    import socket
-    import urllib.parse
-
-    if not docker_host.startswith("ssh://"):
-        return
-    parts = urllib.parse.urlsplit(docker_host)
-    try:
-        port = parts.port or 22
-        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (ValueError, OSError):
-        return  # a name only ssh's own config knows: let ssh resolve it
-    try:
-        family, kind, proto, _, address = addresses[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.settimeout(MANAGER_CONNECT_TIMEOUT_S)
-            probe.connect(address)
-    except OSError as error:
-        raise precondition(
-            f"cannot reach the manager {parts.hostname}:{port} over SSH: {error.strerror or 'timed out'}",
-            "check the VPN (sudo wg show; sudo ./status.sh in your bundle) and --manager / GRIDX_MANAGER",
-        ) from None
+# -- submitting (run, jupyter, train) -----------------------------------------
 
 
 def new_job_name(args, prefix="job"):
     if args.name:
         return valid_name(args.name, "job name")
     return new_job_id(prefix)
-
-
-def job_output(args):
-    """--output PATH and its limit (default /work/out with --workdir), or None."""
-    output = getattr(args, "output", None)
-    if output is None and getattr(args, "workdir", None) is None:
-        return None
-    path = valid_output_path(output or DEFAULT_OUTPUT)
-    return path, parse_memory(args.output_limit, "--output-limit")
 
 
 def output_labels(output, layer_image):
@@ -5368,16 +6390,32 @@ def placeable_nodes(output):
 
 
 def submit_job(args, job_id, image, request, output, **create):
-    """Build the work layer when there is one, then create the job on it."""
+    """Create the job. With a work layer, the job is created first, held (its
+    name and its owner's limits taken before anything is made), then the
+    layer is made and the job moved onto it by digest; a layer that cannot be
+    made takes the job away with it: a refused submit leaves nothing."""
+    refuse_work_layer_image(image)
+    refuse_kept_name(job_id)
     layer = args.layer
-    target = layer.build(image) if layer else image
     extra = list(create.pop("extra_args", ()))
     if output:
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
-    create_job(job_id, target, request, extra_args=extra,
-               extra_labels=output_labels(output, image if layer else None), **create)
-    if layer:
-        layer.forget(target)
+    labels = output_labels(output, image if layer else None)
+    if not layer:
+        create_job(job_id, image, request, extra_args=extra, extra_labels=labels, **create)
+        return
+    hold = f"--constraint={HOLD_CONSTRAINT}=={layer.tag}"
+    create_job(job_id, image, request, extra_args=[*extra, hold], extra_labels=[*labels, (LABEL_LAYER, layer.tag)],
+               **create)
+    try:
+        target = layer.build(image)
+        run(docker("service", "update", "--detach", "--quiet", "--no-resolve-image", f"--image={target}",
+                   f"--constraint-rm={hold.partition('=')[2]}", "--", job_id))
+    except BaseException:
+        run(docker("service", "rm", "--", job_id), check=False)
+        if layer.pushed:
+            remove_work_layer(layer.tag, layer.pushed[1])
+        raise
 
 
 def finish_waited_job(job_id, code, output):
@@ -5388,9 +6426,10 @@ def finish_waited_job(job_id, code, output):
     if DOCKER_HOST:
         written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
     else:
-        record = collect_results(list_job_services([job_id])[0], list_tasks([job_id]))
+        service = list_job_services([job_id])[0]
+        record = collect_results(service, list_tasks([job_id]))
         say_results_problems(job_id, record)
-        written, files = results_here(job_id, dest, record)
+        written, files = results_here(service["ID"], dest, record)
     info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
     return code
 
@@ -5403,100 +6442,11 @@ def say_results_problems(job_id, record):
             warn(f"job {job_id}{where}: results {s['state']}: {s.get('error', '')}")
 
 
-def job_or_results(job_id):
-    """(service or None, tasks, record) of a job, or of a deleted job whose
-    results were kept; exit 2 when neither exists or it has no --output."""
-    services = list_job_services([job_id], missing_ok=True)
-    if not services:
-        record = load_results_record(job_id)
-        if record is None:
-            raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
-        if OWNER is not None and record.get("owner", ADMIN_OWNER) != OWNER:
-            raise usage_error(f"job {job_id} was {record.get('owner')}'s: {OWNER} can fetch only their own results")
-        return None, [], record
-    check_owner(services, "fetch the results of")  # through serve: see Users
-    tasks = list_tasks([job_id])
-    record = collect_results(services[0], tasks)
-    if OWNER is not None and record is not None:
-        record = wait_for_watch(services[0], tasks, record)
-    if record is None:
-        raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
-                          f"its output is in its logs: gridx jobs logs {job_id}")
-    return services[0], tasks, record
-
-
-RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
-
-
-def wait_for_watch(service, tasks, record):
-    """serve: the gridx account cannot reach the workers; hub watch (root)
-    collects a task's output within its interval: wait for it, bounded."""
-    import time
-
-    deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
-    while True:
-        if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once
-            return record
-        if time.monotonic() > deadline:
-            raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
-                               f"{RESULTS_WATCH_WAIT_S} s of the job's end",
-                               "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
-        time.sleep(1)
-        record = load_results_record(service["Spec"]["Name"]) or record
-
-
-def cmd_jobs_results(args):
-    job_id = valid_name(args.job_id, "job ID")
-    modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
-    if len(modes) > 1 or (modes and args.dest):
-        raise usage_error("give DEST, --tar, --json or --delete: one of them", f"gridx jobs results {job_id} ./here")
-    dest = None if modes else results_destination(args.dest, job_id)
-    set_manager(args)  # a user's: forward_to_serve fetches into dest and exits
-    if DOCKER_HOST:  # root@HUB: the hub's gridx collects and answers
-        if not modes:
-            written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
-            print(dest)
-            info(f"{human_bytes(written)} in {files} file(s)")
-            return EXIT_OK
-        return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
-    if OWNER is None:
-        require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
-    service, tasks, record = job_or_results(job_id)
-    if args.delete:
-        remove_results(job_id)
-        print(f"removed the results of {job_id}")
-        return EXIT_OK
-    state = job_summary(service, tasks)["state"] if service else "deleted"
-    if args.json:
-        print_json(dict(record, state=state, path=results_files_path(job_id)))
-        return EXIT_OK
-    if not record["tasks"]:
-        raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
-                           f"wait for it: gridx jobs logs {job_id} -f, then run this again")
-    say_results_problems(job_id, record)
-    if args.tar:
-        sys.stdout.flush()
-        write_results_tar(job_id, sys.stdout.buffer)
-        return EXIT_OK
-    written, files = results_here(job_id, dest, record)
-    print(dest)
-    info(f"{human_bytes(written)} in {files} file(s)")
-    return EXIT_OK
-
-
-def hub_results(job_id):
-    """jobs status/delete through --manager root@HUB: the record from the
-    hub's gridx (None when it cannot say)."""
-    import json
-
-    result = run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
-    try:
-        return json.loads(result.stdout) if result.returncode == 0 else None
-    except ValueError:
-        return None
+# -- jobs run · jupyter · train -----------------------------------------------
 
 
 def cmd_jobs_run(args):
+    """Submit a batch job (a swarm replicated-job); --wait follows it to its exit status."""
     image = valid_image(args.image)
     request = JobRequest(args.cpus, args.memory, args.gpus)
     env = parse_env(args.env)
@@ -5525,31 +6475,73 @@ def cmd_jobs_run(args):
     return finish_waited_job(job_id, wait_for_job(job_id, replicas), output)
 
 
-def script_in_workdir(args):
-    """train --workdir: the local script's path in the folder (it runs from
-    the layer, /work/PATH); exit 2 when it is outside or left out."""
-    import posixpath
+def cmd_jobs_jupyter(args):
+    """Start a Jupyter server as a service and print its URL once it answers."""
+    image = valid_image(args.image or JUPYTER_IMAGE, "--image")
+    request = JobRequest(args.cpus, args.memory, args.gpus)
+    port = valid_port(args.port)
+    timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
+    job_id = new_job_name(args, "jupyter")
+    set_manager(args)
+    check_fits(request, swarm_nodes())
+    import secrets
 
-    upload = getattr(args, "upload", None)
-    if upload is not None:  # serve: as the user's gridx found it
-        relative = upload.header.get("script")
-        if not isinstance(relative, str) or posixpath.normpath(relative) != relative \
-                or relative.startswith(("/", "../")) or relative == "..":
-            raise usage_error("the training script's path in the work folder did not arrive",
-                              "send it with gridx jobs train SCRIPT --workdir DIR")
-        return relative
-    folder = args.layer.folder
-    relative = os.path.relpath(os.path.abspath(args.script), folder.path).replace(os.sep, "/")
-    if relative.startswith("../") or relative == "..":
-        raise usage_error(f"with --workdir the script must be in that folder: {args.script} is not in {args.workdir}",
-                          f"move it into {args.workdir}, or give --workdir the folder that holds it")
-    if relative not in folder.entries:
-        raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
-                          f"take it out of {folder.rules.source}")
-    return relative
+    token = secrets.token_hex(16)
+    command = [
+        "jupyter", "notebook", "--ip=0.0.0.0", f"--port={port}", "--no-browser", "--allow-root",
+    ]
+    create_job(
+        job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
+        mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
+        extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
+        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
+    )
+    info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
+    url = wait_for_jupyter(job_id, port, token, timeout)
+    if args.json:
+        print_json({"id": job_id, "url": url})
+    else:
+        print(url)
+        info(f"stop it: gridx jobs delete {job_id}")
+    return EXIT_OK
+
+
+def node_addresses():
+    return {n.hostname: n.address for n in swarm_nodes()}
+
+
+def wait_for_jupyter(job_id, port, token, timeout):
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    addresses = None
+    while time.monotonic() < deadline:
+        history = list_tasks([job_id])
+        tasks = [t for t in history if t.state == "running"]
+        failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
+        if not tasks and len(failed) >= JUPYTER_FAILURES:
+            # The swarm restarts it forever; a server that cannot start
+            # (no such image or command) is said now, not at the timeout.
+            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
+                             f"check --image, then: gridx jobs delete {job_id}")
+        if tasks:
+            if addresses is None or tasks[0].node not in addresses:
+                addresses = node_addresses()
+            address = addresses.get(tasks[0].node)
+            url = f"http://{address}:{port}/?token={token}"
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
+                    return url
+            except (OSError, urllib.error.URLError):
+                pass
+        time.sleep(1)
+    raise GridxError(f"Jupyter ({job_id}) did not answer within {timeout} s",
+                     f"see why: gridx jobs status {job_id}; gridx jobs logs {job_id}")
 
 
 def cmd_jobs_train(args):
+    """Run a training script (URL, local file as a swarm config, or in --workdir) on a framework image."""
     framework_image = FRAMEWORK_IMAGES[args.framework]
     image = valid_image(args.image or framework_image, "--image")
     request = JobRequest(args.cpus, args.memory, args.gpus)
@@ -5607,86 +6599,37 @@ def cmd_jobs_train(args):
     return finish_waited_job(job_id, wait_for_job(job_id), output)
 
 
-def cmd_jobs_jupyter(args):
-    image = valid_image(args.image or JUPYTER_IMAGE, "--image")
-    request = JobRequest(args.cpus, args.memory, args.gpus)
-    port = valid_port(args.port)
-    timeout = parse_count(args.timeout, "--timeout", 1, JUPYTER_MAX_WAIT_S)
-    job_id = new_job_name(args, "jupyter")
-    set_manager(args)
-    check_fits(request, swarm_nodes())
-    import secrets
-
-    token = secrets.token_hex(16)
-    command = [
-        "jupyter", "notebook", "--ip=0.0.0.0", f"--port={port}", "--no-browser", "--allow-root",
-    ]
-    create_job(
-        job_id, image, request, kind="jupyter", command_argv=command, command_text=" ".join(command),
-        mode="replicated", replicas=1, env=[f"JUPYTER_TOKEN={token}"], restart="any",
-        extra_args=["--replicas", "1", "--publish", f"mode=host,target={port},published={port}"],
-        extra_labels=[(LABEL_TOKEN, token), (LABEL_PORT, str(port))],
-    )
-    info(f"job {job_id}: starting Jupyter (this can take a while the first time)")
-    url = wait_for_jupyter(job_id, port, token, timeout)
-    if args.json:
-        print_json({"id": job_id, "url": url})
-    else:
-        print(url)
-        info(f"stop it: gridx jobs delete {job_id}")
-    return EXIT_OK
+def script_in_workdir(args):
+    """train --workdir: the local script's path in the folder (it runs from
+    the layer, /work/PATH); exit 2 when it is outside or left out."""
+    upload = getattr(args, "upload", None)
+    if upload is not None:  # serve: as the user's gridx found it
+        relative = upload.header.get("script")
+        if not isinstance(relative, str) or posixpath.normpath(relative) != relative \
+                or relative.startswith(("/", "../")) or relative == "..":
+            raise usage_error("the training script's path in the work folder did not arrive",
+                              "send it with gridx jobs train SCRIPT --workdir DIR")
+        return relative
+    folder = args.layer.folder
+    relative = os.path.relpath(os.path.abspath(args.script), folder.path).replace(os.sep, "/")
+    if relative.startswith("../") or relative == "..":
+        raise usage_error(f"with --workdir the script must be in that folder: {args.script} is not in {args.workdir}",
+                          f"move it into {args.workdir}, or give --workdir the folder that holds it")
+    if relative not in folder.entries:
+        raise usage_error(f"{args.script} is left out of the work folder by its {folder.rules.source}",
+                          f"take it out of {folder.rules.source}")
+    return relative
 
 
-def node_addresses():
-    return {n.hostname: n.address for n in swarm_nodes()}
-
-
-def wait_for_jupyter(job_id, port, token, timeout):
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    addresses = None
-    while time.monotonic() < deadline:
-        history = list_tasks([job_id])
-        tasks = [t for t in history if t.state == "running"]
-        failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
-        if not tasks and len(failed) >= JUPYTER_FAILURES:
-            # The swarm restarts it forever; a server that cannot start
-            # (no such image or command) is said now, not at the timeout.
-            raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
-                             f"check --image, then: gridx jobs delete {job_id}")
-        if tasks:
-            if addresses is None or tasks[0].node not in addresses:
-                addresses = node_addresses()
-            address = addresses.get(tasks[0].node)
-            url = f"http://{address}:{port}/?token={token}"
-            try:
-                with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
-                    return url
-            except (OSError, urllib.error.URLError):
-                pass
-        time.sleep(1)
-    raise GridxError(f"Jupyter ({job_id}) did not answer within {timeout} s",
-                     f"see why: gridx jobs status {job_id}; gridx jobs logs {job_id}")
-
-
-def jobs_overview(job_ids=None, with_nodes=False):
-    """Jobs and (optionally) nodes in a fixed number of docker calls."""
-    services = list_job_services(job_ids)
-    tasks = list_tasks(service_names(services))
-    by_service = tasks_by_service(tasks)
-    jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
-    nodes = swarm_nodes() if with_nodes else []
-    return services, tasks, jobs, nodes
+# -- jobs list · status · logs · delete ---------------------------------------
 
 
 def cmd_jobs_list(args):
-    check_owner_filter(args)  # --user NAME, before anything runs: see Users
+    """Every job with its owner, state and nodes, from the swarm's labels (--mine, --user)."""
+    check_owner_filter(args)  # --user NAME, before anything runs
     set_manager(args)
     _, _, jobs, _ = jobs_overview()
-    jobs = filter_jobs(jobs, args)  # --mine, --user: see Users
+    jobs = filter_jobs(jobs, args)  # --mine, --user
     jobs.sort(key=lambda j: j["created"])
     if printed_as_json_or_none(args.json, "jobs", jobs,
                                "No jobs. Submit one: gridx jobs run python:3.11 \"python -c 'print(2**100)'\""):
@@ -5702,6 +6645,7 @@ def cmd_jobs_list(args):
 
 
 def cmd_jobs_status(args):
+    """One job: placement, state, exit code, why it waits, and its results."""
     job_id = valid_name(args.job_id, "job ID")
     set_manager(args)
     services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
@@ -5716,16 +6660,16 @@ def cmd_jobs_status(args):
     if args.json:
         print_json(job)
         return EXIT_OK
-    print(f"Job:      {job['id']} ({job['kind']})")
-    print(f"Owner:    {job['owner']}")  # see Users
-    print(f"Image:    {job['image']}")
+    say(f"Job:      {job['id']} ({job['kind']})")
+    say(f"Owner:    {job['owner']}")
+    say(f"Image:    {job['image']}")
     if job["command"]:
-        print(f"Command:  {job['command']}")
+        say(f"Command:  {job['command']}")
     gpus = f", {job['gpus']} GPU" if job["gpus"] else ""
-    print(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}{gpus}")
-    print(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
+    say(f"Asks:     {job['cpus']:g} CPU, {human_mib(job['memory_mib'])}{gpus}")
+    say(f"State:    {job['state']}" + ("" if job["exit_code"] is None else f" (exit {job['exit_code']})"))
     if job.get("reason"):
-        print(f"Why:      {job['reason']}")
+        say(f"Why:      {job['reason']}")
     for task in job["tasks"]:
         where = f"{task['node']} ({task.get('address', '')})" if task["node"] else "not placed"
         line = f"  {task['name']}: {task['state']} {task['since']} on {where}"
@@ -5735,7 +6679,7 @@ def cmd_jobs_status(args):
             line += f", GPUs {','.join(task['gpus'])}"
         if task["error"]:
             line += f" — {task['error']}"
-        print(line)
+        say(line)
     print_results(job)
     return EXIT_OK
 
@@ -5746,18 +6690,18 @@ def add_results(job, service, tasks, nodes):
     if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
         return
     record = hub_results(job["id"]) if DOCKER_HOST else collect_results(service, tasks, nodes)
-    job["results"] = dict(record, path=record.get("path") or results_files_path(job["id"])) if record else None
+    job["results"] = dict(record, path=record.get("path") or results_files_path(service["ID"])) if record else None
 
 
 def print_results(job):
     if "results" not in job:
         return
     if job["results"] is None:
-        print("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
+        say("Results:  unknown: the hub's gridx did not say (is gridx on the hub's PATH?)")
         return
-    print(f"Results:  {results_summary(job['results'])}")
+    say(f"Results:  {results_summary(job['results'])}")
     if job["results"]["tasks"]:
-        print(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
+        say(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
 
 
 def add_task_details(job, nodes_by_name):
@@ -5776,11 +6720,12 @@ def add_task_details(job, nodes_by_name):
 
 
 def cmd_jobs_logs(args):
+    """A job's output from every node that ran it (-f: until a batch job ends)."""
     job_id = valid_name(args.job_id, "job ID")
     tail = [] if args.tail is None else [f"--tail={parse_count(args.tail, '--tail', 0)}"]
     set_manager(args)
     services = list_job_services([job_id])
-    check_owner(services, "read the logs of")  # through serve: see Users
+    check_owner(services, "read the logs of")  # through serve: see Jobs, owners
     mode = services[0]["Spec"]["Mode"]
     sources, lost = log_sources(job_id)
     if lost:
@@ -5804,21 +6749,47 @@ def cmd_jobs_logs(args):
 
 
 def cmd_jobs_delete(args):
-    import time
-
+    """Stop a job's containers on every worker, remove it, its configs, its
+    work layer and (unless kept) its results."""
     ids = [valid_name(job_id, "job ID") for job_id in args.job_ids]
     set_manager(args)
     services = list_job_services(ids)
-    check_owner(services, "delete")  # through serve: see Users
+    check_owner(services, "delete")  # through serve: see Jobs, owners
     tasks = list_tasks(ids)
-    running_jobs = sorted({
-        t.service for t in tasks
-        if t.active and is_current(t)
-        and "ReplicatedJob" in next(s for s in services if s["Spec"]["Name"] == t.service)["Spec"]["Mode"]
-    })
-    # Docker 20.10 leaves the container of a running replicated-job behind
-    # when its service is removed (moby#44312): stop its tasks first by
-    # moving the job to a constraint no node meets.
+    with_results = [service for service in services if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
+    if args.keep_results:
+        check_kept_limit(len(with_results))
+    stop_running_jobs(services, tasks)
+    leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
+    for service in with_results:
+        if args.keep_results:
+            keep_results(service)
+        elif DOCKER_HOST:  # while the job is still there to be found by name
+            run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", service["Spec"]["Name"]]),
+                check=False)
+    run(docker("service", "rm", "--", *ids))
+    remove_containers(leftovers)
+    remove_job_configs(ids)
+    if not DOCKER_HOST and os.geteuid() == 0:  # else (--manager, serve) hub watch's sweep removes them
+        for tag in filter(None, (s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services)):
+            remove_work_layer(tag)
+    if not DOCKER_HOST and not args.keep_results:
+        for service in with_results:
+            remove_results(service["ID"])
+    kept = {service["Spec"]["Name"] for service in with_results} if args.keep_results else set()
+    for job_id in ids:
+        print(f"deleted {job_id}" + (f" (its results stay on the hub: gridx jobs results {job_id})"
+                                     if job_id in kept else ""))
+    return EXIT_OK
+
+
+def stop_running_jobs(services, tasks):
+    """Docker 20.10 leaves the container of a running replicated-job behind
+    when its service is removed (moby#44312): stop its tasks first by moving
+    the job to a constraint no node meets, and wait (30 s at most)."""
+    modes = {s["Spec"]["Name"]: s["Spec"]["Mode"] for s in services}
+    running_jobs = sorted({t.service for t in tasks
+                           if t.active and is_current(t) and "ReplicatedJob" in modes.get(t.service, {})})
     for job_id in running_jobs:
         run(docker("service", "update", "--detach", "--force",
                    "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
@@ -5828,11 +6799,12 @@ def cmd_jobs_delete(args):
         if not live:
             break
         time.sleep(0.5)
-    leftovers = output_containers(services, tasks, keep=args.keep_results)  # see Work folders and results
-    run(docker("service", "rm", "--", *ids))
-    remove_containers(leftovers)
-    # Several label=K=V filters on `config ls` do not mean "any of these":
-    # list every job's config and pick the deleted jobs' here.
+
+
+def remove_job_configs(ids):
+    """The swarm configs of the jobs (train's script). Several label=K=V
+    filters on `config ls` do not mean "any of these": list every job's
+    config and pick the deleted jobs' here."""
     listed = run(docker("config", "ls", "--filter", f"label={LABEL_JOB}",
                         "--format", '{{.ID}}\t{{.Label "%s"}}' % LABEL_JOB)).stdout
     configs = [config_id for config_id, _, job_id in (line.partition("\t") for line in listed.splitlines())
@@ -5842,22 +6814,113 @@ def cmd_jobs_delete(args):
         if removed.returncode != 0:
             said = (removed.stderr.strip().splitlines() or ["docker config rm failed"])[-1]
             warn(f"the jobs' script configs were not all removed: {said}")
-    with_results = [service["Spec"]["Name"] for service in services
-                    if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
-    if with_results and not args.keep_results:
-        for job_id in with_results:
-            if DOCKER_HOST:
-                run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--delete", "--", job_id]), check=False)
-            else:
-                remove_results(job_id)
-    for job_id in ids:
-        kept = " (its results stay on the hub: gridx jobs results " + job_id + ")" \
-            if args.keep_results and job_id in with_results else ""
-        print(f"deleted {job_id}{kept}")
+
+
+# -- jobs results -------------------------------------------------------------
+
+
+def cmd_jobs_results(args):
+    """Copy a job's collected --output files here (or --tar, --json, --delete)."""
+    job_id = valid_name(args.job_id, "job ID")
+    modes = [flag for flag in ("tar", "json", "delete") if getattr(args, flag)]
+    if len(modes) > 1 or (modes and args.dest):
+        raise usage_error("give DEST, --tar, --json or --delete: one of them", f"gridx jobs results {job_id} ./here")
+    dest = None if modes else results_destination(args.dest, job_id)
+    set_manager(args)  # a user's: forward_to_serve fetches into dest and exits
+    if DOCKER_HOST:  # root@HUB: the hub's gridx collects and answers
+        if not modes:
+            written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
+            print(dest)
+            info(f"{human_bytes(written)} in {files} file(s)")
+            return EXIT_OK
+        return run_streaming(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", f"--{modes[0]}", "--", job_id]))
+    if OWNER is None:
+        require_root()  # serve runs as the gridx account, which owns the results (see results_owner)
+    service, tasks, record, key = job_or_results(job_id)
+    if args.delete:
+        remove_results(key)
+        if service is None:
+            forget_kept(job_id)  # the name is free again
+        print(f"removed the results of {job_id}")
+        return EXIT_OK
+    state = job_summary(service, tasks)["state"] if service else "deleted"
+    if args.json:
+        print_json(dict(record, state=state, path=results_files_path(key)))
+        return EXIT_OK
+    if not record["tasks"]:
+        raise precondition(f"job {job_id} is {state}: its results are collected onto the hub when its task ends",
+                           f"wait for it: gridx jobs logs {job_id} -f, then run this again")
+    say_results_problems(job_id, record)
+    if args.tar:
+        sys.stdout.flush()
+        write_results_tar(key, sys.stdout.buffer)
+        return EXIT_OK
+    written, files = results_here(key, dest, record)
+    print(dest)
+    info(f"{human_bytes(written)} in {files} file(s)")
     return EXIT_OK
 
 
+def job_or_results(job_id):
+    """(service or None, tasks, record, key) of a job, or of a deleted job
+    whose results were kept (key: the service ID they are filed under); exit
+    2 when neither exists, it is another member's, or it has no --output."""
+    services = list_job_services([job_id], missing_ok=True)
+    if not services:
+        kept = kept_results(job_id)
+        record = load_results_record(kept["service"]) if kept and kept["service"] else None
+        if record is None:
+            raise usage_error(f"no job {job_id!r}, and no results of one", "list the jobs: gridx jobs list")
+        owner = kept["owner"]
+        if OWNER is not None and (owner != OWNER or record.get("owner") != OWNER):
+            raise usage_error(f"job {job_id} was {owner}'s: {OWNER} can fetch only their own results")
+        return None, [], record, kept["service"]
+    check_owner(services, "fetch the results of")  # through serve: see Jobs, owners
+    tasks = list_tasks([job_id])
+    record = collect_results(services[0], tasks)
+    if OWNER is not None and record is not None:
+        record = wait_for_watch(services[0], tasks, record)
+    if record is None:
+        raise usage_error(f"job {job_id} has no results: it was submitted without --output or --workdir",
+                          f"its output is in its logs: gridx jobs logs {job_id}")
+    return services[0], tasks, record, services[0]["ID"]
+
+
+RESULTS_WATCH_WAIT_S = WATCH_DEFAULT_INTERVAL_S * 3  # serve: how long hub watch may take to collect
+
+
+def wait_for_watch(service, tasks, record):
+    """serve: the gridx account cannot reach the workers; hub watch (root)
+    collects a task's output within its interval: wait for it, bounded."""
+    deadline = time.monotonic() + RESULTS_WATCH_WAIT_S
+    while True:
+        if all(t.id in record["tasks"] for t in ended_tasks(tasks)):  # tried at least once
+            return record
+        if time.monotonic() > deadline:
+            raise precondition(f"the results of {service['Spec']['Name']} were not collected within "
+                               f"{RESULTS_WATCH_WAIT_S} s of the job's end",
+                               "the hub admin checks gridx hub watch (systemctl status gridx-watch)")
+        time.sleep(1)
+        record = load_results_record(service["ID"]) or record
+
+
+def hub_results(job_id):
+    """jobs status/delete through --manager root@HUB: the record from the
+    hub's gridx (None when it cannot say)."""
+    import json
+
+    result = run(hub_gridx_argv(DOCKER_HOST, ["jobs", "results", "--json", "--", job_id]), check=False)
+    try:
+        return json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+# -- cluster ------------------------------------------------------------------
+
+
 def cmd_cluster(args):
+    """Every node: what it shares, what jobs reserve, what is free; totals and owners."""
     set_manager(args)
     services, tasks, _, nodes = jobs_overview(with_nodes=True)
     reserved = reserved_by_node(services, tasks)
@@ -5886,215 +6949,108 @@ def cmd_cluster(args):
     rows.append(["TOTAL (ready)", "", "", "", total.cpus, human_mib(total.memory_mib), total.gpus,
                  total_used.show(), (total - total_used).show()])
     print_table(["NODE", "VPN IP", "ROLE", "STATE", "CPUS", "MEMORY", "GPUS", "RESERVED c/m/g", "FREE c/m/g"], rows)
-    owners_table(use_by_owner(services, tasks))  # per user: see Users
+    owners_table(use_by_owner(services, tasks))  # per member
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
-# Commands: users
+# Commands: image
 # ---------------------------------------------------------------------------
+# The hub's registry (see Registry).
 
 
-def cmd_hub_add_user(args):
-    name = valid_name(args.name, "user name")
-    ssh_key = valid_user_ssh_key(args.pubkey) if args.pubkey is not None else None
-    wg_key = valid_wg_key(args.wg_pubkey, "--wg-pubkey") if args.wg_pubkey is not None else None
-    limits = limits_from_args(args)
-    require_root()
-    need("wg", "docker", "ssh-keygen")
-    with StateLock():
-        config = load_hub_config()
-        refuse_taken_name(config, name, wg_key, "user")
-        if ssh_key and any(u.ssh_key == ssh_key for u in config.users.values()):
-            raise usage_error("that --pubkey already belongs to another user", "each user needs their own key")
-        host_key = host_key_line(config)
-        ip = allocate_ip(config)
-        changes = ensure_user_account()
-        private_wg = None
-        if not wg_key:
-            private_wg, wg_key = wg_genkey()
-        private_ssh = None
-        if not ssh_key:
-            private_ssh, ssh_key = new_ssh_keypair(name)
-        user = User(name, ip, wg_key, ssh_key, {k: v for k, v in limits.items() if v is not ...}, _now())
-        folder = user_bundle_path(name)
-        write_bundle(folder, user_bundle_files(config, user, private_wg, private_ssh, host_key))
-        config.users[name] = user
-        try:
-            write_user_access(config)
-            apply_firewall(config)
-            run(["wg", "set", config.interface, "peer", wg_key, "allowed-ips", f"{ip}/32"])
-        except BaseException:
-            del config.users[name]
-            write_user_access(config)
-            remove_user_bundle(name)
-            raise
-        save_hub_config(config)
-        write_hub_wg_conf(config)
-    for change in changes:
-        info(change)
-    return print_added(args, "user", user, folder, [
-        "Next: give the bundle to them; its README.txt says what to run (wg-quick up, then",
-        f"  gridx jobs run … --manager {USER_ACCOUNT}@{config.hub_ip})"])
+def image_manager(args):
+    """--manager / GRIDX_MANAGER of an image command, checked first (exit 2):
+    the registry is the admin's, so only root@HUB, never a user's account."""
+    import urllib.parse
+
+    manager = getattr(args, "manager", None) or os.environ.get("GRIDX_MANAGER")
+    if not manager:
+        return None
+    docker_host = valid_manager(manager)
+    user = urllib.parse.urlsplit(docker_host).username
+    if user not in (None, "root"):
+        raise usage_error(f"gridx image commands are for the hub's admin, not through {user}@ (gridx serve)",
+                          "ask the hub admin for an image's name (gridx image ls on the hub), then: "
+                          "gridx jobs run 10.0.0.1:5000/NAME:TAG … --manager " + manager)
+    return manager
 
 
-def remove_user_bundle(name):
-    import shutil
+def image_registry(args):
+    """(registry address, CA path) of the reader, which image ls reads: on
+    the hub from its config; with --manager root@HUB, HUB:5000 and the CA
+    this machine's Docker has for it in /etc/docker/certs.d."""
+    import urllib.parse
 
-    folder = user_bundle_path(name)
-    shutil.rmtree(folder, ignore_errors=True)
-    if os.path.exists(folder + ".tar.gz"):
-        os.unlink(folder + ".tar.gz")
-
-
-def cmd_hub_set_user(args):
-    name = valid_name(args.name, "user name")
-    limits = limits_from_args(args)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-user alice --max-gpus 1")
-    require_root()
-    with StateLock():
-        config = load_hub_config()
-        user = registered(config.users, name, "user")
-        own = dict(user.limits)
-        for key, value in limits.items():
-            if value is ...:
-                own.pop(key, None)
-            else:
-                own[key] = value
-        config.users[name] = User(user.name, user.ip, user.public_key, user.ssh_key, own, user.added)
-        save_hub_config(config)
-        write_user_access(config)
-    shown = effective_limits(config, config.users[name])
-    print(f"{name}: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
-    return EXIT_OK
-
-
-def cmd_hub_set_defaults(args):
-    limits = limits_from_args(args, allow_default=False)
-    if not limits:
-        raise usage_error("give a limit to change", "for example: gridx hub set-defaults --max-cpus 8")
-    require_root()
-    with StateLock():
-        config = load_hub_config()
-        config.user_defaults.update(limits)
-        config.user_defaults = {k: v for k, v in config.user_defaults.items() if v is not None}
-        save_hub_config(config)
-        if config.users:
-            write_user_access(config)
-    shown = {key: config.user_defaults.get(key) for key in USER_LIMITS}
-    print("defaults: " + ", ".join(f"{k.replace('_mib', '')} {show_limit(k, v)}" for k, v in shown.items()))
-    return EXIT_OK
-
-
-def cmd_hub_remove_user(args):
-    name = valid_name(args.name, "user name")
-    require_root()
-    need("wg", "docker")
-    with StateLock():
-        config = load_hub_config()
-        user = registered(config.users, name, "user")
-        del config.users[name]
-        # first what lets them in: the SSH line, then the VPN peer
-        write_user_access(config)
-        run(["wg", "set", config.interface, "peer", user.public_key, "remove"])
-        save_hub_config(config)
-        write_hub_wg_conf(config)
-        apply_firewall(config)
-        remove_user_bundle(name)
-    info(f"removed user {name} ({user.ip}): their SSH key and VPN peer are gone")
-    ids = sorted(s["Spec"]["Name"] for s in list_job_services() if owner_of(s) == name)
-    if ids and args.stop_jobs:
-        import argparse
-
-        return cmd_jobs_delete(argparse.Namespace(job_ids=ids, manager=None, keep_results=False))
-    if ids:
-        info(f"their jobs keep running: {', '.join(ids)} (stop them: gridx jobs delete ID…)")
-    return EXIT_OK
-
-
-def cmd_hub_list_users(args):
-    require_root()
-    need("wg", "docker")
+    manager = image_manager(args)
+    if manager:
+        host = urllib.parse.urlsplit(valid_manager(manager)).hostname
+        address = f"{host}:{REGISTRY_PORT}"
+        trust = registry_trust_path(address)
+        if not os.path.exists(trust):
+            raise precondition(
+                f"this machine's Docker does not trust the hub's registry: {trust} is missing",
+                f"copy the hub's CA: ssh {manager} cat {registry_paths()['ca.crt']} | sudo install -D -m 0644 "
+                f"/dev/stdin {trust}")
+        return address, trust
     config = load_hub_config()
-    rows = user_rows(config)
-    defaults = {key: config.user_defaults.get(key) for key in USER_LIMITS}
-    if args.json:
-        print_json({"users": rows, "defaults": defaults})
-        return EXIT_OK
-    if not rows:
-        print("No users yet. Add one: gridx hub add-user NAME")
-        return EXIT_OK
-    table = []
-    for row in rows:
-        limits, use = row["limits"], row["use"]
-        table.append([
-            row["name"], row["ip"], human_age(row["handshake_age"]),
-            "/".join(show_limit(k, limits[k]) for k in USER_LIMITS),
-            "?" if use is None else f"{use['cpus']}/{human_mib(use['memory_mib'])}/{use['gpus']}/{use['jobs']}",
-        ])
-    print_table(["NAME", "VPN IP", "HANDSHAKE", "LIMITS c/m/g/jobs", "USES c/m/g/jobs"], table)
-    return EXIT_OK
+    address = registry_address(config.hub_ip)
+    trust = registry_trust_path(address)
+    if not os.path.exists(trust):
+        raise precondition(f"the hub has no image registry yet ({trust} is missing)",
+                           "install docker-registry and openssl, then run gridx hub init again")
+    return address, trust
 
 
-def add_limit_flags(parser, what):
-    parser.add_argument("--max-cpus", metavar="N", help=f"CPUs {what} (none: no limit)")
-    parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
-    parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
-    parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
+def pushed_digest(writer_name):
+    """The digest the hub's Docker recorded for its push of writer_name."""
+    import json
+
+    path = writer_name.rsplit(":", 1)[0]
+    found = run(docker("image", "inspect", "--format={{json .RepoDigests}}", "--", writer_name), check=False)
+    for entry in (json.loads(found.stdout or "null") or []) if found.returncode == 0 else []:
+        name, _, digest = entry.partition("@")
+        if name == path:
+            return digest
+    return None
 
 
-def args_hub_add_user(p):
-    p.add_argument("name", help="the user's name (a DNS label, not a peer's)")
-    p.add_argument("--pubkey", metavar="SSH_KEY",
-                   help="the user's SSH public key line: their private key never exists on the hub")
-    p.add_argument("--wg-pubkey", metavar="KEY", help="the user's WireGuard public key (default: made here)")
-    add_limit_flags(p, "their running and pending jobs reserve at most (default: the hub's defaults)")
-    add_json(p)
-
-
-def args_hub_set_user(p):
-    p.add_argument("name", help="the user's name")
-    add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
-
-
-def args_hub_set_defaults(p):
-    add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
-
-
-def args_hub_remove_user(p):
-    p.add_argument("name", help="the user's name")
-    p.add_argument("--stop-jobs", action="store_true", help="also delete their jobs (default: they run on)")
-
-
-def args_jobs_list(p):
-    p.add_argument("--mine", action="store_true", help="only your jobs")
-    p.add_argument("--user", metavar="NAME", help="only this user's jobs (root: the admin's)")
-    add_json(p)
-    add_manager(p)
-
-
-# ---------------------------------------------------------------------------
-# Commands: image (the hub's registry, see Registry)
-# ---------------------------------------------------------------------------
+def check_served(target, writer_name, address, ca_path):
+    """On the hub: the reader serves the tag just pushed through the writer
+    with the same digest (one storage), or the pushed name would not run."""
+    _, path, tag, _ = split_image(target)
+    served, _ = registry_manifest(address, ca_path, path, tag, method="HEAD")
+    pushed = pushed_digest(writer_name)
+    if served is None or (pushed and served != pushed):
+        raise GridxError(f"the registry's read-only side {address} serves {served or 'nothing'} for {path}:{tag}, "
+                         f"not the {pushed or 'image'} pushed to {registry_writer()}",
+                         f"do both use one storage? gridx hub init rewrites their configs ({registry_storage()})")
 
 
 def cmd_image_push(args):
+    """Push an image of the hub's Docker through the registry's writer; print the name workers pull."""
     image = valid_image(args.image)
-    image_manager(args)
+    manager = image_manager(args)
     if split_image(image)[3]:
         pushed_name(image, "")  # by digest: exit 2 before anything
-    need("docker")
-    address, ca_path = image_registry(args)
-    target = pushed_name(image, address)
-    if run(["docker", "image", "inspect", "--format={{.Id}}", "--", image], check=False).returncode != 0:
-        raise usage_error(f"there is no image {image!r} in this machine's Docker",
-                          "build or pull it first (docker images lists what is here)")
-    if not registry_answers(address, ca_path):
-        registry_request(address, ca_path, "/v2/")  # exit 3 with the reason and a hint
-    run(["docker", "tag", "--", image, target])
-    info(f"pushing {image} to {address} (over the VPN)")
-    push = ["docker", "push", "--", target]
+    writer = registry_writer()
+    if manager:
+        set_manager(args)  # the push runs in the hub's Docker (docker over SSH): the writer is its loopback
+        address, ca_path = hub_registry(), None
+    else:
+        need("docker")
+        address, ca_path = image_registry(args)
+        if not registry_answers(writer, None):
+            registry_request(writer, None, "/v2/")  # exit 3 with the reason and a hint
+    target, writer_name = pushed_name(image, address), pushed_name(image, writer)
+    if run(docker("image", "inspect", "--format={{.Id}}", "--", image), check=False).returncode != 0:
+        where = f"the hub's Docker ({manager})" if manager else "this machine's Docker"
+        hint = (f"copy it there: docker save {image} | docker --host {DOCKER_HOST} load" if manager
+                else "build or pull it first (docker images lists what is here)")
+        raise usage_error(f"there is no image {image!r} in {where}", hint)
+    run(docker("tag", "--", image, writer_name))
+    info(f"pushing {image} to the hub's registry (through its writer {writer}, on the hub's loopback)")
+    push = docker("push", "--", writer_name)
     code = run_streaming(push) if sys.stderr.isatty() else None  # Docker's progress on a terminal
     if code is None:
         result = run(push, check=False, timeout=3600)
@@ -6102,13 +7058,18 @@ def cmd_image_push(args):
         if code:
             raise command_error(push, result)
     elif code:
-        raise GridxError(f"docker push {target} failed (exit {code})", "see Docker's message above")
+        raise GridxError(f"docker push {writer_name} failed (exit {code})", "see Docker's message above")
+    if ca_path:
+        check_served(target, writer_name, address, ca_path)
+    if writer_name != image:
+        run(docker("image", "rm", "--", writer_name), check=False)  # only the name: the image stays
     print(target)
     info(f"run it: gridx jobs run {target} …   ·   list: gridx image ls")
     return EXIT_OK
 
 
 def cmd_image_ls(args):
+    """The registry's images with their size and digest."""
     image_manager(args)
     address, ca_path = image_registry(args)
     images, stored = registry_images(address, ca_path)
@@ -6125,55 +7086,80 @@ def cmd_image_ls(args):
     return EXIT_OK
 
 
+def folder_bytes(path):
+    """What the files under path take (the registry's storage)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def cmd_image_rm(args):
+    """Delete an image's manifest through the registry's writer, then collect its unused layers."""
     image = valid_image(args.name, "image name")
     _, path, tag, digest = split_image(image)
     if not tag and not digest:
         raise usage_error(f"give the tag to remove: {image}:TAG", "gridx image ls lists the tags")
+    if os.environ.get("GRIDX_MANAGER"):
+        raise usage_error("gridx image rm runs on the hub (it deletes through the registry's writer, which "
+                          "only the hub reaches, and collects its storage)",
+                          f"ssh {os.environ['GRIDX_MANAGER']} gridx image rm {image}")
     require_root()
-    need("docker-registry")
-    address, ca_path = image_registry(args)
+    need("docker-registry", "setpriv")
+    config = load_hub_config()
+    address, writer = registry_address(config.hub_ip), registry_writer()
     repository, reference = registry_reference(image, address)
-    digest, _ = registry_manifest(address, ca_path, repository, reference, method="HEAD")
+    digest, _ = registry_manifest(writer, None, repository, reference, method="HEAD")
     if digest is None:
         raise usage_error(f"the hub's registry has no {address}/{repository}:{reference}",
                           "gridx image ls lists what it has")
-    also = [tag for tag in registry_tags(address, ca_path, repository)
-            if tag != reference and registry_manifest(address, ca_path, repository, tag, "HEAD")[0] == digest]
+    also = [tag for tag in registry_tags(writer, None, repository)
+            if tag != reference and registry_manifest(writer, None, repository, tag, "HEAD")[0] == digest]
     import urllib.parse
 
     path = f"/v2/{urllib.parse.quote(repository)}/manifests/{digest}"
-    status, _, body = registry_request(address, ca_path, path, method="DELETE")
+    status, _, body = registry_request(writer, None, path, method="DELETE")
     if status not in (200, 202):
         raise GridxError(f"the registry refused to delete {repository}@{digest} ({status}): {body[:200]}")
     info(f"removed {address}/{repository}:{reference} ({digest[:19]})"
          + (f", and the tags with the same image: {', '.join(also)}" if also else ""))
-    # The collection runs with the registry stopped: a push during it could
-    # lose a layer the collector did not see referenced (distribution's docs).
-    storage, config = registry_storage(), registry_paths()["config.yml"]
+    storage = registry_storage()
     before = folder_bytes(storage)
-    stop_registry()
-    try:
-        run(["docker-registry", "garbage-collect", config], timeout=1800)
-    finally:
-        registry_ready(load_hub_config())
+    collect_registry_garbage(config)
     freed = max(0, before - folder_bytes(storage))
     print(f"removed {address}/{repository}:{reference}; garbage collection freed {human_bytes(freed)}")
     return EXIT_OK
 
 
-def args_image_push(p):
-    p.add_argument("image", help="a local image (docker images), e.g. team/app:1")
-    add_manager(p)
+# ---------------------------------------------------------------------------
+# Commands: serve
+# ---------------------------------------------------------------------------
 
 
-def args_image_ls(p):
-    add_json(p)
-    add_manager(p)
-
-
-def args_image_rm(p):
-    p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+def cmd_serve(args):
+    """`command="gridx serve NAME"` in the gridx account's authorized_keys:
+    parse SSH_ORIGINAL_COMMAND with gridx's own parser, allow jobs commands
+    and cluster only, and run them for NAME."""
+    global OWNER, SERVE_LIMITS
+    name = valid_user_name(args.name)
+    words = serve_words(os.environ.get("SSH_ORIGINAL_COMMAND"))
+    parser, _ = build_parser(words)
+    try:
+        parsed = parser.parse_args(words)
+    except SystemExit as exited:  # argparse printed its usage line and why
+        return EXIT_USAGE if exited.code else EXIT_OK
+    check_serve_args(parsed, words)
+    SERVE_LIMITS = load_serve_limits(name)
+    OWNER = name
+    if getattr(parsed, "workdir", None) is not None:  # the folder comes on stdin (see send_upload)
+        limit = capped_size(parsed.workdir_limit, "--workdir-limit", "workdir_mib", DEFAULT_WORKDIR_LIMIT)
+        parsed.upload = read_upload(sys.stdin.buffer, limit)
+    watch_session_end(armed=getattr(parsed, "upload", None) is not None)
+    return parsed.handler(parsed)
 
 
 # ---------------------------------------------------------------------------
@@ -6216,6 +7202,53 @@ def add_share_flags(parser):
                              "read and write every file here as root")
 
 
+def add_work_flags(parser):
+    parser.add_argument("--workdir", metavar="DIR",
+                        help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
+                             f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
+    parser.add_argument("--workdir-limit", metavar="SIZE",
+                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT}, or your limit on the hub)")
+    parser.add_argument("--output", metavar="PATH",
+                        help=f"collect this path of the job's container onto the hub when it ends "
+                             f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
+    parser.add_argument("--output-limit", metavar="SIZE",
+                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT}, "
+                             "or your limit on the hub)")
+
+
+def add_limit_flags(parser, what):
+    parser.add_argument("--max-cpus", metavar="N", help=f"CPUs {what} (none: no limit)")
+    parser.add_argument("--max-memory", metavar="SIZE", help=f"memory {what}, e.g. 16G (none: no limit)")
+    parser.add_argument("--max-gpus", metavar="N", help=f"GPUs {what} (none: no limit)")
+    parser.add_argument("--max-jobs", metavar="N", help="unfinished jobs at once (none: no limit)")
+    parser.add_argument("--max-workdir", metavar="SIZE", help="a --workdir folder sent to the hub (default 2G)")
+    parser.add_argument("--max-output", metavar="SIZE", help="a task's --output collected onto the hub (default 2G)")
+    parser.add_argument("--max-output-files", metavar="N", help="files of a task's --output (default 10000)")
+    parser.add_argument("--max-kept", metavar="N", help="deleted jobs' results kept on the hub (default 20)")
+
+
+def args_name(p):
+    p.add_argument("name", help="the peer's name")
+
+
+def args_yes(p):
+    p.add_argument("--yes", "-y", action="store_true", help="confirm, ask nothing")
+
+
+def args_json_manager(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_job_id(p):
+    p.add_argument("job_id")
+    add_json(p)
+    add_manager(p)
+
+
+# -- one per command, in COMMANDS' order --------------------------------------
+
+
 def args_hub_init(p):
     p.add_argument("--ip", required=True, help="the hub's public IP (workers dial it)")
     p.add_argument("--port", default=str(DEFAULT_PORT), help=f"WireGuard UDP port (default {DEFAULT_PORT})")
@@ -6231,25 +7264,26 @@ def args_hub_add_peer(p):
     add_json(p)
 
 
-def args_hub_refresh_bundle(p):
-    p.add_argument("name", help="the peer's name")
-    p.add_argument("--out", help="also copy the bundle into this folder")
-
-
-def args_name(p):
-    p.add_argument("name", help="the peer's name")
-
-
 def args_hub_join_info(p):
     p.add_argument("--name", required=True, help="the peer's name")
     add_json(p)
 
 
-def args_hub_ssh(p):
-    import argparse
+def args_hub_refresh_bundle(p):
+    p.add_argument("name", help="the peer's name")
+    p.add_argument("--out", help="also copy the bundle into this folder")
 
+
+def args_hub_ssh(p):
     p.add_argument("name", help="the peer's name")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD… to run (exit status passed through)")
+
+
+def args_hub_allow_jobs(p):
+    p.add_argument("entries", nargs="*", metavar="ENTRY",
+                   help="ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]] (IPv6 in brackets); none given: show the list")
+    p.add_argument("--none", action="store_true", help="open nothing private (the default)")
+    add_json(p)
 
 
 def args_hub_watch(p):
@@ -6259,8 +7293,29 @@ def args_hub_watch(p):
     p.add_argument("--once", action="store_true", help="check once and exit")
 
 
-def args_yes(p):
-    p.add_argument("--yes", "-y", action="store_true", help="confirm, ask nothing")
+def args_hub_add_user(p):
+    p.add_argument("name", help="the user's name (a DNS label, not a peer's)")
+    p.add_argument("--pubkey", metavar="SSH_KEY",
+                   help="the user's SSH public key line: their private key never exists on the hub")
+    p.add_argument("--wg-pubkey", metavar="KEY", help="the user's WireGuard public key (default: made here)")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: the hub's defaults)")
+    add_json(p)
+
+
+def args_hub_set_user(p):
+    p.add_argument("name", help="the user's name")
+    add_limit_flags(p, "their running and pending jobs reserve at most (default: back to the hub's default)")
+
+
+def args_hub_set_defaults(p):
+    add_limit_flags(p, "each user's jobs reserve at most, unless set for them")
+    p.add_argument("--min-free", metavar="SIZE",
+                   help="the hub keeps this much disk free: results are not collected below it (default 1G)")
+
+
+def args_hub_remove_user(p):
+    p.add_argument("name", help="the user's name")
+    p.add_argument("--stop-jobs", action="store_true", help="also delete their jobs (default: they run on)")
 
 
 def args_worker_join(p):
@@ -6305,26 +7360,9 @@ def args_jobs_train(p):
     add_manager(p)
 
 
-def add_work_flags(parser):
-    parser.add_argument("--workdir", metavar="DIR",
-                        help=f"send this folder with the job: it starts in {WORK_DIR} with the folder's files "
-                             f"(less what {IGNORE_FILES[0]} or {IGNORE_FILES[1]} leaves out)")
-    parser.add_argument("--workdir-limit", default=DEFAULT_WORKDIR_LIMIT, metavar="SIZE",
-                        help=f"refuse a bigger folder (default {DEFAULT_WORKDIR_LIMIT})")
-    parser.add_argument("--output", metavar="PATH",
-                        help=f"collect this path of the job's container onto the hub when it ends "
-                             f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
-    parser.add_argument("--output-limit", default=DEFAULT_OUTPUT_LIMIT, metavar="SIZE",
-                        help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT})")
-
-
-def args_json_manager(p):
-    add_json(p)
-    add_manager(p)
-
-
-def args_job_id(p):
-    p.add_argument("job_id")
+def args_jobs_list(p):
+    p.add_argument("--mine", action="store_true", help="only your jobs")
+    p.add_argument("--user", metavar="NAME", help="only this user's jobs (root: the admin's)")
     add_json(p)
     add_manager(p)
 
@@ -6351,6 +7389,22 @@ def args_jobs_results(p):
     add_manager(p)
 
 
+def args_image_push(p):
+    p.add_argument("image", help="an image of the hub's Docker (docker images there), e.g. team/app:1")
+    add_manager(p)
+
+
+def args_image_ls(p):
+    add_json(p)
+    add_manager(p)
+
+
+def args_image_rm(p):
+    p.add_argument("name", help="IMAGE:TAG as gridx image ls shows it (with or without the registry's address)")
+
+
+# -- the command table --------------------------------------------------------
+
 # group -> (help, example, {command: (handler, help, example, add_arguments)})
 COMMANDS = {
     "hub": ("the central server: VPN, swarm manager, peers, SSH", "sudo gridx hub init --ip 203.0.113.7", {
@@ -6374,6 +7428,8 @@ COMMANDS = {
                        "gridx hub ssh-pubkey >> ~/.ssh/authorized_keys", None),
         "watch": (cmd_hub_watch, "keep jobs alive: run again the jobs of workers that went down",
                   "sudo gridx hub watch --interval 10 --down-after 30", args_hub_watch),
+        "allow-jobs": (cmd_hub_allow_jobs, "what every job may reach on private networks (default: nothing)",
+                       "sudo gridx hub allow-jobs 10.0.0.1:tcp/8080 192.168.1.20:tcp/2049", args_hub_allow_jobs),
         "add-user": (cmd_hub_add_user, "add a person who submits jobs (not a worker) and write their bundle",
                      "sudo gridx hub add-user alice --max-gpus 1", args_hub_add_user),
         "set-user": (cmd_hub_set_user, "change a user's limits (none: no limit; default: the hub's)",
@@ -6419,7 +7475,7 @@ COMMANDS = {
 }
 COMMANDS["image"] = ("the hub's image registry (HUB_VPN_IP:5000): push, list, remove",
                      "sudo gridx image push team/app:1", {
-    "push": (cmd_image_push, "tag and push a local image to the hub's registry; prints its name there",
+    "push": (cmd_image_push, "push an image of the hub's Docker to its registry; prints the name jobs use",
              "sudo gridx image push team/app:1   (then: gridx jobs run 10.0.0.1:5000/team/app:1 …)",
              args_image_push),
     "ls": (cmd_image_ls, "the registry's images: name, size, digest",
@@ -6436,24 +7492,32 @@ def _selected(argv):
     return (words + [None, None])[:2]
 
 
+def add_serve_parser(groups, full):
+    """`gridx serve NAME`: internal (authorized_keys runs it), not in --help."""
+    parser = groups.add_parser("serve")  # no help=: argparse then lists it nowhere
+    if full:
+        parser.set_defaults(handler=cmd_serve, command_path=("serve",))
+        parser.add_argument("name", help="the user the command runs for")
+    return parser
+
+
 def build_parser(argv=()):
     """The argument parser, built only as deep as argv needs.
 
     Building every subcommand's arguments costs more than Python's own
     start-up; `gridx --help` and `gridx hub init` need one branch each.
     """
-    import argparse
-
     formatter = argparse.RawDescriptionHelpFormatter
 
-    def command(subparsers, name, handler, help_text, example, add_arguments, full):
+    def command(subparsers, path, handler, help_text, example, add_arguments, full):
+        name = path[-1]
         if not full:
             return subparsers.add_parser(name, help=help_text)
         parser = subparsers.add_parser(
             name, help=help_text, description=help_text, formatter_class=formatter,
             epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
         )
-        parser.set_defaults(handler=handler)
+        parser.set_defaults(handler=handler, command_path=path)
         if add_arguments:
             add_arguments(parser)
         return parser
@@ -6476,13 +7540,14 @@ def build_parser(argv=()):
     group_parsers = {}
     for group, (help_text, example, commands) in COMMANDS.items():
         full = group == wanted_group
-        group_parser = command(groups, group, None, help_text, example, None, full)
+        group_parser = command(groups, (group,), None, help_text, example, None, full)
         group_parsers[group] = group_parser
         if full:
             subcommands = group_parser.add_subparsers(dest="command", metavar="COMMAND")
             for name, (handler, sub_help, sub_example, add_arguments) in commands.items():
-                command(subcommands, name, handler, sub_help, sub_example, add_arguments, name == wanted_command)
-    command(groups, "cluster", *CLUSTER_SHORTCUT, wanted_group == "cluster")
+                command(subcommands, (group, name), handler, sub_help, sub_example, add_arguments,
+                        name == wanted_command)
+    command(groups, ("cluster",), *CLUSTER_SHORTCUT, wanted_group == "cluster")
     add_serve_parser(groups, wanted_group == "serve")
     return parser, group_parsers
 
@@ -6505,7 +7570,7 @@ def main(argv=None):
     global VERBOSE
     if argv is None:
         argv = sys.argv[1:]
-    INVOCATION[:] = argv  # what --manager gridx@HUB forwards (see Users)
+    INVOCATION[:] = argv  # what --manager gridx@HUB forwards (see Remote)
     parser, groups = build_parser(argv)
     args = parser.parse_args(argv)
     VERBOSE = args.verbose
@@ -6519,11 +7584,11 @@ def main(argv=None):
     try:
         return handler(args)
     except GridxError as error:
-        print(f"{_tag('error', '1;31')} {error.message}", file=sys.stderr)
+        print(f"{_tag('error', '1;31')} {printable(error.message)}", file=sys.stderr)
         if error.hint:
-            print(f"{_tag('hint', '1;36')} {error.hint}", file=sys.stderr)
+            print(f"{_tag('hint', '1;36')} {printable(error.hint)}", file=sys.stderr)
         return error.code
-    except ForwardedExit as done:  # the command ran on the hub (see Users)
+    except ForwardedExit as done:  # the command ran on the hub (see Remote)
         return done.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

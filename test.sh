@@ -518,8 +518,9 @@ need_lab() {
 }
 
 # Run again on an initialised hub it changes nothing, except what is not
-# running: the lab has no systemd, so after a restart init starts the image
-# registry again (a real hub's gridx-registry.service does that).
+# running: the lab has no systemd, so after a restart init starts both sides
+# of the image registry again (a real hub's gridx-registry.service and
+# gridx-registry-writer.service do that).
 hub_init() {
 	if docker exec "$HUB" test -e /etc/gridx/hub_config.json; then
 		info "hub already initialised"

@@ -30,7 +30,7 @@
 #   settings.env     GRIDX_NAME GRIDX_INTERFACE GRIDX_VPN_IP GRIDX_HUB_VPN_IP
 #                    GRIDX_HUB_ENDPOINT GRIDX_SUBNET GRIDX_MANAGER
 #                    GRIDX_NEEDS_PRIVATE_KEY GRIDX_VERSION GRIDX_REGISTRY
-#                    (values, not code)
+#                    GRIDX_JOB_ALLOW (values, not code)
 #   GRIDX_INTERFACE.conf  the WireGuard config (gridx0.conf)
 #   swarm-token      the swarm's worker join token
 #   hub_ssh.pub      the hub's SSH public key (optional: without it the hub
@@ -42,6 +42,12 @@
 # What it changes, in this order, each step recorded in the state folder
 # just before it is made (so that a failure, or leave.sh, undoes exactly it):
 #   1. /var/lib/gridx/ (0700: state.env, worker_config.json, backups)
+#   1b. the jobs' network (lib.sh): the GRIDX-JOBS chain (from DOCKER-USER)
+#      and GRIDX-JOBS-HOST (from INPUT), for iptables and ip6tables, so a
+#      job reaches the internet and nothing private, except DNS to this
+#      machine's name servers and GRIDX_JOB_ALLOW; a copy of jobnet.sh and
+#      lib.sh in /var/lib/gridx/jobnet/ puts them back before each VPN up
+#      (the config's PreUp)
 #   2. /etc/wireguard/gridx0.conf (0600), never any other WireGuard config:
 #      the bundle's, checked line by line (only the keys Grid-X writes), plus
 #      PostUp/PostDown that add and remove the DOCKER-USER rule keeping ports
@@ -268,6 +274,8 @@ check_registry_ca() {
 	local file=$GRIDX_BUNDLE_DIR/registry-ca.crt line n=0 state=before
 	REGISTRY=${S[GRIDX_REGISTRY]:-}
 	[[ -n $REGISTRY ]] || return 0
+	# Docker trusts the CA for exactly this address: the hub's, never another
+	[[ ${REGISTRY%:*} == "$HUB_VPN_IP" ]] || fatal 2 "settings.env names the registry $REGISTRY, which is not at the hub's VPN address $HUB_VPN_IP" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
 	[[ -f $file && ! -L $file ]] || fatal 2 "settings.env names the registry $REGISTRY but $file is missing" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
 	(($(stat -c %s -- "$file") <= 16384)) || fatal 2 "$file is larger than a certificate (16 KiB)" "ask the hub admin for the bundle again"
 	while IFS= read -r line || [[ -n $line ]]; do
@@ -429,7 +437,8 @@ check_engine_version() {
 		return 0
 	fi
 	local major=$((10#${BASH_REMATCH[1]})) minor=$((10#${BASH_REMATCH[2]})) patch=$((10#${BASH_REMATCH[3]}))
-	if ((major == 24 || (major == 23 && minor == 0 && patch >= 2) || (major == 25 && minor == 0 && patch <= 2))); then
+	# 23.0.2 <= version <= 25.0.2, as gridx.py's BROKEN_ENGINES
+	if ((major == 24 || (major == 23 && (minor > 0 || patch >= 2)) || (major == 25 && minor == 0 && patch <= 2))); then
 		fatal 3 "Docker $v cannot run Grid-X jobs: Docker 23.0.2 to 25.0.2 reject every task that reserves part of a node's generic resources, which is how Grid-X places jobs (moby/swarmkit#3162)" \
 			"upgrade Docker to 25.0.3 or newer (Debian 13's docker.io, Docker CE from https://docs.docker.com/engine/install/) or use 20.10, then run join.sh again"
 	fi
@@ -727,6 +736,7 @@ render_wg_config() {
 				printf 'PostUp = iptables -N DOCKER-USER 2>/dev/null || true; iptables -I DOCKER-USER %s\n' "${FW_RULE[*]}"
 				printf 'PostUp = iptables -N %s 2>/dev/null || iptables -F %s%s; iptables -C INPUT -j %s 2>/dev/null || iptables -I INPUT 1 -j %s\n' \
 					"$WORKER_CHAIN" "$WORKER_CHAIN" "$chain_up" "$WORKER_CHAIN" "$WORKER_CHAIN"
+				job_net_hook
 				printf 'PostDown = iptables -D DOCKER-USER %s || true\n' "${FW_RULE[*]}"
 				printf 'PostDown = iptables -D INPUT -j %s || true; iptables -F %s || true; iptables -X %s || true\n' \
 					"$WORKER_CHAIN" "$WORKER_CHAIN" "$WORKER_CHAIN"
@@ -1023,7 +1033,8 @@ confirm_plan() {
 	if [[ -n $KEY_LINE ]]; then
 		info "  SSH       trust the hub's key from $HUB_VPN_IP only ($AUTHORIZED_KEYS)"
 	fi
-	info "  firewall  the swarm's ports and the ports jobs publish answer over $IFACE only"
+	info "  firewall  the swarm's ports and the ports jobs publish answer over $IFACE only;"
+	info "            jobs reach the internet only (iptables chains $JOB_CHAIN, $JOB_HOST_CHAIN)"
 	info "  undo      ./leave.sh puts all of this back"
 	info ""
 	grant_text
@@ -1044,6 +1055,7 @@ grant_text() {
 		info "  - Your own Docker: while joined, your images and containers are not visible"
 		info "    (the remapped engine keeps its own); they come back after ./leave.sh."
 	fi
+	grant_network_text
 	if [[ -n $KEY_LINE ]]; then
 		info "  - The hub may SSH in as root, from $HUB_VPN_IP only (./join.sh --no-hub-ssh: it may not)."
 	else
@@ -1053,6 +1065,46 @@ grant_text() {
 		warn "--no-containment: Docker is not remapped, so any service made on the hub's swarm manager can bind-mount / and read and write every file of this machine as root"
 	fi
 	info ""
+}
+
+# What jobs may reach, in the words of the README's section.
+grant_network_text() {
+	local dns="${JOB_DNS4[*]} ${JOB_DNS6[*]}"
+	dns=${dns# }
+	dns=${dns% }
+	info "  - Jobs reach the internet and nothing private: not your networks (the private,"
+	info "    link-local and CGNAT ranges, and the networks this machine is on), not this"
+	info "    machine, not the VPN (the hub, other workers)${dns:+, except DNS to your name servers}."
+	if [[ -n ${dns} ]]; then info "    Name servers: $dns."; fi
+	if [[ -n ${S[GRIDX_JOB_ALLOW]:-} ]]; then
+		info "    The hub's admin opened, for every job: ${S[GRIDX_JOB_ALLOW]}"
+	fi
+}
+
+# The jobs' network, judged before anything changes: the bundle carries
+# jobnet.sh (the allow-list was checked with settings.env), and what the
+# grant text names.
+render_job_network() {
+	[[ -f $GRIDX_BUNDLE_DIR/jobnet.sh ]] || fatal 3 "$GRIDX_BUNDLE_DIR/jobnet.sh is missing: this folder is not a complete Grid-X bundle" "ask the hub admin for the bundle again (gridx hub refresh-bundle $NAME)"
+	local content=''
+	[[ -f $DAEMON_JSON ]] && content=$(<"$DAEMON_JSON")
+	# "bridge" puts containers on an interface of the volunteer's choosing
+	# (often the LAN's own bridge): jobs would not be on docker0.
+	if [[ $content =~ \"bridge\"[[:space:]]*:[[:space:]]*\"([^\"]*)\" && ${BASH_REMATCH[1]} != docker0 ]]; then
+		fatal 3 "$DAEMON_JSON sets \"bridge\": \"${BASH_REMATCH[1]}\": containers would sit on that interface, where join.sh cannot keep jobs off your networks" \
+			"remove \"bridge\" from $DAEMON_JSON (Docker then uses docker0), restart Docker, then run join.sh again"
+	fi
+	job_resolvers
+}
+
+# wg-quick's PreUp puts the jobs' network back before the VPN comes up (after
+# a reboot: iptables rules do not survive one), from the copy join.sh keeps.
+# Before, not after: a worker starts no task until it reaches the manager
+# over the VPN (measured: Docker 20.10 restarted without the VPN left a
+# running job's container exited), so no job runs without the rules.
+job_net_hook() {
+	shell_quote "$STATE_DIR/jobnet/jobnet.sh"
+	printf 'PreUp = bash %s apply\n' "$REPLY"
 }
 
 # ------------------------------------------------------------------ steps ----
@@ -1075,6 +1127,19 @@ step_state_dir() {
 		COMPLETE 0 SHARED_CPUS "$SHARED_CPUS" SHARED_MEMORY_MIB "$SHARED_MEM_MIB" \
 		SHARED_GPU_IDS "${gpus// /,}" CONTAINMENT "$OPT_CONTAINMENT" HUB_SSH "$OPT_HUB_SSH" \
 		CREATED_STATE_DIR "$created"
+}
+
+# Before the link, Docker's restart and the swarm join: no job ever runs here
+# without it. The copy of the scripts is what PreUp runs.
+step_job_network() {
+	local dir=$STATE_DIR/jobnet f
+	state_set JOB_NET_DIR "$dir" JOB_ALLOW "${S[GRIDX_JOB_ALLOW]:-}" VPN_SUBNET "$SUBNET"
+	[[ -d $dir ]] || cmd mkdir -m 0700 -- "$dir"
+	for f in jobnet.sh lib.sh; do
+		atomic_write "$dir/$f" 0700 <"$GRIDX_BUNDLE_DIR/$f"
+	done
+	job_net_apply || fatal 1 "the jobs' network rules could not be put in place (see iptables' message above)" "fix what iptables says, then run join.sh again"
+	ok "jobs reach the internet only${S[GRIDX_JOB_ALLOW]:+, and ${S[GRIDX_JOB_ALLOW]}}"
 }
 
 step_wg_config() {
@@ -1353,10 +1418,12 @@ main() {
 	choose_resources
 	render_daemon_json
 	render_nvidia_config
+	render_job_network
 	confirm_plan
 
 	arm_rollback
 	step_state_dir
+	step_job_network
 	step_wg_config
 	step_link_up
 	step_wait_handshake

@@ -14,7 +14,9 @@
 #   changed them (so user-namespace remapping ends, and the volunteer's own
 #   images and containers are back); the gridx0 link (wg-quick down), its
 #   DOCKER-USER rule and the GRIDX-WORKER INPUT chain; its WireGuard config;
-#   then the state folder.
+#   the jobs' network (the GRIDX-JOBS and GRIDX-JOBS-HOST chains and their
+#   jumps, for iptables and ip6tables, and the copy of jobnet.sh and lib.sh
+#   the VPN's PreUp ran); then the state folder.
 # It acts only on the paths join.sh records (checked against the ones it
 # uses), and refuses a state folder or file that anyone but root can write.
 # Each step is skipped when already undone and forgotten once done, so a

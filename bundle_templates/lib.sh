@@ -23,6 +23,10 @@
 #   GRIDX_SUBUID, GRIDX_SUBGID  /etc/subuid, /etc/subgid (where dockerd
 #                             adds its dockremap user's ranges)
 #   GRIDX_MEMINFO             /proc/meminfo
+#   GRIDX_RESOLV_CONF         /etc/resolv.conf (the name servers Docker gives
+#                             containers, unless daemon.json says "dns")
+#   GRIDX_RESOLVED_CONF       /run/systemd/resolve/resolv.conf (Docker's pick
+#                             when resolv.conf names only 127.0.0.53)
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
 #   GRIDX_LOCAL_BIN           /usr/local/sbin:/usr/local/bin (added to PATH
@@ -158,6 +162,8 @@ init_paths() {
 	LEGACY_STATE_DIR=$REPLY/.gridx
 	set_state_dir "${GRIDX_STATE_DIR:-/var/lib/gridx}"
 	MEMINFO=${GRIDX_MEMINFO:-/proc/meminfo}
+	RESOLV_CONF=${GRIDX_RESOLV_CONF:-/etc/resolv.conf}
+	RESOLVED_CONF=${GRIDX_RESOLVED_CONF:-/run/systemd/resolve/resolv.conf}
 	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
 	SUBUID=${GRIDX_SUBUID:-/etc/subuid}
 	SUBGID=${GRIDX_SUBGID:-/etc/subgid}
@@ -218,7 +224,9 @@ check_state_owner() {
 			if [[ -e $f || -L $f ]]; then backups+=("$f"); fi
 		done
 	fi
-	only_root_writes "$STATE_DIR" "$STATE_FILE" "$STATE_JSON" "$BACKUP_DIR" "${backups[@]}"
+	# and the copy of the scripts that wg-quick's PreUp runs as root
+	only_root_writes "$STATE_DIR" "$STATE_FILE" "$STATE_JSON" "$BACKUP_DIR" "${backups[@]}" \
+		"$STATE_DIR/jobnet" "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"
 }
 
 systemd_runs() { [[ -d $SYSTEMD_RUN_DIR ]]; }
@@ -348,6 +356,145 @@ cidrs_overlap() {
 	(((a & mask) == (REPLY & mask)))
 }
 
+# ipv6_words ADDR -> REPLY: its eight 16-bit words as numbers, space-separated;
+# fails on anything else (a zone "%eth0" or an embedded IPv4 tail included).
+ipv6_words() {
+	local a=${1,,} head tail word re='^[0-9a-f]{1,4}(:[0-9a-f]{1,4})*$'
+	local -a h=() t=() words=()
+	[[ $a =~ ^[0-9a-f:]{2,39}$ ]] || return 1
+	if [[ $a == *::* ]]; then
+		head=${a%%::*} tail=${a#*::}
+		[[ (-z $head || $head =~ $re) && (-z $tail || $tail =~ $re) ]] || return 1
+		[[ -z $head ]] || IFS=: read -r -a h <<<"$head"
+		[[ -z $tail ]] || IFS=: read -r -a t <<<"$tail"
+		((${#h[@]} + ${#t[@]} <= 7)) || return 1
+		words=("${h[@]}")
+		while ((${#words[@]} + ${#t[@]} < 8)); do words+=(0); done
+		words+=("${t[@]}")
+	else
+		[[ $a =~ $re ]] || return 1
+		IFS=: read -r -a words <<<"$a"
+		((${#words[@]} == 8)) || return 1
+	fi
+	REPLY=''
+	for word in "${words[@]}"; do REPLY+="$((16#$word)) "; done
+	REPLY=${REPLY% }
+}
+
+# is_ipv6_cidr ADDR[/N] [MIN_PREFIX]: an IPv6 network address (no bits set
+# beyond its prefix; no prefix is /128).
+is_ipv6_cidr() {
+	local prefix=128 min=${2:-0} bits i
+	local -a words
+	if [[ $1 == */* ]]; then
+		prefix=${1##*/}
+		[[ $prefix =~ ^[0-9]{1,3}$ ]] || return 1
+	fi
+	((10#$prefix >= min && 10#$prefix <= 128)) || return 1
+	ipv6_words "${1%/*}" || return 1
+	read -r -a words <<<"$REPLY"
+	for i in 0 1 2 3 4 5 6 7; do
+		bits=$((10#$prefix - 16 * i))
+		((bits >= 16)) && continue
+		((bits < 0)) && bits=0
+		(((words[i] & (0xffff >> bits)) == 0)) || return 1
+	done
+}
+
+# The allow-list: what the hub's admin opens for every job (GRIDX_JOB_ALLOW
+# in settings.env, jobnet.sh allow VALUE). Entries separated by spaces:
+#   ADDRESS[/PREFIX][:PROTO[/PORT[-PORT]]]     PROTO tcp or udp
+#   [IPV6-ADDRESS[/PREFIX]][:PROTO[/PORT[-PORT]]]
+# e.g. "203.0.113.7 10.0.0.1:tcp/5000 192.168.5.0/24:udp/5000-5010
+# [fd00::5]:tcp/443". An address alone is /32 (/128); a prefix names a
+# network (no bits set beyond it), at least /8 (IPv6 /16): an allow-list names
+# servers, not the private ranges themselves.
+JOB_ALLOW_MAX=64
+
+# job_allow_parse VALUE -> JOB_ALLOW4=() JOB_ALLOW6=(), each entry the
+# iptables arguments that match it ("-d NET [-p PROTO [--dport P[:Q]]]");
+# fails with REPLY saying which entry is wrong and why.
+job_allow_parse() {
+	local entry net proto ports lo hi family match
+	local re4='^([0-9.]+)(/([0-9]{1,3}))?(:([a-z]+)(/([0-9]+)(-([0-9]+))?)?)?$'
+	local re6='^\[([0-9A-Fa-f:]+)(/([0-9]{1,3}))?\](:([a-z]+)(/([0-9]+)(-([0-9]+))?)?)?$'
+	local -a entries
+	JOB_ALLOW4=() JOB_ALLOW6=()
+	read -r -d '' -a entries <<<"$1" || true
+	if ((${#entries[@]} > JOB_ALLOW_MAX)); then
+		REPLY="${#entries[@]} entries: at most $JOB_ALLOW_MAX"
+		return 1
+	fi
+	for entry in "${entries[@]}"; do
+		if [[ $entry =~ $re4 ]]; then
+			family=4 net=${BASH_REMATCH[1]}/${BASH_REMATCH[3]:-32}
+		elif [[ $entry =~ $re6 ]]; then
+			family=6 net=${BASH_REMATCH[1]}/${BASH_REMATCH[3]:-128}
+		elif [[ $entry == *:*:* && $entry != \[* ]]; then
+			REPLY="'$entry': an IPv6 address goes in brackets ([fd00::5], [fd00::/64]:tcp/443)"
+			return 1
+		elif [[ $entry =~ :[0-9]+$ ]]; then
+			REPLY="'$entry': name the protocol before the port (ADDRESS:tcp/PORT or ADDRESS:udp/PORT)"
+			return 1
+		else
+			REPLY="'$entry' is not ADDRESS[/PREFIX][:tcp|udp[/PORT[-PORT]]] (IPv6 in brackets: [fd00::5]:tcp/443)"
+			return 1
+		fi
+		proto=${BASH_REMATCH[5]} lo=${BASH_REMATCH[7]} hi=${BASH_REMATCH[9]}
+		if ((family == 4)); then
+			if ! is_ipv4 "${net%/*}"; then
+				REPLY="'$entry': ${net%/*} is not an IPv4 address"
+				return 1
+			fi
+			if ! is_cidr "$net"; then
+				REPLY="'$entry': /${net##*/} is not a prefix of an IPv4 network, or the address has bits set beyond it (name the network's first address, or the address alone)"
+				return 1
+			fi
+			if ((10#${net##*/} < 8)); then
+				REPLY="'$entry': /${net##*/} is broader than /8: the allow-list names servers and their networks, not whole address ranges"
+				return 1
+			fi
+		else
+			if ! ipv6_words "${net%/*}"; then
+				REPLY="'$entry': ${net%/*} is not an IPv6 address"
+				return 1
+			fi
+			if ! is_ipv6_cidr "$net"; then
+				REPLY="'$entry': /${net##*/} is not a prefix of an IPv6 network, or the address has bits set beyond it (name the network's first address, or the address alone)"
+				return 1
+			fi
+			if ((10#${net##*/} < 16)); then
+				REPLY="'$entry': /${net##*/} is broader than /16: the allow-list names servers and their networks, not whole address ranges"
+				return 1
+			fi
+		fi
+		match="-d $net"
+		if [[ -n $proto ]]; then
+			if [[ $proto != tcp && $proto != udp ]]; then
+				REPLY="'$entry': the protocol is tcp or udp, not '$proto'"
+				return 1
+			fi
+			match+=" -p $proto"
+		fi
+		if [[ -n $lo ]]; then
+			ports=$lo
+			[[ -n $hi ]] && ports+=-$hi
+			if ! is_port "$lo" || { [[ -n $hi ]] && ! is_port "$hi"; }; then
+				REPLY="'$entry': $ports is not a port (1-65535) or a range of them (PORT-PORT)"
+				return 1
+			fi
+			if [[ -n $hi ]] && ((10#$lo > 10#$hi)); then
+				REPLY="'$entry': the range $ports goes down: write LOW-HIGH"
+				return 1
+			fi
+			match+=" --dport $((10#$lo))"
+			[[ -n $hi ]] && match+=":$((10#$hi))"
+		fi
+		if ((family == 4)); then JOB_ALLOW4+=("$match"); else JOB_ALLOW6+=("$match"); fi
+	done
+	return 0
+}
+
 # Settings of the bundle -> S[...].
 declare -A S=()
 
@@ -372,6 +519,10 @@ check_settings() {
 		GRIDX_SUBNET) is_cidr "${S[$key]}" 8 || bad_setting "$key" "an IPv4 network (like 10.0.0.0/24)" ;;
 		GRIDX_NEEDS_PRIVATE_KEY) [[ ${S[$key]} =~ ^[01]$ ]] || bad_setting "$key" "0 or 1" ;;
 		GRIDX_VERSION) [[ ${S[$key]} =~ ^[0-9A-Za-z][0-9A-Za-z.+~_-]*$ ]] || bad_setting "$key" "a version" ;;
+		GRIDX_JOB_ALLOW)
+			job_allow_parse "${S[$key]}" ||
+				fatal 2 "settings.env: GRIDX_JOB_ALLOW: $REPLY" "ask the hub admin to correct the allow-list and send the bundle again"
+			;;
 		*) ;; # a key from a newer gridx: never used here
 		esac
 	done
@@ -503,7 +654,11 @@ json_str_list() {
 #   and the changes, each present only while it is in effect:
 #   CONTAINMENT (1: userns-remap and no-new-privileges asked for) HUB_SSH
 #   (0: --no-hub-ssh)
-#   CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
+#   CREATED_STATE_DIR JOB_NET_DIR (the folder of the copy of jobnet.sh and
+#   lib.sh that wg-quick's PreUp runs) JOB_ALLOW (the allow-list in force,
+#   GRIDX_JOB_ALLOW's grammar) VPN_SUBNET (closed to jobs too)
+#   JOB_DOCKER_USER6 (1: ip6tables had no DOCKER-USER chain; the apply made it)
+#   CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE (its
 #   iptables arguments) WORKER_CHAIN (the INPUT chain of the swarm ports)
 #   DOCKREMAP_CREATED (1: the user dockerd makes for "userns-remap":
 #   "default" did not exist before join)
@@ -519,7 +674,7 @@ json_str_list() {
 declare -A ST=()
 STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
 	SHARED_CPUS SHARED_MEMORY_MIB SHARED_GPU_IDS CONTAINMENT HUB_SSH
-	CREATED_STATE_DIR CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE WORKER_CHAIN CREATED_DOCKER_DIR
+	CREATED_STATE_DIR JOB_NET_DIR JOB_ALLOW VPN_SUBNET JOB_DOCKER_USER6 CREATED_WG_DIR WG_CONFIG LINK_UP FIREWALL_RULE WORKER_CHAIN CREATED_DOCKER_DIR
 	DAEMON_JSON DAEMON_JSON_BACKUP CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
 	DOCKER_RESTART_PENDING DOCKREMAP_CREATED REGISTRY REGISTRY_CA_BACKUP REGISTRY_DIRS_CREATED
 	SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
@@ -564,6 +719,13 @@ check_state() {
 	fi
 	state_expect REGISTRY_CA_BACKUP absent "$BACKUP_DIR/registry-ca.crt"
 	state_expect REGISTRY_DIRS_CREATED 0 1 2
+	state_expect JOB_NET_DIR "$STATE_DIR/jobnet"
+	if [[ -v ST[JOB_ALLOW] ]] && ! job_allow_parse "${ST[JOB_ALLOW]}"; then
+		fatal 3 "$STATE_FILE: JOB_ALLOW: $REPLY" "the record was changed by hand; put it back, or set a new allow-list: jobnet.sh allow 'VALUE'"
+	fi
+	if [[ -v ST[VPN_SUBNET] ]] && ! is_cidr "${ST[VPN_SUBNET]}" 8; then
+		fatal 3 "$STATE_FILE: VPN_SUBNET '${ST[VPN_SUBNET]}' is not an IPv4 network" "the record was changed by hand; put it back, or undo the join by hand"
+	fi
 }
 
 # registry_ca_path HOST:PORT -> REPLY: where Docker reads that registry's CA.
@@ -610,7 +772,8 @@ state_json() {
 		SHARED_GPU_IDS) json_str_list "$value" ;;
 		SHARED_CPUS | SHARED_MEMORY_MIB | REGISTRY_DIRS_CREATED) REPLY=$value ;;
 		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
-			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH | DOCKREMAP_CREATED)
+			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH | DOCKREMAP_CREATED | \
+			JOB_DOCKER_USER6)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
 			;;
 		*) json_str "$value" ;;
@@ -678,6 +841,245 @@ worker_chain_present() { iptables -C INPUT -j "$WORKER_CHAIN" >/dev/null 2>&1; }
 firewall_rule_present() {
 	firewall_rule "$1"
 	iptables -C DOCKER-USER "${FW_RULE[@]}" >/dev/null 2>&1
+}
+
+# ------------------------------------------------------------ jobs' network ----
+# What a job may reach: the internet, and nothing private. Not the
+# volunteer's networks (the private, link-local and CGNAT ranges, and every
+# network this machine is on), not this machine (any of its addresses), not
+# the VPN (the hub, other workers), except the name servers its container is
+# given (DNS only) and what the hub's admin opens for every job (the
+# allow-list, GRIDX_JOB_ALLOW). Two chains per family (iptables, and
+# ip6tables where it works):
+#   GRIDX-JOBS       forwarded traffic from the jobs' bridges, jumped to from
+#                    DOCKER-USER (Docker keeps that chain's rules over its
+#                    restarts and runs it before its own); closed networks
+#                    are rejected, the rest goes on to Docker's rules
+#   GRIDX-JOBS-HOST  INPUT from the jobs' bridges: a container reaching one
+#                    of this machine's own addresses arrives here, whatever
+#                    the interface that address is on; all of it is rejected
+# Both let replies through first (conntrack ESTABLISHED,RELATED): a port a
+# job publishes on the VPN (Jupyter) still answers. Rejected, not dropped: a
+# job fails at once ("no route to host") instead of waiting for a timeout.
+# The chains' contents are replaced in one iptables-restore (atomic: no
+# moment with the chain half full); join.sh applies them before the link,
+# Docker's restart and the swarm join; wg-quick's PreUp again before the VPN
+# comes up (after a reboot); jobnet.sh when the allow-list changes; leave.sh
+# removes them. A VPN going down leaves them in place.
+
+JOB_CHAIN=GRIDX-JOBS
+JOB_HOST_CHAIN=GRIDX-JOBS-HOST
+# Where jobs' containers sit: a swarm task with no network of its own is on
+# the default bridge (docker0: measured, Docker 20.10); a task attached to an
+# overlay network (gridx-jobs, by hand) also has a leg on docker_gwbridge.
+JOB_BRIDGES=(docker0 docker_gwbridge)
+JOB_PRIVATE4=(10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10)
+JOB_PRIVATE6=(fc00::/7 fe80::/10)
+
+# job_tool FAMILY -> REPLY: iptables or ip6tables, when it works here
+# (ip6tables fails on a kernel without IPv6: nothing to filter there).
+job_tool() {
+	if [[ $1 == 4 ]]; then
+		REPLY=iptables
+		return 0
+	fi
+	REPLY=ip6tables
+	have_cmd ip6tables && have_cmd ip6tables-restore && ip6tables -w 10 -S INPUT >/dev/null 2>&1
+}
+
+# job_resolvers -> JOB_DNS4=() JOB_DNS6=(): the name servers Docker gives a
+# job's container, picked as Docker picks them: daemon.json's "dns" when it
+# has one, else the host's resolv.conf (systemd-resolved's upstream file when
+# that names only its stub 127.0.0.53), loopback ones left out (inside a
+# container they would be its own). Often the volunteer's router
+# (192.168.1.1): DNS, and only DNS, to exactly these is let through, or jobs
+# could not resolve a name.
+job_resolvers() {
+	local content='' list addr re_dns='"dns"[[:space:]]*:[[:space:]]*\[([^]]*)\]' re_str='"([^"]*)"(.*)'
+	local -a found=()
+	JOB_DNS4=() JOB_DNS6=()
+	[[ -f $DAEMON_JSON ]] && content=$(<"$DAEMON_JSON")
+	if [[ $content =~ $re_dns ]]; then
+		list=${BASH_REMATCH[1]}
+		while [[ $list =~ $re_str ]]; do
+			found+=("${BASH_REMATCH[1]}")
+			list=${BASH_REMATCH[2]}
+		done
+	else
+		resolv_nameservers "$RESOLV_CONF"
+		read -r -a found <<<"$REPLY"
+		if [[ ${found[*]} == 127.0.0.53 && -f $RESOLVED_CONF ]]; then
+			resolv_nameservers "$RESOLVED_CONF"
+			read -r -a found <<<"$REPLY"
+		fi
+	fi
+	for addr in "${found[@]}"; do
+		addr=${addr%%%*}
+		if is_ipv4 "$addr"; then
+			[[ $addr == 127.* ]] || JOB_DNS4+=("$addr")
+		elif ipv6_words "$addr" && [[ $REPLY != "0 0 0 0 0 0 0 1" ]]; then
+			JOB_DNS6+=("$addr")
+		fi
+	done
+	return 0
+}
+
+# resolv_nameservers FILE -> REPLY: its nameserver addresses, space-separated.
+resolv_nameservers() {
+	local word addr
+	REPLY=''
+	[[ -f $1 ]] || return 0
+	while read -r word addr _; do
+		[[ $word == nameserver && -n $addr ]] && REPLY+=${REPLY:+ }$addr
+	done <"$1"
+	return 0
+}
+
+# job_onlink -> JOB_ONLINK4=() JOB_ONLINK6=(): the networks this machine is
+# on (routes with no gateway in the main table), beyond the private ranges:
+# a LAN of public addresses (a university's, an IPv6 home network) is the
+# volunteer's network too. Read when the rules are applied: a laptop that
+# moves takes its new network's at the next apply (jobnet.sh apply, or the
+# VPN coming up).
+job_onlink() {
+	local line net min
+	JOB_ONLINK4=() JOB_ONLINK6=()
+	while read -r line; do
+		[[ -n $line && $line != *" via "* ]] || continue
+		read -r net _ <<<"$line"
+		[[ $net == */* ]] || net+=/32
+		is_cidr "$net" 8 || continue
+		for min in "${JOB_PRIVATE4[@]}"; do cidr_inside "$net" "$min" && continue 2; done
+		JOB_ONLINK4+=("$net")
+	done < <(ip -4 route show 2>/dev/null || true)
+	while read -r line; do
+		[[ -n $line && $line != *" via "* ]] || continue
+		read -r net _ <<<"$line"
+		[[ $net == */* ]] || net+=/128
+		is_ipv6_cidr "$net" 16 || continue
+		ipv6_words "${net%/*}"
+		read -r min _ <<<"$REPLY"
+		# fc00::/7 and fe80::/10 are closed already; ::1 and multicast are not routed
+		((min >= 0xfc00 || min == 0)) && continue
+		JOB_ONLINK6+=("$net")
+	done < <(ip -6 route show 2>/dev/null || true)
+}
+
+# job_rules FAMILY -> JOB_RULES=(the iptables-restore input for both chains)
+# from JOB_ALLOW4/6 (job_allow_parse), JOB_DNS4/6, JOB_ONLINK4/6 and
+# ST[VPN_SUBNET].
+job_rules() {
+	local reject chain rule r net
+	local -a opens=() closed=()
+	if [[ $1 == 4 ]]; then
+		reject='REJECT --reject-with icmp-admin-prohibited'
+		for r in "${JOB_DNS4[@]}"; do opens+=("-d $r/32 -p udp --dport 53" "-d $r/32 -p tcp --dport 53"); done
+		opens+=("${JOB_ALLOW4[@]}")
+		closed=("${JOB_PRIVATE4[@]}")
+		[[ -n ${ST[VPN_SUBNET]:-} ]] && closed+=("${ST[VPN_SUBNET]}")
+		for net in "${JOB_ONLINK4[@]}"; do
+			[[ -n ${ST[VPN_SUBNET]:-} ]] && cidr_inside "$net" "${ST[VPN_SUBNET]}" && continue
+			closed+=("$net")
+		done
+	else
+		reject='REJECT --reject-with icmp6-adm-prohibited'
+		for r in "${JOB_DNS6[@]}"; do opens+=("-d $r/128 -p udp --dport 53" "-d $r/128 -p tcp --dport 53"); done
+		opens+=("${JOB_ALLOW6[@]}")
+		closed=("${JOB_PRIVATE6[@]}" "${JOB_ONLINK6[@]}")
+	fi
+	JOB_RULES=('*filter' ":$JOB_CHAIN - [0:0]" ":$JOB_HOST_CHAIN - [0:0]")
+	for chain in "$JOB_CHAIN" "$JOB_HOST_CHAIN"; do
+		JOB_RULES+=("-A $chain -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN")
+		for rule in "${opens[@]}"; do JOB_RULES+=("-A $chain $rule -j RETURN"); done
+		if [[ $chain == "$JOB_CHAIN" ]]; then
+			for net in "${closed[@]}"; do JOB_RULES+=("-A $chain -d $net -j $reject"); done
+		else
+			JOB_RULES+=("-A $chain -j $reject")
+		fi
+	done
+	JOB_RULES+=(COMMIT)
+}
+
+# job_jumps FAMILY -> JOB_JUMPS=("CHAIN MATCH... -j TARGET"...): where the
+# chains are jumped to from. IPv6 also straight from FORWARD: where Docker
+# does not manage ip6tables nothing runs DOCKER-USER (and Docker never
+# reorders that FORWARD then).
+job_jumps() {
+	local br
+	JOB_JUMPS=()
+	for br in "${JOB_BRIDGES[@]}"; do
+		JOB_JUMPS+=("DOCKER-USER -i $br -j $JOB_CHAIN" "INPUT -i $br -j $JOB_HOST_CHAIN")
+		[[ $1 == 6 ]] && JOB_JUMPS+=("FORWARD -i $br -j $JOB_CHAIN")
+	done
+	return 0
+}
+
+# job_net_apply: the chains filled anew and jumped to, for the allow-list
+# in ST[JOB_ALLOW] (checked by check_state), with the resolvers and networks
+# of now.
+job_net_apply() {
+	local fam tool jump
+	local -a args
+	job_allow_parse "${ST[JOB_ALLOW]:-}" || return 1
+	job_resolvers
+	job_onlink
+	for fam in 4 6; do
+		job_tool "$fam" || continue
+		tool=$REPLY
+		if ! "$tool" -w 10 -S DOCKER-USER >/dev/null 2>&1; then
+			# Docker makes it when it starts, and keeps what it holds; ip6tables'
+			# only where Docker manages ip6tables: then leave.sh removes it.
+			[[ $fam == 6 ]] && state_set JOB_DOCKER_USER6 1
+			cmd "$tool" -w 10 -N DOCKER-USER || return 1
+		fi
+		job_rules "$fam"
+		printf '[#] %s-restore --noflush: %s and %s, %d rules (the jobs'"'"' network)\n' \
+			"$tool" "$JOB_CHAIN" "$JOB_HOST_CHAIN" $((${#JOB_RULES[@]} - 4)) >&2
+		printf '%s\n' "${JOB_RULES[@]}" | "$tool-restore" -w 10 --noflush || return 1
+		job_jumps "$fam"
+		for jump in "${JOB_JUMPS[@]}"; do
+			read -r -a args <<<"$jump"
+			"$tool" -w 10 -C "${args[@]}" >/dev/null 2>&1 || cmd "$tool" -w 10 -I "${args[@]}" || return 1
+		done
+	done
+}
+
+# job_net_present: the IPv4 chains are in place and jumped to.
+job_net_present() {
+	local jump
+	local -a args
+	job_jumps 4
+	for jump in "${JOB_JUMPS[@]}"; do
+		read -r -a args <<<"$jump"
+		iptables -w 10 -C "${args[@]}" >/dev/null 2>&1 || return 1
+	done
+}
+
+# job_net_remove: every jump to the chains, then the chains; ip6tables'
+# DOCKER-USER when the apply made it and it is still empty and unused.
+job_net_remove() {
+	local fam tool jump chain tries
+	local -a args
+	for fam in 4 6; do
+		job_tool "$fam" || continue
+		tool=$REPLY
+		job_jumps "$fam"
+		for jump in "${JOB_JUMPS[@]}"; do
+			read -r -a args <<<"$jump"
+			tries=0
+			while ((tries++ < 8)) && "$tool" -w 10 -C "${args[@]}" >/dev/null 2>&1; do
+				cmd "$tool" -w 10 -D "${args[@]}" || return 1
+			done
+		done
+		for chain in "$JOB_CHAIN" "$JOB_HOST_CHAIN"; do
+			"$tool" -w 10 -S "$chain" >/dev/null 2>&1 || continue
+			cmd "$tool" -w 10 -F "$chain" || return 1
+			cmd "$tool" -w 10 -X "$chain" || return 1
+		done
+		if [[ $fam == 6 && ${ST[JOB_DOCKER_USER6]:-0} == 1 && $(ip6tables -w 10 -S DOCKER-USER 2>/dev/null) == "-N DOCKER-USER" ]]; then
+			cmd ip6tables -w 10 -X DOCKER-USER || true
+		fi
+	done
 }
 
 # --------------------------------------------------------------- Docker ----
@@ -923,12 +1325,21 @@ undo_wg_config() {
 	fi
 }
 
+# The jobs' network: the rules (wg-quick down leaves them: a VPN going down
+# must not open anything), then the copy of the scripts PreUp ran.
+undo_job_network() {
+	[[ -v ST[JOB_NET_DIR] ]] || return 0
+	if have_cmd iptables; then job_net_remove || return 1; fi
+	if [[ -e ${ST[JOB_NET_DIR]} ]]; then cmd rm -rf -- "${ST[JOB_NET_DIR]}" || return 1; fi
+	state_unset JOB_NET_DIR JOB_ALLOW VPN_SUBNET JOB_DOCKER_USER6
+}
+
 # Returns 0 when everything is undone (and the state is gone), 1 otherwise.
 undo_all() {
 	local step failed=0 rc errexit=0
 	[[ $- == *e* ]] && errexit=1
 	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_registry_ca undo_docker_config undo_dockremap undo_link \
-		undo_firewall undo_wg_config; do
+		undo_firewall undo_wg_config undo_job_network; do
 		# In a subshell with errexit on (not in a tested context, where bash
 		# would switch errexit off), so a failing command ends only this step.
 		set +e

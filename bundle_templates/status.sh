@@ -16,7 +16,8 @@
 # manager, link_up (bool), handshake_age_s (int, null when none yet),
 # swarm_state (inactive/pending/active/error/locked/unknown), node_addr,
 # shared {cpus, memory_mib, gpu_ids [..]}, contained (bool: Docker runs with
-# user-namespace remapping), healthy (bool), problems [..].
+# user-namespace remapping), jobs_network (bool: the rules keeping jobs off
+# private networks are in place), healthy (bool), problems [..].
 #
 # Reads: ${GRIDX_STATE_DIR:-/var/lib/gridx}/state.env (written by join.sh;
 #   /root/.gridx/state.env where an older join.sh joined), settings.env
@@ -40,6 +41,7 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 HANDSHAKE_MAX_AGE=180
 OPT_JSON=0
 LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false REGISTRY_CA=false
+JOBS_NETWORK=false
 
 usage() {
 	cat <<EOF
@@ -115,6 +117,17 @@ check_containment() {
 	fi
 }
 
+# The rules that keep jobs off private networks (lib.sh job_net_*): still in
+# place? (a firewall manager may flush them; a reboot without the VPN does)
+check_job_network() {
+	[[ -v ST[JOB_NET_DIR] ]] || return 0
+	if job_net_present; then
+		JOBS_NETWORK=true
+	else
+		PROBLEMS+=("the jobs' network rules are missing: jobs could reach this machine's networks (put them back: sudo ${ST[JOB_NET_DIR]}/jobnet.sh apply)")
+	fi
+}
+
 # The hub registry's CA that join.sh installed: still where Docker reads it?
 check_registry_ca() {
 	[[ -v ST[REGISTRY] ]] || return 0
@@ -146,7 +159,8 @@ print_json() {
 	done
 	json_str "${ST[REGISTRY]:-}"
 	printf ', "registry": %s, "registry_ca": %s' "$REPLY" "$REGISTRY_CA"
-	printf ', "contained": %s, "healthy": %s, "problems": [%s]}\n' "$CONTAINED" "$healthy" "$problems"
+	printf ', "contained": %s, "jobs_network": %s, "healthy": %s, "problems": [%s]}\n' \
+		"$CONTAINED" "$JOBS_NETWORK" "$healthy" "$problems"
 }
 
 print_human() {
@@ -158,6 +172,11 @@ print_human() {
 	printf '  swarm           %s (manager %s)\n' "$SWARM" "${ST[MANAGER]:-?}"
 	printf '  shared          %s CPUs, %s MiB, GPUs: %s\n' "${ST[SHARED_CPUS]:-?}" "${ST[SHARED_MEMORY_MIB]:-?}" "${gpus:-none}"
 	printf '  contained       %s\n' "$([[ $CONTAINED == true ]] && printf 'yes (user-namespace remapping)' || printf no)"
+	if [[ $JOBS_NETWORK == true ]]; then
+		printf "  jobs' network   the internet only; allow-list: %s\n" "${ST[JOB_ALLOW]:-none}"
+	else
+		printf "  jobs' network   not kept off private networks\n"
+	fi
 	if [[ -v ST[REGISTRY] ]]; then
 		printf '  registry        %s (CA %s)\n' "${ST[REGISTRY]}" "$([[ $REGISTRY_CA == true ]] && printf installed || printf missing)"
 	fi
@@ -183,6 +202,7 @@ main() {
 	check_swarm
 	IFACE_NAME=${ST[INTERFACE]:-gridx0}
 	check_containment
+	check_job_network
 	check_registry_ca
 	local healthy=true p
 	((${#PROBLEMS[@]} == 0)) || healthy=false

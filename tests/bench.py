@@ -93,21 +93,19 @@ NODE_RUN_FLAGS = [
 ]
 SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
+SCRIPTS = os.path.join(ROOT, "tests", "bench")
+
+
+def bench_script(name):
+    """A shell script of tests/bench/ (where shellcheck reads it, make lint),
+    without its header comments: the text sent to bash -c."""
+    with open(os.path.join(SCRIPTS, name + ".sh")) as script:
+        return "\n" + "".join(line for line in script if not line.startswith("# shellcheck shell=")
+                              and not line.startswith("# Sent by tests/bench.py as "))
 
 # Shell helpers sent with every script run in the hub: `t LABEL CMD...` runs
 # CMD (output dropped) and prints "T LABEL MICROSECONDS EXIT_STATUS".
-HUB_PRELUDE = r"""
-set -u
-t() {
-	local label=$1 s e rc
-	shift
-	s=${EPOCHREALTIME/./}
-	"$@" >/dev/null 2>>/tmp/gridx-bench.err
-	rc=$?
-	e=${EPOCHREALTIME/./}
-	echo "T $label $((e - s)) $rc"
-}
-"""
+HUB_PRELUDE = bench_script("hub_prelude")
 
 
 class BenchError(Exception):
@@ -358,32 +356,7 @@ def bench_startup(res, args):
 # 4. Job overhead
 # ---------------------------------------------------------------------------
 
-JOBS_SCRIPT = r"""
-reps=$1
-bare() { # bare NAME: the raw swarm job, polled as gridx polls (every 0.1 s)
-	local st
-	docker service create --detach --quiet --no-resolve-image --name "$1" --mode replicated-job \
-		--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
-		python:3.11 true || return 1
-	while :; do
-		st=$(docker service ps --format '{{.CurrentState}}' "$1") || return 1
-		case $st in
-			Complete*) return 0 ;;
-			Failed* | Rejected*) echo "bare $1: $st" >&2; return 1 ;;
-		esac
-		sleep 0.1
-	done
-}
-for i in $(seq 1 "$reps"); do
-	t gridx gridx jobs run --wait --name "gxbench-run$i" python:3.11 true
-	t bare bare "gxbench-bare$i"
-done
-# why gridx runs failed, if they did
-for i in $(seq 1 "$reps"); do
-	docker service ps --no-trunc --format '{{.CurrentState}}|{{.Error}}' "gxbench-run$i" |
-		grep -v '^Complete' | cut -d'|' -f2 | sed 's/^/E /'
-done
-"""
+JOBS_SCRIPT = bench_script("jobs")
 
 
 def bench_jobs(res, args):
@@ -418,46 +391,11 @@ def bench_jobs(res, args):
 # 5. Reading state at scale
 # ---------------------------------------------------------------------------
 
-STATE_SETUP = r"""
-mkdir -p /tmp/gridx-bench/bin
-cat >/tmp/gridx-bench/bin/docker <<'EOF'
-#!/bin/sh
-echo "$*" >>"${GRIDX_BENCH_CALLS:-/dev/null}"
-exec /usr/bin/docker "$@"
-EOF
-chmod +x /tmp/gridx-bench/bin/docker
-docker service ls -q --filter label=gridx.job | wc -l
-"""
+STATE_SETUP = bench_script("state_setup")
 
-STATE_MEASURE = r"""
-reps=$1
-calls() {
-	rm -f /tmp/gridx-bench/calls
-	GRIDX_BENCH_CALLS=/tmp/gridx-bench/calls PATH=/tmp/gridx-bench/bin:$PATH "$@" >/dev/null 2>&1 || echo "C-FAIL $*"
-	echo "C $2 $(wc -l </tmp/gridx-bench/calls)"
-}
-calls gridx jobs list
-calls gridx cluster
-echo "N $(gridx jobs list --json | grep -c '"kind"')"
-for i in $(seq 1 "$reps"); do
-	t list gridx jobs list
-	t cluster gridx cluster
-	t bare docker service ls --filter label=gridx.job
-done
-"""
+STATE_MEASURE = bench_script("state_measure")
 
-STATE_FILL = r"""
-# $1 pending jobs with the labels gridx gives a job; a constraint no node
-# meets keeps them pending (no container runs).
-now=$(date +%s)
-seq 1 "$1" | xargs -P 4 -I{} docker service create --detach --quiet --no-resolve-image \
-	--name gxbench-p{} --mode replicated-job --restart-condition none \
-	--constraint node.labels.gridx-bench==never \
-	--label gridx.job=gxbench-p{} --label gridx.kind=run --label gridx.created="$now" \
-	--label gridx.command=true --label gridx.bench=1 \
-	--generic-resource gridx_cpu=1 --generic-resource gridx_mem=1024 \
-	--limit-cpu 1 --limit-memory 1G python:3.11 true >/dev/null
-"""
+STATE_FILL = bench_script("state_fill")
 
 
 def state_point(res, reps):
@@ -515,28 +453,9 @@ def bench_state(res, args):
 # 2. Growth of add-peer
 # ---------------------------------------------------------------------------
 
-ADDPEER_SCRIPT = r"""
-n=$1 ping_during=$2 target=$3
-ping -n -i 0.05 "$target" >/tmp/gridx-bench-ping.log 2>&1 &
-pid=$!
-sleep 0.5
-for i in $(seq 1 "$n"); do
-	t add gridx hub add-peer "gxbench-$i"
-	if [ "$i" -eq "$ping_during" ]; then
-		sleep 0.3
-		kill -INT "$pid"
-		wait "$pid"
-		sed 's/^/P /' /tmp/gridx-bench-ping.log
-	fi
-done
-rm -f /tmp/gridx-bench-ping.log
-"""
+ADDPEER_SCRIPT = bench_script("addpeer")
 
-REMOVE_SCRIPT = r"""
-gridx hub list-peers --json | grep -o '"name": "gxbench-[0-9]*"' | cut -d'"' -f4 |
-	xargs -r -P 4 -I{} gridx hub remove-peer {} >/dev/null 2>&1
-gridx hub list-peers --json | grep -c '"name": "gxbench-' || true
-"""
+REMOVE_SCRIPT = bench_script("remove")
 
 
 def ping_loss(lines):
@@ -596,47 +515,11 @@ def bench_addpeer(res, args):
 # 3. Join
 # ---------------------------------------------------------------------------
 
-POLL_READY = r"""
-# prints READY when a node that is not in the list given ($*) shows Ready
-known=" $* "
-while :; do
-	while read -r id st; do
-		case $known in *" $id "*) continue ;; esac
-		if [ "$st" = Ready ]; then echo "READY $id"; exit 0; fi
-	done < <(docker node ls --format '{{.ID}} {{.Status}}')
-	sleep 0.1
-done
-"""
+POLL_READY = bench_script("poll_ready")
 
-BARE_JOIN = r"""
-set -e
-b=/root/gridx-benchjoin-bundle
-. "$b/settings.env"
-install -m 0600 "$b/gridx0.conf" /etc/wireguard/gridx0.conf
-wg-quick up gridx0 2>/dev/null
-if [ "${1:-}" = restart ]; then
-	# what join.sh must add to the bare steps: the shared resources in
-	# daemon.json, and a Docker restart so that the swarm sees them
-	mkdir -p /etc/docker
-	printf '{"node-generic-resources": ["gridx_cpu=1", "gridx_mem=1024"]}\n' >/etc/docker/daemon.json
-	service docker restart >/dev/null
-	until docker info >/dev/null 2>&1; do sleep 0.1; done
-fi
-docker swarm join --token "$(cat "$b/swarm-token")" --advertise-addr "$GRIDX_VPN_IP" \
-	--listen-addr "$GRIDX_VPN_IP:2377" --data-path-addr "$GRIDX_VPN_IP" "$GRIDX_MANAGER" >/dev/null
-"""
+BARE_JOIN = bench_script("bare_join")
 
-BARE_LEAVE = r"""
-docker swarm leave --force >/dev/null 2>&1
-wg-quick down gridx0 >/dev/null 2>&1
-rm -f /etc/wireguard/gridx0.conf
-if [ -e /etc/docker/daemon.json ]; then
-	rm -f /etc/docker/daemon.json
-	service docker restart >/dev/null 2>&1
-	until docker info >/dev/null 2>&1; do sleep 0.1; done
-fi
-true
-"""
+BARE_LEAVE = bench_script("bare_leave")
 
 
 def node_ids():
@@ -714,19 +597,9 @@ USER_NODE = LAB + "-benchuser"
 USER_IP = LAB_NET + ".31"
 BENCH_USER = "benchuser"
 
-USER_SETUP = r"""
-cd /root/gridx-benchuser-user
-install -m 600 gridx-user.conf /etc/wireguard/gridx-user.conf
-wg-quick up gridx-user >/dev/null 2>&1
-install -d -m 700 ~/.ssh
-cat known_hosts >> ~/.ssh/known_hosts
-install -m 600 id_ed25519 ~/.ssh/gridx-benchuser
-"""
+USER_SETUP = bench_script("user_setup")
 
-USER_RUN = r"""
-set -a; . /root/gridx-benchuser-user/settings.env; set +a
-t "$1" gridx jobs run --wait --name "$2" python:3.11 true
-"""
+USER_RUN = bench_script("user_run")
 HUB_RUN = 't hub gridx jobs run --wait --name "$2" python:3.11 true'
 
 
@@ -787,100 +660,15 @@ BARE_REPOSITORY = "gxbench/work"
 # / Complete; a task that ends otherwise is an error, said on stderr. What
 # the commands say on stderr is printed at the end as W lines (shown when a
 # run failed); the bench's own findings are E lines.
-POLL_TASK = r"""
-task_state() { # task_state NAME WANTED
-	local st
-	while :; do
-		st=$(docker service ps --format '{{.CurrentState}}' "$1") || return 1
-		case $st in
-			"$2"*) return 0 ;;
-			Complete* | Failed* | Rejected* | Shutdown*) echo "$1: $st (waiting for $2)" >&2; return 1 ;;
-		esac
-		sleep 0.1
-	done
-}
-running() { task_state "$1" Running; }
-ended() { task_state "$1" Complete; }
-: >/tmp/gridx-bench.err
-"""
+POLL_TASK = bench_script("poll_task")
 
-WORKDIR_SCRIPT = POLL_TASK + r"""
-reps=$1 size=$2 registry=$3 prefix=$4 bare_repo=$5
-base=/tmp/gxbench-wd
-submitted() { # submitted SIDE START: "P SIDE US", the time until the job was created (the rest is the worker's)
-	local e=${EPOCHREALTIME/./}
-	echo "P $1 $((e - $2))" >>"$base/phases"
-}
-steps() { # steps REP START: gridx -v's lines (each command it runs) as "S REP MS LINE", for where the time went
-	local line e
-	while IFS= read -r line; do
-		e=${EPOCHREALTIME/./}
-		echo "S $1 $(((e - $2) / 1000)) ${line:0:160}" >>"$base/steps"
-		echo "$line" >>/tmp/gridx-bench.err
-	done
-}
-gridx_side() { # the folder as gridx sends it: gridx's own Dockerfile, built and pushed by the hub's Docker
-	local s=${EPOCHREALTIME/./}
-	gridx -v jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' 2> >(steps "$1" "$s") &&
-		submitted gridx "$s" && running "$prefix-g$1"
-}
-bare_side() { # the same Dockerfile and context, by hand
-	local image=$registry/$bare_repo:b$1 s=${EPOCHREALTIME/./}
-	docker build --quiet --tag "$image" "$base/b$1" &&
-		docker push "$image" &&
-		docker service create --detach --quiet --no-resolve-image --name "$prefix-b$1" --mode replicated-job \
-			--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
-			"$image" sleep 30 &&
-		submitted bare "$s" && running "$prefix-b$1"
-}
-fill() { # fill DIR: a folder holding $size fresh random bytes
-	mkdir -p "$1" && head -c "$size" /dev/urandom >"$1/data.bin"
-}
-rm -rf "$base"
-for i in $(seq 1 "$reps"); do
-	fill "$base/g$i" && fill "$base/b$i/work" || exit 1
-	printf 'FROM python:3.11\nCOPY work/ /work/\nWORKDIR /work\n' >"$base/b$i/Dockerfile"
-	sync # the folders' writeback is not timed
-	if [ $((i % 2)) -eq 1 ]; then
-		t gridx gridx_side "$i"
-		t bare bare_side "$i"
-	else
-		t bare bare_side "$i"
-		t gridx gridx_side "$i"
-	fi
-	gridx jobs delete "$prefix-g$i" >/dev/null 2>>/tmp/gridx-bench.err
-	docker service rm "$prefix-b$i" >/dev/null 2>>/tmp/gridx-bench.err
-	rm -rf "$base/g$i" "$base/b$i"
-done
-cat "$base/phases" "$base/steps"
-sed 's/^/W /' /tmp/gridx-bench.err
-"""
+WORKDIR_SCRIPT = POLL_TASK + bench_script("workdir")
 
 # What the bench left on the hub, its registry and the workers. $1 the
 # registry, $2 the job prefix, $3 the bare side's repository.
-WORKDIR_CLEAN_HUB = r"""
-registry=$1 prefix=$2 bare_repo=$3
-mapfile -t jobs < <(docker service ls --format '{{.Name}}' | grep "^$prefix-g")
-[ ${#jobs[@]} -eq 0 ] || gridx jobs delete "${jobs[@]}" >/dev/null 2>&1
-docker service ls --format '{{.Name}}' | grep "^$prefix-" | xargs -r docker service rm >/dev/null 2>&1
-docker images --format '{{.Repository}}:{{.Tag}}' |
-	grep -E "^$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)\$" | xargs -r docker image rm >/dev/null
-gridx image ls --json | grep -oE "\"name\": \"$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)\"" |
-	cut -d'"' -f4 | while read -r image; do gridx image rm "$image" >/dev/null || echo "L registry: $image"; done
-rm -rf /tmp/gxbench-wd /tmp/gridx-bench.err
-docker service ls --format '{{.Name}}' | grep "^$prefix-" | sed 's/^/L service: /'
-docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$bare_repo|gridx/work:$prefix" | sed 's/^/L hub image: /'
-true
-"""
+WORKDIR_CLEAN_HUB = bench_script("workdir_clean_hub")
 
-WORKDIR_CLEAN_WORKER = r"""
-registry=$1 prefix=$2 bare_repo=$3
-pattern="^$registry/($bare_repo:b[0-9]+|gridx/work:$prefix-g[0-9]+)(@|\$)"
-docker ps -a --format '{{.ID}} {{.Image}}' | awk -v p="$pattern" '$2 ~ p {print $1}' | xargs -r docker rm -f >/dev/null
-docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$pattern" | xargs -r docker image rm >/dev/null
-docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "$pattern" | sed 's/^/L worker image: /'
-true
-"""
+WORKDIR_CLEAN_WORKER = bench_script("workdir_clean_worker")
 
 
 def hub_registry():
@@ -959,63 +747,13 @@ def bench_workdir(res, args):
 
 RESULTS_PREFIX = "gxbench-res"
 
-RESULTS_SCRIPT = POLL_TASK + r"""
-reps=$1 size=$2 key=$3 known=$4 prefix=$5
-base=/tmp/gxbench-res
-ssh_opts=(-i "$key" -o IdentitiesOnly=yes -o "UserKnownHostsFile=$known" -o StrictHostKeyChecking=accept-new
-	-o BatchMode=yes) # as gridx's ssh_argv
-rm -rf "$base"
-for i in $(seq 1 "$reps"); do
-	name=$prefix$i
-	if ! gridx jobs run --output /tmp/out --name "$name" python:3.11 \
-		"mkdir -p /tmp/out && head -c $size /dev/urandom >/tmp/out/r.bin" >/dev/null 2>>/tmp/gridx-bench.err ||
-		! ended "$name"; then
-		sed 's/^/W /' /tmp/gridx-bench.err
-		exit 1
-	fi
-	task=$(docker service ps -q "$name")
-	node=$(docker service ps --format '{{.Node}}' "$name")
-	addr=$(docker node inspect --format '{{.Status.Addr}}' "$node")
-	container=$(docker inspect --format '{{.Status.ContainerStatus.ContainerID}}' "$task")
-	# the bare side's file: the same bytes, out of the same container, on the same worker (not timed)
-	# shellcheck disable=SC2029 # $container expands here, on purpose
-	ssh "${ssh_opts[@]}" "root@$addr" "docker cp $container:/tmp/out/r.bin /tmp/gxbench-r.bin" \
-		2>>/tmp/gridx-bench.err || { sed 's/^/W /' /tmp/gridx-bench.err; exit 1; }
-	mkdir -p "$base/b$i"
-	echo "N $node $addr"
-	if [ $((i % 2)) -eq 1 ]; then
-		t gridx gridx jobs results "$name" "$base/g$i"
-		t bare scp -q "${ssh_opts[@]}" -- "root@$addr:/tmp/gxbench-r.bin" "$base/b$i/r.bin"
-	else
-		t bare scp -q "${ssh_opts[@]}" -- "root@$addr:/tmp/gxbench-r.bin" "$base/b$i/r.bin"
-		t gridx gridx jobs results "$name" "$base/g$i"
-	fi
-	# both copies hold the job's bytes, or the figures mean nothing
-	cmp -s "$base/g$i/r.bin" "$base/b$i/r.bin" && [ "$(stat -c %s "$base/g$i/r.bin")" = "$size" ] ||
-		echo "E rep $i: the two copies differ or are not $size bytes"
-	gridx jobs delete "$name" >/dev/null 2>>/tmp/gridx-bench.err
-	ssh "${ssh_opts[@]}" "root@$addr" rm -f /tmp/gxbench-r.bin
-	rm -rf "$base/g$i" "$base/b$i"
-done
-sed 's/^/W /' /tmp/gridx-bench.err
-"""
+RESULTS_SCRIPT = POLL_TASK + bench_script("results")
 
-RESULTS_CLEAN = r"""
-prefix=$1
-mapfile -t jobs < <(docker service ls --format '{{.Name}}' | grep "^${prefix}[0-9]")
-[ ${#jobs[@]} -eq 0 ] || gridx jobs delete "${jobs[@]}" >/dev/null 2>&1
-rm -rf /tmp/gxbench-res /tmp/gridx-bench.err /var/lib/gridx/results/"$prefix"[0-9]*
-docker service ls --format '{{.Name}}' | grep "^${prefix}[0-9]" | sed 's/^/L service: /'
-true
-"""
+RESULTS_CLEAN = bench_script("results_clean")
 
 # Docker 20.10 keeps a replicated-job's ended container on its worker after
 # `service rm` (and so after `gridx jobs delete`), each holding its 100 MB.
-RESULTS_CLEAN_WORKER = r"""
-docker ps -aq --filter "name=^$1[0-9]+\\." | xargs -r docker rm -f >/dev/null
-docker ps -a --format '{{.Names}}' | grep "^${1}[0-9]" | sed 's/^/L container: /'
-true
-"""
+RESULTS_CLEAN_WORKER = bench_script("results_clean_worker")
 
 # test.sh's start_watch, word for word
 WATCH_COMMAND = "exec gridx hub watch --interval 5 --down-after 15 >>/var/log/gridx-watch.log 2>&1"

@@ -28,7 +28,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = os.path.join(ROOT, "bundle_templates")
-SCRIPTS = ["join.sh", "leave.sh", "status.sh", "lib.sh"]
+SCRIPTS = ["join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts re-run themselves under sudo when not root")
 
@@ -82,15 +82,16 @@ while IFS= read -r l; do [[ $l == SigIgn:* ]] && echo "$l" >"$FAKE/wg-quick-$1.s
 conf=$2 iface=${2##*/}
 iface=${iface%.conf}
 [[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
-hook() {  # run the config's PostUp/PostDown lines as wg-quick does
+hook() {  # run the config's PreUp/PostUp/PostDown lines as wg-quick does (a failing one stops it)
     local line
     while IFS= read -r line; do
-        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}"; fi
+        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}" || return 1; fi
     done <"$conf"
 }
 case $1 in
 up) [[ -f $FAKE/links/$iface ]] && { echo "wg-quick: \`$iface' already exists" >&2; exit 1; }
-    : >"$FAKE/links/$iface"; hook PostUp ;;
+    hook PreUp || exit 1
+    : >"$FAKE/links/$iface"; hook PostUp || { rm -f "$FAKE/links/$iface"; exit 1; } ;;
 down) [[ -f $FAKE/links/$iface ]] || { echo "wg-quick: \`$iface' is not a WireGuard interface" >&2; exit 1; }
     rm -f "$FAKE/links/$iface"; hook PostDown ;;
 esac
@@ -106,8 +107,8 @@ case "$*" in
         echo "Device \"$iface\" does not exist." >&2; exit 1
     fi ;;
 "link delete dev "*) rm -f "$FAKE/links/$iface" ;;
-"-4 route show")
-    if [[ -f $FAKE/routes ]]; then while IFS= read -r l || [[ -n $l ]]; do echo "$l"; done <"$FAKE/routes"; fi ;;
+"-4 route show") cat "$FAKE/routes" 2>/dev/null || true ;;
+"-6 route show") cat "$FAKE/routes6" 2>/dev/null || true ;;
 esac
 """,
     "docker": r"""
@@ -143,52 +144,86 @@ swarm)
 esac
 """,
     "iptables": r"""
-echo "iptables $*" >>"$FAKE/log"
-rules=$FAKE/iptables_rules chains=$FAKE/iptables_chains
-: >>"$rules"
-: >>"$chains"
+# iptables and ip6tables (a link to this stub): rules as "CHAIN args" lines
+tool=${0##*/}
+[[ $1 == -w ]] && shift 2  # the lock wait changes nothing here
+echo "$tool $*" >>"$FAKE/log"
+if [[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]]; then
+    echo "ip6tables: can't initialize ip6tables table 'filter'" >&2
+    exit 3
+fi
+rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
+touch "$rules" "$chains"
 op=$1 chain=$2
 shift 2
 [[ $op == -I && ${1:-} =~ ^[0-9]+$ ]] && shift
 rule="$chain $*"
-builtin() { [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT || $1 == DOCKER-USER ]]; }
-# bash alone (no grep, mv): a join calls this stub about 15 times
-has_line() { local l; while IFS= read -r l; do [[ $l == "$1" ]] && return 0; done <"$2"; return 1; }
-keep_lines() {  # keep_lines FILE TEST...: the lines for which TEST LINE succeeds
-    local file=$1 l kept=()
-    shift
-    while IFS= read -r l; do "$@" "$l" && kept+=("$l"); done <"$file"
-    if ((${#kept[@]})); then printf '%s\n' "${kept[@]}" >"$file"; else : >"$file"; fi
+builtin() {
+    [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT ]] && return 0
+    [[ $1 == DOCKER-USER && $tool == iptables ]]  # Docker's, where Docker manages iptables
 }
-not_in_chain() { [[ $1 != "$chain "* ]]; }
-not_chain() { [[ $1 != "$chain" ]]; }
+exists() { builtin "$1" || grep -qxF -- "$1" "$chains"; }
 case $op in
 -C)
     # Docker's own jump, there unless a test says Docker runs without iptables
-    if [[ $rule == "FORWARD -j DOCKER-USER" ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
-    has_line "$rule" "$rules" ;;
--I | -A) echo "$rule" >>"$rules" ;;
+    if [[ $rule == "FORWARD -j DOCKER-USER" && $tool == iptables ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
+    grep -qxF -- "$rule" "$rules" ;;
+-I | -A)
+    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    target=${rule##* -j }
+    [[ $rule == *" -j "* ]] && ! exists "${target%% *}" && [[ ! ${target%% *} =~ ^(RETURN|DROP|ACCEPT|REJECT)$ ]] &&
+        { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    if [[ $op == -I ]]; then { echo "$rule"; cat "$rules"; } >"$rules.new"; mv "$rules.new" "$rules"
+    else echo "$rule" >>"$rules"; fi ;;
 -N)
-    if builtin "$chain" || has_line "$chain" "$chains"; then echo "iptables: Chain already exists." >&2; exit 1; fi
+    if exists "$chain"; then echo "$tool: Chain already exists." >&2; exit 1; fi
     echo "$chain" >>"$chains" ;;
 -F)
-    builtin "$chain" || has_line "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
-    keep_lines "$rules" not_in_chain ;;
+    exists "$chain" || { echo "$tool: No chain by that name." >&2; exit 1; }
+    grep -v -- "^$chain " "$rules" >"$rules.new" || true
+    mv "$rules.new" "$rules" ;;
 -X)
-    has_line "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
-    keep_lines "$chains" not_chain ;;
+    grep -qxF -- "$chain" "$chains" || { echo "$tool: No chain by that name." >&2; exit 1; }
+    grep -q -- "^$chain " "$rules" && { echo "$tool: Directory not empty." >&2; exit 1; }
+    grep -q -- " -j $chain\$" "$rules" && { echo "$tool: Too many links." >&2; exit 1; }
+    grep -vxF -- "$chain" "$chains" >"$chains.new" || true
+    mv "$chains.new" "$chains" ;;
 -S)
-    builtin "$chain" || has_line "$chain" "$chains" || { echo "iptables: No chain by that name." >&2; exit 1; }
-    while IFS= read -r l; do [[ $l == "$chain "* ]] && printf '%s\n' "$l"; done <"$rules"
-    exit 0 ;;
+    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
+    if builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
+    while IFS= read -r l; do [[ $l == "$chain "* ]] && echo "-A $l"; done <"$rules"; true ;;
 -D)
-    has_line "$rule" "$rules" || { echo "iptables: Bad rule" >&2; exit 1; }
+    grep -qxF -- "$rule" "$rules" || { echo "$tool: Bad rule" >&2; exit 1; }
     gone=0 kept=()
     while IFS= read -r l; do
         if [[ $gone == 0 && $l == "$rule" ]]; then gone=1; elif [[ -n $l ]]; then kept+=("$l"); fi
     done <"$rules"
     if ((${#kept[@]})); then printf '%s\n' "${kept[@]}" >"$rules"; else : >"$rules"; fi ;;
 esac
+""",
+    "iptables-restore": r"""
+# iptables-restore and ip6tables-restore --noflush: each declared chain is
+# made or emptied, then the -A lines appended (all or nothing)
+tool=${0##*/}
+tool=${tool%-restore}
+echo "$tool-restore $*" >>"$FAKE/log"
+input=$(cat)
+printf '%s\n' "$input" >"$FAKE/${tool}_restore_input"
+[[ -f $FAKE/fail/$tool-restore ]] && { echo "$tool-restore: line 3 failed" >&2; exit 1; }
+[[ " $* " == *" --noflush "* ]] || { echo "the stub knows only --noflush" >&2; exit 1; }
+rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
+touch "$rules" "$chains"
+while IFS= read -r line; do
+    case $line in
+    :*) chain=${line#:}; chain=${chain%% *}
+        grep -qxF -- "$chain" "$chains" || echo "$chain" >>"$chains"
+        grep -v -- "^$chain " "$rules" >"$rules.new" || true
+        mv "$rules.new" "$rules" ;;
+    "-A "*) echo "${line#-A }" >>"$rules" ;;
+    '*filter' | COMMIT | '') ;;
+    *) echo "$tool-restore: unexpected line: $line" >&2; exit 1 ;;
+    esac
+done <<<"$input"
 """,
     "systemctl": r"""
 echo "systemctl $*" >>"$FAKE/log"
@@ -244,6 +279,57 @@ WORKER_CHAIN_RULES = [
 ]
 
 
+# The jobs' network (lib.sh): the chains, and their jumps as join.sh inserts
+# them (each at the top: the rules file lists the last one first).
+JOB_CHAINS = ("GRIDX-JOBS", "GRIDX-JOBS-HOST")
+JOB_JUMPS4 = [
+    "DOCKER-USER -i docker0 -j GRIDX-JOBS",
+    "INPUT -i docker0 -j GRIDX-JOBS-HOST",
+    "DOCKER-USER -i docker_gwbridge -j GRIDX-JOBS",
+    "INPUT -i docker_gwbridge -j GRIDX-JOBS-HOST",
+]
+JOB_JUMPS6 = [
+    "DOCKER-USER -i docker0 -j GRIDX-JOBS",
+    "INPUT -i docker0 -j GRIDX-JOBS-HOST",
+    "FORWARD -i docker0 -j GRIDX-JOBS",
+    "DOCKER-USER -i docker_gwbridge -j GRIDX-JOBS",
+    "INPUT -i docker_gwbridge -j GRIDX-JOBS-HOST",
+    "FORWARD -i docker_gwbridge -j GRIDX-JOBS",
+]
+PRIVATE4 = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"]
+REJECT4 = "-j REJECT --reject-with icmp-admin-prohibited"
+REJECT6 = "-j REJECT --reject-with icmp6-adm-prohibited"
+REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+
+
+def job_chains4(opens=("-d 192.168.1.1/32 -p udp --dport 53", "-d 192.168.1.1/32 -p tcp --dport 53"),
+                closed=(*PRIVATE4, "10.0.0.0/24")):
+    """GRIDX-JOBS then GRIDX-JOBS-HOST, rule by rule: replies, then what is
+    open (by default the fake machine's name server, 192.168.1.1), then what
+    is closed (by default the private ranges and the VPN subnet)."""
+    rules = []
+    for chain in JOB_CHAINS:
+        rules.append(f"{chain} {REPLIES}")
+        rules += [f"{chain} {o} -j RETURN" for o in opens]
+        if chain == "GRIDX-JOBS":
+            rules += [f"{chain} -d {net} {REJECT4}" for net in closed]
+        else:
+            rules.append(f"{chain} {REJECT4}")
+    return rules
+
+
+def job_chains6(opens=(), closed=("fc00::/7", "fe80::/10")):
+    rules = []
+    for chain in JOB_CHAINS:
+        rules.append(f"{chain} {REPLIES}")
+        rules += [f"{chain} {o} -j RETURN" for o in opens]
+        if chain == "GRIDX-JOBS":
+            rules += [f"{chain} -d {net} {REJECT6}" for net in closed]
+        else:
+            rules.append(f"{chain} {REJECT6}")
+    return rules
+
+
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -283,10 +369,14 @@ class Lab:
         self.write_bundle()
         for name, body in STUBS.items():
             self.stub(name, body)
+        for family in ("ip6tables", "ip6tables-restore"):  # the same stubs, their own rules
+            (self.bin / family).symlink_to(self.bin / family.replace("ip6", "ip"))
         for tool in REAL_TOOLS:
             self.link(tool)
         (self.fake / "handshake").write_text("now")
         (self.tmp / "meminfo").write_text(MEMINFO)
+        # the volunteer's router answers DNS, as on most home networks
+        (self.etc / "resolv.conf").write_text("# from DHCP\nnameserver 192.168.1.1\noptions edns0\n")
 
     # -- setup helpers
     def write_bundle(self, private_key=PRIVATE_KEY):
@@ -349,6 +439,8 @@ class Lab:
             "GRIDX_AUTHORIZED_KEYS": str(self.auth_keys),
             "GRIDX_STATE_DIR": str(self.state),
             "GRIDX_MEMINFO": str(self.tmp / "meminfo"),
+            "GRIDX_RESOLV_CONF": str(self.etc / "resolv.conf"),
+            "GRIDX_RESOLVED_CONF": str(self.tmp / "run" / "systemd" / "resolve" / "resolv.conf"),
             "GRIDX_SYSTEMD_RUN_DIR": str(self.tmp / "no-systemd"),
             "GRIDX_DOCKER_WAIT": "3",
         }
@@ -385,6 +477,19 @@ class Lab:
         p = self.fake / "iptables_chains"
         return [x for x in p.read_text().splitlines() if x] if p.exists() else []
 
+    def rules(self, tool="iptables", only=(), but=()):
+        """The rules (as "CHAIN args") that name one of only's chains (all when
+        empty), and none of but's, in the order iptables keeps them."""
+        p = self.fake / f"{tool}_rules"
+        out = [x for x in p.read_text().splitlines() if x] if p.exists() else []
+        def names(rule, chains):
+            return any(rule.startswith(c + " ") or rule.endswith(" -j " + c) for c in chains)
+        return [r for r in out if (not only or names(r, only)) and not names(r, but)]
+
+    def chains(self, tool="iptables"):
+        p = self.fake / f"{tool}_chains"
+        return [x for x in p.read_text().splitlines() if x] if p.exists() else []
+
     def docker_user_rules(self):
         return [r for r in self.iptables_rules() if r.startswith("DOCKER-USER ")]
 
@@ -412,7 +517,9 @@ def lab(tmp_path):
     return Lab(tmp_path)
 
 
-CHANGING = ("wg-quick", "docker swarm join", "docker swarm leave", "systemctl", "service", "iptables -I", "iptables -D")
+CHANGING = ("wg-quick", "docker swarm join", "docker swarm leave", "systemctl", "service", "iptables -I", "iptables -D",
+            "iptables -N", "iptables -F", "iptables -X", "iptables-restore", "ip6tables -I", "ip6tables -D",
+            "ip6tables -N", "ip6tables -F", "ip6tables -X", "ip6tables-restore")
 
 
 def assert_nothing_changed(lab, before):
@@ -421,6 +528,7 @@ def assert_nothing_changed(lab, before):
     assert not lab.link_up()
     assert lab.swarm_state() == "inactive"
     assert lab.iptables_rules() == [] and lab.iptables_chains() == []
+    assert lab.rules("ip6tables") == [] and lab.chains("ip6tables") == []
 
 
 # ---------------------------------------------------------------- lint ----
@@ -452,7 +560,7 @@ def test_scripts_are_strict_and_documented():
             assert os.access(os.path.join(TEMPLATES, s), os.X_OK), s
 
 
-@pytest.mark.parametrize("script", ["join.sh", "leave.sh", "status.sh"])
+@pytest.mark.parametrize("script", ["join.sh", "leave.sh", "status.sh", "jobnet.sh"])
 def test_help(lab, script):
     r = lab.run(script, "--help")
     assert r.returncode == 0
@@ -625,10 +733,13 @@ def test_join_with_flags(lab):
     assert stat.S_IMODE(lab.auth_keys.stat().st_mode) == 0o600
     assert stat.S_IMODE(lab.auth_keys.parent.stat().st_mode) == 0o700
     # published ports answer over the VPN only, and so do the swarm's ports
-    assert lab.iptables_rules() == [
-        "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP"
-    ] + WORKER_CHAIN_RULES
-    assert lab.iptables_chains() == ["GRIDX-WORKER"]
+    assert lab.rules(but=JOB_CHAINS) == [
+        "INPUT -j GRIDX-WORKER",
+        "DOCKER-USER -m conntrack --ctstate DNAT --ctdir ORIGINAL ! -i gridx0 -m comment --comment gridx -j DROP",
+    ] + WORKER_CHAIN_RULES[:-1]
+    # jobs reach nothing private (test_job_network_* for the rules)
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4()
+    assert lab.iptables_chains() == ["GRIDX-JOBS", "GRIDX-JOBS-HOST", "GRIDX-WORKER"]
     # state, as shell values and as JSON
     assert stat.S_IMODE(lab.state.stat().st_mode) == 0o700
     env = (lab.state / "state.env").read_text()
@@ -1358,7 +1469,7 @@ def test_state_is_written_new_synced_then_renamed(lab):
     beside the files, and each sync named the two temporary files of a save."""
     lab.join()
     synced = (lab.fake / "synced").read_text().splitlines()
-    saves = [line.split() for line in synced if str(lab.state) in line]
+    saves = [line.split() for line in synced if "/.state.env.gridx-" in line]
     assert len(saves) >= 8, synced  # a record before each step
     for paths in saves:
         names = sorted(os.path.basename(p) for p in paths)
@@ -1448,7 +1559,7 @@ def test_leave_after_an_older_join_with_state_in_roots_home(lab):
 
 def test_swarm_ports_chain_comes_with_the_link_and_goes_with_it(lab):
     lab.join()
-    assert lab.iptables_chains() == ["GRIDX-WORKER"]
+    assert "GRIDX-WORKER" in lab.iptables_chains()
     conf = lab.wg_conf.read_text()
     assert "PostUp = iptables -N GRIDX-WORKER 2>/dev/null || iptables -F GRIDX-WORKER; " in conf
     assert "iptables -A GRIDX-WORKER -p udp --dport 4789 -j DROP" in conf
@@ -1716,3 +1827,414 @@ def test_the_registry_setting_is_validated(lab, value):
     r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
     assert r.returncode == 2 and "settings.env: GRIDX_REGISTRY" in r.stderr, r.stderr
     assert lab.log() == []
+
+
+def test_the_registry_ca_is_trusted_only_for_the_hubs_address(lab):
+    """A bundle whose GRIDX_REGISTRY is another machine's address would make
+    Docker trust the hub's CA there (issue 19): exit 2, nothing changes."""
+    env = with_registry(lab)
+    lab.settings["GRIDX_REGISTRY"] = "10.0.0.7:5000"
+    lab.write_bundle()
+    (lab.bundle / "registry-ca.crt").write_text(FAKE_CA)
+    before = lab.snapshot()
+    r = lab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", env=env)
+    assert r.returncode == 2 and "not at the hub's VPN address 10.0.0.1" in r.stderr, r.stderr
+    assert lab.log() == []
+    assert_nothing_changed(lab, before)
+
+
+# -------------------------------------------------------- jobs' network ----
+# What a job may reach (lib.sh "jobs' network", jobnet.sh). The e2e test
+# test_jobnet_lab.py tries it from real jobs; here: the allow-list grammar,
+# the rules rendered, and join / leave / jobnet.sh / status.sh around them.
+
+
+def lib_sh(lab, code, *args):
+    """bash with the bundle's lib.sh sourced and its paths set (the fake
+    machine's), running CODE with ARGS as $1..."""
+    head = 'GRIDX_PROG=test GRIDX_BUNDLE_DIR="$0"; . "$GRIDX_BUNDLE_DIR/lib.sh"; init_paths; '
+    return subprocess.run([str(lab.bin / "bash"), "-c", head + code, str(lab.bundle), *args], env=lab.env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+
+def allow_parse(lab, value):
+    """job_allow_parse VALUE: (True, IPv4 matches, IPv6 matches) or (False, why)."""
+    r = lib_sh(lab, 'if job_allow_parse "$1"; then printf "4 %s\\n" "${JOB_ALLOW4[@]}"; '
+                    'printf "6 %s\\n" "${JOB_ALLOW6[@]}"; else echo "bad $REPLY"; fi', value)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    if r.stdout.startswith("bad "):
+        return False, r.stdout[4:].strip()
+    lines = r.stdout.splitlines()
+    return True, [x[2:] for x in lines if x.startswith("4 ") and x[2:]], [x[2:] for x in lines
+                                                                            if x.startswith("6 ") and x[2:]]
+
+
+@pytest.mark.parametrize("value, v4, v6", [
+    ("", [], []),
+    ("   \n ", [], []),
+    ("172.29.243.30/32 10.0.0.1/32:tcp/5000", ["-d 172.29.243.30/32", "-d 10.0.0.1/32 -p tcp --dport 5000"], []),
+    ("203.0.113.7", ["-d 203.0.113.7/32"], []),
+    ("192.168.5.0/24:udp/5000-5010", ["-d 192.168.5.0/24 -p udp --dport 5000:5010"], []),
+    ("10.0.0.1:tcp", ["-d 10.0.0.1/32 -p tcp"], []),
+    ("10.0.0.0/8", ["-d 10.0.0.0/8"], []),
+    ("[fd00::5]:tcp/443 [2001:DB8::/32]", [], ["-d fd00::5/128 -p tcp --dport 443", "-d 2001:DB8::/32"]),
+    ("[fd00:1:2:3:4:5:6:7]:udp/53", [], ["-d fd00:1:2:3:4:5:6:7/128 -p udp --dport 53"]),
+])
+def test_allow_list_grammar_accepts(lab, value, v4, v6):
+    assert allow_parse(lab, value) == (True, v4, v6)
+
+
+@pytest.mark.parametrize("value, says", [
+    ("10.0.0.1:5000", "name the protocol before the port"),
+    ("10.0.0.1/24", "bits set beyond it"),
+    ("10.0.0.1/33", "not a prefix"),
+    ("10.0.0.010", "not an IPv4 address"),
+    ("10.0.0.256:tcp/1", "not an IPv4 address"),
+    ("0.0.0.0/0", "broader than /8"),
+    ("10.0.0.0/7", "broader than /8"),
+    ("10.0.0.1:icmp", "tcp or udp, not 'icmp'"),
+    ("10.0.0.1:TCP/80", "not ADDRESS"),
+    ("10.0.0.1:tcp/0", "not a port"),
+    ("10.0.0.1:tcp/0080", "not a port"),
+    ("10.0.0.1:tcp/65536", "not a port"),
+    ("10.0.0.1:tcp/6000-5000", "goes down"),
+    ("10.0.0.1:tcp/-5", "not ADDRESS"),
+    ("fd00::5", "goes in brackets"),
+    ("[fd00::5%eth0]", "not ADDRESS"),
+    ("[fd00::1/64]", "bits set beyond it"),
+    ("[fd00::/8]", "broader than /16"),
+    ("[1::2::3]", "not an IPv6 address"),
+    ("[::ffff:1.2.3.4]", "not ADDRESS"),
+    ("-j ACCEPT", "'-j' is not ADDRESS"),
+    ("10.0.0.1;reboot", "not ADDRESS"),
+    ("$(reboot)", "not ADDRESS"),
+    ("hub.example:tcp/80", "not ADDRESS"),
+    (" ".join(["10.0.0.%d" % i for i in range(1, 66)]), "65 entries: at most 64"),
+])
+def test_allow_list_grammar_refuses_with_the_reason(lab, value, says):
+    parsed = allow_parse(lab, value)
+    assert parsed[0] is False and says in parsed[1], parsed
+
+
+def rendered(lab, family, allow="", dns=(), onlink=(), subnet="10.0.0.0/24"):
+    code = ('ST[VPN_SUBNET]=$1; job_allow_parse "$2"; read -r -a JOB_DNS%s <<<"$3"; read -r -a JOB_ONLINK%s <<<"$4"; '
+            'job_rules %s; printf "%%s\\n" "${JOB_RULES[@]}"' % (family, family, family))
+    r = lib_sh(lab, code, subnet, allow, " ".join(dns), " ".join(onlink))
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_rules_rendered_for_iptables_restore(lab):
+    got = rendered(lab, 4, allow="172.29.243.30 10.0.0.1:tcp/5000", dns=["192.168.1.1"],
+                   onlink=["130.237.5.0/24"], subnet="44.1.2.0/24")
+    opens = ["-d 192.168.1.1/32 -p udp --dport 53", "-d 192.168.1.1/32 -p tcp --dport 53",
+             "-d 172.29.243.30/32", "-d 10.0.0.1/32 -p tcp --dport 5000"]
+    # a VPN subnet outside the private ranges, and a LAN of public addresses, closed too
+    want = job_chains4(opens, (*PRIVATE4, "44.1.2.0/24", "130.237.5.0/24"))
+    assert got == ["*filter", ":GRIDX-JOBS - [0:0]", ":GRIDX-JOBS-HOST - [0:0]"] + [
+        "-A " + r for r in want] + ["COMMIT"]
+    # replies first, in both chains: a port a job publishes on the VPN still answers
+    assert got[3] == "-A GRIDX-JOBS " + REPLIES
+    got6 = rendered(lab, 6, allow="[fd00::5]:tcp/443 10.0.0.1", dns=["fd00::53"], onlink=["2001:db8:5::/64"])
+    want6 = job_chains6(["-d fd00::53/128 -p udp --dport 53", "-d fd00::53/128 -p tcp --dport 53",
+                         "-d fd00::5/128 -p tcp --dport 443"], ("fc00::/7", "fe80::/10", "2001:db8:5::/64"))
+    assert got6 == ["*filter", ":GRIDX-JOBS - [0:0]", ":GRIDX-JOBS-HOST - [0:0]"] + [
+        "-A " + r for r in want6] + ["COMMIT"]
+
+
+def test_the_networks_the_machine_is_on_are_read_from_its_routes(lab):
+    (lab.fake / "routes").write_text(
+        "default via 192.168.1.1 dev wlan0 proto dhcp metric 600\n"
+        "130.237.5.0/24 dev eth0 proto kernel scope link src 130.237.5.20\n"
+        "192.168.1.0/24 dev wlan0 proto kernel scope link src 192.168.1.20\n"   # private: closed already
+        "172.17.0.0/16 dev docker0 proto kernel scope link src 172.17.0.1 linkdown\n"
+        "10.0.0.0/24 dev gridx0 proto kernel scope link src 10.0.0.2\n"
+        "198.51.100.0/24 via 192.168.1.1 dev wlan0\n"                          # routed elsewhere: the internet
+        "0.0.0.0/1 dev tun0 scope link\n"                                       # a full-tunnel VPN: not a LAN
+        "203.0.113.9 dev ppp0 scope link\n")
+    (lab.fake / "routes6").write_text(
+        "2001:db8:5::/64 dev eth0 proto ra metric 100 expires 86000sec pref medium\n"
+        "fd12:3456::/64 dev eth0 proto ra metric 100\n"
+        "fe80::/64 dev eth0 proto kernel metric 256 pref medium\n"
+        "::1 dev lo proto kernel metric 256 pref medium\n"
+        "default via fe80::1 dev eth0 proto ra metric 100\n"
+        "2001:db8::/16 dev eth0\n")
+    r = lib_sh(lab, 'job_onlink; echo "${JOB_ONLINK4[*]}"; echo "${JOB_ONLINK6[*]}"')
+    assert r.stdout.splitlines() == ["130.237.5.0/24 203.0.113.9/32", "2001:db8:5::/64"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("resolv, resolved, daemon, v4, v6", [
+    ("nameserver 192.168.1.1\n", None, None, ["192.168.1.1"], []),
+    ("# DHCP\nnameserver 10.1.1.1\nnameserver 1.1.1.1\nsearch lan\n", None, None, ["10.1.1.1", "1.1.1.1"], []),
+    ("nameserver 127.0.0.53\noptions edns0 trust-ad\n", "nameserver 192.168.178.1\nnameserver fd00::1\n", None,
+     ["192.168.178.1"], ["fd00::1"]),
+    ("nameserver 127.0.0.53\n", None, None, [], []),                       # no upstream file: Docker's defaults
+    ("nameserver 127.0.0.1\nnameserver ::1\n", None, None, [], []),       # a local cache: the container's own
+    ("nameserver fe80::1%wlan0\nnameserver 192.168.1.1\n", None, None, ["192.168.1.1"], ["fe80::1"]),
+    ("nameserver 192.168.1.1\n", None, '{"dns": ["10.9.9.9", "2001:db8::53"], "log-level": "warn"}',
+     ["10.9.9.9"], ["2001:db8::53"]),
+    ("nameserver 192.168.1.1\n", None, '{"log-level": "warn"}', ["192.168.1.1"], []),
+    (None, None, None, [], []),
+])
+def test_name_servers_are_the_ones_docker_gives_containers(lab, resolv, resolved, daemon, v4, v6):
+    conf = lab.etc / "resolv.conf"
+    if resolv is None:
+        conf.unlink()
+    else:
+        conf.write_text(resolv)
+    if resolved is not None:
+        path = lab.tmp / "run" / "systemd" / "resolve" / "resolv.conf"
+        path.parent.mkdir(parents=True)
+        path.write_text(resolved)
+    if daemon is not None:
+        lab.daemon_json.parent.mkdir(parents=True)
+        lab.daemon_json.write_text(daemon)
+    r = lib_sh(lab, 'job_resolvers; echo "${JOB_DNS4[*]}"; echo "${JOB_DNS6[*]}"')
+    assert r.stdout.split("\n")[:2] == [" ".join(v4), " ".join(v6)], r.stdout + r.stderr
+
+
+def test_join_closes_private_networks_to_jobs_opens_the_allow_list_and_says_so(lab):
+    lab.settings["GRIDX_JOB_ALLOW"] = "172.29.243.30/32:tcp/8080 [fd00::5]:tcp/443"
+    lab.write_bundle()
+    r = lab.join()
+    allow4 = "-d 172.29.243.30/32 -p tcp --dport 8080"
+    dns = ["-d 192.168.1.1/32 -p udp --dport 53", "-d 192.168.1.1/32 -p tcp --dport 53"]
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4([*dns, allow4])
+    assert lab.rules("ip6tables") == JOB_JUMPS6[::-1] + job_chains6(["-d fd00::5/128 -p tcp --dport 443"])
+    assert lab.chains("ip6tables") == ["DOCKER-USER", "GRIDX-JOBS", "GRIDX-JOBS-HOST"]
+    # before Docker's restart and the swarm join: no job runs here without them
+    log = lab.log()
+    first = log.index("iptables-restore -w 10 --noflush")
+    assert first < log.index("wg-quick up %s" % lab.wg_conf) < log.index("service docker restart")
+    # the grant text, before anything changed
+    grant = r.stderr[r.stderr.index("What you grant"):r.stderr.index("[#]")]
+    assert "Jobs reach the internet and nothing private: not your networks" in grant
+    assert "not this\n    machine, not the VPN (the hub, other workers), except DNS to your name servers" in grant
+    assert "Name servers: 192.168.1.1." in grant
+    assert "The hub's admin opened, for every job: 172.29.243.30/32:tcp/8080 [fd00::5]:tcp/443" in grant
+    # recorded, and a root-only copy of the scripts for the config's PreUp
+    env = (lab.state / "state.env").read_text()
+    assert "JOB_ALLOW='172.29.243.30/32:tcp/8080 [fd00::5]:tcp/443'" in env and "VPN_SUBNET='10.0.0.0/24'" in env
+    copy = lab.state / "jobnet"
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o700
+    for name in ("jobnet.sh", "lib.sh"):
+        assert (copy / name).read_bytes() == (lab.bundle / name).read_bytes()
+        assert stat.S_IMODE((copy / name).stat().st_mode) == 0o700
+    assert "PreUp = bash '%s/jobnet.sh' apply\n" % copy in lab.wg_conf.read_text()
+
+
+def test_without_name_servers_or_allow_list_the_grant_says_nothing_of_them(lab):
+    (lab.etc / "resolv.conf").write_text("nameserver 127.0.0.11\n")
+    r = lab.join()
+    grant = r.stderr[r.stderr.index("What you grant"):r.stderr.index("[#]")]
+    assert "not the VPN (the hub, other workers)." in grant
+    assert "Name servers" not in grant and "admin opened" not in grant
+    assert lab.rules(only=["GRIDX-JOBS"]) == [
+        "DOCKER-USER -i docker_gwbridge -j GRIDX-JOBS", "DOCKER-USER -i docker0 -j GRIDX-JOBS",
+        f"GRIDX-JOBS {REPLIES}"] + [f"GRIDX-JOBS -d {net} {REJECT4}" for net in (*PRIVATE4, "10.0.0.0/24")]
+
+
+@pytest.mark.parametrize("value, says", [
+    ("10.0.0.1:5000", "name the protocol before the port"),
+    ("0.0.0.0/0", "broader than /8"),
+    ("-j ACCEPT", "'-j' is not ADDRESS"),
+])
+def test_a_bad_allow_list_is_exit_2_and_nothing_changes(lab, value, says):
+    lab.settings["GRIDX_JOB_ALLOW"] = value
+    lab.write_bundle()
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: settings.env: GRIDX_JOB_ALLOW: ") and says in errors[0]
+    assert lab.log() == []
+    assert_nothing_changed(lab, before)
+
+
+def volunteers_own_rules(lab):
+    """Rules and chains of the volunteer's (and Docker's, for ip6tables)."""
+    (lab.fake / "iptables_chains").write_text("MINE\n")
+    (lab.fake / "iptables_rules").write_text(
+        "INPUT -i eth0 -p tcp --dport 22 -j ACCEPT\nDOCKER-USER -s 192.168.9.0/24 -j DROP\nMINE -j LOG\n"
+        "FORWARD -j MINE\n")
+    (lab.fake / "ip6tables_chains").write_text("DOCKER-USER\n")
+    (lab.fake / "ip6tables_rules").write_text("DOCKER-USER -j RETURN\nFORWARD -j DOCKER-USER\n")
+    return {tool: (lab.rules(tool), lab.chains(tool)) for tool in ("iptables", "ip6tables")}
+
+
+def test_leave_removes_exactly_the_rules_join_added(lab):
+    before = volunteers_own_rules(lab)
+    lab.join()
+    # Docker's ip6tables chain was there: used, not made
+    assert lab.chains("ip6tables") == ["DOCKER-USER", "GRIDX-JOBS", "GRIDX-JOBS-HOST"]
+    assert "JOB_DOCKER_USER6" not in (lab.state / "state.env").read_text()
+    r = lab.run("leave.sh")
+    assert r.returncode == 0, r.stderr
+    assert {tool: (lab.rules(tool), lab.chains(tool)) for tool in ("iptables", "ip6tables")} == before
+    assert not (lab.state / "jobnet").exists()
+
+
+def test_leave_removes_the_ip6tables_chain_join_made(lab):
+    lab.join()
+    assert "JOB_DOCKER_USER6='1'" in (lab.state / "state.env").read_text()
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.chains("ip6tables") == [] and lab.rules("ip6tables") == []
+
+
+def test_a_vpn_going_down_keeps_the_rules_and_preup_puts_them_back_after_a_reboot(lab):
+    lab.join()
+    rules = {tool: lab.rules(tool, only=JOB_CHAINS) for tool in ("iptables", "ip6tables")}
+    env = lab.env()
+    down = subprocess.run([str(lab.bin / "wg-quick"), "down", str(lab.wg_conf)], env=env, capture_output=True,
+                          text=True)
+    assert down.returncode == 0, down.stderr
+    assert {tool: lab.rules(tool, only=JOB_CHAINS) for tool in ("iptables", "ip6tables")} == rules
+    assert "GRIDX-WORKER" not in lab.iptables_chains()  # PostDown did run
+    for f in ("iptables_rules", "iptables_chains", "ip6tables_rules", "ip6tables_chains"):
+        (lab.fake / f).unlink()  # a reboot: no rules at all
+    up = subprocess.run([str(lab.bin / "wg-quick"), "up", str(lab.wg_conf)], env=env, capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    assert {tool: lab.rules(tool, only=JOB_CHAINS) for tool in ("iptables", "ip6tables")} == rules
+    log = lab.log()
+    assert log.index("iptables-restore -w 10 --noflush", log.index("wg-quick up %s" % lab.wg_conf)) < len(log)
+    assert lab.run("status.sh").returncode == 0
+
+
+def test_preup_that_cannot_put_the_rules_back_keeps_the_vpn_down(lab):
+    lab.join()
+    env = lab.env()
+    subprocess.run([str(lab.bin / "wg-quick"), "down", str(lab.wg_conf)], env=env, check=True, capture_output=True)
+    lab.fail("iptables-restore")
+    up = subprocess.run([str(lab.bin / "wg-quick"), "up", str(lab.wg_conf)], env=env, capture_output=True, text=True)
+    assert up.returncode != 0 and "could not be put in place" in up.stderr, up.stderr
+    assert not lab.link_up()
+
+
+def test_jobnet_allow_replaces_the_list_in_one_restore_per_family(lab):
+    lab.join()
+    before_log = len(lab.log())
+    r = lab.run("jobnet.sh", "allow", "203.0.113.7 10.0.0.1:tcp/8099")
+    assert r.returncode == 0, r.stderr
+    log = lab.log()[before_log:]
+    assert [c for c in log if "-restore" in c] == ["iptables-restore -w 10 --noflush",
+                                                    "ip6tables-restore -w 10 --noflush"]
+    assert not [c for c in log if c.startswith(("iptables -I", "iptables -D", "ip6tables -I"))]  # jumps in place
+    dns = ["-d 192.168.1.1/32 -p udp --dport 53", "-d 192.168.1.1/32 -p tcp --dport 53"]
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4(
+        [*dns, "-d 203.0.113.7/32", "-d 10.0.0.1/32 -p tcp --dport 8099"])
+    assert "JOB_ALLOW='203.0.113.7 10.0.0.1:tcp/8099'" in (lab.state / "state.env").read_text()
+    # the hub's way: the copy join.sh keeps, from anywhere
+    r = subprocess.run([str(lab.bin / "bash"), str(lab.state / "jobnet" / "jobnet.sh"), "allow", ""], env=lab.env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4()
+    assert "JOB_ALLOW=''" in (lab.state / "state.env").read_text()
+
+
+def test_jobnet_allow_without_a_list_takes_the_bundles(lab):
+    lab.join()
+    lab.settings["GRIDX_JOB_ALLOW"] = "198.51.100.4:udp/9000-9009"
+    lab.write_bundle()
+    r = lab.run("jobnet.sh", "allow")
+    assert r.returncode == 0, r.stderr
+    assert "GRIDX-JOBS -d 198.51.100.4/32 -p udp --dport 9000:9009 -j RETURN" in lab.rules()
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["allow", "10.0.0.1:5000"], 2, "allow-list: '10.0.0.1:5000': name the protocol"),
+    (["allow", "a", "b"], 2, "allow takes one argument"),
+    (["apply", "x"], 2, "apply takes no argument"),
+    (["open"], 2, "unknown action 'open'"),
+    ([], 2, "say what to do"),
+])
+def test_jobnet_bad_usage_is_exit_2_and_changes_nothing(lab, args, code, says):
+    lab.join()
+    rules, state, n = lab.rules(), (lab.state / "state.env").read_text(), len(lab.log())
+    r = lab.run("jobnet.sh", *args)
+    assert r.returncode == code and says in r.stderr, r.stderr
+    assert lab.rules() == rules and (lab.state / "state.env").read_text() == state and len(lab.log()) == n
+
+
+def test_jobnet_on_a_machine_not_joined_or_joined_by_an_older_join(lab):
+    r = lab.run("jobnet.sh", "apply")
+    assert r.returncode == 3 and "has not joined" in r.stderr
+    lab.join()
+    env = lab.state / "state.env"
+    env.write_text("".join(x + "\n" for x in env.read_text().splitlines() if not x.startswith("JOB_NET_DIR=")))
+    r = lab.run("jobnet.sh", "apply")
+    assert r.returncode == 3 and "kept no jobs' network" in r.stderr and "leave and join again" in r.stderr
+
+
+def test_a_tampered_allow_list_in_the_state_is_refused(lab):
+    lab.join()
+    env = lab.state / "state.env"
+    env.write_text(env.read_text().replace("JOB_ALLOW=''", "JOB_ALLOW='-j ACCEPT'"))
+    n = len(lab.log())
+    r = lab.run("jobnet.sh", "apply")
+    assert r.returncode == 3 and "JOB_ALLOW" in r.stderr, r.stderr
+    assert not [c for c in lab.log()[n:] if c.startswith(CHANGING)]
+
+
+def test_a_copy_of_the_scripts_others_could_write_is_refused(lab):
+    lab.join()
+    (lab.state / "jobnet" / "lib.sh").chmod(0o722)
+    r = lab.run("jobnet.sh", "apply")
+    assert r.returncode == 3 and "can be written by someone other than root" in r.stderr, r.stderr
+
+
+def test_without_ip6tables_the_ipv4_rules_still_hold(lab):
+    lab.fail("ip6tables")
+    lab.join()
+    assert lab.rules(only=JOB_CHAINS) == JOB_JUMPS4[::-1] + job_chains4()
+    assert lab.rules("ip6tables") == []
+    assert lab.run("leave.sh").returncode == 0
+    assert lab.rules() == [] and lab.chains() == []
+
+
+def test_rules_that_cannot_be_put_in_place_roll_the_join_back(lab):
+    lab.fail("iptables-restore")
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 1 and "jobs' network rules could not be put in place" in r.stderr, r.stderr
+    assert "rolled back" in r.stderr
+    assert lab.snapshot() == before and not lab.link_up() and lab.swarm_state() == "inactive"
+    assert lab.rules() == [] and lab.chains() == [] and lab.rules("ip6tables") == []
+    assert not lab.state.exists()
+
+
+def test_a_custom_default_bridge_is_refused(lab):
+    lab.with_python3()
+    lab.daemon_json.parent.mkdir(parents=True)
+    lab.daemon_json.write_text('{"bridge": "br-lan"}\n')
+    before = lab.snapshot()
+    r = lab.join(ok=False)
+    assert r.returncode == 3 and '"bridge": "br-lan"' in r.stderr, r.stderr
+    assert_nothing_changed(lab, before)
+
+
+def test_status_says_when_the_jobs_rules_are_gone(lab):
+    lab.join()
+    assert lab.run("status.sh").returncode == 0
+    (lab.fake / "iptables_rules").write_text("".join(
+        x + "\n" for x in lab.iptables_rules() if x != "DOCKER-USER -i docker0 -j GRIDX-JOBS"))
+    r = lab.run("status.sh", "--json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["jobs_network"] is False
+    assert any("jobs could reach this machine's networks" in p and "jobnet.sh apply" in p for p in doc["problems"])
+    assert lab.run("jobnet.sh", "apply").returncode == 0
+    assert json.loads(lab.run("status.sh", "--json").stdout)["jobs_network"] is True
+
+
+def test_jobnet_show_says_what_is_open(lab):
+    lab.settings["GRIDX_JOB_ALLOW"] = "203.0.113.7"
+    lab.write_bundle()
+    lab.join()
+    n = len(lab.log())
+    r = lab.run("jobnet.sh", "show")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["allow-list   203.0.113.7", "name servers 192.168.1.1"], r.stdout
+    assert "-A GRIDX-JOBS -d 203.0.113.7/32 -j RETURN" in lines
+    assert f"-A GRIDX-JOBS-HOST {REJECT4}" in lines and f"-A GRIDX-JOBS-HOST {REJECT6}" in lines
+    assert not [c for c in lab.log()[n:] if c.startswith(CHANGING)]

@@ -1,7 +1,7 @@
-"""Unit tests of Grid-X users (gridx.py's Users section): serve's allow-list,
-the client's forwarded command line and ssh argv, limits arithmetic, the
-authorized_keys line, the user bundle's files and modes, the hub config's
-users (no root, no Docker needed)."""
+"""Unit tests of Grid-X users (gridx.py's Accounts and Remote sections, and
+owners in Jobs): serve's allow-list, the client's forwarded command line and
+ssh argv, limits arithmetic, the authorized_keys line, the user bundle's
+files and modes, the hub config's users (no root, no Docker needed)."""
 
 import base64
 import json
@@ -11,67 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from fakes import GRIDX, KEY_A, KEY_B, KEY_C, W1, fake_hub, make_config, run_main, serve, ssh_key, tree
 
 import gridx
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRIDX = os.path.join(ROOT, "gridx.py")
-KEY_A = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
-KEY_B = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
-KEY_C = "kP3vHlO8VtG6zc5J2m2x0pW0cP2yU7ZkQ0m6n0bX0ls="
-
-
-def ssh_key(seed=1, kind="ssh-ed25519"):
-    """A well-formed OpenSSH public key line (the blob names its type)."""
-    raw = len(kind).to_bytes(4, "big") + kind.encode() + (32).to_bytes(4, "big") + bytes([seed]) * 32
-    return f"{kind} {base64.b64encode(raw).decode()}"
-
-
-def make_config(users=()):
-    config = gridx.HubConfig("gridx0", "203.0.113.7", 51820, "10.0.0.0/24", "10.0.0.1", KEY_A,
-                             "10.96.0.0/12", "2026-01-01T00:00:00Z", {})
-    config.peers["w1"] = gridx.Peer("w1", "10.0.0.2", KEY_B, True, "")
-    for i, (name, limits) in enumerate(users):
-        config.users[name] = gridx.User(name, f"10.0.0.{10 + i}", KEY_C if i == 0 else KEY_A[:-2] + "A=",
-                                        ssh_key(i + 1), limits, "")
-    return config
-
-
-@pytest.fixture
-def serve_env(tmp_path, monkeypatch):
-    """A hub's users.json for alice (2 GPUs, 8 CPUs at most), and every
-    program gridx would run recorded (and refused: a test that expects
-    nothing to run fails when something does)."""
-    home = tmp_path / "users"
-    home.mkdir()
-    (home / "users.json").write_text(json.dumps({"users": {"alice": {
-        "cpus": 8, "memory_mib": None, "gpus": 2, "jobs": None}}}))
-    monkeypatch.setenv("GRIDX_USERS_HOME", str(home))
-    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
-    calls = []
-
-    def recorded(argv, **kwargs):
-        calls.append(list(argv))
-        raise AssertionError(f"ran {argv}")
-
-    monkeypatch.setattr(subprocess, "run", recorded)
-    monkeypatch.setattr(subprocess, "Popen", recorded)
-    monkeypatch.setattr(gridx, "watch_session_end", lambda armed=False: None)
-    monkeypatch.setattr(gridx, "OWNER", None)
-    monkeypatch.setattr(gridx, "SERVE_LIMITS", None)
-    return calls
-
-
-def serve(monkeypatch, command):
-    if command is None:
-        monkeypatch.delenv("SSH_ORIGINAL_COMMAND", raising=False)
-    else:
-        monkeypatch.setenv("SSH_ORIGINAL_COMMAND", command)
-    try:
-        return gridx.main(["serve", "alice"])
-    except SystemExit as exited:
-        return exited.code
-
 
 # -- serve: the allow-list -------------------------------------------------------
 
@@ -326,6 +268,7 @@ def test_submit_past_a_limit_is_exit_2_before_docker_creates_anything(tmp_path, 
     home = tmp_path / "users"
     home.mkdir()
     (home / "users.json").write_text("{}")
+    (home / "users.lock").write_text("")
     monkeypatch.setenv("GRIDX_USERS_HOME", str(home))
     monkeypatch.setattr(gridx, "OWNER", "alice")
     monkeypatch.setattr(gridx, "SERVE_LIMITS", {"cpus": None, "memory_mib": None, "gpus": 1, "jobs": None})
@@ -429,7 +372,7 @@ def test_bad_ssh_keys_are_exit_2(value):
 def test_authorized_keys_and_limits_files(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "lib" / "users"))
     monkeypatch.setattr(gridx, "own_program", lambda: "/usr/local/bin/gridx")
-    config = make_config([("alice", {"gpus": 1}), ("bob", {})])
+    config = make_config(peers=W1, users=[("alice", {"gpus": 1}), ("bob", {})])
     config.user_defaults = {"cpus": 4}
     gridx.write_user_access(config)
     keys = (tmp_path / "lib" / "users" / ".ssh" / "authorized_keys").read_text().splitlines()
@@ -440,15 +383,16 @@ def test_authorized_keys_and_limits_files(tmp_path, monkeypatch):
     for path, mode in ((".ssh/authorized_keys", 0o644), ("users.json", 0o644), (".ssh", 0o755), ("", 0o755)):
         assert stat.S_IMODE(os.stat(tmp_path / "lib" / "users" / path).st_mode) == mode, path
     limits = json.loads((tmp_path / "lib" / "users" / "users.json").read_text())["users"]
-    assert limits == {"alice": {"cpus": 4, "memory_mib": None, "gpus": 1, "jobs": None},
-                      "bob": {"cpus": 4, "memory_mib": None, "gpus": None, "jobs": None}}
+    stored = {key: gridx.STORE_DEFAULTS[key] for key in gridx.STORE_LIMITS}  # what jobs put on the hub: bounded
+    assert limits == {"alice": {"cpus": 4, "memory_mib": None, "gpus": 1, "jobs": None, **stored},
+                      "bob": {"cpus": 4, "memory_mib": None, "gpus": None, "jobs": None, **stored}}
 
 
 # -- the hub config, addresses, the VPN and the firewall ---------------------------------
 
 def test_config_round_trip_with_users(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path))
-    config = make_config([("alice", {"gpus": 1, "cpus": None})])
+    config = make_config(peers=W1, users=[("alice", {"gpus": 1, "cpus": None})])
     config.user_defaults = {"jobs": 3}
     gridx.save_hub_config(config)
     loaded = gridx.load_hub_config()
@@ -466,7 +410,7 @@ def test_config_round_trip_with_users(tmp_path, monkeypatch):
 ])
 def test_damaged_users_are_one_clear_error(damage, tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path))
-    document = make_config([("alice", {})]).to_dict()
+    document = make_config(peers=W1, users=[("alice", {})]).to_dict()
     damage(document)
     (tmp_path / "hub_config.json").write_text(json.dumps(document))
     with pytest.raises(gridx.GridxError) as error:
@@ -475,7 +419,7 @@ def test_damaged_users_are_one_clear_error(damage, tmp_path, monkeypatch):
 
 
 def test_peers_and_users_share_the_subnet():
-    config = make_config([("alice", {})])  # w1 .2, alice .10
+    config = make_config(peers=W1, users=[("alice", {})])  # w1 .2, alice .10
     assert gridx.allocate_ip(config) == "10.0.0.3"
     config.users["bob"] = gridx.User("bob", "10.0.0.3", KEY_B, ssh_key(3))
     assert gridx.allocate_ip(config) == "10.0.0.4"
@@ -485,7 +429,7 @@ def test_peers_and_users_share_the_subnet():
 
 
 def test_names_and_keys_are_not_shared_by_peers_and_users():
-    config = make_config([("alice", {})])
+    config = make_config(peers=W1, users=[("alice", {})])
     for name, key in (("alice", None), ("w1", None), ("carol", KEY_B), ("carol", KEY_C)):
         with pytest.raises(gridx.GridxError) as error:
             gridx.refuse_taken_name(config, name, key)
@@ -494,7 +438,7 @@ def test_names_and_keys_are_not_shared_by_peers_and_users():
 
 
 def test_hub_wg_conf_has_users_and_user_conf_routes_the_hub_only():
-    config = make_config([("alice", {})])
+    config = make_config(peers=W1, users=[("alice", {})])
     hub_conf = gridx.render_hub_wg_conf(config, KEY_A)
     assert f"# user alice\n[Peer]\nPublicKey = {KEY_C}\nAllowedIPs = 10.0.0.10/32" in hub_conf
     user_conf = gridx.render_user_wg_conf(config, config.users["alice"], None)
@@ -503,7 +447,7 @@ def test_hub_wg_conf_has_users_and_user_conf_routes_the_hub_only():
 
 
 def test_firewall_lets_a_user_reach_the_hubs_ssh_only():
-    rules = gridx.firewall_rules(make_config([("alice", {})])).splitlines()
+    rules = gridx.firewall_rules(make_config(peers=W1, users=[("alice", {})])).splitlines()
     mine = [r for r in rules if "GRIDX-USERS" in r]
     assert mine == [
         ":GRIDX-USERS - [0:0]",
@@ -514,14 +458,14 @@ def test_firewall_lets_a_user_reach_the_hubs_ssh_only():
     ]
     # the users' chain comes before the rule that lets the VPN in
     assert rules.index("-A GRIDX-INPUT -j GRIDX-USERS") < rules.index("-A GRIDX-INPUT -i gridx0 -j RETURN")
-    assert "iptables -I FORWARD 1 -j GRIDX-USERS" in gridx.firewall_postup(make_config())
+    assert "iptables -I FORWARD 1 -j GRIDX-USERS" in gridx.firewall_postup(make_config(peers=W1))
 
 
 # -- the user bundle -----------------------------------------------------------------
 
 def test_user_bundle_files_and_modes(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_CONFIG_DIR", str(tmp_path / "cfg"))
-    config = make_config([("alice", {"gpus": 1})])
+    config = make_config(peers=W1, users=[("alice", {"gpus": 1})])
     user = config.users["alice"]
     files = gridx.user_bundle_files(config, user, KEY_B, "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n",
                                     "10.0.0.1 ssh-ed25519 AAAAhost")
@@ -544,7 +488,7 @@ def test_user_bundle_files_and_modes(tmp_path, monkeypatch):
 
 
 def test_user_bundle_with_the_users_own_keys_holds_no_private_key(tmp_path):
-    config = make_config([("alice", {})])
+    config = make_config(peers=W1, users=[("alice", {})])
     files = gridx.user_bundle_files(config, config.users["alice"], None, None, "10.0.0.1 ssh-ed25519 AAAA")
     assert "id_ed25519" not in files and "GRIDX_SSH_KEY" not in files["settings.env"][0]
     assert gridx.PRIVATE_KEY_PLACEHOLDER in files["gridx-user.conf"][0]
@@ -555,6 +499,8 @@ def test_user_bundle_with_the_users_own_keys_holds_no_private_key(tmp_path):
 @pytest.mark.parametrize("args", [
     ["hub", "add-user", "Alice"],
     ["hub", "add-user", "a/b"],
+    ["hub", "add-user", "alice\n"],
+    *[["hub", "add-user", name] for name in ("root", "gridx", "hub", "admin", "docker")],
     ["hub", "add-user", "alice", "--pubkey", "nope"],
     ["hub", "add-user", "alice", "--pubkey", 'command="sh" ' + ssh_key()],
     ["hub", "add-user", "alice", "--wg-pubkey", "short"],
@@ -574,3 +520,47 @@ def test_bad_input_is_exit_2_before_root_or_config(args, tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "cfg").exists() and not (tmp_path / "home").exists()
+
+
+# -- names: a member never reads as the admin, the hub or its accounts (issue 19) ----------
+
+
+def test_a_user_named_like_an_account_of_the_hub_is_refused_and_nothing_changes(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    before = tree(tmp_path / "cfg")
+    assert run_main(["hub", "add-user", "bin"]) == 2  # an account on this machine (Debian has bin)
+    assert "an account on the hub" in capsys.readouterr().err
+    assert tree(tmp_path / "cfg") == before
+    assert not [argv for argv in tools.calls if argv[:2] in (["wg", "set"], ["useradd", "--system"])]
+
+
+def test_a_reserved_name_never_logs_in(monkeypatch, serve_env, capsys):
+    """An older hub's user named root: serve refuses it, its key leaves authorized_keys."""
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "jobs delete adminjob")
+    assert run_main(["serve", "root"]) == 2 and serve_env == []
+    assert "reserved" in capsys.readouterr().err
+    config = make_config(peers=W1, users=[("root", {}), ("alice", {})])
+    keys = gridx.render_authorized_keys(config, "/usr/local/bin/gridx")
+    assert "serve alice" in keys and "serve root" not in keys
+
+
+def test_the_limit_check_locks_a_file_that_is_never_replaced(tmp_path, monkeypatch):
+    """users.json is replaced atomically by every add-user/set-user: two
+    submissions at once must lock the same file, users.lock (issue 19)."""
+    monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "users"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # no chown to root here
+    config = make_config(peers=W1, users=[("alice", {"gpus": 1})])
+    gridx.write_user_access(config)
+    lock = tmp_path / "users" / "users.lock"
+    inode = lock.stat().st_ino
+    gridx.write_user_access(config)
+    assert lock.stat().st_ino == inode and stat.S_IMODE(lock.stat().st_mode) == 0o644
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+    monkeypatch.setattr(gridx, "OWNER", "alice")
+    monkeypatch.setattr(gridx, "SERVE_LIMITS", {"cpus": None, "memory_mib": None, "gpus": 1, "jobs": None})
+    monkeypatch.setattr(gridx, "jobs_overview", lambda: ([], [], [], []))
+    with gridx.user_limits_checked(gridx.JobRequest("1", "1G", "1"), 1):
+        pass
+    assert opened == [str(lock)]

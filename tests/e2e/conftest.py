@@ -6,16 +6,17 @@ and fast when the lab is already up) and skips, with the reason, when Docker
 cannot run on this machine (fails instead with GRIDX_E2E_REQUIRED=1, as
 ``make test`` and ``make e2e`` set it: CI must not pass with nothing run).
 
-Helpers (plain functions, import them or use the ``lab`` fixture's methods):
-    hub(*args)             ``gridx ARGS`` in the hub container
-    node_exec(node, cmd)   a command in a node container (str: ``sh -c``)
-    test_sh(*args)         ``./test.sh ARGS`` on the host
-All return ``subprocess.CompletedProcess`` with text stdout/stderr and never
-raise on a non-zero exit status (pass ``check=True`` for that).
+Helpers (plain functions and the lab's names) are in e2e_helpers.py: tests
+import them from there (pytest advises against importing conftest). The
+``lab`` fixture's object carries the main ones too: hub(*args), node_exec(node,
+cmd), test_sh(*args), all returning ``subprocess.CompletedProcess`` with text
+stdout/stderr and never raising on a non-zero exit (pass ``check=True``).
 
 Fixture ``fresh_node``: a worker-like container (gridx-lab-fresh, hostname
 fresh, 172.29.240.20) that took no part in ``setup``, for bundle tests such as
-``add-external``; removed after the test.
+``add-external``; removed after the test. Fixture ``user_node`` (per module):
+a member's machine (gridx-lab-user, no docker, no Python, dist/gridx) with
+the users e2e-alice and e2e-bob set up from their bundles.
 
 Environment:
     GRIDX_LAB_KEEP   1 (default): leave the lab running after the session, so
@@ -29,96 +30,47 @@ Environment:
                      (Docker 28.5), as test.sh.
 """
 
+import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-E2E_DIR = Path(__file__).resolve().parent
-TEST_SH = ROOT / "test.sh"
-NETWORK = os.environ.get("GRIDX_LAB_NAME") or "gridx-lab"
-LAB_NET = os.environ.get("GRIDX_LAB_NET") or "172.29.240"
-PREFIX = NETWORK + "-"
-HUB = PREFIX + "hub"
-WORKERS = ("worker1", "worker2", "worker3")
-HUB_IP = LAB_NET + ".10"
-FRESH_IP = LAB_NET + ".20"
-# The Debian suite the lab's nodes run (test.sh: GRIDX_LAB_SUITE), and its image.
-SUITE = os.environ.get("GRIDX_LAB_SUITE") or "bookworm"
-NODE_IMAGE = "gridx-lab-node:" + SUITE
-# The capability settings of docker-compose.yml, for containers made here.
-NODE_RUN_FLAGS = [
-    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
-    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-    "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
-    "--label", "io.gridx.lab.name=" + NETWORK, "--label", "io.gridx.lab.suite=" + SUITE,
-]
-START_TIMEOUT = 1800  # from nothing: debootstrap + builds, on 2 slow cores
-SETUP_TIMEOUT = 900
+from e2e_helpers import (
+    ALICE,
+    BINARY,
+    BOB,
+    E2E_DIR,
+    FRESH_IP,
+    HUB,
+    HUB_IP,
+    NETWORK,
+    NODE_IMAGE,
+    NODE_RUN_FLAGS,
+    SETUP_TIMEOUT,
+    START_TIMEOUT,
+    SUITE,
+    TEST_SH,
+    USER_NODE,
+    USER_NODE_IP,
+    WORKERS,
+    _run,
+    carry_bundle,
+    container,
+    docker_unavailable_reason,
+    hub,
+    node_exec,
+    ok,
+    test_sh,
+    wait_until,
+)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if E2E_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-
-def _run(argv, timeout=300, check=False, input=None):
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(argv)} exited {proc.returncode}\n"
-            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-def container(node):
-    """hub / worker1 / fresh ... -> the container name (gridx-lab-...)."""
-    return node if node.startswith(PREFIX) else PREFIX + node
-
-
-def hub(*args, timeout=300, check=False, input=None):
-    """Run ``gridx ARGS`` in the hub (the checkout's gridx.py, mounted)."""
-    return _run(["docker", "exec", "-i", HUB, "gridx", *map(str, args)],
-                timeout=timeout, check=check, input=input)
-
-
-def node_exec(node, cmd, timeout=300, check=False, input=None):
-    """Run CMD in a node: a list as argv, a string under ``sh -c``."""
-    argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
-    return _run(["docker", "exec", "-i", container(node), *argv],
-                timeout=timeout, check=check, input=input)
-
-
-def test_sh(*args, timeout=600, check=False):
-    """Run ``./test.sh ARGS`` on the host."""
-    return _run([str(TEST_SH), *map(str, args)], timeout=timeout, check=check)
-
-
-test_sh.__test__ = False  # a helper, not a test for pytest to collect
-
-
-def docker_unavailable_reason():
-    if shutil.which("docker") is None:
-        return "Docker is not installed (scripts/install-deps.sh lab)"
-    try:
-        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "docker info did not answer within 30 s"
-    if info.returncode != 0:
-        return "Docker is not running here: " + (info.stderr.strip().splitlines() or ["docker info failed"])[-1]
-    if shutil.which("docker-compose") is None and _run(["docker", "compose", "version"]).returncode != 0:
-        return "neither docker compose nor docker-compose is installed"
-    return None
 
 
 class Lab:
@@ -193,3 +145,37 @@ def fresh_node(lab):
         time.sleep(0.5)
     yield name
     _run(["docker", "rm", "-f", "-v", cname])
+
+
+@pytest.fixture(scope="module")
+def user_node(lab):
+    if not os.path.isfile(BINARY):
+        pytest.fail(f"{BINARY} is missing: the user container runs the static binary; build it: make binary",
+                    pytrace=False)
+    for name in (ALICE, BOB):
+        hub("hub", "remove-user", name, "--stop-jobs")
+    cname = container(USER_NODE)
+    subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
+    ok(subprocess.run(["docker", "run", "-d", "--name", cname, "--hostname", USER_NODE, "--network", NETWORK,
+                       "--ip", USER_NODE_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE],
+                      capture_output=True, text=True), "docker run the user container")
+    try:
+        wait_until(lambda: node_exec(USER_NODE, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 90,
+                   "the user container")
+        # a person's machine: no docker CLI, no Python
+        ok(node_exec(USER_NODE, "rm -f /usr/bin/docker /usr/bin/dockerd"), "remove docker")
+        assert node_exec(USER_NODE, "command -v docker || command -v python3 || command -v python").returncode != 0
+        ok(subprocess.run(["docker", "cp", BINARY, f"{cname}:/usr/local/bin/gridx"], capture_output=True, text=True),
+           "copy the binary")
+        added = json.loads(ok(hub("hub", "add-user", ALICE, "--max-gpus", "1", "--json"), "add-user alice"))
+        carry_bundle(ALICE)
+        # bob brings his own SSH key: the hub never has its private half
+        ok(node_exec(USER_NODE, f"ssh-keygen -q -t ed25519 -N '' -C bob@laptop -f /root/.ssh/gridx-{BOB}"), "keygen")
+        pub = ok(node_exec(USER_NODE, f"cat /root/.ssh/gridx-{BOB}.pub"), "bob's key").strip()
+        ok(hub("hub", "add-user", BOB, "--pubkey", pub), "add-user bob --pubkey")
+        carry_bundle(BOB)
+        yield {"alice": added}
+    finally:
+        for name in (ALICE, BOB):
+            hub("hub", "remove-user", name, "--stop-jobs")
+        subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)

@@ -1,8 +1,12 @@
-"""Helpers shared by test_hub.py, test_lab.py and test_workers.py.
+"""Helpers of the end-to-end tests (plain functions and names: tests import
+them from here; the fixtures that use them are in conftest.py).
 
-What a worker-like node looks like (``machine_state``), adding a peer and
-carrying its bundle to a node, joining through a real terminal (a pty on the
-host driving ``docker exec -it``), and waiting for a condition.
+The lab's names (containers, network, suite), running things in it
+(``hub``, ``node_exec``, ``test_sh``), what a worker-like node looks like
+(``machine_state``), adding a peer and carrying its bundle to a node,
+joining through a real terminal (a pty on the host driving ``docker exec
+-it``), waiting for a condition, and a member's machine (the user container:
+its bundle, ``as_user``, ``ssh_as``).
 """
 
 import json
@@ -11,11 +15,85 @@ import pty
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
-from conftest import HUB, LAB_NET, container, hub, node_exec
+ROOT = Path(__file__).resolve().parents[2]
+E2E_DIR = Path(__file__).resolve().parent
+TEST_SH = ROOT / "test.sh"
+NETWORK = os.environ.get("GRIDX_LAB_NAME") or "gridx-lab"
+LAB_NET = os.environ.get("GRIDX_LAB_NET") or "172.29.240"
+PREFIX = NETWORK + "-"
+HUB = PREFIX + "hub"
+WORKERS = ("worker1", "worker2", "worker3")
+HUB_IP = LAB_NET + ".10"
+FRESH_IP = LAB_NET + ".20"
+# The Debian suite the lab's nodes run (test.sh: GRIDX_LAB_SUITE), and its image.
+SUITE = os.environ.get("GRIDX_LAB_SUITE") or "bookworm"
+NODE_IMAGE = "gridx-lab-node:" + SUITE
+# The capability settings of docker-compose.yml, for containers made here.
+NODE_RUN_FLAGS = [
+    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+    "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
+    "--label", "io.gridx.lab.name=" + NETWORK, "--label", "io.gridx.lab.suite=" + SUITE,
+]
+START_TIMEOUT = 1800  # from nothing: debootstrap + builds, on 2 slow cores
+SETUP_TIMEOUT = 900
+
+
+def _run(argv, timeout=300, check=False, input=None):
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def container(node):
+    """hub / worker1 / fresh ... -> the container name (gridx-lab-...)."""
+    return node if node.startswith(PREFIX) else PREFIX + node
+
+
+def hub(*args, timeout=300, check=False, input=None):
+    """Run ``gridx ARGS`` in the hub (the checkout's gridx.py, mounted)."""
+    return _run(["docker", "exec", "-i", HUB, "gridx", *map(str, args)],
+                timeout=timeout, check=check, input=input)
+
+
+def node_exec(node, cmd, timeout=300, check=False, input=None):
+    """Run CMD in a node: a list as argv, a string under ``sh -c``."""
+    argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+    return _run(["docker", "exec", "-i", container(node), *argv],
+                timeout=timeout, check=check, input=input)
+
+
+def test_sh(*args, timeout=600, check=False):
+    """Run ``./test.sh ARGS`` on the host."""
+    return _run([str(TEST_SH), *map(str, args)], timeout=timeout, check=check)
+
+
+test_sh.__test__ = False  # a helper, not a test for pytest to collect
+
+
+def docker_unavailable_reason():
+    if shutil.which("docker") is None:
+        return "Docker is not installed (scripts/install-deps.sh lab)"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "docker info did not answer within 30 s"
+    if info.returncode != 0:
+        return "Docker is not running here: " + (info.stderr.strip().splitlines() or ["docker info failed"])[-1]
+    if shutil.which("docker-compose") is None and _run(["docker", "compose", "version"]).returncode != 0:
+        return "neither docker compose nor docker-compose is installed"
+    return None
+
 
 VPN_SUBNET_PREFIX = "10.0.0."
 HUB_VPN_IP = "10.0.0.1"
@@ -65,6 +143,7 @@ def machine_state(node):
         echo swarm=$(docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown)
         iptables -S DOCKER-USER 2>/dev/null | grep -q 'comment gridx' && echo fwrule=yes || echo fwrule=no
         iptables -S GRIDX-WORKER >/dev/null 2>&1 && echo fwchain=yes || echo fwchain=no
+        iptables -S GRIDX-JOBS >/dev/null 2>&1 && echo jobchain=yes || echo jobchain=no
         docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' | grep -q name=userns \
             && echo remapped=yes || echo remapped=no
         getent passwd dockremap >/dev/null && echo dockremap=yes || echo dockremap=no
@@ -80,7 +159,7 @@ def machine_state(node):
 def unjoined(state_before):
     """What machine_state must say on a node that is not (or no longer) joined."""
     return {**state_before, "link": "no", "wgconf": "no", "statedir": "no", "swarm": "inactive", "fwrule": "no",
-            "fwchain": "no", "remapped": "no"}
+            "fwchain": "no", "jobchain": "no", "remapped": "no"}
 
 
 def contained(node):
@@ -283,3 +362,52 @@ class Terminal:
 def terminal_in(node, shell_command):
     """``docker exec -it NODE bash -c CMD`` on a pty of this host."""
     return Terminal(["docker", "exec", "-it", container(node), "bash", "-c", shell_command])
+
+
+# -- a member's machine: the user container ------------------------------------
+
+BINARY = os.environ.get("GRIDX_BINARY") or str(ROOT / "dist" / "gridx")
+USER_NODE, USER_NODE_IP = "user", LAB_NET + ".23"
+ALICE, BOB = "e2e-alice", "e2e-bob"
+MANAGER = "gridx@10.0.0.1"
+
+
+def settings(name):
+    """The shell prefix that loads a user bundle's settings (its README's step 3)."""
+    return f"set -a; . /root/gridx-{name}-user/settings.env; set +a; "
+
+
+def as_user(cmd, name=ALICE, timeout=300):
+    return node_exec(USER_NODE, ["bash", "-c", settings(name) + cmd], timeout=timeout)
+
+
+def ssh_as(name, *args, options=(), timeout=60):
+    """Plain ssh to the gridx account with NAME's key (no gridx on the way)."""
+    key = f"/root/.ssh/gridx-{name}"
+    argv = ["ssh", "-o", "BatchMode=yes", "-i", key, "-o", "IdentitiesOnly=yes", *options, MANAGER, *args]
+    return node_exec(USER_NODE, argv, timeout=timeout)
+
+
+def hub_sh(cmd, timeout=120):
+    return node_exec("hub", ["sh", "-c", cmd], timeout=timeout)
+
+
+def serve_pids(name):
+    out = hub_sh(f"pgrep -u gridx -f 'serve {name}$' || true").stdout
+    return [int(pid) for pid in out.split()]
+
+
+def carry_bundle(name):
+    """The user bundle from the hub into the user container, then its
+    README's steps: the VPN (alice only: one tunnel per container), the
+    hub's host key, the SSH key (when the hub made it)."""
+    tar = subprocess.run(["docker", "exec", HUB, "tar", "-C", "/etc/gridx/bundles", "-cf", "-",
+                          f"gridx-{name}-user"], capture_output=True, check=True).stdout
+    subprocess.run(["docker", "exec", "-i", container(USER_NODE), "tar", "-C", "/root", "-xf", "-"],
+                   input=tar, check=True)
+    steps = f"cd /root/gridx-{name}-user && install -d -m 700 ~/.ssh && cat known_hosts >> ~/.ssh/known_hosts"
+    if name == ALICE:
+        steps += (" && install -m 600 gridx-user.conf /etc/wireguard/gridx-user.conf"
+                  " && wg-quick up gridx-user >/dev/null 2>&1")
+    steps += f" && if [ -e id_ed25519 ]; then install -m 600 id_ed25519 ~/.ssh/gridx-{name}; fi"
+    ok(node_exec(USER_NODE, ["bash", "-c", steps]), f"set up {name} from the bundle")

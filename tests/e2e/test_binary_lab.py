@@ -22,7 +22,7 @@ import time
 
 import conftest
 import pytest
-from conftest import NETWORK, NODE_IMAGE, NODE_RUN_FLAGS, ROOT, container, node_exec
+from e2e_helpers import NETWORK, NODE_IMAGE, NODE_RUN_FLAGS, ROOT, container, node_exec
 
 BINARY = os.environ.get("GRIDX_BINARY") or str(ROOT / "dist" / "gridx")
 LAB_NET = conftest.HUB_IP.rsplit(".", 1)[0]

@@ -16,8 +16,7 @@
 import json
 
 import pytest
-from conftest import WORKERS, hub, node_exec
-from e2e_helpers import ok, wait_until
+from e2e_helpers import WORKERS, hub, node_exec, ok, wait_until
 
 ESCAPE_SERVICE = "gridx-e2e-escape"
 TARGET = "worker2"

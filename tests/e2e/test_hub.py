@@ -10,14 +10,18 @@ import subprocess
 import time
 
 import pytest
-from conftest import HUB, HUB_IP, WORKERS, hub, node_exec
 from e2e_helpers import (
+    HUB,
+    HUB_IP,
     HUB_VPN_IP,
     WORKER_BRIDGE_IPS,
+    WORKERS,
     add_peer,
     copy_bundle,
+    hub,
     hub_json,
     machine_state,
+    node_exec,
     ok,
     peer_row,
     remove_peer_quietly,

@@ -14,8 +14,7 @@ import os
 import re
 import subprocess
 
-from conftest import ROOT, container, node_exec
-from e2e_helpers import ok, sudo_path_as_forky
+from e2e_helpers import ROOT, container, node_exec, ok, sudo_path_as_forky
 
 BINARY = os.environ.get("GRIDX_BINARY") or str(ROOT / "dist" / "gridx")
 STAND_IN = '#!/bin/sh\necho "gridx stand-in (no dist/gridx) $*"\n'

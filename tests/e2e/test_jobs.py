@@ -17,8 +17,20 @@ import subprocess
 import time
 
 import pytest
-from conftest import HUB, WORKERS, container, hub, node_exec, test_sh
-from e2e_helpers import HUB_VPN_IP, WORKER_BRIDGE_IPS, hub_json, ok, start_stopped_worker, wait_until
+from e2e_helpers import (
+    HUB,
+    HUB_VPN_IP,
+    WORKER_BRIDGE_IPS,
+    WORKERS,
+    container,
+    hub,
+    hub_json,
+    node_exec,
+    ok,
+    start_stopped_worker,
+    test_sh,
+    wait_until,
+)
 
 SEED_OUTPUT = str(2**100)
 FAKE_GPUS = {"GPU-fake-0000", "GPU-fake-0001"}
@@ -209,6 +221,26 @@ def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
 # ---------------------------------------------------------------------------
 
 TRAIN_SCRIPT = 'import sys\nprint("trained", sys.argv[0], sum(range(101)))\n'
+# The lab's web server on the hub's VPN address stands in for the internet a
+# real script's URL is on. Jobs reach no VPN address unless the hub's admin
+# opens it for all jobs (issue 19): this test opens it on every worker as the
+# hub would, over its SSH (jobnet.sh allow), and puts each list back after.
+JOBNET = "/var/lib/gridx/jobnet/jobnet.sh"
+
+
+def job_allow_lists():
+    """Each lab worker's allow-list (the workers joined by a join.sh that keeps one)."""
+    lists = {}
+    for worker in WORKERS:
+        proc = node_exec(worker, f'test -x {JOBNET} && . /var/lib/gridx/state.env && printf "%s" "$JOB_ALLOW"')
+        if proc.returncode == 0:
+            lists[worker] = proc.stdout
+    return lists
+
+
+def set_job_allow_lists(lists):
+    for worker, value in lists.items():
+        ok(hub("hub", "ssh", worker, "--", JOBNET, "allow", value), f"jobnet.sh allow on {worker}")
 
 
 def test_train_from_a_local_file_and_from_a_url(jobs):
@@ -223,13 +255,16 @@ def test_train_from_a_local_file_and_from_a_url(jobs):
     server = subprocess.Popen(["docker", "exec", HUB, "python3", "-m",
                                "http.server", "8099", "--bind", HUB_VPN_IP, "--directory", "/tmp/gridx-e2e-www"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    allowed = job_allow_lists()
     try:
+        set_job_allow_lists({w: f"{value} {HUB_VPN_IP}/32:tcp/8099".strip() for w, value in allowed.items()})
         wait_until(lambda: http_get(f"http://{HUB_VPN_IP}:8099/train.py") == 200, 30, "the lab's web server")
         proc = hub("jobs", "train", f"http://{HUB_VPN_IP}:8099/train.py", "--framework", "tensorflow",
                    "--image", "python:3.11", "--name", "train-url", "--wait")
         assert proc.returncode == 0 and "trained /tmp/gridx-train.py 5050" in proc.stdout, proc.stdout + proc.stderr
         assert "trained /tmp/gridx-train.py 5050" in ok(hub("jobs", "logs", "train-url"), "logs train-url")
     finally:
+        set_job_allow_lists(allowed)
         in_hub("pkill -f 'http.server 8099'")
         server.wait(timeout=30)
     # Deleting both at once takes the local script's config too: a config

@@ -11,16 +11,23 @@ import subprocess
 import tarfile
 
 import pytest
-from conftest import LAB_NET, NETWORK, ROOT, TEST_SH, WORKERS, container, node_exec, test_sh
 from e2e_helpers import (
+    LAB_NET,
+    NETWORK,
+    ROOT,
+    TEST_SH,
+    WORKERS,
     add_peer,
+    container,
     copy_bundle,
     machine_state,
+    node_exec,
     ok,
     peer_row,
     prepare_machine,
     remove_peer_quietly,
     terminal_in,
+    test_sh,
     unjoined,
     wait_hub_healthy,
     wait_peer_ready,

@@ -14,12 +14,12 @@ output is left on the worker; delete removes the results unless
 """
 
 import json
+import re
 import shlex
 import subprocess
 
 import pytest
-from conftest import container, hub, node_exec
-from e2e_helpers import HUB_VPN_IP, hub_json, ok, start_stopped_worker, wait_until
+from e2e_helpers import HUB_VPN_IP, container, hub, hub_json, node_exec, ok, start_stopped_worker, wait_until
 
 WORK = "/root/e2e-work"  # the submitter's folder, on the hub
 SUBMIT = "/root/e2e-submit"  # where the submitter runs gridx (results land in ./JOB)
@@ -84,11 +84,17 @@ def test_a_workdir_job_reads_its_folder_and_its_result_comes_back_with_wait(work
     assert only_task(status["results"])["state"] == "collected", status
     assert status["results"]["bytes"] == 50000000 + 65
     spec = json.loads(ok(in_hub(f"docker service inspect {job}"), "inspect"))[0]["Spec"]
-    assert spec["TaskTemplate"]["ContainerSpec"]["Image"] == f"{HUB_VPN_IP}:5000/gridx/work:{job}"
+    # the layer: under a tag no one can guess, run by its digest (issue 19)
+    assert re.fullmatch(rf"{HUB_VPN_IP}:5000/gridx/work:{job}-[0-9a-f]{{32}}@sha256:[0-9a-f]{{64}}",
+                        spec["TaskTemplate"]["ContainerSpec"]["Image"]), spec["TaskTemplate"]["ContainerSpec"]
     assert "engine.labels.gridx.hub-ssh!=no" in spec["TaskTemplate"]["Placement"]["Constraints"]
     # the results never overwrite: the same destination again is exit 2
     again = gridx_in(SUBMIT, "jobs", "results", job)
     assert again.returncode == 2 and "not an empty folder" in again.stderr, again.stderr
+
+
+def service_id(job):
+    return ok(in_hub(f"docker service inspect --format '{{{{.ID}}}}' {job}"), "service ID").strip()
 
 
 def test_the_same_through_manager_root_at_the_hub(work):
@@ -143,9 +149,12 @@ def test_watch_collects_a_job_without_wait_so_its_results_outlive_the_worker(wor
     work["jobs"].append(job)
     ok(hub("jobs", "run", "--output", "/tmp/out", "--name", job, "python:3.11",
            "mkdir -p /tmp/out && echo watched > /tmp/out/r.txt"), "jobs run (no --wait)")
-    # no gridx command here collects: only the record watch writes is looked at
-    wait_until(lambda: in_hub(f"test -e {RESULTS}/{job}.json").returncode == 0, 60, "hub watch to collect it")
-    record = json.loads(ok(in_hub(f"cat {RESULTS}/{job}.json"), "record"))
+    # no gridx command here collects: only the record watch writes is looked at (filed by service ID)
+    key = service_id(job)
+    wait_until(lambda: in_hub(f"grep -q '\"state\"' {RESULTS}/{key}.json").returncode == 0, 60,
+               "hub watch to collect it")
+    record = json.loads(ok(in_hub(f"cat {RESULTS}/{key}.json"), "record"))
+    assert (record["job"], record["service"], record["owner"]) == (job, key, "root")
     node = only_task(record)["node"]
     assert only_task(record)["state"] == "collected", record
     ok(subprocess.run(["docker", "stop", "-t", "2", container(node)], capture_output=True, text=True,
@@ -179,7 +188,7 @@ def test_delete_removes_results_unless_kept(work):
     for job in (kept, gone):
         ok(gridx_in(SUBMIT, "jobs", "run", "--output", "/tmp/out", "--name", job, "--wait", "python:3.11",
                     "mkdir -p /tmp/out && echo $HOSTNAME > /tmp/out/host"), f"jobs run {job}")
-    where = {}
+    where, keys = {}, {job: service_id(job) for job in (kept, gone)}
     for job in (kept, gone):  # the ended container, with the output in it, on its worker
         task = ok(in_hub(f"docker service ps -q --no-trunc {job}"), "task").split()[0]
         found = ok(in_hub("docker inspect --format '{{.Status.ContainerStatus.ContainerID}} {{.NodeID}}' " + task),
@@ -188,10 +197,16 @@ def test_delete_removes_results_unless_kept(work):
         where[job] = (node, found[0])
     ok(hub("jobs", "delete", gone), "delete")
     ok(hub("jobs", "delete", "--keep-results", kept), "delete --keep-results")
-    assert in_hub(f"test -e {RESULTS}/{gone} || test -e {RESULTS}/{gone}.json").returncode != 0
+    assert in_hub(f"test -e {RESULTS}/{keys[gone]} || test -e {RESULTS}/{keys[gone]}.json").returncode != 0
+    # the kept ones hold their name (issue 19): no new job takes it until they are deleted
+    taken = hub("jobs", "run", "--name", kept, "python:3.11", "true")
+    assert taken.returncode == 2 and "are kept on the hub" in taken.stderr, taken.stderr
     for job, (node, container_id) in where.items():  # Docker 20.10 alone keeps them after service rm
         assert container_id not in ok(node_exec(node, "docker ps -a -q --no-trunc"), "containers"), (job, node)
     ok(gridx_in(SUBMIT, "jobs", "results", kept, f"{SUBMIT}/kept-again"), "results of a deleted job, kept")
     assert in_hub(f"test -s {SUBMIT}/kept-again/host").returncode == 0
     ok(hub("jobs", "results", kept, "--delete"), "results --delete")
     assert hub("jobs", "results", kept).returncode == 2
+    assert in_hub(f"test -e {RESULTS}/{keys[kept]}.json").returncode != 0
+    ok(hub("jobs", "run", "--name", kept, "--wait", "python:3.11", "true"), "the name is free again")
+    ok(hub("jobs", "delete", kept), "delete it")

@@ -14,95 +14,28 @@ is refused and the VPN peer is gone within a second.
 """
 
 import json
-import os
 import re
 import shlex
 import subprocess
 import time
 
 import pytest
-from conftest import HUB, LAB_NET, NETWORK, NODE_IMAGE, NODE_RUN_FLAGS, ROOT, container, hub, node_exec
-from e2e_helpers import ok, wait_until
-
-BINARY = os.environ.get("GRIDX_BINARY") or str(ROOT / "dist" / "gridx")
-USER_NODE, USER_NODE_IP = "user", LAB_NET + ".23"
-ALICE, BOB = "e2e-alice", "e2e-bob"
-MANAGER = "gridx@10.0.0.1"
-
-
-def settings(name):
-    """The shell prefix that loads a user bundle's settings (its README's step 3)."""
-    return f"set -a; . /root/gridx-{name}-user/settings.env; set +a; "
-
-
-def as_user(cmd, name=ALICE, timeout=300):
-    return node_exec(USER_NODE, ["bash", "-c", settings(name) + cmd], timeout=timeout)
-
-
-def ssh_as(name, *args, options=(), timeout=60):
-    """Plain ssh to the gridx account with NAME's key (no gridx on the way)."""
-    key = f"/root/.ssh/gridx-{name}"
-    argv = ["ssh", "-o", "BatchMode=yes", "-i", key, "-o", "IdentitiesOnly=yes", *options, MANAGER, *args]
-    return node_exec(USER_NODE, argv, timeout=timeout)
-
-
-def hub_sh(cmd, timeout=120):
-    return node_exec("hub", ["sh", "-c", cmd], timeout=timeout)
-
-
-def serve_pids(name):
-    out = hub_sh(f"pgrep -u gridx -f 'serve {name}$' || true").stdout
-    return [int(pid) for pid in out.split()]
-
-
-def carry_bundle(name):
-    """The user bundle from the hub into the user container, then its
-    README's steps: the VPN (alice only: one tunnel per container), the
-    hub's host key, the SSH key (when the hub made it)."""
-    tar = subprocess.run(["docker", "exec", HUB, "tar", "-C", "/etc/gridx/bundles", "-cf", "-",
-                          f"gridx-{name}-user"], capture_output=True, check=True).stdout
-    subprocess.run(["docker", "exec", "-i", container(USER_NODE), "tar", "-C", "/root", "-xf", "-"],
-                   input=tar, check=True)
-    steps = f"cd /root/gridx-{name}-user && install -d -m 700 ~/.ssh && cat known_hosts >> ~/.ssh/known_hosts"
-    if name == ALICE:
-        steps += (" && install -m 600 gridx-user.conf /etc/wireguard/gridx-user.conf"
-                  " && wg-quick up gridx-user >/dev/null 2>&1")
-    steps += f" && if [ -e id_ed25519 ]; then install -m 600 id_ed25519 ~/.ssh/gridx-{name}; fi"
-    ok(node_exec(USER_NODE, ["bash", "-c", steps]), f"set up {name} from the bundle")
-
-
-@pytest.fixture(scope="module")
-def user_node(lab):
-    if not os.path.isfile(BINARY):
-        pytest.fail(f"{BINARY} is missing: the user container runs the static binary; build it: make binary",
-                    pytrace=False)
-    for name in (ALICE, BOB):
-        hub("hub", "remove-user", name, "--stop-jobs")
-    cname = container(USER_NODE)
-    subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
-    ok(subprocess.run(["docker", "run", "-d", "--name", cname, "--hostname", USER_NODE, "--network", NETWORK,
-                       "--ip", USER_NODE_IP, "-v", "/var/lib/docker", *NODE_RUN_FLAGS, NODE_IMAGE],
-                      capture_output=True, text=True), "docker run the user container")
-    try:
-        wait_until(lambda: node_exec(USER_NODE, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 90,
-                   "the user container")
-        # a person's machine: no docker CLI, no Python
-        ok(node_exec(USER_NODE, "rm -f /usr/bin/docker /usr/bin/dockerd"), "remove docker")
-        assert node_exec(USER_NODE, "command -v docker || command -v python3 || command -v python").returncode != 0
-        ok(subprocess.run(["docker", "cp", BINARY, f"{cname}:/usr/local/bin/gridx"], capture_output=True, text=True),
-           "copy the binary")
-        added = json.loads(ok(hub("hub", "add-user", ALICE, "--max-gpus", "1", "--json"), "add-user alice"))
-        carry_bundle(ALICE)
-        # bob brings his own SSH key: the hub never has its private half
-        ok(node_exec(USER_NODE, f"ssh-keygen -q -t ed25519 -N '' -C bob@laptop -f /root/.ssh/gridx-{BOB}"), "keygen")
-        pub = ok(node_exec(USER_NODE, f"cat /root/.ssh/gridx-{BOB}.pub"), "bob's key").strip()
-        ok(hub("hub", "add-user", BOB, "--pubkey", pub), "add-user bob --pubkey")
-        carry_bundle(BOB)
-        yield {"alice": added}
-    finally:
-        for name in (ALICE, BOB):
-            hub("hub", "remove-user", name, "--stop-jobs")
-        subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
+from e2e_helpers import (
+    ALICE,
+    BOB,
+    MANAGER,
+    USER_NODE,
+    as_user,
+    container,
+    hub,
+    hub_sh,
+    node_exec,
+    ok,
+    serve_pids,
+    settings,
+    ssh_as,
+    wait_until,
+)
 
 
 def test_user_bundle_holds_what_the_readme_says(user_node):
@@ -210,9 +143,11 @@ def test_a_users_work_folder_goes_in_and_the_result_comes_back(user_node):
         assert theirs.returncode == 2 and f"is {ALICE}'s" in theirs.stderr, theirs.stderr
         into_hub = ssh_as(ALICE, f"jobs results {job} /root/gridx-pwned")
         assert into_hub.returncode == 2 and hub_sh("test -e /root/gridx-pwned").returncode != 0
-        # her delete (serve, as the gridx account) takes the results on the hub too
+        # her delete (serve, as the gridx account) takes the results on the hub too (filed by service ID)
+        key = ok(hub_sh(f"docker service inspect --format '{{{{.ID}}}}' {job}"), "service ID").strip()
+        assert hub_sh(f"test -e /var/lib/gridx/results/{key}.json").returncode == 0
         ok(as_user(f"gridx jobs delete {job}"), "alice deletes her job")
-        assert hub_sh(f"ls -A /var/lib/gridx/results | grep -c {job} || true").stdout.strip() == "0"
+        assert hub_sh(f"ls -A /var/lib/gridx/results | grep -c {key} || true").stdout.strip() == "0"
     finally:
         hub("jobs", "delete", job)
 

@@ -12,17 +12,19 @@ import os
 import time
 
 import pytest
-from conftest import WORKERS, hub, node_exec
 from e2e_helpers import (
     HUB_VPN_IP,
     OTHER_KEY_LINE,
     WORKER_BRIDGE_IPS,
+    WORKERS,
     add_peer,
     cluster_node,
     contained,
     copy_bundle,
+    hub,
     install_jq,
     machine_state,
+    node_exec,
     ok,
     peer_row,
     prepare_machine,
@@ -69,7 +71,8 @@ def test_lab_workers_share_exactly_what_their_flags_said(lab):
         state = ok(node_exec(worker, "cat /var/lib/gridx/state.env"), "state.env")
         assert f"SHARED_CPUS='{cpus}'" in state and "SHARED_MEMORY_MIB='4096'" in state, state
         assert contained(worker), f"{worker}: Docker is not remapped with no-new-privileges"
-        assert machine_state(worker)["fwchain"] == "yes"
+        machine = machine_state(worker)
+        assert machine["fwchain"] == "yes" and machine["jobchain"] == "yes", machine
 
 
 def test_jobs_run_on_remapped_workers_and_their_root_is_not_the_machines(lab):

@@ -1,0 +1,295 @@
+"""Fakes the unit tests share: the keys, one hub configuration, Docker's
+output and every program gridx runs (FakeTools, fake_hub), and the ways to
+run gridx (main in-process, or gridx.py as a process). Fixtures built on
+them are in conftest.py; pytest advises against importing conftest, so
+tests import from here."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import gridx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIDX = os.path.join(ROOT, "gridx.py")
+KEY_A = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+KEY_B = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+KEY_C = "kP3vHlO8VtG6zc5J2m2x0pW0cP2yU7ZkQ0m6n0bX0ls="
+W1 = [("w1", "10.0.0.2")]  # one worker peer
+
+
+def ssh_key(seed=1, kind="ssh-ed25519"):
+    """A well-formed OpenSSH public key line (the blob names its type)."""
+    raw = len(kind).to_bytes(4, "big") + kind.encode() + (32).to_bytes(4, "big") + bytes([seed]) * 32
+    return f"{kind} {base64.b64encode(raw).decode()}"
+
+
+def make_config(subnet="10.0.0.0/24", peers=(), users=()):
+    """A hub's configuration: peers [(name, ip)] with KEY_B, users [(name,
+    limits)] at .10, .11, … with their own keys."""
+    config = gridx.HubConfig("gridx0", "203.0.113.7", 51820, subnet, gridx.hub_ip_of(subnet), KEY_A,
+                             "10.96.0.0/12", "2026-01-01T00:00:00Z", {})
+    for name, ip in peers:
+        config.peers[name] = gridx.Peer(name, ip, KEY_B, True, "")
+    for i, (name, limits) in enumerate(users):
+        config.users[name] = gridx.User(name, f"10.0.0.{10 + i}", KEY_C if i == 0 else KEY_A[:-2] + "A=",
+                                        ssh_key(i + 1), limits, "")
+    return config
+
+
+def cli(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, GRIDX, *args], capture_output=True, text=True, env=full_env)
+
+
+# -- fakes: Docker's output, and every program gridx runs --------------------------
+
+NODE = {
+    "ID": "n1", "UpdatedAt": "x",
+    "Spec": {"Role": "worker", "Availability": "active"},
+    "Description": {"Hostname": "worker3", "Resources": {"GenericResources": [
+        {"DiscreteResourceSpec": {"Kind": "gridx_cpu", "Value": 4}},
+        {"DiscreteResourceSpec": {"Kind": "gridx_mem", "Value": 4096}},
+        {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-b"}},
+        {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-a"}},
+    ]}},
+    "Status": {"State": "ready", "Addr": "10.0.0.4"},
+}
+
+
+SSH_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICmwf0hkKPWsAKHOZlONiuLivpLMmETcR1c6ZH+eRq0t test"
+
+
+HUB_NODE = {"ID": "n0", "CreatedAt": "2026-01-01T00:00:00Z", "ManagerStatus": {"Leader": True},
+            "Spec": {"Role": "manager", "Availability": "active"},
+            "Description": {"Hostname": "hub", "Resources": {}}, "Status": {"State": "ready", "Addr": "10.0.0.1"}}
+
+
+WORKER_NODE = dict(NODE, CreatedAt="2026-01-01T00:00:00Z", Status={"State": "ready", "Addr": "10.0.0.2"})
+
+
+JOB_SERVICE = {"ID": "s1", "Spec": {
+    "Name": "job-1", "Labels": {gridx.LABEL_JOB: "job-1", gridx.LABEL_KIND: "run"},
+    "Mode": {"ReplicatedJob": {"TotalCompletions": 1}},
+    "TaskTemplate": {"ContainerSpec": {"Image": "python:3.11"}, "Resources": {}}}}
+
+
+# a job with --output (see Work folders and results)
+JOB_OUT_SERVICE = {"ID": "s2", "Spec": dict(JOB_SERVICE["Spec"], Name="job-out", Labels=dict(
+    JOB_SERVICE["Spec"]["Labels"], **{gridx.LABEL_JOB: "job-out", gridx.LABEL_OUTPUT: "/work/out"}))}
+
+
+JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "Complete",
+            "CurrentState": "Complete 1 second ago", "Error": ""}
+
+
+REGISTRY_DIGEST = "sha256:" + "ab" * 32
+
+
+REGISTRY_ANSWERS = {  # URL part -> curl --include's output
+    "/manifests/": f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {REGISTRY_DIGEST}\r\n\r\n"
+                   + json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:c", "size": 10},
+                                 "layers": [{"digest": "sha256:l", "size": 90}]}),
+    "/tags/list": "HTTP/1.1 200 OK\r\n\r\n" + json.dumps({"name": "team/app", "tags": ["1"]}),
+    "/_catalog": "HTTP/1.1 200 OK\r\n\r\n" + json.dumps({"repositories": ["team/app"]}),
+    "/v2/": "HTTP/1.1 200 OK\r\n\r\n{}",
+}
+
+
+class FakeTools:
+    """Stands in for every program gridx runs (subprocess.run, call and
+    Popen): records each argv and answers as a hub with one worker would."""
+
+    def __init__(self, declined=()):
+        self.calls = []
+        self.declined = list(declined)  # node IDs with gridx.hub-ssh=no
+        self.token = "SWMTKN-1-old"
+        self.kept = {}  # kept-results marker -> its labels
+
+    def answer(self, argv):
+        words = [w for w in argv if not w.startswith("--host=")]
+        tool, rest = words[0], words[1:]
+        out, code = "", 0
+        if tool == "wg" and rest[:1] == ["genkey"]:
+            out = KEY_A
+        elif tool == "wg" and rest[:1] == ["pubkey"]:
+            out = KEY_B
+        elif tool == "wg" and rest[-1:] == ["dump"]:
+            code = 1
+        elif tool == "ip":
+            out = "[]"
+        elif tool == "ssh-keygen" and "-f" in rest:
+            key = rest[rest.index("-f") + 1]
+            with open(key, "w") as private, open(key + ".pub", "w") as public:
+                private.write("private\n")
+                public.write(SSH_PUBLIC_KEY + "\n")
+        elif tool == "docker":
+            out = self.answer_docker(rest)
+        elif tool == "curl":  # the hub's registry API (see Registry): one image, team/app:1
+            out = REGISTRY_ANSWERS[next(k for k in REGISTRY_ANSWERS if k in argv[-1])]
+            if "--request" in rest and rest[rest.index("--request") + 1] == "DELETE":
+                out = "HTTP/1.1 202 Accepted\r\n\r\n"
+        return out, code
+
+    def answer_docker(self, rest):
+        """What the hub's docker prints: the swarm's part, else the jobs'."""
+        joined = " ".join(rest)
+        if rest[:1] == ["info"] and "{{.Swarm.NodeAddr}}" in rest:
+            return "10.0.0.1"
+        if rest[:1] == ["info"]:
+            return json.dumps({"LocalNodeState": "active", "NodeAddr": "10.0.0.1", "ControlAvailable": True})
+        if rest[:2] == ["swarm", "join-token"]:
+            if "--rotate" in rest:
+                self.token = "SWMTKN-1-new"
+            return self.token
+        if rest[:2] == ["node", "ls"] and "label=gridx.hub-ssh=no" in joined:
+            return "\n".join(self.declined)
+        if rest[:2] == ["node", "ls"]:
+            return "n0\nn1"
+        if rest[:2] == ["node", "inspect"] and "--format" in rest:
+            return "10.0.0.2 ready"
+        if rest[:2] == ["node", "inspect"]:
+            return json.dumps([HUB_NODE, WORKER_NODE])
+        return self.answer_docker_jobs(rest)
+
+    @staticmethod
+    def answer_docker_jobs(rest):
+        if rest[:2] == ["service", "ls"]:
+            return "job-1"
+        if rest[:2] == ["service", "inspect"]:
+            return json.dumps([JOB_OUT_SERVICE if rest[-1] == "job-out" else JOB_SERVICE])
+        if rest[:2] == ["service", "ps"] and "-q" in rest:
+            return "t1"
+        if rest[:2] == ["service", "ps"] and rest[-1].startswith("jupyter-"):
+            return json.dumps(dict(JOB_TASK, Name=rest[-1] + ".1", DesiredState="Running",
+                                   CurrentState="Running 1 second ago"))
+        if rest[:2] == ["service", "ps"]:
+            return json.dumps(JOB_TASK)
+        if rest[:1] == ["inspect"]:
+            return json.dumps([{"ID": "t1", "Status": {"ContainerStatus": {"ExitCode": 0}}}])
+        if rest[:2] in (["service", "create"], ["config", "create"]):
+            return "id1"
+        return ""
+
+    def run(self, argv, input=None, capture_output=False, text=False, timeout=None, env=None, **kw):
+        self.calls.append(list(argv))
+        words = [w for w in argv if not w.startswith("--host=")]
+        if words[1:3] == ["config", "inspect"]:  # kept results' markers (see Work folders and results)
+            name = words[-1]
+            if name in self.kept:
+                return subprocess.CompletedProcess(argv, 0, json.dumps(self.kept[name]) + "\n", "")
+            return subprocess.CompletedProcess(argv, 1, "", f"Error: no such config: {name}\n")
+        out, code = self.answer(argv)
+        return subprocess.CompletedProcess(argv, code, out + "\n" if out else "", "")
+
+    def call(self, argv, **kw):
+        self.calls.append(list(argv))
+        return 0
+
+    def popen(self, argv, **kw):
+        self.calls.append(list(argv))
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+
+        class Process:
+            stdin = open(os.devnull, "wb")  # what gridx streams (docker cp -, ssh) goes nowhere
+            stdout = os.fdopen(read_end, "rb")
+            stderr = io.BytesIO()
+            returncode = 0
+            pid = 0
+
+            def wait(self, timeout=None):
+                return 0
+
+            def poll(self):
+                return 0
+
+            def terminate(self):
+                pass
+
+            kill = terminate
+
+        return Process()
+
+
+def fake_hub(tmp_path, monkeypatch, declined=()):
+    """A hub in tmp_path (peers w1 at 10.0.0.2 and w2 with a bundle on the
+    hub), every program faked; returns the FakeTools."""
+    config_dir = tmp_path / "cfg"
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("GRIDX_WG_DIR", str(tmp_path / "wg"))
+    monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = make_config(peers=[("w1", "10.0.0.2")])
+    config.peers["w2"] = gridx.Peer("w2", "10.0.0.3", KEY_A, True, "")
+    gridx.save_hub_config(config)
+    (config_dir / "server.key").write_text(KEY_A + "\n")
+    gridx.ensure_dir(str(config_dir / "ssh"))
+    (config_dir / "ssh" / "id_ed25519").write_text("private\n")
+    (config_dir / "ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3Nza gridx-hub\n")
+    gridx.ensure_dir(str(config_dir / "clients"))
+    for name in ("w1", "w2"):
+        conf = gridx.render_worker_wg_conf(config, config.peers[name], KEY_A, "ssh-ed25519 AAAAC3Nza gridx-hub")
+        (config_dir / "clients" / f"{name}.conf").write_text(conf)
+    gridx.write_bundle(gridx.bundle_path("w2"), gridx.bundle_files(
+        config, config.peers["w2"], (config_dir / "clients" / "w2.conf").read_text(), "SWMTKN-1-old",
+        "ssh-ed25519 AAAAC3Nza gridx-hub", True))
+    (tmp_path / "train.py").write_text("print(1)\n")
+    (tmp_path / "w.conf").write_text((config_dir / "clients" / "w1.conf").read_text())
+    tools = FakeTools(declined)
+    monkeypatch.setattr(subprocess, "run", tools.run)
+    monkeypatch.setattr(subprocess, "call", tools.call)
+    monkeypatch.setattr(subprocess, "Popen", tools.popen)
+    monkeypatch.setattr(gridx, "require_root", lambda: None)
+    monkeypatch.setattr(gridx, "need", lambda *tools: None)
+    monkeypatch.setattr(gridx, "systemd_running", lambda: False)
+    monkeypatch.setattr(gridx, "check_manager_reachable", lambda host: None)
+    monkeypatch.setattr(gridx, "DOCKER_HOST", None)
+    # the registry (see Registry): its CA where Docker reads it, its storage
+    monkeypatch.setenv("GRIDX_DOCKER_CERTS_DIR", str(tmp_path / "certs.d"))
+    monkeypatch.setenv("GRIDX_REGISTRY_STORAGE", str(tmp_path / "registry"))
+    (tmp_path / "certs.d" / "10.0.0.1:5000").mkdir(parents=True)
+    (tmp_path / "certs.d" / "10.0.0.1:5000" / "ca.crt").write_text("CA\n")
+    # users (issue 14): their account's home and the hub's host key, here
+    monkeypatch.setenv("GRIDX_USERS_HOME", str(tmp_path / "users"))
+    (tmp_path / "host_key.pub").write_text(SSH_PUBLIC_KEY + "\n")
+    monkeypatch.setattr(gridx, "HOST_KEY_PATH", str(tmp_path / "host_key.pub"), raising=False)
+
+    class Answer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **kw: Answer())
+    return tools
+
+
+def tree(path):
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(path.rglob("*"))}
+
+
+def run_main(argv):
+    try:
+        return gridx.main(argv)
+    except SystemExit as exited:  # argparse's own refusals
+        return exited.code
+
+
+def serve(monkeypatch, command):
+    if command is None:
+        monkeypatch.delenv("SSH_ORIGINAL_COMMAND", raising=False)
+    else:
+        monkeypatch.setenv("SSH_ORIGINAL_COMMAND", command)
+    try:
+        return gridx.main(["serve", "alice"])
+    except SystemExit as exited:
+        return exited.code
