@@ -127,6 +127,19 @@ def lab(request):
         test_sh("clean", timeout=300)
 
 
+@pytest.fixture(scope="session")
+def registry_python(lab):
+    """python:3.11 pushed to the hub's registry (./test.sh push-image): the
+    name workers pull it by (10.0.0.1:5000/python:3.11). The lab's nodes got
+    python:3.11 from `start`, not from the registry; the tests that pull it
+    from the registry ask for this."""
+    t0 = time.monotonic()
+    name = ok(test_sh("push-image", "python:3.11", timeout=900), "./test.sh push-image python:3.11").strip()
+    print(f"\n./test.sh push-image python:3.11: {time.monotonic() - t0:.1f} s")
+    assert name == "10.0.0.1:5000/python:3.11", name
+    return name
+
+
 @pytest.fixture
 def fresh_node(lab):
     """A worker-like container that took no part in setup; removed afterwards."""

@@ -31,7 +31,6 @@ from e2e_helpers import (
     node_exec,
     ok,
     remove_peer_quietly,
-    test_sh,
     wait_peer_ready,
     wait_until,
 )
@@ -55,15 +54,10 @@ FRESH_MEMORY, JOB_MEMORY = "6G", "5G"  # the lab's workers share 4G
 
 
 @pytest.fixture(scope="module", autouse=True)
-def registry_python(lab):
-    """python:3.11 pushed to the hub's registry (./test.sh push-image): the
-    name workers pull it by. The lab's nodes got it from `start`, not from
-    the registry; every test here finds it in the registry."""
-    t0 = time.monotonic()
-    name = ok(test_sh("push-image", "python:3.11", timeout=900), "./test.sh push-image python:3.11").strip()
-    print(f"\n./test.sh push-image python:3.11: {time.monotonic() - t0:.1f} s")
-    assert name == f"{REGISTRY}/python:3.11", name
-    return name
+def python_in_the_registry(registry_python):
+    """Every test here finds python:3.11 in the registry (conftest's
+    registry_python pushes it once a session)."""
+    assert registry_python == f"{REGISTRY}/python:3.11"
 
 
 def image_on(node, image):
