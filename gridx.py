@@ -5556,7 +5556,9 @@ def kept_results(job_id):
     found = run(docker("config", "inspect", "--format", "{{json .Spec.Labels}}", "--", kept_marker(job_id)),
                 check=False)
     if found.returncode:
-        if "no such config" in found.stderr.lower():
+        # Docker 20.10 and 26.1 say "No such config: NAME", 28 "config NAME not found"
+        error = found.stderr.lower()
+        if "no such config" in error or f"config {kept_marker(job_id).lower()} not found" in error:
             return None
         raise command_error(docker("config", "inspect"), found)
     labels = json.loads(found.stdout or "{}") or {}

@@ -2,9 +2,9 @@
 #
 # lib.sh - what join.sh, leave.sh, status.sh and agent.sh share. Sourced, never run.
 #
-# Defines functions only; nothing here changes the machine until a script
-# calls a step. Sections, in dependency order:
-#   output · running commands · paths · values files (settings.env, state.env)
+# Defines functions only (and PATH, below); nothing here changes the machine
+# until a script calls a step. Sections, in dependency order:
+#   PATH · output · running commands · paths · values files (settings.env, state.env)
 #   · the journal of changes (state) · checks · Docker · the owner's agent
 #   (installed, stopped, its settings) · undo (used by both join.sh's
 #   rollback and leave.sh, so removal matches installation exactly)
@@ -33,6 +33,8 @@
 #   GRIDX_PROC_DIR            /proc (input devices and CPU flags for join's
 #                             default policy; agent.sh reads its sources there)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
+#   GRIDX_LOCAL_BIN           /usr/local/sbin:/usr/local/bin (added to PATH
+#                             where it lacks them: see "PATH" below)
 #   NO_COLOR                  set: no colour even on a terminal
 #
 # The caller sets GRIDX_BUNDLE_DIR (its own folder) and GRIDX_PROG (its name)
@@ -43,6 +45,24 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
 	printf 'error: Grid-X needs bash 4.4 or newer (this is %s)\n' "$BASH_VERSION" >&2
 	exit 3
 fi
+
+# ------------------------------------------------------------------ PATH ----
+# sudo replaces PATH with its secure_path, and Debian's since forky (sudo
+# 1.9.17: /usr/sbin:/usr/bin:/sbin:/bin), like RHEL's, leaves /usr/local out:
+# `sudo ./join.sh` would not find what the volunteer installed there (jq,
+# nvidia-smi, a Docker from static binaries). Its folders are added at the
+# end, where PATH lacks them: what PATH already names keeps its place and
+# comes first. Runs when sourced: every command the scripts look up comes
+# after it, and the programs they start (wg-quick) inherit it.
+path_with_local_bin() {
+	local dir dirs
+	IFS=: read -r -a dirs <<<"${GRIDX_LOCAL_BIN-/usr/local/sbin:/usr/local/bin}"
+	for dir in "${dirs[@]}"; do
+		if [[ -n $dir && :$PATH: != *":$dir:"* ]]; then PATH=${PATH:+$PATH:}$dir; fi
+	done
+	export PATH
+}
+path_with_local_bin
 
 # ---------------------------------------------------------------- output ----
 # Progress, warnings and errors go to stderr; results to stdout. Colour only
@@ -186,39 +206,42 @@ find_legacy_state() {
 	fi
 }
 
-# only_root_writes PATH: refuse (exit 3) a path that anyone but root could
-# have written: a link, not owned by root, or writable by group or others.
-# leave.sh acts on what the state says; a state someone else could write
-# would let them choose what root removes or copies.
+# only_root_writes PATH...: refuse (exit 3) a path that anyone but root
+# could have written: a link, not owned by root, or writable by group or
+# others. leave.sh acts on what the state says; a state someone else could
+# write would let them choose what root removes or copies. One stat for all
+# of them (leave.sh checks the state again after each of its steps).
 only_root_writes() {
-	local path=$1 owner mode
-	[[ -e $path || -L $path ]] || return 0
-	if [[ -L $path ]]; then
-		fatal 3 "$path is a symbolic link: Grid-X's state must be root's own file" "look at who made it; remove the link, then run $GRIDX_PROG again"
-	fi
-	read -r owner mode < <(stat -c '%u %a' -- "$path")
-	if [[ $owner != 0 ]] || (((8#$mode & 8#022) != 0)); then
-		fatal 3 "$path can be written by someone other than root (owner uid $owner, mode $mode): $GRIDX_PROG will not act on it" \
-			"check who changed it; if the content is right: chown root:root $path && chmod go-w $path, then run $GRIDX_PROG again"
-	fi
+	local path paths=() lines=() i owner mode
+	for path in "$@"; do
+		[[ -e $path || -L $path ]] || continue
+		if [[ -L $path ]]; then
+			fatal 3 "$path is a symbolic link: Grid-X's state must be root's own file" "look at who made it; remove the link, then run $GRIDX_PROG again"
+		fi
+		paths+=("$path")
+	done
+	((${#paths[@]})) || return 0
+	mapfile -t lines < <(stat -c '%u %a' -- "${paths[@]}")
+	for i in "${!paths[@]}"; do
+		read -r owner mode <<<"${lines[$i]:-? ?}"
+		if [[ $owner != 0 || ! $mode =~ ^[0-7]+$ ]] || (((8#$mode & 8#022) != 0)); then
+			fatal 3 "${paths[$i]} can be written by someone other than root (owner uid $owner, mode $mode): $GRIDX_PROG will not act on it" \
+				"check who changed it; if the content is right: chown root:root ${paths[$i]} && chmod go-w ${paths[$i]}, then run $GRIDX_PROG again"
+		fi
+	done
 }
 
-# The state folder, its files and its backups: root's only.
 check_state_owner() {
-	local f
-	only_root_writes "$STATE_DIR"
-	only_root_writes "$STATE_FILE"
-	only_root_writes "$STATE_JSON"
-	only_root_writes "$BACKUP_DIR"
+	local backups=()
 	if [[ -d $BACKUP_DIR ]]; then
+		local f
 		for f in "$BACKUP_DIR"/* "$BACKUP_DIR"/.[!.]*; do
-			[[ -e $f || -L $f ]] && only_root_writes "$f"
+			if [[ -e $f || -L $f ]]; then backups+=("$f"); fi
 		done
 	fi
-	# the copy of the scripts that wg-quick's PreUp runs as root
-	only_root_writes "$STATE_DIR/jobnet"
-	for f in "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"; do only_root_writes "$f"; done
-	return 0
+	# and the copy of the scripts that wg-quick's PreUp runs as root
+	only_root_writes "$STATE_DIR" "$STATE_FILE" "$STATE_JSON" "$BACKUP_DIR" "${backups[@]}" \
+		"$STATE_DIR/jobnet" "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"
 }
 
 systemd_runs() { [[ -d $SYSTEMD_RUN_DIR ]]; }
@@ -530,13 +553,64 @@ load_settings() {
 	IFACE=${S[GRIDX_INTERFACE]}
 }
 
-# atomic_write PATH MODE < content: temporary file in the same folder with
-# the final mode set before anything is written, sync, rename.
+# atomic_write PATH MODE < content: a new temporary file in the same folder,
+# created with the final mode (the umask it is created under gives it; chmod
+# only for modes no umask gives, with x bits), written, synced, renamed over
+# PATH. The shell creates it exclusively (noclobber: a file or link already
+# there makes it fail, never followed); its name has the script's PID and a
+# random number, and the folders written are root's.
 atomic_write() {
 	local path=$1 mode=$2 tmp
-	tmp=$(umask 077 && mktemp "${path%/*}/.${path##*/}.XXXXXX")
-	chmod "$mode" "$tmp"
-	cat >"$tmp"
+	new_file_beside "$path" "$mode" cat || return 1
+	tmp=$REPLY
+	commit_file "$tmp" "$mode" "$path"
+}
+
+# atomic_write_texts MODE PATH TEXT [PATH TEXT]...: the same for each PATH
+# with TEXT as its content, no cat, one sync for all, then the renames in
+# order (the state and its JSON copy are written so at every step of join
+# and leave).
+atomic_write_texts() {
+	local mode=$1 tmps=() paths=() i
+	shift
+	while (($# >= 2)); do
+		ATOMIC_TEXT=$2
+		new_file_beside "$1" "$mode" write_atomic_text || return 1
+		tmps+=("$REPLY") paths+=("$1")
+		shift 2
+	done
+	if (((8#$mode & ~0666) != 0)); then chmod "$mode" "${tmps[@]}"; fi
+	sync "${tmps[@]}" 2>/dev/null || sync
+	for i in "${!tmps[@]}"; do mv -f -- "${tmps[$i]}" "${paths[$i]}"; done
+}
+
+write_atomic_text() { printf '%s' "$ATOMIC_TEXT"; }
+
+# new_file_beside PATH MODE WRITER -> REPLY: the temporary file, made new and
+# filled by WRITER (a command writing the content to stdout), in a subshell
+# whose umask gives MODE's read and write bits. A name already taken (a
+# killed run's) is tried again with another.
+new_file_beside() {
+	local path=$1 mode=$2 writer=$3 mask tries tmp
+	printf -v mask '%03o' $((0777 & ~8#$mode))
+	for tries in 1 2 3 4 5; do
+		tmp=${path%/*}/.${path##*/}.gridx-$$-$RANDOM$RANDOM
+		[[ ! -e $tmp && ! -L $tmp ]] || continue
+		if (umask "$mask" && set -C && "$writer" >"$tmp"); then
+			REPLY=$tmp
+			return 0
+		fi
+		break
+	done
+	rm -f -- "$tmp"
+	warn "cannot write a new file beside $path (try $tries)"
+	return 1
+}
+
+# commit_file TMP MODE PATH: the mode a umask could not give, sync, rename.
+commit_file() {
+	local tmp=$1 mode=$2 path=$3
+	if (((8#$mode & ~0666) != 0)); then chmod "$mode" "$tmp"; fi
 	sync "$tmp" 2>/dev/null || sync
 	mv -f -- "$tmp" "$path"
 }
@@ -552,6 +626,10 @@ same_file() {
 # json_str VALUE -> REPLY: a JSON string literal.
 json_str() {
 	local s=$1 out='' c i code
+	if [[ $s != *[\"\\[:cntrl:]]* ]]; then # nothing to escape (most values)
+		REPLY="\"$s\""
+		return 0
+	fi
 	for ((i = 0; i < ${#s}; i++)); do
 		c=${s:i:1}
 		case $c in
@@ -691,23 +769,23 @@ state_unset() {
 }
 
 save_state() {
-	local key
+	local key text
 	[[ -d $STATE_DIR ]] || return 0
-	{
-		printf '# Grid-X worker state, written by join.sh, read by leave.sh and status.sh.\n'
-		for key in "${STATE_ORDER[@]}"; do
-			[[ -v ST[$key] ]] || continue
-			shell_quote "${ST[$key]}"
-			printf '%s=%s\n' "$key" "$REPLY"
-		done
-	} | atomic_write "$STATE_FILE" 0600
-	state_json | atomic_write "$STATE_JSON" 0600
+	text=$'# Grid-X worker state, written by join.sh, read by leave.sh and status.sh.\n'
+	for key in "${STATE_ORDER[@]}"; do
+		[[ -v ST[$key] ]] || continue
+		shell_quote "${ST[$key]}"
+		text+="$key=$REPLY"$'\n'
+	done
+	state_json
+	atomic_write_texts 0600 "$STATE_FILE" "$text" "$STATE_JSON" "$REPLY"
 }
 
-# The same facts as JSON. Numbers stay numbers, flags become booleans.
+# state_json -> REPLY: the same facts as JSON. Numbers stay numbers, flags
+# become booleans.
 state_json() {
-	local key value lower
-	printf '{\n  "version": 1'
+	local key value lower out
+	out=$'{\n  "version": 1'
 	for key in "${STATE_ORDER[@]}"; do
 		[[ -v ST[$key] ]] || continue
 		value=${ST[$key]}
@@ -722,9 +800,9 @@ state_json() {
 			;;
 		*) json_str "$value" ;;
 		esac
-		printf ',\n  "%s": %s' "$lower" "$REPLY"
+		out+=$',\n  "'"$lower"'": '"$REPLY"
 	done
-	printf '\n}\n'
+	REPLY=$out$'\n}\n'
 }
 
 # --------------------------------------------------------------- checks ----

@@ -233,15 +233,18 @@ def bench_lab(res, args):
     setup = sh([TEST_SH, "setup"], timeout=600)
     t2 = time.monotonic()
     stages = {**stage_times(start.stderr), **stage_times(setup.stderr)}
-    # test.sh's stage that gets the job images onto the workers (its older name second)
-    loading = next((stages[n] for n in ("job images: hub registry -> workers", "load job images into workers")
-                    if n in stages), 0.0)
+    # test.sh's stage that gets the job images into the nodes: start's since
+    # issue 20 (before the joins), setup's before (its older names after)
+    loading = next((stages[n] for n in ("job images into every node", "job images: hub registry -> workers",
+                                        "load job images into workers") if n in stages), 0.0)
     res.raw["lab"] = {"start_s": t1 - t0, "setup_s": t2 - t1, "stages": stages}
     total = t2 - t0
     res.row("lab", "`./test.sh start` + `setup`, built images, to 4 Ready nodes", total,
             shown=f"{total:.1f} s", target="(none set)", met=None,
-            note=f"start {t1 - t0:.1f} s, setup {t2 - t1:.1f} s, of which getting the job images "
-                 f"onto 3 workers {loading:.1f} s; 4 Ready after {total - loading:.1f} s")
+            note=f"start {t1 - t0:.1f} s, setup {t2 - t1:.1f} s; getting the job images into the nodes "
+                 f"{loading:.1f} s of it")
+    res.row("lab setup", "`./test.sh setup` of that lab (hub init, 3 joins), built images", t2 - t1,
+            shown=f"{t2 - t1:.1f} s", target="≤ 15 s", met=(t2 - t1) <= 15)
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 before anything runs), and every command's values kept out of other
 programs' options."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -209,9 +210,11 @@ def prepare(group, name, tools):
         tools.calls.clear()
 
 
+@functools.lru_cache(maxsize=None)
 def subcommand_parsers():
     """(group, command, its argparse parser) for every command of COMMANDS
-    and the cluster shortcut."""
+    and the cluster shortcut. Built once: the tests only read them, and
+    each of the 200 option cases looks one up."""
     import argparse
 
     found = []
@@ -223,7 +226,7 @@ def subcommand_parsers():
                 action = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
                 sub = action.choices[word]
             found.append((group, name, sub))
-    return found
+    return tuple(found)
 
 
 def argv_for(group, name, sub, inject=None, bad=None):

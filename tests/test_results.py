@@ -625,3 +625,23 @@ def test_watch_collects_in_a_thread_of_its_own_one_at_a_time(monkeypatch):
     collector.join()
     assert collector.start([], [], []) is True and calls == [1, 1]
     collector.join()
+
+
+@pytest.mark.parametrize("answer", [
+    "Error: No such config: gridx-kept-job-1\n",  # Docker 20.10
+    "Error response from daemon: config gridx-kept-job-1 not found\n",  # Docker 28.5
+])
+def test_no_kept_results_whatever_docker_says_the_marker_is_missing(answer, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", answer))
+    assert gridx.kept_results("job-1") is None
+
+
+def test_another_failure_to_read_the_kept_marker_is_not_taken_for_none(monkeypatch):
+    import subprocess
+
+    answer = "Error response from daemon: config gridx-kept-job-2 not found\n"  # another job's marker
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", answer))
+    with pytest.raises(gridx.GridxError):
+        gridx.kept_results("job-1")

@@ -242,6 +242,23 @@ def start_stopped_worker(node):
     wait_hub_healthy(timeout=180)
 
 
+# Debian forky's sudo (1.9.17): /usr/local is not on the PATH it gives
+# commands, and RHEL's is the same. Set on nodes of every suite by
+# sudo_path_as_forky, so that a test of `sudo ./join.sh` finding tools in
+# /usr/local/bin proves it on bookworm's and trixie's nodes too.
+FORKY_SECURE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sudo_path_as_forky(node):
+    """sudo on NODE gives commands forky's secure_path (a sudoers drop-in
+    where the suite's own sudoers has another); checked through sudo."""
+    script = ('printf \'Defaults secure_path="%s"\\n\' "$1" > /etc/sudoers.d/zz-gridx-e2e && '
+              'chmod 0440 /etc/sudoers.d/zz-gridx-e2e && visudo -c -q')
+    ok(node_exec(node, ["sh", "-c", script, "sh", FORKY_SECURE_PATH]), "sudoers drop-in")
+    seen = ok(node_exec(node, ["sudo", "sh", "-c", 'printf %s "$PATH"']), "sudo's PATH")
+    assert seen == FORKY_SECURE_PATH, seen
+
+
 def install_jq(node):
     """Copy the host's jq (Debian, like the node image) into a node: a machine
     where join.sh can merge into an existing daemon.json."""

@@ -6,8 +6,9 @@ scripts from a file and from a URL, the fixed number of requests of
 
 The lab's workers each share LAB_CPUS CPUs (2 on a 2-core machine) and 4 GiB;
 worker3 shares the made-up GPUs GPU-fake-0000 and GPU-fake-0001. Jobs use
-the lab's python:3.11 and gridx-lab-jupyter images (loaded into every worker
-by ./test.sh setup).
+the lab's python:3.11 (in every node since ./test.sh start) and the Jupyter
+image gridx-lab-jupyter, which the Jupyter test pushes to the hub's registry
+(./test.sh push-image) for the worker that runs it to pull over the VPN.
 """
 
 import json
@@ -27,6 +28,7 @@ from e2e_helpers import (
     node_exec,
     ok,
     start_stopped_worker,
+    test_sh,
     wait_until,
 )
 
@@ -188,9 +190,13 @@ def http_get(url):
 
 
 def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
+    # the image only this test uses: built when missing, pushed to the hub's
+    # registry; the worker the job lands on pulls it over the VPN
+    pushed = test_sh("push-image", JUPYTER_IMAGE, timeout=1200)
+    image = ok(pushed, f"./test.sh push-image {JUPYTER_IMAGE}").strip()
+    assert image == f"{HUB_VPN_IP}:5000/{JUPYTER_IMAGE}", image
     jobs.append("nb")
-    proc = hub("jobs", "jupyter", "--image", JUPYTER_IMAGE, "--name", "nb", "--port", "8890", "--json",
-               timeout=300)
+    proc = hub("jobs", "jupyter", "--image", image, "--name", "nb", "--port", "8890", "--json", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     url = json.loads(proc.stdout)["url"]
     match = re.fullmatch(r"http://(10\.0\.0\.\d+):8890/\?token=([0-9a-f]{32})", url)
@@ -200,6 +206,14 @@ def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
     assert http_get(f"http://{address}:8890/api/status?token={token}") == 200
     assert http_get(f"http://{address}:8890/api/status") == 403  # the token is needed
     assert http_get(f"http://{WORKER_BRIDGE_IPS[node]}:8890/api/status?token={token}") == 0
+    # nor over the worker's IPv6 (Docker 27 and later turn ip6tables on by
+    # default; the DOCKER-USER rule join.sh adds is IPv4's): the job's
+    # container is IPv4 only and the userland proxy is off, so nothing on the
+    # worker listens on IPv6 for the port and no ip6tables rule forwards it
+    listening = ok(node_exec(node, "ss -Hltn6 'sport = :8890'"), "ss on the worker")
+    assert listening.strip() == "", listening
+    nat6 = node_exec(node, "ip6tables -t nat -S 2>/dev/null | grep -e '--dport 8890' || true")
+    assert nat6.stdout.strip() == "", nat6.stdout
 
 
 # ---------------------------------------------------------------------------

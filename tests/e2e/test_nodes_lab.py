@@ -19,8 +19,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import container, hub, node_exec
-from e2e_helpers import hub_json, ok, start_stopped_worker, wait_until
+from e2e_helpers import container, hub, hub_json, node_exec, ok, start_stopped_worker, wait_until
 
 
 def node_ids():

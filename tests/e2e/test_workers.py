@@ -30,6 +30,7 @@ from e2e_helpers import (
     peer_row,
     prepare_machine,
     remove_peer_quietly,
+    sudo_path_as_forky,
     terminal_in,
     unjoined,
     wait_peer_ready,
@@ -99,6 +100,11 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
         pytest.skip("jq is not installed on this host (scripts/install-deps.sh lab installs it)")
     node_exec(fresh_node, "cat > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi",
               input=FAKE_NVIDIA_SMI, check=True)
+    # jq and nvidia-smi stand in /usr/local/bin only, which sudo leaves off
+    # PATH (forky's sudo, set here on every suite): join.sh must find them
+    sudo_path_as_forky(fresh_node)
+    hidden = node_exec(fresh_node, ["sudo", "sh", "-c", "command -v jq || command -v nvidia-smi"])
+    assert hidden.returncode != 0 and not hidden.stdout, hidden.stdout
     prepare_machine(fresh_node, OWN_DAEMON_JSON)
     before = machine_state(fresh_node)
     assert before["daemon.json"] != "absent" and before["authorized_keys"] != "absent"
