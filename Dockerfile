@@ -1,6 +1,7 @@
 # Grid-X local lab images (see test.sh and docker-compose.yml), for one Debian
 # suite at a time: test.sh builds them FROM that suite's base image and tags
-# them per suite (gridx-lab-node:bookworm, gridx-lab-node:trixie, ...).
+# them per suite (gridx-lab-node:bookworm, gridx-lab-node:trixie,
+# gridx-lab-node:forky).
 #
 #   node     a worker: its own dockerd, sshd and WireGuard (wireguard-go when
 #            the kernel has no module). No Python: join bundles must work
@@ -25,13 +26,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian 13 (trixie) and later ship the `docker` command in docker-cli, which
 # docker.io only recommends; Debian 12 (bookworm) has no such package and its
-# docker.io holds the command itself.
+# docker.io holds the command itself. openssh-client (the hub's ssh) is named:
+# Debian testing's (forky's) openssh-server no longer brings it.
 RUN apt-get update \
  && cli='' \
  && if apt-cache show docker-cli >/dev/null 2>&1; then cli=docker-cli; fi \
  && apt-get install -y --no-install-recommends \
         docker.io $cli wireguard-tools wireguard-go iproute2 iptables \
-        openssh-server procps sudo iputils-ping ca-certificates \
+        openssh-server openssh-client procps sudo iputils-ping ca-certificates \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && docker --version && dockerd --version
 # - host keys are made at start (lab/entrypoint.sh), unique per container;

@@ -5,17 +5,22 @@
 # one after the other. Both install what they need when it is missing.
 #
 #   LAB_SUITES=bookworm make test     one suite only
+#   E2E_PARALLEL=0 make test          the suites one after the other, on one lab
+#                                     (default: side by side, a lab each)
 #   E2E=required make test            fail (not just warn) when Docker cannot
 #                                     run the end-to-end tests (.ci/run)
-#   GRIDX_LAB_SUITE=trixie make e2e   the end-to-end tests on one suite
+#   GRIDX_LAB_SUITE=forky make e2e    the end-to-end tests on one suite
 #   GRIDX_LAB_NAME, GRIDX_LAB_NET     which lab (see test.sh)
 
 PYTHON ?= python3
 SHELL := /bin/bash
-# Debian suites the end-to-end tests run on: trixie (Docker 26.1) first, so
-# the lab left running afterwards is the default bookworm (Docker 20.10) one.
-LAB_SUITES ?= trixie bookworm
+# Debian suites the end-to-end tests run on: forky (Debian testing, Docker
+# 28.5) and trixie (Docker 26.1) first, so the lab left running afterwards is
+# the default bookworm (Docker 20.10) one.
+LAB_SUITES ?= forky trixie bookworm
 E2E ?= auto
+# The suites' end-to-end runs side by side (1) or one after the other (0).
+E2E_PARALLEL ?= 1
 # What dist/gridx is built from (packaging/gridx.spec packs bundle_templates'
 # files but its dotfiles).
 BINARY_SOURCES := gridx.py $(wildcard bundle_templates/*) $(wildcard packaging/*)
@@ -25,8 +30,8 @@ BINARY_SOURCES := gridx.py $(wildcard bundle_templates/*) $(wildcard packaging/*
 help:
 	@echo "make demo    bring up the lab (1 hub + 3 workers) and run a job on it"
 	@echo "make test    every test: unit (and dist/gridx's, built when stale), then end-to-end"
-	@echo "             on a Debian 13 and a Debian 12 lab when Docker can run"
-	@echo "make e2e     end-to-end tests on one lab (GRIDX_LAB_SUITE=bookworm|trixie)"
+	@echo "             on a Debian testing (forky), a Debian 13 and a Debian 12 lab when Docker can run"
+	@echo "make e2e     end-to-end tests on one lab (GRIDX_LAB_SUITE=bookworm|trixie|forky)"
 	@echo "make lint    ruff + shellcheck"
 	@echo "make binary  build dist/gridx, one static file (PyInstaller + staticx)"
 	@echo "make bench   measure Grid-X against the raw tools (needs the lab)"
@@ -39,10 +44,21 @@ deps:
 lab-deps:
 	@scripts/install-deps.sh lab
 
-demo: lab-deps
-	./test.sh start
-	./test.sh setup
-	./test.sh test-job
+# Timed from the packages on: on a fresh machine the installs, debootstrap
+# and the image builds are most of it (test.sh prints each stage's time).
+# debootstrap (when no base image is here) runs while Docker and the rest
+# install: both mostly wait on the mirror and the disk.
+demo:
+	@set -e; start=$$SECONDS; step() { echo "[#] $$*"; "$$@"; }; \
+	step scripts/install-deps.sh debootstrap; \
+	./test.sh rootfs & rootfs=$$!; \
+	step scripts/install-deps.sh lab; \
+	wait $$rootfs || { echo "make demo: ./test.sh rootfs failed" >&2; exit 1; }; deps=$$SECONDS; \
+	step ./test.sh start; started=$$SECONDS; \
+	step ./test.sh setup; setup=$$SECONDS; \
+	step ./test.sh test-job; \
+	echo "make demo: $$((SECONDS - start)) s (packages and debootstrap $$((deps - start)) s, start $$((started - deps)) s," \
+		"setup $$((setup - started)) s, test-job $$((SECONDS - setup)) s)"
 	@echo
 	@echo "Next: ./test.sh status · ./test.sh cluster · ./test.sh ssh worker2 hostname · ./test.sh test-gpu"
 	@echo "      ./test.sh add-external laptop · ./test.sh clean"
@@ -55,22 +71,12 @@ unit: deps
 e2e: lab-deps
 	GRIDX_E2E_REQUIRED=1 $(PYTHON) -m pytest -q -rs -m e2e tests/e2e
 
-# One lab after the other, timed: a lab left on another suite (an earlier run)
-# is removed first, its images kept for the next run.
+# A lab of each suite, timed (scripts/e2e-suites.sh): side by side unless
+# E2E_PARALLEL=0 (then one after the other on one lab, as before); the last
+# suite's lab is GRIDX_LAB_NAME's and stays, the others' go once they pass.
 e2e-suites: lab-deps
 	@[ -n "$(strip $(LAB_SUITES))" ] || { echo "error: LAB_SUITES is empty: no end-to-end tests would run" >&2; exit 2; }
-	@set -euo pipefail; for suite in $(LAB_SUITES); do \
-		running=$$(./test.sh suite 2>/dev/null || :); \
-		if [ -n "$$running" ] && [ "$$running" != "$$suite" ]; then \
-			echo "=== removing the $$running lab before the $$suite one (images kept)"; \
-			./test.sh clean --keep-images; \
-		fi; \
-		echo "=== end-to-end tests on Debian $$suite"; \
-		start=$$SECONDS; \
-		GRIDX_LAB_SUITE=$$suite GRIDX_E2E_REQUIRED=1 $(PYTHON) -m pytest -q -rs -m e2e tests/e2e \
-			|| { echo "=== end-to-end tests on Debian $$suite FAILED after $$((SECONDS - start)) s" >&2; exit 1; }; \
-		echo "=== end-to-end tests on Debian $$suite passed in $$((SECONDS - start)) s"; \
-	done
+	PYTHON=$(PYTHON) E2E_PARALLEL=$(E2E_PARALLEL) scripts/e2e-suites.sh $(LAB_SUITES)
 
 dist/gridx: $(BINARY_SOURCES)
 	packaging/build.sh
@@ -88,7 +94,7 @@ test: deps dist/gridx
 
 lint: deps
 	$(PYTHON) -m ruff check gridx.py tests packaging
-	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh packaging/*.sh tests/bench/*.sh .ci/run
+	shellcheck -S style bundle_templates/*.sh test.sh lab/*.sh scripts/*.sh packaging/*.sh tests/bench/*.sh tests/engine_api/*.sh .ci/run
 
 binary:
 	packaging/build.sh

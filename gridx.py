@@ -21,6 +21,8 @@ Environment:
                        root@HUB drives its Docker over SSH (the admin),
                        gridx@HUB runs the command there as a user
     GRIDX_SSH_KEY      the SSH key for gridx@HUB (a user bundle's settings)
+    DOCKER_HOST        the Docker engine, as for the docker CLI: unix://PATH
+                       (default /var/run/docker.sock) or ssh://USER@HOST
     GRIDX_USERS_HOME   the users' account's home on the hub
                        (default /var/lib/gridx/users)
     GRIDX_REGISTRY_STORAGE, GRIDX_DOCKER_CERTS_DIR   the registry's storage
@@ -46,12 +48,12 @@ and status.sh.
 #   Constants                 values every section reads; "same as" notes for the bundle's shell
 #   Errors                    GridxError: a message, a hint and an exit status
 #   Output                    info/warn, tables, JSON, human_* formats
-#   Running commands          run(), start(), need(), docker(); the module state of the four ways
+#   Running commands          run(), start(), need(), docker(); the Engine API (engine_get); the four ways' state
 #   State on disk             atomic files, locks, paths, validators and parsers, HubConfig
 #   Firewall                  the hub's iptables chains: swarm on the VPN only, users to SSH only
 #   SSH                       the hub's key, ssh's argv, known_hosts
 #   WireGuard                 keys, the hub's, workers' and users' configs, `wg show`
-#   Swarm                     engine versions, swarm info, nodes and their resources
+#   Swarm                     engine versions, swarm info, nodes (known by ID) and their resources
 #   Registry                  the hub's image registry: read-only side, loopback writer, accounts, HTTP API
 #   Bundles                   a worker's join bundle: settings, files, writing it
 #   Accounts                  users: the gridx account, authorized_keys, user bundles
@@ -59,6 +61,7 @@ and status.sh.
 #   Work folders and results  --workdir layers, uploads through serve, --output collection
 #   Usage                     the ledger hub watch writes: who used, and which node gave, how much
 #   Notifications             --notify: events when jobs end, signed, sent by hub watch with retries
+#   Owner activity and checkpoints  the agents' reports, paused nodes, preemption, --checkpoint
 #   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users); jobs forward
 #   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
 #   Commands: worker          they run the bundle's scripts (one implementation)
@@ -70,7 +73,8 @@ and status.sh.
 #
 # A command runs one of four ways, chosen by module state (Running commands):
 #   on the hub              DOCKER_HOST None, OWNER None: the local docker, wg, files
-#   --manager root@HUB      DOCKER_HOST "ssh://root@HUB": docker's own SSH (set_manager)
+#   --manager root@HUB      DOCKER_HOST "ssh://root@HUB": docker's own SSH (set_manager); reads
+#                           through `ssh root@HUB docker system dial-stdio` (EngineAPI)
 #   --manager USER@HUB      forward_to_serve sends INVOCATION to the hub; ForwardedExit
 #   serve NAME (on the hub) OWNER NAME, SERVE_LIMITS theirs: as on the hub, for that user
 # Every command is declared once, in COMMANDS (Argument parser): its handler,
@@ -121,6 +125,10 @@ OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reac
 
 REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
 REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
+# The hub's port for the workers' owner-activity reports, on its VPN address
+# (the registry's writer has 5001 on loopback, a socket of its own): same as
+# lib.sh's AGENT_PORT_DEFAULT (bundles carry it as GRIDX_AGENT_PORT).
+AGENT_PORT = 5001
 
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
@@ -141,6 +149,11 @@ LABEL_TOKEN = "gridx.token"
 LABEL_PORT = "gridx.port"
 LABEL_KEPT = "gridx.kept"  # a swarm config marking a deleted job's kept results (see Work folders and results)
 LABEL_SERVICE = "gridx.service"  # on that marker: the service ID the results are filed under
+LABEL_OWNER_STATE = "gridx.owner-state"  # on a node: what its owner does (see Owner activity)
+LABEL_PREEMPTED = "gridx.preempted"  # on a node: the task IDs its agent is preempting (--wait waits on)
+LABEL_CHECKPOINT = "gridx.checkpoint"  # --checkpoint PATH (see Owner activity and checkpoints)
+LABEL_CHECKPOINT_EVERY = "gridx.checkpoint-every"  # seconds
+LABEL_RUN_IMAGE = "gridx.run-image"  # the image a job with checkpoints runs without one (a re-run's base)
 LABEL_LAYER = "gridx.layer"  # a job's work layer: its tag in the hub's registry (see Work folders and results)
 # A job whose work layer is being made waits, its name held, on a constraint
 # no node meets: node.labels.gridx.hold==TAG.
@@ -338,6 +351,57 @@ def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def unix_time(stamp):
+    """Seconds since the epoch of Docker's RFC 3339 time
+    ("2026-12-07T18:20:10.559388716Z", or with an offset); None when unreadable."""
+    import datetime
+
+    match = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", stamp or "")
+    if not match:
+        return None
+    parts = [int(part) for part in match.groups()[:6]]
+    zone = match.group(8)
+    offset = 0 if zone == "Z" else (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    try:
+        whole = datetime.datetime(*parts, tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    return whole - offset + float(match.group(7) or 0)
+
+
+def docker_ago(stamp, now=None):
+    """How long ago, as `docker service ps` says it ("3 minutes ago"): the
+    docker CLI's units.HumanDuration, lower-cased."""
+    then = unix_time(stamp)
+    if then is None:
+        return ""
+    seconds = (time.time() if now is None else now) - then
+    minutes, hours = int(seconds / 60), round(seconds / 3600)
+    if seconds < 1:
+        text = "less than a second"
+    elif int(seconds) == 1:
+        text = "1 second"
+    elif seconds < 60:
+        text = f"{int(seconds)} seconds"
+    elif minutes == 1:
+        text = "about a minute"
+    elif minutes < 60:
+        text = f"{minutes} minutes"
+    elif hours == 1:
+        text = "about an hour"
+    elif hours < 48:
+        text = f"{hours} hours"
+    elif hours < 24 * 7 * 2:
+        text = f"{hours // 24} days"
+    elif hours < 24 * 30 * 2:
+        text = f"{hours // 24 // 7} weeks"
+    elif hours < 24 * 365 * 2:
+        text = f"{hours // 24 // 30} months"
+    else:
+        text = f"{int(seconds / 3600) // 24 // 365} years"
+    return text + " ago"
+
+
 # ---------------------------------------------------------------------------
 # Running commands
 # ---------------------------------------------------------------------------
@@ -437,30 +501,74 @@ def run_streaming(argv):
         raise
 
 
+class Background:
+    """One of hub watch's chores in a thread of its own, one run at a time:
+    a copy from a worker that answers slowly (or not at all, until its
+    deadline) never holds up the pass that re-runs lost jobs."""
+
+    def __init__(self, work):
+        self.work, self.thread = work, None
+
+    def start(self, *args):
+        """False when the last run has not ended (this pass skips it)."""
+        import threading
+
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.thread = threading.Thread(target=self.run, args=args, daemon=True)
+        self.thread.start()
+        return True
+
+    def run(self, *args):
+        try:
+            self.work(*args)
+        except GridxError as error:
+            warn(error.message)
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+
+
+# What stops gridx from reading Docker, the same whether the docker CLI said
+# it or the Engine API's socket did (see command_error, EngineAPI).
+def docker_not_running():
+    return precondition("Docker is not running", "start it: systemctl start docker (or service docker start)")
+
+
+def docker_socket_denied():
+    return precondition(
+        "no access to the Docker socket (permission denied)",
+        "run it as root (sudo), or as a member of the docker group (which is as good as root)",
+    )
+
+
+def not_a_swarm_manager():
+    return precondition(
+        "this machine's Docker is not a swarm manager",
+        "run this on the hub, or set GRIDX_MANAGER=root@HUB_VPN_IP",
+    )
+
+
+def manager_unreachable(ssh_said):
+    return precondition(
+        f"cannot reach the manager over SSH: {ssh_said or 'ssh failed'}",
+        "check the VPN and --manager / GRIDX_MANAGER (user@HUB_VPN_IP, with a key the hub trusts)",
+    )
+
+
 def command_error(argv, result):
     stderr = (result.stderr or "").strip()
     if argv[0] == "docker" and (
         "Cannot connect to the Docker daemon" in stderr or "Is the docker daemon running" in stderr
     ):
-        return precondition(
-            "Docker is not running", "start it: systemctl start docker (or service docker start)"
-        )
+        return docker_not_running()
     if argv[0] == "docker" and "permission denied while trying to connect to the Docker daemon" in stderr:
-        return precondition(
-            "no access to the Docker socket (permission denied)",
-            "run it as root (sudo), or as a member of the docker group (which is as good as root)",
-        )
+        return docker_socket_denied()
     if argv[0] == "docker" and "This node is not a swarm manager" in stderr:
-        return precondition(
-            "this machine's Docker is not a swarm manager",
-            "run this on the hub, or set GRIDX_MANAGER=root@HUB_VPN_IP",
-        )
+        return not_a_swarm_manager()
     if argv[0] == "docker" and "dial-stdio" in stderr and "exit status 255" in stderr:
-        ssh_said = (stderr.rpartition("stderr=")[2].strip().splitlines() or ["ssh failed"])[-1]
-        return precondition(
-            f"cannot reach the manager over SSH: {ssh_said}",
-            "check the VPN and --manager / GRIDX_MANAGER (user@HUB_VPN_IP, with a key the hub trusts)",
-        )
+        return manager_unreachable((stderr.rpartition("stderr=")[2].strip().splitlines() or [""])[-1])
     last = " | ".join(stderr.splitlines()[-3:]) or "no error output"
     shown = " ".join(argv[:4]) + (" …" if len(argv) > 4 else "")
     return GridxError(f"`{shown}` failed (exit {result.returncode}): {last}")
@@ -480,12 +588,290 @@ def docker(*args):
     return ["docker", *args]
 
 
-def docker_json_lines(argv):
-    """Run a docker command printing one JSON document per line."""
+# -- the Engine API -------------------------------------------------------------
+# What gridx reads of the swarm (jobs, their tasks, the nodes) comes from
+# Docker's Engine API in a fixed number of requests whatever the number of
+# jobs: the docker CLI makes one request per service for `service inspect`
+# and `service ps`. HTTP/1.1 over the engine's unix socket ($DOCKER_HOST
+# unix://PATH, else DOCKER_SOCKET), or for --manager root@HUB through `ssh
+# root@HUB docker system dial-stdio`, which is how the docker CLI reaches a
+# manager over SSH. One connection per process, kept open; the API version
+# is asked once (GET /_ping's Api-Version, at most ENGINE_API_NEWEST) and
+# every path carries it. What changes the swarm stays with the docker CLI.
+# HTTP is spoken by read_http_response, not http.client: importing that
+# costs more than the requests themselves (14-19 ms on the lab's hub, 34 ms
+# in the binary; it loads email and ssl), and Docker's answers need only
+# GET, Content-Length and chunked bodies.
+
+ENGINE_API_OLDEST = (1, 41)  # Docker 20.10: every field gridx reads exists there
+ENGINE_API_NEWEST = (1, 51)  # Docker 28.5, the newest engine tested: a newer one is spoken to as 28.5
+DOCKER_SOCKET = "/var/run/docker.sock"
+ENGINE_TIMEOUT_S = 120  # as run()'s
+ENGINES = {}  # thread ID -> its EngineAPI (engine_get opens it): one connection is not shared by threads
+
+
+class EngineError(GridxError):
+    """The engine answered a request with an error (status: HTTP's)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def engine_host():
+    """Where the Engine API is: ssh://root@HUB with --manager, else
+    $DOCKER_HOST (unix:// or ssh://), else the local socket."""
+    host = DOCKER_HOST or os.environ.get("DOCKER_HOST") or f"unix://{DOCKER_SOCKET}"
+    if not host.startswith(("unix://", "ssh://")):
+        raise precondition(f"gridx reads Docker through a unix socket or ssh://, not DOCKER_HOST={host}",
+                           "on the hub unset DOCKER_HOST; elsewhere use --manager root@HUB_VPN_IP")
+    return host
+
+
+def engine_get(path, filters=None):
+    """GET PATH of the Engine API (/services, /tasks, /nodes…) with these
+    filters ({name: [values]}): the JSON it answers."""
     import json
 
-    output = run(argv).stdout
-    return [json.loads(line) for line in output.splitlines() if line.strip()]
+    query = {"filters": json.dumps(filters, separators=(",", ":"))} if filters else None
+    body = engine().read(path, query)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise GridxError(f"Docker's API: GET {path} did not answer JSON") from None
+
+
+def engine():
+    """This thread's EngineAPI, for where engine_host() says (hub watch
+    reads the swarm from more than one thread)."""
+    import threading
+
+    host = engine_host()
+    key = threading.get_ident()
+    if key not in ENGINES or ENGINES[key].host != host:
+        ENGINES[key] = EngineAPI(host)
+    return ENGINES[key]
+
+
+def write_log_stream(data):
+    """Docker's multiplexed log stream (frames of an 8-byte header: the
+    stream, 0, 0, 0, the size) to stdout and stderr, as `docker service logs`
+    writes it; what has no header (a TTY's stream) to stdout."""
+    at = 0
+    while at + 8 <= len(data) and data[at] in (0, 1, 2) and data[at + 1:at + 4] == b"\0\0\0":
+        size = int.from_bytes(data[at + 4:at + 8], "big")
+        (sys.stderr if data[at] == 2 else sys.stdout).buffer.write(data[at + 8:at + 8 + size])
+        at += 8 + size
+    sys.stdout.buffer.write(data[at:])
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.flush()
+
+
+def engine_unix_socket(path):
+    """A connected socket to the engine, or the precondition the docker CLI
+    would have met (exit 3)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(ENGINE_TIMEOUT_S)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise docker_not_running() from None
+    except PermissionError:
+        sock.close()
+        raise docker_socket_denied() from None
+    except OSError as error:
+        sock.close()
+        raise precondition(f"cannot connect to Docker's socket {path}: {error.strerror}",
+                           "start Docker: systemctl start docker (or service docker start)") from None
+    return sock
+
+
+HTTP_LINE_MAX = 65536  # a status, header or chunk-size line longer than this is no answer of Docker's
+
+
+def read_http_response(reader):
+    """(status, {header name in lower case: value}, body) of one HTTP/1.1
+    response from reader (a binary file): its body by Content-Length, by
+    chunks, or to the end of the connection (then "connection" is "close")."""
+    line = reader.readline(HTTP_LINE_MAX)
+    if not line:
+        raise ConnectionError("the connection closed before an answer")
+    match = re.match(rb"HTTP/1\.[01] (\d{3})[ \r\n]", line)
+    if not match:
+        raise ValueError(f"not an HTTP answer: {line[:40]!r}")
+    headers = {}
+    while True:
+        line = reader.readline(HTTP_LINE_MAX)
+        if line in (b"\r\n", b"\n"):
+            break
+        if not line.endswith(b"\n"):
+            raise ConnectionError("the answer's headers broke off")
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks = []
+        while True:
+            size = int(reader.readline(HTTP_LINE_MAX).split(b";")[0].strip() or b"x", 16)  # ValueError: no size
+            if size == 0:
+                break
+            chunks.append(read_exactly(reader, size))
+            read_exactly(reader, 2)  # the chunk's CRLF
+        while reader.readline(HTTP_LINE_MAX) not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+        return int(match.group(1)), headers, b"".join(chunks)
+    if "content-length" in headers:
+        return int(match.group(1)), headers, read_exactly(reader, int(headers["content-length"]))
+    headers["connection"] = "close"
+    return int(match.group(1)), headers, reader.read()
+
+
+def read_exactly(reader, size):
+    data = reader.read(size)
+    if len(data) != size:
+        raise ConnectionError("the answer broke off")
+    return data
+
+
+class EngineAPI:
+    """GET requests to one engine over one kept-open connection."""
+
+    def __init__(self, host):
+        self.host = host
+        self.sock = self.reader = None
+        self.process = self.said = None  # ssh and its stderr, for ssh://
+        self.version = None
+
+    def read(self, path, query=None):
+        """The body of GET PATH?QUERY at the negotiated version; an error
+        status raises, with what the engine said."""
+        import json
+        import urllib.parse
+
+        if self.version is None:
+            self.version = self.negotiate()
+        target = "/v%d.%d%s" % (self.version + (path,))
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        status, _, body = self.request(target)
+        if status < 400:
+            return body
+        try:
+            said = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            said = None
+        said = said or body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+        if "not a swarm manager" in said:
+            raise not_a_swarm_manager()
+        raise EngineError(status, f"Docker's API: GET {path}: {said}")
+
+    def negotiate(self):
+        """The API version both speak: the engine's, at most ENGINE_API_NEWEST."""
+        status, headers, _ = self.request("/_ping")
+        version = headers.get("api-version")
+        match = re.match(r"(\d+)\.(\d+)$", version or "")
+        if not match:
+            raise GridxError(f"Docker's API did not say its version (GET /_ping: HTTP {status})")
+        found = (int(match.group(1)), int(match.group(2)))
+        if found < ENGINE_API_OLDEST:
+            raise precondition(f"Docker's API is {version}; Grid-X needs {'%d.%d' % ENGINE_API_OLDEST} "
+                               "(Docker 20.10) or newer", "upgrade Docker on the hub")
+        return min(found, ENGINE_API_NEWEST)
+
+    def request(self, target):
+        """(status, headers, body) of one GET; a kept-open connection that
+        the engine closed meanwhile is opened again, once."""
+        if VERBOSE:
+            import urllib.parse
+
+            print(f"[#] GET {urllib.parse.unquote(target)}", file=sys.stderr)
+        asked = f"GET {target} HTTP/1.1\r\nHost: docker\r\nUser-Agent: gridx/{VERSION}\r\n\r\n".encode()
+        for attempt in (1, 2):
+            fresh = self.sock is None
+            if fresh:
+                self.sock = self.open()
+                self.reader = self.sock.makefile("rb")
+            try:
+                self.sock.sendall(asked)
+                status, headers, body = read_http_response(self.reader)
+            except (OSError, ValueError) as error:
+                self.close()
+                if fresh or attempt == 2:
+                    raise self.failed(error) from None
+                continue
+            if headers.get("connection", "").lower() == "close":
+                self.close()
+            return status, headers, body
+        raise AssertionError("not reached")
+
+    def close(self):
+        if self.sock is not None:
+            self.reader.close()
+            self.sock.close()
+        self.sock = self.reader = None
+
+    def open(self):
+        if self.host.startswith("ssh://"):
+            return self.dial_stdio()
+        return engine_unix_socket(self.host[len("unix://"):])
+
+    def dial_stdio(self):
+        """A socket whose other end is `ssh HOST docker system dial-stdio`:
+        the manager's API socket, as the docker CLI reaches it (ssh's own
+        configuration and known_hosts apply)."""
+        import socket
+        import tempfile
+        import urllib.parse
+
+        self.close_ssh()
+        parts = urllib.parse.urlsplit(self.host)
+        argv = ["ssh", "-o", f"ConnectTimeout={MANAGER_CONNECT_TIMEOUT_S * 6}", "-T"]
+        if parts.username:
+            argv += ["-l", parts.username]
+        if parts.port:
+            argv += ["-p", str(parts.port)]
+        ours, theirs = socket.socketpair()
+        self.said = tempfile.TemporaryFile()
+        try:
+            self.process = start(argv + ["--", parts.hostname, "docker", "system", "dial-stdio"],
+                                 stdin=theirs, stdout=theirs, stderr=self.said)
+        finally:
+            theirs.close()
+        ours.settimeout(ENGINE_TIMEOUT_S)
+        return ours
+
+    def close_ssh(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def failed(self, error):
+        """The GridxError of a request that got no answer."""
+        import socket
+        import subprocess
+
+        if self.process is None:
+            if isinstance(error, socket.timeout):  # TimeoutError from 3.10 on
+                return GridxError(f"Docker did not answer within {ENGINE_TIMEOUT_S} s")
+            return GridxError(f"Docker's API: the connection failed: {error}")
+        try:
+            code = self.process.wait(timeout=MANAGER_CONNECT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.close_ssh()
+            return GridxError(f"the manager's Docker did not answer over SSH within {ENGINE_TIMEOUT_S} s")
+        self.said.seek(0)
+        lines = [line for line in self.said.read().decode("utf-8", "replace").splitlines()
+                 if line.strip() and not line.startswith("Warning: Permanently added")]
+        self.process = None
+        if code == 255:
+            return manager_unreachable(lines[-1] if lines else "")
+        return GridxError(f"`docker system dial-stdio` on the manager over SSH ended (exit {code}): "
+                          + (lines[-1] if lines else "no error output"),
+                          "gridx reads the manager's Docker the way `docker -H ssh://…` does: "
+                          "docker must be on the PATH of the manager's SSH login")
 
 
 def own_program():
@@ -920,6 +1306,16 @@ def parse_count(value, flag, minimum, maximum=None):
     if maximum is not None and count > maximum:
         raise usage_error(f"invalid {flag} {value!r}: at most {maximum}")
     return count
+
+
+def parse_duration(value, flag):
+    """'90', '30s', '10m', '2h' -> seconds (at least 10, at most a week)."""
+    match = re.fullmatch(r"\s*([0-9]{1,7})\s*([smh]?)\s*", str(value or ""))
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
+    if not 10 <= seconds <= 7 * 86400:
+        raise usage_error(f"invalid {flag} {value!r}: give a time from 10s to 168h, like 10m",
+                          f"for example: {flag} 10m")
+    return seconds
 
 
 def parse_env(items):
@@ -1701,12 +2097,13 @@ def generic_resources(items):
 
 
 class Node:
-    """A swarm node as gridx shows it, made once from `docker node inspect`:
-    its address, state and the Resources it shares (shared.gpus counts its
-    GPUs, gpu_ids names them)."""
+    """A swarm node as gridx shows it, made once from the Engine API's node
+    (what `docker node inspect` prints): its ID (what gridx knows it by),
+    hostname (for display), address, state and the Resources it shares
+    (shared.gpus counts its GPUs, gpu_ids names them)."""
 
     __slots__ = ("id", "hostname", "address", "state", "availability", "role", "manager", "shared", "gpu_ids",
-                 "created", "updated", "hub_ssh")
+                 "created", "updated", "hub_ssh", "owner", "preempted")
 
     def __init__(self, **values):
         for slot in self.__slots__:
@@ -1734,6 +2131,9 @@ class Node:
             updated=node.get("UpdatedAt", ""),
             # False: the worker declined the hub's SSH (join.sh --no-hub-ssh)
             hub_ssh=((description.get("Engine") or {}).get("Labels") or {}).get(LABEL_HUB_SSH) != "no",
+            # what its volunteer's agent last said, as hub watch labels it (see Owner activity)
+            owner=(spec.get("Labels") or {}).get(LABEL_OWNER_STATE, ""),
+            preempted=[t for t in (spec.get("Labels") or {}).get(LABEL_PREEMPTED, "").split(",") if t],
         )
 
     def shared_dict(self):
@@ -1741,8 +2141,43 @@ class Node:
         return {"cpus": self.shared.cpus, "memory_mib": self.shared.memory_mib, "gpus": list(self.gpu_ids)}
 
 
-def swarm_nodes():
-    """Every swarm node as a Node: two docker calls whatever their number.
+# What a node's volunteer does (its label gridx.owner-state, which hub watch
+# sets from the agent's reports: see Owner activity and checkpoints).
+
+
+def describe_owner(label, now=None):
+    """A node's owner state, from its label, in words for `gridx cluster` and
+    `jobs status` (empty: sharing, or no agent)."""
+    parts = (label or "").split()
+    if len(parts) < 5 or parts[0] == "sharing":
+        return ""
+    state, reason, since, preempt_at, hours = parts[:5]
+    now = time.time() if now is None else now
+    if state == "outside-hours":
+        return f"outside its hours ({hours})"
+    if state == "unknown":
+        return "its agent is silent: owner unknown"
+    said = f"paused: owner active ({reason}) for {human_age(now - int(since)).replace(' ago', '')}"
+    if state == "preempting":
+        return said + ", its jobs preempted"
+    if int(preempt_at):
+        said += f", jobs preempted in {human_age(max(0, int(preempt_at) - now)).replace(' ago', '')}"
+    return said
+
+
+def owner_document(label):
+    """A node's owner state for --json: {state, reason, since, preempt_at,
+    hours}, or None (no agent has reported)."""
+    parts = (label or "").split()
+    if len(parts) < 5:
+        return None
+    return {"state": parts[0], "reason": parts[1], "since": int(parts[2]) if parts[2].isdigit() else 0,
+            "preempt_at": int(parts[3]) if parts[3].isdigit() else 0, "hours": parts[4]}
+
+
+def swarm_nodes(nodes=None):
+    """Every swarm node as a Node, one identity per address (nodes: those
+    of all_swarm_nodes() when read already).
 
     A worker that left and joined again leaves its old identity behind with
     the same address (still Ready until its heartbeats time out, then Down);
@@ -1750,7 +2185,7 @@ def swarm_nodes():
     one, else the newest.
     """
     newest = {}
-    for node in all_swarm_nodes():
+    for node in all_swarm_nodes() if nodes is None else nodes:
         whole, _, fraction = node.created.rstrip("Z").partition(".")
         rank = (node.state == "ready", whole, fraction.ljust(9, "0"))
         if node.address not in newest or rank > newest[node.address][0]:
@@ -1759,13 +2194,19 @@ def swarm_nodes():
 
 
 def all_swarm_nodes():
-    """Every swarm node, replaced identities too, as Nodes."""
-    ids = run(docker("node", "ls", "-q")).stdout.split()
-    if not ids:
-        return []
-    import json
+    """Every swarm node, replaced identities too, as Nodes: one request."""
+    return [Node.from_docker(node) for node in engine_get("/nodes")]
 
-    return [Node.from_docker(node) for node in json.loads(run(docker("node", "inspect", "--", *ids)).stdout)]
+
+def node_names(nodes):
+    """{node ID: the name to show}: its hostname, with the ID's first 12
+    characters where two nodes report the same hostname (volunteers' laptops
+    are often all called ubuntu). Nodes are known by ID; this is display."""
+    counts = {}
+    for node in nodes:
+        counts[node.hostname] = counts.get(node.hostname, 0) + 1
+    return {node.id: node.hostname if counts[node.hostname] == 1 else f"{node.hostname} ({node.id[:12]})"
+            for node in nodes}
 
 
 # ---------------------------------------------------------------------------
@@ -2491,10 +2932,14 @@ def registry_repositories(address, ca_path):
 
 
 def registry_tags(address, ca_path, repository):
-    """A repository's tags (none once its last tag was removed)."""
+    """A repository's tags (none once its last tag was removed, or before
+    its first was pushed)."""
     import urllib.parse
 
     tags, path = [], f"/v2/{urllib.parse.quote(repository)}/tags/list?n=1000"
+    status, _, body = registry_request(address, ca_path, path)
+    if status == 404 and "NAME_UNKNOWN" in body:
+        return []
     while path:
         document, headers = api_json(address, ca_path, path)
         tags += document.get("tags") or []
@@ -2560,7 +3005,7 @@ def registry_images(address, ca_path):
 # Bundles
 # ---------------------------------------------------------------------------
 
-BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "lib.sh")
+BUNDLE_SCRIPTS = ("join.sh", "leave.sh", "status.sh", "jobnet.sh", "agent.sh", "lib.sh")
 
 
 def templates_dir():
@@ -2607,6 +3052,7 @@ def worker_settings(name, interface, vpn_ip, hub_ip, endpoint, subnet, manager, 
         "GRIDX_MANAGER": manager,
         "GRIDX_NEEDS_PRIVATE_KEY": "1" if needs_private_key else "0",
         "GRIDX_VERSION": VERSION,
+        "GRIDX_AGENT_PORT": str(AGENT_PORT),  # agent.sh reports there
     }
 
 
@@ -3204,27 +3650,39 @@ def create_job(job_id, image, request, *, kind, command_argv, command_text, mode
 
 
 # -- reading the swarm --------------------------------------------------------
-# The only place that reads Docker's task rows and service reservations.
+# The only place that reads the Engine API's services and tasks (their JSON
+# is what `docker service inspect` and `docker inspect TASK` print), into
+# Task and Resources: a fixed number of requests whatever the number of jobs.
 
 
 class Task:
-    """One task of a job, made once from a `docker service ps` row."""
+    """One task of a job, made once from the Engine API's task. Its node is
+    node_id; node is that node's hostname, for display only."""
 
-    __slots__ = ("id", "name", "service", "node", "state", "since", "desired", "error", "exit_code")
+    __slots__ = ("id", "name", "service", "node_id", "node", "state", "since", "desired", "error", "exit_code",
+                 "slot", "created", "container", "container_exit", "gpus")
 
-    def __init__(self, id="", name="", service="", node="", state="", since="", desired="", error="",
-                 exit_code=None):
-        self.id, self.name, self.service, self.node = id, name, service, node
+    def __init__(self, id="", name="", service="", node_id="", node="", state="", since="", desired="", error="",
+                 exit_code=None, slot=0, created="", container="", container_exit=None, gpus=()):
+        self.id, self.name, self.service, self.node_id, self.node = id, name, service, node_id, node
         self.state, self.since, self.desired, self.error = state, since, desired, error
         self.exit_code = exit_code_from(state, error) if exit_code is None else exit_code
+        self.slot, self.created, self.container, self.container_exit = slot, created, container, container_exit
+        self.gpus = list(gpus)
 
     @classmethod
-    def from_docker(cls, row):
-        state, _, since = row.get("CurrentState", "").partition(" ")
-        name = row.get("Name", "")
-        return cls(id=row.get("ID", ""), name=name, service=name.rsplit(".", 1)[0], node=row.get("Node", ""),
-                   state=state.lower(), since=since, desired=row.get("DesiredState", "").lower(),
-                   error=row.get("Error", "").strip('"'))
+    def from_api(cls, task, service, hostnames, now=None):
+        """task: the API's; service: its job's name; hostnames: {node ID:
+        hostname}. Named and dated as `docker service ps` shows it."""
+        status = task.get("Status") or {}
+        container = status.get("ContainerStatus") or {}
+        node_id, slot = task.get("NodeID") or "", task.get("Slot") or 0
+        return cls(id=task.get("ID", ""), name=f"{service}.{slot or node_id}", service=service, node_id=node_id,
+                   node=hostnames.get(node_id, node_id), state=(status.get("State") or "").lower(),
+                   since=docker_ago(status.get("Timestamp"), now), desired=(task.get("DesiredState") or "").lower(),
+                   error=status.get("Err") or "", slot=slot, created=task.get("CreatedAt") or "",
+                   container=container.get("ContainerID") or "", container_exit=container.get("ExitCode"),
+                   gpus=generic_resources(task.get("GenericResources"))[1])
 
     @property
     def active(self):
@@ -3238,8 +3696,8 @@ class Task:
 
     def to_dict(self):
         """The stable --json shape of a job's task."""
-        return {"id": self.id, "name": self.name, "node": self.node, "state": self.state, "since": self.since,
-                "error": self.error, "exit_code": self.exit_code}
+        return {"id": self.id, "name": self.name, "node": self.node, "node_id": self.node_id, "state": self.state,
+                "since": self.since, "error": self.error, "exit_code": self.exit_code}
 
 
 def exit_code_from(state, error):
@@ -3264,25 +3722,21 @@ def is_current(task, batch=True):
 
 
 def list_job_services(job_ids=None, missing_ok=False):
-    """Inspect every Grid-X job service (two docker calls), or the named ones
-    (missing_ok: [] for a job that is not there, else exit 2)."""
-    import json
-
+    """Every Grid-X job's service (one request), or the named ones in that
+    order (missing_ok: [] for a job that is not there, else exit 2)."""
     if job_ids is None:
-        job_ids = run(docker("service", "ls", "-q", "--filter", f"label={LABEL_JOB}")).stdout.split()
-        if not job_ids:
+        return engine_get("/services", {"label": [LABEL_JOB]})
+    wanted = list(dict.fromkeys(job_ids))
+    # the name filter matches prefixes: job-1 finds job-10 too
+    found = {s["Spec"]["Name"]: s for s in engine_get("/services", {"name": wanted})}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        if missing_ok:
             return []
-    result = run(docker("service", "inspect", "--", *job_ids), check=False)
-    if result.returncode != 0:
-        if "no such service" in result.stderr.lower():
-            if missing_ok:
-                return []
-            missing = [i for i in job_ids if i in result.stderr] or job_ids
-            raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
-        raise command_error(docker("service", "inspect"), result)
-    services = json.loads(result.stdout)
+        raise usage_error(f"no job {missing[0]!r}", "list the jobs: gridx jobs list")
+    services = [found[name] for name in wanted]
     for service in services:
-        if LABEL_JOB not in service["Spec"].get("Labels", {}):
+        if LABEL_JOB not in (service["Spec"].get("Labels") or {}):
             raise usage_error(f"{service['Spec']['Name']!r} is not a Grid-X job", "list the jobs: gridx jobs list")
     return services
 
@@ -3291,12 +3745,53 @@ def service_names(services):
     return [service["Spec"]["Name"] for service in services]
 
 
-def list_tasks(names):
-    """Every task of these services, as Tasks: one `docker service ps` call."""
-    if not names:
+def list_tasks(services, nodes=None):
+    """The tasks of these job services, as Tasks in `docker service ps`'s
+    order: one request, and one for the nodes' hostnames unless nodes (all
+    identities: all_swarm_nodes()) are given.
+
+    By the services' IDs, as `docker service ps` asks: Docker 20.10 keeps
+    the tasks of deleted jobs (on the lab, all 1285 of them 40 minutes after
+    the deletes; 28.5 removes them), and a filter on the jobs' label would
+    read them all on every call.
+    """
+    if not services:
         return []
-    rows = docker_json_lines(docker("service", "ps", "--no-trunc", "--format", "{{json .}}", "--", *names))
-    return [Task.from_docker(row) for row in rows]
+    names = {service["ID"]: service["Spec"]["Name"] for service in services}
+    try:
+        found = engine_get("/tasks", {"service": list(names)})
+    except EngineError as error:
+        if error.status != 404:
+            raise
+        # a job deleted since its service was read: the others' tasks, by their label
+        found = engine_get("/tasks", {"label": [LABEL_JOB]})
+    found = [task for task in found if task.get("ServiceID") in names]
+    if nodes is None:
+        nodes = all_swarm_nodes() if any(task.get("NodeID") for task in found) else []
+    return tasks_from_api(found, names, {node.id: node.hostname for node in nodes})
+
+
+def tasks_of(job_id, hostnames=None):
+    """Every task of one job, by its name, as Tasks: one request (`--wait`
+    polls this). hostnames: {node ID: hostname} the caller keeps; read
+    again (one request) when a task is on a node it lacks."""
+    found = engine_get("/tasks", {"service": [job_id]})
+    hostnames = {} if hostnames is None else hostnames
+    if any(task.get("NodeID") and task["NodeID"] not in hostnames for task in found):
+        hostnames.update((node.id, node.hostname) for node in all_swarm_nodes())
+    return tasks_from_api(found, {task.get("ServiceID"): job_id for task in found}, hostnames)
+
+
+def tasks_from_api(found, names, hostnames):
+    """The API's tasks as Tasks (names: {service ID: job name}), sorted as
+    `docker service ps` sorts them: by name in natural order (job.2 before
+    job.10; a task of slot 0 is named by its node ID), the newest first."""
+    now = time.time()
+    tasks = [Task.from_api(task, names[task.get("ServiceID")], hostnames, now) for task in found]
+    tasks.sort(key=lambda t: t.created, reverse=True)
+    tasks.sort(key=lambda t: (t.service, [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                                          for part in re.findall(r"[0-9]+|[^0-9]+", t.name)]))
+    return tasks
 
 
 def tasks_by_service(tasks):
@@ -3309,58 +3804,43 @@ def tasks_by_service(tasks):
 
 def service_request(service):
     """The Resources each task of a service reserves (its generic resources)."""
-    spec = service["Spec"]["TaskTemplate"].get("Resources", {}).get("Reservations", {})
+    spec = (service["Spec"]["TaskTemplate"].get("Resources") or {}).get("Reservations") or {}
     return generic_resources(spec.get("GenericResources"))[0]
 
 
-def task_details(task_ids):
-    """`docker inspect` of tasks: {task ID: (its container's exit code or
-    None, the names of the GPUs it was given)}."""
-    import json
-
-    found = {}
-    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
-        container = (detail.get("Status") or {}).get("ContainerStatus") or {}
-        found[detail.get("ID")] = (container.get("ExitCode"), generic_resources(detail.get("GenericResources"))[1])
-    return found
-
-
 def log_sources(job_id):
-    """What of a job's logs can be read: (sources, hostnames that cannot).
+    """What of a job's logs can be read: (sources, {node ID: its name to
+    show} of the nodes that cannot).
 
-    The job itself, in one call, unless one of its tasks ran on a node that
-    is not Ready: Docker 20.10 then waits forever for that node's part of the
-    stream and 26.1 fails it whole ("incomplete log stream"). Then the tasks
-    on the nodes that are up, one by one. One docker call when every node is
-    Ready, three when one is not.
+    The job itself, in one stream, unless one of its tasks ran on a node
+    that is not Ready: Docker 20.10 then waits forever for that node's part
+    of the stream and 26.1 fails it whole ("incomplete log stream"). Then
+    the tasks on the nodes that are up, one by one. One request when every
+    node is Ready, two when one is not.
     """
-    import json
-
-    down = {}
-    listed = run(docker("node", "ls", "--format", "{{.ID}}\t{{.Hostname}}\t{{.Status}}")).stdout
-    for line in listed.splitlines():
-        node_id, hostname, status = (line.split("\t") + ["", ""])[:3]
-        if status.strip().lower() != "ready":
-            down[node_id] = hostname
+    nodes = all_swarm_nodes()
+    down = {node.id: node for node in nodes if node.state != "ready"}
     if not down:
-        return [job_id], []
-    task_ids = run(docker("service", "ps", "-q", "--no-trunc", "--", job_id)).stdout.split()
-    tasks = json.loads(run(docker("inspect", "--type", "task", "--", *task_ids)).stdout) if task_ids else []
-    lost = sorted({down[t["NodeID"]] for t in tasks if t.get("NodeID") in down})
+        return [job_id], {}
+    tasks = tasks_of(job_id, {n.id: n.hostname for n in nodes})
+    lost = {t.node_id for t in tasks if t.node_id in down}
     if not lost:
-        return [job_id], []
-    tasks.sort(key=lambda t: (t.get("Slot", 0), t.get("CreatedAt", "")))
-    return [t["ID"] for t in tasks if t.get("NodeID") and t["NodeID"] not in down], lost
+        return [job_id], {}
+    tasks.sort(key=lambda t: (t.slot, t.created))
+    names = node_names(nodes)
+    return [t.id for t in tasks if t.node_id and t.node_id not in down], {i: names[i] for i in sorted(lost)}
 
 
-def jobs_overview(job_ids=None, with_nodes=False):
-    """Jobs and (optionally) nodes in a fixed number of docker calls."""
+def jobs_overview(job_ids=None):
+    """(services, tasks, jobs, nodes) of every job or the named ones, in a
+    fixed number of requests: the services, their tasks, the nodes (one
+    identity per address, see swarm_nodes)."""
     services = list_job_services(job_ids)
-    tasks = list_tasks(service_names(services))
+    every_node = all_swarm_nodes()
+    tasks = list_tasks(services, every_node)
     by_service = tasks_by_service(tasks)
     jobs = [job_summary(s, by_service.get(s["Spec"]["Name"], [])) for s in services]
-    nodes = swarm_nodes() if with_nodes else []
-    return services, tasks, jobs, nodes
+    return services, tasks, jobs, swarm_nodes(every_node)
 
 
 # -- job state ----------------------------------------------------------------
@@ -3445,28 +3925,32 @@ def job_summary(service, tasks):
 
 
 def reserved_by_node(services, tasks):
-    """The Resources held on each node (by hostname) by placed job tasks."""
+    """The Resources held on each node (by node ID) by placed job tasks."""
     asks = {service["Spec"]["Name"]: service_request(service) for service in services}
     reserved = {}
     for task in tasks:
         if task.placed and is_current(task):
-            reserved[task.node] = reserved.get(task.node, Resources()) + asks.get(task.service, Resources())
+            reserved[task.node_id] = reserved.get(task.node_id, Resources()) + asks.get(task.service, Resources())
     return reserved
 
 
-def pending_reason(job, service, nodes_by_name, reserved):
-    """Why a pending job waits, in the user's terms (nodes_by_name: Nodes,
-    reserved: reserved_by_node's)."""
+def pending_reason(job, service, nodes, reserved):
+    """Why a pending job waits, in the user's terms (nodes: Nodes, reserved:
+    reserved_by_node's, by node ID)."""
     placement = service["Spec"].get("TaskTemplate", {}).get("Placement") or {}
     if any(c.startswith(HOLD_CONSTRAINT) for c in placement.get("Constraints") or ()):
         return "waiting: the hub is making its work layer (the folder it was sent)"
     asks = service_request(service)
-    free = {name: node.shared - reserved.get(name, Resources())
-            for name, node in nodes_by_name.items() if node.shared.cpus}
+    names = node_names(nodes)
+    free = {node.id: node.shared - reserved.get(node.id, Resources())
+            for node in nodes if node.shared.cpus and node.state == "ready" and node.availability == "active"}
+    owned = [f"{names[n.id]} ({describe_owner(n.owner)})" for n in nodes
+             if n.state == "ready" and n.availability == "pause" and describe_owner(n.owner)]
     if not free:
-        return "waiting: no worker is Ready"
-    name = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
-    room = free[name]
+        return "waiting: " + (f"the volunteers are at their machines: {'; '.join(owned)}" if owned
+                              else "no worker is Ready and available")
+    roomiest = max(free, key=lambda n: free[n])  # the first of the roomiest, as (cpus, memory, gpus) orders them
+    room, name = free[roomiest], names[roomiest]
     if asks.gpus and asks.gpus > room.gpus:
         return f"waiting: {asks.gpus} GPUs requested, {max(room.gpus, 0)} free on {name}"
     if asks.cpus > room.cpus:
@@ -3477,14 +3961,16 @@ def pending_reason(job, service, nodes_by_name, reserved):
     errors = [t["error"] for t in job["tasks"] if t["error"]]
     if any(ENFORCER_REJECTION in error for error in errors):
         return f"waiting to run again: Docker rejected it ({ENFORCER_REJECTION})"
+    if owned and errors and "no suitable node" in errors[0]:
+        return f"waiting: {errors[0]}; and the volunteers are at their machines: {'; '.join(owned)}"
     return "waiting: " + (errors[0] if errors else "the scheduler has not placed it yet")
 
 
-def jobs_on_nodes(hostnames, tasks=None):
-    """Job services with unfinished tasks on these nodes."""
+def jobs_on_nodes(node_ids, tasks=None):
+    """Job services with unfinished tasks on these nodes (by node ID)."""
     if tasks is None:
-        tasks = list_tasks(service_names(list_job_services()))
-    return sorted({t.service for t in tasks if t.node in hostnames and t.active and is_current(t)})
+        tasks = list_tasks(list_job_services())
+    return sorted({t.service for t in tasks if t.node_id in node_ids and t.active and is_current(t)})
 
 
 # -- owners and fair share ----------------------------------------------------
@@ -3667,14 +4153,15 @@ def run_again(job_ids):
         run(docker("service", "update", "--detach", "--force", "--no-resolve-image", "--", job_id))
 
 
-def run_lost_jobs_again(down_node_names, tasks=None):
-    """Run again the unfinished jobs whose worker is gone.
+def run_lost_jobs_again(down_node_ids, tasks=None):
+    """Run again the unfinished jobs whose worker is gone (by node ID: two
+    laptops may both be called ubuntu).
 
     Swarm (20.10) leaves a replicated-job task of a Down node "running" for
     24 hours. A forced update starts a new iteration of the job on the
     workers that are up; the old task is shut down when its node returns.
     """
-    lost = jobs_on_nodes(down_node_names, tasks)
+    lost = jobs_on_nodes(down_node_ids, tasks)
     run_again(lost)
     return lost
 
@@ -3691,27 +4178,31 @@ def wait_for_job(job_id, replicas=1, poll_s=0.1, timeout=None, log_args=(), may_
     may_run_again: run the job again when runs_again says so (`--wait`; not
     `logs -f`, which only watches). log_sources: the job itself (default),
     or its tasks one by one when some ran on a node that is down
-    (unreadable_nodes, by hostname; see log_sources()): tasks made later on
-    other nodes are followed too.
+    (unreadable_nodes, by node ID; see log_sources()): tasks made later on
+    other nodes are followed too. Each poll is one request (see tasks_of).
     """
     sources = list(log_sources or [job_id])
     per_task = sources != [job_id]
-    logs = LogFollower(sources, log_args, hold=True)
+    logs = LogFollower(sources, log_args, hold=True, job_id=job_id)
     started = time.monotonic()
     progress = JobProgress(job_id, started)
-    ran_again = RunAgainWait(job_id)
+    ran_again, preempted = RunAgainWait(job_id), PreemptedWait(job_id)
+    hostnames = {}
     try:
         while True:
-            tasks = list_tasks([job_id])
+            tasks = tasks_of(job_id, hostnames)
             job = job_status(tasks, replicas)
             if logs.holding:
                 progress.show(job)
                 if job["state"] not in ("pending", "starting"):
                     logs.release()
             if per_task:
-                logs.add([t.id for t in tasks if t.id not in logs.sources and t.node
-                          and t.node not in unreadable_nodes], log_args)
+                logs.add([t.id for t in tasks if t.id not in logs.sources and t.node_id
+                          and t.node_id not in unreadable_nodes], log_args)
             if job["state"] in ("complete", "failed") and ran_again.started(tasks):
+                if preempted.holds(tasks):
+                    time.sleep(1)
+                    continue
                 if not (may_run_again and ran_again.now(tasks)):
                     break
                 continue
@@ -3742,6 +4233,29 @@ class RunAgainWait:
         self.seen, self.at = {t.id for t in tasks}, time.monotonic()
         run_again([self.job_id])
         return True
+
+
+class PreemptedWait:
+    """`--wait`'s side of a preemption: a task that its worker's agent
+    stopped (listed in the node's gridx.preempted label, set by hub watch
+    before the task's SIGTERM) did not end the job: hub watch runs it again
+    elsewhere, from its checkpoint. One request a check, once the job ended."""
+
+    def __init__(self, job_id):
+        self.job_id, self.said = job_id, set()
+
+    def holds(self, tasks):
+        ended = [t for t in tasks if is_current(t) and not t.active]
+        if not ended:
+            return False
+        marked = {task_id for node in all_swarm_nodes() for task_id in node.preempted}
+        stopped = [t for t in ended if t.id in marked]
+        for task in stopped:
+            if task.id not in self.said:
+                info(f"job {self.job_id}: its volunteer on {task.node} needs the machine back: preempted; "
+                     "it runs again elsewhere, from its checkpoint when it has one")
+                self.said.add(task.id)
+        return bool(stopped)
 
 
 def job_end(job_id, job):
@@ -3788,6 +4302,72 @@ def logs_argv(source, log_args=(), follow=False):
     return docker("service", "logs", "--raw", *(["--follow"] if follow else []), *log_args, "--", source)
 
 
+# The swarm's log broker sometimes loses a node that is up (moby#35011,
+# #37336, open since Docker 17.06; seen on 20.10 here after a worker was
+# killed and came back): `docker service logs` then fails with "incomplete
+# log stream … node ID is not available". Those nodes' tasks are read from
+# their containers on the workers, over the hub's SSH.
+BROKER_LOST = re.compile(r"node ([\w.-]+) is not available")
+
+
+def container_logs_argv(node, container, log_args=()):
+    """`docker logs` of a task's container on its worker, over the hub's SSH."""
+    import shlex
+
+    return ssh_argv(node.address, [shlex.join(["docker", "logs", *log_args, "--", container])])
+
+
+def logs_from_containers(job_id, node_ids, log_args=()):
+    """The logs of a job's tasks on these nodes (the broker lost them), each
+    from its container; one line for each that cannot be read. True when
+    every one was read."""
+    nodes = {node.id: node for node in all_swarm_nodes()}
+    tasks = [t for t in tasks_of(job_id, {i: n.hostname for i, n in nodes.items()}) if t.node_id in node_ids]
+    whole = True
+    for task in sorted(tasks, key=lambda t: (t.slot, t.created)):
+        node, why = nodes.get(task.node_id), None
+        if OWNER is not None or DOCKER_HOST or os.geteuid() != 0:
+            why = "only root on the hub reaches the workers: there, sudo gridx jobs logs " + job_id
+        elif node is None or node.state != "ready":
+            why = "its node is not up"
+        elif not node.hub_ssh:
+            why = f"{node.hostname} declined the hub's SSH"
+        elif not task.container:
+            continue  # never started: nothing to read
+        if why:
+            warn(f"the swarm cannot give the logs of {task.name} ({BROKER_FAILURE_HINT}): {why}")
+            whole = False
+            continue
+        whole = run_streaming(container_logs_argv(node, task.container, log_args)) == 0 and whole
+    return whole
+
+
+BROKER_FAILURE_HINT = "its log broker lost that node, moby#37336"
+
+
+def read_job_logs(job_id, source, log_args=()):
+    """`docker service logs` of a job (or a task): its output as it comes,
+    and, where the broker lost a node, that node's tasks from their
+    containers. The exit status: 0 when everything was read."""
+    import subprocess
+
+    process = start(logs_argv(source, log_args), stderr=subprocess.PIPE)
+    try:
+        said = process.stderr.read().decode("utf-8", "replace")
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    lost = set(BROKER_LOST.findall(said))
+    for line in said.splitlines():
+        if not (lost and "incomplete log stream" in line):
+            print(line, file=sys.stderr)
+    if code and lost:
+        return 0 if logs_from_containers(job_id, lost, log_args) else 1
+    return code
+
+
 class LogFollower:
     """`docker service logs --follow` of a job (or of some of its tasks),
     copied to stdout as it comes.
@@ -3798,18 +4378,21 @@ class LogFollower:
     (at most LOG_DRAIN_S) before ending them. A follower that has shown
     nothing by then may not have caught up yet with a job that ended at once
     (seen on a loaded machine: `logs -f` of a finished job printed nothing):
-    stop() then reads what there is, whole, with one plain `service logs`.
+    stop() then reads what there is, whole, with one request to the Engine
+    API per source (the job_id's service, else a task), not one more docker
+    process: a job that prints nothing always comes to this.
     """
 
-    def __init__(self, sources, log_args=(), hold=False):
+    def __init__(self, sources, log_args=(), hold=False, job_id=None):
         import threading
 
         self.lock = threading.Lock()
         self.held = [] if hold else None  # chunks not yet shown; None once released
         self.last_output = time.monotonic()
         self.any_output = False
-        self.log_args = tuple(log_args)
+        self.log_args, self.job_id = tuple(log_args), job_id
         self.sources, self.processes, self.copiers = [], [], []
+        self.broken = set()  # node IDs the swarm's log broker lost (see BROKER_LOST)
         self.add(sources, log_args)
 
     def add(self, sources, log_args=()):
@@ -3818,11 +4401,26 @@ class LogFollower:
 
         for source in sources:
             self.sources.append(source)
-            process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE)
-            copier = threading.Thread(target=self._copy, args=(process,), daemon=True)
-            copier.start()
+            process = start(logs_argv(source, log_args, follow=True), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+            for target in (self._copy, self._errors):
+                copier = threading.Thread(target=target, args=(process,), daemon=True)
+                copier.start()
+                self.copiers.append(copier)
             self.processes.append(process)
-            self.copiers.append(copier)
+
+    def _errors(self, process):
+        """Docker's own stderr, passed on; the nodes its log broker lost, kept
+        (stop() reads them from their containers)."""
+        for raw in iter(process.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            lost = BROKER_LOST.findall(line)
+            if lost and "incomplete log stream" in line:
+                with self.lock:
+                    self.broken.update(lost)
+                continue
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
     def _copy(self, process):
         while True:
@@ -3872,22 +4470,33 @@ class LogFollower:
         for copier in self.copiers:
             copier.join(timeout=1)
         self.release()
-        if not self.any_output:
+        if self.broken and self.job_id:
+            logs_from_containers(self.job_id, self.broken, self.log_args)
+        elif not self.any_output:
             for source in self.sources:
-                run_streaming(logs_argv(source, self.log_args))
+                self.read_whole(source)
+
+    def read_whole(self, source):
+        query = {"stdout": "1", "stderr": "1"}
+        query.update(("tail", arg.partition("=")[2]) for arg in self.log_args if arg.startswith("--tail="))
+        what = "services" if source == self.job_id else "tasks"
+        try:
+            write_log_stream(engine().read(f"/{what}/{source}/logs", query))
+        except GridxError as error:
+            warn(error.message)
 
 
 # ---------------------------------------------------------------------------
 # Work folders and results
 # ---------------------------------------------------------------------------
 # `--workdir DIR`: the folder's files (less what its .gridxignore, else its
-# .dockerignore, leaves out) become one layer on the job's image. gridx
-# streams them, with a Dockerfile of its own (FROM the image, COPY to /work:
-# nothing of the user's runs at build time), as the build context of the
-# hub's Docker: here on the hub, through docker's own SSH with --manager
-# root@HUB, or through gridx serve for a user. The hub's Docker builds and
-# pushes it to the hub's registry (see Registry); the worker pulls it over
-# the VPN. `--output PATH`: when a task ends, complete or failed, the hub
+# .dockerignore, leaves out) become one layer on the job's image, made by the
+# hub's Docker without a build (a container of the image, never started,
+# the folder copied in, committed): here on the hub, through docker's own
+# SSH with --manager root@HUB, or through gridx serve for a user. It is
+# pushed through the registry's writer under a tag no one can guess, and the
+# job runs it by digest from the read-only side (see Registry).
+# `--output PATH`: when a task ends, complete or failed, the hub
 # copies PATH out of its ended container (`docker cp` on the worker, over
 # the hub's SSH, see SSH) into RESULTS/ID/ (RESULTS/ID/N/ when
 # there are several replicas), so results outlive the worker; `jobs
@@ -3897,10 +4506,13 @@ class LogFollower:
 
 WORK_DIR = "/work"  # where the folder lands and the job starts
 DEFAULT_OUTPUT = WORK_DIR + "/out"  # --output's default with --workdir
+DEFAULT_CHECKPOINT = WORK_DIR + "/ckpt"  # --checkpoint's default with --workdir (GRIDX_CHECKPOINT_DIR)
+DEFAULT_CHECKPOINT_EVERY_S = 600  # --checkpoint-every: at most this much work is lost when a worker vanishes
 DEFAULT_WORKDIR_LIMIT = "2G"
 DEFAULT_OUTPUT_LIMIT = "2G"
 IGNORE_FILES = (".gridxignore", ".dockerignore")  # the first one found counts
 WORK_REPOSITORY = "gridx/work"  # a job's layer: REGISTRY/gridx/work:JOB-TOKEN, run by digest
+CHECKPOINT_REPOSITORY = "gridx/checkpoint"  # a job's checkpoint as a layer on its image, for a re-run
 WORK_DOCKERFILE = "FROM {image}\nCOPY work/ {workdir}/\nWORKDIR {workdir}\n"
 LABEL_OUTPUT = "gridx.output"
 LABEL_OUTPUT_LIMIT = "gridx.output-limit"
@@ -3913,16 +4525,16 @@ RESULTS_ATTEMPTS = 5  # an unreachable worker's output is tried this often (each
 RESULTS_COPY_TIMEOUT_S = 900  # one task's copy from its worker: killed past this, tried again (an attempt)
 
 
-def valid_output_path(value):
-    """--output: an absolute path in the container, in plain characters
-    (it goes into `docker cp` on the worker through the hub's SSH)."""
-
+def valid_output_path(value, flag="--output"):
+    """--output (--checkpoint): an absolute path in the container, in plain
+    characters (it goes into `docker cp` on the worker through the hub's SSH)."""
+    example = DEFAULT_OUTPUT if flag == "--output" else DEFAULT_CHECKPOINT
     if not value or not re.fullmatch(r"/[A-Za-z0-9._/@+-]*", value) or ".." in value.split("/"):
-        raise usage_error(f"invalid --output {value!r}: give an absolute path in the job's container",
-                          f"for example: --output {DEFAULT_OUTPUT}")
+        raise usage_error(f"invalid {flag} {value!r}: give an absolute path in the job's container",
+                          f"for example: {flag} {example}")
     path = posixpath.normpath(value)
     if path == "/":
-        raise usage_error("--output / would copy the whole container", f"for example: --output {DEFAULT_OUTPUT}")
+        raise usage_error(f"{flag} / would copy the whole container", f"for example: {flag} {example}")
     return path
 
 
@@ -3938,6 +4550,17 @@ def capped_size(value, flag, key, default):
         raise usage_error(f"{flag} {value} is over your limit on this hub, {human_mib(cap)}",
                           f"give {flag} {human_mib(cap)} or less (the hub admin sets the limit)")
     return asked
+
+
+def job_checkpoint(args):
+    """(--checkpoint PATH, --checkpoint-every seconds), default /work/ckpt with
+    --workdir, or None."""
+    path = getattr(args, "checkpoint", None)
+    if path is None and getattr(args, "workdir", None) is None:
+        return None
+    every = getattr(args, "checkpoint_every", None)
+    return (valid_output_path(path or DEFAULT_CHECKPOINT, "--checkpoint"),
+            parse_duration(every, "--checkpoint-every") if every else DEFAULT_CHECKPOINT_EVERY_S)
 
 
 def job_output(args):
@@ -4036,13 +4659,13 @@ class WorkFolder:
     weigh, and what was left out. Read once, before anything runs, so a
     folder over the limit is refused at once."""
 
-    def __init__(self, path, limit_bytes):
+    def __init__(self, path, limit_bytes, ignore=True):
         import math
 
         if not os.path.isdir(path):
             raise usage_error(f"--workdir {path!r} is not a folder", "give the folder the job needs, e.g. --workdir .")
         self.path = os.path.abspath(path)
-        self.rules = folder_ignore_rules(self.path)
+        self.rules = folder_ignore_rules(self.path) if ignore else IgnoreRules()  # a checkpoint: all of it
         self.entries, self.bytes, self.skipped = [], 0, 0
         for top, folders, files in os.walk(self.path, onerror=self._unreadable):
             base = os.path.relpath(top, self.path).replace(os.sep, "/")
@@ -4166,8 +4789,9 @@ def write_work_tar(out, members, prefix=""):
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT, bufsize=STREAM_CHUNK) as archive:
-        if prefix:
-            archive.addfile(tar_member(prefix.rstrip("/"), "dir", 0o755, time.time()))
+        parts = prefix.strip("/").split("/") if prefix else []
+        for depth in range(1, len(parts) + 1):  # /work, then /work/ckpt: never left to the extractor
+            archive.addfile(tar_member("/".join(parts[:depth]), "dir", 0o755, time.time()))
         for member, handle in members:
             kind = "dir" if member.isdir() else "link" if member.issym() else "file"
             archive.addfile(tar_member(prefix + member.name, kind, member.mode, member.mtime, member.size,
@@ -4225,8 +4849,8 @@ def create_command(config):
     return [] if config.get("Entrypoint") or config.get("Cmd") else [NO_COMMAND]
 
 
-def copy_into(container, members, size):
-    """`docker cp - CONTAINER:/` of work/ and the folder, metered."""
+def copy_into(container, members, size, into=WORK_DIR):
+    """`docker cp - CONTAINER:/` of the folder at into (its folders too), metered."""
     import subprocess
     import tempfile
 
@@ -4234,7 +4858,7 @@ def copy_into(container, members, size):
         process = start(docker("cp", "-", f"{container}:/"), stdin=subprocess.PIPE, stdout=said, stderr=said)
         meter = Meter("work folder", size)
         try:
-            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=WORK_DIR.strip("/") + "/")
+            write_work_tar(MeteredPipe(process.stdin, meter), members, prefix=into.strip("/") + "/")
             process.stdin.close()
         except BrokenPipeError:
             pass  # docker cp ended early: its output says why
@@ -4270,8 +4894,9 @@ class WorkLayer:
     /work and commits it; the commit is pushed under a tag no one can guess
     and the job runs it by digest."""
 
-    def __init__(self, job_id, members, size, what):
+    def __init__(self, job_id, members, size, what, into=WORK_DIR, repository=WORK_REPOSITORY):
         self.job_id, self.members, self.size, self.what = job_id, members, size, what
+        self.into, self.repository = into, repository  # a checkpoint's layer: its PATH, CHECKPOINT_REPOSITORY
         self.folder = None
         self.tag = f"{job_id}-{secrets_token()}"
         self.pushed = None  # (registry address, digest) once in the registry
@@ -4279,15 +4904,17 @@ class WorkLayer:
     def build(self, image):
         """Make, push and forget it; the reference workers pull (by digest)."""
         push_address, pull_address = layer_registries()
-        target = f"{push_address}/{WORK_REPOSITORY}:{self.tag}"
-        info(f"job {self.job_id}: the work folder ({self.what}) goes to the hub as a layer on {image}")
+        target = f"{push_address}/{self.repository}:{self.tag}"
+        what = "the work folder" if self.into == WORK_DIR else "its checkpoint"
+        info(f"job {self.job_id}: {what} ({self.what}) goes to the hub as a layer on {image}")
         image_id, config = base_image_config(image)
         created = run(docker("create", "--network=none", f"--label={LABEL_LAYER}={self.tag}", "--", image_id,
                              *create_command(config)))
         container = created.stdout.strip()
+        changes = [f"--change=WORKDIR {WORK_DIR}"] if self.into == WORK_DIR else []  # a job starts in its folder
         try:
-            copy_into(container, self.members, self.size)
-            run(docker("commit", f"--change=WORKDIR {WORK_DIR}", "--", container, target))
+            copy_into(container, self.members, self.size, self.into)
+            run(docker("commit", *changes, "--", container, target))
         finally:
             run(docker("rm", "--force", "--", container), check=False)
         try:
@@ -4295,7 +4922,7 @@ class WorkLayer:
         finally:
             run(docker("image", "rm", "--", target), check=False)  # the registry has it
         self.pushed = (push_address, digest)
-        return f"{pull_address}/{WORK_REPOSITORY}:{self.tag}@{digest}"
+        return f"{pull_address}/{self.repository}:{self.tag}@{digest}"
 
 
 def secrets_token():
@@ -4325,7 +4952,7 @@ def registry_writer_access():
     return registry_writer(), None
 
 
-def remove_work_layer(tag, digest=None):
+def remove_work_layer(tag, digest=None, repository=WORK_REPOSITORY):
     """Delete a job's layer from the registry (its manifest; the blobs go at
     the next garbage collection). False, with a warning, when it could not
     (hub watch's sweep tries again: sweep_work_layers)."""
@@ -4334,10 +4961,10 @@ def remove_work_layer(tag, digest=None):
     try:
         address, ca_path = registry_writer_access()
         if digest is None:
-            digest, _ = registry_manifest(address, ca_path, WORK_REPOSITORY, tag, method="HEAD")
+            digest, _ = registry_manifest(address, ca_path, repository, tag, method="HEAD")
             if digest is None:
                 return True
-        path = f"/v2/{urllib.parse.quote(WORK_REPOSITORY)}/manifests/{digest}"
+        path = f"/v2/{urllib.parse.quote(repository)}/manifests/{digest}"
         status, _, body = registry_request(address, ca_path, path, method="DELETE")
     except GridxError as error:
         warn(f"the work layer {tag} stays in the hub's registry for now: {error.message}")
@@ -4350,17 +4977,25 @@ def remove_work_layer(tag, digest=None):
 
 def sweep_work_layers():
     """hub watch: remove the layers no job names any more (a job deleted
-    through --manager, or a submit that died before it could clean up).
-    The tags are listed before the jobs, so a layer pushed meanwhile has
-    its (held) job listed already."""
+    through --manager, or a submit that died before it could clean up; a
+    checkpoint's layer once its job runs another). The tags are listed
+    before the jobs, so a layer pushed meanwhile has its (held) job listed
+    already."""
     address, ca_path = registry_writer_access()
-    tags = registry_tags(address, ca_path, WORK_REPOSITORY)
-    if not tags:
+    tags = {repository: registry_tags(address, ca_path, repository)
+            for repository in (WORK_REPOSITORY, CHECKPOINT_REPOSITORY)}
+    if not any(tags.values()):
         return []
-    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in list_job_services(missing_ok=True)}
-    swept = [tag for tag in tags if tag not in live and remove_work_layer(tag)]
+    services = list_job_services(missing_ok=True)
+    images = [s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image", "") for s in services]
+    live = {s["Spec"].get("Labels", {}).get(LABEL_LAYER) for s in services}
+    live |= {image.split("@")[0].rpartition(":")[2] for image in images}
+    live |= {s["Spec"].get("Labels", {}).get(LABEL_RUN_IMAGE, "").split("@")[0].rpartition(":")[2]
+             for s in services}
+    swept = [tag for repository, found in tags.items() for tag in found
+             if tag not in live and remove_work_layer(tag, repository=repository)]
     if swept:
-        info(f"removed the work layers of deleted jobs: {', '.join(swept)}")
+        info(f"removed the layers of deleted jobs: {', '.join(swept)}")
     return swept
 
 
@@ -4658,7 +5293,7 @@ RESULTS_FINAL = ("collected", "missing", "over-limit", "gone")  # tried again: u
 def ended_tasks(tasks):
     """A batch job's current tasks that completed or failed, oldest first
     (a rejected task never ran a container)."""
-    ended = [t for t in job_tasks(tasks) if t.state in ("complete", "failed") and t.node]
+    ended = [t for t in job_tasks(tasks) if t.state in ("complete", "failed") and t.node_id]
     return sorted(ended, key=lambda t: (t.since, t.id))
 
 
@@ -4726,9 +5361,10 @@ def collection_limits(service):
     return size, files, (free or 0) * 1024**2
 
 
-def hub_room(floor):
-    """Bytes the hub may still take for results: what is free above the floor."""
-    status = os.statvfs(results_dir())
+def hub_room(floor, folder=None):
+    """Bytes the hub may still take for results (or checkpoints, in folder):
+    what is free above the floor."""
+    status = os.statvfs(folder or results_dir())
     return status.f_bavail * status.f_frsize - floor
 
 
@@ -4751,7 +5387,7 @@ def collect_results(service, tasks, nodes=None):
         due = claim_due(record, tasks)
         save_results_record(key, record)
     if due:
-        copied = copy_tasks(service, due, nodes if nodes is not None else swarm_nodes())
+        copied = copy_tasks(service, due, nodes if nodes is not None else all_swarm_nodes())
         with ResultsLock():
             record = load_results_record(key) or record
             several = job_replicas(service["Spec"]["Mode"]) > 1
@@ -4780,11 +5416,13 @@ def copy_tasks(service, due, nodes):
 
     output = service["Spec"]["Labels"][LABEL_OUTPUT]
     size, files, floor = collection_limits(service)
-    by_name = {n.hostname: n for n in nodes}
-    containers = task_containers([task.id for task in due])
+    # by node ID, every identity: a task's node may share its hostname with
+    # another's, or have been replaced by a rejoin (same worker, same address)
+    by_id = {n.id: n for n in nodes}
+    containers = {task.id: task.container for task in due if task.container}  # the API's task says it
     copied = {}
     for task in due:
-        node, container = by_name.get(task.node), containers.get(task.id)
+        node, container = by_id.get(task.node_id), containers.get(task.id)
         fresh = tempfile.mkdtemp(prefix=f".{service['ID']}-", dir=results_dir())
         room = hub_room(floor)
         if node is None or not container:
@@ -4826,18 +5464,9 @@ def save_results_record(key, record):
     hand_over(results_record_path(key))
 
 
-def task_containers(task_ids):
-    """{task ID: its container's ID} from one `docker inspect`."""
-    import json
-
-    if not task_ids:
-        return {}
-    found = {}
-    for detail in json.loads(run(docker("inspect", "--", *task_ids)).stdout):
-        container = ((detail.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
-        if container:
-            found[detail.get("ID")] = container
-    return found
+def came(record):
+    """The tasks whose output is on the hub (state collected)."""
+    return {task_id for task_id, entry in record["tasks"].items() if entry.get("state") == "collected"}
 
 
 def collect_due_results(services, tasks, nodes):
@@ -4847,39 +5476,18 @@ def collect_due_results(services, tasks, nodes):
     for service in services:
         if LABEL_OUTPUT not in service["Spec"].get("Labels", {}):
             continue
-        before = load_results_record(service["ID"])
+        before = load_results_record(service["ID"]) or {"tasks": {}}
         record = collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
-        if record and record != before:
+        if record and came(record) - came(before):
             collected.append(service["Spec"]["Name"])
     return collected
 
 
-class Collector:
-    """hub watch's collection, in a thread of its own (one at a time): a
-    worker that answers slowly, or not at all until RESULTS_COPY_TIMEOUT_S,
-    never holds up the re-running of lost jobs."""
-
-    def __init__(self):
-        self.thread = None
-
-    def start(self, services, tasks, nodes):
-        import threading
-
-        if self.thread is not None and self.thread.is_alive():
-            return False
-        self.thread = threading.Thread(target=self.collect, args=(services, tasks, nodes), daemon=True)
-        self.thread.start()
-        return True
-
-    @staticmethod
-    def collect(services, tasks, nodes):
-        try:
-            collected = collect_due_results(services, tasks, nodes)
-        except GridxError as error:
-            warn(error.message)
-            return
-        if collected:
-            info(f"collected the results of {', '.join(collected)}")
+def collect_and_say(services, tasks, nodes):
+    """hub watch's collection (in a Background of its own)."""
+    collected = collect_due_results(services, tasks, nodes)
+    if collected:
+        info(f"collected the results of {', '.join(collected)}")
 
 
 def results_summary(record):
@@ -4931,20 +5539,20 @@ def output_containers(services, tasks, keep=False):
         return {}  # through --manager or serve nothing here reaches the workers
     outputs = [s for s in services if LABEL_OUTPUT in s["Spec"].get("Labels", {})]
     names = {s["Spec"]["Name"] for s in outputs}
-    ended = [t for t in tasks if t.service in names and t.state in ("complete", "failed") and t.node]
+    ended = [t for t in tasks if t.service in names and t.state in ("complete", "failed") and t.node_id]
     if not ended:
         return {}
-    nodes = swarm_nodes()
+    nodes = all_swarm_nodes()
     if keep:
         by_service = tasks_by_service(tasks)
         for service in outputs:
             collect_results(service, by_service.get(service["Spec"]["Name"], []), nodes)
-    containers = task_containers([t.id for t in ended])
-    ready = {n.hostname: n.address for n in nodes if n.state == "ready" and n.hub_ssh}
+    containers = {t.id: t.container for t in ended if t.container}
+    ready = {n.id: n.address for n in nodes if n.state == "ready" and n.hub_ssh}  # by node ID, see collect_results
     found = {}
     for task in ended:
-        if task.node in ready and task.id in containers:
-            found.setdefault(ready[task.node], []).append(containers[task.id])
+        if task.node_id in ready and task.id in containers:
+            found.setdefault(ready[task.node_id], []).append(containers[task.id])
     return found
 
 
@@ -4978,7 +5586,9 @@ def kept_results(job_id):
     found = run(docker("config", "inspect", "--format", "{{json .Spec.Labels}}", "--", kept_marker(job_id)),
                 check=False)
     if found.returncode:
-        if "no such config" in found.stderr.lower():
+        # Docker 20.10 and 26.1 say "No such config: NAME", 28 "config NAME not found"
+        error = found.stderr.lower()
+        if "no such config" in error or f"config {kept_marker(job_id).lower()} not found" in error:
             return None
         raise command_error(docker("config", "inspect"), found)
     labels = json.loads(found.stdout or "{}") or {}
@@ -6009,6 +6619,396 @@ def notify_summary(status):
 
 
 # ---------------------------------------------------------------------------
+# Owner activity and checkpoints
+# ---------------------------------------------------------------------------
+# A volunteer's machine is theirs first. Its agent (the bundle's agent.sh,
+# docs/CONTRACT.md) freezes Grid-X's containers there while the owner is at
+# it, and reports each change to the hub: one line over TCP to
+# HUB_VPN_IP:AGENT_PORT, the worker known by the connection's source (its
+# VPN address, which WireGuard authenticates; jobs cannot reach the hub).
+# hub watch listens (OwnerReports, a thread of its own), pauses the node in
+# the swarm (no new task there) and labels it with the owner's state
+# (gridx cluster and jobs status read the label, through any manager path).
+# A task the agent stops (preempting) is recorded before its end, and its
+# job runs again elsewhere from its latest checkpoint: `--checkpoint PATH`
+# is copied from the running container every --checkpoint-every and at the
+# end of a preempted task, kept whole on the hub, and laid on the job's
+# image (a layer, as a work folder is) whenever it runs again.
+#   the agent's reports · checkpoints · running again from a checkpoint
+
+OWNER_STATES = ("sharing", "paused", "outside-hours", "preempting")
+OWNER_REASONS = ("-", "input", "terminal", "logind", "cpu", "gpu", "hours")
+AGENT_LINE_MAX = 4096  # same as the agent's contract: one line, at most 4 KiB, within 5 s
+AGENT_SILENT_S = 90  # three heartbeats missed: the owner's state is unknown
+CHECKPOINTS = "/var/lib/gridx/checkpoints"  # CHECKPOINTS/SERVICE_ID/{current/,checkpoint.json}
+_AGENT_REPORT = None
+_OWNERS_LOCK = None
+
+
+def checkpoints_dir():
+    return os.path.abspath(os.environ.get("GRIDX_CHECKPOINTS_DIR") or CHECKPOINTS)
+
+
+def owners_path():
+    """What hub watch knows of the owners (their last reports) and of the
+    tasks the agents preempted: kept across the hub's restarts."""
+    return os.path.join(config_dir(), "owners.json")
+
+
+# -- the agent's reports ------------------------------------------------------
+
+
+def parse_agent_report(line):
+    """One line of the agent ({field: value}), or None when it is not one:
+    the version-1 grammar of docs/CONTRACT.md, fields in order; later
+    key=value fields are ignored."""
+    global _AGENT_REPORT
+    if _AGENT_REPORT is None:
+        _AGENT_REPORT = re.compile(
+            rf"gridx-agent 1 state=(?P<state>{'|'.join(OWNER_STATES)}) since=(?P<since>[0-9]{{1,12}}) "
+            rf"reason=(?P<reason>{'|'.join(map(re.escape, OWNER_REASONS))}) policy=(?P<policy>idle|always) "
+            r"hours=(?P<hours>-|[0-2][0-9]:[0-5][0-9]-[0-2][0-9]:[0-5][0-9]) preempt_at=(?P<preempt_at>[0-9]{1,12}) "
+            r"tasks=(?P<tasks>-|[a-z0-9]{25}(?:,[a-z0-9]{25})*) mem_mib=(?P<mem_mib>[0-9]{1,9})"
+            r"(?: [a-z_]{1,32}=[!-~]{0,256})*\n?")
+    found = _AGENT_REPORT.fullmatch(line)
+    if not found:
+        return None
+    report = found.groupdict()
+    for key in ("since", "preempt_at", "mem_mib"):
+        report[key] = int(report[key])
+    report["tasks"] = [] if report["tasks"] == "-" else report["tasks"].split(",")
+    return report
+
+
+def owner_label(report):
+    """The node label gridx.owner-state: STATE REASON SINCE PREEMPT_AT HOURS."""
+    return f"{report['state']} {report['reason']} {report['since']} {report['preempt_at']} {report['hours']}"
+
+
+def owners_lock():
+    import threading
+
+    global _OWNERS_LOCK
+    if _OWNERS_LOCK is None:
+        _OWNERS_LOCK = threading.Lock()
+    return _OWNERS_LOCK
+
+
+def load_owners():
+    import json
+
+    try:
+        document = json.loads(read_text(owners_path()))
+    except (FileNotFoundError, ValueError):
+        document = {}
+    return {"nodes": dict(document.get("nodes") or {}), "preempted": dict(document.get("preempted") or {})}
+
+
+def save_owners(document):
+    import json
+
+    ensure_dir(config_dir())
+    atomic_write(owners_path(), json.dumps(document, indent=2, sort_keys=True) + "\n", 0o600)
+
+
+def owner_node_update(node, report, known):
+    """The `docker node update` that makes the swarm follow a report (None
+    when nothing changes): paused while the owner is active or outside the
+    hours (no new task there, its tasks left as they are), active again when
+    sharing, but only if gridx paused it (an admin's drain or pause stays)."""
+    label = owner_label(report)
+    argv = ["node", "update"]
+    sharing = report["state"] == "sharing"
+    if report["state"] == "preempting" and report["tasks"]:  # what --wait waits on, not a failure
+        argv.append(f"--label-add={LABEL_PREEMPTED}={','.join(report['tasks'])}")
+    if not sharing and node.availability == "active":
+        argv.append("--availability=pause")
+        known["paused_by_gridx"] = True
+    elif sharing and node.availability == "pause" and known.get("paused_by_gridx"):
+        argv.append("--availability=active")
+        known["paused_by_gridx"] = False
+    if len(argv) == 2 and (node.owner == label or (sharing and not node.owner)):
+        # Every node update is a chance for Docker 20.10's constraint
+        # enforcer to reject a running task there (see ENFORCER_REJECTION):
+        # a sharing node that never paused keeps no label at all.
+        return None
+    return docker(*argv, f"--label-add={LABEL_OWNER_STATE}={label}", "--", node.id)
+
+
+def apply_owner_report(address, report, nodes=None):
+    """A report from the worker at address: recorded (its preempted tasks
+    first, durably), then the swarm follows. The node it names, or None."""
+    node = next((n for n in (all_swarm_nodes() if nodes is None else nodes)
+                 if n.address == address and not n.manager and n.state == "ready"), None)
+    if node is None:
+        return None
+    with owners_lock():
+        owners = load_owners()
+        known = owners["nodes"].setdefault(node.id, {})
+        known.update(report=report, seen=time.time(), address=address)
+        if report["state"] == "preempting":
+            for task_id in report["tasks"]:
+                owners["preempted"].setdefault(task_id, {"node": node.id, "at": report["preempt_at"]})
+        argv = owner_node_update(node, report, known)
+        save_owners(owners)
+    if argv:
+        run(argv, check=False)
+    return node
+
+
+def silent_agents(nodes, now=None):
+    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S
+    are labelled unknown (one that shares is left alone: no node update for
+    nothing). They stay paused: an agent that died may have left Grid-X's
+    containers frozen there, and its volunteer is told by status.sh."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    silent = []
+    with owners_lock():
+        owners = load_owners()
+        for node_id, known in owners["nodes"].items():
+            node = by_id.get(node_id)
+            if (node and known.get("paused_by_gridx") and now - known.get("seen", 0) > AGENT_SILENT_S
+                    and not node.owner.startswith("unknown")):
+                silent.append(node)
+    for node in silent:
+        run(docker("node", "update", f"--label-add={LABEL_OWNER_STATE}=unknown - 0 0 -", "--", node.id), check=False)
+    return silent
+
+
+class OwnerReports:
+    """hub watch's listener for the agents' reports, in a thread of its own:
+    one line a connection (AGENT_LINE_MAX, 5 s), `ok`, closed. A line that
+    is not a report, or from an address that is no worker, is answered
+    nothing and changes nothing."""
+
+    def __init__(self, hub_ip, port=AGENT_PORT):
+        import socket
+        import threading
+
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind((hub_ip, port))
+        self.server.listen(16)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, (address, _) = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                self.answer(conn, address)
+
+    def answer(self, conn, address):
+        conn.settimeout(5)
+        try:
+            raw = conn.makefile("rb").readline(AGENT_LINE_MAX + 1)
+        except OSError:
+            return
+        report = parse_agent_report(raw.decode("ascii", "replace")) if len(raw) <= AGENT_LINE_MAX else None
+        if report is None:
+            return
+        try:
+            node = apply_owner_report(address, report)
+        except GridxError as error:
+            warn(f"the report of {address} could not be applied: {error.message}")
+            return
+        if node is None:
+            return
+        try:
+            conn.sendall(b"ok\n")
+        except OSError:
+            pass
+        if report["state"] != "sharing":
+            info(f"{node.hostname}: {describe_owner(owner_label(report)) or report['state']}")
+
+
+# -- checkpoints ----------------------------------------------------------------
+
+
+def checkpoint_folder(key):
+    return os.path.join(checkpoints_dir(), key)
+
+
+def checkpoint_record(key):
+    """What the hub keeps of a job's checkpoint (its service ID: key): {task,
+    node, at, bytes, files}, or None."""
+    import json
+
+    try:
+        return json.loads(read_text(os.path.join(checkpoint_folder(key), "checkpoint.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def take_checkpoint(service, task, node):
+    """--checkpoint PATH of a task's container (running, or ended) onto the
+    hub: copied into a fresh folder, which replaces the kept one only once
+    whole (a half-copied checkpoint never replaces the last complete one).
+    What copy_out said."""
+    import json
+    import shutil
+    import tempfile
+
+    key, path = service["ID"], service["Spec"]["Labels"][LABEL_CHECKPOINT]
+    size, files, floor = collection_limits(service)  # the owner's limits, as for results
+    folder = checkpoint_folder(key)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=".incoming-", dir=folder)
+    room = hub_room(floor, folder)
+    got = (copy_out(node, task.container, path, fresh, (min(size, room), files)) if room > 0 else
+           {"state": "hub-full", "error": f"the hub keeps {human_bytes(floor)} of its disk free"})
+    if got["state"] != "collected":
+        shutil.rmtree(fresh, ignore_errors=True)
+        return got
+    current, old = os.path.join(folder, "current"), os.path.join(folder, ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(current):
+        os.rename(current, old)
+    os.rename(fresh, current)
+    shutil.rmtree(old, ignore_errors=True)
+    record = {"task": task.id, "node": node.hostname, "at": int(time.time()), "bytes": got["bytes"],
+              "files": got["files"], "path": path}
+    atomic_write(os.path.join(folder, "checkpoint.json"), json.dumps(record) + "\n", 0o644)
+    hand_over(folder)  # serve (the gridx account) says its age and size
+    return got
+
+
+def remove_checkpoint(key):
+    import shutil
+
+    shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
+
+
+def due_checkpoints(services, tasks, nodes, now=None):
+    """hub watch: the running tasks of jobs with --checkpoint whose latest
+    checkpoint is older than their --checkpoint-every: taken now."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    by_service = tasks_by_service(tasks)
+    taken = []
+    for service in services:
+        labels = service["Spec"].get("Labels", {})
+        if LABEL_CHECKPOINT not in labels:
+            continue
+        every = int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S)
+        last = (checkpoint_record(service["ID"]) or {}).get("at", 0)
+        for task in by_service.get(service["Spec"]["Name"], []):
+            node = by_id.get(task.node_id)
+            started = unix_time(task.created) or now
+            if (task.state == "running" and task.container and node and node.hub_ssh
+                    and now - max(last, started) >= every):
+                got = take_checkpoint(service, task, node)
+                if got["state"] == "collected":
+                    taken.append(service["Spec"]["Name"])
+                    last = now
+    return taken
+
+
+def checkpoint_image(service):
+    """The image a job runs again with: its first image with its latest
+    checkpoint laid at PATH (a layer, made as a work folder's is); None
+    when there is no checkpoint yet."""
+    labels = service["Spec"]["Labels"]
+    key, path = service["ID"], labels[LABEL_CHECKPOINT]
+    current = os.path.join(checkpoint_folder(key), "current")
+    if not os.path.isdir(current):
+        return None
+    folder = WorkFolder(current, float("inf"), ignore=False)
+    base = labels.get(LABEL_RUN_IMAGE) or service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    layer = WorkLayer(service["Spec"]["Name"], folder.members(), folder.bytes, folder.describe(),
+                      into=path, repository=CHECKPOINT_REPOSITORY)
+    return layer.build(base)
+
+
+def run_again_from_checkpoint(services, job_ids):
+    """Run these jobs again, each from its latest checkpoint when it has one
+    (the same forced update as run_again, on the image with it)."""
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    for job_id in job_ids:
+        service = by_name.get(job_id)
+        image = None
+        if service and LABEL_CHECKPOINT in service["Spec"].get("Labels", {}):
+            try:
+                image = checkpoint_image(service)
+            except GridxError as error:
+                warn(f"job {job_id} runs again from its start: its checkpoint could not be laid on its image: "
+                     f"{error.message}")
+        if image is None:
+            run_again([job_id])
+            continue
+        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", f"--image={image}",
+                   "--", job_id))
+        info(f"job {job_id} runs again from its checkpoint of "
+             f"{time.strftime('%H:%M:%S', time.localtime(checkpoint_record(service['ID'])['at']))}")
+
+
+def rerun_preempted(services, tasks, nodes):
+    """The jobs whose tasks an agent preempted, once those tasks ended: their
+    checkpoint taken from the ended container, then run again elsewhere (the
+    node is paused). A preemption is recorded before the task's end and
+    kept until it ran again: a hub restart loses none."""
+    by_task = {t.id: t for t in tasks}
+    by_node = {n.id: n for n in nodes}
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    with owners_lock():
+        preempted = dict(load_owners()["preempted"])
+    done, again = [], []
+    for task_id in preempted:
+        task = by_task.get(task_id)
+        service = by_name.get(task.service) if task else None
+        if task is None or service is None:
+            done.append(task_id)  # the job is gone (or its task's history): nothing to run again
+            continue
+        if task.active:
+            continue  # still stopping (SIGTERM, then its grace)
+        node = by_node.get(task.node_id)
+        if LABEL_CHECKPOINT in service["Spec"]["Labels"] and node and task.container and node.hub_ssh:
+            take_checkpoint(service, task, node)
+        if is_current(task) and task.service not in again:
+            again.append(task.service)
+        done.append(task_id)
+    if again:
+        run_again_from_checkpoint(services, again)
+        info(f"ran again, preempted by their volunteers: {', '.join(again)}")
+    if done:
+        with owners_lock():
+            owners = load_owners()
+            for task_id in done:
+                owners["preempted"].pop(task_id, None)
+            save_owners(owners)
+    return again
+
+
+def owner_chores(services, tasks, nodes):
+    """hub watch's part of this section (in a Background of its own): the
+    preempted jobs run again from their checkpoints, the periodic
+    checkpoints taken, the silent agents marked."""
+    rerun_preempted(services, tasks, nodes)
+    taken = due_checkpoints(services, tasks, nodes)
+    if taken:
+        info(f"took the checkpoints of {', '.join(taken)}")
+    silent_agents(nodes)
+    live = {service["ID"] for service in services}
+    for key in os.listdir(checkpoints_dir()) if os.path.isdir(checkpoints_dir()) else ():
+        if key not in live:  # its job was deleted through --manager
+            remove_checkpoint(key)
+
+
+def listen_to_owners():
+    """hub watch's OwnerReports on the hub's VPN address, or None (said once)."""
+    try:
+        return OwnerReports(load_hub_config().hub_ip)
+    except (OSError, GridxError) as error:
+        warn(f"the workers' owner-activity reports cannot be heard on port {AGENT_PORT}: "
+             f"{getattr(error, 'message', None) or error}")
+        return None
+
+
+# ---------------------------------------------------------------------------
 # Remote
 # ---------------------------------------------------------------------------
 # `gridx jobs … --manager USER@HUB` from a machine that is not the hub:
@@ -6976,7 +7976,7 @@ def cmd_hub_remove_peer(args):
         nodes = [n for n in all_swarm_nodes() if n.address == peer.ip and not n.manager]
         # Swarm orphans the tasks of a removed node and, with restart
         # condition none, never runs them again: Grid-X does.
-        lost = jobs_on_nodes({n.hostname for n in nodes}) if nodes else []
+        lost = jobs_on_nodes({n.id for n in nodes}) if nodes else []
         for node in nodes:
             run(["docker", "node", "rm", "--force", "--", node.id])
         run_again(lost)
@@ -7240,36 +8240,41 @@ def cmd_hub_watch(args):
     grace = parse_count(args.down_after, "--down-after", 0, WATCH_MAX_S)
     require_root()
     need("docker")
-    down_since, seen_waiting, passes, collector = {}, {}, 0, Collector()
+    down_since, seen_waiting, passes = {}, {}, 0  # down_since by node ID
+    collector, owners = Background(collect_and_say), Background(owner_chores)  # see Work folders, Owner activity
     recorder, notifier = UsageRecorder(), Notifier(background=not args.once)  # see Usage, Notifications
+    listen_to_owners()
     info(f"watching for workers that go down (every {interval}s, after {grace}s down their jobs run elsewhere)")
     while True:
         passes += 1
         try:
-            nodes = swarm_nodes()
+            nodes = all_swarm_nodes()  # every identity: a rejoined worker's old one holds lost tasks too
             now = time.monotonic()
-            down = {n.hostname for n in nodes if n.state == "down"}
-            for name in list(down_since):
-                if name not in down:
-                    del down_since[name]
-            for name in down:
-                down_since.setdefault(name, now)
-            expired = {name for name, since in down_since.items() if now - since >= grace}
+            down = {n.id for n in nodes if n.state == "down"}
+            for node_id in list(down_since):
+                if node_id not in down:
+                    del down_since[node_id]
+            for node_id in down:
+                down_since.setdefault(node_id, now)
+            expired = {node_id for node_id, since in down_since.items() if now - since >= grace}
             services = list_job_services()
-            tasks = list_tasks(service_names(services))
+            tasks = list_tasks(services, nodes)
             if expired:
-                lost = run_lost_jobs_again(expired, tasks)
+                lost = jobs_on_nodes(expired, tasks)
+                run_again_from_checkpoint(services, lost)
                 if lost:
-                    info(f"worker(s) {', '.join(sorted(expired))} down: ran again {', '.join(lost)}")
+                    names = node_names(nodes)
+                    info(f"worker(s) {', '.join(sorted(names[i] for i in expired))} down: ran again {', '.join(lost)}")
             # Due once two passes in a row saw it waiting to run again: a
             # `jobs run --wait` that polls far more often has not run it again itself.
             waiting = jobs_that_run_again(services, tasks)
             due = sorted(job for job, ids in waiting.items() if args.once or seen_waiting.get(job) == ids)
-            run_again(due)
+            run_again_from_checkpoint(services, due)
             seen_waiting = {job: ids for job, ids in waiting.items() if job not in due}
             if due:
                 info(f"ran again {', '.join(due)}: Docker rejected them ({ENFORCER_REJECTION})")
-            collector.start(services, tasks, nodes)  # see Work folders and results
+            collector.start(services, tasks, nodes)
+            owners.start(services, tasks, nodes)
             recorder.record(services, tasks, nodes)
             notifier.notice(services, tasks, nodes, recorder.ledger)  # sent by a thread of its own
             if passes % WATCH_SWEEP_EVERY == 1:
@@ -7277,8 +8282,8 @@ def cmd_hub_watch(args):
         except GridxError as error:
             warn(error.message)
         if args.once:
-            if collector.thread is not None:
-                collector.thread.join()
+            collector.join()
+            owners.join()
             notifier.drain()
             return EXIT_OK
         time.sleep(interval)
@@ -7673,7 +8678,7 @@ def share_flags(args):
     """join.sh's flags: --flag=VALUE, so that no value reads as an option
     there (join.sh checks each value itself)."""
     flags = []
-    for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout"):
+    for flag in ("cpus", "memory", "gpus", "gpu_ids", "private_key", "handshake_timeout", "share", "hours"):
         value = getattr(args, flag, None)
         if value is not None:
             if flag == "private_key":
@@ -7795,19 +8800,25 @@ def submit_job(args, job_id, image, request, output, **create):
     refuse_kept_name(job_id)
     layer = args.layer
     extra = list(create.pop("extra_args", ()))
-    if output:
+    checkpoint = job_checkpoint(args)
+    if output or checkpoint:  # the hub copies them out over its SSH
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
     labels = output_labels(output, image if layer else None) + list(getattr(args, "notify_labels", ()))
+    if checkpoint:
+        labels += [(LABEL_CHECKPOINT, checkpoint[0]), (LABEL_CHECKPOINT_EVERY, str(checkpoint[1]))]
+        create["env"] = [*create.get("env", ()), f"GRIDX_CHECKPOINT_DIR={checkpoint[0]}"]
     if not layer:
-        create_job(job_id, image, request, extra_args=extra, extra_labels=labels, **create)
+        create_job(job_id, image, request, extra_args=extra,
+                   extra_labels=[*labels, *([(LABEL_RUN_IMAGE, image)] if checkpoint else [])], **create)
         return
     hold = f"--constraint={HOLD_CONSTRAINT}=={layer.tag}"
     create_job(job_id, image, request, extra_args=[*extra, hold], extra_labels=[*labels, (LABEL_LAYER, layer.tag)],
                **create)
     try:
         target = layer.build(image)
+        run_image = [f"--label-add={LABEL_RUN_IMAGE}={target}"] if checkpoint else []  # a re-run's base
         run(docker("service", "update", "--detach", "--quiet", "--no-resolve-image", f"--image={target}",
-                   f"--constraint-rm={hold.partition('=')[2]}", "--", job_id))
+                   f"--constraint-rm={hold.partition('=')[2]}", *run_image, "--", job_id))
     except BaseException:
         run(docker("service", "rm", "--", job_id), check=False)
         if layer.pushed:
@@ -7824,7 +8835,7 @@ def finish_waited_job(job_id, code, output):
         written, files = fetch_results_over_ssh(DOCKER_HOST, job_id, dest)
     else:
         service = list_job_services([job_id])[0]
-        record = collect_results(service, list_tasks([job_id]))
+        record = collect_results(service, list_tasks([service]))
         say_results_problems(job_id, record)
         written, files = results_here(service["ID"], dest, record)
     info(f"results: {human_bytes(written)} in {files} file(s) in {dest}/")
@@ -7914,18 +8925,14 @@ def cmd_jobs_jupyter(args):
     return EXIT_OK
 
 
-def node_addresses():
-    return {n.hostname: n.address for n in swarm_nodes()}
-
-
 def wait_for_jupyter(job_id, port, token, timeout):
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
-    addresses = None
+    addresses = {}
     while time.monotonic() < deadline:
-        history = list_tasks([job_id])
+        history = tasks_of(job_id)
         tasks = [t for t in history if t.state == "running"]
         failed = [t for t in history if t.state in ("failed", "rejected") and t.error]
         if not tasks and len(failed) >= JUPYTER_FAILURES:
@@ -7934,9 +8941,9 @@ def wait_for_jupyter(job_id, port, token, timeout):
             raise GridxError(f"Jupyter ({job_id}) failed {len(failed)} times: {failed[0].error}",
                              f"check --image, then: gridx jobs delete {job_id}")
         if tasks:
-            if addresses is None or tasks[0].node not in addresses:
-                addresses = node_addresses()
-            address = addresses.get(tasks[0].node)
+            if tasks[0].node_id not in addresses:
+                addresses = {n.id: n.address for n in all_swarm_nodes()}
+            address = addresses.get(tasks[0].node_id)
             url = f"http://{address}:{port}/?token={token}"
             try:
                 with urllib.request.urlopen(f"http://{address}:{port}/api/status?token={token}", timeout=3):
@@ -8060,15 +9067,15 @@ def cmd_jobs_status(args):
     """One job: placement, state, exit code, why it waits, and its results."""
     job_id = valid_name(args.job_id, "job ID")
     set_manager(args)
-    services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
+    services, tasks, jobs, nodes = jobs_overview([job_id])
     job = jobs[0]
-    by_name = {n.hostname: n for n in nodes}
     if job["state"] == "pending":
         all_services, all_tasks, _, _ = jobs_overview()
-        job["reason"] = pending_reason(job, services[0], by_name, reserved_by_node(all_services, all_tasks))
+        job["reason"] = pending_reason(job, services[0], nodes, reserved_by_node(all_services, all_tasks))
     if job["tasks"]:
-        add_task_details(job, by_name)
+        add_task_details(job, tasks, nodes)
     add_results(job, services[0], tasks, nodes)
+    add_checkpoint(job, services[0])
     sent = notify_status(services[0]["ID"])  # see Notifications
     if sent:
         job["notify"] = sent
@@ -8096,6 +9103,7 @@ def cmd_jobs_status(args):
             line += f" — {task['error']}"
         say(line)
     print_results(job)
+    print_checkpoint(job)
     if job.get("notify"):
         say(f"Notify:   {notify_summary(job['notify'])}")
     return EXIT_OK
@@ -8110,6 +9118,31 @@ def add_results(job, service, tasks, nodes):
     job["results"] = dict(record, path=record.get("path") or results_files_path(service["ID"])) if record else None
 
 
+def add_checkpoint(job, service):
+    """jobs status of a job with --checkpoint: its latest checkpoint on the
+    hub ({path, at, age_s, bytes, files, node}), or None when there is none yet
+    (through --manager root@HUB the hub's files are not here: not said)."""
+    labels = service["Spec"].get("Labels", {})
+    if LABEL_CHECKPOINT not in labels or DOCKER_HOST:
+        return
+    record = checkpoint_record(service["ID"])
+    job["checkpoint"] = None if record is None else dict(
+        record, every_s=int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S),
+        age_s=max(0, int(time.time()) - record.get("at", 0)))
+    job.setdefault("checkpoint_path", labels[LABEL_CHECKPOINT])
+
+
+def print_checkpoint(job):
+    if "checkpoint_path" not in job:
+        return
+    kept = job["checkpoint"]
+    if kept is None:
+        say(f"Checkpoint: {job['checkpoint_path']}: none yet")
+        return
+    say(f"Checkpoint: {job['checkpoint_path']}: {human_bytes(kept['bytes'])} in {kept['files']} file(s), "
+        f"taken {human_age(kept['age_s'])} from {kept['node']}")
+
+
 def print_results(job):
     if "results" not in job:
         return
@@ -8121,18 +9154,18 @@ def print_results(job):
         say(f"          on the hub in {job['results']['path']}; fetch: gridx jobs results {job['id']}")
 
 
-def add_task_details(job, nodes_by_name):
-    """jobs status: each task's container exit code, GPUs and address."""
-    details = task_details([t["id"] for t in job["tasks"]])
+def add_task_details(job, tasks, nodes):
+    """jobs status: each task's container exit code, GPUs and its node's address."""
+    by_id = {t.id: t for t in tasks}
+    addresses = {n.id: n.address for n in nodes}
     for task in job["tasks"]:
-        exit_code, gpus = details.get(task["id"], (None, []))
+        found = by_id.get(task["id"], Task())
         # A rejected or shut-down task's container may never have run:
         # its ExitCode 0 would read as success.
-        if task["state"] in ("complete", "failed") and exit_code is not None:
-            task["exit_code"] = exit_code
-        task["gpus"] = gpus
-        node = nodes_by_name.get(task["node"])
-        task["address"] = node.address if node else ""
+        if task["state"] in ("complete", "failed") and found.container_exit is not None:
+            task["exit_code"] = found.container_exit
+        task["gpus"] = found.gpus
+        task["address"] = addresses.get(task["node_id"], "")
     job["exit_code"] = job_exit_code(t["exit_code"] for t in job["tasks"])
 
 
@@ -8146,12 +9179,12 @@ def cmd_jobs_logs(args):
     mode = services[0]["Spec"]["Mode"]
     sources, lost = log_sources(job_id)
     if lost:
-        warn(f"the logs of {job_id} on {', '.join(lost)} cannot be read: "
+        warn(f"the logs of {job_id} on {', '.join(lost.values())} cannot be read: "
              f"{'that node is' if len(lost) == 1 else 'those nodes are'} down; showing the rest")
     if args.follow and "ReplicatedJob" in mode:
         # A batch job's log ends with the job, as `kubectl logs -f` does.
         wait_for_job(job_id, job_replicas(mode), log_args=tail, may_run_again=False, log_sources=sources,
-                     unreadable_nodes=lost)
+                     unreadable_nodes=set(lost))
         return EXIT_OK
     if args.follow:
         # A service (Jupyter) runs until deleted: follow until Ctrl-C.
@@ -8161,7 +9194,7 @@ def cmd_jobs_logs(args):
         finally:
             for follower in followers:
                 follower.terminate()
-    codes = [run_streaming(logs_argv(source, tail)) for source in sources]
+    codes = [read_job_logs(job_id, source, tail) for source in sources]
     return max(codes or [0])
 
 
@@ -8172,7 +9205,7 @@ def cmd_jobs_delete(args):
     set_manager(args)
     services = list_job_services(ids)
     check_owner(services, "delete")  # through serve: see Jobs, owners
-    tasks = list_tasks(ids)
+    tasks = list_tasks(services)
     with_results = [service for service in services if LABEL_OUTPUT in service["Spec"].get("Labels", {})]
     if args.keep_results:
         check_kept_limit(len(with_results))
@@ -8193,6 +9226,9 @@ def cmd_jobs_delete(args):
     if not DOCKER_HOST and not args.keep_results:
         for service in with_results:
             remove_results(service["ID"])
+    if not DOCKER_HOST:  # else hub watch's sweep takes them
+        for service in services:
+            remove_checkpoint(service["ID"])
     kept = {service["Spec"]["Name"] for service in with_results} if args.keep_results else set()
     for job_id in ids:
         print(f"deleted {job_id}" + (f" (its results stay on the hub: gridx jobs results {job_id})"
@@ -8212,7 +9248,8 @@ def stop_running_jobs(services, tasks):
                    "--constraint-add", "node.labels.gridx-deleted==true", "--", job_id))
     deadline = time.monotonic() + 30
     while running_jobs and time.monotonic() < deadline:
-        live = [t for t in list_tasks(running_jobs) if t.state in ("running", "starting", "preparing")]
+        live = [t for t in list_tasks([s for s in services if s["Spec"]["Name"] in running_jobs])
+                if t.state in ("running", "starting", "preparing")]
         if not live:
             break
         time.sleep(0.5)
@@ -8293,7 +9330,7 @@ def job_or_results(job_id):
             raise usage_error(f"job {job_id} was {owner}'s: {OWNER} can fetch only their own results")
         return None, [], record, kept["service"]
     check_owner(services, "fetch the results of")  # through serve: see Jobs, owners
-    tasks = list_tasks([job_id])
+    tasks = list_tasks(services)
     record = collect_results(services[0], tasks)
     if OWNER is not None and record is not None:
         record = wait_for_watch(services[0], tasks, record)
@@ -8396,25 +9433,27 @@ def cmd_jobs_usage(args):
 def cmd_cluster(args):
     """Every node: what it shares, what jobs reserve, what is free; totals and owners."""
     set_manager(args)
-    services, tasks, _, nodes = jobs_overview(with_nodes=True)
+    services, tasks, _, nodes = jobs_overview()
     reserved = reserved_by_node(services, tasks)
     rows, document = [], []
     total, total_used = Resources(), Resources()
     for node in sorted(nodes, key=lambda n: (not n.manager, n.address)):
-        used = reserved.get(node.hostname, Resources())
+        used = reserved.get(node.id, Resources())
         free = node.shared - used
         document.append({
-            "hostname": node.hostname, "address": node.address, "state": node.state,
-            "availability": node.availability, "manager": node.manager,
+            "id": node.id, "hostname": node.hostname, "address": node.address, "state": node.state,
+            "availability": node.availability, "manager": node.manager, "owner": owner_document(node.owner),
             "shared": dict(node.shared.to_dict(), gpu_ids=node.gpu_ids),
             "reserved": used.to_dict(),
             "free": free.to_dict(),
         })
         if node.state == "ready":
             total, total_used = total + node.shared, total_used + used
+        said = describe_owner(node.owner) if node.state == "ready" else ""
         rows.append([
-            node.hostname, node.address, "manager" if node.manager else "worker", node.state,
-            node.shared.cpus, human_mib(node.shared.memory_mib), node.shared.gpus, used.show(), free.show(),
+            node.hostname, node.address, "manager" if node.manager else "worker",
+            node.state + (f", {said}" if said else ""), node.shared.cpus, human_mib(node.shared.memory_mib),
+            node.shared.gpus, used.show(), free.show(),
         ])
     if args.json:
         totals = dict(total.to_dict(), **{f"used_{key}": value for key, value in total_used.to_dict().items()})
@@ -8671,6 +9710,8 @@ def add_share_flags(parser):
     parser.add_argument("--gpu-ids", help="which GPUs to share: GPU-…,GPU-…")
     parser.add_argument("--private-key", help="the worker's WireGuard private key file (bundles made with --pubkey)")
     parser.add_argument("--handshake-timeout", help="seconds to wait for the hub's handshake (default 30)")
+    parser.add_argument("--share", help="idle (only while the owner is away) or always (asked when missing)")
+    parser.add_argument("--hours", help="share only within these hours, HH:MM-HH:MM in local time")
     parser.add_argument("--yes", "-y", action="store_true", help="accept the defaults, ask nothing")
     parser.add_argument("--install-deps", action="store_true", help="install missing packages")
     parser.add_argument("--no-hub-ssh", action="store_true",
@@ -8689,6 +9730,12 @@ def add_work_flags(parser):
     parser.add_argument("--output", metavar="PATH",
                         help=f"collect this path of the job's container onto the hub when it ends "
                              f"(default {DEFAULT_OUTPUT} with --workdir); --wait copies it to ./JOB/")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help=f"the job's checkpoints (GRIDX_CHECKPOINT_DIR): copied to the hub every "
+                             f"--checkpoint-every and when it is preempted, and put back when it runs again "
+                             f"(default {DEFAULT_CHECKPOINT} with --workdir)")
+    parser.add_argument("--checkpoint-every", metavar="TIME",
+                        help=f"how often (default {DEFAULT_CHECKPOINT_EVERY_S // 60}m; 30s, 10m, 2h)")
     parser.add_argument("--output-limit", metavar="SIZE",
                         help=f"collect at most this much per replica (default {DEFAULT_OUTPUT_LIMIT}, "
                              "or your limit on the hub)")

@@ -7,8 +7,9 @@
 #
 # Environment:
 #   GRIDX_LAB_SUITE       Debian suite the nodes run: bookworm (Debian 12,
-#                         Docker 20.10; the default) or trixie (Debian 13,
-#                         Docker 26.1). Images are tagged per suite
+#                         Docker 20.10; the default), trixie (Debian 13,
+#                         Docker 26.1) or forky (Debian testing, Docker
+#                         28.5). Images are tagged per suite
 #                         (gridx-lab-node:SUITE, gridx-lab-hub:SUITE), so both
 #                         can exist side by side; a lab keeps its suite until
 #                         it is cleaned.
@@ -45,7 +46,11 @@ HUB_IP=$LAB_NET.10
 LAB_LABEL=io.gridx.lab          # on every image the lab builds
 NAME_LABEL=io.gridx.lab.name    # on every container of this lab: its name
 SUITE_LABEL=io.gridx.lab.suite  # on every container of this lab: its suite
-SUITES=(bookworm trixie)
+SUITES=(bookworm trixie forky)
+# Debian testing: newer than this machine's debootstrap may know (see
+# debootstrap_script), and its Release file can be served past Valid-Until
+# (allow_expired_release).
+TESTING_SUITES=(forky)
 SUITE=${GRIDX_LAB_SUITE:-bookworm}
 export GRIDX_LAB_SUITE=$SUITE # for docker-compose.yml
 NODE_IMAGE=gridx-lab-node:$SUITE
@@ -53,8 +58,12 @@ HUB_IMAGE=gridx-lab-hub:$SUITE
 # The job images are the same for every suite: python:3.11 must hold Python
 # 3.11, which is bookworm's python3 (trixie's is 3.13).
 JOB_SUITE=bookworm
+# What every node holds from the start (python:3.11: most tests' jobs); the
+# Jupyter image (two thirds of the bytes, one test) is built and pushed to the
+# hub's registry only when asked for (./test.sh push-image), and the worker
+# that runs it pulls it then.
+JOB_IMAGES=(python:3.11)
 JUPYTER_IMAGE=gridx-lab-jupyter:latest
-JOB_IMAGES=(python:3.11 "$JUPYTER_IMAGE")
 BUNDLE_DIR=/etc/gridx/bundles
 CACHE=${GRIDX_LAB_CACHE:-/var/cache/gridx-lab}
 TIMEOUT=${GRIDX_LAB_TIMEOUT:-120}
@@ -101,11 +110,20 @@ Debian $SUITE).
 
 Commands:
   start               build the images (base image too when it cannot be
-                      pulled), start the containers, wait for every dockerd
+                      pulled), start the containers, wait for every dockerd,
+                      load python:3.11 into every node (a worker's into the
+                      store its engine uses once joined)
   setup               hub init, add-peer + join.sh for worker1..3 (worker3
-                      shares 2 made-up GPUs), push the job images to the
-                      hub's registry (workers pull them over the VPN), start
-                      gridx hub watch in the hub; idempotent
+                      shares 2 made-up GPUs), start gridx hub watch in the
+                      hub; idempotent (start put python:3.11 into every node)
+  job-images          build (or pull) every job image the tests use, the
+                      Jupyter one too, and start nothing
+  rootfs              debootstrap now the trees start will build base images
+                      from (Docker need not run yet; make demo does this
+                      while Docker is being installed)
+  push-image IMAGE    IMAGE into the hub and its registry (prints the name
+                      workers pull it by); $JUPYTER_IMAGE is built
+                      first when missing
   status              gridx hub status and gridx cluster (nodes, VPN addresses)
   ssh WORKER [CMD..]  gridx hub ssh WORKER [-- CMD] from the hub
   add-external NAME   add a peer NAME and copy its bundle to ./gridx-NAME-bundle
@@ -113,7 +131,7 @@ Commands:
   test-gpu            a --gpus 1 job (shows the GPU it got) and a --gpus 3 job
                       that must be refused
   cluster             gridx cluster on the hub
-  suite               the Debian suite the lab's containers run (bookworm, trixie)
+  suite               the Debian suite the lab's containers run (bookworm, trixie, forky)
   logs NODE [OPTS]    docker logs of hub, worker1.. (or a full container name)
   exec NODE CMD..     run CMD in a node container (docker exec)
   clean [--keep-images]
@@ -123,7 +141,8 @@ Commands:
   help                this text
 
 Typical: ./test.sh start && ./test.sh setup && ./test.sh test-job
-Debian 13 (Docker 26.1) instead of 12 (Docker 20.10): GRIDX_LAB_SUITE=trixie
+Debian 13 (Docker 26.1) instead of 12 (Docker 20.10): GRIDX_LAB_SUITE=trixie;
+Debian testing (Docker 28.5): GRIDX_LAB_SUITE=forky
 EOF
 }
 
@@ -250,30 +269,84 @@ debian_mirror() {
 	printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }
 
+# debootstrap_script SUITE: the debootstrap script that builds SUITE. A
+# debootstrap older than the suite has none for it: Debian testing (forky,
+# while Debian 13 is stable) is built as unstable is, from sid's script, as
+# bookworm's debootstrap does for its own testing (its trixie and testing are
+# links to sid). Fails for a suite it cannot build.
+debootstrap_script() {
+	local dir=/usr/share/debootstrap/scripts
+	if [ -e "$dir/$1" ]; then
+		printf '%s\n' "$dir/$1"
+	elif [[ " ${TESTING_SUITES[*]} " == *" $1 "* ]] && [ -e "$dir/sid" ]; then
+		printf '%s\n' "$dir/sid"
+	else
+		return 1
+	fi
+}
+
+# allow_expired_release SUITE ROOTFS: apt in a testing suite's tree accepts
+# a Release file past its Valid-Until. Testing's Release files carry one
+# (stable's do not), and a mirror that is a snapshot, such as this machine's,
+# goes on serving the one it has ("is expired (invalid since 31d)"): every
+# apt-get update in the images' builds would fail. The signatures are still
+# checked. Written at each import, so a tree debootstrapped earlier gets it.
+allow_expired_release() {
+	[[ " ${TESTING_SUITES[*]} " == *" $1 "* ]] || return 0
+	printf '%s\n' '// gridx lab (test.sh): the mirror may serve an expired Release of Debian testing' \
+		'Acquire::Check-Valid-Until "false";' >"$2/etc/apt/apt.conf.d/99gridx-lab-valid-until"
+}
+
 # build_base_image SUITE: gridx-lab-base:SUITE from a debootstrap tree of
 # SUITE, kept in $CACHE/rootfs-SUITE for the next build.
 build_base_image() {
-	local suite=$1 mirror rootfs=$CACHE/rootfs-$1 log=$CACHE/debootstrap-$1.log
-	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
-		"sudo ./test.sh start"
-	need_cmd debootstrap
-	[ -e "/usr/share/debootstrap/scripts/$suite" ] \
-		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
-	mirror=$(debian_mirror)
-	if [ ! -e "$rootfs/.gridx-complete" ]; then
-		info "debootstrap $suite from $mirror into $rootfs (about a minute)"
-		rm -rf "$rootfs"
-		mkdir -p "$CACHE"
-		echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >"$log" 2>&1 \
-			|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
-		rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
-			"$rootfs"/var/cache/apt/*.bin
-		touch "$rootfs/.gridx-complete"
-	fi
+	local suite=$1 rootfs=$CACHE/rootfs-$1
+	make_rootfs "$suite"
+	allow_expired_release "$suite" "$rootfs"
 	info "docker import $rootfs as gridx-lab-base:$suite"
 	tar -C "$rootfs" --exclude=./.gridx-complete -c . \
 		| docker import --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
 			--change "LABEL $LAB_LABEL=1" - "gridx-lab-base:$suite" >/dev/null
+}
+
+# make_rootfs SUITE: the debootstrap tree of SUITE in $CACHE/rootfs-SUITE,
+# unless a complete one is there.
+make_rootfs() {
+	local suite=$1 mirror rootfs=$CACHE/rootfs-$1 log=$CACHE/debootstrap-$1.log script
+	[ ! -e "$rootfs/.gridx-complete" ] || return 0
+	[ "$(id -u)" -eq 0 ] || die 3 "building the base image with debootstrap needs root" \
+		"sudo ./test.sh start"
+	need_cmd debootstrap
+	script=$(debootstrap_script "$suite") \
+		|| die 3 "this debootstrap does not know Debian $suite" "apt-get install -y debootstrap (a newer one)"
+	mirror=$(debian_mirror)
+	info "debootstrap $suite from $mirror into $rootfs (about a minute)"
+	rm -rf "$rootfs"
+	mkdir -p "$CACHE"
+	echo_run debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" "$script" >"$log" 2>&1 \
+		|| { tail -n 20 "$log" >&2; die 1 "debootstrap $suite failed (log: $log)"; }
+	rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+		"$rootfs"/var/cache/apt/*.bin
+	touch "$rootfs/.gridx-complete"
+}
+
+# ./test.sh rootfs: the debootstrap trees start will need (the lab's suite
+# and the job images' one), made now. Docker need not run yet: make demo runs
+# this while the machine's Docker is still being installed. Where Docker
+# answers and a base image is here already, nothing is needed.
+cmd_rootfs() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh rootfs (no arguments)"
+	local suite t0=$EPOCHREALTIME
+	for suite in $(printf '%s\n' "$SUITE" "$JOB_SUITE" | sort -u); do
+		if docker info >/dev/null 2>&1 \
+			&& { image_exists "debian:$suite-slim" || image_exists "gridx-lab-base:$suite" \
+				|| { [ "$suite" != "$SUITE" ] && image_exists python:3.11; }; }; then
+			info "the images $suite's tree would make are here: no debootstrap"
+			continue
+		fi
+		make_rootfs "$suite"
+	done
+	info "debootstrap trees ready in $(elapsed "$t0")s"
 }
 
 # base_image SUITE: prints the base image to build SUITE's images from:
@@ -329,33 +402,51 @@ build_images() {
 
 # job_base_image: the base the job images are built from ($JOB_SUITE's).
 job_base_image() {
-	if [ "$SUITE" = "$JOB_SUITE" ]; then
+	if [ "$SUITE" = "$JOB_SUITE" ] && [ -n "${BASE_IMAGE:-}" ]; then
 		printf '%s\n' "$BASE_IMAGE"
 	else
 		base_image "$JOB_SUITE"
 	fi
 }
 
-# Job images: pulled where a registry answers, else built from the
-# $JOB_SUITE base and labelled as the lab's own. Shared by every suite's lab.
-ensure_job_images() {
-	local base=''
-	if image_exists python:3.11; then
-		info "job image python:3.11 present"
-	elif timeout 120 docker pull python:3.11 >&2; then
-		info "job image python:3.11 pulled"
+# ensure_image IMAGE TARGET: IMAGE here: present, pulled where a registry
+# answers, else built (Dockerfile target TARGET) from the $JOB_SUITE base and
+# labelled as the lab's own. Shared by every suite's lab.
+ensure_image() {
+	if image_exists "$1"; then
+		info "job image $1 present"
+	elif timeout 120 docker pull "$1" >&2; then
+		info "job image $1 pulled"
 	else
+		local base
 		base=$(job_base_image)
-		info "cannot pull python:3.11: building it from $base"
-		build_target job-python python:3.11 "$base"
+		info "cannot pull $1: building it from $base"
+		build_target "$2" "$1" "$base"
 	fi
-	# Debian's Jupyter Notebook: the lab's image for `gridx jobs jupyter`.
-	if image_exists "$JUPYTER_IMAGE"; then
-		info "job image $JUPYTER_IMAGE present"
-	else
-		[ -n "$base" ] || base=$(job_base_image)
-		build_target job-jupyter "$JUPYTER_IMAGE" "$base"
-	fi
+}
+
+ensure_job_images() { ensure_image python:3.11 job-python; }
+
+# ./test.sh job-images: every job image the tests use, the Jupyter one too,
+# built (or pulled) now; nothing started. make test runs it once before the
+# suites' labs start side by side, so that they do not build it at once.
+cmd_job_images() {
+	[ $# -eq 0 ] || die 2 "usage: ./test.sh job-images (no arguments)"
+	need_docker
+	export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
+	docker buildx version >/dev/null 2>&1 && DOCKER_BUILDKIT=1
+	ensure_image python:3.11 job-python
+	ensure_image "$JUPYTER_IMAGE" job-jupyter
+}
+
+# build_all_images: the job image builds (when missing) while the node and
+# hub images do: each waits on the mirror and on apt part of the time.
+build_all_images() {
+	local job
+	ensure_job_images &
+	job=$!
+	build_images
+	wait "$job" || die 1 "the job image python:3.11 could not be made"
 }
 
 # ------------------------------------------------------------------ start ---
@@ -409,11 +500,11 @@ cmd_start() {
 	info "lab $PROJECT on $LAB_NET.0/24, Debian $SUITE"
 	stage "base image" ensure_base_image
 	export GRIDX_LAB_BASE_IMAGE=$BASE_IMAGE
-	stage "build node + hub images" build_images
-	stage "job images" ensure_job_images
+	stage "build node + hub images, and the job image beside them" build_all_images
 	stage "compose up -d" compose up -d --no-build
 	stage "dead nodes of a killed Docker daemon" cut_stale_ports
 	stage "wait for dockerd in every node" wait_nodes_ready
+	stage "job images into every node" preload_job_images
 	info "lab up in $(elapsed "$t0")s; next: ./test.sh setup"
 }
 
@@ -545,21 +636,18 @@ join_diagnostics() {
 	fi
 }
 
-# Job images reach the workers through the hub's registry (gridx image push,
-# then docker pull over the VPN), as images of a real hub do: loaded once
-# into the hub (docker save | docker load: the lab's engines cannot reach the
-# machine's), pushed, then pulled by the workers that lack them, in parallel.
-# Lab-only step: a worker tags the pulled 10.0.0.1:5000/python:3.11 as
-# python:3.11, because the lab's registry stands in for Docker Hub (which a
-# real worker would pull python:3.11 from), so the tests keep naming the
-# images real users name. A task of python:3.11 still asks Docker Hub first,
+# Job images are where jobs need them before setup begins: `start` loads
+# them into the hub's engine, and into each worker's remapped store before
+# the worker joins (lab/seed-images.sh: join.sh turns on userns-remap, whose
+# engine keeps its images apart), from one uncompressed `docker save` stream
+# per node, all nodes at once. Nothing is compressed or sent over the VPN,
+# and setup waits for none of it. The hub's registry is still what real hubs
+# use: the tests that check it push images there and have workers pull them
+# over the VPN (./test.sh push-image; the Jupyter image comes to its worker
+# that way, when its test runs). A task of python:3.11 asks Docker Hub first,
 # as on a volunteer's machine, and is refused at once (lab/entrypoint.sh);
 # its engine then runs the image it has.
-# The load into the hub needs nothing of setup: it starts first, in the
-# background (start_hub_load), while the hub is initialised and the workers
-# join, and push_and_pull waits for it.
-JOB_IDS=()   # the machine's image ID of each of JOB_IMAGES (job_image_ids)
-LOAD_PID=''  # the background load into the hub (start_hub_load)
+JOB_IDS=() # the machine's image ID of each of JOB_IMAGES (job_image_ids)
 
 job_image_ids() {
 	[ "${#JOB_IDS[@]}" -eq 0 ] || return 0
@@ -578,67 +666,98 @@ node_images() {
 # has_image LIST IMAGE ID: node_images LIST shows IMAGE as ID.
 has_image() { grep -qxF "$2 $3" <<<"$1"; }
 
-# load_into_hub: the job images the hub lacks, in one docker save stream
-# (layers the images share go once).
-load_into_hub() {
-	local have missing=() i t0=$EPOCHREALTIME
-	have=$(node_images hub)
+# missing_images NODE: the JOB_IMAGES its engine lacks now, one a line.
+missing_images() {
+	local have i
+	have=$(node_images "$1")
 	for i in "${!JOB_IMAGES[@]}"; do
-		has_image "$have" "${JOB_IMAGES[$i]}" "${JOB_IDS[$i]}" || missing+=("${JOB_IMAGES[$i]}")
+		has_image "$have" "${JOB_IMAGES[$i]}" "${JOB_IDS[$i]}" || printf '%s\n' "${JOB_IMAGES[$i]}"
 	done
-	[ "${#missing[@]}" -gt 0 ] || return 0
-	info "loading ${missing[*]} into the hub (once; the workers pull them from the hub's registry)"
-	docker save "${missing[@]}" | docker exec -i "$HUB" docker load -q >/dev/null \
-		|| die 1 "docker load of ${missing[*]} into the hub failed"
-	info "loaded into the hub in $(elapsed "$t0")s"
 }
 
-start_hub_load() {
-	job_image_ids
-	load_into_hub &
-	LOAD_PID=$!
+# remapped NODE: its engine runs with userns-remap (the worker has joined).
+remapped() {
+	[[ $(in_node "$1" docker info --format '{{range .SecurityOptions}}{{.}} {{end}}' 2>/dev/null) == *name=userns* ]]
 }
 
-# push_and_pull: once the load is done, every job image is pushed (always,
-# all at once: a push of layers the registry holds only asks it; a lab whose
-# workers got an image some other way still ends with it in the registry),
-# then every worker pulls what it lacks, all workers and images at once.
-push_and_pull() {
-	local tmp img i w have pids=() failed=0 t0=$EPOCHREALTIME
-	job_image_ids
-	if [ -n "$LOAD_PID" ]; then
-		wait "$LOAD_PID" || die 1 "the job images could not be loaded into the hub"
+# load_images NODE IMAGE...: into NODE's engine as it runs now.
+load_images() {
+	local n=$1 t0=$EPOCHREALTIME
+	shift
+	docker save "$@" | docker exec -i "$(node "$n")" docker load -q >/dev/null \
+		|| { warn "docker load of $* into $n failed"; return 1; }
+	info "$n: loaded $* in $(elapsed "$t0")s"
+}
+
+# seed_worker WORKER: the job images into the store WORKER's engine will use
+# once joined (lab/seed-images.sh), unless they are there already.
+seed_worker() {
+	local w=$1 i pairs=() t0=$EPOCHREALTIME out
+	for i in "${!JOB_IMAGES[@]}"; do pairs+=("${JOB_IMAGES[$i]}=${JOB_IDS[$i]}"); done
+	out=$(docker save "${JOB_IMAGES[@]}" \
+		| docker exec -i "$(node "$w")" bash -c "$(cat "$ROOT/lab/seed-images.sh")" seed-images "${pairs[@]}" 2>&1) \
+		|| { printf '%s\n' "$out" >&2; warn "$w: the job images could not be put into its remapped store"; return 1; }
+	[[ $out == *"already there"* ]] || info "$w: ${JOB_IMAGES[*]} in its remapped store in $(elapsed "$t0")s"
+}
+
+# preload_node NODE: what NODE needs before setup: the hub (never remapped)
+# and a joined worker get the images into their engine, a worker that has
+# not joined into its remapped store.
+preload_node() {
+	local n=$1 missing
+	mapfile -t missing < <(missing_images "$n")
+	if [ "$n" = hub ] || remapped "$n"; then
+		[ "${#missing[@]}" -eq 0 ] || load_images "$n" "${missing[@]}"
 	else
-		load_into_hub
+		seed_worker "$n"
 	fi
-	tmp=$(mktemp -d)
-	for i in "${!JOB_IMAGES[@]}"; do
-		gridx_hub image push "${JOB_IMAGES[$i]}" >"$tmp/$i" &
+}
+
+# preload_job_images: every node at once. A worker left without them is not
+# fatal here: setup loads them after its join (slower).
+preload_job_images() {
+	job_image_ids
+	local n pids=() names=() i
+	for n in hub "${WORKERS[@]}"; do
+		preload_node "$n" &
+		pids+=("$!") names+=("$n")
+	done
+	for i in "${!pids[@]}"; do
+		wait "${pids[$i]}" || warn "${names[$i]}: the job images are not there yet (setup loads them)"
+	done
+}
+
+# nodes_have_images: after the joins, every node's engine holds every job
+# image; one that lacks some (a seed that failed, a lab started by an older
+# test.sh) gets them now, all such nodes at once.
+nodes_have_images() {
+	job_image_ids
+	local n missing pids=() failed=0 i
+	for n in hub "${WORKERS[@]}"; do
+		mapfile -t missing < <(missing_images "$n")
+		[ "${#missing[@]}" -gt 0 ] || continue
+		info "$n lacks ${missing[*]}: loading it now (start puts the images there before setup)"
+		load_images "$n" "${missing[@]}" &
 		pids+=("$!")
 	done
 	for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed=1; done
-	local names=()
-	for i in "${!JOB_IMAGES[@]}"; do names+=("$(cat "$tmp/$i")"); done
-	rm -rf "$tmp"
-	[ "$failed" -eq 0 ] || die 1 "gridx image push failed on the hub"
-	info "pushed ${JOB_IMAGES[*]} in $(elapsed "$t0")s"
-	t0=$EPOCHREALTIME pids=()
-	for w in "${WORKERS[@]}"; do
-		have=$(node_images "$w")
-		for i in "${!JOB_IMAGES[@]}"; do
-			img=${JOB_IMAGES[$i]}
-			if has_image "$have" "${names[$i]}" "${JOB_IDS[$i]}" && has_image "$have" "$img" "${JOB_IDS[$i]}"; then
-				continue
-			fi
-			info "$w pulls ${names[$i]} over the VPN"
-			# shellcheck disable=SC2016 # the node's sh expands them
-			in_node "$w" sh -c 'docker pull -q "$1" >/dev/null && docker tag "$1" "$2"' sh "${names[$i]}" "$img" &
-			pids+=("$!")
-		done
-	done
-	for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed=1; done
-	[ "$failed" -eq 0 ] || die 1 "a worker could not pull a job image from the hub's registry" "./test.sh logs hub (and /var/log/gridx-registry.log there)"
-	[ "${#pids[@]}" -eq 0 ] || info "the workers pulled ${#pids[@]} image(s) in $(elapsed "$t0")s"
+	[ "$failed" -eq 0 ] || die 1 "a node could not load the job images" "./test.sh logs NODE"
+}
+
+# ./test.sh push-image IMAGE: IMAGE (the Jupyter image is built here when missing) into
+# the hub's engine when it lacks it, then `gridx image push` to the hub's
+# registry; prints the name workers pull it by (10.0.0.1:5000/IMAGE).
+cmd_push_image() {
+	[ $# -eq 1 ] || die 2 "usage: ./test.sh push-image IMAGE"
+	need_lab
+	local image=$1 id
+	if [ "$image" = "$JUPYTER_IMAGE" ]; then
+		ensure_image "$image" job-jupyter
+	fi
+	id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null) \
+		|| die 2 "there is no image $image here" "build it, or name one of: python:3.11 $JUPYTER_IMAGE"
+	has_image "$(node_images hub)" "$image" "$id" || load_images hub "$image" || die 1 "cannot load $image into the hub"
+	gridx_hub image push "$image"
 }
 
 # The hub's job keeper (`gridx hub watch`: jobs of a worker Down for 15 s run
@@ -678,10 +797,9 @@ cmd_setup() {
 	wait_nodes_ready
 	stage "dead nodes of a killed Docker daemon" cut_stale_ports
 	stage "revive VPN after a restart" revive_nodes
-	stage "job images into the hub (in the background)" start_hub_load
 	stage "hub init" hub_init
 	stage "join ${WORKERS[*]}" join_workers
-	stage "job images: hub registry -> workers" push_and_pull
+	stage "job images on every node" nodes_have_images
 	stage "hub watch" start_watch
 	info "lab set up in $(elapsed "$t0")s; next: ./test.sh status, ./test.sh test-job"
 }
@@ -863,6 +981,9 @@ main() {
 		add-external) cmd_add_external "$@" ;;
 		test-job) cmd_test_job "$@" ;;
 		test-gpu) cmd_test_gpu "$@" ;;
+		push-image) cmd_push_image "$@" ;;
+		rootfs) cmd_rootfs "$@" ;;
+		job-images) cmd_job_images "$@" ;;
 		cluster) cmd_cluster "$@" ;;
 		suite) cmd_suite "$@" ;;
 		logs) cmd_logs "$@" ;;

@@ -22,6 +22,10 @@
 #                          label gridx.hub-ssh=no tells the hub so)
 #   --no-containment       leave Docker's user-namespace remapping and
 #                          no-new-privileges off (see the warning it prints)
+#   --share idle|always    when Grid-X may use this machine: idle = only while
+#                          its owner is away (the default where a keyboard,
+#                          mouse or desktop session is; always on a server)
+#   --hours HH:MM-HH:MM    and only within these hours (local time), or any
 #   -y, --yes              answer yes to "continue?" (values still need flags
 #                          when there is no terminal)
 #   -h, --help             this text
@@ -68,6 +72,9 @@
 #   7. one line in root's authorized_keys: the hub's key, from its VPN IP only
 #      (not with --no-hub-ssh)
 #   8. wg-quick@gridx0 enabled at boot, where systemd runs
+#   9. the owner-activity agent (agent.sh): a copy in /var/lib/gridx/agent/
+#      with its settings, run as gridx-agent.service where systemd runs, else
+#      under its own supervisor loop (bundles without agent.sh: skipped)
 # If a step fails, the trap undoes the steps done, newest first.
 #
 # Exit codes: 0 joined, 1 failed (and rolled back), 2 bad usage or input,
@@ -88,6 +95,7 @@ GRIDX_BUNDLE_DIR=$(cd "$GRIDX_BUNDLE_DIR" && pwd -P)
 # Answers (flags, or prompts) and what the machine has.
 OPT_CPUS='' OPT_MEMORY='' OPT_GPUS='' OPT_GPU_IDS='' OPT_PRIVATE_KEY=''
 OPT_YES=0 OPT_INSTALL_DEPS=0 OPT_HANDSHAKE_TIMEOUT=30 OPT_HUB_SSH=1 OPT_CONTAINMENT=1
+OPT_SHARE='' OPT_HOURS='' SHARE='' HOURS='' AGENT_BUNDLED=0 POLICY_HINT=''
 MACHINE_CPUS=0 MACHINE_MEM_MIB=0 GPUS_LISTED=0 MACHINE_GPUS=()
 SHARED_CPUS=0 SHARED_MEM_MIB=0 SHARED_GPUS=()
 VPN_IP='' HUB_VPN_IP='' HUB_ENDPOINT='' MANAGER='' NAME='' SUBNET='' PREFIX=''
@@ -101,7 +109,8 @@ usage() {
 Usage: sudo ./join.sh [--cpus N] [--memory SIZE] [--gpus N] [--gpu-ids ID,ID]
                       [--private-key FILE] [--install-deps]
                       [--handshake-timeout SECONDS] [--no-hub-ssh]
-                      [--no-containment] [-y|--yes]
+                      [--no-containment] [--share idle|always]
+                      [--hours HH:MM-HH:MM] [-y|--yes]
 
 Share this machine with the Grid-X hub this bundle came from: join its VPN
 and its Docker swarm, sharing the CPUs, memory and GPUs you choose.
@@ -119,6 +128,14 @@ and its Docker swarm, sharing the CPUs, memory and GPUs you choose.
                          Docker: the hub could then read and write every file
                          here as root (it warns; only for a machine that is
                          the hub's own anyway)
+  --share idle|always    idle: Grid-X's jobs run only while you are away from
+                         this machine (they pause within 2 s when you use
+                         it); always: whenever the hub has jobs for it.
+                         Default: idle where a keyboard, mouse or desktop
+                         session is, always on a server (--yes takes it)
+  --hours HH:MM-HH:MM    only within these hours, local time (22:00-08:00
+                         crosses midnight); "any" (the default): any time.
+                         Change either later: sudo ./agent.sh policy --help
   -y, --yes              do not ask "continue?"
   -h, --help             show this text
 
@@ -144,7 +161,7 @@ parse_args() {
 			set -- "$opt" "$value" "$@"
 		fi
 		case $opt in
-		--cpus | --memory | --gpus | --gpu-ids | --private-key | --handshake-timeout)
+		--cpus | --memory | --gpus | --gpu-ids | --private-key | --handshake-timeout | --share | --hours)
 			if (($# < 2)) || [[ $2 == --* ]]; then fatal 2 "$opt needs a value" "see $GRIDX_PROG --help"; fi
 			value=$2
 			shift 2
@@ -169,6 +186,8 @@ parse_args() {
 		--install-deps) OPT_INSTALL_DEPS=1 ;;
 		--no-hub-ssh) OPT_HUB_SSH=0 ;;
 		--no-containment) OPT_CONTAINMENT=0 ;;
+		--share) OPT_SHARE=$value ;;
+		--hours) OPT_HOURS=$value ;;
 		esac
 	done
 	# What can be judged without the machine is judged now, before anything.
@@ -176,6 +195,7 @@ parse_args() {
 	if [[ -n $OPT_CPUS ]] && ((10#$OPT_CPUS == 0)); then fatal 2 "--cpus 0: share at least 1 CPU" "to share nothing, do not join"; fi
 	if [[ -n $OPT_MEMORY ]] && ! memory_mib "$OPT_MEMORY"; then fatal 2 "--memory '$OPT_MEMORY': $REPLY" "e.g. --memory 8G or --memory 512M"; fi
 	if [[ -n $OPT_GPUS ]] && ! is_count "$OPT_GPUS"; then fatal 2 "--gpus '$OPT_GPUS' is not a whole number" "e.g. --gpus 1, or --gpus 0"; fi
+	check_policy_flags
 	if ! is_count "$OPT_HANDSHAKE_TIMEOUT" || ((10#$OPT_HANDSHAKE_TIMEOUT == 0)); then
 		fatal 2 "--handshake-timeout '$OPT_HANDSHAKE_TIMEOUT' is not a number of seconds above 0" "e.g. --handshake-timeout 60"
 	fi
@@ -714,6 +734,71 @@ choose_private_key() {
 	PRIVATE_KEY=$key
 }
 
+# ------------------------------------------------------------ the owner first ----
+# When Grid-X may use this machine: agent.sh enforces it (README "The owner
+# comes first"); `agent.sh policy` changes it later without leaving.
+
+check_policy_flags() {
+	if [[ -n $OPT_SHARE && $OPT_SHARE != idle && $OPT_SHARE != always ]]; then
+		fatal 2 "--share '$OPT_SHARE' is not idle or always" "idle: only while you are away from this machine; always: whenever"
+	fi
+	if [[ -n $OPT_HOURS && $OPT_HOURS != any ]] && ! is_hours "$OPT_HOURS"; then
+		fatal 2 "--hours '$OPT_HOURS' is not HH:MM-HH:MM" "e.g. --hours 22:00-08:00 (local time), or --hours any"
+	fi
+	return 0
+}
+
+choose_policy() {
+	if [[ ! -f $GRIDX_BUNDLE_DIR/agent.sh ]]; then
+		[[ -z $OPT_SHARE$OPT_HOURS ]] || fatal 2 "--share and --hours need the owner-activity agent, and this bundle has no agent.sh" "ask the hub admin for a fresh bundle (gridx hub refresh-bundle $NAME)"
+		warn "this bundle has no agent.sh (an older hub made it): Grid-X's jobs will not pause while you use this machine; ask the hub admin for a fresh bundle"
+		return 0
+	fi
+	AGENT_BUNDLED=1
+	# what the agent runs with (coreutils, util-linux; libc's getconf)
+	need_cmd dd od stat tr mkfifo getconf
+	systemd_runs || need_cmd setsid
+	default_share
+	SHARE=${OPT_SHARE:-$REPLY}
+	HOURS=${OPT_HOURS#any}
+	if [[ -z $OPT_SHARE ]] && ((!OPT_YES)) && have_terminal; then
+		info "When may Grid-X use this machine? idle: only while you are away from it (its jobs pause"
+		info "within 2 s when you use it); always: whenever the hub has jobs for it. Default here: $REPLY ($SHARE_WHY)."
+		while :; do
+			ask "Share when (idle or always)" "$SHARE"
+			[[ $REPLY == idle || $REPLY == always ]] && break
+			warn "'$REPLY': answer idle or always"
+		done
+		SHARE=$REPLY
+	fi
+	if [[ -z $OPT_HOURS ]] && ((!OPT_YES)) && have_terminal; then
+		while :; do
+			ask "Only within these hours (HH:MM-HH:MM, local time; any)" any
+			[[ $REPLY == any ]] || is_hours "$REPLY" && break
+			warn "'$REPLY' is not HH:MM-HH:MM (like 22:00-08:00), or any"
+		done
+		HOURS=${REPLY#any}
+	fi
+}
+
+# The plan's line for it.
+policy_plan_line() {
+	((AGENT_BUNDLED)) || return 0
+	local -A AG=([SHARE]=$SHARE [HOURS]=$HOURS)
+	local key
+	for key in IDLE_S PREEMPT_S GRACE_S; do AG[$key]=${AGENT_DEFAULTS[$key]}; done
+	agent_policy_text
+	info "  owner     $REPLY"
+}
+
+step_agent() {
+	((AGENT_BUNDLED)) || return 0
+	agent_install "$SHARE" "$HOURS"
+	ok "the owner-activity agent runs (share $SHARE${HOURS:+ within $HOURS})"
+	printf -v POLICY_HINT '  sudo %s/agent.sh policy  when Grid-X may use it (now: %s%s)\n' "$GRIDX_BUNDLE_DIR" "$SHARE" "${HOURS:+ within $HOURS}"
+	systemd_runs || info "no systemd here: after a restart, start the agent again with: sudo $AGENT_DIR/agent.sh start"
+}
+
 # ------------------------------------------------------------------ the plan ----
 # Everything join will write is rendered into $WORK first, so that a bad
 # input stops here, before the machine changes.
@@ -1035,6 +1120,7 @@ confirm_plan() {
 	fi
 	info "  firewall  the swarm's ports and the ports jobs publish answer over $IFACE only;"
 	info "            jobs reach the internet only (iptables chains $JOB_CHAIN, $JOB_HOST_CHAIN)"
+	policy_plan_line
 	info "  undo      ./leave.sh puts all of this back"
 	info ""
 	grant_text
@@ -1367,7 +1453,7 @@ ${O_GREEN}${O_BOLD}Done.${O_OFF} $NAME ($VPN_IP) is a Grid-X worker. It shares:
 Jobs from the hub at $HUB_VPN_IP can run here now. Next:
   sudo $here/status.sh     link, handshake and swarm state (exit 0 = healthy)
   sudo $here/leave.sh      stop sharing and put this machine back as it was
-What was changed is recorded in $STATE_JSON.
+${POLICY_HINT}What was changed is recorded in $STATE_JSON.
 EOF
 }
 
@@ -1416,6 +1502,7 @@ main() {
 	render_key_line
 	detect_machine
 	choose_resources
+	choose_policy
 	render_daemon_json
 	render_nvidia_config
 	render_job_network
@@ -1433,6 +1520,7 @@ main() {
 	step_authorized_keys
 	step_check_firewall
 	step_boot_unit
+	step_agent
 	step_done
 }
 

@@ -5,7 +5,9 @@
 #   sudo ./leave.sh          (--yes is accepted: it asks nothing anyway)
 #
 # Undoes exactly what join.sh recorded that it changed, newest first:
-#   the wg-quick@gridx0 boot unit; the hub's line in root's authorized_keys
+#   the owner-activity agent (stopped, every paused Grid-X container
+#   unpaused, its gridx-agent unit and its folder removed); the
+#   wg-quick@gridx0 boot unit; the hub's line in root's authorized_keys
 #   (the file goes back byte for byte when nobody edited it since, else only
 #   that line goes; the file and ~/.ssh are removed only if join created them
 #   and they are empty); the swarm membership (docker swarm leave --force);

@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 #
-# lib.sh - what join.sh, leave.sh and status.sh share. Sourced, never run.
+# lib.sh - what join.sh, leave.sh, status.sh and agent.sh share. Sourced, never run.
 #
-# Defines functions only; nothing here changes the machine until a script
-# calls a step. Sections, in dependency order:
-#   output · running commands · paths · values files (settings.env, state.env)
-#   · the journal of changes (state) · checks · Docker · undo (used by both
-#   join.sh's rollback and leave.sh, so removal matches installation exactly)
+# Defines functions only (and PATH, below); nothing here changes the machine
+# until a script calls a step. Sections, in dependency order:
+#   PATH · output · running commands · paths · values files (settings.env, state.env)
+#   · the journal of changes (state) · checks · Docker · the owner's agent
+#   (installed, stopped, its settings) · undo (used by both join.sh's
+#   rollback and leave.sh, so removal matches installation exactly)
 #
 # Paths, overridable through the environment (tests point them at a temporary
 # folder; the defaults are the real ones):
@@ -28,7 +29,12 @@
 #   GRIDX_RESOLVED_CONF       /run/systemd/resolve/resolv.conf (Docker's pick
 #                             when resolv.conf names only 127.0.0.53)
 #   GRIDX_SYSTEMD_RUN_DIR     /run/systemd/system (exists = systemd runs)
+#   GRIDX_SYSTEMD_UNIT_DIR    /etc/systemd/system (the agent's unit goes there)
+#   GRIDX_PROC_DIR            /proc (input devices and CPU flags for join's
+#                             default policy; agent.sh reads its sources there)
 #   GRIDX_DOCKER_WAIT         60 (seconds to wait for Docker after a restart)
+#   GRIDX_LOCAL_BIN           /usr/local/sbin:/usr/local/bin (added to PATH
+#                             where it lacks them: see "PATH" below)
 #   NO_COLOR                  set: no colour even on a terminal
 #
 # The caller sets GRIDX_BUNDLE_DIR (its own folder) and GRIDX_PROG (its name)
@@ -39,6 +45,24 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
 	printf 'error: Grid-X needs bash 4.4 or newer (this is %s)\n' "$BASH_VERSION" >&2
 	exit 3
 fi
+
+# ------------------------------------------------------------------ PATH ----
+# sudo replaces PATH with its secure_path, and Debian's since forky (sudo
+# 1.9.17: /usr/sbin:/usr/bin:/sbin:/bin), like RHEL's, leaves /usr/local out:
+# `sudo ./join.sh` would not find what the volunteer installed there (jq,
+# nvidia-smi, a Docker from static binaries). Its folders are added at the
+# end, where PATH lacks them: what PATH already names keeps its place and
+# comes first. Runs when sourced: every command the scripts look up comes
+# after it, and the programs they start (wg-quick) inherit it.
+path_with_local_bin() {
+	local dir dirs
+	IFS=: read -r -a dirs <<<"${GRIDX_LOCAL_BIN-/usr/local/sbin:/usr/local/bin}"
+	for dir in "${dirs[@]}"; do
+		if [[ -n $dir && :$PATH: != *":$dir:"* ]]; then PATH=${PATH:+$PATH:}$dir; fi
+	done
+	export PATH
+}
+path_with_local_bin
 
 # ---------------------------------------------------------------- output ----
 # Progress, warnings and errors go to stderr; results to stdout. Colour only
@@ -115,6 +139,9 @@ ensure_root() {
 
 # ------------------------------------------------------------------ paths ----
 
+# The owner-activity agent's systemd unit (see "the owner's agent" below).
+AGENT_UNIT_NAME=gridx-agent.service
+
 root_home() {
 	local uid home
 	if [[ -n ${GRIDX_ROOT_HOME:-} ]]; then # tests: a root home of their own
@@ -145,11 +172,12 @@ init_paths() {
 	RESOLV_CONF=${GRIDX_RESOLV_CONF:-/etc/resolv.conf}
 	RESOLVED_CONF=${GRIDX_RESOLVED_CONF:-/run/systemd/resolve/resolv.conf}
 	SYSTEMD_RUN_DIR=${GRIDX_SYSTEMD_RUN_DIR:-/run/systemd/system}
+	AGENT_UNIT=${GRIDX_SYSTEMD_UNIT_DIR:-/etc/systemd/system}/$AGENT_UNIT_NAME
 	SUBUID=${GRIDX_SUBUID:-/etc/subuid}
 	SUBGID=${GRIDX_SUBGID:-/etc/subgid}
 	CERTS_DIR=${GRIDX_DOCKER_CERTS_DIR:-/etc/docker/certs.d} # same default as gridx.py's docker_certs_dir
 	local path
-	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR" "$CERTS_DIR"; do
+	for path in "$WG_DIR" "$DAEMON_JSON" "$NVIDIA_CONFIG" "$AUTHORIZED_KEYS" "$STATE_DIR" "$CERTS_DIR" "$AGENT_UNIT"; do
 		[[ $path == /* ]] || fatal 2 "'$path' is not an absolute path" "the GRIDX_* path overrides take absolute paths"
 	done
 }
@@ -160,6 +188,13 @@ set_state_dir() {
 	STATE_FILE=$STATE_DIR/state.env
 	STATE_JSON=$STATE_DIR/worker_config.json
 	BACKUP_DIR=$STATE_DIR/backup
+	# the owner-activity agent's installed copy, settings, status, log
+	AGENT_DIR=$STATE_DIR/agent
+	AGENT_ENV=$AGENT_DIR/agent.env
+	AGENT_STATUS=$AGENT_DIR/status.env
+	AGENT_PIDFILE=$AGENT_DIR/supervisor.pid
+	AGENT_LOG=$AGENT_DIR/agent.log
+	AGENT_FIFO=$AGENT_DIR/events.fifo
 }
 
 # leave.sh and status.sh of a machine joined by an older join.sh: its state
@@ -171,39 +206,42 @@ find_legacy_state() {
 	fi
 }
 
-# only_root_writes PATH: refuse (exit 3) a path that anyone but root could
-# have written: a link, not owned by root, or writable by group or others.
-# leave.sh acts on what the state says; a state someone else could write
-# would let them choose what root removes or copies.
+# only_root_writes PATH...: refuse (exit 3) a path that anyone but root
+# could have written: a link, not owned by root, or writable by group or
+# others. leave.sh acts on what the state says; a state someone else could
+# write would let them choose what root removes or copies. One stat for all
+# of them (leave.sh checks the state again after each of its steps).
 only_root_writes() {
-	local path=$1 owner mode
-	[[ -e $path || -L $path ]] || return 0
-	if [[ -L $path ]]; then
-		fatal 3 "$path is a symbolic link: Grid-X's state must be root's own file" "look at who made it; remove the link, then run $GRIDX_PROG again"
-	fi
-	read -r owner mode < <(stat -c '%u %a' -- "$path")
-	if [[ $owner != 0 ]] || (((8#$mode & 8#022) != 0)); then
-		fatal 3 "$path can be written by someone other than root (owner uid $owner, mode $mode): $GRIDX_PROG will not act on it" \
-			"check who changed it; if the content is right: chown root:root $path && chmod go-w $path, then run $GRIDX_PROG again"
-	fi
+	local path paths=() lines=() i owner mode
+	for path in "$@"; do
+		[[ -e $path || -L $path ]] || continue
+		if [[ -L $path ]]; then
+			fatal 3 "$path is a symbolic link: Grid-X's state must be root's own file" "look at who made it; remove the link, then run $GRIDX_PROG again"
+		fi
+		paths+=("$path")
+	done
+	((${#paths[@]})) || return 0
+	mapfile -t lines < <(stat -c '%u %a' -- "${paths[@]}")
+	for i in "${!paths[@]}"; do
+		read -r owner mode <<<"${lines[$i]:-? ?}"
+		if [[ $owner != 0 || ! $mode =~ ^[0-7]+$ ]] || (((8#$mode & 8#022) != 0)); then
+			fatal 3 "${paths[$i]} can be written by someone other than root (owner uid $owner, mode $mode): $GRIDX_PROG will not act on it" \
+				"check who changed it; if the content is right: chown root:root ${paths[$i]} && chmod go-w ${paths[$i]}, then run $GRIDX_PROG again"
+		fi
+	done
 }
 
-# The state folder, its files and its backups: root's only.
 check_state_owner() {
-	local f
-	only_root_writes "$STATE_DIR"
-	only_root_writes "$STATE_FILE"
-	only_root_writes "$STATE_JSON"
-	only_root_writes "$BACKUP_DIR"
+	local backups=()
 	if [[ -d $BACKUP_DIR ]]; then
+		local f
 		for f in "$BACKUP_DIR"/* "$BACKUP_DIR"/.[!.]*; do
-			[[ -e $f || -L $f ]] && only_root_writes "$f"
+			if [[ -e $f || -L $f ]]; then backups+=("$f"); fi
 		done
 	fi
-	# the copy of the scripts that wg-quick's PreUp runs as root
-	only_root_writes "$STATE_DIR/jobnet"
-	for f in "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"; do only_root_writes "$f"; done
-	return 0
+	# and the copy of the scripts that wg-quick's PreUp runs as root
+	only_root_writes "$STATE_DIR" "$STATE_FILE" "$STATE_JSON" "$BACKUP_DIR" "${backups[@]}" \
+		"$STATE_DIR/jobnet" "$STATE_DIR/jobnet/jobnet.sh" "$STATE_DIR/jobnet/lib.sh"
 }
 
 systemd_runs() { [[ -d $SYSTEMD_RUN_DIR ]]; }
@@ -492,6 +530,7 @@ check_settings() {
 		GRIDX_VPN_IP | GRIDX_HUB_VPN_IP) is_ipv4 "${S[$key]}" || bad_setting "$key" "an IPv4 address" ;;
 		GRIDX_MANAGER) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:2377)" ;;
 		GRIDX_REGISTRY) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:5000)" ;;
+		GRIDX_AGENT_PORT) is_port "${S[$key]}" || bad_setting "$key" "a TCP port (like 5001)" ;;
 		GRIDX_HUB_ENDPOINT) is_endpoint "${S[$key]}" || bad_setting "$key" "host:port (like 203.0.113.7:51820)" ;;
 		GRIDX_SUBNET) is_cidr "${S[$key]}" 8 || bad_setting "$key" "an IPv4 network (like 10.0.0.0/24)" ;;
 		GRIDX_NEEDS_PRIVATE_KEY) [[ ${S[$key]} =~ ^[01]$ ]] || bad_setting "$key" "0 or 1" ;;
@@ -514,13 +553,64 @@ load_settings() {
 	IFACE=${S[GRIDX_INTERFACE]}
 }
 
-# atomic_write PATH MODE < content: temporary file in the same folder with
-# the final mode set before anything is written, sync, rename.
+# atomic_write PATH MODE < content: a new temporary file in the same folder,
+# created with the final mode (the umask it is created under gives it; chmod
+# only for modes no umask gives, with x bits), written, synced, renamed over
+# PATH. The shell creates it exclusively (noclobber: a file or link already
+# there makes it fail, never followed); its name has the script's PID and a
+# random number, and the folders written are root's.
 atomic_write() {
 	local path=$1 mode=$2 tmp
-	tmp=$(umask 077 && mktemp "${path%/*}/.${path##*/}.XXXXXX")
-	chmod "$mode" "$tmp"
-	cat >"$tmp"
+	new_file_beside "$path" "$mode" cat || return 1
+	tmp=$REPLY
+	commit_file "$tmp" "$mode" "$path"
+}
+
+# atomic_write_texts MODE PATH TEXT [PATH TEXT]...: the same for each PATH
+# with TEXT as its content, no cat, one sync for all, then the renames in
+# order (the state and its JSON copy are written so at every step of join
+# and leave).
+atomic_write_texts() {
+	local mode=$1 tmps=() paths=() i
+	shift
+	while (($# >= 2)); do
+		ATOMIC_TEXT=$2
+		new_file_beside "$1" "$mode" write_atomic_text || return 1
+		tmps+=("$REPLY") paths+=("$1")
+		shift 2
+	done
+	if (((8#$mode & ~0666) != 0)); then chmod "$mode" "${tmps[@]}"; fi
+	sync "${tmps[@]}" 2>/dev/null || sync
+	for i in "${!tmps[@]}"; do mv -f -- "${tmps[$i]}" "${paths[$i]}"; done
+}
+
+write_atomic_text() { printf '%s' "$ATOMIC_TEXT"; }
+
+# new_file_beside PATH MODE WRITER -> REPLY: the temporary file, made new and
+# filled by WRITER (a command writing the content to stdout), in a subshell
+# whose umask gives MODE's read and write bits. A name already taken (a
+# killed run's) is tried again with another.
+new_file_beside() {
+	local path=$1 mode=$2 writer=$3 mask tries tmp
+	printf -v mask '%03o' $((0777 & ~8#$mode))
+	for tries in 1 2 3 4 5; do
+		tmp=${path%/*}/.${path##*/}.gridx-$$-$RANDOM$RANDOM
+		[[ ! -e $tmp && ! -L $tmp ]] || continue
+		if (umask "$mask" && set -C && "$writer" >"$tmp"); then
+			REPLY=$tmp
+			return 0
+		fi
+		break
+	done
+	rm -f -- "$tmp"
+	warn "cannot write a new file beside $path (try $tries)"
+	return 1
+}
+
+# commit_file TMP MODE PATH: the mode a umask could not give, sync, rename.
+commit_file() {
+	local tmp=$1 mode=$2 path=$3
+	if (((8#$mode & ~0666) != 0)); then chmod "$mode" "$tmp"; fi
 	sync "$tmp" 2>/dev/null || sync
 	mv -f -- "$tmp" "$path"
 }
@@ -536,6 +626,10 @@ same_file() {
 # json_str VALUE -> REPLY: a JSON string literal.
 json_str() {
 	local s=$1 out='' c i code
+	if [[ $s != *[\"\\[:cntrl:]]* ]]; then # nothing to escape (most values)
+		REPLY="\"$s\""
+		return 0
+	fi
 	for ((i = 0; i < ${#s}; i++)); do
 		c=${s:i:1}
 		case $c in
@@ -592,6 +686,9 @@ json_str_list() {
 #   REGISTRY (the hub registry's HOST:PORT, whose CA join.sh installed as
 #   CERTS_DIR/HOST:PORT/ca.crt) REGISTRY_CA_BACKUP (a file, or "absent")
 #   REGISTRY_DIRS_CREATED (0, 1: the HOST:PORT folder, 2: CERTS_DIR too)
+#   AGENT_DIR (STATE_DIR/agent: the owner-activity agent's copy, settings
+#   and status) AGENT_UNIT (its systemd unit file) AGENT_SUPERVISED (1: run
+#   by its own supervisor loop, no systemd)
 
 declare -A ST=()
 STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COMPLETE
@@ -600,7 +697,7 @@ STATE_ORDER=(NAME INTERFACE VPN_IP HUB_VPN_IP HUB_ENDPOINT MANAGER JOINED_AT COM
 	DAEMON_JSON DAEMON_JSON_BACKUP CREATED_NVIDIA_DIR NVIDIA_CONFIG NVIDIA_CONFIG_BACKUP
 	DOCKER_RESTART_PENDING DOCKREMAP_CREATED REGISTRY REGISTRY_CA_BACKUP REGISTRY_DIRS_CREATED
 	SWARM_JOINED AUTHORIZED_KEYS AUTHORIZED_KEYS_LINE AUTHORIZED_KEYS_BACKUP
-	CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS BOOT_UNIT)
+	CREATED_SSH_DIR CREATED_AUTHORIZED_KEYS BOOT_UNIT AGENT_DIR AGENT_UNIT AGENT_SUPERVISED)
 
 state_exists() { [[ -f $STATE_FILE ]]; }
 
@@ -648,6 +745,9 @@ check_state() {
 	if [[ -v ST[VPN_SUBNET] ]] && ! is_cidr "${ST[VPN_SUBNET]}" 8; then
 		fatal 3 "$STATE_FILE: VPN_SUBNET '${ST[VPN_SUBNET]}' is not an IPv4 network" "the record was changed by hand; put it back, or undo the join by hand"
 	fi
+	state_expect AGENT_DIR "$AGENT_DIR"
+	state_expect AGENT_UNIT "$AGENT_UNIT"
+	state_expect AGENT_SUPERVISED 1
 }
 
 # registry_ca_path HOST:PORT -> REPLY: where Docker reads that registry's CA.
@@ -669,23 +769,23 @@ state_unset() {
 }
 
 save_state() {
-	local key
+	local key text
 	[[ -d $STATE_DIR ]] || return 0
-	{
-		printf '# Grid-X worker state, written by join.sh, read by leave.sh and status.sh.\n'
-		for key in "${STATE_ORDER[@]}"; do
-			[[ -v ST[$key] ]] || continue
-			shell_quote "${ST[$key]}"
-			printf '%s=%s\n' "$key" "$REPLY"
-		done
-	} | atomic_write "$STATE_FILE" 0600
-	state_json | atomic_write "$STATE_JSON" 0600
+	text=$'# Grid-X worker state, written by join.sh, read by leave.sh and status.sh.\n'
+	for key in "${STATE_ORDER[@]}"; do
+		[[ -v ST[$key] ]] || continue
+		shell_quote "${ST[$key]}"
+		text+="$key=$REPLY"$'\n'
+	done
+	state_json
+	atomic_write_texts 0600 "$STATE_FILE" "$text" "$STATE_JSON" "$REPLY"
 }
 
-# The same facts as JSON. Numbers stay numbers, flags become booleans.
+# state_json -> REPLY: the same facts as JSON. Numbers stay numbers, flags
+# become booleans.
 state_json() {
-	local key value lower
-	printf '{\n  "version": 1'
+	local key value lower out
+	out=$'{\n  "version": 1'
 	for key in "${STATE_ORDER[@]}"; do
 		[[ -v ST[$key] ]] || continue
 		value=${ST[$key]}
@@ -695,14 +795,14 @@ state_json() {
 		SHARED_CPUS | SHARED_MEMORY_MIB | REGISTRY_DIRS_CREATED) REPLY=$value ;;
 		COMPLETE | LINK_UP | DOCKER_RESTART_PENDING | SWARM_JOINED | CREATED_STATE_DIR | CREATED_DOCKER_DIR | \
 			CREATED_NVIDIA_DIR | CREATED_SSH_DIR | CREATED_AUTHORIZED_KEYS | CONTAINMENT | HUB_SSH | DOCKREMAP_CREATED | \
-			JOB_DOCKER_USER6)
+			JOB_DOCKER_USER6 | AGENT_SUPERVISED)
 			[[ $value == 1 ]] && REPLY=true || REPLY=false
 			;;
 		*) json_str "$value" ;;
 		esac
-		printf ',\n  "%s": %s' "$lower" "$REPLY"
+		out+=$',\n  "'"$lower"'": '"$REPLY"
 	done
-	printf '\n}\n'
+	REPLY=$out$'\n}\n'
 }
 
 # --------------------------------------------------------------- checks ----
@@ -1027,6 +1127,563 @@ wait_docker() { # polls 5 times a second: Docker is usually back within 2 s
 	done
 }
 
+# ------------------------------------------------------- the owner's agent ----
+# agent.sh pauses Grid-X's containers while this machine's owner uses it
+# (README: "The owner comes first"). join.sh installs a copy of agent.sh and
+# lib.sh in STATE_DIR/agent/ (the bundle folder may move or go), with the
+# agent's settings in agent.env there, and runs it: as gridx-agent.service
+# where systemd runs, else under `agent.sh supervise`, a loop that starts it
+# again when it dies (its pid in supervisor.pid; without an init system
+# nothing starts it after a reboot: `agent.sh start` does, join.sh says so).
+# leave.sh stops it and unpauses every Grid-X container first.
+
+# Swarm's label on every task container. This engine is in Grid-X's swarm
+# and no other, so a container with it was placed there by the hub; the
+# owner's own containers (docker run, compose) never have it.
+TASK_LABEL=com.docker.swarm.task.id
+
+# agent.env: its keys, in the order written, and their defaults. Why these
+# numbers (README "The owner comes first" says the same):
+#   IDLE_S 300       away this long before Grid-X goes on: HTCondor's desktop
+#                    policy continues after 5 min idle; BOINC calls a machine
+#                    in use for 3 min after the last input
+#   PREEMPT_S 600    paused this long, the jobs are stopped so that they run
+#                    elsewhere: HTCondor preempts after 10 min suspended
+#   GRACE_S 60       SIGTERM to SIGKILL: a job's time to write its checkpoint
+#                    (Docker's own 10 s is short for a model and optimizer)
+#   CPU_BUSY_PCT 25  the owner's programs (all CPU use outside Grid-X's
+#                    containers) at a quarter of a core or more. HTCondor's
+#                    HighLoad is 0.5 of a load average, which counts a
+#                    program waiting for a core too; CPU time does not, so
+#                    a program that competes with Grid-X's (or, in the lab,
+#                    with other machines) for the cores shows less: measured
+#                    in a lab worker under a host load of 24 on 2 cores, a
+#                    busy loop got 28-75 % per 0.5 s sample. A machine at
+#                    rest stays below it: 1-2 %, short spikes to 10 %
+#   CPU_BUSY_MS 500  held for half a second (two samples), so that a
+#                    lone spike (10 % in one sample, above) does not count;
+#                    the agent's own docker commands are not counted at all.
+#                    HTCondor waits 2 min, too long for the 2 s goal
+#   CPU_PERIOD_MS 250  the CPU sample while Grid-X's containers run here:
+#                    busy seen 0.5-0.75 s after it begins (a 1 s hold with
+#                    500 ms samples gave a p95 of 2.5 s under that load);
+#                    once a second when nothing runs to pause
+#   TTY_POLL_S 2     terminals' access times (the kernel moves them once in
+#                    8 s at most, so a keystroke in a terminal is seen within
+#                    10 s; a keyboard's own events within a second)
+#   LOGIND_POLL_S 5, GPU_POLL_S 5  loginctl and nvidia-smi are whole programs
+#   HEARTBEAT_S 30   the hub hears the agent's state at least this often
+#   HUB_PORT         settings.env's GRIDX_AGENT_PORT, else AGENT_PORT_DEFAULT
+#   INPUT_DEVICES    auto: keyboards, mice, touchpads and joysticks listed in
+#                    /proc/bus/input/devices; or PATH,PATH (those only)
+AGENT_KEYS=(SHARE HOURS IDLE_S PREEMPT_S GRACE_S CPU_BUSY_PCT CPU_BUSY_MS CPU_PERIOD_MS TTY_POLL_S LOGIND_POLL_S
+	GPU_POLL_S HEARTBEAT_S HUB_PORT INPUT_DEVICES)
+# Same as gridx.py's AGENT_PORT: the hub's TCP port for the agent's reports,
+# next to the registry's 5000 (7946 is swarm gossip).
+AGENT_PORT_DEFAULT=5001
+declare -A AGENT_DEFAULTS=([SHARE]=always [HOURS]='' [IDLE_S]=300 [PREEMPT_S]=600 [GRACE_S]=60 [CPU_BUSY_PCT]=25
+	[CPU_BUSY_MS]=500 [CPU_PERIOD_MS]=250 [TTY_POLL_S]=2 [LOGIND_POLL_S]=5 [GPU_POLL_S]=5 [HEARTBEAT_S]=30
+	[HUB_PORT]=$AGENT_PORT_DEFAULT [INPUT_DEVICES]=auto)
+# shellcheck disable=SC2034 # the scripts use it
+declare -A AG=()
+
+# is_hours HH:MM-HH:MM (local time; the end may be past midnight)
+is_hours() {
+	local re='^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$'
+	[[ $1 =~ $re && ${1%-*} != "${1#*-}" ]]
+}
+
+# hours_minutes HH:MM -> REPLY minutes after midnight
+hours_minutes() { REPLY=$((10#${1%:*} * 60 + 10#${1#*:})); }
+
+# in_hours HH:MM-HH:MM MINUTE_OF_DAY: is that minute inside the window?
+in_hours() {
+	local start end m=$2
+	hours_minutes "${1%-*}"
+	start=$REPLY
+	hours_minutes "${1#*-}"
+	end=$REPLY
+	if ((start < end)); then
+		((m >= start && m < end))
+	else
+		((m >= start || m < end))
+	fi
+}
+
+# seconds_value VALUE -> REPLY seconds: 90, 90s, 5m, 2h.
+seconds_value() {
+	[[ $1 =~ ^([0-9]{1,6})([smh]?)$ ]] || return 1
+	REPLY=$((10#${BASH_REMATCH[1]}))
+	case ${BASH_REMATCH[2]} in
+	m) REPLY=$((REPLY * 60)) ;;
+	h) REPLY=$((REPLY * 3600)) ;;
+	esac
+}
+
+# in_range VALUE MIN MAX: a whole number within [MIN, MAX].
+in_range() { [[ $1 =~ ^[0-9]{1,7}$ ]] && ((10#$1 >= $2 && 10#$1 <= $3)); }
+
+# check_agent_value KEY VALUE: fails with REPLY = what the value must be.
+check_agent_value() {
+	local key=$1 v=$2 path
+	case $key in
+	SHARE) [[ $v == idle || $v == always ]] || REPLY="idle or always" ;;
+	HOURS) [[ -z $v ]] || is_hours "$v" || REPLY="HH:MM-HH:MM (like 22:00-08:00), or empty for any time" ;;
+	IDLE_S) in_range "$v" 1 86400 || REPLY="seconds from 1 to 86400" ;;
+	PREEMPT_S) in_range "$v" 1 604800 || REPLY="seconds from 1 to 604800" ;;
+	GRACE_S) in_range "$v" 0 3600 || REPLY="seconds from 0 to 3600" ;;
+	CPU_BUSY_PCT) in_range "$v" 1 100000 || REPLY="a percentage of one core, from 1" ;;
+	CPU_BUSY_MS) in_range "$v" 0 600000 || REPLY="milliseconds from 0 to 600000" ;;
+	CPU_PERIOD_MS) in_range "$v" 100 10000 || REPLY="milliseconds from 100 to 10000" ;;
+	TTY_POLL_S | LOGIND_POLL_S | GPU_POLL_S) in_range "$v" 1 3600 || REPLY="seconds from 1 to 3600" ;;
+	HEARTBEAT_S) in_range "$v" 2 3600 || REPLY="seconds from 2 to 3600" ;;
+	HUB_PORT) is_port "$v" || REPLY="a TCP port" ;;
+	INPUT_DEVICES)
+		if [[ $v != auto ]]; then
+			local -a paths
+			IFS=, read -r -a paths <<<"$v"
+			((${#paths[@]})) || REPLY="auto, or absolute paths separated by commas"
+			for path in "${paths[@]}"; do
+				[[ $path =~ ^/[A-Za-z0-9_./:+-]+$ && $path != */../* && $path != */.. ]] || REPLY="auto, or absolute paths separated by commas"
+			done
+		fi
+		;;
+	*) REPLY="a key the agent knows (${AGENT_KEYS[*]})" ;;
+	esac
+	[[ -z ${REPLY:-} ]]
+}
+
+# load_agent_settings: AG from agent.env over the defaults; a damaged file
+# (someone else could write it, or a value that is not what join.sh or
+# `agent.sh policy` write) is exit 3. Keys of a newer agent are ignored.
+load_agent_settings() {
+	local key
+	local -A raw=()
+	only_root_writes "$AGENT_DIR"
+	only_root_writes "$AGENT_ENV"
+	[[ -f $AGENT_ENV ]] || fatal 3 "$AGENT_ENV is missing: the owner-activity agent is not set up here" "run leave.sh, then join.sh again"
+	read_values "$AGENT_ENV" raw
+	AG=()
+	for key in "${AGENT_KEYS[@]}"; do
+		AG[$key]=${raw[$key]-${AGENT_DEFAULTS[$key]}}
+		REPLY=''
+		check_agent_value "$key" "${AG[$key]}" || fatal 3 "$AGENT_ENV: $key '${AG[$key]}' is not $REPLY" "put it right with: sudo $AGENT_DIR/agent.sh policy --help"
+	done
+}
+
+# agent.env holds the policy and what differs from the defaults, so that an
+# agent with better defaults uses them; the defaults are listed as comments.
+write_agent_settings() {
+	local key
+	{
+		printf '# Grid-X owner-activity agent settings: written by join.sh and agent.sh policy, read by agent.sh.\n'
+		for key in "${AGENT_KEYS[@]}"; do
+			shell_quote "${AG[$key]}"
+			if [[ $key == SHARE || $key == HOURS || $key == HUB_PORT || ${AG[$key]} != "${AGENT_DEFAULTS[$key]}" ]]; then
+				printf '%s=%s\n' "$key" "$REPLY"
+			else
+				printf '# %s=%s (the default)\n' "$key" "$REPLY"
+			fi
+		done
+	} | atomic_write "$AGENT_ENV" 0600
+}
+
+# input_devices FILE (/proc/bus/input/devices) -> INPUT_DEVS (event names to
+# watch) and INPUT_PERSON (1: a keyboard or a mouse is attached).
+# Watched: what a person moves or presses: the kbd handler with keys
+# (keyboards, and buttons such as power or brightness), a mouseN handler
+# (mice, touchpads, touchscreens, tablets) or jsN (joysticks); never an
+# accelerometer (INPUT_PROP_ACCELEROMETER, bit 6 of PROP: its events are the
+# machine tilting). A person: a keyboard (keys that repeat, EV_REP) or a mouse.
+input_devices() {
+	local line handlers='' ev=0 prop=0
+	INPUT_DEVS=() INPUT_PERSON=0
+	while IFS= read -r line || [[ -n $line ]]; do
+		case $line in
+		'H: Handlers='*) handlers=${line#H: Handlers=} ;;
+		'B: EV='*) hex_value "${line#B: EV=}" && ev=$REPLY ;;
+		'B: PROP='*) hex_value "${line#B: PROP=}" && prop=$REPLY ;;
+		'')
+			input_device_seen "$handlers" "$ev" "$prop"
+			handlers='' ev=0 prop=0
+			;;
+		esac
+	done <"$1"
+	input_device_seen "$handlers" "$ev" "$prop"
+}
+
+hex_value() { [[ $1 =~ ^[0-9a-fA-F]{1,15}$ ]] && REPLY=$((16#$1)); }
+
+input_device_seen() { # HANDLERS EV PROP
+	local word event='' kbd=0 pointer=0
+	for word in $1; do
+		case $word in
+		event[0-9]*) event=$word ;;
+		kbd) kbd=1 ;;
+		mouse[0-9]* | js[0-9]*) pointer=1 ;;
+		esac
+	done
+	[[ -n $event ]] || return 0
+	((($3 & 0x40) == 0)) || return 0
+	if ((kbd && ($2 & 0x2) || pointer)); then INPUT_DEVS+=("$event"); fi
+	if ((kbd && ($2 & 0x100000))) || [[ " $1 " == *" mouse"[0-9]* ]]; then INPUT_PERSON=1; fi
+	return 0
+}
+
+# desktop_session SHOW_OUTPUT (loginctl show-session -p Type -p Remote ID...):
+# is one of the sessions a desktop on this machine's own screen?
+desktop_session() {
+	local line type='' remote=''
+	while IFS= read -r line || [[ -n $line ]]; do
+		case $line in
+		Type=*) type=${line#Type=} ;;
+		Remote=*) remote=${line#Remote=} ;;
+		'')
+			[[ $type =~ ^(x11|wayland|mir)$ && $remote == no ]] && return 0
+			type='' remote=''
+			;;
+		esac
+	done <<<"$1"
+	[[ $type =~ ^(x11|wayland|mir)$ && $remote == no ]]
+}
+
+# is_virtual_machine CPUINFO: the CPU flags say "hypervisor" (its keyboard
+# and mouse are the emulator's, whoever sits at the host).
+is_virtual_machine() {
+	local line
+	while IFS= read -r line; do
+		[[ $line == flags* ]] || continue
+		[[ " $line " == *" hypervisor "* ]]
+		return
+	done <"$1"
+	return 1
+}
+
+# default_share -> REPLY (idle or always) and SHARE_WHY: "idle" where a
+# person uses this machine (a keyboard or mouse that is not a virtual
+# machine's, or a desktop session on its screen), "always" on a server.
+# shellcheck disable=SC2034 # join.sh shows SHARE_WHY
+default_share() {
+	local proc=${GRIDX_PROC_DIR:-/proc} ids out
+	INPUT_PERSON=0
+	if [[ -r $proc/bus/input/devices ]]; then input_devices "$proc/bus/input/devices"; fi
+	if ((INPUT_PERSON)) && ! { [[ -r $proc/cpuinfo ]] && is_virtual_machine "$proc/cpuinfo"; }; then
+		REPLY=idle SHARE_WHY="a keyboard or mouse is attached: someone uses this machine"
+		return 0
+	fi
+	if have_cmd loginctl && systemd_runs; then
+		ids=$(loginctl list-sessions --no-legend 2>/dev/null | while read -r id _; do printf '%s ' "$id"; done) || ids=''
+		# shellcheck disable=SC2086 # session IDs, one word each
+		if [[ -n ${ids// /} ]] && out=$(loginctl show-session -p Type -p Remote $ids 2>/dev/null) && desktop_session "$out"; then
+			REPLY=idle SHARE_WHY="a desktop session is open on this machine's screen"
+			return 0
+		fi
+	fi
+	REPLY=always SHARE_WHY="no keyboard or mouse (or a virtual machine's) and no desktop session: a server"
+}
+
+# agent_pid_is PID WORD: PID is alive and runs agent.sh WORD (a pid file
+# outliving its process, or a pid taken again by another program, is not).
+agent_pid_is() {
+	local cmdline
+	[[ $1 =~ ^[1-9][0-9]*$ && -r /proc/$1/cmdline ]] || return 1
+	cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
+	[[ $cmdline == *"$AGENT_DIR/agent.sh $2"* ]]
+}
+
+# agent_pid_of PIDFILE WORD -> REPLY: the pid in PIDFILE when agent_pid_is.
+agent_pid_of() {
+	local pid
+	REPLY=''
+	[[ -f $1 ]] || return 1
+	read -r pid 2>/dev/null <"$1" || return 1
+	agent_pid_is "$pid" "$2" || return 1
+	REPLY=$pid
+}
+
+# Is the agent running (its unit active, or its supervisor alive)?
+agent_running() {
+	if [[ -v ST[AGENT_UNIT] ]]; then
+		systemctl is-active --quiet "$AGENT_UNIT_NAME" 2>/dev/null
+	else
+		agent_pid_of "$AGENT_PIDFILE" supervise
+	fi
+}
+
+# Start the supervisor in a session of its own (not this terminal's, whose
+# hangup would end it), with no terminal and nothing inherited on its fds.
+agent_launch() {
+	local tries=0
+	if agent_pid_of "$AGENT_PIDFILE" supervise; then return 0; fi
+	printf '[#] setsid bash %s supervise &\n' "$AGENT_DIR/agent.sh" >&2
+	(
+		trap '' HUP
+		exec setsid bash "$AGENT_DIR/agent.sh" supervise </dev/null >/dev/null 2>&1
+	) &
+	until agent_pid_of "$AGENT_PIDFILE" supervise; do
+		((tries++ < 50)) || return 1
+		sleep 0.1
+	done
+}
+
+# agent_wake: a line into the agent's FIFO, so that a signal just sent is
+# taken now (bash runs a trap once its read's timeout ends, up to 5 s). Open
+# read-write: never blocks, whether the agent reads it or not.
+agent_wake() {
+	local fd
+	[[ -p $AGENT_FIFO ]] || return 0
+	exec {fd}<>"$AGENT_FIFO"
+	printf 'wake\n' >&"$fd"
+	exec {fd}>&-
+}
+
+# Stop the agent; it unpauses what it paused as it ends.
+agent_stop() {
+	local tries=0 pid
+	if [[ -v ST[AGENT_UNIT] ]]; then
+		if have_cmd systemctl; then cmd systemctl stop "$AGENT_UNIT_NAME" || return 1; fi
+		return 0
+	fi
+	agent_pid_of "$AGENT_PIDFILE" supervise || return 0
+	pid=$REPLY
+	cmd kill -TERM "$pid" || return 1
+	# The agent has GRACE-free work to do (docker unpause): 20 s is plenty.
+	while kill -0 "$pid" 2>/dev/null && ((tries++ < 200)); do
+		agent_wake
+		sleep 0.1
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		warn "the agent's supervisor ($pid) did not stop within 20 s: killing it"
+		kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+	fi
+	# What an agent killed outright left (its own session: readers, docker events).
+	read_agent_status
+	if agent_pid_is "${ASTAT[PID]:-}" run; then kill_session "${ASTAT[PID]}"; fi
+	rm -f -- "$AGENT_PIDFILE"
+}
+
+# session_of PID -> REPLY: its session id (/proc/PID/stat, after the name).
+session_of() {
+	local stat rest
+	REPLY=''
+	{ read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+	rest=${stat##*) }
+	read -r _ _ _ REPLY _ <<<"$rest"
+}
+
+# kill_session SID: SIGKILL to every process of the session SID but the
+# caller: what an agent that was killed outright left (its readers, docker
+# events). The agent and its supervisor each lead a session of their own.
+kill_session() {
+	local f pid
+	[[ $1 =~ ^[1-9][0-9]*$ && $1 != 1 ]] || return 0
+	for f in /proc/[0-9]*/stat; do
+		pid=${f#/proc/} pid=${pid%/stat}
+		[[ $pid != "$$" && $pid != "$BASHPID" ]] || continue
+		session_of "$pid" && [[ $REPLY == "$1" ]] && kill -KILL "$pid" 2>/dev/null
+	done
+	return 0
+}
+
+# status.env, written by the agent: what it does now (agent.sh says what each
+# key holds; docs/CONTRACT.md too).
+# shellcheck disable=SC2034 # agent.sh writes them
+AGENT_STATUS_KEYS=(STATE SINCE REASON POLICY HOURS PREEMPT_AT TASKS JOBS MEM_MIB LAST_ACTIVE LAST_REASON SPELL_SINCE
+	UPDATED PID HUB_OK_AT HUB CPU_OUTSIDE_PCT WATCHING)
+declare -A ASTAT=()
+
+# read_agent_status -> ASTAT (empty when the agent has written none yet, or
+# it is not the agent's: root's only, KEY='value' lines).
+read_agent_status() {
+	ASTAT=()
+	[[ -f $AGENT_STATUS && ! -L $AGENT_STATUS ]] || return 0
+	only_root_writes "$AGENT_STATUS"
+	(read_values "$AGENT_STATUS" ASTAT) >/dev/null 2>&1 || return 0
+	read_values "$AGENT_STATUS" ASTAT
+}
+
+# clock EPOCH -> REPLY: local time of day, with the date when not today.
+clock() {
+	local day today
+	printf -v day '%(%F)T' "$1"
+	printf -v today '%(%F)T' -1
+	if [[ $day == "$today" ]]; then printf -v REPLY '%(%H:%M:%S)T' "$1"; else printf -v REPLY '%(%F %H:%M)T' "$1"; fi
+}
+
+# duration SECONDS -> REPLY: 45 s, 5 min, 2 h 30 min.
+duration() {
+	local s=$1
+	if ((s < 120)); then
+		REPLY="$s s"
+	elif ((s < 7200)); then
+		REPLY="$((s / 60)) min"
+	else
+		REPLY="$((s / 3600)) h"
+		((s % 3600 < 60)) || REPLY+=" $((s % 3600 / 60)) min"
+	fi
+}
+
+# agent_policy_text -> REPLY: the policy of AG, in words.
+agent_policy_text() {
+	local idle preempt
+	duration "${AG[IDLE_S]}"
+	idle=$REPLY
+	duration "${AG[PREEMPT_S]}"
+	preempt=$REPLY
+	if [[ ${AG[SHARE]} == idle ]]; then
+		REPLY="idle: Grid-X's jobs run only while you are away ($idle without keyboard, mouse, terminal, or your programs using a CPU or GPU); paused $preempt, they stop (${AG[GRACE_S]} s to save their work) and run elsewhere"
+	else
+		REPLY="always: Grid-X's jobs run whenever the hub places them here"
+	fi
+	if [[ -n ${AG[HOURS]} ]]; then REPLY+="; only within ${AG[HOURS]} (outside: paused, then stopped after $preempt)"; fi
+}
+
+# agent_human: the agent's lines of status.sh (AG and ASTAT read).
+agent_human() {
+	local state=${ASTAT[STATE]:-} since when tasks
+	agent_policy_text
+	printf '  %-15s %s
+' sharing "$REPLY"
+	if ! agent_running; then
+		printf '  %-15s %s
+' agent "not running (start it: sudo $AGENT_DIR/agent.sh start)"
+		return 0
+	fi
+	clock "${ASTAT[SINCE]:-0}"
+	since=$REPLY
+	case $state in
+	sharing) printf '  %-15s %s
+' now "sharing since $since" ;;
+	paused) printf '  %-15s %s
+' now "paused since $since: the owner is active (${ASTAT[REASON]:-?})" ;;
+	outside-hours) printf '  %-15s %s
+' now "paused since $since: outside the hours ${ASTAT[HOURS]:-?}" ;;
+	preempting) printf '  %-15s %s
+' now "stopping Grid-X's jobs since $since (${ASTAT[REASON]:-?}): SIGTERM, then SIGKILL after ${AG[GRACE_S]} s" ;;
+	'') printf '  %-15s %s
+' now "starting" ;;
+	*) printf '  %-15s %s
+' now "$state" ;;
+	esac
+	if [[ -n ${ASTAT[TASKS]:-} ]]; then
+		tasks=${ASTAT[JOBS]//,/, }
+		[[ $state == preempting ]] && when=stopped || when=paused
+		printf '  %-15s %s
+' '' "jobs $when: $tasks (tasks ${ASTAT[TASKS]//,/, }), holding ${ASTAT[MEM_MIB]:-0} MiB of memory"
+	fi
+	if ((${ASTAT[PREEMPT_AT]:-0} > 0)) && [[ $state != preempting ]]; then
+		clock "${ASTAT[PREEMPT_AT]}"
+		when=$REPLY
+		duration "${AG[IDLE_S]}"
+		if [[ $state == paused ]]; then
+			printf '  %-15s %s
+' '' "they will be stopped at $when (to run elsewhere) unless the owner is away $REPLY before"
+		else
+			printf '  %-15s %s
+' '' "they will be stopped at $when (to run elsewhere)"
+		fi
+	fi
+	if ((${ASTAT[HUB_OK_AT]:-0} > 0)); then
+		clock "${ASTAT[HUB_OK_AT]}"
+		printf '  %-15s %s
+' hub "heard the agent at $REPLY (${ASTAT[HUB]:-?})"
+	else
+		printf '  %-15s %s
+' hub "has not answered the agent yet (${ASTAT[HUB]:-?})"
+	fi
+}
+
+# agent_json -> REPLY: the agent's part of status.sh --json.
+agent_json() {
+	local running=false hours=null key
+	agent_running && running=true
+	if [[ -n ${AG[HOURS]} ]]; then
+		json_str "${AG[HOURS]}"
+		hours=$REPLY
+	fi
+	local out="{\"installed\": true, \"running\": $running, \"policy\": \"${AG[SHARE]}\", \"hours\": $hours"
+	out+=", \"idle_s\": ${AG[IDLE_S]}, \"preempt_s\": ${AG[PREEMPT_S]}, \"grace_s\": ${AG[GRACE_S]}"
+	json_str "${ASTAT[STATE]:-}"
+	out+=", \"state\": $REPLY"
+	json_str "${ASTAT[REASON]:--}"
+	out+=", \"reason\": $REPLY"
+	for key in SINCE PREEMPT_AT MEM_MIB LAST_ACTIVE HUB_OK_AT; do
+		[[ ${ASTAT[$key]:-0} =~ ^[0-9]+$ ]] || ASTAT[$key]=0
+		out+=", \"${key,,}\": ${ASTAT[$key]:-0}"
+	done
+	json_str_list "${ASTAT[TASKS]:-}"
+	out+=", \"tasks\": $REPLY"
+	json_str_list "${ASTAT[JOBS]:-}"
+	out+=", \"jobs\": $REPLY}"
+	REPLY=$out
+}
+
+# Every paused Grid-X container goes on: leave.sh leaves nothing paused.
+unpause_grid_tasks() {
+	local ids
+	ids=$(docker ps -q --no-trunc --filter "label=$TASK_LABEL" --filter status=paused 2>/dev/null) || {
+		warn "Docker does not answer: cannot check for paused Grid-X containers"
+		return 1
+	}
+	[[ -n $ids ]] || return 0
+	# shellcheck disable=SC2086 # container IDs, one per line
+	cmd docker unpause $ids
+}
+
+# The systemd unit: KillMode=mixed sends SIGTERM to the agent alone (it
+# unpauses, then ends its readers); what is left after it gets SIGKILL.
+render_agent_unit() {
+	cat <<UNIT
+# Grid-X owner-activity agent, installed by join.sh, removed by leave.sh.
+[Unit]
+Description=Grid-X owner-activity agent (pauses Grid-X's jobs while this machine's owner uses it)
+After=docker.service
+Wants=docker.service
+
+[Service]
+Environment=GRIDX_STATE_DIR=$STATE_DIR
+ExecStart=$1 $AGENT_DIR/agent.sh run
+Restart=always
+RestartSec=2
+KillMode=mixed
+TimeoutStopSec=30
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+# agent_install SHARE HOURS: the copy, its settings, the service; then wait
+# for the agent's first status (it is what protects the owner: a join whose
+# agent does not start is rolled back).
+agent_install() {
+	local bash_path tries=0 key
+	[[ $STATE_DIR =~ ^/[A-Za-z0-9_./-]+$ ]] || fatal 3 "the state folder $STATE_DIR has characters a systemd unit cannot hold" "use a plain path for GRIDX_STATE_DIR"
+	state_set AGENT_DIR "$AGENT_DIR"
+	[[ -d $AGENT_DIR ]] || cmd mkdir -m 0700 -- "$AGENT_DIR"
+	printf '[#] install %s and lib.sh in %s\n' agent.sh "$AGENT_DIR" >&2
+	atomic_write "$AGENT_DIR/agent.sh" 0700 <"$GRIDX_BUNDLE_DIR/agent.sh"
+	atomic_write "$AGENT_DIR/lib.sh" 0600 <"$GRIDX_BUNDLE_DIR/lib.sh"
+	for key in "${AGENT_KEYS[@]}"; do AG[$key]=${AGENT_DEFAULTS[$key]}; done
+	AG[SHARE]=$1 AG[HOURS]=$2 AG[HUB_PORT]=${S[GRIDX_AGENT_PORT]:-$AGENT_PORT_DEFAULT}
+	write_agent_settings
+	if systemd_runs; then
+		bash_path=$(command -v bash)
+		state_set AGENT_UNIT "$AGENT_UNIT"
+		printf '[#] write %s\n' "$AGENT_UNIT" >&2
+		render_agent_unit "$bash_path" | atomic_write "$AGENT_UNIT" 0644
+		cmd systemctl daemon-reload
+		cmd systemctl enable --now "$AGENT_UNIT_NAME"
+	else
+		state_set AGENT_SUPERVISED 1
+		agent_launch || fatal 1 "the owner-activity agent's supervisor did not start" "look at $AGENT_LOG"
+	fi
+	until [[ -f $AGENT_STATUS ]]; do
+		((tries++ < 100)) || fatal 1 "the owner-activity agent did not start within 10 s" "look at $AGENT_LOG (or journalctl -u $AGENT_UNIT_NAME)"
+		sleep 0.1
+	done
+}
+
 # ----------------------------------------------------------------- undo ----
 # One function per change, each tolerant of a change already undone, each
 # forgetting its record once done. undo_all runs them in the reverse order of
@@ -1068,6 +1725,25 @@ keep_edited_copy() { # PATH WRITTEN_COPY
 		warn "$path was edited after join; restoring the original and keeping the edited one as $path.gridx-edited"
 		cmd cp -p -- "$path" "$path.gridx-edited"
 	fi
+}
+
+# The agent first: stopped (it unpauses as it ends), then every paused Grid-X
+# container unpaused whatever the agent did, so that nothing stays frozen
+# and the swarm leave after this stops running containers, not frozen ones.
+undo_agent() {
+	[[ -v ST[AGENT_DIR] ]] || return 0
+	agent_stop || return 1
+	unpause_grid_tasks || return 1
+	if [[ -v ST[AGENT_UNIT] ]]; then
+		if have_cmd systemctl; then cmd systemctl disable "$AGENT_UNIT_NAME" || return 1; fi
+		if [[ -e $AGENT_UNIT ]]; then
+			cmd rm -f -- "$AGENT_UNIT"
+			if have_cmd systemctl; then cmd systemctl daemon-reload || true; fi
+		fi
+		state_unset AGENT_UNIT
+	fi
+	if [[ -d $AGENT_DIR ]]; then cmd rm -rf -- "$AGENT_DIR"; fi
+	state_unset AGENT_DIR AGENT_SUPERVISED
 }
 
 undo_boot_unit() {
@@ -1260,7 +1936,7 @@ undo_job_network() {
 undo_all() {
 	local step failed=0 rc errexit=0
 	[[ $- == *e* ]] && errexit=1
-	for step in undo_boot_unit undo_authorized_keys undo_swarm undo_registry_ca undo_docker_config undo_dockremap undo_link \
+	for step in undo_agent undo_boot_unit undo_authorized_keys undo_swarm undo_registry_ca undo_docker_config undo_dockremap undo_link \
 		undo_firewall undo_wg_config undo_job_network; do
 		# In a subshell with errexit on (not in a tested context, where bash
 		# would switch errexit off), so a failing command ends only this step.

@@ -17,7 +17,17 @@
 # swarm_state (inactive/pending/active/error/locked/unknown), node_addr,
 # shared {cpus, memory_mib, gpu_ids [..]}, contained (bool: Docker runs with
 # user-namespace remapping), jobs_network (bool: the rules keeping jobs off
-# private networks are in place), healthy (bool), problems [..].
+# private networks are in place), healthy (bool), problems [..], agent (null
+# where no owner-activity agent is installed, else {installed, running,
+# policy (idle/always), hours (null or HH:MM-HH:MM), idle_s, preempt_s,
+# grace_s, state (sharing/paused/outside-hours/preempting), reason
+# (-/input/terminal/logind/cpu/gpu/hours), since, preempt_at (epoch s, 0: none),
+# mem_mib, last_active, hub_ok_at, tasks [..], jobs [..]}).
+#
+# The agent (agent.sh): what it does now (sharing; paused: owner active since
+# ...; outside hours), which jobs it holds paused and their memory, when they
+# will be preempted. Unhealthy when it is installed and not running, or has
+# not written its status for three heartbeats.
 #
 # Reads: ${GRIDX_STATE_DIR:-/var/lib/gridx}/state.env (written by join.sh;
 #   /root/.gridx/state.env where an older join.sh joined), settings.env
@@ -42,6 +52,7 @@ HANDSHAKE_MAX_AGE=180
 OPT_JSON=0
 LINK_UP=false HANDSHAKE_AGE=null SWARM=unknown NODE_ADDR='' PROBLEMS=() CONTAINED=false REGISTRY_CA=false
 JOBS_NETWORK=false
+AGENT_JSON=null
 
 usage() {
 	cat <<EOF
@@ -139,6 +150,30 @@ check_registry_ca() {
 	fi
 }
 
+# The owner-activity agent, where join.sh installed one: running, and
+# writing its status (every heartbeat, HEARTBEAT_S).
+check_agent() {
+	local now age
+	[[ -v ST[AGENT_DIR] ]] || return 0
+	if ! (load_agent_settings) >/dev/null 2>&1; then
+		PROBLEMS+=("the owner-activity agent's settings $AGENT_ENV are missing or damaged (run leave.sh, then join.sh again)")
+		return 0
+	fi
+	load_agent_settings
+	read_agent_status
+	if ! agent_running; then
+		PROBLEMS+=("the owner-activity agent is not running: Grid-X's jobs would not pause for you (start it: sudo $AGENT_DIR/agent.sh start)")
+	elif [[ ${ASTAT[UPDATED]:-} =~ ^[0-9]+$ ]]; then
+		printf -v now '%(%s)T' -1
+		age=$((now - ASTAT[UPDATED]))
+		if ((age > 3 * AG[HEARTBEAT_S])); then
+			PROBLEMS+=("the owner-activity agent has not written its status for $age s (look at $AGENT_LOG, or journalctl -u $AGENT_UNIT_NAME)")
+		fi
+	fi
+	agent_json
+	AGENT_JSON=$REPLY
+}
+
 print_json() {
 	local healthy=$1 joined=$2 key p problems='' complete=false
 	[[ ${ST[COMPLETE]:-0} == 1 ]] && complete=true
@@ -159,8 +194,8 @@ print_json() {
 	done
 	json_str "${ST[REGISTRY]:-}"
 	printf ', "registry": %s, "registry_ca": %s' "$REPLY" "$REGISTRY_CA"
-	printf ', "contained": %s, "jobs_network": %s, "healthy": %s, "problems": [%s]}\n' \
-		"$CONTAINED" "$JOBS_NETWORK" "$healthy" "$problems"
+	printf ', "contained": %s, "jobs_network": %s, "healthy": %s, "problems": [%s], "agent": %s}\n' \
+		"$CONTAINED" "$JOBS_NETWORK" "$healthy" "$problems" "$AGENT_JSON"
 }
 
 print_human() {
@@ -180,6 +215,7 @@ print_human() {
 	if [[ -v ST[REGISTRY] ]]; then
 		printf '  registry        %s (CA %s)\n' "${ST[REGISTRY]}" "$([[ $REGISTRY_CA == true ]] && printf installed || printf missing)"
 	fi
+	if [[ $AGENT_JSON != null ]]; then agent_human; fi
 }
 
 main() {
@@ -204,6 +240,7 @@ main() {
 	check_containment
 	check_job_network
 	check_registry_ca
+	check_agent
 	local healthy=true p
 	((${#PROBLEMS[@]} == 0)) || healthy=false
 	if ((OPT_JSON)); then print_json "$healthy" true; else print_human; fi

@@ -3,6 +3,8 @@
 #   scripts/install-deps.sh test   pytest, ruff (pip) and shellcheck (apt)
 #   scripts/install-deps.sh lab    Docker engine + compose, WireGuard tools,
 #                                  debootstrap, jq; starts dockerd if not running
+#   scripts/install-deps.sh debootstrap   debootstrap alone (make demo runs it
+#                                  first, then debootstraps while the rest installs)
 # Debian/Ubuntu hosts (apt-get); elsewhere it says what to install.
 set -euo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
@@ -134,8 +136,14 @@ install_lab_deps() {
 	start_dockerd
 }
 
+install_debootstrap() {
+	need_pkg debootstrap debootstrap
+	install_missing
+}
+
 case "${1:-}" in
 	test) install_test_deps ;;
 	lab) install_lab_deps ;;
-	*) printf 'usage: %s test|lab\n' "$0" >&2; exit 2 ;;
+	debootstrap) install_debootstrap ;;
+	*) printf 'usage: %s test|lab|debootstrap\n' "$0" >&2; exit 2 ;;
 esac

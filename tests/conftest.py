@@ -69,3 +69,15 @@ def gridx_for_others():
         yield os.path.join(folder, "gridx.py")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def stop_fake_engines():
+    """Every FakeEngine (fakes.py) a test started is stopped after it, and
+    gridx forgets its connection."""
+    from fakes import FakeEngine
+
+    yield
+    gridx.ENGINES.clear()
+    while FakeEngine.started:
+        FakeEngine.started.pop().stop()

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,218 @@ NODE = {
 }
 
 
+# -- a fake Engine API: Docker's answers on a unix socket ---------------------------
+
+
+class FakeEngine:
+    """Docker's Engine API on a unix socket of its own: GET /_ping, and
+    /vX.Y/services, /tasks, /nodes answered from the lists it holds with
+    Docker's filters applied (a service's label or name prefix; a task's
+    service by ID or name, or its service's label), every request recorded
+    (requests: [(path, {filter: values})], connections: how many were
+    opened). fail = (status, message) answers every other request so.
+    Stopped by the autouse fixture in conftest.py (stop_fake_engines)."""
+
+    started = []
+
+    def __init__(self, services=(), tasks=(), nodes=(), version="1.41"):
+        import tempfile
+
+        self.services, self.tasks, self.nodes = list(services), list(tasks), list(nodes)
+        self.version, self.fail = version, None
+        self.chunked = False  # bodies in chunks, as Docker sends its bigger answers
+        self.drop = 0  # this many of the next requests: the connection closes without an answer
+        self.logs = {}  # service name or task ID: [(stream, bytes)], what GET …/logs answers
+        self.requests, self.connections = [], 0
+        self.folder = tempfile.mkdtemp(prefix="gx-engine-")  # short: a socket path has 108 bytes at most
+        self.path = os.path.join(self.folder, "docker.sock")
+        self.server = None
+
+    @property
+    def host(self):
+        return "unix://" + self.path
+
+    def start(self):
+        import socketserver
+        import threading
+
+        engine = self
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+
+        self.server = Server(self.path, engine.handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        FakeEngine.started.append(self)
+        return self
+
+    def stop(self):
+        import shutil
+
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def handler(self):
+        import http.server
+
+        engine = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # kept open, as Docker does
+
+            def setup(self):
+                super().setup()
+                engine.connections += 1
+
+            def do_GET(self):
+                if engine.drop:
+                    engine.drop -= 1
+                    self.close_connection = True
+                    return
+                status, body = engine.answer(self.path)
+                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+                self.send_response(status)
+                self.send_header("Api-Version", engine.version)
+                self.send_header("Content-Type", "application/json")
+                if not engine.chunked:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for start in range(0, len(data), 1000):
+                    piece = data[start:start + 1000]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def answer(self, target):
+        import urllib.parse
+
+        path, _, query = target.partition("?")
+        filters = json.loads(urllib.parse.parse_qs(query).get("filters", ["{}"])[0])
+        self.requests.append((path, filters))
+        if path == "/_ping":
+            return 200, b"OK"
+        if self.fail:
+            return self.fail[0], {"message": self.fail[1]}
+        match = re.match(r"/v(\d+)\.(\d+)/(\w+)(?:/([^/]+)/logs)?$", path)
+        if not match:
+            return 400, {"message": f"gridx asked for an unversioned path: {path}"}
+        asked, what = (int(match.group(1)), int(match.group(2))), match.group(3)
+        if asked > tuple(int(part) for part in self.version.split(".")):
+            return 400, {"message": f"client version {asked} is too new. Maximum supported API version is "
+                                    f"{self.version}"}
+        if match.group(4):
+            return self.answer_logs(what, match.group(4))
+        if what == "services":
+            return 200, [s for s in self.services if self.service_matches(s, filters)]
+        if what == "tasks":
+            return self.answer_tasks(filters)
+        if what == "nodes":
+            return 200, self.nodes
+        return 404, {"message": f"page not found: {path}"}
+
+    def answer_logs(self, what, name):
+        known = [s["Spec"]["Name"] for s in self.services] if what == "services" else [t["ID"] for t in self.tasks]
+        if name not in known and name not in self.logs:
+            return 404, {"message": f"{what[:-1]} {name} not found"}
+        return 200, b"".join(bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+                             for stream, data in self.logs.get(name, []))
+
+    def service_matches(self, service, filters):
+        spec = service["Spec"]
+        return (all(label_matches(spec.get("Labels") or {}, f) for f in filters.get("label", []))
+                and (not filters.get("name") or any(spec["Name"].startswith(n) for n in filters["name"])))
+
+    def answer_tasks(self, filters):
+        ids = None
+        if "service" in filters:
+            ids = set()
+            for wanted in filters["service"]:
+                found = [s for s in self.services if wanted in (s["ID"], s["Spec"]["Name"])]
+                if not found:
+                    return 404, {"message": f"service {wanted} not found"}
+                ids.add(found[0]["ID"])
+        labels = {s["ID"]: s["Spec"].get("Labels") or {} for s in self.services}
+        return 200, [t for t in self.tasks if (ids is None or t["ServiceID"] in ids)
+                     and all(label_matches(labels.get(t["ServiceID"], {}), f) for f in filters.get("label", []))]
+
+    def paths(self):
+        """The requests' paths, without the version."""
+        return [re.sub(r"^/v[0-9.]+", "", path) for path, _ in self.requests]
+
+
+def label_matches(labels, wanted):
+    key, equals, value = wanted.partition("=")
+    return key in labels and (not equals or labels[key] == value)
+
+
+def api_task(task_id, service_id, node_id="", state="complete", desired="complete", slot=1, error="",
+             exit_code=None, container="", ago_s=1, gpus=()):
+    """A task as the Engine API gives it (what `docker inspect TASK` prints)."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - ago_s)) + ".123456789Z"
+    status = {"State": state, "Timestamp": stamp, "Message": state}
+    if error:
+        status["Err"] = error
+    if container or exit_code is not None:
+        status["ContainerStatus"] = {"ContainerID": container or f"c-{task_id}", "ExitCode": exit_code or 0}
+    task = {"ID": task_id, "ServiceID": service_id, "DesiredState": desired, "Status": status,
+            "CreatedAt": stamp, "Version": {"Index": 1}}
+    if node_id:
+        task["NodeID"] = node_id
+    if slot:
+        task["Slot"] = slot
+    if gpus:
+        task["GenericResources"] = [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": g}} for g in gpus]
+    return task
+
+
+def api_node(node_id, hostname, state="ready", address="10.0.0.2", cpus=2, created="2026-01-01T00:00:00Z",
+             manager=False, hub_ssh=True):
+    """A node as the Engine API gives it (what `docker node inspect` prints)."""
+    node = {"ID": node_id, "CreatedAt": created, "UpdatedAt": created,
+            "Spec": {"Role": "manager" if manager else "worker", "Availability": "active"},
+            "Description": {"Hostname": hostname, "Engine": {"Labels": {} if hub_ssh else {"gridx.hub-ssh": "no"}},
+                            "Resources": {"GenericResources": [
+                                {"DiscreteResourceSpec": {"Kind": "gridx_cpu", "Value": cpus}},
+                                {"DiscreteResourceSpec": {"Kind": "gridx_mem", "Value": 4096}}] if cpus else []}},
+            "Status": {"State": state, "Addr": address}}
+    if manager:
+        node["ManagerStatus"] = {"Leader": True, "Reachability": "reachable", "Addr": address + ":2377"}
+    return node
+
+
+def api_service(service_id, name, labels=None, replicas=1, cpus=1):
+    """A job's service as the Engine API gives it (what `docker service inspect` prints)."""
+    return {"ID": service_id, "Spec": {
+        "Name": name, "Labels": dict({"gridx.job": name, "gridx.kind": "run"}, **(labels or {})),
+        "Mode": {"ReplicatedJob": {"MaxConcurrent": replicas, "TotalCompletions": replicas}},
+        "TaskTemplate": {"ContainerSpec": {"Image": "python:3.11"}, "Resources": {"Reservations": {
+            "GenericResources": [{"DiscreteResourceSpec": {"Kind": "gridx_cpu", "Value": cpus}},
+                                 {"DiscreteResourceSpec": {"Kind": "gridx_mem", "Value": 1024}}]}}}}}
+
+
+def use_engine(monkeypatch, engine):
+    """gridx reads this FakeEngine (started here) from now on."""
+    if engine.server is None:
+        engine.start()
+    monkeypatch.setattr(gridx, "DOCKER_HOST", None)  # --manager of an earlier test: not this engine
+    monkeypatch.setenv("DOCKER_HOST", engine.host)
+    monkeypatch.setattr(gridx, "ENGINES", {})
+    return engine
+
+
 SSH_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICmwf0hkKPWsAKHOZlONiuLivpLMmETcR1c6ZH+eRq0t test"
 
 
@@ -92,6 +305,23 @@ JUPYTER_SERVICE = {"ID": "s3", "Spec": {
 
 JOB_TASK = {"ID": "t1", "Name": "job-1.1", "Node": "worker3", "DesiredState": "Complete",
             "CurrentState": "Complete 1 second ago", "Error": ""}
+
+
+class HubEngine(FakeEngine):
+    """The Engine API of the hub FakeTools plays: job-1 (its task t1
+    complete on worker3, node n1) and job-out; a Jupyter job that FakeTools
+    created has one running task."""
+
+    def __init__(self):
+        super().__init__(services=[JOB_SERVICE, JOB_OUT_SERVICE], nodes=[HUB_NODE, WORKER_NODE],
+                         tasks=[api_task("t1", "s1", "n1", exit_code=0)])
+
+    def answer_tasks(self, filters):
+        jupyter = [name for name in filters.get("service", []) if name.startswith("jupyter-")]
+        if jupyter:
+            return 200, [dict(api_task("tj", "sj", "n1", state="running", desired="running", exit_code=0),
+                              ServiceID=jupyter[0])]
+        return super().answer_tasks(filters)
 
 
 REGISTRY_DIGEST = "sha256:" + "ab" * 32
@@ -250,6 +480,7 @@ def fake_hub(tmp_path, monkeypatch, declined=()):
     (tmp_path / "train.py").write_text("print(1)\n")
     (tmp_path / "w.conf").write_text((config_dir / "clients" / "w1.conf").read_text())
     tools = FakeTools(declined)
+    tools.engine = use_engine(monkeypatch, HubEngine())
     monkeypatch.setattr(subprocess, "run", tools.run)
     monkeypatch.setattr(subprocess, "call", tools.call)
     monkeypatch.setattr(subprocess, "Popen", tools.popen)

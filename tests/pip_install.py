@@ -81,10 +81,21 @@ def build_wheel(work):
 
 def install(work, python=None):
     """A venv under work/venv with gridx installed from its wheel; returns
-    (venv folder, how the wheel was built)."""
+    (venv folder, how the wheel was built).
+
+    The venv is made without pip, and this interpreter's pip installs into it
+    (`pip --python`, pip 22.3 and newer): putting a pip into every new venv
+    (ensurepip) was most of the time this took. An older pip gets a venv
+    with its own pip, as before."""
     wheel, how = build_wheel(work)
     venv = os.path.join(work, "venv")
-    run([python or sys.executable, "-m", "venv", venv])
-    run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--no-index", "--no-deps", wheel])
+    target = os.path.join(venv, "bin", "python")
+    options = ["install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps", wheel]
+    run([python or sys.executable, "-m", "venv", "--without-pip", venv])
+    try:
+        run([sys.executable, "-m", "pip", "--python", target, *options])
+    except InstallError:
+        shutil.rmtree(venv)
+        run([python or sys.executable, "-m", "venv", venv])
+        run([target, "-m", "pip", *options])
     return venv, how

@@ -6,7 +6,22 @@ import stat
 import subprocess
 
 import pytest
-from fakes import HUB_NODE, JOB_SERVICE, JOB_TASK, KEY_A, KEY_B, WORKER_NODE, cli, fake_hub, make_config, run_main, tree
+from fakes import (
+    HUB_NODE,
+    JOB_SERVICE,
+    KEY_A,
+    KEY_B,
+    WORKER_NODE,
+    FakeEngine,
+    api_node,
+    api_service,
+    api_task,
+    cli,
+    fake_hub,
+    make_config,
+    run_main,
+    tree,
+)
 
 import gridx
 
@@ -214,6 +229,57 @@ def test_add_peer_out_makes_the_folder_and_leaves_an_existing_ones_mode(tmp_path
     assert sorted(os.listdir(own)) == ["gridx-new2-bundle", "gridx-new2-bundle.tar.gz"]
 
 
+def twin_laptops(tools):
+    """Two workers that both call themselves ubuntu: n-up (Ready, 10.0.0.2)
+    and n-down (Down, 10.0.0.3); a running job and a finished --output job
+    on each."""
+    out = {gridx.LABEL_OUTPUT: "/work/out"}
+    tools.engine.nodes = [HUB_NODE, api_node("n-up", "ubuntu", "ready", "10.0.0.2"),
+                          api_node("n-down", "ubuntu", "down", "10.0.0.3")]
+    tools.engine.services = [api_service("s-a", "job-up"), api_service("s-b", "job-down"),
+                             api_service("s-c", "out-up", out), api_service("s-d", "out-down", out)]
+    tools.engine.tasks = [
+        api_task("t-a", "s-a", "n-up", state="running", desired="complete", exit_code=0),
+        api_task("t-b", "s-b", "n-down", state="running", desired="complete", exit_code=0),
+        api_task("t-c", "s-c", "n-up", exit_code=0, container="container-on-up"),
+        api_task("t-d", "s-d", "n-down", exit_code=0, container="container-on-down"),
+    ]
+
+
+def test_watch_runs_again_only_the_down_twins_jobs_and_collects_from_each_twin(tmp_path, monkeypatch):
+    """Nodes are known by ID (issue 19): the Ready ubuntu's job is left
+    alone, the Down one's runs again, and each job's results are copied
+    from the address of the node that ran it."""
+    tools = fake_hub(tmp_path, monkeypatch)
+    twin_laptops(tools)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # the collector is root on the hub
+    assert gridx.main(["hub", "watch", "--once", "--down-after", "0"]) == 0
+    updates = [argv for argv in tools.calls if argv[1:3] == ["service", "update"]]
+    assert updates == [["docker", "service", "update", "--detach", "--force", "--no-resolve-image", "--", "job-down"]]
+    copies = {argv[-1].split()[-2]: argv[-2] for argv in tools.calls if argv[0] == "ssh"}
+    assert copies == {"container-on-up:/work/out": "root@10.0.0.2", "container-on-down:/work/out": "root@10.0.0.3"}
+
+
+def test_delete_removes_a_twins_containers_from_the_node_that_ran_them(tmp_path, monkeypatch):
+    tools = fake_hub(tmp_path, monkeypatch)
+    twin_laptops(tools)
+    tools.engine.nodes[2]["Status"]["State"] = "ready"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert gridx.main(["jobs", "delete", "--keep-results", "out-up", "out-down"]) == 0
+    removals = [argv for argv in tools.calls if argv[0] == "ssh" and "rm" in argv[-1]]
+    assert {argv[-1].split()[-1]: argv[-2] for argv in removals} == {
+        "container-on-up": "root@10.0.0.2", "container-on-down": "root@10.0.0.3"}
+
+
+def test_cluster_keeps_twins_apart(tmp_path, monkeypatch, capsys):
+    tools = fake_hub(tmp_path, monkeypatch)
+    twin_laptops(tools)
+    assert gridx.main(["cluster", "--json"]) == 0
+    nodes = {n["id"]: n for n in json.loads(capsys.readouterr().out)["nodes"]}
+    assert nodes["n-up"]["reserved"]["cpus"] == 1 and nodes["n-down"]["reserved"]["cpus"] == 1
+    assert nodes["n-up"]["hostname"] == nodes["n-down"]["hostname"] == "ubuntu"
+
+
 # -- Commands: worker --------------------------------------------------------------
 
 def test_worker_conf_and_parse_round_trip():
@@ -259,41 +325,37 @@ def test_worker_conf_values_are_checked(old, new):
 
 # -- Commands: jobs ----------------------------------------------------------------
 
-def test_json_outputs_parse(tmp_path):
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    result = cli("jobs", "list", "--json", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+def test_json_outputs_parse():
+    engine = FakeEngine().start()
+    result = cli("jobs", "list", "--json", env={"DOCKER_HOST": engine.host})
     assert result.returncode == 0 and json.loads(result.stdout) == {"jobs": []}
 
 
-def test_list_makes_a_fixed_number_of_docker_calls(tmp_path):
-    """2 jobs or 200: the same three docker calls."""
-    def calls_for(n):
-        log = tmp_path / f"calls-{n}"
-        names = " ".join(f"job-{i}" for i in range(n))
-        services = json.dumps([{"Spec": {"Name": f"job-{i}", "Labels": {"gridx.job": f"job-{i}"},
+def many_jobs(n):
+    """An engine holding n jobs, each with a task on one of two nodes."""
+    services = [{"ID": f"s{i}", "Spec": {"Name": f"job-{i}", "Labels": {"gridx.job": f"job-{i}"},
                                          "Mode": {"ReplicatedJob": {"TotalCompletions": 1}},
-                                         "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}} for i in range(n)])
-        (tmp_path / "services.json").write_text(services)
-        fake = tmp_path / "docker"
-        fake.write_text(f"""#!/bin/sh
-echo "$*" >> {log}
-case "$1 $2" in
-  "service ls") echo "{names}" | tr ' ' '\\n' ;;
-  "service inspect") cat {tmp_path}/services.json ;;
-  "service ps") for s in {names}; do
-      echo '{{"ID":"t","Name":"'$s'.1","Node":"w1","DesiredState":"Complete",'\
-'"CurrentState":"Complete 1 second ago","Error":""}}'; done ;;
-esac
-""")
-        fake.chmod(0o755)
-        result = cli("jobs", "list", "--json", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
-        assert result.returncode == 0, result.stderr
-        assert len(json.loads(result.stdout)["jobs"]) == n
-        return len(log.read_text().splitlines())
+                                         "TaskTemplate": {"ContainerSpec": {"Image": "x"}}}} for i in range(n)]
+    tasks = [api_task(f"t{i}", f"s{i}", ("n0", "n1")[i % 2], exit_code=0) for i in range(n)]
+    return FakeEngine(services, tasks, [HUB_NODE, WORKER_NODE]).start()
 
-    assert calls_for(2) == calls_for(200) == 3
+
+@pytest.mark.parametrize("argv", [["jobs", "list", "--json"], ["cluster", "--json"],
+                                  ["jobs", "status", "job-1", "--json"]])
+def test_reading_the_swarm_is_a_fixed_number_of_requests(argv):
+    """2 jobs or 200: the same requests to the Engine API, over one
+    connection, each to a versioned path."""
+    def requests_for(n):
+        engine = many_jobs(n)
+        result = cli(*argv, env={"DOCKER_HOST": engine.host})
+        assert result.returncode == 0, result.stderr
+        if argv[1] == "list":
+            assert len(json.loads(result.stdout)["jobs"]) == n
+        assert engine.connections == 1
+        assert all(path == "/_ping" or path.startswith("/v1.41/") for path, _ in engine.requests)
+        return engine.paths()
+
+    assert requests_for(2) == requests_for(200) == ["/_ping", "/services", "/nodes", "/tasks"]
 
 
 def test_train_script_over_config_limit(tmp_path):
@@ -329,23 +391,13 @@ def test_control_characters_from_members_and_workers_are_escaped(tmp_path, monke
     character reaches stdout or stderr; JSON keeps the value exact."""
     service = json.loads(json.dumps(JOB_SERVICE))
     service["Spec"]["Labels"][gridx.LABEL_CMD] = HOSTILE_TEXT
-    task = dict(JOB_TASK, Node="w\x1b[31mrker", Error=HOSTILE_TEXT, DesiredState="Shutdown",
-                CurrentState="Failed 1 second ago")
+    task = api_task("t1", "s1", "n1", state="failed", desired="shutdown", error=HOSTILE_TEXT, exit_code=3)
     node = json.loads(json.dumps(WORKER_NODE))
     node["Description"]["Hostname"] = "w\x1b[31mrker"
     tools = fake_hub(tmp_path, monkeypatch)
-    answer = tools.answer_docker
-
-    def hostile(rest):
-        if rest[:2] == ["service", "inspect"]:
-            return json.dumps([service])
-        if rest[:2] == ["service", "ps"] and "-q" not in rest:
-            return json.dumps(task)
-        if rest[:2] == ["node", "inspect"] and "--format" not in rest:
-            return json.dumps([HUB_NODE, node])
-        return answer(rest)
-
-    monkeypatch.setattr(tools, "answer_docker", hostile)
+    tools.engine.services[0] = service
+    tools.engine.tasks = [task]
+    tools.engine.nodes = [HUB_NODE, node]
     for argv in (["jobs", "list"], ["jobs", "status", "job-1"], ["cluster"]):
         assert run_main(argv) == 0
         out, err = capsys.readouterr()

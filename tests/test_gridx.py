@@ -2,6 +2,7 @@
 before anything runs), and every command's values kept out of other
 programs' options."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 from fakes import (
     GRIDX,
+    FakeEngine,
     cli,
     fake_hub,
     run_main,
@@ -96,22 +98,52 @@ def test_missing_tool_is_exit_3(tmp_path):
 
 
 def test_docker_not_running_is_exit_3(tmp_path):
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
-                    "Is the docker daemon running?' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    result = cli("jobs", "list", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
-    assert result.returncode == 3 and "Docker is not running" in result.stderr
+    """No socket, or a socket nobody listens on: what the docker CLI's
+    "Cannot connect to the Docker daemon" gives (exit 3, one line)."""
+    import socket
+
+    dead = tmp_path / "dead.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(dead))
+    listener.close()  # the file stays, nothing listens: refused
+    for path in (tmp_path / "none.sock", dead):
+        result = cli("jobs", "list", env={"DOCKER_HOST": f"unix://{path}"})
+        assert result.returncode == 3 and "Docker is not running" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
-def test_no_access_to_the_docker_socket_is_exit_3(tmp_path):
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\necho 'Got permission denied while trying to connect to the Docker daemon socket at "
-                    "unix:///var/run/docker.sock: Get \"http://%2Fvar%2Frun%2Fdocker.sock/v1.24/services\": dial "
-                    "unix /var/run/docker.sock: connect: permission denied' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    result = cli("jobs", "list", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
-    assert result.returncode == 3 and "Docker socket" in result.stderr and "hint: " in result.stderr
+def test_no_access_to_the_docker_socket_is_exit_3(gridx_for_others):
+    if os.geteuid() != 0:
+        pytest.skip("drops to another user: needs root")
+    engine = FakeEngine().start()
+    os.chmod(engine.folder, 0o755)
+    os.chmod(engine.path, 0o600)  # root's, as /var/run/docker.sock is root:docker 0660
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, gridx_for_others, "jobs", "list"],
+                            capture_output=True, text=True, env=dict(os.environ, DOCKER_HOST=engine.host))
+    assert result.returncode == 3 and "Docker socket" in result.stderr and "hint: " in result.stderr, result.stderr
+    assert engine.requests == []
+
+
+def test_an_engine_that_is_not_a_swarm_manager_is_exit_3():
+    engine = FakeEngine().start()
+    engine.fail = (503, 'This node is not a swarm manager. Use "docker swarm init" or "docker swarm join" to '
+                        "connect this node to swarm and try again.")
+    for argv in (["jobs", "list"], ["cluster"], ["jobs", "status", "job-1"]):
+        result = cli(*argv, env={"DOCKER_HOST": engine.host})
+        assert result.returncode == 3 and "not a swarm manager" in result.stderr and "GRIDX_MANAGER" in result.stderr
+
+
+def test_an_engine_older_than_docker_20_10_is_exit_3():
+    engine = FakeEngine(version="1.40").start()
+    result = cli("jobs", "list", env={"DOCKER_HOST": engine.host})
+    assert result.returncode == 3 and "1.40" in result.stderr and "1.41" in result.stderr
+    assert engine.paths() == ["/_ping"]
+
+
+def test_docker_host_other_than_a_unix_socket_or_ssh_is_exit_3():
+    result = cli("jobs", "list", env={"DOCKER_HOST": "tcp://127.0.0.1:2375"})
+    assert result.returncode == 3 and "DOCKER_HOST=tcp://127.0.0.1:2375" in result.stderr
 
 
 def test_ssh_pubkey_as_non_root_is_exit_3(tmp_path, gridx_for_others):
@@ -182,9 +214,11 @@ def prepare(group, name, tools, monkeypatch):
         monkeypatch.setattr(gridx.Forward, "run", lambda self: self.listener.close())  # it would relay until Ctrl-C
 
 
+@functools.lru_cache(maxsize=None)
 def subcommand_parsers():
     """(group, command, its argparse parser) for every command of COMMANDS
-    and the cluster shortcut."""
+    and the cluster shortcut. Built once: the tests only read them, and
+    each of the 200 option cases looks one up."""
     import argparse
 
     found = []
@@ -197,7 +231,7 @@ def subcommand_parsers():
                 action = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
                 sub = action.choices[word]
             found.append((group, name, sub))
-    return found
+    return tuple(found)
 
 
 def argv_for(group, name, sub, inject=None, bad=None):
@@ -239,9 +273,9 @@ def test_argv_base_runs_every_command(group, name, sub, tmp_path, monkeypatch):
     # hub status: exit 1, its peers never shook hands
     assert code == (1 if (group, name) == ("hub", "status") else 0), \
         f"gridx {group} {name} exits {code}: give it valid values in ARGV_BASE (or ARGV_SETUP)"
-    assert tools.calls or (group, name) in (("hub", "ssh-pubkey"), ("hub", "set-defaults"), ("hub", "set-user"),
-                                            ("jobs", "usage"), ("usage", None)), \
-        (group, name)  # those run no other program (usage reads hub watch's ledger)
+    assert tools.calls or tools.engine.requests or (group, name) in (
+        ("hub", "ssh-pubkey"), ("hub", "set-defaults"), ("hub", "set-user"), ("jobs", "usage"), ("usage", None)), \
+        (group, name)  # those run no other program (list, status, cluster read the Engine API only; usage the ledger)
 
 
 @pytest.mark.parametrize("group,name,dest,bad", value_actions())

@@ -1,10 +1,12 @@
 """Unit tests of gridx.py's Jobs section: what a job asks for, reading the swarm, job state, running again, waiting."""
 
 import subprocess
+import time
 
 import pytest
 from fakes import (
     NODE,
+    api_task,
 )
 
 import gridx
@@ -106,9 +108,9 @@ def test_no_gpu_job_gets_no_visible_devices(monkeypatch):
 
 # -- Jobs: reading the swarm -------------------------------------------------------
 
-def task(state, desired="shutdown", error="", service="job1", node="worker1", task_id=None):
-    return gridx.Task(id=task_id or f"{service}-{state}-{node}", name=f"{service}.1", node=node, state=state,
-                      desired=desired, error=error, service=service)
+def task(state, desired="shutdown", error="", service="job1", node="worker1", task_id=None, node_id=None):
+    return gridx.Task(id=task_id or f"{service}-{state}-{node}", name=f"{service}.1", node_id=node_id or f"id-{node}",
+                      node=node, state=state, desired=desired, error=error, service=service)
 
 
 def test_exit_code_parsing():
@@ -117,18 +119,39 @@ def test_exit_code_parsing():
     assert gridx.exit_code_from("running", "") is None
 
 
-def test_task_from_a_service_ps_row():
-    row = {"ID": "t9", "Name": "job-2.3", "Node": "w1", "DesiredState": "Shutdown",
-           "CurrentState": "Failed 3 minutes ago", "Error": '"task: non-zero exit (7)"'}
-    t = gridx.Task.from_docker(row)
-    assert (t.id, t.name, t.service, t.node, t.state, t.since, t.desired) == (
-        "t9", "job-2.3", "job-2", "w1", "failed", "3 minutes ago", "shutdown")
+def test_task_from_the_engine_api_as_docker_service_ps_shows_it():
+    now = time.time()
+    found = api_task("t9", "s2", "n1", state="failed", desired="shutdown", slot=3,
+                     error="task: non-zero exit (7)", exit_code=7, ago_s=200, gpus=["GPU-b", "GPU-a"])
+    t = gridx.Task.from_api(found, "job-2", {"n1": "w1"}, now)
+    assert (t.id, t.name, t.service, t.node_id, t.node, t.state, t.since, t.desired) == (
+        "t9", "job-2.3", "job-2", "n1", "w1", "failed", "3 minutes ago", "shutdown")
     assert t.error == "task: non-zero exit (7)" and t.exit_code == 7 and not t.active and not t.placed
-    assert t.to_dict() == {"id": "t9", "name": "job-2.3", "node": "w1", "state": "failed", "since": "3 minutes ago",
-                           "error": "task: non-zero exit (7)", "exit_code": 7}
-    pending = gridx.Task.from_docker({"Name": "job-2.1", "CurrentState": "Pending 1 second ago"})
-    assert pending.active and not pending.placed and pending.exit_code is None
+    assert (t.container, t.container_exit, t.gpus) == ("c-t9", 7, ["GPU-a", "GPU-b"])
+    assert t.to_dict() == {"id": "t9", "name": "job-2.3", "node": "w1", "node_id": "n1", "state": "failed",
+                           "since": "3 minutes ago", "error": "task: non-zero exit (7)", "exit_code": 7}
+    # slot 0 (left out of the JSON): named by its node, as `docker service ps` names it
+    first = gridx.Task.from_api(api_task("t1", "s2", "n1", slot=0), "job-2", {"n1": "w1"}, now)
+    assert first.name == "job-2.n1" and first.exit_code == 0
+    # a node no longer in the swarm shows its ID, as docker does
+    assert gridx.Task.from_api(api_task("t1", "s2", "gone"), "job-2", {}, now).node == "gone"
+    pending = gridx.Task.from_api(api_task("t2", "s2", state="pending", desired="complete"), "job-2", {}, now)
+    assert pending.active and not pending.placed and pending.exit_code is None and pending.node_id == ""
     assert gridx.Task(state="running").placed
+
+
+@pytest.mark.parametrize("seconds,said", [
+    (0.5, "less than a second ago"), (1.2, "1 second ago"), (59, "59 seconds ago"), (61, "about a minute ago"),
+    (3599, "59 minutes ago"), (3600, "about an hour ago"), (5 * 3600, "5 hours ago"), (3 * 86400, "3 days ago"),
+    (20 * 86400, "2 weeks ago"), (90 * 86400, "3 months ago"), (800 * 86400, "2 years ago"),
+])
+def test_since_reads_as_docker_service_ps_says_it(seconds, said):
+    now = 1_800_000_000.25
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(now - seconds))) + \
+        ".%09dZ" % round((now - seconds) % 1 * 1e9)
+    assert gridx.docker_ago(stamp, now) == said
+    assert gridx.unix_time("2026-12-07T19:20:10.5+01:00") == gridx.unix_time("2026-12-07T18:20:10.5Z")
+    assert gridx.docker_ago("", now) == "" and gridx.unix_time("yesterday") is None
 
 
 def test_resources_add_subtract_and_fit():
@@ -150,9 +173,12 @@ def test_pending_reason_in_users_terms():
         {"DiscreteResourceSpec": {"Kind": "gridx_cpu", "Value": 1}},
         {"DiscreteResourceSpec": {"Kind": "gridx_mem", "Value": 1024}},
         {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}]}}}}}
-    nodes = {"gpu-box": gridx.Node.from_docker(NODE)}
-    reason = gridx.pending_reason({"tasks": []}, service, nodes, {"gpu-box": gridx.Resources(1, 1024, 1)})
+    box = gridx.Node.from_docker(dict(NODE, Description=dict(NODE["Description"], Hostname="gpu-box")))
+    reason = gridx.pending_reason({"tasks": []}, service, [box], {"n1": gridx.Resources(1, 1024, 1)})
     assert reason == "waiting: 2 GPUs requested, 1 free on gpu-box"
+    # a node that is down has no room to offer
+    down = gridx.Node.from_docker(dict(NODE, ID="n9", Status={"State": "down", "Addr": "10.0.0.9"}))
+    assert gridx.pending_reason({"tasks": []}, service, [down], {}) == "waiting: no worker is Ready"
 
 
 def test_a_job_that_runs_again_is_pending_not_failed():
@@ -174,7 +200,11 @@ def test_reserved_by_node_counts_placed_current_tasks():
     tasks = [task("running", desired="running"), task("starting", desired="running", task_id="s"),
              task("pending", desired="running", task_id="p"), task("running", desired="remove", task_id="old"),
              task("complete", desired="complete", task_id="c")]
-    assert gridx.reserved_by_node([service], tasks) == {"worker1": gridx.Resources(4, 1024, 0)}
+    assert gridx.reserved_by_node([service], tasks) == {"id-worker1": gridx.Resources(4, 1024, 0)}
+    # by node ID: another node that reports the same hostname holds its own
+    tasks.append(task("running", desired="running", task_id="twin", node_id="id-twin"))
+    assert gridx.reserved_by_node([service], tasks) == {"id-worker1": gridx.Resources(4, 1024, 0),
+                                                        "id-twin": gridx.Resources(2, 512, 0)}
 
 
 # -- Jobs: running again -----------------------------------------------------------

@@ -59,7 +59,7 @@ def test_swarm_nodes_hide_identities_replaced_by_a_rejoin(monkeypatch):
 @pytest.mark.parametrize("version,refused", [
     ("20.10.24+dfsg1", False), ("23.0.1", False), ("23.0.2", True), ("23.0.18", True), ("24.0.0", True),
     ("24.0.9", True), ("25.0.0", True), ("25.0.2", True), ("25.0.3", False), ("26.1.5+dfsg1", False),
-    ("29.0.0", False), ("", False), ("dev", False)])
+    ("27.5.1", False), ("28.5.2+dfsg4", False), ("29.0.0", False), ("", False), ("dev", False)])
 def test_engines_that_mis_schedule_generic_resources_are_refused(version, refused):
     assert gridx.engine_refused(version) is refused
 

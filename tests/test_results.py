@@ -155,11 +155,10 @@ def test_the_container_gets_a_command_only_when_the_image_has_none():
     assert gridx.create_command({"Entrypoint": None, "Cmd": None}) == [gridx.NO_COMMAND]
 
 
-def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):
-    """create (held: the name and the limits taken), then create/cp/commit/
-    push the layer (no docker build), then move the job onto it by digest."""
+def hub_making_layers(tmp_path, monkeypatch, pushed):
+    """fake_hub whose Docker has python:3.11, makes container c0ffee and
+    prints PUSHED for a push; and a work folder. (tools, folder)."""
     tools = fake_hub(tmp_path, monkeypatch)
-    folder = make_folder(tmp_path / "wd")
     answer = tools.answer_docker
 
     def docker(rest):
@@ -168,10 +167,17 @@ def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypa
         if rest[:1] == ["create"]:
             return "c0ffee"
         if rest[:1] == ["push"]:
-            return "layer: digest: sha256:" + "d" * 64 + " size: 1234"
+            return pushed
         return answer(rest)
 
     monkeypatch.setattr(tools, "answer_docker", docker)
+    return tools, make_folder(tmp_path / "wd")
+
+
+def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypatch):
+    """create (held: the name and the limits taken), then create/cp/commit/
+    push the layer (no docker build), then move the job onto it by digest."""
+    tools, folder = hub_making_layers(tmp_path, monkeypatch, "layer: digest: sha256:" + "d" * 64 + " size: 1234")
     assert run_main(["jobs", "run", "--name", "wd1", "--workdir", str(folder), "python:3.11", "true"]) == 0
     calls = [c[1:] for c in tools.calls if c[0] == "docker"]
     verbs = [" ".join(c[:2]) for c in calls if c[:2] != ["info", "--format"]]
@@ -192,20 +198,7 @@ def test_a_work_layer_holds_the_job_first_then_runs_by_digest(tmp_path, monkeypa
 
 
 def test_a_layer_that_cannot_be_made_takes_its_held_job_with_it(tmp_path, monkeypatch):
-    tools = fake_hub(tmp_path, monkeypatch)
-    folder = make_folder(tmp_path / "wd")
-    answer = tools.answer_docker
-
-    def docker(rest):
-        if rest[:2] == ["image", "inspect"]:
-            return '"sha256:' + "1" * 64 + '" {}'
-        if rest[:1] == ["create"]:
-            return "c0ffee"
-        if rest[:1] == ["push"]:
-            return ""  # no digest: the push failed
-        return answer(rest)
-
-    monkeypatch.setattr(tools, "answer_docker", docker)
+    tools, folder = hub_making_layers(tmp_path, monkeypatch, "")  # no digest: the push failed
     assert run_main(["jobs", "run", "--name", "wd2", "--workdir", str(folder), "python:3.11", "true"]) == 3
     calls = [c[1:] for c in tools.calls if c[0] == "docker"]
     assert ["service", "rm", "--", "wd2"] in calls and not any(c[:2] == ["service", "update"] for c in calls)
@@ -413,7 +406,7 @@ def test_an_output_that_is_one_file_comes_as_itself(tmp_path):
 
 
 def test_an_unreachable_workers_output_is_tried_a_bounded_number_of_times():
-    task = gridx.Task(id="t1", name="job.1", node="w1", state="failed", desired="shutdown")
+    task = gridx.Task(id="t1", name="job.1", node_id="n1", node="w1", state="failed", desired="shutdown")
     record = {"tasks": {"t1": {"state": "unreachable", "attempts": 1}}}
     assert gridx.uncollected(record, [task]) == [task]
     record["tasks"]["t1"]["attempts"] = gridx.RESULTS_ATTEMPTS
@@ -563,8 +556,8 @@ def test_the_hubs_unpacking_stops_at_the_file_limit(tmp_path):
 
 
 def task_row(task_id="t1", node="w1"):
-    return gridx.Task.from_docker({"ID": task_id, "Name": "j.1", "Node": node, "DesiredState": "Complete",
-                                   "CurrentState": "Complete 1 second ago", "Error": ""})
+    return gridx.Task(id=task_id, name="j.1", service="j", node_id="id-" + node, node=node, state="complete",
+                      since="1 second ago", desired="complete", container="c" + task_id)
 
 
 def test_a_silent_worker_is_given_up_on_at_the_deadline(tmp_path, monkeypatch):
@@ -594,11 +587,10 @@ def test_a_task_claimed_by_a_live_collector_is_not_copied_twice(monkeypatch):
 
 def test_a_full_hub_stops_collection_without_using_up_the_attempts(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path))
-    monkeypatch.setattr(gridx, "hub_room", lambda floor: -1)
-    monkeypatch.setattr(gridx, "task_containers", lambda ids: {i: "c" + i for i in ids})
+    monkeypatch.setattr(gridx, "hub_room", lambda floor, folder=None: -1)
     service = {"ID": "s1", "Spec": {"Name": "j", "Labels": {gridx.LABEL_OUTPUT: "/work/out"}}}
     node = gridx.Node.__new__(gridx.Node)
-    node.hostname, node.address = "w1", "10.0.0.2"
+    node.id, node.hostname, node.address = "id-w1", "w1", "10.0.0.2"
     copied = gridx.copy_tasks(service, [task_row()], [node])
     collected, fresh = copied["t1"]
     assert collected["state"] == "hub-full" and "of its disk free" in collected["error"]
@@ -626,10 +618,30 @@ def test_watch_collects_in_a_thread_of_its_own_one_at_a_time(monkeypatch):
 
     release, calls = threading.Event(), []
     monkeypatch.setattr(gridx, "collect_due_results", lambda s, t, n: calls.append(1) or release.wait(10) and [])
-    collector = gridx.Collector()
+    collector = gridx.Background(gridx.collect_and_say)
     assert collector.start([], [], []) is True
     assert collector.start([], [], []) is False  # still copying: the pass goes on without it
     release.set()
-    collector.thread.join(5)
+    collector.join()
     assert collector.start([], [], []) is True and calls == [1, 1]
-    collector.thread.join(5)
+    collector.join()
+
+
+@pytest.mark.parametrize("answer", [
+    "Error: No such config: gridx-kept-job-1\n",  # Docker 20.10
+    "Error response from daemon: config gridx-kept-job-1 not found\n",  # Docker 28.5
+])
+def test_no_kept_results_whatever_docker_says_the_marker_is_missing(answer, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", answer))
+    assert gridx.kept_results("job-1") is None
+
+
+def test_another_failure_to_read_the_kept_marker_is_not_taken_for_none(monkeypatch):
+    import subprocess
+
+    answer = "Error response from daemon: config gridx-kept-job-2 not found\n"  # another job's marker
+    monkeypatch.setattr(gridx, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", answer))
+    with pytest.raises(gridx.GridxError):
+        gridx.kept_results("job-1")

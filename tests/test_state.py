@@ -2,6 +2,7 @@
 its errors, the validators, files, the hub configuration, IP allocation."""
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -9,7 +10,11 @@ import sys
 import pytest
 from fakes import (
     KEY_A,
+    FakeEngine,
+    api_node,
+    api_service,
     make_config,
+    use_engine,
 )
 
 import gridx
@@ -35,6 +40,155 @@ def test_child_env_drops_frozen_library_path(monkeypatch):
     monkeypatch.setenv("_PYI_ARCHIVE_FILE", "x")
     env = gridx.host_env()
     assert env["LD_LIBRARY_PATH"] == "/opt/lib" and "_PYI_ARCHIVE_FILE" not in env
+
+
+@pytest.mark.parametrize("said,expected", [
+    ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?",
+     "Docker is not running"),
+    ('Got permission denied while trying to connect to the Docker daemon socket at unix:///var/run/docker.sock: '
+     'Get "http://%2Fvar%2Frun%2Fdocker.sock/v1.24/services": dial unix /var/run/docker.sock: connect: '
+     "permission denied", "no access to the Docker socket (permission denied)"),
+    ("Error response from daemon: This node is not a swarm manager. Use \"docker swarm init\"",
+     "this machine's Docker is not a swarm manager"),
+])
+def test_docker_cli_errors_are_the_preconditions_the_api_gives(said, expected):
+    """What the docker CLI says (service create, update, rm) is the same
+    exit-3 line as the Engine API's socket gives (see test_gridx.py)."""
+    error = gridx.command_error(["docker", "service", "create"], subprocess.CompletedProcess([], 1, "", said))
+    assert error.code == gridx.EXIT_PRECONDITION and error.message == expected and error.hint
+
+
+# -- Running commands: the Engine API ----------------------------------------------
+
+@pytest.mark.parametrize("answer,body", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nApi-Version: 1.41\r\n\r\n[{}]", b"[{}]"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\n[{}\r\nA\r\n, {\"a\": 1}\r\n1\r\n]\r\n"
+     b"0\r\nTrailer: x\r\n\r\n", b'[{}, {"a": 1}]'),
+    (b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n\r\nto the end", b"to the end"),
+])
+def test_an_http_answer_is_read_by_length_by_chunks_or_to_the_end(answer, body):
+    import io
+
+    reader = io.BytesIO(answer + (b"HTTP/1.1 next answer" if answer.startswith(b"HTTP/1.1") else b""))
+    status, headers, got = gridx.read_http_response(reader)
+    assert got == body and status in (200, 404)
+    assert headers.get("connection") == ("close" if status == 404 else None)
+    if status == 200:
+        assert reader.read() == b"HTTP/1.1 next answer"  # the connection stays usable
+
+
+@pytest.mark.parametrize("answer,error", [
+    (b"", ConnectionError), (b"SSH-2.0-OpenSSH\r\n", ValueError),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", ConnectionError),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", ValueError),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", ConnectionError),
+])
+def test_a_broken_http_answer_is_an_error_not_a_wrong_body(answer, error):
+    import io
+
+    with pytest.raises(error):
+        gridx.read_http_response(io.BytesIO(answer))
+
+
+def test_the_api_version_is_asked_once_and_every_path_carries_it(monkeypatch):
+    for engine_version, spoken in (("1.41", "1.41"), ("1.45", "1.45"), ("1.51", "1.51"), ("1.53", "1.51")):
+        engine = use_engine(monkeypatch, FakeEngine([api_service("s1", "job-1")], version=engine_version))
+        engine.chunked = engine_version == "1.45"
+        assert [s["ID"] for s in gridx.engine_get("/services", {"label": ["gridx.job"]})] == ["s1"]
+        assert gridx.engine_get("/nodes") == []
+        assert [path for path, _ in engine.requests] == ["/_ping", f"/v{spoken}/services", f"/v{spoken}/nodes"]
+        assert engine.requests[1][1] == {"label": ["gridx.job"]} and engine.connections == 1
+
+
+def test_a_connection_the_engine_closed_is_opened_again_once(monkeypatch):
+    engine = use_engine(monkeypatch, FakeEngine(nodes=[api_node("n1", "w1")]))
+    assert len(gridx.engine_get("/nodes")) == 1
+    engine.drop = 1  # e.g. dockerd restarted between two polls of --wait
+    assert len(gridx.engine_get("/nodes")) == 1 and engine.connections == 2
+    engine.drop = 2  # and again at once: an error, no loop
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.engine_get("/nodes")
+    assert error.value.code == 1 and "connection" in error.value.message
+
+
+def test_an_engine_error_says_what_docker_said(monkeypatch):
+    engine = use_engine(monkeypatch, FakeEngine())
+    with pytest.raises(gridx.EngineError) as error:
+        gridx.engine_get("/tasks", {"service": ["job-9"]})
+    assert error.value.status == 404 and error.value.message == "Docker's API: GET /tasks: service job-9 not found"
+    engine.fail = (500, "rpc error: code = DeadlineExceeded")
+    with pytest.raises(gridx.EngineError) as error:
+        gridx.engine_get("/nodes")
+    assert error.value.code == 1 and "DeadlineExceeded" in error.value.message
+
+
+def test_a_log_stream_goes_to_stdout_and_stderr_as_docker_writes_it(capfdbinary):
+    frames = b"\x01\0\0\0\0\0\0\x03out\x02\0\0\0\0\0\0\x04err\n\x01\0\0\0\0\0\0\x02!\n"
+    gridx.write_log_stream(frames)
+    assert capfdbinary.readouterr() == (b"out!\n", b"err\n")
+    gridx.write_log_stream(b"a TTY's stream has no frames\n")
+    assert capfdbinary.readouterr() == (b"a TTY's stream has no frames\n", b"")
+
+
+# A stand-in for ssh: checks the argv the docker CLI would give it for
+# ssh://root@hub:2222, then carries stdin and stdout to FAKE_ENGINE's socket,
+# as `docker system dial-stdio` does; FAKE_SSH_FAIL: ssh's own failure.
+FAKE_SSH = """#!/usr/bin/env python3
+import os, socket, sys, threading
+with open(os.environ["FAKE_SSH_ARGV"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+if os.environ.get("FAKE_SSH_FAIL"):
+    sys.stderr.write("Warning: Permanently added 'hub' (ED25519) to the list of known hosts.\\n")
+    sys.stderr.write(os.environ["FAKE_SSH_FAIL"] + "\\n")
+    sys.exit(255)
+engine = socket.socket(socket.AF_UNIX)
+engine.connect(os.environ["FAKE_ENGINE"])
+def up():
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            break
+        engine.sendall(data)
+    engine.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = engine.recv(65536)
+    if not data:
+        break
+    os.write(1, data)
+"""
+
+
+def fake_ssh(tmp_path, monkeypatch, engine):
+    (tmp_path / "ssh").write_text(FAKE_SSH)
+    (tmp_path / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ENGINE", engine.path)
+    monkeypatch.setenv("FAKE_SSH_ARGV", str(tmp_path / "argv"))
+    monkeypatch.setattr(gridx, "DOCKER_HOST", "ssh://root@hub:2222")
+    monkeypatch.setattr(gridx, "ENGINES", {})
+
+
+def test_manager_over_ssh_reads_through_docker_system_dial_stdio(tmp_path, monkeypatch):
+    """--manager root@HUB: one ssh for every request, argv as the docker CLI's."""
+    engine = FakeEngine(nodes=[api_node("n1", "w1")]).start()
+    fake_ssh(tmp_path, monkeypatch, engine)
+    assert [n.hostname for n in gridx.all_swarm_nodes()] == ["w1"]
+    assert gridx.list_job_services() == []
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "-o ConnectTimeout=30 -T -l root -p 2222 -- hub docker system dial-stdio"]
+    assert engine.paths() == ["/_ping", "/nodes", "/services"] and engine.connections == 1
+
+
+def test_manager_unreachable_over_ssh_is_exit_3_with_what_ssh_said(tmp_path, monkeypatch):
+    engine = FakeEngine().start()
+    fake_ssh(tmp_path, monkeypatch, engine)
+    monkeypatch.setenv("FAKE_SSH_FAIL", "root@hub: Permission denied (publickey).")
+    with pytest.raises(gridx.GridxError) as error:
+        gridx.all_swarm_nodes()
+    assert error.value.code == gridx.EXIT_PRECONDITION
+    assert error.value.message == "cannot reach the manager over SSH: root@hub: Permission denied (publickey)."
+    assert engine.requests == []
 
 
 def test_ssh_failure_of_docker_is_exit_3():

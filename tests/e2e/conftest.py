@@ -26,7 +26,8 @@ Environment:
                      GRIDX_LAB_NAME=gridx-ci GRIDX_LAB_NET=172.29.250 for a
                      lab of its own beside a developer's gridx-lab.
     GRIDX_LAB_SUITE  the Debian suite the lab's nodes run: bookworm (Docker
-                     20.10, the default) or trixie (Docker 26.1), as test.sh.
+                     20.10, the default), trixie (Docker 26.1) or forky
+                     (Docker 28.5), as test.sh.
 """
 
 import json
@@ -124,6 +125,19 @@ def lab(request):
     yield Lab(timings)
     if os.environ.get("GRIDX_LAB_KEEP", "1") == "0":
         test_sh("clean", timeout=300)
+
+
+@pytest.fixture(scope="session")
+def registry_python(lab):
+    """python:3.11 pushed to the hub's registry (./test.sh push-image): the
+    name workers pull it by (10.0.0.1:5000/python:3.11). The lab's nodes got
+    python:3.11 from `start`, not from the registry; the tests that pull it
+    from the registry ask for this."""
+    t0 = time.monotonic()
+    name = ok(test_sh("push-image", "python:3.11", timeout=900), "./test.sh push-image python:3.11").strip()
+    print(f"\n./test.sh push-image python:3.11: {time.monotonic() - t0:.1f} s")
+    assert name == "10.0.0.1:5000/python:3.11", name
+    return name
 
 
 @pytest.fixture

@@ -228,15 +228,35 @@ def wait_hub_healthy(timeout=180):
 
 def start_stopped_worker(node):
     """`docker start` a worker a test stopped, then what its systemd would
-    do (the lab has none; join.sh tells the volunteer): its VPN back up;
-    wait until the hub is healthy again."""
+    do (the lab has none; join.sh tells the volunteer): its VPN back up, and
+    the owner-activity agent started where join.sh installed one; wait
+    until the hub is healthy again."""
     ok(subprocess.run(["docker", "start", container(node)], capture_output=True, text=True, timeout=120),
        f"docker start {node}")
     wait_until(lambda: node_exec(node, ["test", "-e", "/run/gridx-lab.ready"]).returncode == 0, 120,
                f"{node}'s dockerd")
     if node_exec(node, "ip link show gridx0").returncode != 0:
         ok(node_exec(node, "wg-quick up gridx0", timeout=120), f"wg-quick up gridx0 on {node}")
+    if node_exec(node, ["test", "-x", "/var/lib/gridx/agent/agent.sh"]).returncode == 0:
+        ok(node_exec(node, ["/var/lib/gridx/agent/agent.sh", "start"], timeout=60), f"agent.sh start on {node}")
     wait_hub_healthy(timeout=180)
+
+
+# Debian forky's sudo (1.9.17): /usr/local is not on the PATH it gives
+# commands, and RHEL's is the same. Set on nodes of every suite by
+# sudo_path_as_forky, so that a test of `sudo ./join.sh` finding tools in
+# /usr/local/bin proves it on bookworm's and trixie's nodes too.
+FORKY_SECURE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sudo_path_as_forky(node):
+    """sudo on NODE gives commands forky's secure_path (a sudoers drop-in
+    where the suite's own sudoers has another); checked through sudo."""
+    script = ('printf \'Defaults secure_path="%s"\\n\' "$1" > /etc/sudoers.d/zz-gridx-e2e && '
+              'chmod 0440 /etc/sudoers.d/zz-gridx-e2e && visudo -c -q')
+    ok(node_exec(node, ["sh", "-c", script, "sh", FORKY_SECURE_PATH]), "sudoers drop-in")
+    seen = ok(node_exec(node, ["sudo", "sh", "-c", 'printf %s "$PATH"']), "sudo's PATH")
+    assert seen == FORKY_SECURE_PATH, seen
 
 
 def install_jq(node):
@@ -340,6 +360,17 @@ class Terminal:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def answer_policy_then_continue(term, share="", hours=""):
+    """join.sh's questions on when to share (asked where its bundle carries
+    agent.sh; empty answers take the defaults), then its "Continue?"."""
+    match = term.expect(r"Share when \(idle or always\) \[\w+\]: |Continue\? \[Y/n\]: ")
+    if match.group(0).startswith("Share"):
+        term.type(share)
+        term.expect(r"Only within these hours .*\]: ")
+        term.type(hours)
+        term.expect(r"Continue\? \[Y/n\]: ")
 
 
 def terminal_in(node, shell_command):

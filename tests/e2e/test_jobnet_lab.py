@@ -163,7 +163,7 @@ def probe(job, targets):
     return seen, resolvers
 
 
-def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, dataserver):
+def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, dataserver, registry_python):
     node = fresh_node
     # the volunteer's own rules, which leave must keep
     ok(node_exec(node, "iptables -A INPUT -s 192.0.2.1/32 -j DROP && ip6tables -A INPUT -s 2001:db8::1/128 -j DROP"),
@@ -185,8 +185,8 @@ def test_a_job_reaches_the_allow_list_and_nothing_private(lab, fresh_node, datas
         assert f"The hub's admin opened, for every job: {ALLOW}" in joined.stderr, joined.stderr
         assert f"Name servers: {DATA_IP}." in joined.stderr, joined.stderr
         wait_peer_ready(NAME, timeout=120)
-        ok(node_exec(node, "docker pull -q 10.0.0.1:5000/python:3.11 >/dev/null && "
-                           "docker tag 10.0.0.1:5000/python:3.11 python:3.11", timeout=300), "pull python:3.11")
+        ok(node_exec(node, f"docker pull -q {registry_python} >/dev/null && "
+                           f"docker tag {registry_python} python:3.11", timeout=300), "pull python:3.11")
         neighbour = neighbour_address(node)
 
         closed = {

@@ -1,6 +1,7 @@
 """The local lab itself (issue 3): test.sh status / ssh / add-external, and a
 bundle from add-external joining a machine that took no part in setup,
-through a real terminal, then leaving it as it was."""
+through a real terminal, then leaving it as it was; the job images that
+start puts into a worker's remapped store before its join (issue 20)."""
 
 import os
 import re
@@ -16,7 +17,10 @@ from e2e_helpers import (
     ROOT,
     TEST_SH,
     WORKERS,
+    add_peer,
+    answer_policy_then_continue,
     container,
+    copy_bundle,
     machine_state,
     node_exec,
     ok,
@@ -96,7 +100,7 @@ def test_add_external_bundle_joins_through_a_terminal_and_leaves(lab, fresh_node
             term.type("1")
             term.expect(r"How much memory to share .*\]: ")
             term.type("512M")
-            term.expect(r"Continue\? \[Y/n\]: ")
+            answer_policy_then_continue(term)
             term.type("y")
             rc = term.wait(timeout=300)
         finally:
@@ -130,7 +134,8 @@ def test_setup_cuts_a_dead_node_left_on_the_lab_bridge(lab):
         pytest.skip("needs root: ip netns")
     bridge = "br-" + ok(subprocess.run(["docker", "network", "inspect", "-f", "{{.Id}}", NETWORK],
                                        capture_output=True, text=True), "docker network inspect")[:12]
-    netns, port, address = "gridx-e2e-dead", "gxdead0", LAB_NET + ".40"
+    # named after the lab: labs side by side (make test's suites) run this at once
+    netns, port, address = f"{NETWORK}-dead", "gxdead" + LAB_NET.rsplit(".", 1)[1], LAB_NET + ".40"
 
     def ip(*args):
         return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
@@ -166,3 +171,57 @@ def test_setup_brings_a_restarted_lab_back(lab):
     assert proc.returncode == 3 and "started before gridx0" in proc.stderr, proc.stderr
     ok(test_sh("setup", timeout=600), "./test.sh setup after the restart")
     wait_hub_healthy(timeout=120)
+
+
+# What lab/seed-images.sh must leave as it found it: the files dockerd
+# changes when it remaps (and their "-" copies), and daemon.json.
+SEED_FILES = "/etc/docker/daemon.json " + " ".join(
+    f"/etc/{f} /etc/{f}-" for f in ("passwd", "group", "shadow", "gshadow", "subuid", "subgid"))
+
+
+def files_state(node):
+    return ok(node_exec(node, f"for f in {SEED_FILES}; do "
+                              "if [ -e $f ]; then sha256sum $f; else echo absent $f; fi; done"), "sha256sum")
+
+
+def test_start_puts_the_job_image_where_the_joined_engine_finds_it(lab, fresh_node):
+    """lab/seed-images.sh (what start runs in each worker) loads python:3.11 into
+    the store the engine uses once join.sh turns on userns-remap, and leaves
+    the machine as it found it: the same files, the engine not remapped. After
+    a real join the image is there, with no load and no pull."""
+    image_id = ok(subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", "python:3.11"],
+                                 capture_output=True, text=True), "inspect python:3.11").strip()
+    script = (ROOT / "lab" / "seed-images.sh").read_text()
+    before = files_state(fresh_node)
+    state = machine_state(fresh_node)
+
+    def seed():
+        save = subprocess.Popen(["docker", "save", "python:3.11"], stdout=subprocess.PIPE)
+        proc = subprocess.run(["docker", "exec", "-i", container(fresh_node), "bash", "-c", script, "seed-images",
+                               f"python:3.11={image_id}"], stdin=save.stdout, capture_output=True, text=True,
+                              timeout=600)
+        save.stdout.close()
+        save.wait(timeout=60)
+        return ok(proc, "seed-images.sh") + proc.stderr
+
+    seed()
+    assert files_state(fresh_node) == before
+    assert machine_state(fresh_node) == state  # not remapped, no dockremap, nothing joined
+    assert node_exec(fresh_node, "docker image inspect python:3.11").returncode != 0  # not in the plain store
+    assert "already there" in seed()  # a second start does nothing
+    name = "seeded"
+    try:
+        folder = copy_bundle(add_peer(name)["bundle"], fresh_node)
+        ok(node_exec(fresh_node, [f"{folder}/join.sh", "--yes", "--cpus", "1", "--memory", "512M"], timeout=300),
+           "join.sh")
+        wait_peer_ready(name)
+        remapped = ok(node_exec(fresh_node, ["docker", "image", "inspect", "-f", "{{.Id}}", "python:3.11"]),
+                      "python:3.11 in the remapped store").strip()
+        assert remapped == image_id
+        ok(node_exec(fresh_node, ["docker", "run", "--rm", "python:3.11", "python3", "-c", "print(6 * 7)"]),
+           "a container of it")
+        ok(node_exec(fresh_node, f"{folder}/leave.sh", timeout=180), "leave.sh")
+        assert machine_state(fresh_node) == unjoined(state)
+    finally:
+        node_exec(fresh_node, f"[ ! -e /var/lib/gridx/state.env ] || /root/gridx-{name}-bundle/leave.sh", timeout=180)
+        remove_peer_quietly(name)

@@ -11,7 +11,7 @@ accounts, the reader cannot write the storage, the hub's other accounts
 cannot reach the writer. A hub that ran the single root registry is moved
 over by init, its images kept; the registry part of hub reset stops both.
 The registry answers on the VPN address only; init again changes nothing;
-the lab's job images came from the registry.
+a lab worker pulls the lab's job image from the registry over the VPN.
 """
 
 import base64
@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+import pytest
 from e2e_helpers import (
     HUB_VPN_IP,
     WORKERS,
@@ -52,6 +53,13 @@ RUN head -c 5000000 /dev/urandom > /blob && echo 'hello from the hub registry {t
 FRESH_MEMORY, JOB_MEMORY = "6G", "5G"  # the lab's workers share 4G
 
 
+@pytest.fixture(scope="module", autouse=True)
+def python_in_the_registry(registry_python):
+    """Every test here finds python:3.11 in the registry (conftest's
+    registry_python pushes it once a session)."""
+    assert registry_python == f"{REGISTRY}/python:3.11"
+
+
 def image_on(node, image):
     return node_exec(node, ["docker", "image", "inspect", "--format={{.Id}}", "--", image]).returncode == 0
 
@@ -77,7 +85,8 @@ def registry_processes():
     return found
 
 
-def test_a_pushed_image_runs_on_a_worker_that_never_had_it_and_leave_removes_the_ca(lab, fresh_node):
+def test_a_pushed_image_runs_on_a_worker_that_never_had_it_and_leave_removes_the_ca(lab, fresh_node,
+                                                                                   registry_python):
     tag = f"t{int(time.time())}"
     local, job, name = f"e2e/hello:{tag}", f"reg-{tag}", "regnode"
     remote = f"{REGISTRY}/e2e/hello:{tag}"
@@ -141,7 +150,7 @@ def test_a_pushed_image_runs_on_a_worker_that_never_had_it_and_leave_removes_the
         assert freed.endswith(" MiB") and float(freed.split()[0]) >= 4, removed.stdout
         print(f"image rm freed {freed} (du -sb: {du_before - du_after} bytes)")
         names = [i["name"] for i in hub_json("image", "ls")["images"]]
-        assert remote not in names and f"{REGISTRY}/python:3.11" in names  # it answers again, the rest kept
+        assert remote not in names and registry_python in names  # it answers again, the rest kept
         assert hub("image", "rm", remote).returncode == 2  # gone: exit 2, said so
 
         # leave: the CA goes, and the folders join made for it
@@ -213,13 +222,33 @@ def test_hub_init_again_changes_nothing_and_keeps_the_ca(lab):
         "750 gridx-registry:gridx-registry /var/lib/gridx/registry"], modes
 
 
-def test_the_lab_job_images_came_from_the_hub_registry(lab):
-    for worker in WORKERS:
-        ids = ok(node_exec(worker, ["docker", "image", "inspect", "--format={{.Id}}", "python:3.11",
-                                    f"{REGISTRY}/python:3.11"]), "inspect").split()
-        assert len(ids) == 2 and ids[0] == ids[1], (worker, ids)
-    print(f"\nlab setup with the registry: {lab.timings.get('setup')} s (start {lab.timings.get('start')} s); "
-          f"load average {os.getloadavg()[0]:.1f}")
+def test_a_lab_worker_pulls_the_job_image_from_the_hub_registry_over_the_vpn(lab, registry_python):
+    """The image start put into worker1 is taken out of it, pulled back from
+    the hub's registry, every layer over the VPN, and is the same image.
+    Everything that could hold its layers goes first: the ended containers
+    of earlier tests' jobs, and every image (images built FROM python:3.11
+    by earlier tests share its layers, and a pull would fetch none)."""
+    worker = WORKERS[0]
+    local = ok(node_exec(worker, ["docker", "image", "inspect", "--format={{.Id}}", "python:3.11"]), "inspect")
+    try:
+        ok(node_exec(worker, "docker container prune -f >/dev/null && docker image prune -af >/dev/null && "
+                             "test -z \"$(docker images -qa)\""), "worker1 without images")
+        size = next(i["size_bytes"] for i in hub_json("image", "ls")["images"] if i["name"] == registry_python)
+        received = "cat /sys/class/net/gridx0/statistics/rx_bytes"
+        before = int(ok(node_exec(worker, received), "rx_bytes"))
+        t0 = time.monotonic()
+        ok(node_exec(worker, ["docker", "pull", "-q", registry_python], timeout=600), "docker pull over the VPN")
+        pull_s = time.monotonic() - t0
+        got = int(ok(node_exec(worker, received), "rx_bytes")) - before
+        assert got >= size, (got, size)  # every layer came over the VPN (the registry's compressed size)
+    finally:
+        node_exec(worker, ["docker", "tag", registry_python, "python:3.11"])
+        node_exec(worker, ["docker", "rmi", registry_python])
+    back = ok(node_exec(worker, ["docker", "image", "inspect", "--format={{.Id}}", "python:3.11"]), "inspect")
+    assert back == local, (back, local)  # the very image start put there
+    print(f"\na worker pulled python:3.11 ({got / 2**20:.0f} MiB over the VPN) from the hub's registry in "
+          f"{pull_s:.1f} s; lab setup "
+          f"{lab.timings.get('setup')} s (start {lab.timings.get('start')} s); load average {os.getloadavg()[0]:.1f}")
 
 
 # -- who may write: the accounts, a job, a volunteer ------------------------------

@@ -18,6 +18,7 @@ from e2e_helpers import (
     WORKER_BRIDGE_IPS,
     WORKERS,
     add_peer,
+    answer_policy_then_continue,
     cluster_node,
     contained,
     copy_bundle,
@@ -29,6 +30,7 @@ from e2e_helpers import (
     peer_row,
     prepare_machine,
     remove_peer_quietly,
+    sudo_path_as_forky,
     terminal_in,
     unjoined,
     wait_peer_ready,
@@ -98,6 +100,11 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
         pytest.skip("jq is not installed on this host (scripts/install-deps.sh lab installs it)")
     node_exec(fresh_node, "cat > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi",
               input=FAKE_NVIDIA_SMI, check=True)
+    # jq and nvidia-smi stand in /usr/local/bin only, which sudo leaves off
+    # PATH (forky's sudo, set here on every suite): join.sh must find them
+    sudo_path_as_forky(fresh_node)
+    hidden = node_exec(fresh_node, ["sudo", "sh", "-c", "command -v jq || command -v nvidia-smi"])
+    assert hidden.returncode != 0 and not hidden.stdout, hidden.stdout
     prepare_machine(fresh_node, OWN_DAEMON_JSON)
     before = machine_state(fresh_node)
     assert before["daemon.json"] != "absent" and before["authorized_keys"] != "absent"
@@ -125,7 +132,7 @@ def test_terminal_join_then_leave_then_flags_join(lab, fresh_node):
             term.type("1")
             term.expect(r"Which GPUs .*\]: ")
             term.type("1")
-            term.expect(r"Continue\? \[Y/n\]: ")
+            answer_policy_then_continue(term)
             term.type("y")
             rc = term.wait(timeout=300)
         finally:
