@@ -59,9 +59,9 @@ and status.sh.
 #   Accounts                  users: the gridx account, authorized_keys, user bundles
 #   Jobs                      asking, creating, reading the swarm, state, owners, re-runs, waiting
 #   Work folders and results  --workdir layers, uploads through serve, --output collection
+#   Owner activity and checkpoints  the agents' reports, paused nodes, preemption, --checkpoint
 #   Usage                     the ledger hub watch writes: who used, and which node gave, how much
 #   Notifications             --notify: events when jobs end, signed, sent by hub watch with retries
-#   Owner activity and checkpoints  the agents' reports, paused nodes, preemption, --checkpoint
 #   Remote                    --manager: docker over SSH (root) or the hub's `gridx serve` (users); jobs forward
 #   Commands: hub             one handler per command, in COMMANDS' order, sub-banners per group
 #   Commands: worker          they run the bundle's scripts (one implementation)
@@ -5655,6 +5655,399 @@ def results_here(key, dest, record):
 
 
 # ---------------------------------------------------------------------------
+# Owner activity and checkpoints
+# ---------------------------------------------------------------------------
+# A volunteer's machine is theirs first. Its agent (the bundle's agent.sh,
+# docs/CONTRACT.md) freezes Grid-X's containers there while the owner is at
+# it, and reports each change to the hub: one line over TCP to
+# HUB_VPN_IP:AGENT_PORT, the worker known by the connection's source (its
+# VPN address, which WireGuard authenticates; jobs cannot reach the hub).
+# hub watch listens (OwnerReports, a thread of its own), pauses the node in
+# the swarm (no new task there) and labels it with the owner's state
+# (gridx cluster and jobs status read the label, through any manager path).
+# A task the agent stops (preempting) is recorded before its end, and its
+# job runs again elsewhere from its latest checkpoint: `--checkpoint PATH`
+# is copied from the running container every --checkpoint-every and at the
+# end of a preempted task, kept whole on the hub, and laid on the job's
+# image (a layer, as a work folder is) whenever it runs again.
+#   the agent's reports · checkpoints · running again from a checkpoint
+
+OWNER_STATES = ("sharing", "paused", "outside-hours", "preempting")
+OWNER_REASONS = ("-", "input", "terminal", "logind", "cpu", "gpu", "hours")
+AGENT_LINE_MAX = 4096  # same as the agent's contract: one line, at most 4 KiB, within 5 s
+AGENT_SILENT_S = 90  # three heartbeats missed: the owner's state is unknown
+CHECKPOINTS = "/var/lib/gridx/checkpoints"  # CHECKPOINTS/SERVICE_ID/{current/,checkpoint.json}
+_AGENT_REPORT = None
+_OWNERS_LOCK = None
+
+
+def checkpoints_dir():
+    return os.path.abspath(os.environ.get("GRIDX_CHECKPOINTS_DIR") or CHECKPOINTS)
+
+
+def owners_path():
+    """What hub watch knows of the owners (their last reports) and of the
+    tasks the agents preempted: kept across the hub's restarts."""
+    return os.path.join(config_dir(), "owners.json")
+
+
+# -- the agent's reports ------------------------------------------------------
+
+
+def parse_agent_report(line):
+    """One line of the agent ({field: value}), or None when it is not one:
+    the version-1 grammar of docs/CONTRACT.md, fields in order; later
+    key=value fields are ignored."""
+    global _AGENT_REPORT
+    if _AGENT_REPORT is None:
+        _AGENT_REPORT = re.compile(
+            rf"gridx-agent 1 state=(?P<state>{'|'.join(OWNER_STATES)}) since=(?P<since>[0-9]{{1,12}}) "
+            rf"reason=(?P<reason>{'|'.join(map(re.escape, OWNER_REASONS))}) policy=(?P<policy>idle|always) "
+            r"hours=(?P<hours>-|[0-2][0-9]:[0-5][0-9]-[0-2][0-9]:[0-5][0-9]) preempt_at=(?P<preempt_at>[0-9]{1,12}) "
+            r"tasks=(?P<tasks>-|[a-z0-9]{25}(?:,[a-z0-9]{25})*) mem_mib=(?P<mem_mib>[0-9]{1,9})"
+            r"(?: [a-z_]{1,32}=[!-~]{0,256})*\n?")
+    found = _AGENT_REPORT.fullmatch(line)
+    if not found:
+        return None
+    report = found.groupdict()
+    for key in ("since", "preempt_at", "mem_mib"):
+        report[key] = int(report[key])
+    report["tasks"] = [] if report["tasks"] == "-" else report["tasks"].split(",")
+    return report
+
+
+def owner_label(report):
+    """The node label gridx.owner-state: STATE REASON SINCE PREEMPT_AT HOURS."""
+    return f"{report['state']} {report['reason']} {report['since']} {report['preempt_at']} {report['hours']}"
+
+
+def owners_lock():
+    import threading
+
+    global _OWNERS_LOCK
+    if _OWNERS_LOCK is None:
+        _OWNERS_LOCK = threading.Lock()
+    return _OWNERS_LOCK
+
+
+def load_owners():
+    import json
+
+    try:
+        document = json.loads(read_text(owners_path()))
+    except (FileNotFoundError, ValueError):
+        document = {}
+    return {"nodes": dict(document.get("nodes") or {}), "preempted": dict(document.get("preempted") or {})}
+
+
+def save_owners(document):
+    import json
+
+    ensure_dir(config_dir())
+    atomic_write(owners_path(), json.dumps(document, indent=2, sort_keys=True) + "\n", 0o600)
+
+
+def owner_node_update(node, report, known):
+    """The `docker node update` that makes the swarm follow a report (None
+    when nothing changes): paused while the owner is active or outside the
+    hours (no new task there, its tasks left as they are), active again when
+    sharing, but only if gridx paused it (an admin's drain or pause stays)."""
+    label = owner_label(report)
+    argv = ["node", "update"]
+    sharing = report["state"] == "sharing"
+    if report["state"] == "preempting" and report["tasks"]:  # what --wait waits on, not a failure
+        argv.append(f"--label-add={LABEL_PREEMPTED}={','.join(report['tasks'])}")
+    if not sharing and node.availability == "active":
+        argv.append("--availability=pause")
+        known["paused_by_gridx"] = True
+    elif sharing and node.availability == "pause" and known.get("paused_by_gridx"):
+        argv.append("--availability=active")
+        known["paused_by_gridx"] = False
+    if len(argv) == 2 and (node.owner == label or (sharing and not node.owner)):
+        # Every node update is a chance for Docker 20.10's constraint
+        # enforcer to reject a running task there (see ENFORCER_REJECTION):
+        # a sharing node that never paused keeps no label at all.
+        return None
+    return docker(*argv, f"--label-add={LABEL_OWNER_STATE}={label}", "--", node.id)
+
+
+def apply_owner_report(address, report, nodes=None):
+    """A report from the worker at address: recorded (its preempted tasks
+    first, durably), then the swarm follows. The node it names, or None."""
+    node = next((n for n in (all_swarm_nodes() if nodes is None else nodes)
+                 if n.address == address and not n.manager and n.state == "ready"), None)
+    if node is None:
+        return None
+    with owners_lock():
+        owners = load_owners()
+        known = owners["nodes"].setdefault(node.id, {})
+        known.update(report=report, seen=time.time(), address=address)
+        if report["state"] == "preempting":
+            for task_id in report["tasks"]:
+                owners["preempted"].setdefault(task_id, {"node": node.id, "at": report["preempt_at"]})
+        argv = owner_node_update(node, report, known)
+        save_owners(owners)
+    if argv:
+        run(argv, check=False)
+    return node
+
+
+def silent_agents(nodes, now=None):
+    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S
+    are labelled unknown (one that shares is left alone: no node update for
+    nothing). They stay paused: an agent that died may have left Grid-X's
+    containers frozen there, and its volunteer is told by status.sh."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    silent = []
+    with owners_lock():
+        owners = load_owners()
+        for node_id, known in owners["nodes"].items():
+            node = by_id.get(node_id)
+            if (node and known.get("paused_by_gridx") and now - known.get("seen", 0) > AGENT_SILENT_S
+                    and not node.owner.startswith("unknown")):
+                silent.append(node)
+    for node in silent:
+        run(docker("node", "update", f"--label-add={LABEL_OWNER_STATE}=unknown - 0 0 -", "--", node.id), check=False)
+    return silent
+
+
+class OwnerReports:
+    """hub watch's listener for the agents' reports, in a thread of its own:
+    one line a connection (AGENT_LINE_MAX, 5 s), `ok`, closed. A line that
+    is not a report, or from an address that is no worker, is answered
+    nothing and changes nothing."""
+
+    def __init__(self, hub_ip, port=AGENT_PORT):
+        import socket
+        import threading
+
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind((hub_ip, port))
+        self.server.listen(16)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, (address, _) = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                self.answer(conn, address)
+
+    def answer(self, conn, address):
+        conn.settimeout(5)
+        try:
+            raw = conn.makefile("rb").readline(AGENT_LINE_MAX + 1)
+        except OSError:
+            return
+        report = parse_agent_report(raw.decode("ascii", "replace")) if len(raw) <= AGENT_LINE_MAX else None
+        if report is None:
+            return
+        try:
+            node = apply_owner_report(address, report)
+        except GridxError as error:
+            warn(f"the report of {address} could not be applied: {error.message}")
+            return
+        if node is None:
+            return
+        try:
+            conn.sendall(b"ok\n")
+        except OSError:
+            pass
+        if report["state"] != "sharing":
+            info(f"{node.hostname}: {describe_owner(owner_label(report)) or report['state']}")
+
+
+# -- checkpoints ----------------------------------------------------------------
+
+
+def checkpoint_folder(key):
+    return os.path.join(checkpoints_dir(), key)
+
+
+def checkpoint_record(key):
+    """What the hub keeps of a job's checkpoint (its service ID: key): {task,
+    node, at, bytes, files}, or None."""
+    import json
+
+    try:
+        return json.loads(read_text(os.path.join(checkpoint_folder(key), "checkpoint.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def take_checkpoint(service, task, node):
+    """--checkpoint PATH of a task's container (running, or ended) onto the
+    hub: copied into a fresh folder, which replaces the kept one only once
+    whole (a half-copied checkpoint never replaces the last complete one).
+    What copy_out said."""
+    import json
+    import shutil
+    import tempfile
+
+    key, path = service["ID"], service["Spec"]["Labels"][LABEL_CHECKPOINT]
+    size, files, floor = collection_limits(service)  # the owner's limits, as for results
+    folder = checkpoint_folder(key)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=".incoming-", dir=folder)
+    room = hub_room(floor, folder)
+    got = (copy_out(node, task.container, path, fresh, (min(size, room), files)) if room > 0 else
+           {"state": "hub-full", "error": f"the hub keeps {human_bytes(floor)} of its disk free"})
+    if got["state"] != "collected":
+        shutil.rmtree(fresh, ignore_errors=True)
+        return got
+    current, old = os.path.join(folder, "current"), os.path.join(folder, ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(current):
+        os.rename(current, old)
+    os.rename(fresh, current)
+    shutil.rmtree(old, ignore_errors=True)
+    record = {"task": task.id, "node": node.hostname, "at": int(time.time()), "bytes": got["bytes"],
+              "files": got["files"], "path": path}
+    atomic_write(os.path.join(folder, "checkpoint.json"), json.dumps(record) + "\n", 0o644)
+    hand_over(folder)  # serve (the gridx account) says its age and size
+    return got
+
+
+def remove_checkpoint(key):
+    import shutil
+
+    shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
+
+
+def due_checkpoints(services, tasks, nodes, now=None):
+    """hub watch: the running tasks of jobs with --checkpoint whose latest
+    checkpoint is older than their --checkpoint-every: taken now."""
+    now = time.time() if now is None else now
+    by_id = {n.id: n for n in nodes}
+    by_service = tasks_by_service(tasks)
+    taken = []
+    for service in services:
+        labels = service["Spec"].get("Labels", {})
+        if LABEL_CHECKPOINT not in labels:
+            continue
+        every = int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S)
+        last = (checkpoint_record(service["ID"]) or {}).get("at", 0)
+        for task in by_service.get(service["Spec"]["Name"], []):
+            node = by_id.get(task.node_id)
+            started = unix_time(task.created) or now
+            if (task.state == "running" and task.container and node and node.hub_ssh
+                    and now - max(last, started) >= every):
+                got = take_checkpoint(service, task, node)
+                if got["state"] == "collected":
+                    taken.append(service["Spec"]["Name"])
+                    last = now
+    return taken
+
+
+def checkpoint_image(service):
+    """The image a job runs again with: its first image with its latest
+    checkpoint laid at PATH (a layer, made as a work folder's is); None
+    when there is no checkpoint yet."""
+    labels = service["Spec"]["Labels"]
+    key, path = service["ID"], labels[LABEL_CHECKPOINT]
+    current = os.path.join(checkpoint_folder(key), "current")
+    if not os.path.isdir(current):
+        return None
+    folder = WorkFolder(current, float("inf"), ignore=False)
+    base = labels.get(LABEL_RUN_IMAGE) or service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    layer = WorkLayer(service["Spec"]["Name"], folder.members(), folder.bytes, folder.describe(),
+                      into=path, repository=CHECKPOINT_REPOSITORY)
+    return layer.build(base)
+
+
+def run_again_from_checkpoint(services, job_ids):
+    """Run these jobs again, each from its latest checkpoint when it has one
+    (the same forced update as run_again, on the image with it)."""
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    for job_id in job_ids:
+        service = by_name.get(job_id)
+        image = None
+        if service and LABEL_CHECKPOINT in service["Spec"].get("Labels", {}):
+            try:
+                image = checkpoint_image(service)
+            except GridxError as error:
+                warn(f"job {job_id} runs again from its start: its checkpoint could not be laid on its image: "
+                     f"{error.message}")
+        if image is None:
+            run_again([job_id])
+            continue
+        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", f"--image={image}",
+                   "--", job_id))
+        info(f"job {job_id} runs again from its checkpoint of "
+             f"{time.strftime('%H:%M:%S', time.localtime(checkpoint_record(service['ID'])['at']))}")
+
+
+def rerun_preempted(services, tasks, nodes):
+    """The jobs whose tasks an agent preempted, once those tasks ended: their
+    checkpoint taken from the ended container, then run again elsewhere (the
+    node is paused). A preemption is recorded before the task's end and
+    kept until it ran again: a hub restart loses none."""
+    by_task = {t.id: t for t in tasks}
+    by_node = {n.id: n for n in nodes}
+    by_name = {s["Spec"]["Name"]: s for s in services}
+    with owners_lock():
+        preempted = dict(load_owners()["preempted"])
+    done, ran, again = [], [], []
+    for task_id, record in preempted.items():
+        task = by_task.get(task_id)
+        service = by_name.get(task.service) if task else None
+        if task is None or service is None:
+            done.append(task_id)  # the job is gone (or its task's history): nothing to run again
+            continue
+        if task.active or record.get("ran_again"):
+            continue  # still stopping (SIGTERM, then its grace), or done: kept for Notifications
+        node = by_node.get(task.node_id)
+        if LABEL_CHECKPOINT in service["Spec"]["Labels"] and node and task.container and node.hub_ssh:
+            take_checkpoint(service, task, node)
+        if is_current(task) and task.service not in again:
+            again.append(task.service)
+        ran.append(task_id)
+    if again:
+        run_again_from_checkpoint(services, again)
+        info(f"ran again, preempted by their volunteers: {', '.join(again)}")
+    if done or ran:
+        with owners_lock():
+            owners = load_owners()
+            for task_id in done:
+                owners["preempted"].pop(task_id, None)
+            for task_id in ran:
+                if task_id in owners["preempted"]:
+                    owners["preempted"][task_id]["ran_again"] = True
+            save_owners(owners)
+    return again
+
+
+def owner_chores(services, tasks, nodes):
+    """hub watch's part of this section (in a Background of its own): the
+    preempted jobs run again from their checkpoints, the periodic
+    checkpoints taken, the silent agents marked."""
+    rerun_preempted(services, tasks, nodes)
+    taken = due_checkpoints(services, tasks, nodes)
+    if taken:
+        info(f"took the checkpoints of {', '.join(taken)}")
+    silent_agents(nodes)
+    live = {service["ID"] for service in services}
+    for key in os.listdir(checkpoints_dir()) if os.path.isdir(checkpoints_dir()) else ():
+        if key not in live:  # its job was deleted through --manager
+            remove_checkpoint(key)
+
+
+def listen_to_owners():
+    """hub watch's OwnerReports on the hub's VPN address, or None (said once)."""
+    try:
+        return OwnerReports(load_hub_config().hub_ip)
+    except (OSError, GridxError) as error:
+        warn(f"the workers' owner-activity reports cannot be heard on port {AGENT_PORT}: "
+             f"{getattr(error, 'message', None) or error}")
+        return None
+
+
+# ---------------------------------------------------------------------------
 # Usage
 # ---------------------------------------------------------------------------
 # Who used how much, and who gave how much: `hub watch` writes a ledger,
@@ -6330,11 +6723,13 @@ def job_event_data(service, tasks, nodes, state, ledger=None, reason=None, recor
     return data
 
 
-def job_events(service, tasks, nodes, ledger=None):
+def job_events(service, tasks, nodes, ledger=None, preempted=None):
     """[(key, type, data)]: what a job's tasks say has happened to it. A
-    batch job: it ran again elsewhere (its worker lost, or preempted: one
-    per task it lost), it ended (complete, failed, or gave up after Docker
-    rejected it ENFORCER_RERUNS times), its results were collected."""
+    batch job: it ran again elsewhere (its worker lost, or preempted by its
+    volunteer (preempted: owners.json's records): one per task it lost), it
+    ended (complete, failed, or gave up after Docker rejected it
+    ENFORCER_RERUNS times), its results were collected. A preempted task that
+    has not run again yet is no end, whatever its exit."""
     sid, mode = service["ID"], service["Spec"].get("Mode", {})
     if "ReplicatedJob" not in mode:
         return []
@@ -6343,6 +6738,15 @@ def job_events(service, tasks, nodes, ledger=None):
     placement = service["Spec"].get("TaskTemplate", {}).get("Placement") or {}
     if any("gridx-deleted" in c for c in placement.get("Constraints") or ()):
         return []  # being deleted (stop_running_jobs): its tasks stop, nothing runs again
+    preempted = {t.id: preempted[t.id] for t in tasks if t.id in (preempted or {})}
+    for task in tasks:
+        if task.id in preempted:
+            resumes = " from its checkpoint" if LABEL_CHECKPOINT in service["Spec"].get("Labels", {}) else ""
+            events.append((f"{sid}/preempted/{task.id}", "job.waiting", job_event_data(
+                service, tasks, nodes, "preempted", reason=f"its volunteer on {task.node} needed the machine: it "
+                                                           f"runs again{resumes} when another worker has room")))
+    if any(not record.get("ran_again") for record in preempted.values()):
+        return events  # stopping, or about to run again: not an end
     for task in tasks:
         lost = task.node and task.state != "rejected" and (task.desired == "remove" or task.state == "orphaned")
         if lost and summary_state not in ("complete", "failed"):
@@ -6471,6 +6875,7 @@ class Notifier:
         """Make and save the events this pass found; never raises."""
         try:
             settings = load_notify_settings()
+            preempted = load_owners()["preempted"]  # see Owner activity and checkpoints
             by_service = tasks_by_service(tasks)
             made = []
             with self.lock:
@@ -6489,7 +6894,7 @@ class Notifier:
                             or f"{service['ID']}/results" in self.outbox["events"]):
                         continue  # all it will ever say is said
                     for key, kind, data in job_events(service, by_service.get(service["Spec"]["Name"], []), nodes,
-                                                      ledger):
+                                                      ledger, preempted):
                         if key not in self.outbox["events"]:
                             made.append(self.add(key, kind, data, target))
                         if kind == "job.ended":
@@ -6616,396 +7021,6 @@ def notify_summary(status):
     for event in status.get("undelivered", []):
         parts.append(f"NOT delivered: {event['type']} to {event['to']} ({event['error']}, {event['tries']} tries)")
     return printable("; ".join(parts))
-
-
-# ---------------------------------------------------------------------------
-# Owner activity and checkpoints
-# ---------------------------------------------------------------------------
-# A volunteer's machine is theirs first. Its agent (the bundle's agent.sh,
-# docs/CONTRACT.md) freezes Grid-X's containers there while the owner is at
-# it, and reports each change to the hub: one line over TCP to
-# HUB_VPN_IP:AGENT_PORT, the worker known by the connection's source (its
-# VPN address, which WireGuard authenticates; jobs cannot reach the hub).
-# hub watch listens (OwnerReports, a thread of its own), pauses the node in
-# the swarm (no new task there) and labels it with the owner's state
-# (gridx cluster and jobs status read the label, through any manager path).
-# A task the agent stops (preempting) is recorded before its end, and its
-# job runs again elsewhere from its latest checkpoint: `--checkpoint PATH`
-# is copied from the running container every --checkpoint-every and at the
-# end of a preempted task, kept whole on the hub, and laid on the job's
-# image (a layer, as a work folder is) whenever it runs again.
-#   the agent's reports · checkpoints · running again from a checkpoint
-
-OWNER_STATES = ("sharing", "paused", "outside-hours", "preempting")
-OWNER_REASONS = ("-", "input", "terminal", "logind", "cpu", "gpu", "hours")
-AGENT_LINE_MAX = 4096  # same as the agent's contract: one line, at most 4 KiB, within 5 s
-AGENT_SILENT_S = 90  # three heartbeats missed: the owner's state is unknown
-CHECKPOINTS = "/var/lib/gridx/checkpoints"  # CHECKPOINTS/SERVICE_ID/{current/,checkpoint.json}
-_AGENT_REPORT = None
-_OWNERS_LOCK = None
-
-
-def checkpoints_dir():
-    return os.path.abspath(os.environ.get("GRIDX_CHECKPOINTS_DIR") or CHECKPOINTS)
-
-
-def owners_path():
-    """What hub watch knows of the owners (their last reports) and of the
-    tasks the agents preempted: kept across the hub's restarts."""
-    return os.path.join(config_dir(), "owners.json")
-
-
-# -- the agent's reports ------------------------------------------------------
-
-
-def parse_agent_report(line):
-    """One line of the agent ({field: value}), or None when it is not one:
-    the version-1 grammar of docs/CONTRACT.md, fields in order; later
-    key=value fields are ignored."""
-    global _AGENT_REPORT
-    if _AGENT_REPORT is None:
-        _AGENT_REPORT = re.compile(
-            rf"gridx-agent 1 state=(?P<state>{'|'.join(OWNER_STATES)}) since=(?P<since>[0-9]{{1,12}}) "
-            rf"reason=(?P<reason>{'|'.join(map(re.escape, OWNER_REASONS))}) policy=(?P<policy>idle|always) "
-            r"hours=(?P<hours>-|[0-2][0-9]:[0-5][0-9]-[0-2][0-9]:[0-5][0-9]) preempt_at=(?P<preempt_at>[0-9]{1,12}) "
-            r"tasks=(?P<tasks>-|[a-z0-9]{25}(?:,[a-z0-9]{25})*) mem_mib=(?P<mem_mib>[0-9]{1,9})"
-            r"(?: [a-z_]{1,32}=[!-~]{0,256})*\n?")
-    found = _AGENT_REPORT.fullmatch(line)
-    if not found:
-        return None
-    report = found.groupdict()
-    for key in ("since", "preempt_at", "mem_mib"):
-        report[key] = int(report[key])
-    report["tasks"] = [] if report["tasks"] == "-" else report["tasks"].split(",")
-    return report
-
-
-def owner_label(report):
-    """The node label gridx.owner-state: STATE REASON SINCE PREEMPT_AT HOURS."""
-    return f"{report['state']} {report['reason']} {report['since']} {report['preempt_at']} {report['hours']}"
-
-
-def owners_lock():
-    import threading
-
-    global _OWNERS_LOCK
-    if _OWNERS_LOCK is None:
-        _OWNERS_LOCK = threading.Lock()
-    return _OWNERS_LOCK
-
-
-def load_owners():
-    import json
-
-    try:
-        document = json.loads(read_text(owners_path()))
-    except (FileNotFoundError, ValueError):
-        document = {}
-    return {"nodes": dict(document.get("nodes") or {}), "preempted": dict(document.get("preempted") or {})}
-
-
-def save_owners(document):
-    import json
-
-    ensure_dir(config_dir())
-    atomic_write(owners_path(), json.dumps(document, indent=2, sort_keys=True) + "\n", 0o600)
-
-
-def owner_node_update(node, report, known):
-    """The `docker node update` that makes the swarm follow a report (None
-    when nothing changes): paused while the owner is active or outside the
-    hours (no new task there, its tasks left as they are), active again when
-    sharing, but only if gridx paused it (an admin's drain or pause stays)."""
-    label = owner_label(report)
-    argv = ["node", "update"]
-    sharing = report["state"] == "sharing"
-    if report["state"] == "preempting" and report["tasks"]:  # what --wait waits on, not a failure
-        argv.append(f"--label-add={LABEL_PREEMPTED}={','.join(report['tasks'])}")
-    if not sharing and node.availability == "active":
-        argv.append("--availability=pause")
-        known["paused_by_gridx"] = True
-    elif sharing and node.availability == "pause" and known.get("paused_by_gridx"):
-        argv.append("--availability=active")
-        known["paused_by_gridx"] = False
-    if len(argv) == 2 and (node.owner == label or (sharing and not node.owner)):
-        # Every node update is a chance for Docker 20.10's constraint
-        # enforcer to reject a running task there (see ENFORCER_REJECTION):
-        # a sharing node that never paused keeps no label at all.
-        return None
-    return docker(*argv, f"--label-add={LABEL_OWNER_STATE}={label}", "--", node.id)
-
-
-def apply_owner_report(address, report, nodes=None):
-    """A report from the worker at address: recorded (its preempted tasks
-    first, durably), then the swarm follows. The node it names, or None."""
-    node = next((n for n in (all_swarm_nodes() if nodes is None else nodes)
-                 if n.address == address and not n.manager and n.state == "ready"), None)
-    if node is None:
-        return None
-    with owners_lock():
-        owners = load_owners()
-        known = owners["nodes"].setdefault(node.id, {})
-        known.update(report=report, seen=time.time(), address=address)
-        if report["state"] == "preempting":
-            for task_id in report["tasks"]:
-                owners["preempted"].setdefault(task_id, {"node": node.id, "at": report["preempt_at"]})
-        argv = owner_node_update(node, report, known)
-        save_owners(owners)
-    if argv:
-        run(argv, check=False)
-    return node
-
-
-def silent_agents(nodes, now=None):
-    """Nodes gridx paused whose agent has said nothing for AGENT_SILENT_S
-    are labelled unknown (one that shares is left alone: no node update for
-    nothing). They stay paused: an agent that died may have left Grid-X's
-    containers frozen there, and its volunteer is told by status.sh."""
-    now = time.time() if now is None else now
-    by_id = {n.id: n for n in nodes}
-    silent = []
-    with owners_lock():
-        owners = load_owners()
-        for node_id, known in owners["nodes"].items():
-            node = by_id.get(node_id)
-            if (node and known.get("paused_by_gridx") and now - known.get("seen", 0) > AGENT_SILENT_S
-                    and not node.owner.startswith("unknown")):
-                silent.append(node)
-    for node in silent:
-        run(docker("node", "update", f"--label-add={LABEL_OWNER_STATE}=unknown - 0 0 -", "--", node.id), check=False)
-    return silent
-
-
-class OwnerReports:
-    """hub watch's listener for the agents' reports, in a thread of its own:
-    one line a connection (AGENT_LINE_MAX, 5 s), `ok`, closed. A line that
-    is not a report, or from an address that is no worker, is answered
-    nothing and changes nothing."""
-
-    def __init__(self, hub_ip, port=AGENT_PORT):
-        import socket
-        import threading
-
-        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind((hub_ip, port))
-        self.server.listen(16)
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, (address, _) = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                self.answer(conn, address)
-
-    def answer(self, conn, address):
-        conn.settimeout(5)
-        try:
-            raw = conn.makefile("rb").readline(AGENT_LINE_MAX + 1)
-        except OSError:
-            return
-        report = parse_agent_report(raw.decode("ascii", "replace")) if len(raw) <= AGENT_LINE_MAX else None
-        if report is None:
-            return
-        try:
-            node = apply_owner_report(address, report)
-        except GridxError as error:
-            warn(f"the report of {address} could not be applied: {error.message}")
-            return
-        if node is None:
-            return
-        try:
-            conn.sendall(b"ok\n")
-        except OSError:
-            pass
-        if report["state"] != "sharing":
-            info(f"{node.hostname}: {describe_owner(owner_label(report)) or report['state']}")
-
-
-# -- checkpoints ----------------------------------------------------------------
-
-
-def checkpoint_folder(key):
-    return os.path.join(checkpoints_dir(), key)
-
-
-def checkpoint_record(key):
-    """What the hub keeps of a job's checkpoint (its service ID: key): {task,
-    node, at, bytes, files}, or None."""
-    import json
-
-    try:
-        return json.loads(read_text(os.path.join(checkpoint_folder(key), "checkpoint.json")))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def take_checkpoint(service, task, node):
-    """--checkpoint PATH of a task's container (running, or ended) onto the
-    hub: copied into a fresh folder, which replaces the kept one only once
-    whole (a half-copied checkpoint never replaces the last complete one).
-    What copy_out said."""
-    import json
-    import shutil
-    import tempfile
-
-    key, path = service["ID"], service["Spec"]["Labels"][LABEL_CHECKPOINT]
-    size, files, floor = collection_limits(service)  # the owner's limits, as for results
-    folder = checkpoint_folder(key)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fresh = tempfile.mkdtemp(prefix=".incoming-", dir=folder)
-    room = hub_room(floor, folder)
-    got = (copy_out(node, task.container, path, fresh, (min(size, room), files)) if room > 0 else
-           {"state": "hub-full", "error": f"the hub keeps {human_bytes(floor)} of its disk free"})
-    if got["state"] != "collected":
-        shutil.rmtree(fresh, ignore_errors=True)
-        return got
-    current, old = os.path.join(folder, "current"), os.path.join(folder, ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(current):
-        os.rename(current, old)
-    os.rename(fresh, current)
-    shutil.rmtree(old, ignore_errors=True)
-    record = {"task": task.id, "node": node.hostname, "at": int(time.time()), "bytes": got["bytes"],
-              "files": got["files"], "path": path}
-    atomic_write(os.path.join(folder, "checkpoint.json"), json.dumps(record) + "\n", 0o644)
-    hand_over(folder)  # serve (the gridx account) says its age and size
-    return got
-
-
-def remove_checkpoint(key):
-    import shutil
-
-    shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
-
-
-def due_checkpoints(services, tasks, nodes, now=None):
-    """hub watch: the running tasks of jobs with --checkpoint whose latest
-    checkpoint is older than their --checkpoint-every: taken now."""
-    now = time.time() if now is None else now
-    by_id = {n.id: n for n in nodes}
-    by_service = tasks_by_service(tasks)
-    taken = []
-    for service in services:
-        labels = service["Spec"].get("Labels", {})
-        if LABEL_CHECKPOINT not in labels:
-            continue
-        every = int(labels.get(LABEL_CHECKPOINT_EVERY) or DEFAULT_CHECKPOINT_EVERY_S)
-        last = (checkpoint_record(service["ID"]) or {}).get("at", 0)
-        for task in by_service.get(service["Spec"]["Name"], []):
-            node = by_id.get(task.node_id)
-            started = unix_time(task.created) or now
-            if (task.state == "running" and task.container and node and node.hub_ssh
-                    and now - max(last, started) >= every):
-                got = take_checkpoint(service, task, node)
-                if got["state"] == "collected":
-                    taken.append(service["Spec"]["Name"])
-                    last = now
-    return taken
-
-
-def checkpoint_image(service):
-    """The image a job runs again with: its first image with its latest
-    checkpoint laid at PATH (a layer, made as a work folder's is); None
-    when there is no checkpoint yet."""
-    labels = service["Spec"]["Labels"]
-    key, path = service["ID"], labels[LABEL_CHECKPOINT]
-    current = os.path.join(checkpoint_folder(key), "current")
-    if not os.path.isdir(current):
-        return None
-    folder = WorkFolder(current, float("inf"), ignore=False)
-    base = labels.get(LABEL_RUN_IMAGE) or service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
-    layer = WorkLayer(service["Spec"]["Name"], folder.members(), folder.bytes, folder.describe(),
-                      into=path, repository=CHECKPOINT_REPOSITORY)
-    return layer.build(base)
-
-
-def run_again_from_checkpoint(services, job_ids):
-    """Run these jobs again, each from its latest checkpoint when it has one
-    (the same forced update as run_again, on the image with it)."""
-    by_name = {s["Spec"]["Name"]: s for s in services}
-    for job_id in job_ids:
-        service = by_name.get(job_id)
-        image = None
-        if service and LABEL_CHECKPOINT in service["Spec"].get("Labels", {}):
-            try:
-                image = checkpoint_image(service)
-            except GridxError as error:
-                warn(f"job {job_id} runs again from its start: its checkpoint could not be laid on its image: "
-                     f"{error.message}")
-        if image is None:
-            run_again([job_id])
-            continue
-        run(docker("service", "update", "--detach", "--force", "--no-resolve-image", f"--image={image}",
-                   "--", job_id))
-        info(f"job {job_id} runs again from its checkpoint of "
-             f"{time.strftime('%H:%M:%S', time.localtime(checkpoint_record(service['ID'])['at']))}")
-
-
-def rerun_preempted(services, tasks, nodes):
-    """The jobs whose tasks an agent preempted, once those tasks ended: their
-    checkpoint taken from the ended container, then run again elsewhere (the
-    node is paused). A preemption is recorded before the task's end and
-    kept until it ran again: a hub restart loses none."""
-    by_task = {t.id: t for t in tasks}
-    by_node = {n.id: n for n in nodes}
-    by_name = {s["Spec"]["Name"]: s for s in services}
-    with owners_lock():
-        preempted = dict(load_owners()["preempted"])
-    done, again = [], []
-    for task_id in preempted:
-        task = by_task.get(task_id)
-        service = by_name.get(task.service) if task else None
-        if task is None or service is None:
-            done.append(task_id)  # the job is gone (or its task's history): nothing to run again
-            continue
-        if task.active:
-            continue  # still stopping (SIGTERM, then its grace)
-        node = by_node.get(task.node_id)
-        if LABEL_CHECKPOINT in service["Spec"]["Labels"] and node and task.container and node.hub_ssh:
-            take_checkpoint(service, task, node)
-        if is_current(task) and task.service not in again:
-            again.append(task.service)
-        done.append(task_id)
-    if again:
-        run_again_from_checkpoint(services, again)
-        info(f"ran again, preempted by their volunteers: {', '.join(again)}")
-    if done:
-        with owners_lock():
-            owners = load_owners()
-            for task_id in done:
-                owners["preempted"].pop(task_id, None)
-            save_owners(owners)
-    return again
-
-
-def owner_chores(services, tasks, nodes):
-    """hub watch's part of this section (in a Background of its own): the
-    preempted jobs run again from their checkpoints, the periodic
-    checkpoints taken, the silent agents marked."""
-    rerun_preempted(services, tasks, nodes)
-    taken = due_checkpoints(services, tasks, nodes)
-    if taken:
-        info(f"took the checkpoints of {', '.join(taken)}")
-    silent_agents(nodes)
-    live = {service["ID"] for service in services}
-    for key in os.listdir(checkpoints_dir()) if os.path.isdir(checkpoints_dir()) else ():
-        if key not in live:  # its job was deleted through --manager
-            remove_checkpoint(key)
-
-
-def listen_to_owners():
-    """hub watch's OwnerReports on the hub's VPN address, or None (said once)."""
-    try:
-        return OwnerReports(load_hub_config().hub_ip)
-    except (OSError, GridxError) as error:
-        warn(f"the workers' owner-activity reports cannot be heard on port {AGENT_PORT}: "
-             f"{getattr(error, 'message', None) or error}")
-        return None
 
 
 # ---------------------------------------------------------------------------
@@ -7345,7 +7360,7 @@ def job_endpoint(job_id):
     publishes a port (exit 2). {"id", "owner", "kind", "state", "port",
     "token" (Jupyter's), "address" (the worker's VPN address, None while no
     task of it runs)}."""
-    services, tasks, jobs, nodes = jobs_overview([job_id], with_nodes=True)
+    services, tasks, jobs, nodes = jobs_overview([job_id])
     check_owner(services, "forward the port of")  # through serve: see Jobs, owners
     labels = services[0]["Spec"].get("Labels", {})
     if not labels.get(LABEL_PORT):
@@ -8865,6 +8880,7 @@ def cmd_jobs_run(args):
     command_argv, command_text = job_command(command)
     job_id = args.job_name = new_job_name(args)
     output = job_output(args)
+    job_checkpoint(args)  # checked now, before anything is made (submit_job reads it again)
     args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)  # the folder is read (and its size checked) now
     if args.wait and output:
@@ -8965,6 +8981,7 @@ def cmd_jobs_train(args):
     is_url = script.startswith(("http://", "https://"))
     job_id = args.job_name = new_job_name(args, "train")
     output = job_output(args)
+    job_checkpoint(args)  # checked now, before anything is made (submit_job reads it again)
     args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)
     args.script_in_workdir = script_in_workdir(args) if args.layer and not is_url else None

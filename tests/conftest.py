@@ -1,4 +1,5 @@
-"""Fixtures the unit tests share (the fakes they build on are in fakes.py)."""
+"""Fixtures the unit tests share (the fakes they build on are in fakes.py;
+the worker's fake machine in worker_machine.py)."""
 
 import json
 import os
@@ -11,8 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fakes import GRIDX  # noqa: E402
+from worker_machine import Lab  # noqa: E402
 
 import gridx  # noqa: E402 (after the path)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """The worker's fake machine (worker_machine.Lab): the bundle scripts run
+    there for real, every system command a stub."""
+    return Lab(tmp_path)
 
 
 @pytest.fixture

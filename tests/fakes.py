@@ -317,7 +317,7 @@ class HubEngine(FakeEngine):
                          tasks=[api_task("t1", "s1", "n1", exit_code=0)])
 
     def answer_tasks(self, filters):
-        jupyter = [name for name in filters.get("service", []) if name.startswith("jupyter-")]
+        jupyter = [name for name in filters.get("service", []) if name.startswith("jupyter-") or name == "s3"]
         if jupyter:
             return 200, [dict(api_task("tj", "sj", "n1", state="running", desired="running", exit_code=0),
                               ServiceID=jupyter[0])]

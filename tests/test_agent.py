@@ -6,14 +6,17 @@ Two halves:
   samples of tests/data/agent/ (README there: which are recorded, which
   composed);
 - the agent running for real, installed by join.sh from a bundle with fake
-  system commands (test_bundle_scripts.Lab): a fake engine whose containers
+  system commands (worker_machine.Lab): a fake engine whose containers
   are files, fake cgroup folders whose CPU counters the test moves, a FIFO
   as an input device, and a TCP receiver on 127.0.0.1 standing in for the
   hub (the wire line of docs/CONTRACT.md "Owner-activity reports").
 """
 
+import contextlib
 import os
+import pty
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -24,7 +27,7 @@ import threading
 import time
 
 import pytest
-import test_bundle_scripts as tbs
+import worker_machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = os.path.join(ROOT, "bundle_templates")
@@ -426,11 +429,11 @@ def test_a_desktop_session_on_this_screen():
 # The agent running: installed by join.sh, with a fake engine and fake cgroups
 # =========================================================================
 
-# Real tools the agent needs besides test_bundle_scripts' (it is a volunteer's
+# Real tools the agent needs besides worker_machine's (it is a volunteer's
 # machine without Python: none of these is a Python).
 AGENT_TOOLS = ["dd", "od", "setsid", "mkfifo", "getconf", "flock", "tr", "kill", "ps"]
 
-# The fake engine's containers, ahead of test_bundle_scripts' docker stub:
+# The fake engine's containers, ahead of worker_machine's docker stub:
 # $FAKE/containers/ID holds "STATE TASK JOB PID"; every call is also written
 # with its time to $FAKE/timeline (to see what came before what).
 DOCKER_CONTAINERS = r"""
@@ -603,8 +606,8 @@ def session_pids(sid):
     return pids
 
 
-class AgentLab(tbs.Lab):
-    """test_bundle_scripts' fake machine, with agent.sh in its bundle, a VPN on
+class AgentLab(worker_machine.Lab):
+    """worker_machine's fake machine, with agent.sh in its bundle, a VPN on
     loopback addresses (the hub's receiver is this test's), a fake /proc
     (cgroup mounts, input devices, container pids) and /dev."""
 
@@ -629,11 +632,11 @@ class AgentLab(tbs.Lab):
         (self.fake / "events").write_text("")
         self.fifo = tmp / "kbd"
         os.mkfifo(self.fifo, 0o600)
-        self.stub("docker", DOCKER_CONTAINERS + tbs.STUBS["docker"])
+        self.stub("docker", DOCKER_CONTAINERS + worker_machine.STUBS["docker"])
         for tool in AGENT_TOOLS:
             self.link(tool)
 
-    def write_bundle(self, private_key=tbs.PRIVATE_KEY):
+    def write_bundle(self, private_key=worker_machine.PRIVATE_KEY):
         self.settings.update(GRIDX_HUB_VPN_IP="127.0.0.1", GRIDX_VPN_IP="127.0.0.2", GRIDX_SUBNET="127.0.0.0/24",
                              GRIDX_MANAGER="127.0.0.1:2377", GRIDX_AGENT_PORT=str(self.hub.port))
         super().write_bundle(private_key)
@@ -1011,7 +1014,8 @@ def test_leave_unpauses_what_a_dead_agent_left_paused(alab):
     alab.add_container(cid="b" * 64, task="other", pid=4343, state="paused")
     supervisor = int((alab.agent_dir / "supervisor.pid").read_text())
     for pid in session_pids(supervisor) + session_pids(alab.agent_pid()):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a child that ended meanwhile
+            os.kill(pid, signal.SIGKILL)
     r = alab.run("leave.sh")
     assert r.returncode == 0, r.stderr
     assert alab.container_state() == "running" and alab.container_state("b" * 64) == "running"
@@ -1045,7 +1049,8 @@ def test_status_says_when_the_agent_is_not_running(alab):
     assert alab.run("status.sh").returncode == 0
     supervisor = int((alab.agent_dir / "supervisor.pid").read_text())
     for pid in session_pids(supervisor) + session_pids(alab.agent_pid()):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a child that ended meanwhile
+            os.kill(pid, signal.SIGKILL)
     r = alab.run("status.sh")
     assert r.returncode == 1 and "the owner-activity agent is not running" in r.stderr
     r = alab.run("agent.sh", "start")
@@ -1137,7 +1142,8 @@ def test_a_forged_status_pid_is_not_signalled(alab):
         agent = alab.agent_dir
         supervisor = int((agent / "supervisor.pid").read_text())
         for pid in session_pids(supervisor) + session_pids(alab.agent_pid()):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # a child that ended meanwhile
+                os.kill(pid, signal.SIGKILL)
         text = (agent / "status.env").read_text()
         (agent / "status.env").write_text(re.sub(r"PID='\d+'", "PID='%d'" % victim.pid, text))
         r = alab.policy("--share", "always")
@@ -1161,7 +1167,7 @@ def test_join_policy_flags_are_checked_before_anything(alab, args, says):
     before = alab.snapshot()
     r = alab.run("join.sh", "--cpus", "2", "--memory", "1G", "--yes", *args)
     assert r.returncode == 2 and says in r.stderr, r.stderr
-    tbs.assert_nothing_changed(alab, before)
+    worker_machine.assert_nothing_changed(alab, before)
 
 
 @pytest.mark.parametrize("devices, want", [("input_devices_laptop", "idle"), ("input_devices_server", "always")])
@@ -1183,7 +1189,7 @@ def test_a_bundle_without_the_agent_joins_without_it(alab):
 
 def test_join_asks_when_to_share_on_a_terminal(alab):
     shutil.copy(data("input_devices_laptop"), alab.proc / "bus" / "input" / "devices")
-    pid, fd = tbs.pty.fork()
+    pid, fd = pty.fork()
     if pid == 0:
         os.execve(str(alab.bundle / "join.sh"), [str(alab.bundle / "join.sh"), "--cpus", "2", "--memory", "1G"],
                   alab.env())
@@ -1193,7 +1199,7 @@ def test_join_asks_when_to_share_on_a_terminal(alab):
     out = b""
     deadline = time.time() + 60
     while time.time() < deadline:
-        ready, _, _ = tbs.select.select([fd], [], [], 0.5)
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
             try:
                 chunk = os.read(fd, 4096)

@@ -213,7 +213,7 @@ def test_a_taken_local_port_is_exit_2(monkeypatch, capsys):
 
 
 def test_the_hub_side_checks_the_owner_and_the_port(tmp_path, monkeypatch):
-    fake_hub(tmp_path, monkeypatch)
+    fake_hub(tmp_path, monkeypatch).engine.services.append(JUPYTER_SERVICE)
     found = gridx.job_endpoint("jupyter-1")
     assert found["port"] == 8888 and found["address"] == "10.0.0.2" and found["token"] == "ab" * 16
     monkeypatch.setattr(gridx, "OWNER", "alice")  # through serve: the job is root's
@@ -239,7 +239,8 @@ def test_a_forward_never_reaches_a_workers_own_service_port(port, tmp_path, monk
 
 def test_the_hub_side_follows_its_job_to_the_node_it_runs_on():
     nodes = [gridx.Node(id=i, hostname=h, address=a, state="ready", availability="active", role="worker",
-                        manager=False, shared=gridx.Resources(), gpu_ids=[], created="", updated="", hub_ssh=True)
+                        manager=False, shared=gridx.Resources(), gpu_ids=[], created="", updated="", hub_ssh=True,
+                        owner="", preempted=[])
              for i, h, a in (("n1", "w", "10.0.0.2"), ("n2", "w", "10.0.0.3"), ("n3", "x", "10.0.0.4"))]
     assert gridx.task_node(gridx.Task(node="x"), nodes).address == "10.0.0.4"
     assert gridx.task_node(gridx.Task(node="w"), nodes) is None  # two nodes of that hostname
@@ -350,7 +351,7 @@ def job_service(name="job-1", sid="s1", owner="alice", kind="run", cpus=2, mem=2
 def node(node_id="n1", hostname="worker1", state="ready"):
     return gridx.Node(id=node_id, hostname=hostname, address="10.0.0.2", state=state, availability="active",
                       role="worker", manager=False, shared=gridx.Resources(4, 4096, 0), gpu_ids=[], created="",
-                      updated="", hub_ssh=True)
+                      updated="", hub_ssh=True, owner="", preempted=[])
 
 
 class Times:
@@ -747,6 +748,23 @@ def test_a_job_lost_its_worker_ran_again_and_ended_gives_three_events(notify_dir
     made = notifier.notice([out], [lost, done], [node()])
     assert made == ["s1/results"]
     assert notifier.outbox["events"]["s1/results"]["data"]["results"]["bytes"] == 2048
+
+
+def test_a_preempted_task_is_a_wait_not_an_end_until_its_job_ran_again(notify_dirs):
+    service = job_service(owner="root", labels={gridx.LABEL_NOTIFY: "https://x.example/"})
+    stopped = gridx.Task(id="t-old", service="job-1", node="worker1", state="complete", desired="shutdown")
+    gridx.save_owners({"nodes": {}, "preempted": {"t-old": {"node": "n1", "at": 1}}})
+    notifier = gridx.Notifier(background=False)
+    # its exit 0 after the checkpoint is no end: the job waits to run again
+    assert notifier.notice([service], [stopped], [node()]) == ["s1/preempted/t-old"]
+    event = notifier.outbox["events"]["s1/preempted/t-old"]
+    assert event["type"] == "job.waiting" and event["data"]["state"] == "preempted"
+    assert "volunteer on worker1 needed the machine" in event["data"]["reason"]
+    gridx.save_owners({"nodes": {}, "preempted": {"t-old": {"node": "n1", "at": 1, "ran_again": True}}})
+    again = gridx.Task(id="t-new", service="job-1", node="", state="pending", desired="complete")
+    assert notifier.notice([service], [stopped, again], [node()]) == []
+    done = gridx.Task(id="t-new", service="job-1", node="worker2", state="complete", desired="complete")
+    assert notifier.notice([service], [stopped, done], [node()]) == ["s1/ended"]
 
 
 def test_a_job_deleted_before_it_ended_says_so_once(notify_dirs):

@@ -10,6 +10,7 @@ import sys
 import pytest
 from fakes import (
     GRIDX,
+    JUPYTER_SERVICE,
     FakeEngine,
     cli,
     fake_hub,
@@ -210,6 +211,8 @@ def prepare(group, name, tools, monkeypatch):
     if (group, name) in ARGV_SETUP:
         assert run_main(ARGV_SETUP[(group, name)]) == 0
         tools.calls.clear()
+    if (group, name) in (("jobs", "forward"), ("jobs", "connect")):
+        tools.engine.services.append(JUPYTER_SERVICE)  # a job that publishes a port
     if (group, name) == ("jobs", "forward"):
         monkeypatch.setattr(gridx.Forward, "run", lambda self: self.listener.close())  # it would relay until Ctrl-C
 

@@ -178,7 +178,7 @@ def test_pending_reason_in_users_terms():
     assert reason == "waiting: 2 GPUs requested, 1 free on gpu-box"
     # a node that is down has no room to offer
     down = gridx.Node.from_docker(dict(NODE, ID="n9", Status={"State": "down", "Addr": "10.0.0.9"}))
-    assert gridx.pending_reason({"tasks": []}, service, [down], {}) == "waiting: no worker is Ready"
+    assert gridx.pending_reason({"tasks": []}, service, [down], {}) == "waiting: no worker is Ready and available"
 
 
 def test_a_job_that_runs_again_is_pending_not_failed():

@@ -58,7 +58,7 @@ def test_a_report_pauses_the_node_and_sharing_makes_it_active_again_only_if_grid
         "reason=input", "reason=-"))
     assert "--availability=active" in gridx.owner_node_update(worker(availability="pause"), sharing, known)
     # an admin's drain (or a pause gridx did not make) stays
-    assert "--availability=active" not in gridx.owner_node_update(worker(availability="pause"), sharing, {})
+    assert "--availability=active" not in (gridx.owner_node_update(worker(availability="pause"), sharing, {}) or [])
     drained = gridx.owner_node_update(worker(availability="drain"), report, {})
     assert not any(a.startswith("--availability") for a in drained)
     # the same state again: nothing to tell the swarm
@@ -196,7 +196,11 @@ def test_a_preempted_task_that_ended_gives_its_checkpoint_then_its_job_runs_agai
     assert TASK_A in gridx.load_owners()["preempted"] and taken == []
     assert gridx.rerun_preempted([CKPT_SERVICE], [ended], [worker()]) == ["train-1"]
     assert taken == [TASK_A] and again == ["train-1"]
-    assert gridx.load_owners()["preempted"] == {}  # done: and the entry of a task that no longer exists went
+    # done (kept for the notifications while the task is in the swarm); the entry of a task gone went
+    assert gridx.load_owners()["preempted"] == {TASK_A: {"node": "w2", "at": 1, "ran_again": True}}
+    assert gridx.rerun_preempted([CKPT_SERVICE], [ended], [worker()]) == [] and again == ["train-1"]  # once
+    assert gridx.rerun_preempted([CKPT_SERVICE], [], [worker()]) == []
+    assert gridx.load_owners()["preempted"] == {}  # its task gone from the swarm's history
 
 
 def test_periodic_checkpoints_of_running_tasks_when_due(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ failing at the swarm step rolled back; join -> leave -> join; --no-hub-ssh
 seen by the hub; the hub's SSH key trusted from the hub's VPN address only.
 Worker containers have no Python.
 
-(shellcheck of every bundle script: tests/test_bundle_scripts.py.)
+(shellcheck of every bundle script: tests/test_bundle_join.py.)
 """
 
 import os
