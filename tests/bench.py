@@ -47,6 +47,14 @@ figure, its target, met or missed) and writes bench-results.json.
            (<= 1.3x), interleaved; hub watch is stopped meanwhile (it would
            collect first) and started again as test.sh's start_watch does;
            the jobs' ended containers are removed from the workers
+  owner    the owner's agent on worker2 (tests/e2e/test_owner_lab.py's
+           measures, run by pytest against this lab): owner's CPU -> the
+           job frozen, p50 and p95 (<= 2 s); the agent's CPU over 60 s idle
+           (<= 0.5% of one core); a job's 100 MB --checkpoint taken by the
+           hub (take_checkpoint, as hub watch) / bare scp of the same bytes
+           from that worker, and restored (checkpoint_image: the layer made
+           and pushed, then the worker's docker pull) / bare scp of them
+           from the hub to the worker, interleaved
   forward  100 MB of a member's Jupyter through `gridx jobs jupyter --forward`
            in a user container (GET /files/… with bash's /dev/tcp) / bare
            `scp` of the same bytes from the job's worker to the hub with the
@@ -96,7 +104,7 @@ NODE_RUN_FLAGS = [
     "--device", "/dev/net/tun", "--device-cgroup-rule", "a *:* rwm",
     "--label", "io.gridx.lab.name=" + LAB, "--label", "io.gridx.lab.suite=" + SUITE,
 ]
-SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results", "forward")
+SECTIONS = ("lab", "startup", "jobs", "state", "addpeer", "join", "users", "workdir", "results", "owner", "forward")
 BENCH_LABEL = "gridx.bench"  # on every swarm service the bench makes itself
 SCRIPTS = os.path.join(ROOT, "tests", "bench")
 
@@ -829,6 +837,74 @@ def bench_results(res, args):
     if not was_running:
         res.notes.append("results: hub watch was not running before the section (left stopped)")
 
+
+
+# ---------------------------------------------------------------------------
+# 11. The owner comes first: the agent's delay and cost, checkpoints (issue 21)
+# ---------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "gxbench-ckpt"
+CHECKPOINT_SCRIPT = bench_script("checkpoint")
+with open(os.path.join(SCRIPTS, "checkpoint.py")) as _script:
+    CHECKPOINT_PY = _script.read()
+OWNER_TESTS = ("test_owner_cpu_pauses_the_job_within_2_s_and_idle_resumes_it or "
+               "test_agent_cpu_use_over_a_minute_idle")
+
+
+def owner_measures():
+    """test_owner_lab's two measuring tests on this lab: what they printed."""
+    env = dict(os.environ, GRIDX_LAB_NAME=LAB, GRIDX_LAB_NET=LAB_NET, GRIDX_LAB_SUITE=SUITE, GRIDX_E2E_REQUIRED="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "e2e",
+                           os.path.join(ROOT, "tests", "e2e", "test_owner_lab.py"), "-k", OWNER_TESTS],
+                          capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
+    frozen = re.search(r"owner's CPU -> job frozen \(s\): p50 ([0-9.]+) p95 ([0-9.]+) max ([0-9.]+) over (\d+)",
+                       proc.stdout)
+    cost = re.search(r"agent CPU over 60 s idle on worker2: idle policy ([0-9.]+) % of one core, always ([0-9.]+)",
+                     proc.stdout)
+    if proc.returncode != 0 or not frozen or not cost:
+        raise BenchError("test_owner_lab's measures did not run: " + (proc.stdout + proc.stderr).strip()[-800:])
+    return {"frozen_p50": float(frozen.group(1)), "frozen_p95": float(frozen.group(2)),
+            "frozen_max": float(frozen.group(3)), "tries": int(frozen.group(4)),
+            "agent_idle_pct": float(cost.group(1)), "agent_always_pct": float(cost.group(2))}
+
+
+def bench_owner(res, args):
+    reps = 3 if args.quick else 5
+    size = 100_000_000
+    measured = owner_measures()
+    res.raw["owner"] = dict(measured)
+    res.row("owner-pause", f"the owner's CPU-bound program on worker2 → the job's cgroup FROZEN (`docker pause` by "
+            f"the agent), p50 over {measured['tries']} tries (p95 {measured['frozen_p95']:.2f} s, max "
+            f"{measured['frozen_max']:.2f} s)", measured["frozen_p50"], None, "p95 ≤ 2 s",
+            measured["frozen_p95"] <= 2.0, shown=f"p50 {measured['frozen_p50']:.2f} s, p95 "
+            f"{measured['frozen_p95']:.2f} s")
+    res.row("owner-agent-cpu", "the agent's CPU (its session: it, its readers, docker events) over 60 s with "
+            f"nobody at worker2 and a job running — idle policy; `always`: {measured['agent_always_pct']:.2f} %",
+            measured["agent_idle_pct"], None, "≤ 0.5 % of one core", measured["agent_idle_pct"] <= 0.5,
+            shown=f"{measured['agent_idle_pct']:.2f} % of one core")
+    key = hub_bash('k=${GRIDX_CONFIG_DIR:-/etc/gridx}/ssh/id_ed25519; test -f "$k" && echo "$k"').stdout.strip()
+    hub_bash(RESULTS_CLEAN, CHECKPOINT_PREFIX, check=False)
+    try:
+        out = hub_bash(CHECKPOINT_SCRIPT, reps, size, key, os.path.join(os.path.dirname(key), "known_hosts"),
+                       CHECKPOINT_PREFIX, CHECKPOINT_PY, timeout=1800).stdout
+    finally:
+        hub_bash(RESULTS_CLEAN, CHECKPOINT_PREFIX, check=False)
+    got = timings(out)
+    errors = [line[2:] for line in out.splitlines() if line.startswith("E ")]
+    said = [line[2:] for line in out.splitlines() if line.startswith("W ")]
+    nodes = sorted({line.split()[1] for line in out.splitlines() if line.startswith("N ")})
+    res.raw["owner"].update(checkpoint_runs=got, errors=errors, stderr=said, nodes=nodes, bytes=size)
+    for kind, what in (("take", "taken by the hub from the running container (as hub watch does) vs bare `scp` of "
+                                "the same bytes from that worker with the hub's key"),
+                       ("restore", "restored: laid on the job's image as a layer and pushed to the hub's registry, "
+                                   "then pulled by the worker vs bare `scp` of the bytes from the hub to it")):
+        runs, bare = got.get(kind, []), got.get(kind + "_bare", [])
+        failed = sum(1 for _, rc in runs + bare if rc != 0) + max(0, 2 * reps - len(runs) - len(bare))
+        value, baseline = median([t for t, rc in runs if rc == 0]), median([t for t, rc in bare if rc == 0])
+        note = "; ".join(([f"{failed} run(s) FAILED"] if failed else []) + errors + (said if failed else []))[:240]
+        res.row("owner-checkpoint-" + kind, f"a job's 100 MB `--checkpoint` {what} ({reps} each, interleaved; "
+                f"workers: {', '.join(nodes)})", value, baseline, "(info)", None if not (failed or errors) else False,
+                note=note)
 
 
 # ---------------------------------------------------------------------------
