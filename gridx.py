@@ -126,9 +126,10 @@ OUTPUT_CHAIN = "GRIDX-OUTPUT"  # in OUTPUT: which of the hub's own accounts reac
 REGISTRY_PORT = 5000  # same as join.sh's GRIDX_REGISTRY (settings.env)
 REGISTRY_WRITER_PORT = 5001  # on the hub's loopback only (see Registry)
 # The hub's port for the workers' owner-activity reports, on its VPN address
-# (the registry's writer has 5001 on loopback, a socket of its own): same as
-# lib.sh's AGENT_PORT_DEFAULT (bundles carry it as GRIDX_AGENT_PORT).
-AGENT_PORT = 5001
+# (not the registry writer's 5001: nothing the VPN reaches shares a number
+# with it): same as lib.sh's AGENT_PORT_DEFAULT (bundles carry it as
+# GRIDX_AGENT_PORT).
+AGENT_PORT = 5002
 
 CONFIG_MARKER = "# Managed by gridx"
 PRIVATE_KEY_PLACEHOLDER = "GRIDX_PRIVATE_KEY_PLACEHOLDER"
@@ -7347,9 +7348,9 @@ def set_manager(args):
 
 FORWARD_CHECK_S = 10  # how often a forward asks whether its job is still there
 # Ports a forward never reaches on a worker, whatever a job's label says: the
-# system's, and the swarm's and the registry's (a moment when no job holds
+# system's, and the swarm's, the registry's and the agents' reports' (a moment when no job holds
 # the port would reach the worker's own service).
-FORWARD_NEVER = frozenset(port for _, port in SWARM_PORTS) | {REGISTRY_PORT, REGISTRY_WRITER_PORT}
+FORWARD_NEVER = frozenset(port for _, port in SWARM_PORTS) | {REGISTRY_PORT, REGISTRY_WRITER_PORT, AGENT_PORT}
 RELAY_CHUNK = 256 * 1024
 JOB_CONNECT_TIMEOUT_S = 10
 

@@ -48,7 +48,7 @@
 # Grid-X's containers are swarm task containers (label com.docker.swarm.task.id):
 # this engine is in Grid-X's swarm only; the owner's own containers are never touched.
 #
-# Reports: one line over TCP to the hub's VPN address, port HUB_PORT (5001),
+# Reports: one line over TCP to the hub's VPN address, port HUB_PORT (5002),
 # on every change and every HEARTBEAT_S (30 s), never blocking the agent:
 #   gridx-agent 1 state=STATE since=EPOCH reason=REASON policy=POLICY hours=HOURS preempt_at=EPOCH tasks=ID,ID mem_mib=N
 # (docs/CONTRACT.md "Owner-activity reports" says what each field means).

@@ -530,7 +530,7 @@ check_settings() {
 		GRIDX_VPN_IP | GRIDX_HUB_VPN_IP) is_ipv4 "${S[$key]}" || bad_setting "$key" "an IPv4 address" ;;
 		GRIDX_MANAGER) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:2377)" ;;
 		GRIDX_REGISTRY) is_ipv4_port "${S[$key]}" || bad_setting "$key" "IPv4:port (like 10.0.0.1:5000)" ;;
-		GRIDX_AGENT_PORT) is_port "${S[$key]}" || bad_setting "$key" "a TCP port (like 5001)" ;;
+		GRIDX_AGENT_PORT) is_port "${S[$key]}" || bad_setting "$key" "a TCP port (like 5002)" ;;
 		GRIDX_HUB_ENDPOINT) is_endpoint "${S[$key]}" || bad_setting "$key" "host:port (like 203.0.113.7:51820)" ;;
 		GRIDX_SUBNET) is_cidr "${S[$key]}" 8 || bad_setting "$key" "an IPv4 network (like 10.0.0.0/24)" ;;
 		GRIDX_NEEDS_PRIVATE_KEY) [[ ${S[$key]} =~ ^[01]$ ]] || bad_setting "$key" "0 or 1" ;;
@@ -1180,7 +1180,7 @@ AGENT_KEYS=(SHARE HOURS IDLE_S PREEMPT_S GRACE_S CPU_BUSY_PCT CPU_BUSY_MS CPU_PE
 	GPU_POLL_S HEARTBEAT_S HUB_PORT INPUT_DEVICES)
 # Same as gridx.py's AGENT_PORT: the hub's TCP port for the agent's reports,
 # next to the registry's 5000 (7946 is swarm gossip).
-AGENT_PORT_DEFAULT=5001
+AGENT_PORT_DEFAULT=5002
 declare -A AGENT_DEFAULTS=([SHARE]=always [HOURS]='' [IDLE_S]=300 [PREEMPT_S]=600 [GRACE_S]=60 [CPU_BUSY_PCT]=25
 	[CPU_BUSY_MS]=500 [CPU_PERIOD_MS]=250 [TTY_POLL_S]=2 [LOGIND_POLL_S]=5 [GPU_POLL_S]=5 [HEARTBEAT_S]=30
 	[HUB_PORT]=$AGENT_PORT_DEFAULT [INPUT_DEVICES]=auto)

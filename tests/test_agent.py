@@ -14,9 +14,7 @@ Two halves:
 
 import contextlib
 import os
-import pty
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -1189,30 +1187,12 @@ def test_a_bundle_without_the_agent_joins_without_it(alab):
 
 def test_join_asks_when_to_share_on_a_terminal(alab):
     shutil.copy(data("input_devices_laptop"), alab.proc / "bus" / "input" / "devices")
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(str(alab.bundle / "join.sh"), [str(alab.bundle / "join.sh"), "--cpus", "2", "--memory", "1G"],
-                  alab.env())
     answers = [(b"Share when (idle or always) [idle]", b"sometimes\n"), (b"answer idle or always", b"\n"),
                (b"Only within these hours", b"9-5\n"), (b"is not HH:MM-HH:MM", b"22:00-07:30\n"),
                (b"Continue", b"\n")]
-    out = b""
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        if answers and answers[0][0] in out:
-            os.write(fd, answers.pop(0)[1])
-    _, status = os.waitpid(pid, 0)
-    text = out.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    code, text = worker_machine.answer_prompts([str(alab.bundle / "join.sh"), "--cpus", "2", "--memory", "1G"],
+                                               alab.env(), answers)
+    assert code == 0, text
     assert not answers, text
     assert "a keyboard or mouse is attached" in text
     env = (alab.agent_dir / "agent.env").read_text()

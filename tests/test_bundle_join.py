@@ -4,8 +4,6 @@ rollback, leave, status, the private key, settings and prerequisites."""
 
 import json
 import os
-import pty
-import select
 import shutil
 import stat
 import subprocess
@@ -24,6 +22,7 @@ from worker_machine import (
     TEMPLATES,
     TOKEN,
     WORKER_CHAIN_RULES,
+    answer_prompts,
     assert_nothing_changed,
     job_chains4,
     sha,
@@ -291,32 +290,14 @@ def test_join_waits_for_handshake_then_says_what_to_check(lab):
 
 def test_prompts_on_a_terminal(lab):
     """Answers typed at the prompts; a wrong answer is asked again."""
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        os.execve(str(lab.bundle / "join.sh"), [str(lab.bundle / "join.sh")], lab.env())
-    out = b""
     answers = [
         (b"How many CPUs", b"0\n"),
         (b"share at least 1 CPU", b"3\n"),
         (b"How much memory", b"2G\n"),
         (b"Continue", b"\n"),
     ]
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.5)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        if answers and answers[0][0] in out:
-            os.write(fd, answers.pop(0)[1])
-    _, status = os.waitpid(pid, 0)
-    text = out.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    code, text = answer_prompts([str(lab.bundle / "join.sh")], lab.env(), answers, timeout=30)
+    assert code == 0, text
     assert not answers, text
     assert "[4]" in text  # the machine's CPUs offered as the default
     assert json.loads(lab.daemon_json.read_text())["node-generic-resources"] == ["gridx_cpu=3", "gridx_mem=2048"]

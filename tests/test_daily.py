@@ -226,7 +226,7 @@ def test_the_hub_side_checks_the_owner_and_the_port(tmp_path, monkeypatch):
     assert error.value.code == 2 and "publishes no port" in error.value.message
 
 
-@pytest.mark.parametrize("port", ["22", "80", "2377", "7946", "5000", "5001"])
+@pytest.mark.parametrize("port", ["22", "80", "2377", "7946", "5000", "5001", "5002"])
 def test_a_forward_never_reaches_a_workers_own_service_port(port, tmp_path, monkeypatch):
     fake_hub(tmp_path, monkeypatch)
     labels = dict(JUPYTER_SERVICE["Spec"]["Labels"], **{gridx.LABEL_PORT: port})

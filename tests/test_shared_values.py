@@ -63,6 +63,10 @@ def test_handshake_age_of_a_silent_peer():
     assert int(assignment("status.sh", "HANDSHAKE_MAX_AGE")) == gridx.HANDSHAKE_SILENT_S
 
 
+def test_the_hubs_port_for_the_agents_reports():
+    assert int(assignment("lib.sh", "AGENT_PORT_DEFAULT")) == gridx.AGENT_PORT != gridx.REGISTRY_WRITER_PORT
+
+
 def test_hub_ssh_label():
     assert assignment("join.sh", "HUB_SSH_LABEL") == f"{gridx.LABEL_HUB_SSH}=no"
 

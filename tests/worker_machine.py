@@ -16,10 +16,13 @@ read or written.
 import base64
 import hashlib
 import os
+import pty
+import select
 import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -537,3 +540,28 @@ EXISTING = (
     b'{\n    "log-driver": "json-file",\n    "node-generic-resources": ["other=1", "gridx_cpu=9"],\n'
     b'    "runtimes": {"crun": {"path": "/usr/bin/crun"}}\n}'
 )
+
+
+def answer_prompts(argv, env, answers, timeout=60):
+    """Run argv on a terminal (a pty), typing each answer once its prompt
+    shows, in order: (its exit status, all it printed). A prompt that never
+    came is left in answers."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the script, on the terminal
+        os.execve(argv[0], argv, env)
+    out = b""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if answers and answers[0][0] in out:
+            os.write(fd, answers.pop(0)[1])
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")

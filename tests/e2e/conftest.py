@@ -140,6 +140,19 @@ def registry_python(lab):
     return name
 
 
+@pytest.fixture(scope="session")
+def registry_jupyter(lab):
+    """The lab's Jupyter image, built when missing and pushed to the hub's
+    registry (./test.sh push-image) once for the tests that run it: the
+    worker a Jupyter job lands on pulls it over the VPN."""
+    t0 = time.monotonic()
+    name = ok(test_sh("push-image", "gridx-lab-jupyter:latest", timeout=1200),
+              "./test.sh push-image gridx-lab-jupyter:latest").strip()
+    print(f"\n./test.sh push-image gridx-lab-jupyter:latest: {time.monotonic() - t0:.1f} s")
+    assert name == "10.0.0.1:5000/gridx-lab-jupyter:latest", name
+    return name
+
+
 @pytest.fixture
 def fresh_node(lab):
     """A worker-like container that took no part in setup; removed afterwards."""

@@ -50,7 +50,6 @@ from e2e_helpers import (
     wait_until,
 )
 
-JUPYTER_IMAGE = "gridx-lab-jupyter:latest"
 RECEIVER, RECEIVER_IP = PREFIX + "receiver", LAB_NET + ".33"
 HOOK = f"http://{RECEIVER_IP}:8080/hook"
 
@@ -120,9 +119,10 @@ def daily(user_node):
 # ---------------------------------------------------------------------------
 
 
-def test_a_members_jupyter_loads_through_the_forward_and_only_theirs(daily):
+def test_a_members_jupyter_loads_through_the_forward_and_only_theirs(daily, registry_jupyter):
     daily.append("e2e-nb")
-    jupyter = Background(f"exec gridx jobs jupyter --image {JUPYTER_IMAGE} --name e2e-nb --port 8894 "
+    # the image from the hub's registry, which members read (the workers pull it over the VPN)
+    jupyter = Background(f"exec gridx jobs jupyter --image {registry_jupyter} --name e2e-nb --port 8894 "
                          f"--forward 18894 --manager {MANAGER}")
     try:
         url = jupyter.line(600)

@@ -28,7 +28,6 @@ from e2e_helpers import (
     node_exec,
     ok,
     start_stopped_worker,
-    test_sh,
     wait_until,
 )
 
@@ -189,11 +188,10 @@ def http_get(url):
     return int(ok(in_hub(["python3", "-c", code, url]), f"GET {url}").strip())
 
 
-def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs):
-    # the image only this test uses: built when missing, pushed to the hub's
-    # registry; the worker the job lands on pulls it over the VPN
-    pushed = test_sh("push-image", JUPYTER_IMAGE, timeout=1200)
-    image = ok(pushed, f"./test.sh push-image {JUPYTER_IMAGE}").strip()
+def test_jupyter_answers_with_its_token_over_the_vpn_only(jobs, registry_jupyter):
+    # the Jupyter image, pushed to the hub's registry (registry_jupyter); the
+    # worker the job lands on pulls it over the VPN
+    image = registry_jupyter
     assert image == f"{HUB_VPN_IP}:5000/{JUPYTER_IMAGE}", image
     jobs.append("nb")
     proc = hub("jobs", "jupyter", "--image", image, "--name", "nb", "--port", "8890", "--json", timeout=900)

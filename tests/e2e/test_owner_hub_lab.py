@@ -1,7 +1,7 @@
 """The owner comes first: the hub's side (issue 21), on the real lab.
 
 worker2's agent (joined by setup, with the bundle's agent.sh) reports to the
-hub's `gridx hub watch`, which listens on 10.0.0.1:5001:
+hub's `gridx hub watch`, which listens on 10.0.0.1:5002:
 
 - while its owner runs a CPU-bound program (outside Docker) the hub pauses
   worker2 in the swarm within 15 s, `gridx cluster` says why, and jobs
@@ -88,12 +88,12 @@ def starts(job):
 @pytest.fixture(scope="module")
 def owner_hub(lab):
     """hub watch of this checkout listening; worker2's agent reporting to it."""
-    listening = hub_sh("ss -ltn 2>/dev/null | grep -q '10.0.0.1:5001 ' && echo yes").stdout.strip()
+    listening = hub_sh("ss -ltn 2>/dev/null | grep -q '10.0.0.1:5002 ' && echo yes").stdout.strip()
     if listening != "yes":
         hub_sh("pkill -f 'gridx.py hub watch'")
         ok(subprocess.run(["./test.sh", "setup"], capture_output=True, text=True, timeout=900,
                           cwd=str(ROOT)), "./test.sh setup (hub watch)")
-        wait_until(lambda: hub_sh("ss -ltn | grep -q '10.0.0.1:5001 '").returncode == 0, 30, "the hub listening")
+        wait_until(lambda: hub_sh("ss -ltn | grep -q '10.0.0.1:5002 '").returncode == 0, 30, "the hub listening")
     if node_exec("worker2", ["test", "-x", AGENT]).returncode != 0:
         pytest.fail("worker2 has no agent: setup joins with the bundle's agent.sh", pytrace=False)
     ok(node_exec("worker2", [AGENT, "start"], timeout=60), "agent.sh start")

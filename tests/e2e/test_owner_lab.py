@@ -43,7 +43,7 @@ NODE = "worker2"
 BUNDLE = "/root/gridx-worker2-bundle"
 AGENT_DIR = "/var/lib/gridx/agent"
 # The test's receiver: its own port, so that the hub's (gridx.py's
-# AGENT_PORT, 5001) may listen at the same time.
+# AGENT_PORT, 5002) may listen at the same time.
 PORT = 5091
 RECEIVED = "/tmp/gridx-e2e-reports.log"
 FIFO = "/run/gridx-e2e-kbd"
