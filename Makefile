@@ -63,8 +63,9 @@ demo:
 	@echo "Next: ./test.sh status · ./test.sh cluster · ./test.sh ssh worker2 hostname · ./test.sh test-gpu"
 	@echo "      ./test.sh add-external laptop · ./test.sh clean"
 
+# Three pytest runs side by side (scripts/unit-tests.sh; UNIT_PARALLEL=0: one).
 unit: deps
-	$(PYTHON) -m pytest -q -rs -m "not e2e" tests
+	PYTHON=$(PYTHON) scripts/unit-tests.sh
 
 # pytest's exit status fails the target, 5 (no test collected) included; the
 # lab fixture fails rather than skips when Docker cannot run.
@@ -81,14 +82,16 @@ e2e-suites: lab-deps
 dist/gridx: $(BINARY_SOURCES)
 	packaging/build.sh
 
+# With Docker, the unit tests run while the labs start (E2E_BESIDE).
 test: deps dist/gridx
-	$(PYTHON) -m pytest -q -rs -m "not e2e" tests
 	@if scripts/install-deps.sh lab >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
-		$(MAKE) --no-print-directory e2e-suites; \
+		E2E_BESIDE="PYTHON=$(PYTHON) scripts/unit-tests.sh" $(MAKE) --no-print-directory e2e-suites; \
 	elif [ "$(E2E)" = required ]; then \
+		PYTHON=$(PYTHON) scripts/unit-tests.sh || exit 1; \
 		echo "error: Docker cannot run here, and E2E=required: the end-to-end tests must run" >&2; \
 		exit 1; \
 	else \
+		PYTHON=$(PYTHON) scripts/unit-tests.sh || exit 1; \
 		echo "warning: Docker cannot run here: the end-to-end tests did not run (unit tests only)" >&2; \
 	fi
 

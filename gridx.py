@@ -657,15 +657,22 @@ def engine():
 def write_log_stream(data):
     """Docker's multiplexed log stream (frames of an 8-byte header: the
     stream, 0, 0, 0, the size) to stdout and stderr, as `docker service logs`
-    writes it; what has no header (a TTY's stream) to stdout."""
-    at = 0
-    while at + 8 <= len(data) and data[at] in (0, 1, 2) and data[at + 1:at + 4] == b"\0\0\0":
+    writes it; what has no header (a TTY's stream) to stdout. The daemon's own
+    errors (stream 3, "Error grabbing logs: …") are returned, not written:
+    the caller says them (the docker CLI's "error from daemon in stream")."""
+    at, errors = 0, []
+    while at + 8 <= len(data) and data[at] in (0, 1, 2, 3) and data[at + 1:at + 4] == b"\0\0\0":
         size = int.from_bytes(data[at + 4:at + 8], "big")
-        (sys.stderr if data[at] == 2 else sys.stdout).buffer.write(data[at + 8:at + 8 + size])
+        frame = data[at + 8:at + 8 + size]
+        if data[at] == 3:
+            errors.append(frame.decode("utf-8", "replace").strip())
+        else:
+            (sys.stderr if data[at] == 2 else sys.stdout).buffer.write(frame)
         at += 8 + size
     sys.stdout.buffer.write(data[at:])
     sys.stdout.buffer.flush()
     sys.stderr.buffer.flush()
+    return errors
 
 
 def engine_unix_socket(path):
@@ -4482,9 +4489,16 @@ class LogFollower:
         query.update(("tail", arg.partition("=")[2]) for arg in self.log_args if arg.startswith("--tail="))
         what = "services" if source == self.job_id else "tasks"
         try:
-            write_log_stream(engine().read(f"/{what}/{source}/logs", query))
+            errors = write_log_stream(engine().read(f"/{what}/{source}/logs", query))
         except GridxError as error:
             warn(error.message)
+            return
+        lost = {node for error in errors if "incomplete log stream" in error for node in BROKER_LOST.findall(error)}
+        for error in errors:
+            if not (lost and "incomplete log stream" in error):
+                warn(f"error from daemon in stream: {printable(error)}")
+        if lost and self.job_id:
+            logs_from_containers(self.job_id, lost, self.log_args)  # see BROKER_LOST
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,10 @@
 # other suite gets NAME-SUITE on the next /24s (third octet + 1, + 2...),
 # removed once its tests pass (kept when they fail, to look at).
 #
+# E2E_BESIDE=COMMAND (make test: the unit tests) runs COMMAND while the labs
+# start (its output to logs/e2e-beside.log, printed whole when it fails);
+# the end-to-end tests begin once it passed, and do not when it failed.
+#
 # Prints when each stage began and how long it took, as .ci/run does; exit 1
 # when a suite's tests failed (its log's end is printed), 2 on bad usage.
 set -euo pipefail
@@ -69,11 +73,13 @@ start_lab() {
 }
 
 run_tests() { # NAME NET SUITE: pytest's exit status
-	in_lab "$1" "$2" "$3" env GRIDX_E2E_REQUIRED=1 "$PYTHON" -m pytest -q -rs -m e2e tests/e2e
+	in_lab "$1" "$2" "$3" env GRIDX_E2E_REQUIRED=1 "$PYTHON" -m pytest -q -rs --durations=15 -m e2e tests/e2e
 }
 
 sequential() {
 	local i t0 lab
+	beside_start
+	beside_wait # one lab at a time: nothing to overlap
 	for i in "${!SUITES[@]}"; do
 		lab_of "$i" "${#SUITES[@]}"
 		lab=("${REPLY[@]}")
@@ -86,9 +92,33 @@ sequential() {
 	done
 }
 
+# beside_start: E2E_BESIDE in the background, if set (BESIDE_PID).
+beside_start() {
+	BESIDE_PID=''
+	[ -n "${E2E_BESIDE:-}" ] || return 0
+	mkdir -p "$LOGS"
+	say "beside the labs' start: $E2E_BESIDE (log: $LOGS/e2e-beside.log)"
+	BESIDE_T0=$SECONDS
+	bash -c "$E2E_BESIDE" >"$LOGS/e2e-beside.log" 2>&1 &
+	BESIDE_PID=$!
+}
+
+# beside_wait: E2E_BESIDE's end; exit 1 (its log printed) when it failed.
+beside_wait() {
+	[ -n "$BESIDE_PID" ] || return 0
+	if wait "$BESIDE_PID"; then
+		say "$E2E_BESIDE passed in $((SECONDS - BESIDE_T0)) s: $(tail -n 1 "$LOGS/e2e-beside.log")"
+	else
+		say "$E2E_BESIDE FAILED after $((SECONDS - BESIDE_T0)) s; its log:" >&2
+		cat "$LOGS/e2e-beside.log" >&2
+		exit 1
+	fi
+}
+
 side_by_side() {
 	local i t0 pids=() labs=() begun=() failed=0 log
 	mkdir -p "$LOGS"
+	beside_start
 	say "job images (python:3.11, gridx-lab-jupyter), once for every lab"
 	t0=$SECONDS
 	./test.sh job-images
@@ -102,6 +132,7 @@ side_by_side() {
 		start_lab ${labs[$i]} "${SUITES[$i]}"
 		say "the Debian ${SUITES[$i]} lab started in $((SECONDS - t0)) s"
 	done
+	beside_wait
 	for i in "${!SUITES[@]}"; do
 		log=$LOGS/e2e-${SUITES[$i]}.log
 		say "end-to-end tests on Debian ${SUITES[$i]}, side by side (log: $log)"

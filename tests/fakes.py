@@ -102,7 +102,9 @@ class FakeEngine:
             daemon_threads = True
 
         self.server = Server(self.path, engine.handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, at
+        # the end of each of the 700 tests that start an engine
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         FakeEngine.started.append(self)
         return self
 

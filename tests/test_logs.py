@@ -11,6 +11,8 @@ import sys
 
 from fakes import FakeEngine, api_node, api_service, api_task
 
+import gridx as gridx_module  # in-process (gridx() below runs it as a program)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDX = os.path.join(ROOT, "gridx.py")
 
@@ -105,8 +107,11 @@ def test_follow_of_a_job_with_a_task_on_a_down_node_ends_with_the_job(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "output of task-up\n"
     assert "worker2" in result.stderr
-    assert [c for c in calls(tmp_path) if c.startswith("service logs")] == [
-        "service logs --raw --follow -- task-up"]
+    # the down node's task is never followed (the up one's follower may have
+    # been stopped before its fake docker wrote its call: the job had ended,
+    # and its output came whole from the Engine API)
+    assert set(c for c in calls(tmp_path) if c.startswith("service logs")) <= {
+        "service logs --raw --follow -- task-up"}
 
 
 class ProgressingEngine(FakeEngine):
@@ -204,6 +209,10 @@ def broken_broker(tmp_path, hub_ssh=True):
     tasks = [api_task("task-up", "s1", "node-up", slot=1, exit_code=0, ago_s=2),
              api_task("task-lost", "s1", "node-lost", slot=2, exit_code=0, container="c-lost", ago_s=1)]
     engine = FakeEngine([SERVICE], tasks, nodes).start()
+    # the Engine API's answer for the job (read whole when the followers had
+    # nothing yet): the same output, and the broker's error as the daemon's
+    # own frame (stream 3), as Docker 26.1 sends it
+    engine.logs["job-1"] = [(1, b"output of task-up\n"), (3, BROKER_LOST.split(": ", 1)[1].encode() + b"\n")]
     return {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path), "DOCKER_HOST": engine.host,
             "BROKER_LOST": BROKER_LOST, "GRIDX_CONFIG_DIR": str(tmp_path / "cfg")}
 
@@ -227,6 +236,23 @@ def test_follow_reads_the_lost_node_from_its_container_at_the_jobs_end(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "output of task-up\noutput of task-lost, from its container\n"
     assert "incomplete log stream" not in result.stderr
+
+
+def test_a_job_read_whole_from_the_engine_api_falls_back_for_the_node_the_broker_lost(tmp_path, monkeypatch,
+                                                                                      capfdbinary):
+    """The follower had nothing yet when the job ended (a loaded machine):
+    the Engine API's whole log carries the broker's error as a stream-3
+    frame; the lost node's task is read from its container, nothing raw is
+    printed."""
+    env = broken_broker(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(gridx_module, "ENGINES", {})
+    follower = gridx_module.LogFollower([], job_id="job-1")
+    follower.read_whole("job-1")
+    out, err = capfdbinary.readouterr()
+    assert out == b"output of task-up\noutput of task-lost, from its container\n", (out, err)
+    assert b"\x03" not in out + err and b"incomplete log stream" not in err
 
 
 def test_a_lost_node_that_declined_the_hubs_ssh_is_said_in_one_line(tmp_path):

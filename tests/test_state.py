@@ -128,6 +128,12 @@ def test_a_log_stream_goes_to_stdout_and_stderr_as_docker_writes_it(capfdbinary)
     assert capfdbinary.readouterr() == (b"out!\n", b"err\n")
     gridx.write_log_stream(b"a TTY's stream has no frames\n")
     assert capfdbinary.readouterr() == (b"a TTY's stream has no frames\n", b"")
+    # the daemon's own error (stream 3, Docker 26.1 when its log broker lost a
+    # node) is returned for the caller to say, never written as bytes
+    said = b"Error grabbing logs: warning: incomplete log stream. node w34b is not available\n"
+    frames = b"\x01\0\0\0\0\0\0\x03out" + b"\x03\0\0\0" + len(said).to_bytes(4, "big") + said
+    assert gridx.write_log_stream(frames) == [said.decode().strip()]
+    assert capfdbinary.readouterr() == (b"out", b"")
 
 
 # A stand-in for ssh: checks the argv the docker CLI would give it for

@@ -17,6 +17,7 @@ a lab worker pulls the lab's job image from the registry over the VPN.
 import base64
 import json
 import os
+import re
 import time
 
 import pytest
@@ -278,7 +279,8 @@ def test_the_two_sides_run_as_unprivileged_accounts_and_only_the_writer_writes(l
                            ("nobody", "nogroup")):
         proc = node_exec("hub", f"setpriv --reuid={account} --regid={group} --clear-groups "
                                 f"curl -sS -o /dev/null http://{WRITER}/v2/")
-        assert proc.returncode == 7 and "Couldn't connect" in proc.stderr, (account, proc)
+        # curl 7.88 (bookworm) says "Couldn't connect", 8.x "Could not connect"
+        assert proc.returncode == 7 and re.search(r"Could(n't| not) connect", proc.stderr), (account, proc)
 
 
 # What a job tries (python:3.11, run by gridx on a worker): the read-only
@@ -340,7 +342,8 @@ def test_a_volunteers_own_docker_cannot_push(lab):
         ok(node_exec("worker1", ["docker", "tag", "python:3.11", name]), "docker tag")
         proc = node_exec("worker1", ["docker", "push", name], timeout=120)
         print(f"\na volunteer's docker push: exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
-        assert proc.returncode != 0 and "405" in proc.stdout + proc.stderr, proc
+        # the registry's 405: Docker 20.10 prints the status, 26.1 and 28.5 its text
+        assert proc.returncode != 0 and re.search(r"405|Method not allowed", proc.stdout + proc.stderr), proc
         assert "e2e/volunteer" not in ok(node_exec("hub", f"{CURL_READER} https://{REGISTRY}/v2/_catalog"), "cat")
     finally:
         node_exec("worker1", ["docker", "image", "rm", name])
