@@ -916,9 +916,11 @@ FORWARD_JOB, FORWARD_PORT, FORWARD_LOCAL = "gxbench-fwd", 8897, 18897
 FORWARD_PREPARE = bench_script("forward_prepare")
 FORWARD_GET = bench_script("forward_get")
 FORWARD_SCP = bench_script("forward_scp")
-# the member's forward, left running in the user container (its URL in /tmp/gxbench-fwd.out)
+# the member's forward, left running in the user container (its URL in
+# /tmp/gxbench-fwd.out), of the Jupyter image in the hub's registry (IMAGE:
+# ./test.sh push-image's name for it; the lab seeds python:3.11 only)
 FORWARD_START = (". /root/gridx-benchuser-user/settings.env; export GRIDX_MANAGER GRIDX_SSH_KEY; "
-                 f"exec gridx jobs jupyter --image gridx-lab-jupyter:latest --name {FORWARD_JOB} "
+                 f"exec gridx jobs jupyter --image {{image}} --name {FORWARD_JOB} "
                  f"--port {FORWARD_PORT} --forward {FORWARD_LOCAL} >/tmp/gxbench-fwd.out 2>/tmp/gxbench-fwd.err")
 
 
@@ -934,8 +936,9 @@ def bench_forward(res, args):
     hub_bash(f"gridx jobs delete {FORWARD_JOB} >/dev/null 2>&1; true", check=False)
     got, hashes, said = {}, {"forward": [], "bare": []}, []
     try:
+        image = sh([TEST_SH, "push-image", "gridx-lab-jupyter:latest"], timeout=1200).stdout.strip()
         user_container()
-        sh(["docker", "exec", "-d", USER_NODE, "bash", "-c", FORWARD_START])
+        sh(["docker", "exec", "-d", USER_NODE, "bash", "-c", FORWARD_START.format(image=image)])
         deadline = time.monotonic() + 600
         while not forward_url().startswith("http://"):
             if time.monotonic() > deadline:

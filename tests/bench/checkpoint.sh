@@ -19,11 +19,12 @@ restore() {
 }
 for i in $(seq 1 "$reps"); do
 	name=$prefix$i
+	touch "$base/.rep" # older than this rep's checkpoint (the job writes it after)
 	gridx jobs run --name "$name" --checkpoint /tmp/ck python:3.11 \
 		"mkdir -p /tmp/ck && head -c $size /dev/urandom >/tmp/ck/c.bin && touch /tmp/ready && sleep 900" \
 		>/dev/null 2>>/tmp/gridx-bench.err || { sed 's/^/W /' /tmp/gridx-bench.err; exit 1; }
 	for _ in $(seq 1 300); do
-		task=$(docker service ps -q --filter desired-state=running "$name" | head -n 1)
+		task=$(docker service ps -q "$name" | head -n 1) # a replicated job's one task (desired: complete)
 		container=$(docker inspect --format '{{.Status.ContainerStatus.ContainerID}}' "$task" 2>/dev/null)
 		[ -z "$container" ] || break
 		sleep 0.2
@@ -52,12 +53,11 @@ for i in $(seq 1 "$reps"); do
 		t restore restore
 	fi
 	# the checkpoint the hub keeps holds the job's bytes, or the figures mean nothing
-	kept=$(find /var/lib/gridx/checkpoints -path "*/current/c.bin" -newer "$base" -size "${size}c" | head -n 1)
+	kept=$(find /var/lib/gridx/checkpoints -path "*/current/c.bin" -newer "$base/.rep" -size "${size}c" | head -n 1)
 	[ -n "$kept" ] && cmp -s "$kept" "$base/c.bin" || echo "E rep $i: the checkpoint kept differs from the job's bytes"
 	gridx jobs delete "$name" >/dev/null 2>>/tmp/gridx-bench.err
 	ssh "${ssh_opts[@]}" "root@$addr" "rm -f /tmp/gxbench-c.bin /tmp/gxbench-c2.bin;
 		docker images --format '{{.ID}} {{.Repository}}' | awk '/gridx\/checkpoint/ {print \$1}' | xargs -r docker rmi -f"
 	rm -f "$base/c.bin"
-	touch "$base"
 done
 sed 's/^/W /' /tmp/gridx-bench.err
