@@ -4318,6 +4318,12 @@ def logs_argv(source, log_args=(), follow=False):
 BROKER_LOST = re.compile(r"node ([\w.-]+) is not available")
 
 
+def broker_lost_nodes(line):
+    """The node IDs a line of Docker's names as lost by its log broker
+    (an "incomplete log stream" error), else []."""
+    return BROKER_LOST.findall(line) if "incomplete log stream" in line else []
+
+
 def container_logs_argv(node, container, log_args=()):
     """`docker logs` of a task's container on its worker, over the hub's SSH."""
     import shlex
@@ -4367,9 +4373,11 @@ def read_job_logs(job_id, source, log_args=()):
         process.terminate()
         process.wait()
         raise
-    lost = set(BROKER_LOST.findall(said))
+    lost = set()
     for line in said.splitlines():
-        if not (lost and "incomplete log stream" in line):
+        found = broker_lost_nodes(line)
+        lost.update(found)
+        if not found:
             print(line, file=sys.stderr)
     if code and lost:
         return 0 if logs_from_containers(job_id, lost, log_args) else 1
@@ -4422,8 +4430,8 @@ class LogFollower:
         (stop() reads them from their containers)."""
         for raw in iter(process.stderr.readline, b""):
             line = raw.decode("utf-8", "replace")
-            lost = BROKER_LOST.findall(line)
-            if lost and "incomplete log stream" in line:
+            lost = broker_lost_nodes(line)
+            if lost:
                 with self.lock:
                     self.broken.update(lost)
                 continue
@@ -4493,9 +4501,11 @@ class LogFollower:
         except GridxError as error:
             warn(error.message)
             return
-        lost = {node for error in errors if "incomplete log stream" in error for node in BROKER_LOST.findall(error)}
+        lost = set()
         for error in errors:
-            if not (lost and "incomplete log stream" in error):
+            found = broker_lost_nodes(error)
+            lost.update(found)
+            if not found:
                 warn(f"error from daemon in stream: {printable(error)}")
         if lost and self.job_id:
             logs_from_containers(self.job_id, lost, self.log_args)  # see BROKER_LOST
@@ -8821,8 +8831,9 @@ def placeable_nodes(output):
     return reachable
 
 
-def submit_job(args, job_id, image, request, output, **create):
-    """Create the job. With a work layer, the job is created first, held (its
+def submit_job(args, job_id, image, request, output, checkpoint, **create):
+    """Create the job (output: job_output's, checkpoint: job_checkpoint's,
+    both read before anything is made). With a work layer, the job is created first, held (its
     name and its owner's limits taken before anything is made), then the
     layer is made and the job moved onto it by digest; a layer that cannot be
     made takes the job away with it: a refused submit leaves nothing."""
@@ -8830,7 +8841,6 @@ def submit_job(args, job_id, image, request, output, **create):
     refuse_kept_name(job_id)
     layer = args.layer
     extra = list(create.pop("extra_args", ()))
-    checkpoint = job_checkpoint(args)
     if output or checkpoint:  # the hub copies them out over its SSH
         extra.append(f"--constraint={HUB_SSH_CONSTRAINT}")
     labels = output_labels(output, image if layer else None) + list(getattr(args, "notify_labels", ()))
@@ -8895,14 +8905,14 @@ def cmd_jobs_run(args):
     command_argv, command_text = job_command(command)
     job_id = args.job_name = new_job_name(args)
     output = job_output(args)
-    job_checkpoint(args)  # checked now, before anything is made (submit_job reads it again)
+    checkpoint = job_checkpoint(args)
     args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)  # the folder is read (and its size checked) now
     if args.wait and output:
         results_destination(None, job_id)
     set_manager(args)
     check_fits(request, placeable_nodes(output))
-    submit_job(args, job_id, image, request, output, kind="run", command_argv=command_argv,
+    submit_job(args, job_id, image, request, output, checkpoint, kind="run", command_argv=command_argv,
                command_text=command_text, mode="replicated-job", replicas=replicas, env=env)
     if not args.wait:
         if args.json:
@@ -8996,7 +9006,7 @@ def cmd_jobs_train(args):
     is_url = script.startswith(("http://", "https://"))
     job_id = args.job_name = new_job_name(args, "train")
     output = job_output(args)
-    job_checkpoint(args)  # checked now, before anything is made (submit_job reads it again)
+    checkpoint = job_checkpoint(args)
     args.notify_labels = notify_labels(args.notify)  # see Notifications
     args.layer = work_layer(args, job_id)
     args.script_in_workdir = script_in_workdir(args) if args.layer and not is_url else None
@@ -9036,7 +9046,7 @@ def cmd_jobs_train(args):
         extra = [f"--config=source={config_name},target=/gridx/train.py,mode=0444"]
         shell = "exec python /gridx/train.py"
     try:
-        submit_job(args, job_id, image, request, output, kind="train", command_argv=["sh", "-c", shell],
+        submit_job(args, job_id, image, request, output, checkpoint, kind="train", command_argv=["sh", "-c", shell],
                    command_text=f"train {script} ({args.framework})", mode="replicated-job", replicas=1,
                    env=env, extra_args=extra)
     except GridxError:

@@ -127,30 +127,29 @@ def lab(request):
         test_sh("clean", timeout=300)
 
 
+def pushed_to_registry(image, timeout):
+    """./test.sh push-image IMAGE: built when missing, pushed to the hub's
+    registry; the name workers pull it by (10.0.0.1:5000/IMAGE)."""
+    t0 = time.monotonic()
+    name = ok(test_sh("push-image", image, timeout=timeout), f"./test.sh push-image {image}").strip()
+    print(f"\n./test.sh push-image {image}: {time.monotonic() - t0:.1f} s")
+    assert name == f"10.0.0.1:5000/{image}", name
+    return name
+
+
 @pytest.fixture(scope="session")
 def registry_python(lab):
-    """python:3.11 pushed to the hub's registry (./test.sh push-image): the
-    name workers pull it by (10.0.0.1:5000/python:3.11). The lab's nodes got
-    python:3.11 from `start`, not from the registry; the tests that pull it
-    from the registry ask for this."""
-    t0 = time.monotonic()
-    name = ok(test_sh("push-image", "python:3.11", timeout=900), "./test.sh push-image python:3.11").strip()
-    print(f"\n./test.sh push-image python:3.11: {time.monotonic() - t0:.1f} s")
-    assert name == "10.0.0.1:5000/python:3.11", name
-    return name
+    """python:3.11 pushed to the hub's registry: the lab's nodes got it from
+    `start`, not from the registry; the tests that pull it from the registry
+    ask for this."""
+    return pushed_to_registry("python:3.11", 900)
 
 
 @pytest.fixture(scope="session")
 def registry_jupyter(lab):
-    """The lab's Jupyter image, built when missing and pushed to the hub's
-    registry (./test.sh push-image) once for the tests that run it: the
-    worker a Jupyter job lands on pulls it over the VPN."""
-    t0 = time.monotonic()
-    name = ok(test_sh("push-image", "gridx-lab-jupyter:latest", timeout=1200),
-              "./test.sh push-image gridx-lab-jupyter:latest").strip()
-    print(f"\n./test.sh push-image gridx-lab-jupyter:latest: {time.monotonic() - t0:.1f} s")
-    assert name == "10.0.0.1:5000/gridx-lab-jupyter:latest", name
-    return name
+    """The lab's Jupyter image in the hub's registry, once for the tests that
+    run it: the worker a Jupyter job lands on pulls it over the VPN."""
+    return pushed_to_registry("gridx-lab-jupyter:latest", 1200)
 
 
 @pytest.fixture
