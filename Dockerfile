@@ -7,7 +7,8 @@
 #            the kernel has no module). No Python: join bundles must work
 #            without it.
 #   hub      node + python3, runs the checkout's gridx.py mounted read-only
-#            at /opt/gridx through /usr/local/bin/gridx.
+#            at /opt/gridx through /usr/local/bin/gridx (lab/gridx: it
+#            imports gridx.py, bytecode cached, as an installed gridx does).
 #   job-python  the lab's stand-in for python:3.11, built only when
 #            `docker pull python:3.11` fails; always FROM the bookworm base,
 #            whose python3 is 3.11 (trixie's is 3.13), whatever suite the
@@ -60,9 +61,8 @@ FROM node AS hub
 LABEL io.gridx.lab=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 docker-registry openssl curl \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
- && printf '#!/bin/sh\nexec python3 /opt/gridx/gridx.py "$@"\n' > /usr/local/bin/gridx \
- && chmod 0755 /usr/local/bin/gridx
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+COPY gridx /usr/local/bin/gridx
 
 FROM ${BASE_IMAGE} AS job-python
 LABEL io.gridx.lab=1

@@ -764,7 +764,7 @@ cmd_push_image() {
 # again elsewhere), in the background: the lab has no systemd to run
 # gridx-watch.service. Started once; its log is /var/log/gridx-watch.log.
 start_watch() {
-	if docker exec "$HUB" pgrep -f 'gridx.py hub watch' >/dev/null 2>&1; then
+	if docker exec "$HUB" pgrep -f 'gridx hub watch' >/dev/null 2>&1; then
 		info "gridx hub watch already running"
 		return 0
 	fi

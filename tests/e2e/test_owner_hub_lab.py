@@ -90,7 +90,7 @@ def owner_hub(lab):
     """hub watch of this checkout listening; worker2's agent reporting to it."""
     listening = hub_sh("ss -ltn 2>/dev/null | grep -q '10.0.0.1:5002 ' && echo yes").stdout.strip()
     if listening != "yes":
-        hub_sh("pkill -f 'gridx.py hub watch'")
+        hub_sh("pkill -f 'gridx hub watch'")
         ok(subprocess.run(["./test.sh", "setup"], capture_output=True, text=True, timeout=900,
                           cwd=str(ROOT)), "./test.sh setup (hub watch)")
         wait_until(lambda: hub_sh("ss -ltn | grep -q '10.0.0.1:5002 '").returncode == 0, 30, "the hub listening")
