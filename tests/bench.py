@@ -675,6 +675,9 @@ def bench_users(res, args):
 
 WORKDIR_PREFIX = "gxbench-wd"  # the jobs' names; the bare side's images are REGISTRY/gxbench/work:TAG
 BARE_REPOSITORY = "gxbench/work"
+# Where the bare side pushes: the hub registry's writer on its loopback (the
+# VPN address is read-only, 405 to a push), as gridx pushes a work folder.
+REGISTRY_WRITER = "127.0.0.1:5001"  # same as gridx.py's registry_writer()
 
 # Shared by both sections: `running NAME` / `ended NAME` poll the job's task
 # every 0.1 s (as the jobs section and gridx's --wait do) until it is Running
@@ -717,8 +720,8 @@ def clean_workdir(registry):
     """The jobs, services, images (hub, registry, workers) and folders the
     workdir section made; what is still there afterwards (L lines)."""
     args = (registry, WORKDIR_PREFIX, BARE_REPOSITORY)
-    left = [line[2:] for line in hub_bash(WORKDIR_CLEAN_HUB, *args, timeout=600, check=False).stdout.splitlines()
-            if line.startswith("L ")]
+    cleaned = hub_bash(WORKDIR_CLEAN_HUB, *args, REGISTRY_WRITER, timeout=600, check=False)
+    left = [line[2:] for line in cleaned.stdout.splitlines() if line.startswith("L ")]
     for worker in WORKERS:
         out = hub_bash(WORKDIR_CLEAN_WORKER, *args, container=f"{LAB}-{worker}", check=False).stdout
         left += [f"{worker}: {line[2:]}" for line in out.splitlines() if line.startswith("L ")]
@@ -731,7 +734,8 @@ def bench_workdir(res, args):
     registry = hub_registry()
     clean_workdir(registry)  # an earlier run's leftovers would take the names
     try:
-        out = hub_bash(WORKDIR_SCRIPT, reps, size, registry, WORKDIR_PREFIX, BARE_REPOSITORY, timeout=1800).stdout
+        out = hub_bash(WORKDIR_SCRIPT, reps, size, registry, WORKDIR_PREFIX, BARE_REPOSITORY, REGISTRY_WRITER,
+                       timeout=1800).stdout
     finally:
         left = clean_workdir(registry)
     got, med, failed, errors, said, note = side_by_side(out, reps)

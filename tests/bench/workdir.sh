@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sent by tests/bench.py as WORKDIR_SCRIPT (bash -c).
-reps=$1 size=$2 registry=$3 prefix=$4 bare_repo=$5
+reps=$1 size=$2 registry=$3 prefix=$4 bare_repo=$5 writer=$6
 base=/tmp/gxbench-wd
 submitted() { # submitted SIDE START: "P SIDE US", the time until the job was created (the rest is the worker's)
 	local e=${EPOCHREALTIME/./}
@@ -19,10 +19,10 @@ gridx_side() { # the folder as gridx sends it: gridx's own Dockerfile, built and
 	gridx -v jobs run --workdir "$base/g$1" --name "$prefix-g$1" python:3.11 'sleep 30' 2> >(steps "$1" "$s") &&
 		submitted gridx "$s" && running "$prefix-g$1"
 }
-bare_side() { # the same Dockerfile and context, by hand
-	local image=$registry/$bare_repo:b$1 s=${EPOCHREALTIME/./}
-	docker build --quiet --tag "$image" "$base/b$1" &&
-		docker push "$image" &&
+bare_side() { # the same Dockerfile and context, by hand: pushed to the writer, run from the VPN address
+	local pushed=$writer/$bare_repo:b$1 image=$registry/$bare_repo:b$1 s=${EPOCHREALTIME/./}
+	docker build --quiet --tag "$pushed" "$base/b$1" &&
+		docker push "$pushed" >/dev/null &&
 		docker service create --detach --quiet --no-resolve-image --name "$prefix-b$1" --mode replicated-job \
 			--restart-condition none --constraint node.role==worker --label gridx.bench=1 \
 			"$image" sleep 30 &&
