@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -373,6 +374,24 @@ def test_bad_ssh_keys_are_exit_2(value):
     with pytest.raises(gridx.GridxError) as error:
         gridx.valid_user_ssh_key(value)
     assert error.value.code == 2
+
+
+def test_own_program_is_the_installed_command_that_imported_gridx(tmp_path, monkeypatch):
+    """serve and hub watch run as the command that imported gridx (its
+    bytecode cached), else as python3 and gridx.py (compiled at each start)."""
+    launcher = tmp_path / "bin" / "gridx"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/usr/bin/python3\nimport gridx\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(launcher), "hub", "add-user", "alice"])
+    assert gridx.own_program() == str(launcher)
+    script = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(gridx.__file__))}"
+    for argv0 in (str(tmp_path / "gridx.py"), "-c", "", str(tmp_path / "bin" / "gridx-other")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert gridx.own_program() == script, argv0
+    launcher.chmod(0o644)  # a file named gridx that cannot run is not the command
+    monkeypatch.setattr(sys, "argv", [str(launcher)])
+    assert gridx.own_program() == script
 
 
 def test_authorized_keys_and_limits_files(tmp_path, monkeypatch):
