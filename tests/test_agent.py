@@ -492,7 +492,12 @@ esac
 SYSTEMCTL_AGENT = r"""
 echo "systemctl $*" >>"$FAKE/log"
 unit=${GRIDX_SYSTEMD_UNIT_DIR:-/nonexistent}/gridx-agent.service
-running() { [[ -f $FAKE/agent_unit.pid ]] && kill -0 "$(<"$FAKE/agent_unit.pid")" 2>/dev/null; }
+# a zombie (ended, not yet reaped by init) is not running, as for systemd
+running() {
+    local stat
+    [[ -f $FAKE/agent_unit.pid ]] && { read -r stat <"/proc/$(<"$FAKE/agent_unit.pid")/stat"; } 2>/dev/null &&
+        stat=${stat##*) } && [[ ${stat%% *} != Z ]]
+}
 case "$*" in
 "enable --now gridx-agent.service" | "start gridx-agent.service")
     running && exit 0
@@ -505,7 +510,7 @@ case "$*" in
 "stop gridx-agent.service")
     if running; then
         pid=$(<"$FAKE/agent_unit.pid"); kill -TERM "$pid"
-        for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for ((i = 0; i < 100; i++)); do running || break; sleep 0.1; done
     fi
     exit 0 ;;
 esac
