@@ -210,27 +210,36 @@ esac
 """,
     "iptables-restore": r"""
 # iptables-restore and ip6tables-restore --noflush: each declared chain is
-# made or emptied, then the -A lines appended (all or nothing)
+# made or emptied, then the -A lines appended (all or nothing). bash alone
+# (no cat, grep, touch or mv): a join runs it four times
 tool=${0##*/}
 tool=${tool%-restore}
 echo "$tool-restore $*" >>"$FAKE/log"
-input=$(cat)
+input=''
+while IFS= read -r line || [[ -n $line ]]; do input+=$line$'\n'; done
+while [[ $input == *$'\n' ]]; do input=${input%$'\n'}; done  # as $(cat) would
 printf '%s\n' "$input" >"$FAKE/${tool}_restore_input"
 [[ -f $FAKE/fail/$tool-restore ]] && { echo "$tool-restore: line 3 failed" >&2; exit 1; }
 [[ " $* " == *" --noflush "* ]] || { echo "the stub knows only --noflush" >&2; exit 1; }
 rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
-touch "$rules" "$chains"
+: >>"$rules"
+: >>"$chains"
+lines=() known=()
+while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules"
+while IFS= read -r l; do [[ -n $l ]] && known+=("$l"); done <"$chains"
 while IFS= read -r line; do
     case $line in
     :*) chain=${line#:}; chain=${chain%% *}
-        grep -qxF -- "$chain" "$chains" || echo "$chain" >>"$chains"
-        grep -v -- "^$chain " "$rules" >"$rules.new" || true
-        mv "$rules.new" "$rules" ;;
-    "-A "*) echo "${line#-A }" >>"$rules" ;;
+        [[ " ${known[*]} " == *" $chain "* ]] || { known+=("$chain"); echo "$chain" >>"$chains"; }
+        kept=()
+        for l in "${lines[@]}"; do [[ $l == "$chain "* ]] || kept+=("$l"); done
+        lines=("${kept[@]}") ;;
+    "-A "*) lines+=("${line#-A }") ;;
     '*filter' | COMMIT | '') ;;
     *) echo "$tool-restore: unexpected line: $line" >&2; exit 1 ;;
     esac
 done <<<"$input"
+if ((${#lines[@]})); then printf '%s\n' "${lines[@]}" >"$rules"; else : >"$rules"; fi
 """,
     "systemctl": r"""
 echo "systemctl $*" >>"$FAKE/log"
