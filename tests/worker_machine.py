@@ -68,7 +68,7 @@ if [[ $1 == show && $3 == latest-handshakes ]]; then
     [[ -f $FAKE/links/$2 ]] || { echo "Unable to access interface: No such device" >&2; exit 1; }
     h=0
     if [[ -f $FAKE/handshake ]]; then h=$(<"$FAKE/handshake"); fi
-    [[ $h == now ]] && h=$(date +%s)
+    [[ $h == now ]] && printf -v h '%(%s)T' -1
     printf 'HUBPUBKEY=\t%s\n' "$h"
 elif [[ $1 == show && $3 == public-key ]]; then
     echo WORKERPUBKEY=
