@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The unit tests (make unit, make test), side by side in four pytest runs:
+# The unit tests (make unit, make test), side by side in six pytest runs:
 # pytest alone (no plugin: the design says pytest only) runs one test at a
 # time, and on two cores most of the owner agent's tests wait (a supervisor
 # stopping, a pause within 2 s) while the bundle scripts' bash runs and the
@@ -23,26 +23,32 @@ t_start=$SECONDS
 say() { printf '=== [%4ss] %s\n' "$((SECONDS - t_start))" "$*"; }
 
 # groups: the arguments of each pytest run, one a line, in
-# $LOGS/unit-GROUP.args (GROUP_NAMES): the agent's tests (mostly waiting) in
-# two, by test function, one each in turn, the bundle scripts' (bash, busy), and every
-# other test file (pytest's own order within each).
+# $LOGS/unit-GROUP.args (GROUP_NAMES). The agent's tests mostly wait (an
+# agent pausing within 2 s, idle for its idle time): three runs, their test
+# functions dealt one each in turn, so that the waits overlap. The bundle
+# scripts' tests keep a core busy (bash and its stubs): two runs, the safety
+# tests and the rest of them (about the same CPU each). Then every other
+# test file (pytest's own order within each run).
 groups() {
-	local f rest=() functions=()
+	local f i rest=() functions=()
 	for f in tests/test_*.py; do
 		case $f in
 		tests/test_agent.py | tests/test_bundle_*.py) ;;
 		*) rest+=("$f") ;;
 		esac
 	done
-	mapfile -t functions < <("$PYTHON" -m pytest --collect-only -q -p no:cacheprovider tests/test_agent.py |
-		sed -n 's/^\(tests\/test_agent\.py::[A-Za-z0-9_]*\).*/\1/p' | uniq)
-	GROUP_NAMES=(agent1 agent2 bundle rest)
-	: >"$LOGS/unit-agent1.args"
-	: >"$LOGS/unit-agent2.args"
-	for f in "${!functions[@]}"; do
-		printf '%s\n' "${functions[$f]}" >>"$LOGS/unit-agent$((f % 2 + 1)).args"
+	# the test functions as pytest finds them (module level: test_agent.py
+	# has no test classes), read without starting Python
+	mapfile -t functions < <(sed -n 's/^def \(test_[A-Za-z0-9_]*\)(.*/tests\/test_agent.py::\1/p' tests/test_agent.py)
+	GROUP_NAMES=(agent1 agent2 agent3 bundle1 bundle2 rest)
+	for i in 1 2 3; do : >"$LOGS/unit-agent$i.args"; done
+	for i in "${!functions[@]}"; do
+		printf '%s\n' "${functions[$i]}" >>"$LOGS/unit-agent$((i % 3 + 1)).args"
 	done
-	printf '%s\n' tests/test_bundle_*.py >"$LOGS/unit-bundle.args"
+	printf '%s\n' tests/test_bundle_safety.py >"$LOGS/unit-bundle1.args"
+	for f in tests/test_bundle_*.py; do
+		[[ $f == tests/test_bundle_safety.py ]] || printf '%s\n' "$f"
+	done >"$LOGS/unit-bundle2.args"
 	printf '%s\n' "${rest[@]}" >"$LOGS/unit-rest.args"
 }
 
