@@ -773,6 +773,20 @@ def alab(tmp_path, hub):
     lab.cleanup()
 
 
+@pytest.fixture(scope="module")
+def joined_idle(tmp_path_factory):
+    """One machine joined with share idle, its agent running, for the tests
+    that must leave it as it was (each checks that it did)."""
+    hub = Hub()
+    lab = AgentLab(tmp_path_factory.mktemp("joined"), hub)
+    try:
+        joined(lab, "--share", "idle")
+        yield lab
+    finally:
+        lab.cleanup()
+        hub.close()
+
+
 def joined(lab, *extra):
     r = lab.join("--cpus", "2", "--memory", "1G", "--yes", *extra)
     wait_for(lambda: lab.status().get("STATE") in ("sharing", "paused", "outside-hours"), 15,
@@ -1096,14 +1110,14 @@ def test_join_under_systemd_installs_the_unit_and_leave_removes_it(alab):
     (["--share"], "--share needs a value"),
     (["--bogus", "1"], "unknown option '--bogus'"),
 ])
-def test_policy_bad_input_is_exit_2_and_changes_nothing(alab, args, says):
-    joined(alab, "--share", "idle")
-    before = (alab.agent_dir / "agent.env").read_bytes()
-    r = alab.policy(*args, ok=False)
+def test_policy_bad_input_is_exit_2_and_changes_nothing(joined_idle, args, says):
+    before = (joined_idle.agent_dir / "agent.env").read_bytes()
+    r = joined_idle.policy(*args, ok=False)
     assert r.returncode == 2, r.stderr
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and says in errors[0], r.stderr
-    assert (alab.agent_dir / "agent.env").read_bytes() == before
+    assert (joined_idle.agent_dir / "agent.env").read_bytes() == before
+    assert joined_idle.status().get("POLICY") == "idle" and alive(joined_idle.agent_pid())
 
 
 def test_policy_change_is_followed_without_leaving(alab, hub):
