@@ -188,8 +188,9 @@ def sleeper(*words):
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *words])
     for _ in range(100):
         with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
-            if all(word.encode() in handle.read().split(b"\0") for word in words):
-                break
+            cmdline = handle.read().split(b"\0")  # read once: a second read is at the end
+        if all(word.encode() in cmdline for word in words):
+            break
         time.sleep(0.05)
     return process
 
