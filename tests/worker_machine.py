@@ -81,10 +81,10 @@ while IFS= read -r l; do [[ $l == SigIgn:* ]] && echo "$l" >"$FAKE/wg-quick-$1.s
 conf=$2 iface=${2##*/}
 iface=${iface%.conf}
 [[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
-hook() {  # run the config's PreUp/PostUp/PostDown lines as wg-quick does (a failing one stops it)
+hook() {  # the config's PreUp/PostUp/PostDown lines as wg-quick runs them, (eval "$hook") (a failing one stops it)
     local line
     while IFS= read -r line; do
-        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}" || return 1; fi
+        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; (eval "${line//%i/$iface}") || return 1; fi
     done <"$conf"
 }
 case $1 in
