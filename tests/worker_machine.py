@@ -167,8 +167,8 @@ builtin() {
 }
 has_line() { local l; while IFS= read -r l; do [[ $l == "$1" ]] && return 0; done <"$2"; return 1; }
 exists() { builtin "$1" || has_line "$1" "$chains"; }
-lines=()
-while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules"
+lines=()  # the rules, read by the operations that use them all (not -C, -A, -N: most calls)
+case $op in -I | -F | -X | -S | -D) while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules" ;; esac
 write_rules() { if (($#)); then printf '%s\n' "$@" >"$rules"; else : >"$rules"; fi; }
 case $op in
 -C)
