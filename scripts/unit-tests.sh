@@ -18,6 +18,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 LOGS=logs
+# pytest alone, whatever else is installed (the design says pytest only): a
+# plugin found by autoload is imported by each run (pytest-benchmark here:
+# half a second of CPU a run)
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=${PYTEST_DISABLE_PLUGIN_AUTOLOAD:-1}
 t_start=$SECONDS
 
 say() { printf '=== [%4ss] %s\n' "$((SECONDS - t_start))" "$*"; }
