@@ -144,13 +144,14 @@ swarm)
     esac ;;
 esac
 """,
-    "iptables": r"""
+    "iptables": r"""#!/bin/sh
 # iptables and ip6tables (a link to this stub): rules as "CHAIN args" lines.
-# bash alone, no grep, touch or mv: a join and a leave call it about 100 times
+# POSIX sh and its builtins alone (no grep, touch or mv; sh starts in about
+# half bash's time): a join and a leave call it about 100 times
 tool=${0##*/}
-[[ $1 == -w ]] && shift 2  # the lock wait changes nothing here
-echo "$tool $*" >>"$FAKE/log"
-if [[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]]; then
+[ "$1" = -w ] && shift 2  # the lock wait changes nothing here
+printf '%s\n' "$tool $*" >>"$FAKE/log"
+if [ "$tool" = ip6tables ] && [ -f "$FAKE/fail/ip6tables" ]; then
     echo "ip6tables: can't initialize ip6tables table 'filter'" >&2
     exit 3
 fi
@@ -159,54 +160,76 @@ rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
 : >>"$chains"
 op=$1 chain=$2
 shift 2
-[[ $op == -I && ${1:-} =~ ^[0-9]+$ ]] && shift
+if [ "$op" = -I ]; then case ${1:-x} in *[!0-9]*) ;; *) shift ;; esac; fi
 rule="$chain $*"
-builtin() {
-    [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT ]] && return 0
-    [[ $1 == DOCKER-USER && $tool == iptables ]]  # Docker's, where Docker manages iptables
+nl='
+'
+is_builtin() {
+    case $1 in INPUT | FORWARD | OUTPUT) return 0 ;; esac
+    [ "$1" = DOCKER-USER ] && [ "$tool" = iptables ]  # Docker's, where Docker manages iptables
 }
-has_line() { local l; while IFS= read -r l; do [[ $l == "$1" ]] && return 0; done <"$2"; return 1; }
-exists() { builtin "$1" || has_line "$1" "$chains"; }
-lines=()  # the rules, read by the operations that use them all (not -C, -A, -N: most calls)
-case $op in -I | -F | -X | -S | -D) while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules" ;; esac
-write_rules() { if (($#)); then printf '%s\n' "$@" >"$rules"; else : >"$rules"; fi; }
+has_line() { while IFS= read -r l; do [ "$l" = "$1" ] && return 0; done <"$2"; return 1; }
+exists() { is_builtin "$1" || has_line "$1" "$chains"; }
+fail() { printf '%s\n' "$tool: $1" >&2; exit 1; }
+# keep_rules PATTERN -> kept: the rules that do not match PATTERN (a case pattern), in order
+keep_rules() {
+    kept=''
+    while IFS= read -r l; do
+        [ -n "$l" ] || continue
+        case $l in $1) ;; *) kept=$kept$l$nl ;; esac
+    done <"$rules"
+}
 case $op in
 -C)
     # Docker's own jump, there unless a test says Docker runs without iptables
-    if [[ $rule == "FORWARD -j DOCKER-USER" && $tool == iptables ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
+    if [ "$rule" = "FORWARD -j DOCKER-USER" ] && [ "$tool" = iptables ]; then
+        [ ! -f "$FAKE/fail/no-docker-jump" ]
+        exit
+    fi
     has_line "$rule" "$rules" ;;
 -I | -A)
-    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    target=${rule##* -j }
-    [[ $rule == *" -j "* ]] && ! exists "${target%% *}" && [[ ! ${target%% *} =~ ^(RETURN|DROP|ACCEPT|REJECT)$ ]] &&
-        { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    if [[ $op == -I ]]; then write_rules "$rule" "${lines[@]}"; else echo "$rule" >>"$rules"; fi ;;
+    exists "$chain" || fail "No chain/target/match by that name."
+    case $rule in *" -j "*)
+        target=${rule##* -j }
+        target=${target%% *}
+        exists "$target" || case $target in
+            RETURN | DROP | ACCEPT | REJECT) ;;
+            *) fail "No chain/target/match by that name." ;;
+        esac ;;
+    esac
+    if [ "$op" = -I ]; then
+        keep_rules ''
+        printf '%s' "$rule$nl$kept" >"$rules"
+    else
+        printf '%s\n' "$rule" >>"$rules"
+    fi ;;
 -N)
-    if exists "$chain"; then echo "$tool: Chain already exists." >&2; exit 1; fi
-    echo "$chain" >>"$chains" ;;
+    exists "$chain" && fail "Chain already exists."
+    printf '%s\n' "$chain" >>"$chains" ;;
 -F)
-    exists "$chain" || { echo "$tool: No chain by that name." >&2; exit 1; }
-    kept=()
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] || kept+=("$l"); done
-    write_rules "${kept[@]}" ;;
+    exists "$chain" || fail "No chain by that name."
+    keep_rules "$chain *"  # chain names hold no pattern characters
+    printf '%s' "$kept" >"$rules" ;;
 -X)
-    has_line "$chain" "$chains" || { echo "$tool: No chain by that name." >&2; exit 1; }
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] && { echo "$tool: Directory not empty." >&2; exit 1; }; done
-    for l in "${lines[@]}"; do [[ $l == *" -j $chain" ]] && { echo "$tool: Too many links." >&2; exit 1; }; done
-    kept=()
-    while IFS= read -r l; do [[ -z $l || $l == "$chain" ]] || kept+=("$l"); done <"$chains"
-    if ((${#kept[@]})); then printf '%s\n' "${kept[@]}" >"$chains"; else : >"$chains"; fi ;;
+    has_line "$chain" "$chains" || fail "No chain by that name."
+    while IFS= read -r l; do case $l in "$chain "*) fail "Directory not empty." ;; esac; done <"$rules"
+    while IFS= read -r l; do case $l in *" -j $chain") fail "Too many links." ;; esac; done <"$rules"
+    kept=''
+    while IFS= read -r l; do [ -z "$l" ] || [ "$l" = "$chain" ] || kept=$kept$l$nl; done <"$chains"
+    printf '%s' "$kept" >"$chains" ;;
 -S)
-    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    if builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] && echo "-A $l"; done; true ;;
+    exists "$chain" || fail "No chain/target/match by that name."
+    if is_builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
+    while IFS= read -r l; do case $l in "$chain "*) printf '%s\n' "-A $l" ;; esac; done <"$rules"
+    true ;;
 -D)
-    has_line "$rule" "$rules" || { echo "$tool: Bad rule" >&2; exit 1; }
-    gone=0 kept=()
-    for l in "${lines[@]}"; do
-        if [[ $gone == 0 && $l == "$rule" ]]; then gone=1; else kept+=("$l"); fi
-    done
-    write_rules "${kept[@]}" ;;
+    has_line "$rule" "$rules" || fail "Bad rule"
+    gone=0 kept=''
+    while IFS= read -r l; do
+        [ -n "$l" ] || continue
+        if [ $gone = 0 ] && [ "$l" = "$rule" ]; then gone=1; else kept=$kept$l$nl; fi
+    done <"$rules"
+    printf '%s' "$kept" >"$rules" ;;
 esac
 """,
     "iptables-restore": r"""
@@ -424,8 +447,9 @@ class Lab:
         (self.bundle / "hub_ssh.pub").write_text(HUB_KEY + "\n")
 
     def stub(self, name, body):
+        """A stub: BODY, a bash script unless it names its interpreter."""
         path = self.bin / name
-        path.write_text("#!/bin/bash\n" + body)
+        path.write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body)
         path.chmod(0o755)
 
     def link(self, tool, target=None):
