@@ -54,16 +54,14 @@ def make_config(subnet="10.0.0.0/24", peers=(), users=()):
 # test_daily's jobs --help, test_binary's --version, test_gridx's as other users.
 PYCACHE = None
 LAUNCH = """\
-import os, sys, __main__
-from importlib.machinery import SourceFileLoader
+import os, sys
 sys.pycache_prefix, sys.dont_write_bytecode = sys.argv[1], False
 sys.argv[:] = sys.argv[2:]
-path = sys.argv[0]
-sys.path[0] = os.path.dirname(os.path.realpath(path))
-code = SourceFileLoader("__main__", path).get_code("__main__")
-__main__.__file__ = path
-del os, sys, SourceFileLoader, path
-exec(code, __main__.__dict__)
+sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))
+__file__ = sys.argv[0]
+del os, sys
+exec(__import__("importlib.machinery", fromlist=["_"]).SourceFileLoader("__main__", __file__).get_code("__main__"),
+     globals())
 """
 
 
