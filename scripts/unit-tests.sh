@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The unit tests (make unit, make test), side by side in six pytest runs:
 # pytest alone (no plugin: the design says pytest only) runs one test at a
-# time, and on two cores most of the owner agent's tests wait (a supervisor
-# stopping, a pause within 2 s) while the bundle scripts' bash runs and the
+# time, and on two cores most of the owner agent's tests wait (a pause within
+# 2 s, an idle time) while the bundle scripts' bash runs and the
 # rest of the suite keep the cores busy. Each run's output goes to
 # logs/unit-GROUP.log; its summary line is printed, and a failed run's whole
 # log.
