@@ -63,7 +63,7 @@ demo:
 	@echo "Next: ./test.sh status · ./test.sh cluster · ./test.sh ssh worker2 hostname · ./test.sh test-gpu"
 	@echo "      ./test.sh add-external laptop · ./test.sh clean"
 
-# Three pytest runs side by side (scripts/unit-tests.sh; UNIT_PARALLEL=0: one).
+# Six pytest runs side by side (scripts/unit-tests.sh; UNIT_PARALLEL=0: one).
 unit: deps
 	PYTHON=$(PYTHON) scripts/unit-tests.sh
 

@@ -1437,6 +1437,17 @@ agent_wake() {
 	exec {fd}>&-
 }
 
+# pid_running PID: alive, and not a zombie. The supervisor's parent is init
+# (join.sh started it and ended), and a process that ended stays a zombie,
+# which kill -0 still finds, until init reaps it: seconds where init is slow
+# to, forever in a container whose PID 1 never does.
+pid_running() {
+	local stat
+	{ read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+	stat=${stat##*) }
+	[[ ${stat%% *} != Z ]]
+}
+
 # Stop the agent; it unpauses what it paused as it ends.
 agent_stop() {
 	local tries=0 pid
@@ -1448,11 +1459,11 @@ agent_stop() {
 	pid=$REPLY
 	cmd kill -TERM "$pid" || return 1
 	# The agent has GRACE-free work to do (docker unpause): 20 s is plenty.
-	while kill -0 "$pid" 2>/dev/null && ((tries++ < 200)); do
+	while pid_running "$pid" && ((tries++ < 200)); do
 		agent_wake
 		sleep 0.1
 	done
-	if kill -0 "$pid" 2>/dev/null; then
+	if pid_running "$pid"; then
 		warn "the agent's supervisor ($pid) did not stop within 20 s: killing it"
 		kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 	fi

@@ -17,6 +17,16 @@ from worker_machine import Lab  # noqa: E402
 import gridx  # noqa: E402 (after the path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gridx_bytecode(tmp_path_factory):
+    """gridx.py's bytecode, cached for this session (fakes.gridx_argv)."""
+    import fakes
+
+    fakes.PYCACHE = str(tmp_path_factory.mktemp("pycache"))
+    yield
+    fakes.PYCACHE = None
+
+
 @pytest.fixture
 def lab(tmp_path):
     """The worker's fake machine (worker_machine.Lab): the bundle scripts run

@@ -4,13 +4,16 @@ run gridx (main in-process, or gridx.py as a process). Fixtures built on
 them are in conftest.py; pytest advises against importing conftest, so
 tests import from here."""
 
+import atexit
 import base64
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import gridx
 
@@ -41,9 +44,37 @@ def make_config(subnet="10.0.0.0/24", peers=(), users=()):
     return config
 
 
+# `python3 gridx.py ARGS`, as users run it, compiles its 10,000 lines at
+# every start (about 85 ms of CPU) where no bytecode is written
+# (PYTHONDONTWRITEBYTECODE=1, set here and maybe in CI), and the unit tests
+# start it about a hundred times. gridx_argv runs the same file the same way
+# (as __main__, its folder first on sys.path, sys.argv[0] the file) from
+# bytecode cached in PYCACHE, a folder of the test session (conftest.py sets
+# it). Some tests still run `python3 gridx.py` itself: test_users' --help,
+# test_daily's jobs --help, test_binary's --version, test_gridx's as other users.
+PYCACHE = None
+LAUNCH = """\
+import os, sys
+sys.pycache_prefix, sys.dont_write_bytecode = sys.argv[1], False
+sys.argv[:] = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))
+__file__ = sys.argv[0]
+del os, sys
+exec(__import__("importlib.machinery", fromlist=["_"]).SourceFileLoader("__main__", __file__).get_code("__main__"),
+     globals())
+"""
+
+
+def gridx_argv(*args, path=GRIDX):
+    """The argv that runs gridx.py ARGS (from cached bytecode, see PYCACHE)."""
+    if PYCACHE is None:
+        return [sys.executable, path, *args]
+    return [sys.executable, "-c", LAUNCH, PYCACHE, path, *args]
+
+
 def cli(*args, env=None):
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, GRIDX, *args], capture_output=True, text=True, env=full_env)
+    return subprocess.run(gridx_argv(*args), capture_output=True, text=True, env=full_env)
 
 
 # -- fakes: Docker's output, and every program gridx runs --------------------------
@@ -456,15 +487,8 @@ class FakeTools:
         return Process()
 
 
-def fake_hub(tmp_path, monkeypatch, declined=()):
-    """A hub in tmp_path (peers w1 at 10.0.0.2 and w2 with a bundle on the
-    hub), every program faked; returns the FakeTools."""
-    config_dir = tmp_path / "cfg"
-    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(config_dir))
-    monkeypatch.setenv("GRIDX_WG_DIR", str(tmp_path / "wg"))
-    monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
-    monkeypatch.chdir(tmp_path)
+def make_hub_files(config_dir):
+    """fake_hub's configuration folder (GRIDX_CONFIG_DIR), written by gridx."""
     config = make_config(peers=[("w1", "10.0.0.2")])
     config.peers["w2"] = gridx.Peer("w2", "10.0.0.3", KEY_A, True, "")
     gridx.save_hub_config(config)
@@ -479,6 +503,52 @@ def fake_hub(tmp_path, monkeypatch, declined=()):
     gridx.write_bundle(gridx.bundle_path("w2"), gridx.bundle_files(
         config, config.peers["w2"], (config_dir / "clients" / "w2.conf").read_text(), "SWMTKN-1-old",
         "ssh-ed25519 AAAAC3Nza gridx-hub", True))
+
+
+# make_hub_files' folder, made once a process (a .tar.gz, fsyncs: about 20 ms
+# of the 300-odd tests that start from fake_hub) and copied for each test.
+HUB_TEMPLATE = []
+
+
+def copy_tree(src, dst):
+    """SRC's folders and files at DST, modes and hard links kept (a bundle's
+    swarm-token is the hub's token file: gridx rewrites that in place)."""
+    inodes = {}
+    os.mkdir(dst)
+    os.chmod(dst, os.stat(src).st_mode & 0o7777)
+    for root, dirs, files in os.walk(src):
+        there = os.path.join(dst, os.path.relpath(root, src))
+        for name in dirs:
+            os.mkdir(os.path.join(there, name))
+            os.chmod(os.path.join(there, name), os.stat(os.path.join(root, name)).st_mode & 0o7777)
+        for name in files:
+            source, target = os.path.join(root, name), os.path.join(there, name)
+            st = os.lstat(source)
+            if st.st_nlink > 1 and st.st_ino in inodes:
+                os.link(inodes[st.st_ino], target)
+                continue
+            shutil.copyfile(source, target, follow_symlinks=False)
+            os.chmod(target, st.st_mode & 0o7777)
+            inodes[st.st_ino] = target
+
+
+def fake_hub(tmp_path, monkeypatch, declined=()):
+    """A hub in tmp_path (peers w1 at 10.0.0.2 and w2 with a bundle on the
+    hub), every program faked; returns the FakeTools."""
+    config_dir = tmp_path / "cfg"
+    monkeypatch.setenv("GRIDX_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("GRIDX_WG_DIR", str(tmp_path / "wg"))
+    monkeypatch.setenv("GRIDX_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("GRIDX_MANAGER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    if HUB_TEMPLATE:
+        copy_tree(HUB_TEMPLATE[0], str(config_dir))
+    else:
+        make_hub_files(config_dir)
+        HUB_TEMPLATE.append(tempfile.mkdtemp(prefix="gridx-fake-hub-"))
+        atexit.register(shutil.rmtree, HUB_TEMPLATE[0], True)
+        copy_tree(str(config_dir), os.path.join(HUB_TEMPLATE[0], "cfg"))
+        HUB_TEMPLATE[0] = os.path.join(HUB_TEMPLATE[0], "cfg")
     (tmp_path / "train.py").write_text("print(1)\n")
     (tmp_path / "w.conf").write_text((config_dir / "clients" / "w1.conf").read_text())
     tools = FakeTools(declined)

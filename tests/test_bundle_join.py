@@ -4,9 +4,7 @@ rollback, leave, status, the private key, settings and prerequisites."""
 
 import json
 import os
-import shutil
 import stat
-import subprocess
 import time
 
 import pytest
@@ -34,20 +32,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts re-run th
 # ---------------------------------------------------------------- lint ----
 
 
-@pytest.fixture(scope="module")
-def shellchecks():
-    """shellcheck of every script, all started at once (about a second of
-    CPU each: two cores run them side by side)."""
-    runs = {script: subprocess.Popen(["shellcheck", "-S", "style", "-x", script], cwd=TEMPLATES, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for script in SCRIPTS}
-    return {script: (run.communicate(timeout=300)[0], run.returncode) for script, run in runs.items()}
-
-
-@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_shellcheck_clean(script, shellchecks):
-    out, code = shellchecks[script]
-    assert code == 0, out
+# shellcheck -S style of every script (bundle_templates/*.sh, sourced files
+# followed: .shellcheckrc) is `make lint`'s, which CI runs before the tests.
 
 
 def test_scripts_are_strict_and_documented():

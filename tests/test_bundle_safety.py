@@ -280,6 +280,7 @@ def test_state_is_written_new_synced_then_renamed(lab):
     """Every write of the state (and of the WireGuard config and daemon.json)
     is a new file beside it, synced, then renamed over it: nothing is left
     beside the files, and each sync named the two temporary files of a save."""
+    lab.record_syncs()
     lab.join()
     synced = (lab.fake / "synced").read_text().splitlines()
     saves = [line.split() for line in synced if "/.state.env.gridx-" in line]

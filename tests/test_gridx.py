@@ -9,11 +9,11 @@ import sys
 
 import pytest
 from fakes import (
-    GRIDX,
     JUPYTER_SERVICE,
     FakeEngine,
     cli,
     fake_hub,
+    gridx_argv,
     run_main,
     tree,
 )
@@ -318,7 +318,7 @@ def test_gridx_manager_from_the_environment_is_validated_first(bad, tmp_path, mo
 def test_image_injection_is_exit_2_before_docker(argv, tmp_path):
     """Not a manager, no docker at all on PATH: still exit 2, not 3."""
     (tmp_path / "t.py").write_text("print(1)\n")
-    result = subprocess.run([sys.executable, GRIDX, *argv], capture_output=True, text=True, cwd=tmp_path,
+    result = subprocess.run(gridx_argv(*argv), capture_output=True, text=True, cwd=tmp_path,
                             env=dict(os.environ, PATH=str(tmp_path), GRIDX_CONFIG_DIR=str(tmp_path / "cfg")))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: invalid") and result.stderr.count("\n") == 2, result.stderr

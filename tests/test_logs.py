@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from fakes import FakeEngine, api_node, api_service, api_task
+from fakes import FakeEngine, api_node, api_service, api_task, gridx_argv
 
 import gridx as gridx_module  # in-process (gridx() below runs it as a program)
 
@@ -49,7 +49,7 @@ def fake_docker(tmp_path, nodes, tasks=TASKS, engine=None):
 
 
 def gridx(*args, env, timeout=20):
-    return subprocess.run([sys.executable, GRIDX, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(gridx_argv(*args), capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **env))
 
 

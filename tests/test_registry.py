@@ -188,8 +188,9 @@ def sleeper(*words):
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *words])
     for _ in range(100):
         with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
-            if all(word.encode() in handle.read().split(b"\0") for word in words):
-                break
+            cmdline = handle.read().split(b"\0")  # read once: a second read is at the end
+        if all(word.encode() in cmdline for word in words):
+            break
         time.sleep(0.05)
     return process
 
@@ -617,7 +618,8 @@ def fake_registry(hub_dirs):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(paths["server.crt"], paths["server.key"])
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # shutdown() waits for serve_forever's next poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     FakeRegistry.deleted = []
     yield f"127.0.0.1:{server.server_address[1]}", paths["ca.crt"]
     server.shutdown()
@@ -652,7 +654,7 @@ def fake_writer(hub_dirs, monkeypatch):
     if shutil.which("curl") is None:
         pytest.skip("curl not installed")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeRegistry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     FakeRegistry.deleted = []
     address = f"127.0.0.1:{server.server_address[1]}"
     monkeypatch.setattr(gridx, "registry_writer", lambda: address)

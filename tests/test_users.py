@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from fakes import GRIDX, KEY_A, KEY_B, KEY_C, W1, fake_hub, make_config, run_main, serve, ssh_key, tree
+from fakes import GRIDX, KEY_A, KEY_B, KEY_C, W1, fake_hub, gridx_argv, make_config, run_main, serve, ssh_key, tree
 
 import gridx
 
@@ -211,7 +211,7 @@ def test_client_validates_before_it_connects(tmp_path):
     env = dict(os.environ, GRIDX_MANAGER="gridx@192.0.2.1", PATH=str(tmp_path))  # no ssh on PATH
     for args in (["jobs", "run", "UPPER/Case"], ["jobs", "run", "--cpus", "0", "python:3.11"],
                  ["jobs", "list", "--user", "-x"], ["jobs", "delete", "a/b"]):
-        result = subprocess.run([sys.executable, GRIDX, *args], capture_output=True, text=True, env=env)
+        result = subprocess.run(gridx_argv(*args), capture_output=True, text=True, env=env)
         assert result.returncode == 2, (args, result.stderr)
 
 
@@ -541,7 +541,7 @@ def test_bad_input_is_exit_2_before_root_or_config(args, tmp_path):
     """As a user that is not root would run them, on a machine with no hub:
     exit 2 (not 3), nothing written."""
     env = dict(os.environ, GRIDX_CONFIG_DIR=str(tmp_path / "cfg"), GRIDX_USERS_HOME=str(tmp_path / "home"))
-    result = subprocess.run([sys.executable, GRIDX, *args], capture_output=True, text=True, env=env)
+    result = subprocess.run(gridx_argv(*args), capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "cfg").exists() and not (tmp_path / "home").exists()

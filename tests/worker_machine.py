@@ -14,6 +14,7 @@ read or written.
 """
 
 import base64
+import functools
 import hashlib
 import os
 import pty
@@ -67,7 +68,7 @@ if [[ $1 == show && $3 == latest-handshakes ]]; then
     [[ -f $FAKE/links/$2 ]] || { echo "Unable to access interface: No such device" >&2; exit 1; }
     h=0
     if [[ -f $FAKE/handshake ]]; then h=$(<"$FAKE/handshake"); fi
-    [[ $h == now ]] && h=$(date +%s)
+    [[ $h == now ]] && printf -v h '%(%s)T' -1
     printf 'HUBPUBKEY=\t%s\n' "$h"
 elif [[ $1 == show && $3 == public-key ]]; then
     echo WORKERPUBKEY=
@@ -80,10 +81,10 @@ while IFS= read -r l; do [[ $l == SigIgn:* ]] && echo "$l" >"$FAKE/wg-quick-$1.s
 conf=$2 iface=${2##*/}
 iface=${iface%.conf}
 [[ -f $conf ]] || { echo "wg-quick: \`$conf' does not exist" >&2; exit 1; }
-hook() {  # run the config's PreUp/PostUp/PostDown lines as wg-quick does (a failing one stops it)
+hook() {  # the config's PreUp/PostUp/PostDown lines as wg-quick runs them, (eval "$hook") (a failing one stops it)
     local line
     while IFS= read -r line; do
-        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; bash -c "${line//%i/$iface}" || return 1; fi
+        if [[ $line == "$1 = "* ]]; then line=${line#"$1 = "}; (eval "${line//%i/$iface}") || return 1; fi
     done <"$conf"
 }
 case $1 in
@@ -143,13 +144,14 @@ swarm)
     esac ;;
 esac
 """,
-    "iptables": r"""
+    "iptables": r"""#!/bin/sh
 # iptables and ip6tables (a link to this stub): rules as "CHAIN args" lines.
-# bash alone, no grep, touch or mv: a join and a leave call it about 100 times
+# POSIX sh and its builtins alone (no grep, touch or mv; sh starts in about
+# half bash's time): a join and a leave call it about 100 times
 tool=${0##*/}
-[[ $1 == -w ]] && shift 2  # the lock wait changes nothing here
-echo "$tool $*" >>"$FAKE/log"
-if [[ $tool == ip6tables && -f $FAKE/fail/ip6tables ]]; then
+[ "$1" = -w ] && shift 2  # the lock wait changes nothing here
+printf '%s\n' "$tool $*" >>"$FAKE/log"
+if [ "$tool" = ip6tables ] && [ -f "$FAKE/fail/ip6tables" ]; then
     echo "ip6tables: can't initialize ip6tables table 'filter'" >&2
     exit 3
 fi
@@ -158,79 +160,110 @@ rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
 : >>"$chains"
 op=$1 chain=$2
 shift 2
-[[ $op == -I && ${1:-} =~ ^[0-9]+$ ]] && shift
+if [ "$op" = -I ]; then case ${1:-x} in *[!0-9]*) ;; *) shift ;; esac; fi
 rule="$chain $*"
-builtin() {
-    [[ $1 == INPUT || $1 == FORWARD || $1 == OUTPUT ]] && return 0
-    [[ $1 == DOCKER-USER && $tool == iptables ]]  # Docker's, where Docker manages iptables
+nl='
+'
+is_builtin() {
+    case $1 in INPUT | FORWARD | OUTPUT) return 0 ;; esac
+    [ "$1" = DOCKER-USER ] && [ "$tool" = iptables ]  # Docker's, where Docker manages iptables
 }
-has_line() { local l; while IFS= read -r l; do [[ $l == "$1" ]] && return 0; done <"$2"; return 1; }
-exists() { builtin "$1" || has_line "$1" "$chains"; }
-lines=()
-while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules"
-write_rules() { if (($#)); then printf '%s\n' "$@" >"$rules"; else : >"$rules"; fi; }
+has_line() { while IFS= read -r l; do [ "$l" = "$1" ] && return 0; done <"$2"; return 1; }
+exists() { is_builtin "$1" || has_line "$1" "$chains"; }
+fail() { printf '%s\n' "$tool: $1" >&2; exit 1; }
+# keep_rules PATTERN -> kept: the rules that do not match PATTERN (a case pattern), in order
+keep_rules() {
+    kept=''
+    while IFS= read -r l; do
+        [ -n "$l" ] || continue
+        case $l in $1) ;; *) kept=$kept$l$nl ;; esac
+    done <"$rules"
+}
 case $op in
 -C)
     # Docker's own jump, there unless a test says Docker runs without iptables
-    if [[ $rule == "FORWARD -j DOCKER-USER" && $tool == iptables ]]; then [[ ! -f $FAKE/fail/no-docker-jump ]]; exit; fi
+    if [ "$rule" = "FORWARD -j DOCKER-USER" ] && [ "$tool" = iptables ]; then
+        [ ! -f "$FAKE/fail/no-docker-jump" ]
+        exit
+    fi
     has_line "$rule" "$rules" ;;
 -I | -A)
-    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    target=${rule##* -j }
-    [[ $rule == *" -j "* ]] && ! exists "${target%% *}" && [[ ! ${target%% *} =~ ^(RETURN|DROP|ACCEPT|REJECT)$ ]] &&
-        { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    if [[ $op == -I ]]; then write_rules "$rule" "${lines[@]}"; else echo "$rule" >>"$rules"; fi ;;
+    exists "$chain" || fail "No chain/target/match by that name."
+    case $rule in *" -j "*)
+        target=${rule##* -j }
+        target=${target%% *}
+        exists "$target" || case $target in
+            RETURN | DROP | ACCEPT | REJECT) ;;
+            *) fail "No chain/target/match by that name." ;;
+        esac ;;
+    esac
+    if [ "$op" = -I ]; then
+        keep_rules ''
+        printf '%s' "$rule$nl$kept" >"$rules"
+    else
+        printf '%s\n' "$rule" >>"$rules"
+    fi ;;
 -N)
-    if exists "$chain"; then echo "$tool: Chain already exists." >&2; exit 1; fi
-    echo "$chain" >>"$chains" ;;
+    exists "$chain" && fail "Chain already exists."
+    printf '%s\n' "$chain" >>"$chains" ;;
 -F)
-    exists "$chain" || { echo "$tool: No chain by that name." >&2; exit 1; }
-    kept=()
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] || kept+=("$l"); done
-    write_rules "${kept[@]}" ;;
+    exists "$chain" || fail "No chain by that name."
+    keep_rules "$chain *"  # chain names hold no pattern characters
+    printf '%s' "$kept" >"$rules" ;;
 -X)
-    has_line "$chain" "$chains" || { echo "$tool: No chain by that name." >&2; exit 1; }
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] && { echo "$tool: Directory not empty." >&2; exit 1; }; done
-    for l in "${lines[@]}"; do [[ $l == *" -j $chain" ]] && { echo "$tool: Too many links." >&2; exit 1; }; done
-    kept=()
-    while IFS= read -r l; do [[ -z $l || $l == "$chain" ]] || kept+=("$l"); done <"$chains"
-    if ((${#kept[@]})); then printf '%s\n' "${kept[@]}" >"$chains"; else : >"$chains"; fi ;;
+    has_line "$chain" "$chains" || fail "No chain by that name."
+    while IFS= read -r l; do case $l in "$chain "*) fail "Directory not empty." ;; esac; done <"$rules"
+    while IFS= read -r l; do case $l in *" -j $chain") fail "Too many links." ;; esac; done <"$rules"
+    kept=''
+    while IFS= read -r l; do [ -z "$l" ] || [ "$l" = "$chain" ] || kept=$kept$l$nl; done <"$chains"
+    printf '%s' "$kept" >"$chains" ;;
 -S)
-    exists "$chain" || { echo "$tool: No chain/target/match by that name." >&2; exit 1; }
-    if builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
-    for l in "${lines[@]}"; do [[ $l == "$chain "* ]] && echo "-A $l"; done; true ;;
+    exists "$chain" || fail "No chain/target/match by that name."
+    if is_builtin "$chain"; then echo "-P $chain ACCEPT"; else echo "-N $chain"; fi
+    while IFS= read -r l; do case $l in "$chain "*) printf '%s\n' "-A $l" ;; esac; done <"$rules"
+    true ;;
 -D)
-    has_line "$rule" "$rules" || { echo "$tool: Bad rule" >&2; exit 1; }
-    gone=0 kept=()
-    for l in "${lines[@]}"; do
-        if [[ $gone == 0 && $l == "$rule" ]]; then gone=1; else kept+=("$l"); fi
-    done
-    write_rules "${kept[@]}" ;;
+    has_line "$rule" "$rules" || fail "Bad rule"
+    gone=0 kept=''
+    while IFS= read -r l; do
+        [ -n "$l" ] || continue
+        if [ $gone = 0 ] && [ "$l" = "$rule" ]; then gone=1; else kept=$kept$l$nl; fi
+    done <"$rules"
+    printf '%s' "$kept" >"$rules" ;;
 esac
 """,
     "iptables-restore": r"""
 # iptables-restore and ip6tables-restore --noflush: each declared chain is
-# made or emptied, then the -A lines appended (all or nothing)
+# made or emptied, then the -A lines appended (all or nothing). bash alone
+# (no cat, grep, touch or mv): a join runs it four times
 tool=${0##*/}
 tool=${tool%-restore}
 echo "$tool-restore $*" >>"$FAKE/log"
-input=$(cat)
+input=''
+while IFS= read -r line || [[ -n $line ]]; do input+=$line$'\n'; done
+while [[ $input == *$'\n' ]]; do input=${input%$'\n'}; done  # as $(cat) would
 printf '%s\n' "$input" >"$FAKE/${tool}_restore_input"
 [[ -f $FAKE/fail/$tool-restore ]] && { echo "$tool-restore: line 3 failed" >&2; exit 1; }
 [[ " $* " == *" --noflush "* ]] || { echo "the stub knows only --noflush" >&2; exit 1; }
 rules=$FAKE/${tool}_rules chains=$FAKE/${tool}_chains
-touch "$rules" "$chains"
+: >>"$rules"
+: >>"$chains"
+lines=() known=()
+while IFS= read -r l; do [[ -n $l ]] && lines+=("$l"); done <"$rules"
+while IFS= read -r l; do [[ -n $l ]] && known+=("$l"); done <"$chains"
 while IFS= read -r line; do
     case $line in
     :*) chain=${line#:}; chain=${chain%% *}
-        grep -qxF -- "$chain" "$chains" || echo "$chain" >>"$chains"
-        grep -v -- "^$chain " "$rules" >"$rules.new" || true
-        mv "$rules.new" "$rules" ;;
-    "-A "*) echo "${line#-A }" >>"$rules" ;;
+        [[ " ${known[*]} " == *" $chain "* ]] || { known+=("$chain"); echo "$chain" >>"$chains"; }
+        kept=()
+        for l in "${lines[@]}"; do [[ $l == "$chain "* ]] || kept+=("$l"); done
+        lines=("${kept[@]}") ;;
+    "-A "*) lines+=("${line#-A }") ;;
     '*filter' | COMMIT | '') ;;
     *) echo "$tool-restore: unexpected line: $line" >&2; exit 1 ;;
     esac
 done <<<"$input"
+if ((${#lines[@]})); then printf '%s\n' "${lines[@]}" >"$rules"; else : >"$rules"; fi
 """,
     "systemctl": r"""
 echo "systemctl $*" >>"$FAKE/log"
@@ -243,15 +276,17 @@ echo "service $*" >>"$FAKE/log"
 [[ -f $FAKE/fail/docker-restart ]] && exit 1
 exit 0
 """,
-    # what each sync was handed (no fsync: the scripts' atomic writes, checked
-    # by test_state_is_written_new_synced_then_renamed, without waiting on the disk)
-    "sync": r"""
-printf '%s\n' "$*" >>"$FAKE/synced"
-""",
     "nproc": r"""
 n=4; [[ -f $FAKE/nproc ]] && read -r n <"$FAKE/nproc"; echo "$n"
 """,
 }
+
+# sync: what each call was handed (no fsync), for the tests of the scripts'
+# atomic writes (Lab.record_syncs); else sync is `true`: a join and a leave
+# call it about 30 times, and a bash stub costs 1-2 ms of CPU each time.
+SYNC_RECORDER = r"""
+printf '%s\n' "$*" >>"$FAKE/synced"
+"""
 
 NVIDIA_SMI = r"""
 echo "nvidia-smi $*" >>"$FAKE/log"
@@ -337,6 +372,13 @@ def job_chains6(opens=(), closed=("fc00::/7", "fe80::/10")):
     return rules
 
 
+@functools.lru_cache(maxsize=None)
+def which(tool):
+    """shutil.which, once a session for each tool (every Lab links about 20:
+    a fifth of its making)."""
+    return shutil.which(tool)
+
+
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -380,6 +422,7 @@ class Lab:
             (self.bin / family).symlink_to(self.bin / family.replace("ip6", "ip"))
         for tool in REAL_TOOLS:
             self.link(tool)
+        self.link("sync", which("true"))  # never waits on the disk
         (self.fake / "handshake").write_text("now")
         (self.tmp / "meminfo").write_text(MEMINFO)
         # the volunteer's router answers DNS, as on most home networks
@@ -404,12 +447,13 @@ class Lab:
         (self.bundle / "hub_ssh.pub").write_text(HUB_KEY + "\n")
 
     def stub(self, name, body):
+        """A stub: BODY, a bash script unless it names its interpreter."""
         path = self.bin / name
-        path.write_text("#!/bin/bash\n" + body)
+        path.write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body)
         path.chmod(0o755)
 
     def link(self, tool, target=None):
-        target = target or shutil.which(tool)
+        target = target or which(tool)
         assert target, tool
         dest = self.bin / tool
         if not dest.exists():
@@ -422,6 +466,11 @@ class Lab:
         if not shutil.which("jq"):
             pytest.skip("jq not installed")
         self.link("jq")
+
+    def record_syncs(self):
+        """sync writes what it was handed to $FAKE/synced."""
+        (self.bin / "sync").unlink()
+        self.stub("sync", SYNC_RECORDER)
 
     def with_gpus(self, *uuids):
         (self.fake / "gpus").write_text("".join(u + "\n" for u in uuids))
