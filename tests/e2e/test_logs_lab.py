@@ -18,8 +18,16 @@ JOB = "e2e-broker"
 WRAPPER = r"""#!/bin/sh
 case "$*" in
   *"service logs"*" e2e-broker"*)
-      task=$(/usr/bin/docker service ps -q --no-trunc e2e-broker | head -n 1)
-      node=$(/usr/bin/docker inspect --format '{{.NodeID}}' "$task")
+      # the broker names the node of a placed task: wait until the swarm has
+      # placed it (gridx's follower may ask before; Docker would not answer
+      # "node  is not available" with no node)
+      node= tries=0
+      while [ -z "$node" ] && [ "$tries" -lt 240 ]; do
+          task=$(/usr/bin/docker service ps -q --no-trunc e2e-broker | head -n 1)
+          [ -z "$task" ] || node=$(/usr/bin/docker inspect --format '{{.NodeID}}' "$task")
+          [ -n "$node" ] || sleep 0.25
+          tries=$((tries + 1))
+      done
       echo "error from daemon in stream: Error grabbing logs: rpc error: code = Unknown desc = warning:" \
            "incomplete log stream. some logs could not be retrieved for the following reasons:" \
            "node $node is not available" >&2
